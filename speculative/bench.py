@@ -1,0 +1,243 @@
+"""Benchmark: Tandem's speculative decoding against verifier-only and HF assisted generation.
+
+``python -m speculative.bench`` prints one JSON object, every figure measured in this run
+on this machine with the same prompts, so ratios are side by side:
+
+- single session: verifier-only tokens/s (the same verifier, k = 0), Tandem speculative
+  tokens/s (adaptive k), their ratio, and the acceptance rate; HF ``generate()`` plain and
+  with ``assistant_model=`` (assisted generation, batch size 1 only) on the same pair;
+- 1, 4 and 16 concurrent sessions: aggregate tokens/s of speculative decoding against
+  the same verifier batching plain decoding across the sessions;
+- an emulated network round trip of 0, 20 and 80 ms between the draft and the verifier.
+
+Not a test: figures depend on the machine. The README's performance section quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform as host_platform  # the stdlib module; Tandem's own platform/ is not a package
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from speculative.engine import SpeculativeEngine
+from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER, load_pair, load_tokenizer
+from speculative.types import SamplingParams
+from speculative.verifier import Verifier, VerifyRequest, VerifyResult
+
+log = logging.getLogger(__name__)
+
+PROMPTS = [
+    "Django's ORM lets you",
+    "To define a model, create a subclass of",
+    "The QuerySet API",
+    "Middleware is a framework of hooks into",
+    "When a request comes in, Django",
+    "Class-based views provide",
+    "The admin site",
+    "A form field",
+    "Migrations are Django's way of",
+    "The template language",
+    "Signals allow certain senders",
+    "To run the tests, use",
+    "The settings file",
+    "Authentication in Django",
+    "A URLconf maps",
+    "Caching a page",
+]
+
+
+class DelayedVerifier:
+    """A verifier behind an emulated network link: every call pays ``rtt_ms`` of waiting."""
+
+    def __init__(self, inner: Verifier, rtt_ms: float):
+        self._inner = inner
+        self._rtt_s = rtt_ms / 1e3
+        self.vocab_size = inner.vocab_size
+        self.context_length = inner.context_length
+        self.eos_token_id = inner.eos_token_id
+
+    @property
+    def open_sessions(self) -> int:
+        return self._inner.open_sessions  # type: ignore[attr-defined]
+
+    def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
+        time.sleep(self._rtt_s)
+        return self._inner.open_session(session_id, prompt_ids, params)
+
+    def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        started = time.perf_counter()
+        time.sleep(self._rtt_s)
+        result = self._inner.verify(requests)
+        network_ms = (time.perf_counter() - started) * 1e3 - result.verify_ms
+        return VerifyResult(result.verdicts, result.verify_ms, network_ms)
+
+    def close_session(self, session_id: str) -> None:
+        self._inner.close_session(session_id)
+
+
+def run_sessions(engine: SpeculativeEngine, n_sessions: int, max_tokens: int, k: int | None = None) -> dict:
+    """Run ``n_sessions`` greedy completions at once; aggregate tokens/s over the wall time."""
+    completions = [
+        engine.stream(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, k=k, sampling=SamplingParams())
+        for i in range(n_sessions)
+    ]
+    barrier = threading.Barrier(n_sessions + 1)
+    errors: list[BaseException] = []
+
+    def drive(completion) -> None:
+        barrier.wait()
+        try:
+            for _ in completion:
+                pass
+        except BaseException as exc:  # noqa: BLE001 - reported below, never hidden
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drive, args=(c,)) for c in completions]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    tokens = sum(c.stats.completion_tokens for c in completions)
+    proposed = sum(c.stats.proposed for c in completions)
+    accepted = sum(c.stats.accepted for c in completions)
+    rounds = sum(c.stats.rounds for c in completions)
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "acceptance_rate": round(accepted / proposed, 4) if proposed else None,
+        "mean_k": round(proposed / rounds, 2) if rounds else 0.0,
+    }
+
+
+def compare(spec: SpeculativeEngine, plain: SpeculativeEngine, n_sessions: int, max_tokens: int, repeats: int) -> dict:
+    """Speculative vs plain, alternating runs, best of ``repeats`` each (the machine is shared)."""
+    best_spec: dict | None = None
+    best_plain: dict | None = None
+    for _ in range(repeats):
+        p = run_sessions(plain, n_sessions, max_tokens)
+        s = run_sessions(spec, n_sessions, max_tokens)
+        if best_plain is None or p["tokens_per_s"] > best_plain["tokens_per_s"]:
+            best_plain = p
+        if best_spec is None or s["tokens_per_s"] > best_spec["tokens_per_s"]:
+            best_spec = s
+    assert best_spec is not None and best_plain is not None
+    return {
+        "sessions": n_sessions,
+        "verifier_only_tokens_per_s": best_plain["tokens_per_s"],
+        "speculative_tokens_per_s": best_spec["tokens_per_s"],
+        "speedup": round(best_spec["tokens_per_s"] / best_plain["tokens_per_s"], 3),
+        "acceptance_rate": best_spec["acceptance_rate"],
+        "mean_k": best_spec["mean_k"],
+    }
+
+
+@torch.inference_mode()
+def hf_generate(verifier_model, draft_model, tokenizer, max_tokens: int, repeats: int) -> dict:
+    """HF ``generate()`` alone and with ``assistant_model=`` (greedy), one prompt at a time."""
+    results = {}
+    for name, assistant in (("hf_verifier_only", None), ("hf_assisted", draft_model)):
+        best = 0.0
+        for _ in range(repeats):
+            tokens, seconds = 0, 0.0
+            for prompt in PROMPTS[:8]:
+                ids = tokenizer(prompt, return_tensors="pt").input_ids
+                started = time.perf_counter()
+                out = verifier_model.generate(
+                    ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, do_sample=False,
+                    max_new_tokens=max_tokens, pad_token_id=tokenizer.eos_token_id,
+                )
+                seconds += time.perf_counter() - started
+                tokens += out.shape[1] - ids.shape[1]
+            best = max(best, tokens / seconds)
+        results[name] = round(best, 2)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Benchmark Tandem's speculative decoding.")
+    parser.add_argument("--verifier", default=str(DEMO_VERIFIER))
+    parser.add_argument("--draft", default=str(DEMO_DRAFT_GGUF))
+    parser.add_argument("--draft-hf", default=str(DEMO_DRAFT_HF), help="the same draft for HF assisted generation")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--sessions", default="1,4,16")
+    parser.add_argument("--rtts", default="0,20,80")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    verifier, draft, tokenizer = load_pair(args.verifier, args.draft, device=args.device)
+    spec = SpeculativeEngine(verifier, tokenizer, draft)
+    plain = SpeculativeEngine(verifier, tokenizer, None)
+    run_sessions(spec, 2, 16)  # warm up both paths (allocations, llama.cpp contexts)
+    run_sessions(plain, 2, 16)
+
+    report: dict = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(verifier.device),
+            "processor": host_platform.processor() or host_platform.machine(),
+        },
+        "pair": {"verifier": args.verifier, "draft": args.draft},
+        "max_tokens": args.max_tokens,
+    }
+    sessions = [int(x) for x in args.sessions.split(",")]
+    by_sessions = [compare(spec, plain, n, args.max_tokens, args.repeats) for n in sessions]
+    report["concurrency"] = by_sessions
+    single = next((r for r in by_sessions if r["sessions"] == 1), None)
+
+    if args.draft_hf and Path(args.draft_hf).exists() and verifier.device.type == "cpu":
+        from transformers import AutoModelForCausalLM
+
+        draft_hf = AutoModelForCausalLM.from_pretrained(args.draft_hf, dtype=torch.float32).eval()
+        hf = hf_generate(verifier.model, draft_hf, load_tokenizer(args.verifier), args.max_tokens, args.repeats)
+        report["hf"] = hf
+        if single:
+            report["speedup_vs_hf_assisted"] = round(single["speculative_tokens_per_s"] / hf["hf_assisted"], 3)
+            report["speedup_vs_hf_verifier_only"] = round(
+                single["speculative_tokens_per_s"] / hf["hf_verifier_only"], 3
+            )
+
+    rtt_rows = []
+    for rtt in [float(x) for x in args.rtts.split(",")]:
+        remote = DelayedVerifier(verifier, rtt)
+        spec_r = SpeculativeEngine(remote, tokenizer, draft)
+        plain_r = SpeculativeEngine(remote, tokenizer, None)
+        row = compare(spec_r, plain_r, 1, args.max_tokens, 1)
+        row["rtt_ms"] = rtt
+        rtt_rows.append(row)
+        spec_r.close()
+        plain_r.close()
+    report["network"] = rtt_rows
+    if single:
+        report["single_session_speedup"] = single["speedup"]
+    report["min_speedup_anywhere"] = min(r["speedup"] for r in by_sessions + rtt_rows)
+    spec.close()
+    plain.close()
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

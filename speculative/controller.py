@@ -1,0 +1,107 @@
+"""Adaptive draft length: pick each round's k to maximise expected tokens per second.
+
+With per-token acceptance rate ``a`` (draft tokens accepted independently), a round that
+drafts k tokens emits on average
+
+    E[tokens](k) = (1 - a^(k+1)) / (1 - a)
+
+tokens (the accepted prefix plus the verifier's token), and costs
+
+    T(k) = k * t_draft + rtt + t_verify(k)
+
+So k* = argmax_k E[tokens](k) / T(k). A slow link (large rtt) makes longer drafts pay;
+poor agreement (small a) makes them waste, down to k = 0: plain verifier decoding. The
+controller estimates every term per session from what it measures: ``a`` as an
+exponentially weighted ratio of accepted to tried draft tokens, ``t_draft`` per token,
+``rtt``, and ``t_verify`` as a line in k fitted to the verify times seen. At k = 0 it
+still probes a short draft now and then, so it notices when agreement comes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from speculative.types import MAX_DRAFT_TOKENS
+
+EWMA_DECAY = 0.8  # weight of the past in every running estimate
+PRIOR_ACCEPTANCE = 0.6
+PRIOR_WEIGHT = 2.0  # pseudo-counts behind the prior acceptance rate
+PROBE_EVERY = 16  # rounds at k = 0 between two probing rounds
+PROBE_K = 2
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """E[tokens emitted by a round drafting k tokens] at per-token acceptance rate a."""
+    if a >= 1.0:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def best_k(a: float, t_draft: float, rtt: float, t_verify_0: float, t_verify_slope: float, k_max: int) -> int:
+    """The k in [0, k_max] with the most expected tokens per unit time."""
+
+    def rate(k: int) -> float:
+        return expected_tokens(a, k) / (k * t_draft + rtt + t_verify_0 + t_verify_slope * k)
+
+    return max(range(k_max + 1), key=rate)
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else EWMA_DECAY * old + (1 - EWMA_DECAY) * new
+
+
+@dataclass
+class DraftLengthController:
+    """Per-session estimates and the k they imply. All times in milliseconds."""
+
+    k_max: int = MAX_DRAFT_TOKENS
+    fixed_k: int | None = None  # set to pin k (benchmarks, tests)
+    accepted: float = PRIOR_ACCEPTANCE * PRIOR_WEIGHT
+    tried: float = PRIOR_WEIGHT
+    t_draft: float | None = None  # per drafted token
+    rtt: float | None = None
+    verify_by_k: dict[int, float] = field(default_factory=dict)
+    _rounds_at_zero: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.tried if self.tried else 0.0
+
+    def next_k(self) -> int:
+        if self.fixed_k is not None:
+            return self.fixed_k
+        if self.t_draft is None or not self.verify_by_k:
+            return min(4, self.k_max)  # nothing measured yet: a moderate first guess
+        intercept, slope = self._verify_line()
+        k = best_k(self.acceptance, self.t_draft, self.rtt or 0.0, intercept, slope, self.k_max)
+        if k == 0:
+            self._rounds_at_zero += 1
+            if self._rounds_at_zero % PROBE_EVERY == 0:
+                return min(PROBE_K, self.k_max)
+        else:
+            self._rounds_at_zero = 0
+        return k
+
+    def record(self, *, k: int, n_matches: int, draft_ms: float, verify_ms: float, network_ms: float) -> None:
+        """Fold one round's outcome into the estimates."""
+        if k:
+            # n_matches accepted; a rejection (if any) was one more tried token
+            self.accepted = EWMA_DECAY * self.accepted + n_matches
+            self.tried = EWMA_DECAY * self.tried + n_matches + (1 if n_matches < k else 0)
+            self.t_draft = _ewma(self.t_draft, draft_ms / k)
+        self.rtt = _ewma(self.rtt, network_ms)
+        self.verify_by_k[k] = _ewma(self.verify_by_k.get(k), verify_ms)
+
+    def _verify_line(self) -> tuple[float, float]:
+        """Least-squares t_verify(k) = intercept + slope * k over the k values seen."""
+        points = sorted(self.verify_by_k.items())
+        if len(points) == 1:
+            k, t = points[0]
+            slope = 0.05 * t  # assume each extra position costs 5%: small next to a forward
+            return max(0.0, t - slope * k), slope
+        n = len(points)
+        mean_k = sum(k for k, _ in points) / n
+        mean_t = sum(t for _, t in points) / n
+        var = sum((k - mean_k) ** 2 for k, _ in points)
+        slope = max(0.0, sum((k - mean_k) * (t - mean_t) for k, t in points) / var)
+        return max(0.0, mean_t - slope * mean_k), slope

@@ -1,0 +1,114 @@
+"""The draft side of a speculative round: propose up to k tokens, then roll back.
+
+A draft backend only has to evaluate tokens into its KV cache (returning the last
+position's logits) and truncate that cache; :class:`DraftSession` does the rest the same
+way for every backend: it keeps the committed token sequence, brings the cache up to
+date, drafts k tokens (argmax, or sampled from the warped ``q`` with the request's seed),
+and on the verdict keeps the accepted tokens and drops the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.sampling import sample, warp
+from speculative.types import Proposal, SamplingParams, Verdict
+
+_DRAFT_SEED_SALT = 0x5EED  # keep the draft's stream of random numbers apart from the verifier's
+
+
+class DraftContext(Protocol):
+    """One session's state inside a draft backend (its own KV cache)."""
+
+    n_ctx: int
+
+    def evaluate(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append ``tokens`` to the cache; return the logits after the last one  # (vocab,)"""
+        ...
+
+    def truncate(self, n_keep: int) -> None:
+        """Drop every cached position from ``n_keep`` on."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DraftModel(Protocol):
+    """A draft backend: shares the verifier's tokenizer, opens per-session contexts."""
+
+    vocab_size: int
+    context_length: int
+
+    def new_context(self) -> DraftContext: ...
+
+
+class DraftSession:
+    """The draft's view of one completion: committed tokens plus a cache of some prefix."""
+
+    def __init__(self, model: DraftModel, prompt_ids: Sequence[int], params: SamplingParams):
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        self._ctx = model.new_context()
+        self._params = params
+        self._generator = torch.Generator().manual_seed(params.seed ^ _DRAFT_SEED_SALT)
+        self.committed: list[int] = list(prompt_ids)
+        self._n_cached = 0  # committed tokens already in the draft's KV cache
+        self._logits: np.ndarray | None = None  # logits after the last cached token
+
+    def propose(self, k: int) -> Proposal:
+        """Draft up to ``k`` tokens after the committed sequence (fewer near the context end)."""
+        if k < 0:
+            raise InvalidRequestError(f"draft length k must be >= 0, got {k}")
+        started = time.perf_counter()
+        k = min(k, self._ctx.n_ctx - len(self.committed) - 1)
+        if k <= 0:
+            return Proposal(tokens=(), q=None, draft_ms=0.0)
+        logits = self._catch_up()
+        tokens: list[int] = []
+        q_rows: list[torch.Tensor] = []
+        for i in range(k):
+            if self._params.greedy:
+                token = int(np.argmax(logits))
+            else:
+                q = warp(torch.from_numpy(np.asarray(logits, dtype=np.float32)), self._params)
+                token = sample(q, self._generator)
+                q_rows.append(q)
+            tokens.append(token)
+            if i + 1 < k:  # the last draft token's logits are not needed this round
+                logits = self._ctx.evaluate([token])
+        q_all = torch.stack(q_rows).numpy() if q_rows else None
+        return Proposal(tokens=tuple(tokens), q=q_all, draft_ms=(time.perf_counter() - started) * 1e3)
+
+    def accept(self, proposal: Proposal, verdict: Verdict) -> None:
+        """Keep the accepted draft tokens and the verifier's token; drop the rejected tail."""
+        if proposal.tokens:
+            # propose() cached every committed token and all draft tokens but the last
+            evaluated = len(proposal.tokens) - 1
+            keep = len(self.committed) + min(verdict.n_matches, evaluated)
+            if verdict.n_matches < evaluated:
+                self._ctx.truncate(keep)
+            self._n_cached = keep
+        self.committed.extend(verdict.emitted_tokens(proposal.tokens))
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Commit tokens produced without a draft (plain verifier decoding)."""
+        self.committed.extend(tokens)
+
+    def close(self) -> None:
+        self._ctx.close()
+
+    def _catch_up(self) -> np.ndarray:
+        missing = self.committed[self._n_cached :]
+        if len(self.committed) >= self._ctx.n_ctx:
+            raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {self._ctx.n_ctx}")
+        if missing:
+            self._logits = self._ctx.evaluate(missing)
+            self._n_cached = len(self.committed)
+        assert self._logits is not None
+        return self._logits

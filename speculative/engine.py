@@ -1,0 +1,263 @@
+"""One completion, round by round: draft k, verify (batched with other sessions), accept.
+
+:class:`SpeculativeEngine` ties a draft model, a verifier (local or remote) and the
+verify scheduler together. ``engine.stream(prompt, ...)`` returns a :class:`Completion`,
+an iterator of :class:`TokenEvent` that also carries the completion's stats. A round:
+
+    k        = controller.next_k()               # 0 = plain verifier decoding
+    proposal = draft.propose(k)                  # k tokens (+ q when sampling)
+    verdict  = scheduler.submit(round).result()  # one batched forward, acceptance rule
+    draft.accept(proposal, verdict)              # both sides keep the accepted prefix
+    emit accepted draft tokens + the verifier's token, checking stop conditions
+
+Several completions run at once from several threads; the scheduler batches them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from speculative.controller import DraftLengthController
+from speculative.draft import DraftModel, DraftSession
+from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.sampling import check_sampling
+from speculative.scheduler import VerifyScheduler
+from speculative.types import (
+    MAX_DRAFT_TOKENS,
+    CompletionStats,
+    FinishReason,
+    Provenance,
+    SamplingParams,
+    TokenEvent,
+)
+from speculative.verifier import Verifier, VerifyRequest
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 64
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    k: int | None = None  # pin the draft length; None lets the controller choose
+
+
+class _TextTracker:
+    """Turns emitted token ids into text deltas, holding back what might start a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self.ids: list[int] = []
+        self.text = ""  # the completion text so far (cut at a stop string when one is found)
+        self._flushed = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text safe to emit now, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False  # an incomplete UTF-8 sequence: wait for the next byte token
+        self.text = text
+        for stop in self._stop:
+            idx = text.find(stop, max(0, self._flushed - len(stop)))
+            if idx != -1:
+                self.text = text[:idx]
+                return self._flush(idx), True
+        hold = max((_overlap(text, s) for s in self._stop), default=0)
+        return self._flush(len(text) - hold), False
+
+    def _flush(self, upto: int) -> str:
+        upto = max(upto, self._flushed)
+        delta = self.text[self._flushed : upto] if upto <= len(self.text) else self.text[self._flushed :]
+        self._flushed = max(self._flushed, min(upto, len(self.text)))
+        return delta
+
+    def finish(self) -> str:
+        """The held-back tail, released when the completion ends without a stop string."""
+        return self._flush(len(self.text))
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+class Completion:
+    """An in-flight completion: iterate for tokens; ``stats`` and ``text`` when done."""
+
+    def __init__(self, engine: SpeculativeEngine, request: CompletionRequest):
+        self.request = request
+        self.stats = CompletionStats(prompt_tokens=len(request.prompt_ids))
+        self.session_id = uuid.uuid4().hex
+        self._engine = engine
+        self._tracker = _TextTracker(engine.tokenizer, request.stop)
+        self._events = self._run()
+
+    @property
+    def text(self) -> str:
+        return self._tracker.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._tracker.ids)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop generating (a client went away); what was emitted stays counted."""
+        self._events.close()
+
+    def _run(self) -> Generator[TokenEvent, None, None]:
+        engine, req, stats = self._engine, self.request, self.stats
+        controller = DraftLengthController(fixed_k=req.k if engine.draft is not None else 0)
+        scheduler = engine.scheduler
+        draft = DraftSession(engine.draft, req.prompt_ids, req.sampling) if engine.draft is not None else None
+        try:
+            engine.verifier.open_session(self.session_id, req.prompt_ids, req.sampling)
+        except BaseException:
+            if draft is not None:
+                draft.close()
+            raise
+        scheduler.join()
+        try:
+            for round_no in itertools.count():
+                budget = req.max_tokens - stats.completion_tokens
+                k = min(controller.next_k(), budget - 1, MAX_DRAFT_TOKENS) if draft is not None else 0
+                proposal = draft.propose(k) if draft is not None and k > 0 else None
+                tokens = proposal.tokens if proposal else ()
+                result = scheduler.submit(
+                    VerifyRequest(self.session_id, tokens, proposal.q if proposal else None, round_no)
+                ).result()
+                verdict = result.verdict
+                if draft is not None:
+                    if proposal is not None:
+                        draft.accept(proposal, verdict)
+                    else:
+                        draft.extend([verdict.verifier_token])
+                draft_ms = proposal.draft_ms if proposal else 0.0
+                controller.record(
+                    k=len(tokens),
+                    n_matches=verdict.n_matches,
+                    draft_ms=draft_ms,
+                    verify_ms=result.verify_ms,
+                    network_ms=result.network_ms,
+                )
+                stats.rounds += 1
+                stats.proposed += len(tokens)
+                stats.accepted += verdict.n_matches
+                stats.draft_ms += draft_ms
+                stats.verify_ms += result.verify_ms
+                stats.network_ms += result.network_ms
+                stats.draft_lengths.append(len(tokens))
+                emitted = verdict.emitted_tokens(tokens)
+                for i, token in enumerate(emitted):
+                    provenance = Provenance.DRAFTED if i < verdict.n_matches else Provenance.VERIFIER
+                    stats.completion_tokens += 1
+                    stats.provenance.append(provenance)
+                    if token == engine.eos_token_id:
+                        # EOS ends the text: release what was held back for a stop string
+                        stats.finish_reason = FinishReason.STOP
+                        yield TokenEvent(token, self._tracker.finish(), provenance)
+                        return
+                    delta, hit_stop = self._tracker.push(token)
+                    if hit_stop:
+                        stats.finish_reason = FinishReason.STOP
+                    elif stats.completion_tokens >= req.max_tokens:
+                        stats.finish_reason = FinishReason.LENGTH
+                        delta += self._tracker.finish()
+                    yield TokenEvent(token, delta, provenance)
+                    if stats.finish_reason is not None:
+                        return
+        finally:
+            scheduler.leave()
+            engine.verifier.close_session(self.session_id)
+            if draft is not None:
+                draft.close()
+
+
+class SpeculativeEngine:
+    """Draft + verifier + scheduler; ``draft=None`` is plain (batched) verifier decoding."""
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        tokenizer: Tokenizer,
+        draft: DraftModel | None = None,
+        *,
+        scheduler: VerifyScheduler | None = None,
+    ):
+        self.verifier = verifier
+        self.draft = draft
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler or VerifyScheduler(verifier)
+        self.eos_token_id = verifier.eos_token_id
+        self.context_length = min(verifier.context_length, draft.context_length if draft else verifier.context_length)
+
+    def request(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 64,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        k: int | None = None,
+    ) -> CompletionRequest:
+        """Validate and tokenise a completion request (raises InvalidRequestError early)."""
+        sampling = sampling or SamplingParams()
+        check_sampling(sampling)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if k is not None and not 0 <= k <= MAX_DRAFT_TOKENS:
+            raise InvalidRequestError(f"k must be in [0, {MAX_DRAFT_TOKENS}], got {k}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidRequestError("stop strings must be non-empty strings")
+        if len(ids) + max_tokens > self.context_length:
+            raise ContextOverflowError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"context of {self.context_length} tokens"
+            )
+        return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k)
+
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        return Completion(self, self.request(prompt, **kwargs))
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        """Run a completion to the end and return it (``.text``, ``.token_ids``, ``.stats``)."""
+        completion = self.stream(prompt, **kwargs)
+        started = time.perf_counter()
+        for _ in completion:
+            pass
+        log.debug(
+            "completion of %d tokens in %.1f ms",
+            completion.stats.completion_tokens,
+            (time.perf_counter() - started) * 1e3,
+        )
+        return completion
+
+    def close(self) -> None:
+        self.scheduler.close()

@@ -1,0 +1,82 @@
+"""Loading a draft/verifier pair, and refusing one whose vocabularies differ.
+
+A draft token id is only meaningful to the verifier if both read ids through the same
+tokenizer. ``check_vocabularies`` compares them token by token at load time, so a
+mismatched pair fails loudly instead of streaming garbage. The shipped demo pair lives
+in ``speculative/assets/demo`` (``DEMO_VERIFIER``, ``DEMO_DRAFT_GGUF``, ``DEMO_DRAFT_HF``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from speculative.errors import ModelLoadError, VocabularyMismatchError
+
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+DEMO_VERIFIER = DEMO_DIR / "verifier"
+DEMO_DRAFT_GGUF = DEMO_DIR / "draft.gguf"
+DEMO_DRAFT_HF = DEMO_DIR / "draft-hf"
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {exc}") from exc
+
+
+def check_vocabularies(verifier_tokens: Sequence[str], draft_tokens: Sequence[str], *, draft_name: str) -> None:
+    """Raise VocabularyMismatchError unless both list the same tokens under the same ids.
+
+    Extra ids past the tokenizer's end (embedding rows padded for speed) are ignored.
+    """
+    shared = min(len(verifier_tokens), len(draft_tokens))
+    if len(verifier_tokens) != len(draft_tokens):
+        longer = verifier_tokens if len(verifier_tokens) > len(draft_tokens) else draft_tokens
+        if any(not t.startswith("[PAD") for t in longer[shared:]):
+            raise VocabularyMismatchError(
+                f"{draft_name} has {len(draft_tokens)} tokens but the verifier's tokenizer has "
+                f"{len(verifier_tokens)}: draft and verifier must share one tokenizer"
+            )
+    for idx in range(shared):
+        if verifier_tokens[idx] != draft_tokens[idx]:
+            raise VocabularyMismatchError(
+                f"{draft_name}: token {idx} is {draft_tokens[idx]!r} in the draft but "
+                f"{verifier_tokens[idx]!r} in the verifier: draft and verifier must share one tokenizer"
+            )
+
+
+def tokenizer_tokens(tokenizer) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
+def load_pair(
+    verifier_path: str | Path = DEMO_VERIFIER,
+    draft_path: str | Path | None = DEMO_DRAFT_GGUF,
+    *,
+    device: str | None = None,
+    draft_threads: int = 1,
+):
+    """Load (verifier, draft or None, tokenizer), checking that the vocabularies agree.
+
+    A ``draft_path`` ending in ``.gguf`` loads llama.cpp; a directory loads transformers.
+    """
+    from speculative.draft_hf import TransformersDraft
+    from speculative.draft_llama import LlamaCppDraft
+    from speculative.verifier import TransformersVerifier
+
+    tokenizer = load_tokenizer(verifier_path)
+    verifier = TransformersVerifier(verifier_path, device=device)
+    draft: LlamaCppDraft | TransformersDraft | None = None
+    if draft_path is not None:
+        if str(draft_path).endswith(".gguf"):
+            draft = LlamaCppDraft(draft_path, n_threads=draft_threads)
+            draft_tokens = draft.tokens()
+        else:
+            draft = TransformersDraft(draft_path, device=device)
+            draft_tokens = tokenizer_tokens(load_tokenizer(draft_path))
+        check_vocabularies(tokenizer_tokens(tokenizer), draft_tokens, draft_name=str(draft_path))
+    return verifier, draft, tokenizer

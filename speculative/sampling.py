@@ -1,0 +1,49 @@
+"""Turning logits into the distribution a token is drawn from.
+
+One function, :func:`warp`, applies temperature, top-k and top-p. The draft's ``q`` and
+the verifier's ``p`` both go through it, so the rejection rule compares like with like
+(speculative sampling is lossless with respect to the *warped* verifier distribution).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from speculative.errors import InvalidRequestError
+from speculative.types import SamplingParams
+
+
+def check_sampling(params: SamplingParams) -> None:
+    """Refuse values that have no meaning, before any work is done."""
+    if params.temperature < 0 or params.temperature != params.temperature:
+        raise InvalidRequestError(f"temperature must be >= 0, got {params.temperature}")
+    if params.top_k < 0:
+        raise InvalidRequestError(f"top_k must be >= 0, got {params.top_k}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p.
+
+    logits  # (..., vocab) float
+    returns # (..., vocab) float32, each row sums to 1
+    """
+    assert not params.greedy, "greedy decoding uses argmax, not probabilities"
+    scores = logits.float() / params.temperature
+    if params.top_k and params.top_k < scores.size(-1):
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already cover top_p; keep the first
+        drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """Draw one token id from ``probs  # (vocab,)``."""
+    return int(torch.multinomial(probs, 1, generator=generator).item())

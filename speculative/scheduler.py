@@ -1,0 +1,116 @@
+"""Cross-session verify batching: many sessions' rounds in one verifier forward pass.
+
+Sessions submit their round and wait on a future. A worker thread takes the first
+waiting round, then gathers more for at most ``window_ms``, and stops waiting early as
+soon as every session that has joined is in the batch (so a lone session never waits).
+Sessions join and leave between steps: continuous batching. A batch that fails is
+retried one round at a time, so one bad request fails alone; a retried round is safe
+because the verifier answers a repeated round number with the verdict it already gave.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from speculative.errors import SpeculativeError
+from speculative.types import Verdict
+from speculative.verifier import Verifier, VerifyRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_MS = 2.0
+DEFAULT_MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    verdict: Verdict
+    verify_ms: float  # the whole batch's verifier time (what this round waited on)
+    network_ms: float
+    batch_size: int
+
+
+class VerifyScheduler:
+    def __init__(self, verifier: Verifier, *, window_ms: float = DEFAULT_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH):
+        self.verifier = verifier
+        self.window_s = window_ms / 1e3
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[VerifyRequest, Future[RoundResult]] | None] = queue.Queue()
+        self._active = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.batches = 0
+        self.rounds = 0
+        self._worker = threading.Thread(target=self._run, name="verify-scheduler", daemon=True)
+        self._worker.start()
+
+    def join(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def submit(self, request: VerifyRequest) -> Future[RoundResult]:
+        future: Future[RoundResult] = Future()
+        if self._closed:
+            future.set_exception(SpeculativeError("the verify scheduler is closed"))
+        else:
+            self._queue.put((request, future))
+        return future
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout=5)
+
+    def _gather(
+        self, first: tuple[VerifyRequest, Future[RoundResult]]
+    ) -> list[tuple[VerifyRequest, Future[RoundResult]]]:
+        batch = [first]
+        deadline = time.perf_counter() + self.window_s
+        while len(batch) < self.max_batch:
+            with self._lock:
+                everyone_in = len(batch) >= self._active
+            try:
+                item = (
+                    self._queue.get_nowait()
+                    if everyone_in
+                    else self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                )
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # let the run loop see the close
+                break
+            batch.append(item)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = self._gather(first)
+            self._verify(batch)
+
+    def _verify(self, batch: list[tuple[VerifyRequest, Future[RoundResult]]]) -> None:
+        try:
+            result = self.verifier.verify([req for req, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every waiting session must hear of it
+            if len(batch) > 1:
+                for item in batch:
+                    self._verify([item])
+                return
+            batch[0][1].set_exception(exc)
+            return
+        self.batches += 1
+        self.rounds += len(batch)
+        for (_, future), verdict in zip(batch, result.verdicts, strict=True):
+            future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch)))

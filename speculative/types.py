@@ -1,0 +1,117 @@
+"""Values that cross the core's boundaries: requests, proposals, verdicts and stats.
+
+All frozen dataclasses, so a value handed from draft to verifier to engine to caller
+cannot be changed on the way.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_DRAFT_TOKENS = 16  # the controller never proposes more per round
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen; applied identically to the draft (q) and the verifier (p).
+
+    ``temperature == 0`` means greedy decoding. ``top_k == 0`` and ``top_p == 1.0``
+    disable those filters.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What the draft proposes for one session this round.
+
+    tokens  # (k,) int token ids
+    q       # (k, vocab) float32: the draft's (warped) probabilities each token was drawn
+            # from; None under greedy decoding, where only the argmax matters
+    """
+
+    tokens: tuple[int, ...]
+    q: np.ndarray | None
+    draft_ms: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one verified round for one session.
+
+    ``n_matches`` draft tokens were accepted, then one token from the verifier: the bonus
+    token when all were accepted, the recovered (resampled) token otherwise.
+    """
+
+    n_matches: int
+    verifier_token: int
+
+    def emitted_tokens(self, draft_tokens: tuple[int, ...]) -> tuple[int, ...]:
+        """The tokens this round adds: the accepted draft prefix, then the verifier's token."""
+        return tuple(draft_tokens[: self.n_matches]) + (self.verifier_token,)
+
+
+class Provenance(enum.StrEnum):
+    DRAFTED = "drafted"  # a draft token the verifier accepted
+    VERIFIER = "verifier"  # produced by the verifier (bonus, recovered, or plain decoding)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One emitted token as a stream yields it."""
+
+    token_id: int
+    text: str
+    provenance: Provenance
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"
+    STOP = "stop"  # EOS or a stop string
+
+
+@dataclass
+class CompletionStats:
+    """What one completion cost and how speculation went (mutable while streaming)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    network_ms: float = 0.0
+    draft_lengths: list[int] = field(default_factory=list)
+    provenance: list[Provenance] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "rounds": self.rounds,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "draft_ms": round(self.draft_ms, 3),
+            "verify_ms": round(self.verify_ms, 3),
+            "network_ms": round(self.network_ms, 3),
+            "finish_reason": self.finish_reason.value if self.finish_reason else None,
+            "provenance": [p.value for p in self.provenance],
+        }

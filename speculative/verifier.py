@@ -1,0 +1,343 @@
+"""The verifier: scores many sessions' drafts in one forward pass and decides what stays.
+
+Each session owns a *slot*: one row of a preallocated KV buffer per layer, holding that
+session's keys and values at their absolute positions. A verify step runs the model once
+over a contiguous range of slot rows, each row fed its pending token plus its draft
+tokens (ragged lengths right-padded), with a 4D mask that lets row i see exactly its own
+``length_i + t + 1`` positions. The model's attention writes the new keys and values
+straight into the slots, so keeping the accepted prefix and dropping a rejected tail is
+just moving the row's length back: no re-prefill, no copies of the cache per round.
+
+Acceptance happens here, next to the logits: greedy needs only the argmax of each row
+(one small device-to-host copy), sampling moves the (k + 1, vocab) warped rows of the
+sessions that sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from speculative.acceptance import accept_greedy, accept_sampling
+from speculative.errors import (
+    ContextOverflowError,
+    InvalidRequestError,
+    ModelLoadError,
+    SessionNotFoundError,
+)
+from speculative.sampling import check_sampling, warp
+from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SESSIONS = 64
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """One session's round: its draft tokens and, when sampling, their ``q``.
+
+    tokens  # (k,) draft token ids, 0 <= k <= MAX_DRAFT_TOKENS
+    q       # (k, vocab) float32 or None (greedy)
+    round   # the session's round number; a repeated round returns the same verdict
+    """
+
+    session_id: str
+    tokens: tuple[int, ...]
+    q: np.ndarray | None = None
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    verdicts: list[Verdict]
+    verify_ms: float  # the verifier's own time for the whole batch
+    network_ms: float = 0.0  # time spent between the caller and the verifier
+
+
+class Verifier(Protocol):
+    """What the engine needs from a verifier, local or remote."""
+
+    vocab_size: int
+    context_length: int
+    eos_token_id: int | None
+
+    def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
+        """Prefill the prompt; return the time it took in ms."""
+        ...
+
+    def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult: ...
+
+    def close_session(self, session_id: str) -> None: ...
+
+
+@dataclass
+class _Session:
+    slot: int
+    length: int  # positions 0 .. length-1 of the slot hold committed tokens
+    pending: int  # the last committed token, not yet in the cache
+    params: SamplingParams
+    generator: torch.Generator
+    round: int = -1
+    last: Verdict | None = None
+
+
+class SlotKVCache:
+    """Per-layer KV buffers ``(slots, kv_heads, capacity, head_dim)`` that HF attention writes into.
+
+    Duck-types the one method transformers' attention calls, ``update``. Before each
+    forward, :meth:`bind` says which rows run and where each row's new tokens go.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        self.shape = (0, kv_heads, capacity, head_dim)
+        self.layers = layers
+        self.dtype, self.device = dtype, device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._rows = slice(0, 0)
+        self._positions: torch.Tensor | None = None  # (rows, t) absolute positions to write
+        self._kv_len = 0
+        self._grow(4)
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    def ensure_slots(self, n: int) -> None:
+        if n > self.slots:
+            self._grow(max(n, 2 * self.slots))
+
+    def _grow(self, slots: int) -> None:
+        shape = (slots, *self.shape[1:])
+        old_k, old_v = self.keys, self.values
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        if old_k:  # a grown buffer keeps the rows it had
+            for new, old in zip(self.keys + self.values, old_k + old_v, strict=True):
+                new[: old.shape[0]].copy_(old)
+
+    def bind(self, rows: slice, positions: torch.Tensor, kv_len: int) -> None:
+        self._rows, self._positions, self._kv_len = rows, positions, kv_len
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """key_states, value_states  # (rows, kv_heads, t, head_dim)"""
+        assert self._positions is not None
+        n, t = self._positions.shape
+        row_idx = torch.arange(n, device=self.device).unsqueeze(1).expand(n, t)
+        for buf, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+            # (rows, capacity, heads, dim) view; index (row, position) pairs
+            buf[self._rows].transpose(1, 2)[row_idx, self._positions] = new.transpose(1, 2).to(buf.dtype)
+        return (
+            self.keys[layer_idx][self._rows, :, : self._kv_len],
+            self.values[layer_idx][self._rows, :, : self._kv_len],
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The device, chosen once: CUDA when there is one, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TransformersVerifier:
+    """A transformers causal LM as verifier, on CPU or CUDA, with slot KV caches."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        model=None,
+    ):
+        self.device = pick_device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = model if model is not None else load_causal_lm(model_path, self.device, dtype)
+        config = self.model.config
+        self.model_path = str(model_path)
+        self.vocab_size: int = config.vocab_size
+        self.context_length: int = config.max_position_embeddings
+        eos = config.eos_token_id
+        self.eos_token_id: int | None = eos[0] if isinstance(eos, list) else eos
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.cache = SlotKVCache(
+            config.num_hidden_layers,
+            kv_heads,
+            head_dim,
+            self.context_length + MAX_DRAFT_TOKENS + 1,
+            dtype,
+            self.device,
+        )
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, _Session] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._lock = threading.Lock()  # one forward at a time; sessions open/close around it
+
+    # sessions -------------------------------------------------------------------------
+    def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
+        check_sampling(params)
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        if len(prompt) >= self.context_length:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} tokens; the verifier's context holds {self.context_length}"
+            )
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        started = time.perf_counter()
+        with self._lock:
+            if session_id in self._sessions:
+                raise InvalidRequestError(f"session {session_id!r} is already open")
+            if len(self._sessions) >= self.max_sessions:
+                raise InvalidRequestError(f"the verifier holds its maximum of {self.max_sessions} sessions")
+            slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
+            session = _Session(
+                slot=slot,
+                length=0,
+                pending=prompt[-1],
+                params=params,
+                generator=torch.Generator().manual_seed(params.seed),
+            )
+            if len(prompt) > 1:
+                self._forward([session], [prompt[:-1]])
+                session.length = len(prompt) - 1
+            self._sessions[session_id] = session
+        return (time.perf_counter() - started) * 1e3
+
+    def _take_new_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        self.cache.ensure_slots(self._next_slot)
+        return slot
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is not None:
+                self._free_slots.append(session.slot)
+                self._free_slots.sort(reverse=True)  # reuse low slots first: keeps batches dense
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    # verification ---------------------------------------------------------------------
+    def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        started = time.perf_counter()
+        with self._lock:
+            sessions = [self._session(r.session_id) for r in requests]
+            verdicts: list[Verdict | None] = [None] * len(requests)
+            todo: list[int] = []
+            for i, (req, s) in enumerate(zip(requests, sessions, strict=True)):
+                if req.round == s.round and s.last is not None:
+                    verdicts[i] = s.last  # a retried round: answer it again, change nothing
+                else:
+                    self._check_request(req, s)
+                    todo.append(i)
+            if todo:
+                run = [sessions[i] for i in todo]
+                logits = self._forward(run, [[s.pending, *requests[i].tokens] for i, s in zip(todo, run, strict=True)])
+                for row, i in enumerate(todo):
+                    verdicts[i] = self._decide(sessions[i], requests[i], logits[row])
+        assert all(v is not None for v in verdicts)
+        return VerifyResult(verdicts=verdicts, verify_ms=(time.perf_counter() - started) * 1e3)  # type: ignore[arg-type]
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFoundError(f"no open verifier session {session_id!r}") from None
+
+    def _check_request(self, req: VerifyRequest, s: _Session) -> None:
+        k = len(req.tokens)
+        if k > MAX_DRAFT_TOKENS:
+            raise InvalidRequestError(f"at most {MAX_DRAFT_TOKENS} draft tokens per round, got {k}")
+        if s.length + 1 + k > self.context_length:
+            raise ContextOverflowError(f"session {req.session_id!r} would exceed the context of {self.context_length}")
+        if any(not 0 <= t < self.vocab_size for t in req.tokens):
+            raise InvalidRequestError(f"draft token ids must lie in [0, {self.vocab_size})")
+        if not s.params.greedy and k and (req.q is None or req.q.shape != (k, self.vocab_size)):
+            raise InvalidRequestError(f"sampling needs q of shape ({k}, {self.vocab_size})")
+
+    def _decide(self, s: _Session, req: VerifyRequest, logits: torch.Tensor) -> Verdict:
+        """logits  # (k + 1, vocab) on the model's device"""
+        k = len(req.tokens)
+        draft = torch.tensor(req.tokens, dtype=torch.long)
+        if s.params.greedy:
+            verdict = accept_greedy(draft, logits[: k + 1].argmax(-1).cpu())
+        else:
+            p = warp(logits[: k + 1], s.params).cpu()
+            q = torch.from_numpy(np.asarray(req.q, dtype=np.float32)) if k else torch.zeros(0, p.size(-1))
+            verdict = accept_sampling(draft, q, p, s.generator)
+        # keep the pending token and the accepted draft tokens; the verifier's token is next
+        s.length += 1 + verdict.n_matches
+        s.pending = verdict.verifier_token
+        s.round, s.last = req.round, verdict
+        return verdict
+
+    @torch.inference_mode()
+    def _forward(self, sessions: list[_Session], inputs: list[list[int]]) -> torch.Tensor:
+        """Run ``inputs[i]`` after session i's cached prefix, all rows in one forward pass.
+
+        returns  # (len(sessions), t_max, vocab) logits, rows in the order given
+        """
+        lo = min(s.slot for s in sessions)
+        hi = max(s.slot for s in sessions) + 1
+        t_max = max(len(x) for x in inputs)
+        n_rows = hi - lo
+        ids = torch.full((n_rows, t_max), self.eos_token_id or 0, dtype=torch.long)
+        lengths = torch.zeros(n_rows, dtype=torch.long)
+        for s, x in zip(sessions, inputs, strict=True):
+            ids[s.slot - lo, : len(x)] = torch.tensor(x, dtype=torch.long)
+            lengths[s.slot - lo] = s.length
+        # rows in [lo, hi) that are not in this batch run a throw-away token at their end:
+        # it writes past their length (never read) and its logits are dropped
+        positions = lengths.unsqueeze(1) + torch.arange(t_max).unsqueeze(0)  # (rows, t_max)
+        kv_len = int(positions.max()) + 1
+        keys = torch.arange(kv_len)
+        mask = keys.view(1, 1, 1, kv_len) <= positions.view(n_rows, 1, t_max, 1)  # causal per row
+        positions, mask = positions.to(self.device), mask.to(self.device)
+        self.cache.bind(slice(lo, hi), positions, kv_len)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        rows = torch.tensor([s.slot - lo for s in sessions], device=self.device)
+        return out.logits.index_select(0, rows)
+
+
+def load_causal_lm(model_path: str | Path, device: torch.device, dtype: torch.dtype):
+    """Load a transformers causal LM from a path or hub id, or raise ModelLoadError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load a causal LM from {model_path!r}: {exc}") from exc
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        model.config._attn_implementation = "sdpa"
+    return model

@@ -1,0 +1,54 @@
+"""The adaptive draft length: k follows acceptance, draft cost and the network."""
+
+from __future__ import annotations
+
+import pytest
+
+from speculative.controller import PROBE_EVERY, DraftLengthController, best_k, expected_tokens
+
+
+def test_expected_tokens_follows_the_geometric_formula():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_a_slower_link_makes_longer_drafts_pay():
+    args = dict(a=0.8, t_draft=0.3, t_verify_0=10.0, t_verify_slope=0.5, k_max=16)
+    k_fast = best_k(rtt=0.0, **args)
+    k_slow = best_k(rtt=80.0, **args)
+    assert k_slow > k_fast >= 1
+
+
+def test_poor_agreement_falls_back_to_plain_decoding():
+    assert best_k(a=0.05, t_draft=2.0, rtt=0.0, t_verify_0=10.0, t_verify_slope=1.0, k_max=16) == 0
+
+
+def _feed(controller: DraftLengthController, accept_all: bool, rounds: int) -> list[int]:
+    ks = []
+    for _ in range(rounds):
+        k = controller.next_k()
+        ks.append(k)
+        controller.record(
+            k=k, n_matches=k if accept_all else 0, draft_ms=0.5 * k, verify_ms=10.0 + 0.2 * k, network_ms=0.0
+        )
+    return ks
+
+
+def test_controller_drops_to_zero_when_drafts_are_always_rejected_and_keeps_probing():
+    controller = DraftLengthController()
+    ks = _feed(controller, accept_all=False, rounds=80)
+    tail = ks[-3 * PROBE_EVERY :]
+    assert tail.count(0) >= len(tail) - 4  # mostly plain decoding
+    assert any(k > 0 for k in tail)  # but it still probes
+
+
+def test_controller_grows_k_when_drafts_are_always_accepted():
+    controller = DraftLengthController()
+    ks = _feed(controller, accept_all=True, rounds=40)
+    assert ks[-1] >= 8
+
+
+def test_a_fixed_k_is_kept():
+    controller = DraftLengthController(fixed_k=3)
+    assert _feed(controller, accept_all=False, rounds=5) == [3] * 5

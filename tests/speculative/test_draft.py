@@ -1,0 +1,116 @@
+"""Draft backends, the GGUF converter, and the vocabulary check at load time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speculative.draft import DraftSession
+from speculative.draft_hf import TransformersDraft
+from speculative.draft_llama import LlamaCppDraft
+from speculative.errors import InvalidRequestError, ModelLoadError, VocabularyMismatchError
+from speculative.gguf_export import export_gguf
+from speculative.pair import DEMO_VERIFIER, check_vocabularies, load_pair
+from speculative.types import SamplingParams, Verdict
+from speculative.verifier import TransformersVerifier
+from tests.speculative.conftest import tiny_llama
+
+LOGIT_TOLERANCE = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A user's own model: a random Llama with a freshly trained byte-level BPE tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    bpe = ByteLevelBPETokenizer()
+    text = ["the quick brown fox jumps over the lazy dog", "speculative decoding drafts tokens"] * 20
+    bpe.train_from_iterator(text, vocab_size=300, min_frequency=1, special_tokens=["<eos>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
+    model = tiny_llama(vocab=len(tokenizer), hidden=64, seed=5, eos=tokenizer.eos_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    export_gguf(out, out / "tiny.gguf")
+    return out, model, tokenizer
+
+
+def test_converted_gguf_gives_the_same_logits_and_token_ids_as_transformers(tiny_checkpoint):
+    out, model, tokenizer = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf")
+    ids = tokenizer.encode("the lazy fox drafts tokens")
+    assert draft._pool[0].tokenize(b"the lazy fox drafts tokens", add_bos=False, special=False) == ids
+    ctx = draft.new_context()
+    got = ctx.evaluate(ids)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(got - want).max() < LOGIT_TOLERANCE
+
+
+def test_shipped_gguf_draft_matches_its_transformers_twin(demo_paths):
+    draft = LlamaCppDraft(demo_paths["draft_gguf"])
+    twin = TransformersDraft(demo_paths["draft_hf"], device="cpu")
+    ids = list(range(100, 140))
+    a = draft.new_context().evaluate(ids)
+    b = twin.new_context().evaluate(ids)
+    assert np.abs(a - b).max() < LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("backend", ["llama.cpp", "transformers"])
+def test_rollback_gives_the_logits_of_a_fresh_evaluation(backend, tiny_checkpoint):
+    out, model, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf") if backend == "llama.cpp" else TransformersDraft("x", model=model)
+    ids = [5, 17, 42, 99, 7, 250, 3, 8]
+    ctx = draft.new_context()
+    ctx.evaluate(ids)
+    ctx.truncate(3)
+    rolled = ctx.evaluate([11, 12])
+    fresh = draft.new_context().evaluate(ids[:3] + [11, 12])
+    assert np.abs(rolled - fresh).max() < 1e-4
+
+
+def test_draft_session_cache_stays_consistent_through_accepts_and_rejects(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf")
+    session = DraftSession(draft, [1, 2, 3], SamplingParams())
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        k = int(rng.integers(1, 6))
+        proposal = session.propose(k)
+        n = int(rng.integers(0, k + 1))
+        session.accept(proposal, Verdict(n_matches=n, verifier_token=int(rng.integers(0, 300))))
+        # what the session proposes next equals what a fresh session on the same tokens proposes
+        fresh = DraftSession(draft, session.committed, SamplingParams())
+        check = session.propose(3)
+        assert check.tokens == fresh.propose(3).tokens
+        session.accept(check, Verdict(n_matches=0, verifier_token=check.tokens[0]))
+        fresh.close()
+    with pytest.raises(InvalidRequestError):
+        session.propose(-1)
+    session.close()
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_load_time(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    with pytest.raises(VocabularyMismatchError, match="share one tokenizer"):
+        load_pair(DEMO_VERIFIER, out / "tiny.gguf")
+    with pytest.raises(VocabularyMismatchError):
+        load_pair(DEMO_VERIFIER, out)  # the transformers draft backend is checked too
+
+
+def test_vocabularies_differing_in_one_token_are_refused():
+    with pytest.raises(VocabularyMismatchError, match="token 1"):
+        check_vocabularies(["a", "b", "c"], ["a", "x", "c"], draft_name="d")
+    check_vocabularies(["a", "b"], ["a", "b", "[PAD2]"], draft_name="padded")  # padding rows are fine
+
+
+def test_unknown_model_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LlamaCppDraft(tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(ModelLoadError):
+        LlamaCppDraft(tmp_path / "junk.gguf")
+    with pytest.raises(ModelLoadError):
+        TransformersVerifier(tmp_path / "nothing-here", device="cpu")

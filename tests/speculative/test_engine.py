@@ -1,0 +1,194 @@
+"""Whole completions: lossless output, stop conditions, stats, concurrency, bad input."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from speculative.draft_hf import TransformersDraft
+from speculative.engine import SpeculativeEngine
+from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.types import FinishReason, Provenance, SamplingParams
+from speculative.verifier import TransformersVerifier
+from tests.speculative.conftest import ByteTokenizer, tiny_llama
+
+PROMPTS = [
+    "The Django ORM",
+    "To create a new model, ",
+    "Middleware is a framework of hooks",
+    "def get_queryset(self):",
+]
+
+
+@pytest.fixture(scope="module")
+def engines(demo_pair):
+    verifier, draft, tokenizer = demo_pair
+    spec = SpeculativeEngine(verifier, tokenizer, draft)
+    plain = SpeculativeEngine(verifier, tokenizer, None)
+    yield spec, plain
+    spec.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("k", [None, 1, 4, 8])
+def test_greedy_speculative_output_equals_verifier_decoding(engines, k):
+    spec, plain = engines
+    for prompt in PROMPTS:
+        fast = spec.generate(prompt, max_tokens=48, k=k)
+        reference = plain.generate(prompt, max_tokens=48)
+        assert fast.token_ids == reference.token_ids, prompt
+        assert fast.text == reference.text
+        assert fast.stats.proposed > 0
+
+
+def test_concurrent_sessions_joining_mid_batch_stay_lossless(engines):
+    spec, plain = engines
+    expected = {p: plain.generate(p, max_tokens=40).token_ids for p in PROMPTS}
+    results: dict[str, list[int]] = {}
+    started = threading.Barrier(2)
+
+    def run(prompt: str, wait_for: threading.Event | None, signal: threading.Event | None):
+        if wait_for is not None:
+            wait_for.wait(timeout=30)  # join once the first sessions are mid-stream
+        completion = spec.stream(prompt, max_tokens=40, k=3)
+        for n, _ in enumerate(completion):
+            if signal is not None and n == 5:
+                signal.set()
+        results[prompt] = completion.token_ids
+
+    first_tokens = threading.Event()
+    threads = [
+        threading.Thread(target=run, args=(PROMPTS[0], None, first_tokens)),
+        threading.Thread(target=run, args=(PROMPTS[1], None, None)),
+        threading.Thread(target=run, args=(PROMPTS[2], first_tokens, None)),
+        threading.Thread(target=run, args=(PROMPTS[3], first_tokens, None)),
+    ]
+    del started
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == expected
+    assert spec.scheduler.rounds > spec.scheduler.batches  # some rounds really were batched
+
+
+def test_stats_and_provenance_add_up(engines):
+    spec, _ = engines
+    completion = spec.stream(PROMPTS[0], max_tokens=30, k=4)
+    events = list(completion)
+    stats = completion.stats
+    assert stats.completion_tokens == 30 == len(events) == len(stats.provenance)
+    assert stats.finish_reason is FinishReason.LENGTH
+    assert sum(e.provenance is Provenance.DRAFTED for e in events) == stats.accepted
+    assert stats.proposed == sum(stats.draft_lengths)
+    assert 0.0 < stats.acceptance_rate <= 1.0
+    assert stats.draft_ms > 0 and stats.verify_ms > 0
+    assert "".join(e.text for e in events) == completion.text
+
+
+def test_a_stop_string_ends_the_text_right_before_it(engines):
+    spec, plain = engines
+    full = plain.generate(PROMPTS[1], max_tokens=40).text
+    stop = full[10:14]
+    assert stop.strip(), full
+    completion = spec.stream(PROMPTS[1], max_tokens=40, stop=[stop])
+    streamed = "".join(e.text for e in completion)
+    assert completion.text == full[: full.find(stop)] == streamed
+    assert completion.stats.finish_reason is FinishReason.STOP
+
+
+def test_eos_stops_the_completion(engines):
+    spec, _ = engines
+    verifier = spec.verifier
+    eos = verifier.eos_token_id
+    # a prompt that ends a document: the model has learned what comes after EOS, so force one
+    completion = spec.generate([*spec.tokenizer.encode("Hello."), eos], max_tokens=200)
+    assert completion.stats.completion_tokens <= 200
+    if completion.stats.finish_reason is FinishReason.STOP:
+        assert eos not in completion.token_ids
+
+
+def test_closing_a_stream_releases_its_sessions(engines):
+    spec, _ = engines
+    completion = spec.stream(PROMPTS[2], max_tokens=100, k=4)
+    taken = [next(completion) for _ in range(5)]
+    completion.close()
+    assert len(taken) == 5
+    assert completion.stats.completion_tokens >= 5
+    assert spec.verifier.open_sessions == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"prompt": "", "max_tokens": 8}, InvalidRequestError),
+        ({"prompt": [], "max_tokens": 8}, InvalidRequestError),
+        ({"prompt": "hi", "max_tokens": 0}, InvalidRequestError),
+        ({"prompt": "hi", "max_tokens": -3}, InvalidRequestError),
+        ({"prompt": "hi", "max_tokens": 8, "k": -1}, InvalidRequestError),
+        ({"prompt": "hi", "max_tokens": 8, "k": 99}, InvalidRequestError),
+        ({"prompt": "hi", "max_tokens": 8, "stop": [""]}, InvalidRequestError),
+        ({"prompt": "hi", "max_tokens": 8, "sampling": SamplingParams(temperature=-1)}, InvalidRequestError),
+        ({"prompt": "word " * 2000, "max_tokens": 8}, ContextOverflowError),
+        ({"prompt": "hi", "max_tokens": 5000}, ContextOverflowError),
+    ],
+)
+def test_bad_requests_are_clear_errors_and_open_nothing(engines, kwargs, error):
+    spec, _ = engines
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(error):
+        spec.stream(prompt, **kwargs)
+    assert spec.verifier.open_sessions == 0
+
+
+def test_seeded_sampling_is_reproducible(engines):
+    spec, _ = engines
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=42)
+    a = spec.generate(PROMPTS[0], max_tokens=30, sampling=params, k=4)
+    b = spec.generate(PROMPTS[0], max_tokens=30, sampling=params, k=4)
+    assert a.token_ids == b.token_ids
+
+
+def _exact_two_token_distribution(model, prompt: list[int], temperature: float) -> np.ndarray:
+    """P(t1, t2 | prompt) of the verifier alone, by enumeration: (vocab, vocab)."""
+    with torch.no_grad():
+        p1 = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        vocab = p1.numel()
+        rows = torch.tensor([[*prompt, t] for t in range(vocab)])
+        p2 = torch.softmax(model(input_ids=rows).logits[:, -1] / temperature, -1)
+    return (p1.unsqueeze(1) * p2).double().numpy()
+
+
+def test_sampled_output_follows_the_verifier_distribution():
+    """Chi-square on a 6-token vocabulary: speculative samples of (t1, t2) ~ verifier alone."""
+    vocab, runs, temperature = 6, 1500, 1.0
+    verifier_model = tiny_llama(vocab=vocab, hidden=32, layers=1, seed=1)
+    draft_model = tiny_llama(vocab=vocab, hidden=32, layers=1, seed=2)  # disagrees often
+    engine = SpeculativeEngine(
+        TransformersVerifier("v", model=verifier_model, device="cpu"),
+        ByteTokenizer(vocab),
+        TransformersDraft("d", model=draft_model, device="cpu"),
+    )
+    prompt = [1, 2, 3]
+    counts: Counter[tuple[int, int]] = Counter()
+    accepted = 0
+    for seed in range(runs):
+        completion = engine.generate(prompt, max_tokens=2, sampling=SamplingParams(temperature, seed=seed), k=2)
+        counts[tuple(completion.token_ids)] += 1
+        accepted += completion.stats.accepted
+    engine.close()
+    assert accepted > 0  # the draft was really used
+    exact = _exact_two_token_distribution(verifier_model, prompt, temperature).reshape(-1)
+    observed = np.array([counts[(i // vocab, i % vocab)] for i in range(vocab * vocab)], dtype=float)
+    # pool rare cells so every expected count is at least 5 (chi-square's usual condition)
+    order = np.argsort(exact)
+    keep = order[exact[order] * runs >= 5]
+    pooled = order[exact[order] * runs < 5]
+    obs = np.append(observed[keep], observed[pooled].sum())
+    exp = np.append(exact[keep], exact[pooled].sum()) * runs
+    assert chisquare(obs, exp / exp.sum() * obs.sum()).pvalue > 1e-3

@@ -1,0 +1,126 @@
+"""The batched verifier: slot KV caches give the same logits as a plain forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speculative.errors import ContextOverflowError, InvalidRequestError, SessionNotFoundError
+from speculative.types import MAX_DRAFT_TOKENS, SamplingParams
+from speculative.verifier import TransformersVerifier, VerifyRequest
+from tests.speculative.conftest import tiny_llama
+
+GREEDY = SamplingParams()
+
+
+@pytest.fixture
+def model():
+    return tiny_llama(vocab=64)
+
+
+@pytest.fixture
+def verifier(model):
+    return TransformersVerifier("tiny", model=model, device="cpu")
+
+
+def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full forward passes, no cache at all."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_plain_decoding_across_ragged_batches_matches_full_forward(model, verifier):
+    prompts = [[1, 2, 3, 4, 5], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    expected = [_reference_greedy(model, p, 10) for p in prompts]
+    for i, p in enumerate(prompts):
+        verifier.open_session(f"s{i}", p, GREEDY)
+    got: list[list[int]] = [[] for _ in prompts]
+    for r in range(10):
+        result = verifier.verify([VerifyRequest(f"s{i}", (), None, r) for i in range(3)])
+        for i, verdict in enumerate(result.verdicts):
+            got[i].append(verdict.verifier_token)
+    assert got == expected
+
+
+def test_drafts_of_different_lengths_keep_exactly_the_agreeing_prefix(model, verifier):
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8]]
+    expected = [_reference_greedy(model, p, 24) for p in prompts]
+    for i, p in enumerate(prompts):
+        verifier.open_session(f"s{i}", p, GREEDY)
+    got: list[list[int]] = [[], []]
+    for r in range(40):
+        requests = []
+        for i in range(2):
+            pos, k = len(got[i]), (r + 2 * i) % 5
+            right = expected[i][pos : pos + k]
+            # every third round, corrupt the draft after its first token
+            draft = right[:1] + [(t + 1) % 64 for t in right[1:]] if r % 3 == 0 else right
+            requests.append(VerifyRequest(f"s{i}", tuple(draft), None, r))
+        for i, verdict in enumerate(verifier.verify(requests).verdicts):
+            got[i].extend(verdict.emitted_tokens(requests[i].tokens))
+        if min(len(g) for g in got) >= 24:
+            break
+    assert [g[:24] for g in got] == expected
+
+
+def test_sessions_join_and_leave_between_steps(model, verifier):
+    a, b, c = [5, 6, 7], [8, 9], [10, 11, 12, 13]
+    verifier.open_session("a", a, GREEDY)
+    out = {"a": [], "b": [], "c": []}
+    for r in range(12):
+        if r == 3:
+            verifier.open_session("b", b, GREEDY)
+        if r == 6:
+            verifier.close_session("a")
+            verifier.open_session("c", c, GREEDY)  # takes a's freed slot
+        live = [s for s in ("a", "b", "c") if s in verifier._sessions]
+        result = verifier.verify([VerifyRequest(s, (), None, r) for s in live])
+        for s, verdict in zip(live, result.verdicts, strict=True):
+            out[s].append(verdict.verifier_token)
+    assert out["a"] == _reference_greedy(model, a, 6)
+    assert out["b"] == _reference_greedy(model, b, 9)
+    assert out["c"] == _reference_greedy(model, c, 6)
+
+
+def test_a_retried_round_returns_the_same_verdict_and_changes_nothing(model, verifier):
+    verifier.open_session("s", [1, 2, 3], GREEDY)
+    first = verifier.verify([VerifyRequest("s", (4, 5), None, 0)]).verdicts[0]
+    again = verifier.verify([VerifyRequest("s", (4, 5), None, 0)]).verdicts[0]
+    assert again == first
+    nxt = verifier.verify([VerifyRequest("s", (), None, 1)]).verdicts[0]
+    emitted = first.emitted_tokens((4, 5))
+    assert nxt.verifier_token == _reference_greedy(model, [1, 2, 3, *emitted], 1)[0]
+
+
+def test_bad_requests_are_refused_before_anything_changes(verifier):
+    with pytest.raises(InvalidRequestError):
+        verifier.open_session("s", [], GREEDY)
+    with pytest.raises(ContextOverflowError):
+        verifier.open_session("s", [1] * 256, GREEDY)
+    with pytest.raises(InvalidRequestError):
+        verifier.open_session("s", [64], GREEDY)  # outside the vocabulary
+    verifier.open_session("s", [1, 2], GREEDY)
+    with pytest.raises(InvalidRequestError):
+        verifier.open_session("s", [1, 2], GREEDY)  # already open
+    with pytest.raises(InvalidRequestError):
+        verifier.verify([VerifyRequest("s", (1,) * (MAX_DRAFT_TOKENS + 1), None, 0)])
+    with pytest.raises(InvalidRequestError):
+        verifier.verify([VerifyRequest("s", (99,), None, 0)])
+    with pytest.raises(SessionNotFoundError):
+        verifier.verify([VerifyRequest("nope", (), None, 0)])
+    # the session is untouched by the refused rounds
+    assert verifier._sessions["s"].length == 1
+
+
+def test_sampling_sessions_need_q_of_the_right_shape(verifier):
+    verifier.open_session("s", [1, 2], SamplingParams(temperature=1.0, seed=1))
+    with pytest.raises(InvalidRequestError):
+        verifier.verify([VerifyRequest("s", (3,), None, 0)])
+    with pytest.raises(InvalidRequestError):
+        verifier.verify([VerifyRequest("s", (3,), np.ones((2, 64), dtype=np.float32) / 64, 0)])
+    ok = verifier.verify([VerifyRequest("s", (3,), np.ones((1, 64), dtype=np.float32) / 64, 0)])
+    assert 0 <= ok.verdicts[0].verifier_token < 64
