@@ -157,8 +157,12 @@ def hf_generate(verifier_model, draft_model, tokenizer, max_tokens: int, repeats
                 ids = tokenizer(prompt, return_tensors="pt").input_ids
                 started = time.perf_counter()
                 out = verifier_model.generate(
-                    ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, do_sample=False,
-                    max_new_tokens=max_tokens, pad_token_id=tokenizer.eos_token_id,
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    assistant_model=assistant,
+                    do_sample=False,
+                    max_new_tokens=max_tokens,
+                    pad_token_id=tokenizer.eos_token_id,
                 )
                 seconds += time.perf_counter() - started
                 tokens += out.shape[1] - ids.shape[1]

@@ -13,8 +13,11 @@ So k* = argmax_k E[tokens](k) / T(k). A slow link (large rtt) makes longer draft
 poor agreement (small a) makes them waste, down to k = 0: plain verifier decoding. The
 controller estimates every term per session from what it measures: ``a`` as an
 exponentially weighted ratio of accepted to tried draft tokens, ``t_draft`` per token,
-``rtt``, and ``t_verify`` as a line in k fitted to the verify times seen. At k = 0 it
-still probes a short draft now and then, so it notices when agreement comes back.
+and ``rtt``. ``t_verify`` comes from the scheduler's batch cost line (verify ms against
+tokens in the batch): when ``n`` sessions share a forward and each drafts k, the batch
+holds about n * (k + 1) tokens, so t_verify(k) = intercept + slope * n * (k + 1). Until
+that line exists it falls back to a line in k over this session's own rounds. At k = 0
+it still probes a short draft now and then, so it notices when agreement comes back.
 """
 
 from __future__ import annotations
@@ -67,12 +70,18 @@ class DraftLengthController:
     def acceptance(self) -> float:
         return self.accepted / self.tried if self.tried else 0.0
 
-    def next_k(self) -> int:
+    def next_k(self, batch_cost: tuple[float, float] | None = None, batch_size: int = 1) -> int:
+        """The next round's k; ``batch_cost`` is (intercept_ms, ms per batch token)."""
         if self.fixed_k is not None:
             return self.fixed_k
         if self.t_draft is None or not self.verify_by_k:
             return min(4, self.k_max)  # nothing measured yet: a moderate first guess
-        intercept, slope = self._verify_line()
+        if batch_cost is not None:
+            intercept, per_token = batch_cost
+            # n sessions each feeding k + 1 tokens: t = intercept + per_token * n * (k + 1)
+            intercept, slope = intercept + per_token * batch_size, per_token * batch_size
+        else:
+            intercept, slope = self._verify_line()
         k = best_k(self.acceptance, self.t_draft, self.rtt or 0.0, intercept, slope, self.k_max)
         if k == 0:
             self._rounds_at_zero += 1

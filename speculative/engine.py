@@ -141,16 +141,20 @@ class Completion:
                 draft.close()
             raise
         scheduler.join()
+        batch_size = 1
         try:
             for round_no in itertools.count():
                 budget = req.max_tokens - stats.completion_tokens
-                k = min(controller.next_k(), budget - 1, MAX_DRAFT_TOKENS) if draft is not None else 0
+                k = 0
+                if draft is not None:
+                    k = min(controller.next_k(scheduler.cost.line(), batch_size), budget - 1, MAX_DRAFT_TOKENS)
                 proposal = draft.propose(k) if draft is not None and k > 0 else None
                 tokens = proposal.tokens if proposal else ()
                 result = scheduler.submit(
                     VerifyRequest(self.session_id, tokens, proposal.q if proposal else None, round_no)
                 ).result()
                 verdict = result.verdict
+                batch_size = result.batch_size
                 if draft is not None:
                     if proposal is not None:
                         draft.accept(proposal, verdict)
@@ -192,9 +196,11 @@ class Completion:
                         return
         finally:
             scheduler.leave()
-            engine.verifier.close_session(self.session_id)
-            if draft is not None:
-                draft.close()
+            try:
+                engine.verifier.close_session(self.session_id)
+            finally:
+                if draft is not None:
+                    draft.close()
 
 
 class SpeculativeEngine:

@@ -32,5 +32,9 @@ class VerifierUnavailableError(SpeculativeError):
     """The verifier could not be reached or failed; the caller may fall back to the edge tier."""
 
 
+class VerifierBusyError(VerifierUnavailableError):
+    """The verifier is at capacity; try another verifier or the edge tier."""
+
+
 class SessionNotFoundError(SpeculativeError):
     """A verifier was asked about a session it does not hold (expired, never opened, or lost)."""

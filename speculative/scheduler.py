@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -27,12 +28,47 @@ DEFAULT_WINDOW_MS = 2.0
 DEFAULT_MAX_BATCH = 64
 
 
+COST_WINDOW = 128  # recent batches behind the batch cost line
+
+
 @dataclass(frozen=True)
 class RoundResult:
     verdict: Verdict
     verify_ms: float  # the whole batch's verifier time (what this round waited on)
     network_ms: float
     batch_size: int
+
+
+class BatchCostModel:
+    """A least-squares line ``verify_ms = intercept + slope * tokens`` over recent batches.
+
+    ``tokens`` is what a batch feeds the verifier: each round's pending token plus its
+    draft. The draft-length controller reads the line to price a longer draft: on a GPU
+    the slope is near zero (a forward costs the same for 1 or 80 positions), on a CPU it
+    is not, and there speculation must stay modest when many sessions share a forward.
+    """
+
+    def __init__(self, window: int = COST_WINDOW):
+        self._points: deque[tuple[int, float]] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def record(self, tokens: int, verify_ms: float) -> None:
+        with self._lock:
+            self._points.append((tokens, verify_ms))
+
+    def line(self) -> tuple[float, float] | None:
+        """(intercept_ms, slope_ms_per_token), or None until batches of two sizes were seen."""
+        with self._lock:
+            points = list(self._points)
+        xs = {x for x, _ in points}
+        if len(xs) < 2:
+            return None
+        n = len(points)
+        mean_x = sum(x for x, _ in points) / n
+        mean_y = sum(y for _, y in points) / n
+        var = sum((x - mean_x) ** 2 for x, _ in points)
+        slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in points) / var)
+        return max(0.0, mean_y - slope * mean_x), slope
 
 
 class VerifyScheduler:
@@ -46,6 +82,7 @@ class VerifyScheduler:
         self._closed = False
         self.batches = 0
         self.rounds = 0
+        self.cost = BatchCostModel()
         self._worker = threading.Thread(target=self._run, name="verify-scheduler", daemon=True)
         self._worker.start()
 
@@ -112,5 +149,6 @@ class VerifyScheduler:
             return
         self.batches += 1
         self.rounds += len(batch)
+        self.cost.record(sum(1 + len(req.tokens) for req, _ in batch), result.verify_ms)
         for (_, future), verdict in zip(batch, result.verdicts, strict=True):
             future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch)))

@@ -32,6 +32,7 @@ from speculative.errors import (
     InvalidRequestError,
     ModelLoadError,
     SessionNotFoundError,
+    VerifierBusyError,
 )
 from speculative.sampling import check_sampling, warp
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
@@ -208,7 +209,7 @@ class TransformersVerifier:
             if session_id in self._sessions:
                 raise InvalidRequestError(f"session {session_id!r} is already open")
             if len(self._sessions) >= self.max_sessions:
-                raise InvalidRequestError(f"the verifier holds its maximum of {self.max_sessions} sessions")
+                raise VerifierBusyError(f"the verifier holds its maximum of {self.max_sessions} sessions")
             slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
             session = _Session(
                 slot=slot,
@@ -247,7 +248,11 @@ class TransformersVerifier:
             sessions = [self._session(r.session_id) for r in requests]
             verdicts: list[Verdict | None] = [None] * len(requests)
             todo: list[int] = []
+            if len({id(s) for s in sessions}) < len(sessions):
+                raise InvalidRequestError("a session may appear only once per verify call")
             for i, (req, s) in enumerate(zip(requests, sessions, strict=True)):
+                if req.round < s.round:
+                    raise InvalidRequestError(f"round {req.round} of {req.session_id!r} is stale (now {s.round})")
                 if req.round == s.round and s.last is not None:
                     verdicts[i] = s.last  # a retried round: answer it again, change nothing
                 else:
