@@ -22,6 +22,7 @@ it still probes a short draft now and then, so it notices when agreement comes b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from speculative.types import MAX_DRAFT_TOKENS
@@ -47,6 +48,19 @@ def best_k(a: float, t_draft: float, rtt: float, t_verify_0: float, t_verify_slo
         return expected_tokens(a, k) / (k * t_draft + rtt + t_verify_0 + t_verify_slope * k)
 
     return max(range(k_max + 1), key=rate)
+
+
+def cost_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``y = intercept + slope * x`` with both clamped at 0 (costs only grow).
+
+    ``points`` must hold at least two distinct x values.
+    """
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in points) / var)
+    return max(0.0, mean_y - slope * mean_x), slope
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -108,9 +122,4 @@ class DraftLengthController:
             k, t = points[0]
             slope = 0.05 * t  # assume each extra position costs 5%: small next to a forward
             return max(0.0, t - slope * k), slope
-        n = len(points)
-        mean_k = sum(k for k, _ in points) / n
-        mean_t = sum(t for _, t in points) / n
-        var = sum((k - mean_k) ** 2 for k, _ in points)
-        slope = max(0.0, sum((k - mean_k) * (t - mean_t) for k, t in points) / var)
-        return max(0.0, mean_t - slope * mean_k), slope
+        return cost_line(points)

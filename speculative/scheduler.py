@@ -18,6 +18,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from speculative.controller import cost_line
 from speculative.errors import SpeculativeError
 from speculative.types import Verdict
 from speculative.verifier import Verifier, VerifyRequest
@@ -60,15 +61,9 @@ class BatchCostModel:
         """(intercept_ms, slope_ms_per_token), or None until batches of two sizes were seen."""
         with self._lock:
             points = list(self._points)
-        xs = {x for x, _ in points}
-        if len(xs) < 2:
+        if len({x for x, _ in points}) < 2:
             return None
-        n = len(points)
-        mean_x = sum(x for x, _ in points) / n
-        mean_y = sum(y for _, y in points) / n
-        var = sum((x - mean_x) ** 2 for x, _ in points)
-        slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in points) / var)
-        return max(0.0, mean_y - slope * mean_x), slope
+        return cost_line(points)
 
 
 class VerifyScheduler:

@@ -261,8 +261,10 @@ class TransformersVerifier:
             if todo:
                 run = [sessions[i] for i in todo]
                 logits = self._forward(run, [[s.pending, *requests[i].tokens] for i, s in zip(todo, run, strict=True)])
+                # one device-to-host copy of every row's argmax, not one sync per session
+                argmax = logits.argmax(-1).cpu()  # (rows, t_max)
                 for row, i in enumerate(todo):
-                    verdicts[i] = self._decide(sessions[i], requests[i], logits[row])
+                    verdicts[i] = self._decide(sessions[i], requests[i], logits[row], argmax[row])
         assert all(v is not None for v in verdicts)
         return VerifyResult(verdicts=verdicts, verify_ms=(time.perf_counter() - started) * 1e3)  # type: ignore[arg-type]
 
@@ -283,12 +285,12 @@ class TransformersVerifier:
         if not s.params.greedy and k and (req.q is None or req.q.shape != (k, self.vocab_size)):
             raise InvalidRequestError(f"sampling needs q of shape ({k}, {self.vocab_size})")
 
-    def _decide(self, s: _Session, req: VerifyRequest, logits: torch.Tensor) -> Verdict:
-        """logits  # (k + 1, vocab) on the model's device"""
+    def _decide(self, s: _Session, req: VerifyRequest, logits: torch.Tensor, argmax: torch.Tensor) -> Verdict:
+        """logits  # (t_max, vocab) on the model's device; argmax  # (t_max,) on the host"""
         k = len(req.tokens)
         draft = torch.tensor(req.tokens, dtype=torch.long)
         if s.params.greedy:
-            verdict = accept_greedy(draft, logits[: k + 1].argmax(-1).cpu())
+            verdict = accept_greedy(draft, argmax[: k + 1])
         else:
             p = warp(logits[: k + 1], s.params).cpu()
             q = torch.from_numpy(np.asarray(req.q, dtype=np.float32)) if k else torch.zeros(0, p.size(-1))
