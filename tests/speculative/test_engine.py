@@ -50,7 +50,6 @@ def test_concurrent_sessions_joining_mid_batch_stay_lossless(engines):
     spec, plain = engines
     expected = {p: plain.generate(p, max_tokens=40).token_ids for p in PROMPTS}
     results: dict[str, list[int]] = {}
-    started = threading.Barrier(2)
 
     def run(prompt: str, wait_for: threading.Event | None, signal: threading.Event | None):
         if wait_for is not None:
@@ -68,7 +67,6 @@ def test_concurrent_sessions_joining_mid_batch_stay_lossless(engines):
         threading.Thread(target=run, args=(PROMPTS[2], first_tokens, None)),
         threading.Thread(target=run, args=(PROMPTS[3], first_tokens, None)),
     ]
-    del started
     for t in threads:
         t.start()
     for t in threads:
@@ -102,15 +100,25 @@ def test_a_stop_string_ends_the_text_right_before_it(engines):
     assert completion.stats.finish_reason is FinishReason.STOP
 
 
-def test_eos_stops_the_completion(engines):
-    spec, _ = engines
-    verifier = spec.verifier
-    eos = verifier.eos_token_id
-    # a prompt that ends a document: the model has learned what comes after EOS, so force one
-    completion = spec.generate([*spec.tokenizer.encode("Hello."), eos], max_tokens=200)
-    assert completion.stats.completion_tokens <= 200
-    if completion.stats.finish_reason is FinishReason.STOP:
-        assert eos not in completion.token_ids
+def test_eos_stops_the_completion_and_is_not_in_the_text():
+    model = tiny_llama(vocab=64, seed=3)
+    prompt = [1, 2, 3, 4]
+    reference = SpeculativeEngine(TransformersVerifier("v", model=model, device="cpu"), ByteTokenizer(64), None)
+    free_run = reference.generate(prompt, max_tokens=12).token_ids
+    reference.close()
+    eos = free_run[6]
+    first = free_run.index(eos)  # the first time the model produces that token
+    model.config.eos_token_id = eos
+    engine = SpeculativeEngine(
+        TransformersVerifier("v", model=model, device="cpu"),
+        ByteTokenizer(64),
+        TransformersDraft("d", model=tiny_llama(vocab=64, seed=4), device="cpu"),
+    )
+    completion = engine.generate(prompt, max_tokens=12, k=3)
+    engine.close()
+    assert completion.stats.finish_reason is FinishReason.STOP
+    assert completion.token_ids == free_run[:first]
+    assert completion.stats.completion_tokens == first + 1  # EOS was generated, so it counts
 
 
 def test_closing_a_stream_releases_its_sessions(engines):
