@@ -189,6 +189,7 @@ class TransformersVerifier:
         self.max_sessions = max_sessions
         self._sessions: dict[str, _Session] = {}
         self._free_slots: list[int] = []
+        self._slot_owner: dict[int, _Session] = {}
         self._next_slot = 0
         self._lock = threading.Lock()  # one forward at a time; sessions open/close around it
 
@@ -218,9 +219,14 @@ class TransformersVerifier:
                 params=params,
                 generator=torch.Generator().manual_seed(params.seed),
             )
-            if len(prompt) > 1:
-                self._forward([session], [prompt[:-1]])
-                session.length = len(prompt) - 1
+            self._slot_owner[slot] = session
+            try:
+                if len(prompt) > 1:
+                    self._forward([session], [prompt[:-1]])
+                    session.length = len(prompt) - 1
+            except BaseException:
+                self._release_slot(slot)
+                raise
             self._sessions[session_id] = session
         return (time.perf_counter() - started) * 1e3
 
@@ -234,8 +240,12 @@ class TransformersVerifier:
         with self._lock:
             session = self._sessions.pop(session_id, None)
             if session is not None:
-                self._free_slots.append(session.slot)
-                self._free_slots.sort(reverse=True)  # reuse low slots first: keeps batches dense
+                self._release_slot(session.slot)
+
+    def _release_slot(self, slot: int) -> None:
+        del self._slot_owner[slot]
+        self._free_slots.append(slot)
+        self._free_slots.sort(reverse=True)  # reuse low slots first: keeps batches dense
 
     @property
     def open_sessions(self) -> int:
@@ -312,14 +322,18 @@ class TransformersVerifier:
         t_max = max(len(x) for x in inputs)
         n_rows = hi - lo
         ids = torch.full((n_rows, t_max), self.eos_token_id or 0, dtype=torch.long)
-        lengths = torch.zeros(n_rows, dtype=torch.long)
+        # rows in [lo, hi) that are not in this batch run throw-away tokens placed after
+        # their owner's committed length: those positions are rewritten before they are
+        # ever read, so the owner's cache is untouched; their logits are dropped
+        lengths = torch.tensor(
+            [owner.length if (owner := self._slot_owner.get(slot)) else 0 for slot in range(lo, hi)],
+            dtype=torch.long,
+        )
         for s, x in zip(sessions, inputs, strict=True):
             ids[s.slot - lo, : len(x)] = torch.tensor(x, dtype=torch.long)
-            lengths[s.slot - lo] = s.length
-        # rows in [lo, hi) that are not in this batch run a throw-away token at their end:
-        # it writes past their length (never read) and its logits are dropped
         positions = lengths.unsqueeze(1) + torch.arange(t_max).unsqueeze(0)  # (rows, t_max)
         kv_len = int(positions.max()) + 1
+        assert kv_len <= self.cache.shape[2], f"{kv_len} positions exceed the slot capacity"
         keys = torch.arange(kv_len)
         mask = keys.view(1, 1, 1, kv_len) <= positions.view(n_rows, 1, t_max, 1)  # causal per row
         positions, mask = positions.to(self.device), mask.to(self.device)

@@ -86,6 +86,23 @@ def test_sessions_join_and_leave_between_steps(model, verifier):
     assert out["c"] == _reference_greedy(model, c, 6)
 
 
+def test_a_session_left_out_of_a_step_keeps_its_cache(model, verifier):
+    """Rows between batch members that sit out a step must not be written over."""
+    prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [12, 13, 14], "c": [20, 21, 22, 23]}
+    for sid, p in prompts.items():
+        verifier.open_session(sid, p, GREEDY)  # slots 0, 1, 2
+    out: dict[str, list[int]] = {sid: [] for sid in prompts}
+    rounds = {sid: 0 for sid in prompts}
+    for step in range(18):
+        live = ["a", "c"] if step % 3 else ["a", "b", "c"]  # b (the middle slot) often sits out
+        result = verifier.verify([VerifyRequest(s, (), None, rounds[s]) for s in live])
+        for s, verdict in zip(live, result.verdicts, strict=True):
+            out[s].append(verdict.verifier_token)
+            rounds[s] += 1
+    for sid, p in prompts.items():
+        assert out[sid] == _reference_greedy(model, p, len(out[sid])), sid
+
+
 def test_a_retried_round_returns_the_same_verdict_and_changes_nothing(model, verifier):
     verifier.open_session("s", [1, 2, 3], GREEDY)
     first = verifier.verify([VerifyRequest("s", (4, 5), None, 0)]).verdicts[0]
