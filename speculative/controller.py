@@ -123,3 +123,71 @@ class DraftLengthController:
             slope = 0.05 * t  # assume each extra position costs 5%: small next to a forward
             return max(0.0, t - slope * k), slope
         return cost_line(points)
+
+
+LOAD_BUCKETS = (1, 2, 4, 8, 16, 32)  # concurrency levels measured apart
+# few, well-separated arms: each epoch's measurement is noisy on a shared machine, and
+# every epoch spent on a losing arm costs throughput
+GOVERNOR_CAPS = (MAX_DRAFT_TOKENS, 0, 2)  # tried in this order, then the best is kept
+EPOCH_BATCHES = 12
+EPOCH_MIN_S = 0.1
+EXPLORE_EVERY = 10  # every 10th epoch re-measures another cap (load and agreement drift)
+CLEAR_LOSER = 1.3  # an arm the best beats by this factor is re-measured 4x less often
+RATE_DECAY = 0.7
+
+
+class SpeculationGovernor:
+    """A cap on every session's k, chosen from measured aggregate throughput.
+
+    Each session's controller prices its own draft, but when many sessions share one
+    verifier (and, on a CPU, the same cores for drafting) a session cannot see what its
+    draft costs the others: every session in a synchronised batch waits the same round
+    time whatever its own k, so each would keep drafting even when all of them drafting
+    is slower than none. The governor measures what matters, emitted tokens per second
+    over all sessions, in short epochs under each cap (k <= cap; cap 0 is plain
+    decoding), separately per concurrency level, and keeps the cap that did best while
+    re-measuring another now and then. So speculation falls back to plain decoding
+    exactly where it does not pay, as measured, not as modelled.
+    """
+
+    def __init__(self) -> None:
+        self.rates: dict[tuple[int, int], float] = {}  # (load bucket, cap) -> tokens/s
+        self.cap = GOVERNOR_CAPS[0]
+        self._epochs = 0
+        self._start: float | None = None
+        self._tokens = 0
+        self._batches = 0
+        self._bucket = LOAD_BUCKETS[0]
+
+    def on_batch(self, *, emitted: int, active: int, now: float) -> None:
+        """Count a verified batch; at the end of an epoch, score the cap and pick the next."""
+        bucket = max(b for b in LOAD_BUCKETS if b <= max(1, active))
+        if self._start is None or bucket != self._bucket:
+            self._start, self._tokens, self._batches, self._bucket = now, 0, 0, bucket
+            self.cap = self._choose(bucket)
+            return
+        self._tokens += emitted
+        self._batches += 1
+        elapsed = now - self._start
+        if self._batches < EPOCH_BATCHES or elapsed < EPOCH_MIN_S:
+            return
+        key = (bucket, self.cap)
+        rate = self._tokens / elapsed
+        self.rates[key] = rate if key not in self.rates else RATE_DECAY * self.rates[key] + (1 - RATE_DECAY) * rate
+        self._epochs += 1
+        self._start, self._tokens, self._batches = now, 0, 0
+        self.cap = self._choose(bucket)
+
+    def _choose(self, bucket: int) -> int:
+        untried = [c for c in GOVERNOR_CAPS if (bucket, c) not in self.rates]
+        if untried:
+            return untried[0]
+        best = max(GOVERNOR_CAPS, key=lambda c: self.rates[(bucket, c)])
+        if self._epochs % EXPLORE_EVERY == 0:
+            turn = self._epochs // EXPLORE_EVERY
+            others = [c for c in GOVERNOR_CAPS if c != best]
+            candidate = others[turn % len(others)]
+            clear_loser = self.rates[(bucket, best)] > CLEAR_LOSER * self.rates[(bucket, candidate)]
+            if not clear_loser or turn % (4 * len(others)) < len(others):
+                return candidate
+        return best

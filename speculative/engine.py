@@ -147,7 +147,10 @@ class Completion:
                 budget = req.max_tokens - stats.completion_tokens
                 k = 0
                 if draft is not None:
-                    k = min(controller.next_k(scheduler.cost.line(), batch_size), budget - 1, MAX_DRAFT_TOKENS)
+                    k = controller.next_k(scheduler.cost.line(), batch_size)
+                    if req.k is None:  # a pinned k is the caller's choice; otherwise obey the cap
+                        k = min(k, scheduler.governor.cap)
+                    k = min(k, budget - 1, MAX_DRAFT_TOKENS)
                 proposal = draft.propose(k) if draft is not None and k > 0 else None
                 tokens = proposal.tokens if proposal else ()
                 result = scheduler.submit(

@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from speculative.controller import cost_line
+from speculative.controller import SpeculationGovernor, cost_line
 from speculative.errors import SpeculativeError
 from speculative.types import Verdict
 from speculative.verifier import Verifier, VerifyRequest
@@ -78,6 +78,7 @@ class VerifyScheduler:
         self.batches = 0
         self.rounds = 0
         self.cost = BatchCostModel()
+        self.governor = SpeculationGovernor()
         self._worker = threading.Thread(target=self._run, name="verify-scheduler", daemon=True)
         self._worker.start()
 
@@ -145,5 +146,8 @@ class VerifyScheduler:
         self.batches += 1
         self.rounds += len(batch)
         self.cost.record(sum(1 + len(req.tokens) for req, _ in batch), result.verify_ms)
+        self.governor.on_batch(
+            emitted=sum(1 + v.n_matches for v in result.verdicts), active=self._active, now=time.perf_counter()
+        )
         for (_, future), verdict in zip(batch, result.verdicts, strict=True):
             future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch)))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from speculative.acceptance import accept_greedy, accept_sampling
+from speculative.cpu_linear import use_onednn_linears
 from speculative.errors import (
     ContextOverflowError,
     InvalidRequestError,
@@ -164,11 +165,14 @@ class TransformersVerifier:
         dtype: torch.dtype | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         model=None,
+        fast_cpu_linears: bool = True,
     ):
         self.device = pick_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model if model is not None else load_causal_lm(model_path, self.device, dtype)
+        if self.device.type == "cpu" and fast_cpu_linears:
+            use_onednn_linears(self.model)
         config = self.model.config
         self.model_path = str(model_path)
         self.vocab_size: int = config.vocab_size

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from speculative.controller import PROBE_EVERY, DraftLengthController, best_k, expected_tokens
+from speculative.controller import (
+    EPOCH_BATCHES,
+    PROBE_EVERY,
+    DraftLengthController,
+    SpeculationGovernor,
+    best_k,
+    expected_tokens,
+)
 
 
 def test_expected_tokens_follows_the_geometric_formula():
@@ -52,3 +59,40 @@ def test_controller_grows_k_when_drafts_are_always_accepted():
 def test_a_fixed_k_is_kept():
     controller = DraftLengthController(fixed_k=3)
     assert _feed(controller, accept_all=False, rounds=5) == [3] * 5
+
+
+def _drive_governor(governor: SpeculationGovernor, rate_of_cap, epochs: int, active: int = 4) -> list[int]:
+    """Feed batches whose token counts follow ``rate_of_cap``; return the cap of each epoch."""
+    now, caps = 0.0, []
+    for _ in range(epochs * EPOCH_BATCHES + 1):
+        cap = governor.cap
+        caps.append(cap)
+        now += 0.01
+        governor.on_batch(emitted=int(rate_of_cap(cap) * 0.01), active=active, now=now)
+    return caps
+
+
+def test_governor_falls_back_to_plain_decoding_when_speculation_is_slower():
+    governor = SpeculationGovernor()
+    caps = _drive_governor(governor, lambda cap: 1000 if cap == 0 else 600, epochs=200)
+    late = caps[len(caps) // 2 :]
+    assert late.count(0) / len(late) > 0.8
+    assert set(late) != {0}  # it keeps re-measuring the others
+
+
+def test_governor_keeps_long_drafts_when_they_pay():
+    governor = SpeculationGovernor()
+    caps = _drive_governor(governor, lambda cap: 300 + 50 * cap, epochs=80, active=1)
+    late = caps[len(caps) // 2 :]
+    assert late.count(max(caps)) / len(late) > 0.8
+
+
+def test_governor_measures_each_concurrency_level_apart():
+    governor = SpeculationGovernor()
+    _drive_governor(governor, lambda cap: 1000 if cap == 0 else 600, epochs=30, active=16)
+    _drive_governor(governor, lambda cap: 300 + 50 * cap, epochs=30, active=1)
+    best = {
+        load: max((c for (b, c) in governor.rates if b == load), key=lambda c: governor.rates[(load, c)])
+        for load in (1, 16)
+    }
+    assert best == {16: 0, 1: max(c for (_, c) in governor.rates)}
