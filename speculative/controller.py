@@ -183,7 +183,7 @@ class SpeculationGovernor:
         if untried:
             return untried[0]
         best = max(GOVERNOR_CAPS, key=lambda c: self.rates[(bucket, c)])
-        if self._epochs % EXPLORE_EVERY == 0:
+        if self._epochs % EXPLORE_EVERY == 0 and len(GOVERNOR_CAPS) > 1:
             turn = self._epochs // EXPLORE_EVERY
             others = [c for c in GOVERNOR_CAPS if c != best]
             candidate = others[turn % len(others)]

@@ -36,6 +36,12 @@ class DraftContext(Protocol):
         """Drop every cached position from ``n_keep`` on."""
         ...
 
+    def begin_round(self) -> None:
+        """This session starts drafting (a batching backend waits for drafting sessions)."""
+        ...
+
+    def end_round(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -69,6 +75,14 @@ class DraftSession:
         k = min(k, self._ctx.n_ctx - len(self.committed) - 1)
         if k <= 0:
             return Proposal(tokens=(), q=None, draft_ms=0.0)
+        self._ctx.begin_round()
+        try:
+            tokens, q = self._draft(k)
+        finally:
+            self._ctx.end_round()
+        return Proposal(tokens=tokens, q=q, draft_ms=(time.perf_counter() - started) * 1e3)
+
+    def _draft(self, k: int) -> tuple[tuple[int, ...], np.ndarray | None]:
         logits = self._catch_up()
         tokens: list[int] = []
         q_rows: list[torch.Tensor] = []
@@ -82,8 +96,7 @@ class DraftSession:
             tokens.append(token)
             if i + 1 < k:  # the last draft token's logits are not needed this round
                 logits = self._ctx.evaluate([token])
-        q_all = torch.stack(q_rows).numpy() if q_rows else None
-        return Proposal(tokens=tuple(tokens), q=q_all, draft_ms=(time.perf_counter() - started) * 1e3)
+        return tuple(tokens), (torch.stack(q_rows).numpy() if q_rows else None)
 
     def accept(self, proposal: Proposal, verdict: Verdict) -> None:
         """Keep the accepted draft tokens and the verifier's token; drop the rejected tail."""

@@ -42,6 +42,12 @@ class TransformersContext:
             self._cache.crop(n_keep - self._length)  # transformers 5: a negative count to remove
             self._length = n_keep
 
+    def begin_round(self) -> None:  # each session runs its own forward passes
+        pass
+
+    def end_round(self) -> None:
+        pass
+
     def close(self) -> None:
         self._cache.reset()
 

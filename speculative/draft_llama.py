@@ -1,96 +1,215 @@
 """The edge draft backend: a GGUF model run by llama.cpp (llama-cpp-python).
 
-Each session gets its own llama.cpp context (its own KV cache) from a small pool, so
-sessions draft in parallel threads (llama.cpp releases the GIL while it computes).
-Rolling back removes the rejected tail from the KV cache (``kv_cache_seq_rm`` from
-``n_keep`` on) and moves ``n_tokens`` back; the next evaluation then continues exactly
-as a fresh evaluation of the kept prefix would.
+All sessions share ONE llama.cpp context, each on its own sequence id of a unified KV
+cache, and draft steps are batched across sessions: the threads that are drafting at
+the same moment have their next tokens evaluated by a single ``llama_decode``. A decode
+costs llama.cpp a fixed ~0.2 ms on top of its arithmetic, so sixteen sessions drafting
+one token each pay it once instead of sixteen times (the same idea as the verifier's
+batching, on the edge side). The thread that completes a batch (or whose short wait
+runs out) runs the decode itself: a lone session never waits for anyone.
+
+Rolling back removes the rejected tail from the session's sequence
+(``llama_memory_seq_rm`` from ``n_keep`` on); the next evaluation then continues
+exactly as a fresh evaluation of the kept prefix would.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from speculative.errors import ModelLoadError
+from speculative.errors import ModelLoadError, SpeculativeError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_SESSIONS = 32
+DEFAULT_BATCH_TOKENS = 512
+GATHER_WAIT_S = 0.001  # how long a drafting thread waits for others to join its decode
+
+
+class DraftBusyError(SpeculativeError):
+    """Every sequence of the draft context is in use."""
+
+
+@dataclass
+class _Step:
+    seq: int
+    tokens: list[int]
+    n_past: int
+    logits: np.ndarray | None = None
+    error: BaseException | None = None
+    done: bool = False
+    out_index: list[int] = field(default_factory=list)
+
 
 class LlamaCppContext:
-    """One session's llama.cpp context."""
+    """One session's sequence in the shared llama.cpp context."""
 
-    def __init__(self, llm, owner: LlamaCppDraft):
-        self._llm = llm
+    def __init__(self, owner: LlamaCppDraft, seq: int):
         self._owner = owner
-        self.n_ctx: int = llm.n_ctx()
+        self._seq = seq
+        self._n_past = 0
+        self.n_ctx: int = owner.context_length
+
+    def begin_round(self) -> None:
+        self._owner._drafting_changed(+1)
+
+    def end_round(self) -> None:
+        self._owner._drafting_changed(-1)
 
     def evaluate(self, tokens: Sequence[int]) -> np.ndarray:
-        self._llm.eval(list(tokens))
-        ptr = self._llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self._owner.vocab_size,)).copy()
+        logits = self._owner._evaluate(_Step(self._seq, list(tokens), self._n_past))
+        self._n_past += len(tokens)
+        return logits
 
     def truncate(self, n_keep: int) -> None:
-        self._llm._ctx.kv_cache_seq_rm(-1, n_keep, -1)
-        self._llm.n_tokens = n_keep
+        if n_keep < self._n_past:
+            self._owner._remove(self._seq, n_keep)
+            self._n_past = n_keep
 
     def close(self) -> None:
-        self._owner._release(self._llm)
+        self._owner._release(self._seq)
 
 
 class LlamaCppDraft:
-    """A GGUF draft model; ``new_context()`` hands out per-session contexts."""
+    """A GGUF draft model; ``new_context()`` hands each session a sequence of one shared context."""
 
-    def __init__(self, model_path: str | Path, *, n_ctx: int | None = None, n_threads: int = 1, pool_size: int = 64):
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_threads: int = 1,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    ):
+        import llama_cpp
+        from llama_cpp import _internals as internals
+
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ModelLoadError(f"draft model {str(model_path)!r} does not exist (a .gguf file is needed)")
-        self._n_ctx = n_ctx
-        self._n_threads = n_threads
-        self._pool: list = []
-        self._pool_size = pool_size
-        self._lock = threading.Lock()
-        first = self._load()
-        self.vocab_size: int = first.n_vocab()
-        self.context_length: int = first.n_ctx()
-        self._pool.append(first)
-
-    def _load(self):
-        from llama_cpp import Llama
-
+        llama_cpp.llama_backend_init()
         try:
-            return Llama(
-                model_path=str(self.model_path),
-                n_ctx=self._n_ctx or 0,
-                n_batch=512,
-                n_threads=self._n_threads,
-                n_threads_batch=self._n_threads,
-                logits_all=False,
-                verbose=False,
+            self._model = internals.LlamaModel(
+                path_model=str(self.model_path), params=llama_cpp.llama_model_default_params(), verbose=False
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {str(self.model_path)!r}: {exc}") from exc
+        self.vocab_size: int = self._model.n_vocab()
+        self.context_length: int = self._model.n_ctx_train()
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = max_sessions
+        params.kv_unified = True  # one pool of cells: a long session may use what short ones leave
+        params.n_ctx = self.context_length * max_sessions
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_threads = params.n_threads_batch = n_threads
+        self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
+        self._batch_tokens = batch_tokens
+        self._free = list(range(max_sessions - 1, -1, -1))
+        self._cond = threading.Condition()
+        self._decode_lock = threading.Lock()  # llama.cpp contexts are not thread-safe
+        self._pending: list[_Step] = []
+        self._drafting = 0
+        self._running = False
+        self.decodes = 0  # llama_decode calls so far (how well drafting batches)
 
     def tokens(self) -> list[str]:
         """The draft's vocabulary, by id, as llama.cpp read it from the GGUF."""
-        with self._lock:
-            llm = self._pool[0] if self._pool else self._load()
-        return [llm._model.token_get_text(i) for i in range(self.vocab_size)]
+        return [self._model.token_get_text(i) for i in range(self.vocab_size)]
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._model.tokenize(text.encode(), add_bos=False, special=False))
 
     def new_context(self) -> LlamaCppContext:
-        with self._lock:
-            llm = self._pool.pop() if self._pool else None
-        if llm is None:
-            llm = self._load()
-        llm.reset()
-        return LlamaCppContext(llm, self)
+        with self._cond:
+            if not self._free:
+                raise DraftBusyError(f"all {self._ctx.n_ctx() // self.context_length} draft sequences are in use")
+            seq = self._free.pop()
+        return LlamaCppContext(self, seq)
 
-    def _release(self, llm) -> None:
-        llm.reset()
-        with self._lock:
-            if len(self._pool) < self._pool_size:
-                self._pool.append(llm)
+    # shared-context plumbing ------------------------------------------------------------
+    def _release(self, seq: int) -> None:
+        self._remove(seq, 0)
+        with self._cond:
+            self._free.append(seq)
+
+    def _remove(self, seq: int, n_keep: int) -> None:
+        with self._decode_lock:
+            self._ctx.kv_cache_seq_rm(seq, n_keep, -1)
+
+    def _drafting_changed(self, delta: int) -> None:
+        with self._cond:
+            self._drafting += delta
+            self._cond.notify_all()  # a thread waiting for one more drafter may go now
+
+    def _evaluate(self, step: _Step) -> np.ndarray:
+        """Queue ``step``; run the batch when every drafting session is in it, or on timeout."""
+        deadline = time.perf_counter() + GATHER_WAIT_S
+        batch: list[_Step] = []
+        with self._cond:
+            self._pending.append(step)
+            while True:
+                if step.done:
+                    break
+                ready = len(self._pending) >= max(1, self._drafting) or time.perf_counter() >= deadline
+                if not self._running and ready:
+                    batch, self._pending, self._running = self._pending, [], True
+                    break
+                self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()) or GATHER_WAIT_S)
+        if not step.done:
+            try:
+                self._decode(batch)
+            except BaseException as exc:  # every waiting session must hear of it
+                for s in batch:
+                    s.error = exc
+                raise
+            finally:
+                with self._cond:
+                    for s in batch:
+                        s.done = True
+                    self._running = False
+                    self._cond.notify_all()
+        if step.error is not None:
+            raise step.error
+        assert step.logits is not None
+        return step.logits
+
+    def _decode(self, steps: list[_Step]) -> None:
+        """Evaluate every step's tokens at its positions, in as few decodes as fit."""
+        b = self._batch.batch
+        outputs: list[tuple[_Step, int]] = []
+        with self._decode_lock:
+            b.n_tokens = 0
+            for step in steps:
+                for offset, token in enumerate(step.tokens):
+                    if b.n_tokens == self._batch_tokens:
+                        self._flush(outputs)
+                    i = b.n_tokens
+                    b.token[i] = token
+                    b.pos[i] = step.n_past + offset
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = step.seq
+                    last = offset == len(step.tokens) - 1
+                    b.logits[i] = last
+                    if last:
+                        outputs.append((step, i))
+                    b.n_tokens += 1
+            self._flush(outputs)
+
+    def _flush(self, outputs: list[tuple[_Step, int]]) -> None:
+        b = self._batch.batch
+        if b.n_tokens:
+            self._ctx.decode(self._batch)
+            self.decodes += 1
+            for step, i in outputs:
+                ptr = self._ctx.get_logits_ith(i)
+                step.logits = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
+        outputs.clear()
+        b.n_tokens = 0

@@ -131,7 +131,13 @@ class VerifyScheduler:
             if first is None:
                 return
             batch = self._gather(first)
-            self._verify(batch)
+            try:
+                self._verify(batch)
+            except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
+                log.exception("verify step failed")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
 
     def _verify(self, batch: list[tuple[VerifyRequest, Future[RoundResult]]]) -> None:
         try:
@@ -143,11 +149,12 @@ class VerifyScheduler:
                 return
             batch[0][1].set_exception(exc)
             return
+        # answer the sessions first: bookkeeping below must never keep one waiting
+        for (_, future), verdict in zip(batch, result.verdicts, strict=True):
+            future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch)))
         self.batches += 1
         self.rounds += len(batch)
         self.cost.record(sum(1 + len(req.tokens) for req, _ in batch), result.verify_ms)
         self.governor.on_batch(
             emitted=sum(1 + v.n_matches for v in result.verdicts), active=self._active, now=time.perf_counter()
         )
-        for (_, future), verdict in zip(batch, result.verdicts, strict=True):
-            future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch)))

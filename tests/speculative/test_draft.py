@@ -41,7 +41,7 @@ def test_converted_gguf_gives_the_same_logits_and_token_ids_as_transformers(tiny
     out, model, tokenizer = tiny_checkpoint
     draft = LlamaCppDraft(out / "tiny.gguf")
     ids = tokenizer.encode("the lazy fox drafts tokens")
-    assert draft._pool[0].tokenize(b"the lazy fox drafts tokens", add_bos=False, special=False) == ids
+    assert draft.tokenize("the lazy fox drafts tokens") == ids
     ctx = draft.new_context()
     got = ctx.evaluate(ids)
     with torch.no_grad():

@@ -1,0 +1,70 @@
+"""The verify scheduler: batches rounds, isolates a bad one, never leaves a session waiting."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from speculative.errors import InvalidRequestError
+from speculative.scheduler import VerifyScheduler
+from speculative.types import Verdict
+from speculative.verifier import VerifyRequest, VerifyResult
+
+
+class FakeVerifier:
+    vocab_size, context_length, eos_token_id = 10, 100, None
+
+    def __init__(self, fail_on: str | None = None, crash: bool = False):
+        self.calls: list[list[str]] = []
+        self.fail_on, self.crash = fail_on, crash
+
+    def verify(self, requests):
+        self.calls.append([r.session_id for r in requests])
+        if self.crash:
+            self.crash = False
+            raise RuntimeError("a bug in the verifier")
+        if any(r.session_id == self.fail_on for r in requests):
+            raise InvalidRequestError("bad round")
+        return VerifyResult([Verdict(len(r.tokens), 1) for r in requests], verify_ms=1.0)
+
+
+def test_rounds_of_sessions_that_joined_are_verified_together():
+    verifier = FakeVerifier()
+    scheduler = VerifyScheduler(verifier, window_ms=500)
+    for _ in range(3):
+        scheduler.join()
+    futures = []
+    threads = [
+        threading.Thread(target=lambda s=s: futures.append(scheduler.submit(VerifyRequest(s, (1, 2))))) for s in "abc"
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = [f.result(timeout=5) for f in futures]
+    scheduler.close()
+    assert sorted(map(sorted, verifier.calls)) == [["a", "b", "c"]]
+    assert all(r.batch_size == 3 and r.verdict.n_matches == 2 for r in results)
+
+
+def test_a_bad_round_fails_alone():
+    verifier = FakeVerifier(fail_on="bad")
+    scheduler = VerifyScheduler(verifier, window_ms=500)
+    scheduler.join()
+    scheduler.join()
+    good = scheduler.submit(VerifyRequest("good", ()))
+    bad = scheduler.submit(VerifyRequest("bad", ()))
+    assert good.result(timeout=5).verdict == Verdict(0, 1)
+    with pytest.raises(InvalidRequestError):
+        bad.result(timeout=5)
+    scheduler.close()
+
+
+def test_the_worker_survives_an_unexpected_error():
+    scheduler = VerifyScheduler(FakeVerifier(crash=True))
+    scheduler.join()
+    with pytest.raises(RuntimeError):
+        scheduler.submit(VerifyRequest("a", ())).result(timeout=5)
+    assert scheduler.submit(VerifyRequest("a", (), round=1)).result(timeout=5).verdict == Verdict(0, 1)
+    scheduler.close()
