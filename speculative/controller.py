@@ -132,6 +132,7 @@ GOVERNOR_CAPS = (MAX_DRAFT_TOKENS, 0, 2)  # tried in this order, then the best i
 EPOCH_BATCHES = 12
 EPOCH_MIN_S = 0.1
 EXPLORE_EVERY = 10  # every 10th epoch re-measures another cap (load and agreement drift)
+UNCAPPED_MARGIN = 0.9  # a cap must beat leaving k to the controllers by >10% to be kept
 CLEAR_LOSER = 1.3  # an arm the best beats by this factor is re-measured 4x less often
 RATE_DECAY = 0.7
 
@@ -158,13 +159,19 @@ class SpeculationGovernor:
         self._tokens = 0
         self._batches = 0
         self._bucket = LOAD_BUCKETS[0]
+        self._active = 0
 
     def on_batch(self, *, emitted: int, active: int, now: float) -> None:
         """Count a verified batch; at the end of an epoch, score the cap and pick the next."""
         bucket = max(b for b in LOAD_BUCKETS if b <= max(1, active))
         if self._start is None or bucket != self._bucket:
-            self._start, self._tokens, self._batches, self._bucket = now, 0, 0, bucket
+            self._start, self._tokens, self._batches, self._bucket, self._active = now, 0, 0, bucket, active
             self.cap = self._choose(bucket)
+            return
+        if active != self._active:
+            # a session started or ended: its prefill, or the gap before the next one, is
+            # no property of the cap, so the epoch so far is dropped, not scored
+            self._start, self._tokens, self._batches, self._active = now, 0, 0, active
             return
         self._tokens += emitted
         self._batches += 1
@@ -183,6 +190,9 @@ class SpeculationGovernor:
         if untried:
             return untried[0]
         best = max(GOVERNOR_CAPS, key=lambda c: self.rates[(bucket, c)])
+        uncapped = GOVERNOR_CAPS[0]
+        if self.rates[(bucket, uncapped)] >= UNCAPPED_MARGIN * self.rates[(bucket, best)]:
+            best = uncapped  # within noise of the best: trust the per-session controllers
         if self._epochs % EXPLORE_EVERY == 0 and len(GOVERNOR_CAPS) > 1:
             turn = self._epochs // EXPLORE_EVERY
             others = [c for c in GOVERNOR_CAPS if c != best]

@@ -66,6 +66,7 @@ class DraftSession:
         self.committed: list[int] = list(prompt_ids)
         self._n_cached = 0  # committed tokens already in the draft's KV cache
         self._logits: np.ndarray | None = None  # logits after the last cached token
+        self._in_round = False
 
     def propose(self, k: int) -> Proposal:
         """Draft up to ``k`` tokens after the committed sequence (fewer near the context end)."""
@@ -75,11 +76,7 @@ class DraftSession:
         k = min(k, self._ctx.n_ctx - len(self.committed) - 1)
         if k <= 0:
             return Proposal(tokens=(), q=None, draft_ms=0.0)
-        self._ctx.begin_round()
-        try:
-            tokens, q = self._draft(k)
-        finally:
-            self._ctx.end_round()
+        tokens, q = self._draft(k)
         return Proposal(tokens=tokens, q=q, draft_ms=(time.perf_counter() - started) * 1e3)
 
     def _draft(self, k: int) -> tuple[tuple[int, ...], np.ndarray | None]:
@@ -109,11 +106,28 @@ class DraftSession:
             self._n_cached = keep
         self.committed.extend(verdict.emitted_tokens(proposal.tokens))
 
+    def start_round(self) -> None:
+        """This session is drafting from now until ``finish_round`` (it owes the verifier a round).
+
+        A batching backend waits for every drafting session before it evaluates, so the
+        whole span counts, not just the evaluations: the time a session spends emitting
+        its tokens between verdict and next draft is when the others must wait for it.
+        """
+        if not self._in_round:
+            self._in_round = True
+            self._ctx.begin_round()
+
+    def finish_round(self) -> None:
+        if self._in_round:
+            self._in_round = False
+            self._ctx.end_round()
+
     def extend(self, tokens: Sequence[int]) -> None:
         """Commit tokens produced without a draft (plain verifier decoding)."""
         self.committed.extend(tokens)
 
     def close(self) -> None:
+        self.finish_round()
         self._ctx.close()
 
     def _catch_up(self) -> np.ndarray:

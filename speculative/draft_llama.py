@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SESSIONS = 32
 DEFAULT_BATCH_TOKENS = 512
-GATHER_WAIT_S = 0.001  # how long a drafting thread waits for others to join its decode
+GATHER_WAIT_S = 0.004  # the longest a drafting thread waits for others to join its decode
 
 
 class DraftBusyError(SpeculativeError):

@@ -141,6 +141,8 @@ class Completion:
                 draft.close()
             raise
         scheduler.join()
+        if draft is not None:
+            draft.start_round()
         batch_size = 1
         try:
             for round_no in itertools.count():
@@ -153,9 +155,13 @@ class Completion:
                     k = min(k, budget - 1, MAX_DRAFT_TOKENS)
                 proposal = draft.propose(k) if draft is not None and k > 0 else None
                 tokens = proposal.tokens if proposal else ()
+                if draft is not None:
+                    draft.finish_round()
                 result = scheduler.submit(
                     VerifyRequest(self.session_id, tokens, proposal.q if proposal else None, round_no)
                 ).result()
+                if draft is not None:
+                    draft.start_round()
                 verdict = result.verdict
                 batch_size = result.batch_size
                 if draft is not None:

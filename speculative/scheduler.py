@@ -25,7 +25,10 @@ from speculative.verifier import Verifier, VerifyRequest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW_MS = 2.0
+# The longest a verify step waits for sessions still drafting. It closes as soon as
+# every joined session is in, so a lone session never waits; with many sessions this
+# keeps them in lockstep (one forward per round, not two half-empty ones).
+DEFAULT_WINDOW_MS = 8.0
 DEFAULT_MAX_BATCH = 64
 
 
