@@ -90,11 +90,13 @@ class LlamaCppDraft:
     ):
         import llama_cpp
         from llama_cpp import _internals as internals
+        from llama_cpp._logger import set_verbose
 
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ModelLoadError(f"draft model {str(model_path)!r} does not exist (a .gguf file is needed)")
         llama_cpp.llama_backend_init()
+        set_verbose(False)  # llama.cpp's info lines would go to stderr; keep errors only
         try:
             self._model = internals.LlamaModel(
                 path_model=str(self.model_path), params=llama_cpp.llama_model_default_params(), verbose=False

@@ -82,9 +82,9 @@ class _TextTracker:
         return self._flush(len(text) - hold), False
 
     def _flush(self, upto: int) -> str:
-        upto = max(upto, self._flushed)
-        delta = self.text[self._flushed : upto] if upto <= len(self.text) else self.text[self._flushed :]
-        self._flushed = max(self._flushed, min(upto, len(self.text)))
+        """Release text up to ``upto`` (never backwards, never past the text)."""
+        upto = min(max(upto, self._flushed), len(self.text))
+        delta, self._flushed = self.text[self._flushed : upto], upto
         return delta
 
     def finish(self) -> str:
