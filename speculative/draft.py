@@ -9,6 +9,7 @@ and on the verdict keeps the accepted tokens and drops the rest.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -67,6 +68,7 @@ class DraftSession:
         self._n_cached = 0  # committed tokens already in the draft's KV cache
         self._logits: np.ndarray | None = None  # logits after the last cached token
         self._in_round = False
+        self._round_lock = threading.Lock()
 
     def propose(self, k: int) -> Proposal:
         """Draft up to ``k`` tokens after the committed sequence (fewer near the context end)."""
@@ -113,14 +115,16 @@ class DraftSession:
         whole span counts, not just the evaluations: the time a session spends emitting
         its tokens between verdict and next draft is when the others must wait for it.
         """
-        if not self._in_round:
-            self._in_round = True
-            self._ctx.begin_round()
+        with self._round_lock:  # the scheduler's thread may call this too
+            if not self._in_round:
+                self._in_round = True
+                self._ctx.begin_round()
 
     def finish_round(self) -> None:
-        if self._in_round:
-            self._in_round = False
-            self._ctx.end_round()
+        with self._round_lock:
+            if self._in_round:
+                self._in_round = False
+                self._ctx.end_round()
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Commit tokens produced without a draft (plain verifier decoding)."""

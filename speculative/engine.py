@@ -142,6 +142,7 @@ class Completion:
             raise
         scheduler.join()
         if draft is not None:
+            engine._drafting[self.session_id] = draft
             draft.start_round()
         batch_size = 1
         try:
@@ -204,6 +205,7 @@ class Completion:
                     if stats.finish_reason is not None:
                         return
         finally:
+            engine._drafting.pop(self.session_id, None)
             scheduler.leave()
             try:
                 engine.verifier.close_session(self.session_id)
@@ -227,6 +229,9 @@ class SpeculativeEngine:
         self.draft = draft
         self.tokenizer = tokenizer
         self.scheduler = scheduler or VerifyScheduler(verifier)
+        self._drafting: dict[str, DraftSession] = {}  # open completions' draft sessions
+        if draft is not None and self.scheduler.before_answer is None:
+            self.scheduler.before_answer = self._mark_drafting
         self.eos_token_id = verifier.eos_token_id
         self.context_length = min(verifier.context_length, draft.context_length if draft else verifier.context_length)
 
@@ -273,6 +278,13 @@ class SpeculativeEngine:
             (time.perf_counter() - started) * 1e3,
         )
         return completion
+
+    def _mark_drafting(self, requests: list[VerifyRequest]) -> None:
+        """Every session of a verified batch drafts next: say so before any of them wakes."""
+        for req in requests:
+            session = self._drafting.get(req.session_id)
+            if session is not None:
+                session.start_round()
 
     def close(self) -> None:
         self.scheduler.close()

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -82,6 +83,9 @@ class VerifyScheduler:
         self.rounds = 0
         self.cost = BatchCostModel()
         self.governor = SpeculationGovernor()
+        # called with a batch's requests just before their sessions are answered, so the
+        # engine can mark them all as drafting at once (keeps batched drafting in lockstep)
+        self.before_answer: Callable[[list[VerifyRequest]], None] | None = None
         self._worker = threading.Thread(target=self._run, name="verify-scheduler", daemon=True)
         self._worker.start()
 
@@ -152,6 +156,11 @@ class VerifyScheduler:
                 return
             batch[0][1].set_exception(exc)
             return
+        if self.before_answer is not None:
+            try:
+                self.before_answer([req for req, _ in batch])
+            except Exception:  # noqa: BLE001 - a hook must never keep a session waiting
+                log.exception("before_answer hook failed")
         # answer the sessions first: bookkeeping below must never keep one waiting
         for (_, future), verdict in zip(batch, result.verdicts, strict=True):
             future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch)))
