@@ -27,7 +27,7 @@ from speculative.controller import DraftLengthController
 from speculative.draft import DraftModel, DraftSession
 from speculative.errors import ContextOverflowError, InvalidRequestError
 from speculative.sampling import check_sampling
-from speculative.scheduler import VerifyScheduler
+from speculative.scheduler import RoundResult, VerifyScheduler
 from speculative.types import (
     MAX_DRAFT_TOKENS,
     CompletionStats,
@@ -130,9 +130,7 @@ class Completion:
         self._events.close()
 
     def _run(self) -> Generator[TokenEvent, None, None]:
-        engine, req, stats = self._engine, self.request, self.stats
-        controller = DraftLengthController(fixed_k=req.k if engine.draft is not None else 0)
-        scheduler = engine.scheduler
+        engine, req = self._engine, self.request
         draft = DraftSession(engine.draft, req.prompt_ids, req.sampling) if engine.draft is not None else None
         try:
             engine.verifier.open_session(self.session_id, req.prompt_ids, req.sampling)
@@ -140,37 +138,17 @@ class Completion:
             if draft is not None:
                 draft.close()
             raise
-        scheduler.join()
+        engine.scheduler.join()
         if draft is not None:
             engine._drafting[self.session_id] = draft
             draft.start_round()
-        batch_size = 1
         try:
+            controller = DraftLengthController(fixed_k=req.k if draft is not None else 0)
+            batch_size = 1
             for round_no in itertools.count():
-                budget = req.max_tokens - stats.completion_tokens
-                k = 0
-                if draft is not None:
-                    k = controller.next_k(scheduler.cost.line(), batch_size)
-                    if req.k is None:  # a pinned k is the caller's choice; otherwise obey the cap
-                        k = min(k, scheduler.governor.cap)
-                    k = min(k, budget - 1, MAX_DRAFT_TOKENS)
-                proposal = draft.propose(k) if draft is not None and k > 0 else None
-                tokens = proposal.tokens if proposal else ()
-                if draft is not None:
-                    draft.finish_round()
-                result = scheduler.submit(
-                    VerifyRequest(self.session_id, tokens, proposal.q if proposal else None, round_no)
-                ).result()
-                if draft is not None:
-                    draft.start_round()
-                verdict = result.verdict
-                batch_size = result.batch_size
-                if draft is not None:
-                    if proposal is not None:
-                        draft.accept(proposal, verdict)
-                    else:
-                        draft.extend([verdict.verifier_token])
-                draft_ms = proposal.draft_ms if proposal else 0.0
+                k = self._next_k(controller, batch_size) if draft is not None else 0
+                tokens, result, draft_ms = self._round(draft, k, round_no)
+                verdict, batch_size = result.verdict, result.batch_size
                 controller.record(
                     k=len(tokens),
                     n_matches=verdict.n_matches,
@@ -178,40 +156,74 @@ class Completion:
                     verify_ms=result.verify_ms,
                     network_ms=result.network_ms,
                 )
-                stats.rounds += 1
-                stats.proposed += len(tokens)
-                stats.accepted += verdict.n_matches
-                stats.draft_ms += draft_ms
-                stats.verify_ms += result.verify_ms
-                stats.network_ms += result.network_ms
-                stats.draft_lengths.append(len(tokens))
-                emitted = verdict.emitted_tokens(tokens)
-                for i, token in enumerate(emitted):
-                    provenance = Provenance.DRAFTED if i < verdict.n_matches else Provenance.VERIFIER
-                    stats.completion_tokens += 1
-                    stats.provenance.append(provenance)
-                    if token == engine.eos_token_id:
-                        # EOS ends the text: release what was held back for a stop string
-                        stats.finish_reason = FinishReason.STOP
-                        yield TokenEvent(token, self._tracker.finish(), provenance)
-                        return
-                    delta, hit_stop = self._tracker.push(token)
-                    if hit_stop:
-                        stats.finish_reason = FinishReason.STOP
-                    elif stats.completion_tokens >= req.max_tokens:
-                        stats.finish_reason = FinishReason.LENGTH
-                        delta += self._tracker.finish()
-                    yield TokenEvent(token, delta, provenance)
-                    if stats.finish_reason is not None:
-                        return
+                self._count_round(tokens, result, draft_ms)
+                yield from self._emit(verdict.emitted_tokens(tokens), verdict.n_matches)
+                if self.stats.finish_reason is not None:
+                    return
         finally:
             engine._drafting.pop(self.session_id, None)
-            scheduler.leave()
+            engine.scheduler.leave()
             try:
                 engine.verifier.close_session(self.session_id)
             finally:
                 if draft is not None:
                     draft.close()
+
+    def _next_k(self, controller: DraftLengthController, batch_size: int) -> int:
+        scheduler, req = self._engine.scheduler, self.request
+        k = controller.next_k(scheduler.cost.line(), batch_size)
+        if req.k is None:  # a pinned k is the caller's choice; otherwise obey the governor's cap
+            k = min(k, scheduler.governor.cap)
+        # a round emits up to k + 1 tokens: never draft past max_tokens
+        return min(k, req.max_tokens - self.stats.completion_tokens - 1, MAX_DRAFT_TOKENS)
+
+    def _round(self, draft: DraftSession | None, k: int, round_no: int) -> tuple[tuple[int, ...], RoundResult, float]:
+        """Draft k tokens, have them verified (batched with other sessions), keep the verdict."""
+        proposal = draft.propose(k) if draft is not None and k > 0 else None
+        tokens = proposal.tokens if proposal is not None else ()
+        if draft is not None:
+            draft.finish_round()
+        request = VerifyRequest(self.session_id, tokens, proposal.q if proposal is not None else None, round_no)
+        result = self._engine.scheduler.submit(request).result()
+        if draft is not None:
+            draft.start_round()
+            if proposal is not None:
+                draft.accept(proposal, result.verdict)
+            else:
+                draft.extend([result.verdict.verifier_token])
+        return tokens, result, proposal.draft_ms if proposal is not None else 0.0
+
+    def _count_round(self, tokens: tuple[int, ...], result: RoundResult, draft_ms: float) -> None:
+        stats = self.stats
+        stats.rounds += 1
+        stats.proposed += len(tokens)
+        stats.accepted += result.verdict.n_matches
+        stats.draft_ms += draft_ms
+        stats.verify_ms += result.verify_ms
+        stats.network_ms += result.network_ms
+        stats.draft_lengths.append(len(tokens))
+
+    def _emit(self, emitted: tuple[int, ...], n_matches: int) -> Generator[TokenEvent, None, None]:
+        """Yield a round's tokens, stopping at EOS, a stop string or max_tokens."""
+        stats, req = self.stats, self.request
+        for i, token in enumerate(emitted):
+            provenance = Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER
+            stats.completion_tokens += 1
+            stats.provenance.append(provenance)
+            if token == self._engine.eos_token_id:
+                # EOS ends the text: release what was held back for a stop string
+                stats.finish_reason = FinishReason.STOP
+                yield TokenEvent(token, self._tracker.finish(), provenance)
+                return
+            delta, hit_stop = self._tracker.push(token)
+            if hit_stop:
+                stats.finish_reason = FinishReason.STOP
+            elif stats.completion_tokens >= req.max_tokens:
+                stats.finish_reason = FinishReason.LENGTH
+                delta += self._tracker.finish()
+            yield TokenEvent(token, delta, provenance)
+            if stats.finish_reason is not None:
+                return
 
 
 class SpeculativeEngine:

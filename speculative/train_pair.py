@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from speculative.corpus import Corpus, load_corpus
 from speculative.gguf_export import export_gguf
+from speculative.pair import DEMO_DIR
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 4096
 CONTEXT_LENGTH = 1024
