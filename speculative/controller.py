@@ -148,7 +148,8 @@ class SpeculationGovernor:
     over all sessions, in short epochs under each cap (k <= cap; cap 0 is plain
     decoding), separately per concurrency level, and keeps the cap that did best while
     re-measuring another now and then. So speculation falls back to plain decoding
-    exactly where it does not pay, as measured, not as modelled.
+    exactly where it does not pay, as measured, not as modelled. A lone session is never
+    capped: there is no one else for its drafts to slow down.
     """
 
     def __init__(self) -> None:
@@ -186,6 +187,10 @@ class SpeculationGovernor:
         self.cap = self._choose(bucket)
 
     def _choose(self, bucket: int) -> int:
+        if bucket == 1:
+            # a lone session pays for its own drafts and sees every cost it causes: its
+            # controller's model is the whole story, and capping it only adds noise
+            return GOVERNOR_CAPS[0]
         untried = [c for c in GOVERNOR_CAPS if (bucket, c) not in self.rates]
         if untried:
             return untried[0]
