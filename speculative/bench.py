@@ -146,8 +146,8 @@ def compare(spec: SpeculativeEngine, plain: SpeculativeEngine, n_sessions: int, 
         "speculative_tokens_per_s": round(median(s["tokens_per_s"] for s in spec_runs), 2),
         "speedup": round(median(s["tokens_per_s"] / p["tokens_per_s"] for p, s in pairs), 3),
         "speedup_per_pair": [round(s["tokens_per_s"] / p["tokens_per_s"], 3) for p, s in pairs],
-        "acceptance_rate": median(s["acceptance_rate"] or 0.0 for s in spec_runs),
-        "mean_k": median(s["mean_k"] for s in spec_runs),
+        "acceptance_rate": round(median(s["acceptance_rate"] or 0.0 for s in spec_runs), 4),
+        "mean_k": round(median(s["mean_k"] for s in spec_runs), 2),
     }
 
 
