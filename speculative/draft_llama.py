@@ -24,17 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from speculative.errors import ModelLoadError, SpeculativeError
+from speculative.errors import DraftBusyError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SESSIONS = 32
 DEFAULT_BATCH_TOKENS = 512
 GATHER_WAIT_S = 0.004  # the longest a drafting thread waits for others to join its decode
-
-
-class DraftBusyError(SpeculativeError):
-    """Every sequence of the draft context is in use."""
 
 
 @dataclass

@@ -36,5 +36,9 @@ class VerifierBusyError(VerifierUnavailableError):
     """The verifier is at capacity; try another verifier or the edge tier."""
 
 
+class DraftBusyError(SpeculativeError):
+    """Every session slot of the draft model is in use; try again or another edge node."""
+
+
 class SessionNotFoundError(SpeculativeError):
     """A verifier was asked about a session it does not hold (expired, never opened, or lost)."""

@@ -9,7 +9,7 @@ import torch
 from speculative.draft import DraftSession
 from speculative.draft_hf import TransformersDraft
 from speculative.draft_llama import LlamaCppDraft
-from speculative.errors import InvalidRequestError, ModelLoadError, VocabularyMismatchError
+from speculative.errors import DraftBusyError, InvalidRequestError, ModelLoadError, VocabularyMismatchError
 from speculative.gguf_export import export_gguf
 from speculative.pair import DEMO_VERIFIER, check_vocabularies, load_pair
 from speculative.types import SamplingParams, Verdict
@@ -114,3 +114,13 @@ def test_unknown_model_paths_are_clear_errors(tmp_path):
         LlamaCppDraft(tmp_path / "junk.gguf")
     with pytest.raises(ModelLoadError):
         TransformersVerifier(tmp_path / "nothing-here", device="cpu")
+
+
+def test_a_full_draft_context_refuses_another_session_clearly(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=2)
+    first, _second = draft.new_context(), draft.new_context()
+    with pytest.raises(DraftBusyError, match="in use"):
+        draft.new_context()
+    first.close()
+    draft.new_context().evaluate([1, 2, 3])  # a freed sequence is usable again
