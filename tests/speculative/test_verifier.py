@@ -141,3 +141,33 @@ def test_sampling_sessions_need_q_of_the_right_shape(verifier):
         verifier.verify([VerifyRequest("s", (3,), np.ones((2, 64), dtype=np.float32) / 64, 0)])
     ok = verifier.verify([VerifyRequest("s", (3,), np.ones((1, 64), dtype=np.float32) / 64, 0)])
     assert 0 <= ok.verdicts[0].verifier_token < 64
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "qwen3", "gemma", "gpt2", "gpt_neox"])
+def test_other_causal_lm_architectures_verify_exactly(model_type):
+    """The slot cache relies only on what transformers' attention calls: any causal LM works."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type == "gpt2":
+        kwargs = {"vocab_size": 64, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}
+    else:
+        kwargs = {
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+        }
+        if model_type != "gpt_neox":
+            kwargs["num_key_value_heads"] = 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).eval()
+    verifier = TransformersVerifier(model_type, model=model, device="cpu")
+    verifier.open_session("a", [1, 2, 3, 4, 5], GREEDY)
+    verifier.open_session("b", [9, 8], GREEDY)  # a second, shorter row in every batch
+    got = []
+    for r in range(8):
+        result = verifier.verify([VerifyRequest("a", (), None, r), VerifyRequest("b", (), None, r)])
+        got.append(result.verdicts[0].verifier_token)
+    assert got == _reference_greedy(model, [1, 2, 3, 4, 5], 8)
