@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 # keeps them in lockstep (one forward per round, not two half-empty ones).
 DEFAULT_WINDOW_MS = 8.0
 DEFAULT_MAX_BATCH = 64
-
-
 COST_WINDOW = 128  # recent batches behind the batch cost line
 
 
@@ -55,19 +53,17 @@ class BatchCostModel:
 
     def __init__(self, window: int = COST_WINDOW):
         self._points: deque[tuple[int, float]] = deque(maxlen=window)
-        self._lock = threading.Lock()
+        self._line: tuple[float, float] | None = None
 
     def record(self, tokens: int, verify_ms: float) -> None:
-        with self._lock:
-            self._points.append((tokens, verify_ms))
+        """Add a batch and refit, once per batch on the scheduler's thread (not per session read)."""
+        self._points.append((tokens, verify_ms))
+        if len({x for x, _ in self._points}) >= 2:
+            self._line = cost_line(self._points)
 
     def line(self) -> tuple[float, float] | None:
         """(intercept_ms, slope_ms_per_token), or None until batches of two sizes were seen."""
-        with self._lock:
-            points = list(self._points)
-        if len({x for x, _ in points}) < 2:
-            return None
-        return cost_line(points)
+        return self._line
 
 
 class VerifyScheduler:
