@@ -3,8 +3,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# PostgreSQL for the concurrency tests (select_for_update only really locks there)
+PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: install run test lint bench train-pair
+.PHONY: install run test lint bench bench-platform train-pair browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,21 +18,41 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the web platform lands (issue 3), `make run` streams one speculative
-# completion from the shipped demo pair in the terminal.
+# Debian's Chromium for the browser test (never a browser downloaded by a test tool).
+# Installed when missing and we may (root with apt); otherwise that test skips and says why.
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
+		|| echo "chromium not installed: the browser test will skip"; }
+
+# The platform on one machine: SQLite, in-memory channel layer, a filesystem Celery broker,
+# the shipped demo pair. Prints the demo credentials, then serves http://$(HOST):$(PORT)/
 run: $(STAMP)
-	$(PY) -m speculative.demo
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py tandem_demo
+	@echo "Console, API (/v1/) and websocket (/ws/v1/completions) on http://$(HOST):$(PORT)/"
+	$(PY) -m celery -A config.celery_app worker --pool=solo --loglevel=warning & \
+		trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
+		$(PY) -m daphne -b $(HOST) -p $(PORT) config.asgi:application
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check speculative tests
-	$(VENV)/bin/ruff format --check speculative tests
+	$(VENV)/bin/ruff check speculative config tenants inference frontend tests
+	$(VENV)/bin/ruff format --check speculative config tenants inference frontend tests
 	$(VENV)/bin/mypy
 
-test: lint
+# The whole suite on SQLite, then the PostgreSQL-only tests against PG_URL when a server
+# answers there (they skip, saying so, when none does).
+test: lint browser
 	$(PY) -m pytest -q
+	@if $(PY) -c "import psycopg,sys; psycopg.connect('$(PG_URL)', connect_timeout=3).close()" 2>/dev/null; then \
+		DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m postgres; \
+	else echo "SKIPPED: PostgreSQL tests (no server at $(PG_URL))"; fi
 
 bench: $(STAMP)
 	$(PY) -m speculative.bench
+
+bench-platform: $(STAMP)
+	$(PY) -m inference.bench
 
 train-pair: $(STAMP)
 	$(PY) -m speculative.train_pair

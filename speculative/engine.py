@@ -56,6 +56,36 @@ class CompletionRequest:
     k: int | None = None  # pin the draft length; None lets the controller choose
 
 
+def build_request(
+    tokenizer: Tokenizer,
+    context_length: int,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 64,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    k: int | None = None,
+) -> CompletionRequest:
+    """Validate and tokenise a completion request (raises InvalidRequestError early)."""
+    sampling = sampling or SamplingParams()
+    check_sampling(sampling)
+    ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise InvalidRequestError("the prompt is empty")
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+    if k is not None and not 0 <= k <= MAX_DRAFT_TOKENS:
+        raise InvalidRequestError(f"k must be in [0, {MAX_DRAFT_TOKENS}], got {k}")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise InvalidRequestError("stop strings must be non-empty strings")
+    if len(ids) + max_tokens > context_length:
+        raise ContextOverflowError(
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"context of {context_length} tokens"
+        )
+    return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k)
+
+
 class _TextTracker:
     """Turns emitted token ids into text deltas, holding back what might start a stop string."""
 
@@ -100,15 +130,20 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-class Completion:
-    """An in-flight completion: iterate for tokens; ``stats`` and ``text`` when done."""
+class TokenStream:
+    """An in-flight completion: iterate for tokens; ``stats`` and ``text`` when done.
 
-    def __init__(self, engine: SpeculativeEngine, request: CompletionRequest):
+    Subclasses produce the tokens (``_run``); this class turns them into events and
+    enforces the stop conditions the same way for every tier.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_id: int | None, request: CompletionRequest):
         self.request = request
         self.stats = CompletionStats(prompt_tokens=len(request.prompt_ids))
         self.session_id = uuid.uuid4().hex
-        self._engine = engine
-        self._tracker = _TextTracker(engine.tokenizer, request.stop)
+        self._eos_token_id = eos_token_id
+        self._tracker = _TextTracker(tokenizer, request.stop)
+        self._unbilled_gpu_ms = 0.0  # verifier time not yet carried by an emitted token
         self._events = self._run()
 
     @property
@@ -130,10 +165,59 @@ class Completion:
         self._events.close()
 
     def _run(self) -> Generator[TokenEvent, None, None]:
+        raise NotImplementedError
+        yield  # pragma: no cover - makes this a generator for type checkers
+
+    def _emit(
+        self,
+        emitted: tuple[int, ...],
+        n_matches: int,
+        gpu_ms: float = 0.0,
+        drafted: int = 0,
+        provenance: Provenance | None = None,
+    ) -> Generator[TokenEvent, None, None]:
+        """Yield a round's tokens, stopping at EOS, a stop string or max_tokens.
+
+        The round's verifier time and draft tokens are shared evenly by the tokens it emits
+        (see :class:`TokenEvent`); tokens past a stop condition are never emitted or charged.
+        """
+        stats, req = self.stats, self.request
+        gpu_each, drafted_each = gpu_ms / len(emitted), drafted / len(emitted)
+        for i, token in enumerate(emitted):
+            source = provenance or (Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER)
+            token_gpu_ms, self._unbilled_gpu_ms = gpu_each + self._unbilled_gpu_ms, 0.0
+            stats.completion_tokens += 1
+            stats.provenance.append(source)
+            if token == self._eos_token_id:
+                # EOS ends the text: release what was held back for a stop string
+                stats.finish_reason = FinishReason.STOP
+                yield TokenEvent(token, self._tracker.finish(), source, token_gpu_ms, drafted_each)
+                return
+            delta, hit_stop = self._tracker.push(token)
+            if hit_stop:
+                stats.finish_reason = FinishReason.STOP
+            elif stats.completion_tokens >= req.max_tokens:
+                stats.finish_reason = FinishReason.LENGTH
+                delta += self._tracker.finish()
+            yield TokenEvent(token, delta, source, token_gpu_ms, drafted_each)
+            if stats.finish_reason is not None:
+                return
+
+
+class Completion(TokenStream):
+    """A speculative completion: rounds of draft k, verify (batched), accept."""
+
+    def __init__(self, engine: SpeculativeEngine, request: CompletionRequest):
+        self._engine = engine
+        super().__init__(engine.tokenizer, engine.eos_token_id, request)
+
+    def _run(self) -> Generator[TokenEvent, None, None]:
         engine, req = self._engine, self.request
         draft = DraftSession(engine.draft, req.prompt_ids, req.sampling) if engine.draft is not None else None
         try:
-            engine.verifier.open_session(self.session_id, req.prompt_ids, req.sampling)
+            self.stats.prefill_ms = engine.verifier.open_session(self.session_id, req.prompt_ids, req.sampling)
+            self.stats.gpu_ms = self.stats.prefill_ms
+            self._unbilled_gpu_ms = self.stats.prefill_ms  # goes to the first token emitted
         except BaseException:
             if draft is not None:
                 draft.close()
@@ -156,8 +240,8 @@ class Completion:
                     verify_ms=result.verify_ms,
                     network_ms=result.network_ms,
                 )
-                self._count_round(tokens, result, draft_ms)
-                yield from self._emit(verdict.emitted_tokens(tokens), verdict.n_matches)
+                gpu_ms = self._count_round(tokens, result, draft_ms)
+                yield from self._emit(verdict.emitted_tokens(tokens), verdict.n_matches, gpu_ms, len(tokens))
                 if self.stats.finish_reason is not None:
                     return
         finally:
@@ -193,37 +277,19 @@ class Completion:
                 draft.extend([result.verdict.verifier_token])
         return tokens, result, proposal.draft_ms if proposal is not None else 0.0
 
-    def _count_round(self, tokens: tuple[int, ...], result: RoundResult, draft_ms: float) -> None:
+    def _count_round(self, tokens: tuple[int, ...], result: RoundResult, draft_ms: float) -> float:
+        """Add a round to the stats; return this session's share of the batch's verifier time."""
         stats = self.stats
+        gpu_ms = result.gpu_share_ms(len(tokens))
         stats.rounds += 1
         stats.proposed += len(tokens)
         stats.accepted += result.verdict.n_matches
         stats.draft_ms += draft_ms
         stats.verify_ms += result.verify_ms
+        stats.gpu_ms += gpu_ms
         stats.network_ms += result.network_ms
         stats.draft_lengths.append(len(tokens))
-
-    def _emit(self, emitted: tuple[int, ...], n_matches: int) -> Generator[TokenEvent, None, None]:
-        """Yield a round's tokens, stopping at EOS, a stop string or max_tokens."""
-        stats, req = self.stats, self.request
-        for i, token in enumerate(emitted):
-            provenance = Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER
-            stats.completion_tokens += 1
-            stats.provenance.append(provenance)
-            if token == self._engine.eos_token_id:
-                # EOS ends the text: release what was held back for a stop string
-                stats.finish_reason = FinishReason.STOP
-                yield TokenEvent(token, self._tracker.finish(), provenance)
-                return
-            delta, hit_stop = self._tracker.push(token)
-            if hit_stop:
-                stats.finish_reason = FinishReason.STOP
-            elif stats.completion_tokens >= req.max_tokens:
-                stats.finish_reason = FinishReason.LENGTH
-                delta += self._tracker.finish()
-            yield TokenEvent(token, delta, provenance)
-            if stats.finish_reason is not None:
-                return
+        return gpu_ms
 
 
 class SpeculativeEngine:
@@ -247,33 +313,9 @@ class SpeculativeEngine:
         self.eos_token_id = verifier.eos_token_id
         self.context_length = min(verifier.context_length, draft.context_length if draft else verifier.context_length)
 
-    def request(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_tokens: int = 64,
-        sampling: SamplingParams | None = None,
-        stop: Sequence[str] = (),
-        k: int | None = None,
-    ) -> CompletionRequest:
+    def request(self, prompt: str | Sequence[int], **kwargs) -> CompletionRequest:
         """Validate and tokenise a completion request (raises InvalidRequestError early)."""
-        sampling = sampling or SamplingParams()
-        check_sampling(sampling)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        if max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
-        if k is not None and not 0 <= k <= MAX_DRAFT_TOKENS:
-            raise InvalidRequestError(f"k must be in [0, {MAX_DRAFT_TOKENS}], got {k}")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise InvalidRequestError("stop strings must be non-empty strings")
-        if len(ids) + max_tokens > self.context_length:
-            raise ContextOverflowError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                f"context of {self.context_length} tokens"
-            )
-        return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k)
+        return build_request(self.tokenizer, self.context_length, prompt, **kwargs)
 
     def stream(self, prompt: str | Sequence[int], **kwargs) -> Completion:
         return Completion(self, self.request(prompt, **kwargs))

@@ -40,6 +40,11 @@ class RoundResult:
     verify_ms: float  # the whole batch's verifier time (what this round waited on)
     network_ms: float
     batch_size: int
+    batch_tokens: int  # positions the batch fed the verifier: each round's pending token + draft
+
+    def gpu_share_ms(self, k: int) -> float:
+        """This round's share of the batch's verifier time: its positions over the batch's."""
+        return self.verify_ms * (1 + k) / self.batch_tokens
 
 
 class BatchCostModel:
@@ -157,12 +162,13 @@ class VerifyScheduler:
                 self.before_answer([req for req, _ in batch])
             except Exception:  # noqa: BLE001 - a hook must never keep a session waiting
                 log.exception("before_answer hook failed")
+        batch_tokens = sum(1 + len(req.tokens) for req, _ in batch)
         # answer the sessions first: bookkeeping below must never keep one waiting
         for (_, future), verdict in zip(batch, result.verdicts, strict=True):
-            future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch)))
+            future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch), batch_tokens))
         self.batches += 1
         self.rounds += len(batch)
-        self.cost.record(sum(1 + len(req.tokens) for req, _ in batch), result.verify_ms)
+        self.cost.record(batch_tokens, result.verify_ms)
         self.governor.on_batch(
             emitted=sum(1 + v.n_matches for v in result.verdicts), active=self._active, now=time.perf_counter()
         )

@@ -65,15 +65,24 @@ class Verdict:
 class Provenance(enum.StrEnum):
     DRAFTED = "drafted"  # a draft token the verifier accepted
     VERIFIER = "verifier"  # produced by the verifier (bonus, recovered, or plain decoding)
+    EDGE = "edge"  # produced by the draft model alone, never verified (the edge tier)
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One emitted token as a stream yields it."""
+    """One emitted token as a stream yields it, with its share of what it cost.
+
+    A round's verifier time and drafted tokens are spread evenly over the tokens the
+    round emits (the prompt's prefill goes to the first token), so summing the shares of
+    the tokens a client received charges exactly what was delivered, even for a stream
+    cut off in the middle of a round.
+    """
 
     token_id: int
     text: str
     provenance: Provenance
+    gpu_ms: float = 0.0  # this token's share of verifier time (its batch share, prefill included)
+    drafted: float = 0.0  # this token's share of the draft tokens proposed (edge work)
 
 
 class FinishReason(enum.StrEnum):
@@ -93,6 +102,8 @@ class CompletionStats:
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     network_ms: float = 0.0
+    prefill_ms: float = 0.0  # verifier time to read the prompt
+    gpu_ms: float = 0.0  # this completion's share of verifier time: prefill + its share of each batch
     draft_lengths: list[int] = field(default_factory=list)
     provenance: list[Provenance] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -112,6 +123,8 @@ class CompletionStats:
             "draft_ms": round(self.draft_ms, 3),
             "verify_ms": round(self.verify_ms, 3),
             "network_ms": round(self.network_ms, 3),
+            "prefill_ms": round(self.prefill_ms, 3),
+            "gpu_ms": round(self.gpu_ms, 3),
             "finish_reason": self.finish_reason.value if self.finish_reason else None,
             "provenance": [p.value for p in self.provenance],
         }

@@ -200,3 +200,58 @@ def test_sampled_output_follows_the_verifier_distribution():
     obs = np.append(observed[keep], observed[pooled].sum())
     exp = np.append(exact[keep], exact[pooled].sum()) * runs
     assert chisquare(obs, exp / exp.sum() * obs.sum()).pvalue > 1e-3
+
+
+def test_token_cost_shares_add_up_to_the_completions_verifier_time(engines):
+    spec, _ = engines
+    completion = spec.stream(PROMPTS[2], max_tokens=25, k=3)
+    events = list(completion)
+    stats = completion.stats
+    assert stats.prefill_ms > 0
+    assert sum(e.gpu_ms for e in events) == pytest.approx(stats.gpu_ms)
+    assert events[0].gpu_ms >= stats.prefill_ms  # the prompt's prefill rides on the first token
+    # drafted shares sum to what was proposed in the rounds whose tokens were all emitted
+    assert sum(e.drafted for e in events) == pytest.approx(stats.proposed, abs=16)
+    assert all(e.gpu_ms > 0 for e in events)
+
+
+def test_a_stream_cut_off_mid_round_carries_only_the_delivered_tokens_shares(engines):
+    spec, _ = engines
+    completion = spec.stream(PROMPTS[0], max_tokens=40, k=6)
+    delivered = [next(completion) for _ in range(7)]
+    completion.close()
+    # the stats saw every round that ran; the delivered tokens carry no more than that
+    assert sum(e.gpu_ms for e in delivered) <= completion.stats.gpu_ms + 1e-9
+    assert len(delivered) == 7 and completion.stats.completion_tokens == 7
+
+
+def test_edge_engine_decodes_with_the_draft_alone_exactly_as_hf_greedy_does(demo_paths, demo_pair):
+    from transformers import AutoModelForCausalLM
+
+    from speculative.edge import EdgeEngine
+
+    _, _, tokenizer = demo_pair
+    model = AutoModelForCausalLM.from_pretrained(demo_paths["draft_hf"], dtype=torch.float32).eval()
+    edge = EdgeEngine(TransformersDraft(demo_paths["draft_hf"], model=model), tokenizer, tokenizer.eos_token_id)
+    for prompt in PROMPTS[:2]:
+        completion = edge.generate(prompt, max_tokens=20, k=5)  # k is meaningless without a verifier
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20)
+        assert completion.token_ids == expected[0, ids.shape[1] :].tolist()[: len(completion.token_ids)]
+        assert set(completion.stats.provenance) == {Provenance.EDGE}
+        assert completion.stats.gpu_ms == 0.0
+
+
+def test_edge_engine_respects_stop_strings_and_max_tokens(demo_pair):
+    from speculative.edge import EdgeEngine
+
+    _, draft, tokenizer = demo_pair
+    edge = EdgeEngine(draft, tokenizer, tokenizer.eos_token_id)
+    full = edge.generate(PROMPTS[1], max_tokens=30)
+    assert full.stats.completion_tokens <= 30
+    stop = full.text[8:11]
+    assert stop.strip(), full.text
+    cut = edge.generate(PROMPTS[1], max_tokens=30, stop=[stop])
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.stats.finish_reason is FinishReason.STOP

@@ -1,0 +1,176 @@
+"""Settings shared by every environment. Every knob is an env var with an embedded default.
+
+Embedded default (no env vars): SQLite under ``var/``, Channels' in-memory layer, a
+Celery broker on the filesystem (no server process), the local-memory cache, the demo
+model pair shipped in ``speculative/assets/demo``. Scale-out by environment only:
+
+    DATABASE_URL         postgres://user:pass@host:5432/db   (default: sqlite:///var/tandem.sqlite3)
+    REDIS_URL            redis://host:6379/0   channel layer, Celery broker and results, cache
+    TANDEM_SECRET_KEY    Django's secret key (default: generated once into var/secret_key)
+    TANDEM_ALLOWED_HOSTS comma-separated (default: localhost,127.0.0.1,[::1],testserver)
+    TANDEM_VERIFIER      verifier path or hub id (default: the demo verifier)
+    TANDEM_DRAFT         draft GGUF path (default: the demo draft)
+    TANDEM_VERIFIER_URLS comma-separated verifier servers (python -m speculative.serve); empty: in-process
+    TANDEM_ENGINES       dotted path of the engine factory (default: inference.engines.load_default_engines)
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from config.env import as_bool, as_list, get_env
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+VAR_DIR = Path(get_env("TANDEM_VAR_DIR", str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """TANDEM_SECRET_KEY, or a key generated once for this checkout (never committed: var/ is ignored)."""
+    key = get_env("TANDEM_SECRET_KEY", "")
+    if key:
+        return key
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = get_env("TANDEM_DEBUG", False, as_bool)
+ALLOWED_HOSTS = get_env("TANDEM_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"], as_list)
+CSRF_TRUSTED_ORIGINS = get_env("TANDEM_CSRF_TRUSTED_ORIGINS", [], as_list)
+
+INSTALLED_APPS = [
+    "daphne",  # runserver serves ASGI (websockets) too
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "tenants",
+    "inference",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        get_env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'tandem.sqlite3'}"),
+        conn_max_age=get_env("TANDEM_DB_CONN_MAX_AGE", 0, int),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # several threads write (web, engine settlements): wait for the lock instead of failing
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "frontend:login"
+LOGIN_REDIRECT_URL = "frontend:playground"
+LOGOUT_REDIRECT_URL = "frontend:login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True  # serve app static files without a collectstatic step
+
+REDIS_URL = get_env("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_RESULT_BACKEND = REDIS_URL
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    # kombu's filesystem transport: a broker that is a folder, no server process
+    _celery_dir = VAR_DIR / "celery"
+    for _sub in ("queue", "processed", "results"):
+        (_celery_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_celery_dir / "queue"),
+        "data_folder_out": str(_celery_dir / "queue"),
+        "processed_folder": str(_celery_dir / "processed"),
+        "store_processed": False,
+    }
+    CELERY_RESULT_BACKEND = f"file://{_celery_dir / 'results'}"
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ALWAYS_EAGER = get_env("TANDEM_CELERY_EAGER", False, as_bool)
+
+REST_FRAMEWORK = {
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": get_env("TANDEM_LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}
+
+# Tandem ---------------------------------------------------------------------------------
+TANDEM_ENGINES = get_env("TANDEM_ENGINES", "inference.engines.load_default_engines")
+TANDEM_VERIFIER = get_env("TANDEM_VERIFIER", "")  # "" = the shipped demo verifier
+TANDEM_DRAFT = get_env("TANDEM_DRAFT", "")  # "" = the shipped demo draft
+TANDEM_VERIFIER_URLS = get_env("TANDEM_VERIFIER_URLS", [], as_list)
+# admission: streams one tenant may run at once (429 past it)
+TANDEM_MAX_STREAMS_PER_TENANT = get_env("TANDEM_MAX_STREAMS_PER_TENANT", 8, int)
+# keep-alives so idle proxies do not cut long streams: SSE comment / websocket ping
+TANDEM_KEEPALIVE_S = get_env("TANDEM_KEEPALIVE_S", 15.0, float)
+TANDEM_MAX_PROMPT_CHARS = get_env("TANDEM_MAX_PROMPT_CHARS", 32_000, int)

@@ -1,0 +1,231 @@
+"""Benchmark: what the platform adds on top of the engine (``python -m inference.bench``).
+
+Prints one JSON object. A real server (daphne, the whole ASGI stack, SQLite ledger) runs
+in a subprocess on loopback with the trivial engine (``tandem-test``: deterministic text,
+no model), so what is measured is Tandem's own work per request and per token: auth,
+admission, reservation, routing, settlement, the SLO sample, the engine thread hand-off,
+JSON framing and the socket. Reported against calling the same engine directly:
+
+- per request (p50, p99): end-to-end time of a streamed request minus the engine's own;
+- per token (p50, p99): the gap between streamed tokens minus the engine's own gap;
+- for the websocket (one connection, requests one after another) and SSE
+  (``POST /v1/chat/completions`` with ``stream: true``);
+- requests/s and latency of the non-streaming API with several clients at once.
+
+Client and server share this machine's cores, so the figures include the client's own
+work; a second machine would show less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import httpx
+import websockets
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "tandem-test"
+PROMPT = "Measure the platform, not the model."
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict:
+    return {"p50_ms": round(percentile(values, 50), 3), "p99_ms": round(percentile(values, 99), 3)}
+
+
+def direct_engine(requests: int, tokens: int) -> dict:
+    """The engine alone, in this process: the floor every path is compared with."""
+    from inference.engines import TrivialEngine
+
+    engine = TrivialEngine()
+    e2e, gaps = [], []
+    for _ in range(requests):
+        started = time.perf_counter()
+        last = None
+        for _event in engine.stream(PROMPT, max_tokens=tokens):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append((now - last) * 1e3)
+            last = now
+        e2e.append((time.perf_counter() - started) * 1e3)
+    return {"e2e_ms": median(e2e), "token_gap_ms": median(gaps)}
+
+
+async def sse_path(base: str, key: str, requests: int, tokens: int) -> tuple[list[float], list[float]]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "stream": True}
+    e2e, gaps = [], []
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            last = None
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200, await response.aread()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"content"' in line:
+                        now = time.perf_counter()
+                        if last is not None:
+                            gaps.append((now - last) * 1e3)
+                        last = now
+            e2e.append((time.perf_counter() - started) * 1e3)
+    return e2e, gaps
+
+
+async def websocket_path(base: str, key: str, requests: int, tokens: int) -> tuple[list[float], list[float]]:
+    url = base.replace("http://", "ws://") + "/ws/v1/completions"
+    e2e, gaps = [], []
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        for i in range(requests):
+            started = time.perf_counter()
+            last = None
+            frame = {"type": "start", "id": str(i), "model": MODEL, "prompt": PROMPT, "max_tokens": tokens}
+            await ws.send(json.dumps(frame))
+            while True:
+                message = json.loads(await ws.recv())
+                if message["type"] == "delta":
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps.append((now - last) * 1e3)
+                    last = now
+                elif message["type"] in ("done", "error"):
+                    assert message["type"] == "done", message
+                    break
+            e2e.append((time.perf_counter() - started) * 1e3)
+    return e2e, gaps
+
+
+async def non_streaming_load(base: str, key: str, clients: int, seconds: float, tokens: int) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens}
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            response = await client.post("/v1/chat/completions", json=body)
+            if response.status_code == 200:
+                latencies.append((time.perf_counter() - started) * 1e3)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30, limits=limits
+    ) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "completion_tokens": tokens,
+        "requests": len(latencies),
+        "errors": errors,
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "latency": summary(latencies),
+    }
+
+
+def start_server(var: Path) -> tuple[subprocess.Popen, str, str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "TANDEM_VAR_DIR": str(var),
+        "DATABASE_URL": f"sqlite:///{var / 'bench.sqlite3'}",
+        "TANDEM_LOG_LEVEL": "WARNING",
+        "TANDEM_MAX_STREAMS_PER_TENANT": "64",
+    }
+    run = [sys.executable, "manage.py"]
+    subprocess.run([*run, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
+    boot = subprocess.run(
+        [*run, "tandem_demo", "--models", MODEL], cwd=REPO, env=env, check=True, capture_output=True, text=True
+    )
+    key = next(line.split()[-1] for line in boot.stdout.splitlines() if line.strip().startswith("API key"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}", key
+
+
+def overhead(path: tuple[list[float], list[float]], direct: dict) -> dict:
+    e2e, gaps = path
+    return {
+        "requests": len(e2e),
+        "per_request": summary([t - direct["e2e_ms"] for t in e2e]),
+        "per_token": summary([g - direct["token_gap_ms"] for g in gaps]),
+        "e2e": summary(e2e),
+    }
+
+
+async def measure(base: str, key: str, args) -> dict:
+    await sse_path(base, key, 20, args.tokens)  # warm up: connections, the ORM, caches
+    await websocket_path(base, key, 20, args.tokens)
+    direct = direct_engine(args.requests, args.tokens)
+    report = {
+        "engine_direct": {k: round(v, 4) for k, v in direct.items()},
+        "websocket": overhead(await websocket_path(base, key, args.requests, args.tokens), direct),
+        "sse": overhead(await sse_path(base, key, args.requests, args.tokens), direct),
+        "non_streaming": await non_streaming_load(base, key, args.clients, args.seconds, 16),
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Measure the platform's overhead over the engine.")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
+    import django
+
+    django.setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        server, base, key = start_server(Path(tmp))
+        try:
+            report = {
+                "machine": {"cpu_count": os.cpu_count()},
+                "server": "daphne, 1 process, SQLite, trivial engine",
+                "tokens_per_request": args.tokens,
+                **asyncio.run(measure(base, key, args)),
+            }
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

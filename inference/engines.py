@@ -1,0 +1,218 @@
+"""The models this process serves, each with its engines per tier, loaded once.
+
+``get_engines()`` builds the set named by ``settings.TANDEM_ENGINES`` on first use
+(loading weights takes seconds, so never at import time) and keeps it for the process.
+Each :class:`ModelEntry` is one public model id (what ``GET /v1/models`` lists and a
+request's ``model`` names) with a speculative engine (draft + verifier) and an edge
+engine (the draft alone), plus the versions the ledger records.
+
+Two sets ship: the demo pair (the default) and a trivial, deterministic engine for the
+platform's own tests and overhead benchmark, which needs no model and no thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+from inference.errors import ModelNotFound
+from speculative.engine import CompletionRequest, TokenStream, build_request
+from speculative.types import TokenEvent
+
+log = logging.getLogger(__name__)
+
+HEALTH_RETRY_S = 10.0  # after a verifier failure, route around it this long before trying again
+
+
+class Engine(Protocol):
+    """What the gateway needs of an engine (SpeculativeEngine, EdgeEngine, TrivialEngine)."""
+
+    def request(self, prompt: str | Sequence[int], **kwargs) -> CompletionRequest: ...
+
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> TokenStream: ...
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    speculative: Engine | None
+    edge: Engine | None
+    verifier_version: str
+    draft_version: str
+    context_length: int
+    tokenizer: object
+    description: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    _verifier_down_until: float = 0.0
+
+    def verifier_up(self) -> bool:
+        return self.speculative is not None and time.monotonic() >= self._verifier_down_until
+
+    def mark_verifier_down(self) -> None:
+        """The verifier failed: send this model's requests to the edge for a while."""
+        self._verifier_down_until = time.monotonic() + HEALTH_RETRY_S
+        log.warning("verifier of %s is down: routing to the edge for %.0f s", self.name, HEALTH_RETRY_S)
+
+
+class EngineSet:
+    def __init__(self, entries: Sequence[ModelEntry], closers: Sequence[Callable[[], None]] = ()):
+        self.models = {e.name: e for e in entries}
+        self._closers = list(closers)
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFound(f"the model {name!r} does not exist (served here: {known})", param="model") from None
+
+    def close(self) -> None:
+        for close in self._closers:
+            close()
+
+
+_engines: EngineSet | None = None
+_engines_lock = threading.Lock()
+
+
+def get_engines() -> EngineSet:
+    """The process's engine set, built from ``settings.TANDEM_ENGINES`` on first use."""
+    global _engines
+    if _engines is None:
+        with _engines_lock:
+            if _engines is None:
+                _engines = import_string(settings.TANDEM_ENGINES)()
+    return _engines
+
+
+def set_engines(engines: EngineSet | None) -> EngineSet | None:
+    """Swap the process's engine set (tests, benchmarks); return the previous one."""
+    global _engines
+    with _engines_lock:
+        previous, _engines = _engines, engines
+    return previous
+
+
+def file_version(path: str | Path) -> str:
+    """``name@sha256[:12]`` of a weights file or folder: what the ledger records as a model version."""
+    path = Path(path)
+    if not path.exists():
+        return str(path)  # a hub id: its name is the best version there is
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return f"{path.name}@{digest.hexdigest()[:12]}"
+
+
+def load_default_engines() -> EngineSet:
+    """The demo pair (or TANDEM_VERIFIER / TANDEM_DRAFT / TANDEM_VERIFIER_URLS) as model ``tandem-demo``."""
+    from speculative.edge import EdgeEngine
+    from speculative.engine import SpeculativeEngine
+    from speculative.pair import DEMO_DRAFT_GGUF, DEMO_VERIFIER, load_pair
+
+    verifier_path = settings.TANDEM_VERIFIER or str(DEMO_VERIFIER)
+    draft_path = settings.TANDEM_DRAFT or str(DEMO_DRAFT_GGUF)
+    verifier, draft, tokenizer = load_pair(verifier_path, draft_path)
+    if settings.TANDEM_VERIFIER_URLS:
+        from speculative.remote import RemoteVerifier
+
+        verifier = RemoteVerifier(settings.TANDEM_VERIFIER_URLS[0])
+    speculative = SpeculativeEngine(verifier, tokenizer, draft)
+    edge = EdgeEngine(draft, tokenizer, tokenizer.eos_token_id)
+    entry = ModelEntry(
+        name="tandem-demo",
+        speculative=speculative,
+        edge=edge,
+        verifier_version=file_version(verifier_path),
+        draft_version=file_version(draft_path),
+        context_length=min(speculative.context_length, edge.context_length),
+        tokenizer=tokenizer,
+        description="the shipped demo pair: 12M-parameter Llama verifier, 1.7M draft on llama.cpp",
+    )
+    return EngineSet([entry], closers=[speculative.close])
+
+
+# the trivial engine: deterministic text, no model --------------------------------------
+class CharTokenizer:
+    """One token per character (code point), id 0 reserved as EOS."""
+
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if i)
+
+
+TRIVIAL_TEXT = "Tandem drafts at the edge and verifies in batches. "
+TRIVIAL_ROUND = 3  # tokens per round: two drafted, one from the "verifier"
+TRIVIAL_GPU_MS = 0.75  # per round
+
+
+class TrivialCompletion(TokenStream):
+    """Emits TRIVIAL_TEXT over and over in rounds of three, with made-up but consistent costs."""
+
+    def __init__(self, engine: TrivialEngine, request: CompletionRequest):
+        self._engine = engine
+        super().__init__(engine.tokenizer, CharTokenizer.eos_token_id, request)
+
+    def _run(self) -> Generator[TokenEvent, None, None]:
+        text = self._engine.text
+        for start in range(0, 1 << 30, TRIVIAL_ROUND):
+            tokens = tuple(ord(text[(start + i) % len(text)]) for i in range(TRIVIAL_ROUND))
+            if self._engine.fail_after is not None and start >= self._engine.fail_after:
+                raise RuntimeError("the trivial engine failed on purpose")
+            self.stats.rounds += 1
+            self.stats.proposed += TRIVIAL_ROUND - 1
+            self.stats.accepted += TRIVIAL_ROUND - 1
+            self.stats.gpu_ms += TRIVIAL_GPU_MS
+            yield from self._emit(tokens, TRIVIAL_ROUND - 1, TRIVIAL_GPU_MS, TRIVIAL_ROUND - 1)
+            if self.stats.finish_reason is not None:
+                return
+
+
+class TrivialEngine:
+    def __init__(self, *, text: str = TRIVIAL_TEXT, fail_after: int | None = None, context_length: int = 4096):
+        self.tokenizer = CharTokenizer()
+        self.text = text
+        self.fail_after = fail_after  # raise once this many tokens were produced (error-path tests)
+        self.context_length = context_length
+
+    def request(self, prompt: str | Sequence[int], **kwargs) -> CompletionRequest:
+        return build_request(self.tokenizer, self.context_length, prompt, **kwargs)
+
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> TrivialCompletion:
+        return TrivialCompletion(self, self.request(prompt, **kwargs))
+
+
+def trivial_entry(name: str = "tandem-test", **kwargs) -> ModelEntry:
+    engine = TrivialEngine(**kwargs)
+    edge = TrivialEngine(**kwargs)
+    return ModelEntry(
+        name=name,
+        speculative=engine,
+        edge=edge,
+        verifier_version="trivial@0",
+        draft_version="trivial@0",
+        context_length=engine.context_length,
+        tokenizer=engine.tokenizer,
+        description="a deterministic engine without a model (tests, overhead benchmark)",
+    )
+
+
+def load_test_engines() -> EngineSet:
+    """``tandem-test`` (always works) and ``tandem-test-broken`` (fails after 6 tokens)."""
+    return EngineSet([trivial_entry(), trivial_entry("tandem-test-broken", fail_after=6)])

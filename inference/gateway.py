@@ -1,0 +1,505 @@
+"""The one path every completion takes: websocket, OpenAI API and batch jobs all call ``start``.
+
+    principal = await authenticate_api_key(raw) | await principal_for_user(user, tenant_id)
+    stream = await start(principal, call)   # validate, admit, route, reserve, first token
+    async for delta in stream: ...          # token deltas with provenance
+    stream.usage                            # settled: tokens, cost breakdown, stats
+    await stream.aclose()                   # a client went away: stop and settle what was delivered
+
+Money: the worst case (``max_tokens``, the price's GPU ceiling) is reserved before the
+engine runs, so no pattern of concurrent requests can overspend a hard budget; the
+settlement charges exactly the tokens handed to the adapter, each carrying its share of
+the verifier time and drafted tokens of its round (``TokenEvent.gpu_ms``/``drafted``).
+``start`` waits for the first token before it returns, so an error before any output
+(bad input, no budget, engine busy) reaches the adapter as a plain error with a status
+code and charges nothing. The engine runs on a worker thread (its calls block); tokens
+cross to the event loop through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from inference.engines import ModelEntry, get_engines
+from inference.errors import (
+    AuthenticationFailed,
+    BudgetExceeded,
+    ContextTooLong,
+    GatewayError,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    UpstreamFailed,
+)
+from inference.router import Route, Tier, decide
+from speculative import errors as core_errors
+from speculative.types import Provenance, SamplingParams, TokenEvent
+from tenants import errors as tenant_errors
+from tenants import selectors as tenant_selectors
+from tenants import services as tenant_services
+
+log = logging.getLogger(__name__)
+
+MAX_TAGS = 16
+COMPLETIONS_SCOPE = "completions"
+MAX_STREAMS = 64  # streams this process runs at once (engine threads); 503 past it
+_END = object()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking, resolved once: the tenant is fixed here and nowhere else."""
+
+    tenant_id: int
+    user_id: int | None
+    api_key_id: int | None
+    scopes: tuple[str, ...] = ()  # an API key's scopes; () = every scope
+    role: str | None = None  # a console user's role in the tenant
+    can_complete: bool = True  # False for roles that may only read (Membership.can_complete)
+
+    def may(self, scope: str) -> bool:
+        return not self.scopes or scope in self.scopes
+
+
+@dataclass(frozen=True)
+class CompletionCall:
+    """One completion request, already parsed by an adapter."""
+
+    model: str
+    prompt: str
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+    request_id: str = field(default_factory=lambda: f"req_{uuid.uuid4().hex}")
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    index: int
+    text: str
+    token_id: int
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """What a finished stream produced and cost (the ledger row, as adapters report it)."""
+
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    drafted_tokens: Decimal
+    accepted_tokens: int
+    gpu_ms: Decimal
+    cost: Mapping[str, Decimal]  # edge, verifier, cloud, total
+    outcome: str  # completed / cancelled / error
+    finish_reason: str  # stop / length / "" (cancelled or failed)
+    ttft_ms: float | None
+    duration_ms: float
+    route: Route
+
+    @property
+    def acceptance_rate(self) -> float:
+        return float(self.accepted_tokens / self.drafted_tokens) if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / (self.duration_ms / 1e3) if self.duration_ms > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "drafted_tokens": str(self.drafted_tokens),
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "gpu_ms": str(self.gpu_ms),
+            "cost": {k: str(v) for k, v in self.cost.items()},
+            "outcome": self.outcome,
+            "finish_reason": self.finish_reason,
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "duration_ms": round(self.duration_ms, 2),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "route": {"tier": self.route.tier.value, "reason": self.route.reason, "degraded": self.route.degraded},
+        }
+
+
+# authentication ---------------------------------------------------------------------------
+async def authenticate_api_key(raw_key: str) -> Principal:
+    return await database_sync_to_async(_authenticate_api_key)(raw_key)
+
+
+def _authenticate_api_key(raw_key: str) -> Principal:
+    try:
+        key = tenant_services.api_key_authenticate(raw_key=raw_key)
+    except tenant_errors.InvalidApiKey as exc:
+        raise AuthenticationFailed(str(exc)) from None
+    return Principal(tenant_id=key.tenant_id, user_id=key.created_by_id, api_key_id=key.pk, scopes=tuple(key.scopes))
+
+
+async def principal_for_api_key_id(api_key_id: int, tenant_id: int) -> Principal:
+    """A stored key acting again later (a batch job): refused if it was revoked, expired or moved."""
+    return await database_sync_to_async(_principal_for_api_key_id)(api_key_id, tenant_id)
+
+
+def _principal_for_api_key_id(api_key_id: int, tenant_id: int) -> Principal:
+    from tenants.models import ApiKey
+
+    key = ApiKey.objects.filter(pk=api_key_id, tenant_id=tenant_id).first()
+    if key is None or not key.is_usable_at(timezone.now()):
+        raise AuthenticationFailed("the API key of this job is no longer valid")
+    return Principal(tenant_id=key.tenant_id, user_id=key.created_by_id, api_key_id=key.pk, scopes=tuple(key.scopes))
+
+
+async def principal_for_user(user, tenant_id: int | None) -> Principal:
+    """A signed-in console user acting in one of their tenants (their first one when not given)."""
+    return await database_sync_to_async(_principal_for_user)(user, tenant_id)
+
+
+def _principal_for_user(user, tenant_id: int | None) -> Principal:
+    if user is None or not user.is_authenticated:
+        raise AuthenticationFailed("sign in first", code="not_authenticated")
+    if tenant_id is None:
+        membership = tenant_selectors.memberships_for_user(user=user).order_by("pk").first()
+        if membership is None:
+            raise PermissionDenied("you are not a member of any tenant")
+    else:
+        try:
+            membership = tenant_selectors.membership_get(user=user, tenant_id=tenant_id)
+        except tenant_errors.NotAMember:
+            raise PermissionDenied(f"you are not a member of tenant {tenant_id}") from None
+    return Principal(
+        tenant_id=membership.tenant_id,
+        user_id=user.pk,
+        api_key_id=None,
+        role=membership.role,
+        can_complete=membership.can_complete,
+    )
+
+
+# admission ----------------------------------------------------------------------------------
+class _Admission:
+    """Streams in flight per tenant and in all; refuses past the limits (429 / 503)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_tenant: dict[int, int] = {}
+        self._total = 0
+
+    def enter(self, tenant_id: int) -> None:
+        limit = settings.TANDEM_MAX_STREAMS_PER_TENANT
+        with self._lock:
+            if self._by_tenant.get(tenant_id, 0) >= limit:
+                raise RateLimited(f"this tenant already runs {limit} streams at once; retry when one ends")
+            if self._total >= MAX_STREAMS:
+                raise Overloaded("the server is at capacity; retry shortly")
+            self._by_tenant[tenant_id] = self._by_tenant.get(tenant_id, 0) + 1
+            self._total += 1
+
+    def leave(self, tenant_id: int) -> None:
+        with self._lock:
+            self._by_tenant[tenant_id] -= 1
+            self._total -= 1
+
+
+admission = _Admission()
+
+
+# the stream -----------------------------------------------------------------------------------
+def _validate(call: CompletionCall) -> None:
+    if not isinstance(call.prompt, str) or not call.prompt:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if len(call.prompt) > settings.TANDEM_MAX_PROMPT_CHARS:
+        raise ContextTooLong(
+            f"the prompt has {len(call.prompt)} characters; at most {settings.TANDEM_MAX_PROMPT_CHARS} are accepted",
+            param="prompt",
+        )
+    if isinstance(call.max_tokens, bool) or not isinstance(call.max_tokens, int) or call.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {call.max_tokens!r}", param="max_tokens")
+    if len(call.tags) > MAX_TAGS or any(
+        not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 256 for k, v in call.tags.items()
+    ):
+        raise InvalidRequest(f"tags must be at most {MAX_TAGS} string pairs (keys <= 64, values <= 256 chars)")
+
+
+def _build(entry: ModelEntry, route: Route, call: CompletionCall):
+    engine = entry.speculative if route.tier is Tier.SPECULATIVE else entry.edge
+    assert engine is not None
+    seed = call.seed if call.seed is not None else secrets.randbits(31)
+    try:
+        sampling = SamplingParams(call.temperature, call.top_k, call.top_p, seed)
+        request = engine.request(call.prompt, max_tokens=call.max_tokens, sampling=sampling, stop=call.stop)
+    except core_errors.ContextOverflowError as exc:
+        raise ContextTooLong(str(exc), param="max_tokens") from None
+    except core_errors.InvalidRequestError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return engine, request
+
+
+class GatewayStream:
+    """An admitted, paid-for completion in flight. Iterate for :class:`TokenDelta`; ``usage`` at the end."""
+
+    def __init__(self, principal: Principal, call: CompletionCall, entry: ModelEntry, route: Route):
+        self.principal, self.call, self.entry, self.route = principal, call, entry, route
+        self.request_id = call.request_id
+        self.model = entry.name
+        self.created = int(time.time())
+        self.usage: UsageSummary | None = None
+        self.prompt_tokens = 0
+        self._reservation = None
+        self._price = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancel = threading.Event()
+        self._delivered = 0
+        self._accepted = 0
+        self._gpu_ms = 0.0
+        self._drafted = 0.0
+        self._started = time.perf_counter()
+        self._first_token_at: float | None = None
+        self._first: object | None = None  # the first item, fetched by start()
+        self._completion = None
+        self._settling = asyncio.Lock()
+
+    # set-up, from start() -------------------------------------------------------------
+    def _reserve(self, engine, request) -> None:
+        """Price the worst case and hold it on the tenant's budgets (sync: runs in a DB thread)."""
+        self.prompt_tokens = len(request.prompt_ids)
+        try:
+            self._price = tenant_selectors.price_active(model=self.entry.name, tier=self.route.tier.value)
+        except tenant_errors.PriceNotFound as exc:
+            raise GatewayError(f"{exc}: the operator must publish a price before this model can be served") from None
+        amount = tenant_services.cost_estimate_max(
+            price=self._price, prompt_tokens=self.prompt_tokens, max_tokens=request.max_tokens
+        )
+        from tenants.models import ApiKey, Tenant
+
+        tenant = Tenant.objects.get(pk=self.principal.tenant_id)
+        key = ApiKey.objects.get(pk=self.principal.api_key_id) if self.principal.api_key_id else None
+        try:
+            self._reservation = tenant_services.budget_reserve(
+                tenant=tenant, api_key=key, amount=amount, request_id=self.request_id
+            )
+        except tenant_errors.BudgetExceeded as exc:
+            raise BudgetExceeded(str(exc)) from None
+
+    def _launch(self, engine, request) -> None:
+        loop = asyncio.get_running_loop()
+        self._completion = engine.stream(request.prompt_ids, **_request_kwargs(request))
+        threading.Thread(target=self._pump, args=(loop,), name=f"stream-{self.request_id}", daemon=True).start()
+
+    def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: run the engine, hand each event to the event loop."""
+        completion = self._completion
+        assert completion is not None
+
+        def put(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (the server is shutting down)
+                self._cancel.set()
+
+        try:
+            for event in completion:
+                if self._cancel.is_set():
+                    break
+                put(event)
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop, raised there
+            put(exc)
+        finally:
+            completion.close()  # releases the engine's sessions (draft sequence, verifier slot)
+
+    # iteration --------------------------------------------------------------------------
+    def __aiter__(self) -> GatewayStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if self.usage is not None:
+            raise StopAsyncIteration
+        if self._first is not None:
+            item, self._first = self._first, None
+        else:
+            item = await self._queue.get()
+        if item is _END:
+            await self._settle("completed")
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise await self._fail(item)
+        assert isinstance(item, TokenEvent)
+        return self._deliver(item)
+
+    def _deliver(self, event: TokenEvent) -> TokenDelta:
+        """The token goes to the client now: from here on it is charged."""
+        if self._first_token_at is None:
+            self._first_token_at = time.perf_counter()
+        self._delivered += 1
+        self._gpu_ms += event.gpu_ms
+        self._drafted += event.drafted
+        if event.provenance is Provenance.DRAFTED:
+            self._accepted += 1
+        return TokenDelta(self._delivered - 1, event.text, event.token_id, event.provenance)
+
+    async def aclose(self) -> UsageSummary | None:
+        """Stop generating (client gone, cancel frame); settle exactly what was delivered."""
+        self._cancel.set()
+        if self.usage is None:
+            await self._settle("cancelled")
+        return self.usage
+
+    async def _fail(self, exc: BaseException) -> GatewayError:
+        """The engine failed: settle what was delivered, and say what went wrong."""
+        self._cancel.set()
+        if isinstance(exc, core_errors.VerifierUnavailableError):
+            self.entry.mark_verifier_down()
+            error: GatewayError = UpstreamFailed(f"the verifier became unavailable: {exc}; new requests go to the edge")
+        elif isinstance(exc, core_errors.VerifierBusyError | core_errors.DraftBusyError):
+            error = Overloaded(str(exc))
+        elif isinstance(exc, core_errors.ContextOverflowError):
+            error = ContextTooLong(str(exc))
+        else:
+            log.error("request %s: engine failed", self.request_id, exc_info=exc)
+            error = UpstreamFailed(f"the engine failed: {type(exc).__name__}")
+        await self._settle("error", error=error.message)
+        return error
+
+    async def _settle(self, outcome: str, error: str = "") -> None:
+        async with self._settling:
+            if self.usage is not None:
+                return
+            try:
+                self.usage = await database_sync_to_async(self._settle_sync)(outcome, error)
+            finally:
+                admission.leave(self.principal.tenant_id)
+
+    def _settle_sync(self, outcome: str, error: str) -> UsageSummary:
+        from inference.models import SloSample
+
+        stats = self._completion.stats if self._completion is not None else None
+        finish = stats.finish_reason.value if outcome == "completed" and stats and stats.finish_reason else ""
+        now = time.perf_counter()
+        ttft_ms = (self._first_token_at - self._started) * 1e3 if self._first_token_at else None
+        duration_ms = (now - self._started) * 1e3
+        gpu_ms = Decimal(str(round(self._gpu_ms, 3)))
+        drafted = Decimal(str(round(self._drafted, 3)))
+        if self._reservation is None:  # failed before the reservation: nothing to settle
+            cost = {"edge": Decimal(0), "verifier": Decimal(0), "cloud": Decimal(0), "total": Decimal(0)}
+        elif self._delivered == 0 and outcome != "completed":
+            tenant_services.reservation_release(reservation=self._reservation)
+            cost = {"edge": Decimal(0), "verifier": Decimal(0), "cloud": Decimal(0), "total": Decimal(0)}
+        else:
+            record = tenant_services.usage_settle(
+                reservation=self._reservation,
+                usage=tenant_services.Usage(
+                    request_id=self.request_id,
+                    user_id=self.principal.user_id,
+                    tags=dict(self.call.tags),
+                    route_tier=self.route.tier.value,
+                    route_reason=self.route.reason,
+                    policy_version=self.route.policy_version,
+                    model=self.entry.name,
+                    verifier_version=self.entry.verifier_version if self.route.tier is Tier.SPECULATIVE else "",
+                    draft_version=self.entry.draft_version,
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=self._delivered,
+                    drafted_tokens=drafted,
+                    accepted_tokens=self._accepted,
+                    gpu_ms=gpu_ms,
+                    outcome=outcome,
+                    finish_reason=finish,
+                    error=error,
+                    ttft_ms=ttft_ms,
+                    duration_ms=duration_ms,
+                ),
+            )
+            cost = {
+                "edge": record.cost_edge,
+                "verifier": record.cost_verifier,
+                "cloud": record.cost_cloud,
+                "total": record.cost_total,
+            }
+            itl = (now - self._first_token_at) * 1e3 / (self._delivered - 1) if self._delivered > 1 else None
+            SloSample.objects.create(
+                request_id=self.request_id,
+                tenant_id=self.principal.tenant_id,
+                model=self.entry.name,
+                route_tier=self.route.tier.value,
+                ttft_ms=ttft_ms,
+                inter_token_ms=itl,
+                e2e_ms=duration_ms,
+                tokens=self._delivered,
+                outcome=outcome,
+            )
+        return UsageSummary(
+            request_id=self.request_id,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self._delivered,
+            drafted_tokens=drafted,
+            accepted_tokens=self._accepted,
+            gpu_ms=gpu_ms,
+            cost=cost,
+            outcome=outcome,
+            finish_reason=finish,
+            ttft_ms=ttft_ms,
+            duration_ms=duration_ms,
+            route=self.route,
+        )
+
+
+def _request_kwargs(request) -> dict:
+    return {"max_tokens": request.max_tokens, "sampling": request.sampling, "stop": request.stop}
+
+
+async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
+    """Admit, route, reserve and start a completion; return once its first token is ready.
+
+    Raises a :class:`GatewayError` (and charges nothing) when the request is invalid, the
+    principal may not spend, the model is unknown, a limit is reached or the engine fails
+    before producing anything.
+    """
+    if not principal.may(COMPLETIONS_SCOPE):
+        raise PermissionDenied(f"this API key lacks the {COMPLETIONS_SCOPE!r} scope")
+    if not principal.can_complete:
+        raise PermissionDenied(f"a {principal.role} may not run completions")
+    _validate(call)
+    entry = get_engines().get(call.model)
+    route = decide(entry)
+    engine, request = await asyncio.to_thread(_build, entry, route, call)
+    admission.enter(principal.tenant_id)
+    stream = GatewayStream(principal, call, entry, route)
+    try:
+        await database_sync_to_async(stream._reserve)(engine, request)
+        stream._launch(engine, request)
+        first = await stream._queue.get()
+    except BaseException:
+        stream._cancel.set()
+        await stream._settle("error")
+        raise
+    if isinstance(first, BaseException):
+        raise await stream._fail(first)
+    stream._first = first
+    return stream
+
+
+async def collect(stream: GatewayStream) -> tuple[str, list[TokenDelta]]:
+    """Run a stream to the end (non-streaming adapters); return its text and deltas."""
+    deltas = [delta async for delta in stream]
+    return "".join(d.text for d in deltas), deltas

@@ -1,0 +1,133 @@
+"""Platform fixtures: accounts (tenant + owner + API key), the test price book, a live server.
+
+The core's own fixtures (the demo pair, tiny random models) live in tests/speculative.
+Under ``config.settings.test`` the engines are the trivial ones (``tandem-test``,
+``tandem-test-broken``): no model loads, so platform tests run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_MODELS = ("tandem-test", "tandem-test-broken")
+TIERS = ("edge", "speculative", "cloud")
+TEST_RATES = {
+    "prompt_per_mtok": Decimal("0.50"),
+    "completion_per_mtok": Decimal("1.50"),
+    "draft_per_mtok": Decimal("0.10"),
+    "gpu_per_hour": Decimal("2.00"),
+    "max_gpu_ms_per_token": Decimal("50"),
+}
+
+
+@dataclass
+class Account:
+    tenant: object
+    user: object
+    password: str
+    api_key: object
+    raw_key: str
+
+
+@pytest.fixture
+def price_book(db):
+    from tenants.services import price_book_publish
+
+    prices = [{"model": m, "tier": t, **TEST_RATES} for m in TEST_MODELS for t in TIERS]
+    return price_book_publish(version=1, prices=prices, note="test prices")
+
+
+def make_account(name: str, django_user_model) -> Account:
+    from tenants.services import api_key_create, tenant_create
+
+    password = f"pw-{name}-123456"
+    user = django_user_model.objects.create_user(username=name, password=password)
+    tenant = tenant_create(name=name.title(), owner=user)
+    api_key, raw_key = api_key_create(tenant=tenant, created_by=user, name=f"{name} key")
+    return Account(tenant, user, password, api_key, raw_key)
+
+
+@pytest.fixture
+def account(db, price_book, django_user_model) -> Account:
+    """Tenant "Acme", its owner, and an API key with every scope."""
+    return make_account("acme", django_user_model)
+
+
+@pytest.fixture
+def other_account(db, price_book, django_user_model) -> Account:
+    """A second tenant, "Globex", for isolation tests."""
+    return make_account("globex", django_user_model)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    username: str
+    password: str
+    api_key: str
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory) -> LiveServer:
+    """daphne serving the whole platform in a subprocess, on a fresh SQLite database.
+
+    Migrated and bootstrapped with ``manage.py tandem_demo`` for the test models, exactly
+    as ``make run`` does for the demo pair.
+    """
+    var = tmp_path_factory.mktemp("live")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "TANDEM_VAR_DIR": str(var),
+        "DATABASE_URL": f"sqlite:///{var / 'live.sqlite3'}",
+    }
+    python = sys.executable
+    subprocess.run([python, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
+    boot = subprocess.run(
+        [python, "manage.py", "tandem_demo", "--password", "live-pass-123456", "--models", ",".join(TEST_MODELS)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    api_key = next(line.split()[-1] for line in boot.stdout.splitlines() if line.strip().startswith("API key"))
+    port = _free_port()
+    log = (var / "daphne.log").open("w")
+    server = subprocess.Popen(
+        [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"daphne did not start: {(var / 'daphne.log').read_text()}")
+            time.sleep(0.1)
+    yield LiveServer(f"http://127.0.0.1:{port}", "demo", "live-pass-123456", api_key)
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()

@@ -1,0 +1,174 @@
+"""The gateway: the one path every completion takes (admit, route, reserve, stream, settle)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from inference import gateway
+from inference.engines import get_engines
+from inference.errors import (
+    BudgetExceeded,
+    ContextTooLong,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    RateLimited,
+)
+from inference.models import SloSample
+from inference.router import Tier
+from speculative.types import Provenance
+from tenants.models import Budget, Reservation, UsageRecord
+from tenants.services import budget_set, membership_create
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+
+def call(**kwargs) -> gateway.CompletionCall:
+    return gateway.CompletionCall(**{"model": "tandem-test", "prompt": "Hello there", "max_tokens": 12, **kwargs})
+
+
+async def key_principal(account) -> gateway.Principal:
+    return await gateway.authenticate_api_key(account.raw_key)
+
+
+async def test_a_full_stream_is_charged_for_every_token_it_delivered(account):
+    stream = await gateway.start(await key_principal(account), call(max_tokens=12))
+    deltas = [d async for d in stream]
+    usage = stream.usage
+    assert usage is not None and usage.outcome == "completed" and usage.finish_reason == "length"
+    assert usage.completion_tokens == len(deltas) == 12
+    assert [d.index for d in deltas] == list(range(12))
+    assert {d.provenance for d in deltas} == {Provenance.DRAFTED, Provenance.VERIFIER}
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.tenant_id == account.tenant.pk and row.api_key_id == account.api_key.pk
+    assert row.completion_tokens == 12 and row.prompt_tokens == len("Hello there")
+    assert row.accepted_tokens == 8  # the trivial engine: two drafted tokens, then one verifier token
+    assert row.drafted_tokens == Decimal("8.000") and row.gpu_ms == Decimal("3.000")  # 4 rounds x 0.75 ms
+    assert row.cost_total == usage.cost["total"] > 0
+    assert row.route_tier == "speculative" and row.route_reason == "default"
+    assert await Reservation.objects.filter(status="held").acount() == 0
+    assert await SloSample.objects.filter(request_id=stream.request_id, outcome="completed").aexists()
+
+
+async def test_cancelling_mid_stream_charges_exactly_the_delivered_tokens(account):
+    stream = await gateway.start(await key_principal(account), call(max_tokens=30))
+    got = [await stream.__anext__() for _ in range(4)]  # a partial round: tokens 0-2 and 3 of 4-5
+    usage = await stream.aclose()
+    assert usage is not None and usage.outcome == "cancelled" and usage.completion_tokens == len(got) == 4
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.completion_tokens == 4 and row.outcome == "cancelled"
+    assert row.gpu_ms == Decimal("1.000")  # 1 full round (0.75) + a third of the next (0.25)
+    assert await stream.aclose() is usage  # closing twice settles once
+    assert await UsageRecord.objects.filter(request_id=stream.request_id).acount() == 1
+
+
+async def test_a_stop_string_ends_the_stream_and_only_the_text_before_it_is_charged(account):
+    stream = await gateway.start(await key_principal(account), call(max_tokens=40, stop=("edge",)))
+    text, deltas = await gateway.collect(stream)
+    assert text == "Tandem drafts at the "
+    assert stream.usage.finish_reason == "stop"
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.completion_tokens == len(deltas) and row.finish_reason == "stop"
+
+
+async def test_an_engine_failure_mid_stream_settles_what_was_delivered_and_raises(account):
+    stream = await gateway.start(await key_principal(account), call(model="tandem-test-broken", max_tokens=30))
+    delivered = 0
+    with pytest.raises(gateway.GatewayError) as info:
+        async for _ in stream:
+            delivered += 1
+    assert info.value.status == 502 and delivered == 6
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.outcome == "error" and row.completion_tokens == 6 and row.error
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"model": "no-such-model"}, ModelNotFound),
+        ({"max_tokens": 0}, InvalidRequest),
+        ({"max_tokens": -5}, InvalidRequest),
+        ({"prompt": ""}, InvalidRequest),
+        ({"prompt": "x" * 40_000}, ContextTooLong),
+        ({"max_tokens": 5000}, ContextTooLong),
+        ({"temperature": -1.0}, InvalidRequest),
+        ({"top_p": 0.0}, InvalidRequest),
+        ({"tags": {"k": 5}}, InvalidRequest),
+    ],
+)
+async def test_bad_requests_are_refused_before_anything_is_reserved(account, kwargs, error):
+    with pytest.raises(error):
+        await gateway.start(await key_principal(account), call(**kwargs))
+    assert await Reservation.objects.acount() == 0
+    assert await UsageRecord.objects.acount() == 0
+
+
+async def test_a_request_past_the_hard_budget_is_refused_and_charges_nothing(account):
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(budget_set)(
+        tenant=account.tenant, period="month", hard_limit=Decimal("0.000001"), soft_limit=None
+    )
+    with pytest.raises(BudgetExceeded):
+        await gateway.start(await key_principal(account), call())
+    budget = await Budget.objects.aget(tenant=account.tenant)
+    assert budget.spent == 0 and budget.reserved == 0
+    assert await UsageRecord.objects.acount() == 0
+
+
+async def test_a_wrong_api_key_is_an_authentication_error(account):
+    for raw in ("", "tdm_nope", account.raw_key + "x", "Bearer " + account.raw_key):
+        with pytest.raises(gateway.AuthenticationFailed):
+            await gateway.authenticate_api_key(raw)
+
+
+async def test_a_viewer_may_not_spend_and_a_user_acts_only_in_their_tenants(account, other_account, django_user_model):
+    from asgiref.sync import sync_to_async
+
+    viewer = await sync_to_async(django_user_model.objects.create_user)(username="vic", password="pw-vic-123456")
+    await sync_to_async(membership_create)(tenant=account.tenant, user=viewer, role="viewer")
+    principal = await gateway.principal_for_user(viewer, account.tenant.pk)
+    with pytest.raises(PermissionDenied):
+        await gateway.start(principal, call())
+    with pytest.raises(PermissionDenied):
+        await gateway.principal_for_user(account.user, other_account.tenant.pk)
+
+
+async def test_streams_past_the_tenants_limit_are_rate_limited(account, settings):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 2
+    principal = await key_principal(account)
+    open_streams = [await gateway.start(principal, call(max_tokens=50)) for _ in range(2)]
+    with pytest.raises(RateLimited):
+        await gateway.start(principal, call())
+    for stream in open_streams:
+        await stream.aclose()
+    later = await gateway.start(principal, call(max_tokens=3))  # a slot is free again
+    await gateway.collect(later)
+
+
+async def test_a_verifier_that_is_down_sends_requests_to_the_edge_tier(account):
+    entry = get_engines().get("tandem-test")
+    entry.mark_verifier_down()
+    try:
+        stream = await gateway.start(await key_principal(account), call(max_tokens=5))
+        await gateway.collect(stream)
+    finally:
+        entry._verifier_down_until = 0.0
+    assert stream.route.tier is Tier.EDGE and stream.route.degraded
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.route_tier == "edge" and row.route_reason == "verifier_down" and row.verifier_version == ""
+
+
+async def test_tenants_spend_only_their_own_budget(account, other_account):
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(budget_set)(
+        tenant=other_account.tenant, period="month", hard_limit=Decimal("5"), soft_limit=None
+    )
+    stream = await gateway.start(await key_principal(account), call())
+    await gateway.collect(stream)
+    other = await Budget.objects.aget(tenant=other_account.tenant)
+    assert other.spent == 0 and other.reserved == 0
+    assert not await UsageRecord.objects.filter(tenant=other_account.tenant).aexists()
