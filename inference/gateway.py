@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -50,6 +51,10 @@ from speculative.types import Provenance, SamplingParams, TokenEvent
 from tenants import errors as tenant_errors
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
+
+if TYPE_CHECKING:
+    from speculative.engine import TokenStream
+    from tenants.models import Price, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +270,8 @@ class GatewayStream:
         self.created = int(time.time())
         self.usage: UsageSummary | None = None
         self.prompt_tokens = 0
-        self._reservation = None
-        self._price = None
+        self._reservation: Reservation | None = None
+        self._price: Price | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
         self._delivered = 0
@@ -276,7 +281,7 @@ class GatewayStream:
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self._first: object | None = None  # the first item, fetched by start()
-        self._completion = None
+        self._completion: TokenStream | None = None
         self._settling = asyncio.Lock()
 
     # set-up, from start() -------------------------------------------------------------
@@ -436,7 +441,8 @@ class GatewayStream:
                 "cloud": record.cost_cloud,
                 "total": record.cost_total,
             }
-            itl = (now - self._first_token_at) * 1e3 / (self._delivered - 1) if self._delivered > 1 else None
+            first = self._first_token_at
+            itl = (now - first) * 1e3 / (self._delivered - 1) if first is not None and self._delivered > 1 else None
             SloSample.objects.create(
                 request_id=self.request_id,
                 tenant_id=self.principal.tenant_id,
