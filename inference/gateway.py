@@ -301,7 +301,7 @@ class GatewayStream:
         key = ApiKey.objects.get(pk=self.principal.api_key_id) if self.principal.api_key_id else None
         try:
             self._reservation = tenant_services.budget_reserve(
-                tenant=tenant, api_key=key, amount=amount, request_id=self.request_id
+                tenant=tenant, api_key=key, amount=amount, request_id=self.request_id, price=self._price
             )
         except tenant_errors.BudgetExceeded as exc:
             raise BudgetExceeded(str(exc)) from None
