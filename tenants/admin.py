@@ -1,0 +1,219 @@
+"""The Django admin for tenants: people and keys are managed here; money rows are only read.
+
+Money never moves by hand: reservations, the ledger and published price books are
+read-only, budget limits are saved through ``services.budget_set`` (which locks the row,
+so an edit never overwrites counters a request moved meanwhile), and API keys are
+created only through ``services.api_key_create`` (the console), since the admin must
+never show or accept a raw key. Keys are revoked here through ``services.api_key_revoke``.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count
+from django.utils import timezone
+
+from tenants import services
+from tenants.models import ApiKey, Budget, Membership, Price, PriceBook, Reservation, Tenant, UsageRecord
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Viewable, never added, changed or deleted by hand."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    raw_id_fields = ["user"]
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "created_at"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+    readonly_fields = ["created_at"]
+    inlines = [MembershipInline]
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "tenant", "role", "created_at"]
+    list_filter = ["role"]
+    search_fields = ["user__username", "user__email", "tenant__name", "tenant__slug"]
+    raw_id_fields = ["user", "tenant"]
+    list_select_related = ["user", "tenant"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(ReadOnlyAdmin):
+    """Read-only but for revocation: a saved form would write back a stale ``revoked_at`` (un-revoking a key)."""
+
+    list_display = ["prefix", "name", "tenant", "created_by", "scopes", "state", "last_used_at", "expires_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter), ("expires_at", admin.EmptyFieldListFilter)]
+    search_fields = ["prefix", "name", "tenant__name", "tenant__slug"]
+    list_select_related = ["tenant", "created_by"]
+    # key_hash is left out: it is no secret, but it is of no use to a person either.
+    fields = ["prefix", "name", "tenant", "created_by", "scopes", "expires_at", "revoked_at", "last_used_at"]
+    actions = ["revoke"]
+
+    @admin.display(description="state")
+    def state(self, obj: ApiKey) -> str:
+        if obj.revoked_at is not None:
+            return "revoked"
+        return "active" if obj.is_usable_at(timezone.now()) else "expired"
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {
+            **(extra_context or {}),
+            "subtitle": "Keys are created in the console (services.api_key_create), which shows the key once; "
+            "the admin never shows or accepts one.",
+        }
+        return super().changelist_view(request, extra_context)
+
+    def has_revoke_permission(self, request) -> bool:
+        return request.user.has_perm("tenants.change_apikey")
+
+    @admin.action(description="Revoke selected API keys", permissions=["revoke"])
+    def revoke(self, request, queryset) -> None:
+        count = 0
+        for api_key in queryset:
+            if api_key.revoked_at is None:
+                # by=None: the admin is a system caller; the log entry records who did it.
+                services.api_key_revoke(api_key=api_key, by=None)
+                self.log_change(request, api_key, "Revoked")
+                count += 1
+        self.message_user(request, f"Revoked {count} API key(s).", messages.SUCCESS)
+
+
+class BudgetForm(forms.ModelForm):
+    class Meta:
+        model = Budget
+        fields = ["tenant", "api_key", "period", "hard_limit", "soft_limit"]
+
+    def clean(self):
+        cleaned = super().clean()
+        tenant, api_key = cleaned.get("tenant"), cleaned.get("api_key")
+        if tenant is not None and api_key is not None and api_key.tenant_id != tenant.pk:
+            raise forms.ValidationError("That API key belongs to another tenant.")
+        return cleaned
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    form = BudgetForm
+    list_display = ["tenant", "api_key", "period", "hard_limit", "soft_limit", "spent", "reserved", "period_start"]
+    list_filter = ["period"]
+    search_fields = ["tenant__name", "tenant__slug", "api_key__prefix"]
+    list_select_related = ["tenant", "api_key"]
+    raw_id_fields = ["tenant", "api_key"]
+
+    def get_readonly_fields(self, request, obj=None):
+        counters = ["period_start", "spent", "reserved", "soft_alerted_at"]
+        # A budget's identity is fixed once it may hold money: change its limits, or delete it.
+        return counters + (["tenant", "api_key", "period"] if obj is not None else [])
+
+    def save_model(self, request, obj, form, change) -> None:
+        budget = services.budget_set(
+            tenant=obj.tenant,
+            api_key=obj.api_key,
+            period=obj.period,
+            hard_limit=obj.hard_limit,
+            soft_limit=obj.soft_limit,
+        )
+        obj.pk = budget.pk
+        obj.refresh_from_db()
+
+
+class PriceInline(admin.TabularInline):
+    model = Price
+    extra = 0
+    can_delete = False
+    fields = [
+        "model",
+        "tier",
+        "prompt_per_mtok",
+        "completion_per_mtok",
+        "draft_per_mtok",
+        "gpu_per_hour",
+        "max_gpu_ms_per_token",
+    ]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(PriceBook)
+class PriceBookAdmin(ReadOnlyAdmin):
+    """Published books are immutable (ledger rows point to them); publish a new one with services.price_book_publish."""
+
+    list_display = ["version", "is_active", "note", "price_count", "created_at"]
+    list_filter = ["is_active"]
+    search_fields = ["note", "prices__model"]
+    inlines = [PriceInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(price_count=Count("prices"))
+
+    @admin.display(description="prices", ordering="price_count")
+    def price_count(self, obj) -> int:
+        return obj.price_count
+
+
+@admin.register(Price)
+class PriceAdmin(ReadOnlyAdmin):
+    list_display = [
+        "model",
+        "tier",
+        "book",
+        "prompt_per_mtok",
+        "completion_per_mtok",
+        "draft_per_mtok",
+        "gpu_per_hour",
+        "max_gpu_ms_per_token",
+    ]
+    list_filter = ["tier", "book__is_active", "book"]
+    search_fields = ["model"]
+    list_select_related = ["book"]
+
+
+@admin.register(Reservation)
+class ReservationAdmin(ReadOnlyAdmin):
+    list_display = ["request_id", "tenant", "api_key", "amount", "status", "created_at", "settled_at"]
+    list_filter = ["status"]
+    search_fields = ["request_id", "tenant__name", "tenant__slug", "api_key__prefix"]
+    list_select_related = ["tenant", "api_key"]
+    date_hierarchy = "created_at"
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin):
+    list_display = [
+        "created_at",
+        "request_id",
+        "tenant",
+        "model",
+        "route_tier",
+        "outcome",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_total",
+    ]
+    list_filter = ["route_tier", "outcome", "finish_reason", "price_book"]
+    search_fields = ["request_id", "tenant__name", "tenant__slug", "model", "api_key__prefix"]
+    list_select_related = ["tenant"]
+    date_hierarchy = "created_at"

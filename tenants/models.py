@@ -1,0 +1,359 @@
+"""Tenants' data and the invariants the database keeps for it: memberships, API keys, budgets, prices, the ledger.
+
+Writes go through ``tenants.services``, reads through ``tenants.selectors``; models hold
+data, constraints and small facts about one row. Money is ``Decimal`` in
+``DecimalField(max_digits=20, decimal_places=9)`` everywhere (a nano-unit is fine enough
+for a fraction of a token's price). On SQLite Django keeps about 15 significant digits
+of a decimal; PostgreSQL keeps them exactly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+
+
+def _money(**kwargs) -> models.DecimalField:
+    return models.DecimalField(max_digits=20, decimal_places=9, **kwargs)
+
+
+def _choices_check(field: str, choices: type[models.TextChoices], name: str) -> models.CheckConstraint:
+    """Keep a choices field to its choices in the database too (forms are not the only writers).
+
+    The choices classes live at module level (each also reachable as ``Model.Role`` etc.)
+    because a model's ``Meta`` cannot see names defined in the model's body.
+    """
+    return models.CheckConstraint(condition=Q(**{f"{field}__in": choices.values}), name=name)
+
+
+class Tier(models.TextChoices):
+    """Where a request runs: the draft alone, draft + verifier, or an upstream cloud model."""
+
+    EDGE = "edge"
+    SPECULATIVE = "speculative"
+    CLOUD = "cloud"
+
+
+class Tenant(models.Model):
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class MembershipRole(models.TextChoices):
+    OWNER = "owner"
+    ADMIN = "admin"
+    MEMBER = "member"
+    VIEWER = "viewer"
+
+
+class Membership(models.Model):
+    Role = MembershipRole
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "tenant"], name="membership_unique_user_tenant"),
+            _choices_check("role", MembershipRole, "membership_role_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.tenant} ({self.role})"
+
+    # The one statement of what each role may do; services and adapters ask these.
+    @property
+    def can_manage(self) -> bool:
+        """Owners and admins manage the tenant's keys (anyone's) and budgets."""
+        return self.role in (self.Role.OWNER, self.Role.ADMIN)
+
+    @property
+    def can_complete(self) -> bool:
+        """Everyone but viewers runs completions and creates keys of their own."""
+        return self.role != self.Role.VIEWER
+
+    def can_manage_key(self, api_key: ApiKey) -> bool:
+        if api_key.tenant_id != self.tenant_id:
+            return False
+        return self.can_manage or (self.can_complete and api_key.created_by_id == self.user_id)
+
+
+class ApiKey(models.Model):
+    """A tenant's API key. Only its sha256 is stored; the full key is shown once, at creation."""
+
+    class Scope(models.TextChoices):
+        COMPLETIONS = "completions"
+        MODELS_READ = "models:read"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    name = models.CharField(max_length=100)
+    # "tdm_" + 8 hex: visible in lists and logs so a person can tell keys apart; not a secret.
+    prefix = models.CharField(max_length=16, unique=True)
+    key_hash = models.CharField(max_length=64, unique=True)
+    scopes = models.JSONField(default=list, blank=True, help_text="empty = every scope")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix} ({self.name})"
+
+    def allows(self, scope: str) -> bool:
+        return not self.scopes or scope in self.scopes
+
+    def is_usable_at(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+class BudgetPeriod(models.TextChoices):
+    DAY = "day"
+    MONTH = "month"
+
+
+class Budget(models.Model):
+    """A spending cap for one period, over the whole tenant (``api_key`` empty) or one of its keys.
+
+    ``spent`` and ``reserved`` count the current period (``period_start``): ``reserved``
+    is money held by requests in flight (their worst case), ``spent`` what settled
+    requests were charged. A request is admitted only while
+    ``spent + reserved + its worst case <= hard_limit``.
+    """
+
+    Period = BudgetPeriod
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budgets")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="budgets")
+    period = models.CharField(max_length=8, choices=Period.choices)
+    hard_limit = _money(null=True, blank=True, help_text="empty = no hard limit")
+    soft_limit = _money(null=True, blank=True, help_text="empty = no alert")
+    period_start = models.DateField()
+    spent = _money(default=0)
+    reserved = _money(default=0)
+    soft_alerted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # NULLs are distinct in a plain unique constraint, so the tenant-wide budget
+            # (api_key NULL) needs its own partial constraint to be unique per period.
+            models.UniqueConstraint(
+                fields=["tenant", "period"], condition=Q(api_key__isnull=True), name="budget_unique_tenant_period"
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "api_key", "period"],
+                condition=Q(api_key__isnull=False),
+                name="budget_unique_tenant_key_period",
+            ),
+            models.CheckConstraint(condition=Q(spent__gte=0) & Q(reserved__gte=0), name="budget_counters_nonnegative"),
+            models.CheckConstraint(
+                condition=(Q(hard_limit__isnull=True) | Q(hard_limit__gte=0))
+                & (Q(soft_limit__isnull=True) | Q(soft_limit__gte=0)),
+                name="budget_limits_nonnegative",
+            ),
+            models.CheckConstraint(
+                condition=Q(hard_limit__isnull=True) | Q(soft_limit__isnull=True) | Q(soft_limit__lte=F("hard_limit")),
+                name="budget_soft_limit_within_hard_limit",
+            ),
+            _choices_check("period", BudgetPeriod, "budget_period_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope_label} {self.period} budget of {self.tenant}"
+
+    @property
+    def scope_label(self) -> str:
+        return f"API key {self.api_key.prefix}" if self.api_key_id else "tenant"
+
+    def current_period_start(self, now: datetime) -> date:
+        """The first day of the period ``now`` (aware, UTC) falls in: periods turn over at UTC midnight."""
+        today = now.astimezone(UTC).date()
+        return today if self.period == self.Period.DAY else today.replace(day=1)
+
+    def is_stale_at(self, now: datetime) -> bool:
+        """Whether the counters still count an earlier period (nothing has touched them since it ended)."""
+        return self.period_start < self.current_period_start(now)
+
+
+class PriceBook(models.Model):
+    """A published, immutable set of prices. Exactly one is active; ledger rows point to the one they used."""
+
+    version = models.PositiveIntegerField(unique=True)
+    note = models.CharField(max_length=500, blank=True)
+    is_active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="price_book_one_active"),
+            models.CheckConstraint(condition=Q(version__gt=0), name="price_book_version_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"price book v{self.version}" + (" (active)" if self.is_active else "")
+
+
+class Price(models.Model):
+    """What one model costs on one tier. Rates are per million tokens, per GPU hour."""
+
+    book = models.ForeignKey(PriceBook, on_delete=models.CASCADE, related_name="prices")
+    model = models.CharField(max_length=200)
+    tier = models.CharField(max_length=16, choices=Tier.choices)
+    prompt_per_mtok = _money()
+    completion_per_mtok = _money()
+    draft_per_mtok = _money(default=0)
+    gpu_per_hour = _money(default=0)
+    # The most verifier GPU time one token may be charged: bounds the worst case a
+    # reservation holds, and caps what a settlement charges, so the two always agree.
+    max_gpu_ms_per_token = _money(default=0)
+
+    class Meta:
+        ordering = ["book", "model", "tier"]
+        constraints = [
+            models.UniqueConstraint(fields=["book", "model", "tier"], name="price_unique_book_model_tier"),
+            models.CheckConstraint(
+                condition=Q(prompt_per_mtok__gte=0)
+                & Q(completion_per_mtok__gte=0)
+                & Q(draft_per_mtok__gte=0)
+                & Q(gpu_per_hour__gte=0)
+                & Q(max_gpu_ms_per_token__gte=0),
+                name="price_rates_nonnegative",
+            ),
+            _choices_check("tier", Tier, "price_tier_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} on {self.tier} (v{self.book.version})"
+
+
+class ReservationStatus(models.TextChoices):
+    HELD = "held"
+    SETTLED = "settled"
+    RELEASED = "released"
+
+
+class Reservation(models.Model):
+    """Money held on a tenant's budgets for one request's worst case, until it is settled or released."""
+
+    Status = ReservationStatus
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="reservations")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="reservations")
+    request_id = models.CharField(max_length=100, unique=True)
+    amount = _money()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.HELD)
+    budgets = models.ManyToManyField(Budget, blank=True, related_name="reservations")
+    # The book the amount was estimated from: the settlement prices with the same book,
+    # so a book published mid-request cannot make the charge exceed the reservation.
+    price_book = models.ForeignKey(PriceBook, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    settled_at = models.DateTimeField(null=True, blank=True, help_text="when it stopped holding money")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gte=0), name="reservation_amount_nonnegative"),
+            _choices_check("status", ReservationStatus, "reservation_status_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id}: {self.amount} {self.status}"
+
+
+class UsageOutcome(models.TextChoices):
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class FinishReason(models.TextChoices):
+    STOP = "stop"
+    LENGTH = "length"
+    NONE = "", "none"
+
+
+class UsageRecord(models.Model):
+    """The ledger: one immutable row per request, with its route, its versions and its cost by bucket."""
+
+    Outcome = UsageOutcome
+    FinishReason = FinishReason
+
+    request_id = models.CharField(max_length=100, unique=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="usage")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="usage")
+    # One row per reservation: a second settlement of the same reservation cannot insert.
+    reservation = models.OneToOneField(
+        Reservation, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_record"
+    )
+    tags = models.JSONField(default=dict, blank=True)
+    route_tier = models.CharField(max_length=16, choices=Tier.choices)
+    route_reason = models.CharField(max_length=200, blank=True)
+    policy_version = models.CharField(max_length=64, blank=True)
+    model = models.CharField(max_length=200)
+    verifier_version = models.CharField(max_length=200, blank=True)
+    draft_version = models.CharField(max_length=200, blank=True)
+    price_book = models.ForeignKey(PriceBook, on_delete=models.PROTECT, related_name="usage")
+    prompt_tokens = models.PositiveIntegerField()
+    completion_tokens = models.PositiveIntegerField()
+    # The engine attributes a round's drafts to the tokens it emits: a cut-off stream has fractions.
+    drafted_tokens = models.DecimalField(max_digits=20, decimal_places=3, default=0)
+    accepted_tokens = models.PositiveIntegerField(default=0)
+    # The verifier GPU time measured; the charge uses it capped at max_gpu_ms_per_token per token.
+    gpu_ms = models.DecimalField(max_digits=20, decimal_places=3, default=0)
+    cost_edge = _money()
+    cost_verifier = _money()
+    cost_cloud = _money()
+    cost_total = _money()
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    finish_reason = models.CharField(max_length=16, choices=FinishReason.choices, blank=True)
+    error = models.TextField(blank=True)
+    ttft_ms = models.FloatField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "created_at"], name="usage_tenant_created")]
+        constraints = [
+            # No sum check (total = buckets): SQLite would compare the sum as floats. The
+            # service computes the total as the sum of the quantized buckets instead.
+            models.CheckConstraint(
+                condition=Q(cost_edge__gte=0)
+                & Q(cost_verifier__gte=0)
+                & Q(cost_cloud__gte=0)
+                & Q(cost_total__gte=0)
+                & Q(drafted_tokens__gte=0)
+                & Q(gpu_ms__gte=0),
+                name="usage_amounts_nonnegative",
+            ),
+            _choices_check("route_tier", Tier, "usage_route_tier_valid"),
+            _choices_check("outcome", UsageOutcome, "usage_outcome_valid"),
+            _choices_check("finish_reason", FinishReason, "usage_finish_reason_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id}: {self.cost_total}"

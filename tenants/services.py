@@ -1,0 +1,703 @@
+"""Writes of the tenants app: tenants and memberships, API keys, budgets, price books, and the money path.
+
+The money path, as the gateway runs it for every request::
+
+    price = selectors.price_active(model=..., tier=...)
+    amount = cost_estimate_max(price=price, prompt_tokens=..., max_tokens=...)
+    reservation = budget_reserve(tenant=..., api_key=..., amount=amount, request_id=..., price=price)
+    ... stream ...
+    usage_settle(reservation=reservation, usage=Usage(...))   # or reservation_release(...) if nothing was produced
+
+Every function here is keyword-only and atomic. Costs come from one function,
+``cost_compute``; the reservation (``cost_estimate_max``) and the charge (``usage_cost``)
+both call it, which is what lets a settlement never exceed its reservation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_DOWN, ROUND_HALF_UP, ROUND_UP, Decimal, localcontext
+from typing import TYPE_CHECKING, Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+from django.utils.text import slugify
+
+from tenants import errors
+from tenants.models import ApiKey, Budget, Membership, Price, PriceBook, Reservation, Tenant, Tier, UsageRecord
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser as User
+
+logger = logging.getLogger(__name__)
+
+# Mirrors speculative.types.MAX_DRAFT_TOKENS (tenants must not import speculative; a test
+# checks the two agree): the controller drafts at most this many tokens per round, and
+# every round emits at least one token, so a request drafts at most 16 per emitted token.
+MAX_DRAFT_TOKENS = 16
+
+MONEY_QUANTUM = Decimal("0.000000001")  # DecimalField(decimal_places=9)
+COUNT_QUANTUM = Decimal("0.001")  # drafted_tokens and gpu_ms: decimal_places=3
+TOKENS_PER_MTOK = Decimal(1_000_000)
+MS_PER_HOUR = Decimal(3_600_000)
+# Enough digits that no product of a count and a rate is rounded before the quantization
+# to nano-units (20-digit rates times 10-digit counts need 30; the default context has 28).
+_COST_PRECISION = 60
+
+API_KEY_PREFIX = "tdm"
+# tdm_<8 hex>_<secrets.token_urlsafe(32): 43 urlsafe characters>
+_API_KEY_RE = re.compile(r"tdm_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
+# last_used_at is for people ("used today?"), not for audit: at most one write a minute
+# per key keeps authentication from writing a row on every request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+# Which cost bucket a tier's own token charges go to.
+_TIER_BUCKET = {Tier.EDGE: "edge", Tier.SPECULATIVE: "verifier", Tier.CLOUD: "cloud"}
+_PRICE_REQUIRED = ("model", "tier", "prompt_per_mtok", "completion_per_mtok")
+_PRICE_RATES = ("prompt_per_mtok", "completion_per_mtok", "draft_per_mtok", "gpu_per_hour", "max_gpu_ms_per_token")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one request used, as the gateway reports it to ``usage_settle``."""
+
+    request_id: str
+    user_id: int | None
+    tags: Mapping[str, str]
+    route_tier: str
+    route_reason: str
+    policy_version: str
+    model: str
+    verifier_version: str
+    draft_version: str
+    prompt_tokens: int
+    completion_tokens: int
+    drafted_tokens: Decimal
+    accepted_tokens: int
+    gpu_ms: Decimal
+    outcome: str
+    finish_reason: str = ""
+    error: str = ""
+    ttft_ms: float | None = None
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """A cost by bucket: drafts on the edge, verifier GPU time and tokens, cloud tokens. ``total`` is their sum."""
+
+    edge: Decimal
+    verifier: Decimal
+    cloud: Decimal
+    total: Decimal = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total", self.edge + self.verifier + self.cloud)
+
+    def capped_at(self, limit: Decimal) -> CostBreakdown:
+        """This cost scaled down to ``limit`` when it is above it, buckets still adding up to the total exactly."""
+        if self.total <= limit:
+            return self
+        with localcontext() as ctx:
+            ctx.prec = _COST_PRECISION
+            # Round each scaled bucket down so their sum cannot pass the limit, then give
+            # the rounding remainder (a few nano-units) to the largest bucket.
+            scaled = [(b * limit / self.total).quantize(MONEY_QUANTUM, ROUND_DOWN) for b in self._buckets()]
+            largest = max(range(3), key=lambda i: scaled[i])
+            scaled[largest] += limit - sum(scaled, Decimal(0))
+        return CostBreakdown(edge=scaled[0], verifier=scaled[1], cloud=scaled[2])
+
+    def _buckets(self) -> list[Decimal]:
+        return [self.edge, self.verifier, self.cloud]
+
+
+# --- tenants and memberships ------------------------------------------------------------
+
+
+@transaction.atomic
+def tenant_create(*, name: str, owner: User, slug: str | None = None) -> Tenant:
+    """A tenant with ``owner`` as its owner. Without a slug, one is made from the name (made unique with -2, -3...)."""
+    name = name.strip()
+    if not name:
+        raise errors.InvalidInput("a tenant needs a name")
+    if slug is not None:
+        if slug != slugify(slug) or not slug:
+            raise errors.InvalidInput(f"{slug!r} is not a valid slug (lowercase letters, digits, - and _)")
+        if Tenant.objects.filter(slug=slug).exists():
+            raise errors.InvalidInput(f"the slug {slug!r} is taken")
+        candidates: Iterable[str] = [slug]
+    else:
+        base = slugify(name)[:50] or "tenant"
+        candidates = (base if n == 1 else f"{base}-{n}" for n in range(1, 1000))
+    for candidate in candidates:
+        if Tenant.objects.filter(slug=candidate).exists():
+            continue
+        try:
+            with transaction.atomic():
+                tenant = Tenant.objects.create(name=name, slug=candidate)
+        except IntegrityError:
+            # taken by a concurrent create between the check and the insert
+            if slug is not None:
+                raise errors.InvalidInput(f"the slug {slug!r} is taken") from None
+            continue
+        Membership.objects.create(user=owner, tenant=tenant, role=Membership.Role.OWNER)
+        return tenant
+    raise errors.InvalidInput(f"no free slug for the name {name!r}: pass one")
+
+
+@transaction.atomic
+def membership_create(*, tenant: Tenant, user: User, role: str) -> Membership:
+    if role not in Membership.Role.values:
+        raise errors.InvalidInput(f"unknown role {role!r}: one of {', '.join(Membership.Role.values)}")
+    if Membership.objects.filter(tenant=tenant, user=user).exists():
+        raise errors.InvalidInput(f"{user} is already a member of {tenant}")
+    try:
+        with transaction.atomic():
+            return Membership.objects.create(tenant=tenant, user=user, role=role)
+    except IntegrityError:
+        raise errors.InvalidInput(f"{user} is already a member of {tenant}") from None
+
+
+def _membership_of(user: User, tenant_id: int) -> Membership:
+    try:
+        return Membership.objects.get(user=user, tenant_id=tenant_id)
+    except Membership.DoesNotExist:
+        raise errors.NotAMember() from None
+
+
+# --- API keys ---------------------------------------------------------------------------
+
+
+def _api_key_hash(raw_key: str) -> str:
+    # A fast hash is safe here, unlike for passwords: the secret is 256 random bits, so
+    # no guessing or precomputation can get near it, and a slow hash would only slow
+    # every authenticated request. sha256 also makes the hash a unique index to look up.
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+@transaction.atomic
+def api_key_create(
+    *,
+    tenant: Tenant,
+    created_by: User | None,
+    name: str,
+    scopes: list[str] | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """A new key and the full key ``tdm_<8 hex>_<secret>``: returned now, never stored, never shown again.
+
+    ``created_by`` must be a member who may run completions (owners, admins, members);
+    ``None`` is for system callers (management commands, the tenants' own tests).
+    """
+    if created_by is not None and not _membership_of(created_by, tenant.pk).can_complete:
+        raise errors.PermissionDenied("viewers cannot create API keys")
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise errors.InvalidInput("a key needs a name of 1 to 100 characters")
+    scopes = sorted(set(scopes or []))
+    unknown = [s for s in scopes if s not in ApiKey.Scope.values]
+    if unknown:
+        raise errors.InvalidInput(f"unknown scopes {unknown}: known are {ApiKey.Scope.values}")
+    if expires_at is not None and (timezone.is_naive(expires_at) or expires_at <= timezone.now()):
+        raise errors.InvalidInput("expires_at must be an aware datetime in the future")
+    # The visible prefix has 32 bits, so two keys may draw the same one (the secret never
+    # collides): draw again. The unique constraint, not a prior lookup, is what decides.
+    for _ in range(5):
+        prefix = f"{API_KEY_PREFIX}_{secrets.token_hex(4)}"
+        raw_key = f"{prefix}_{secrets.token_urlsafe(32)}"
+        try:
+            with transaction.atomic():
+                api_key = ApiKey.objects.create(
+                    tenant=tenant,
+                    created_by=created_by,
+                    name=name,
+                    prefix=prefix,
+                    key_hash=_api_key_hash(raw_key),
+                    scopes=scopes,
+                    expires_at=expires_at,
+                )
+        except IntegrityError:
+            if not ApiKey.objects.filter(prefix=prefix).exists():
+                raise
+            continue
+        return api_key, raw_key
+    raise RuntimeError("five API key prefixes in a row were taken: the random source is broken")
+
+
+@transaction.atomic
+def api_key_revoke(*, api_key: ApiKey, by: User | None = None) -> ApiKey:
+    """Revoke the key now (revoking a revoked key keeps its first revocation time).
+
+    ``by`` must be an owner or admin of the key's tenant, or the member who created it;
+    ``None`` is for system callers (the Django admin, which logs who did it).
+    """
+    if by is not None and not _membership_of(by, api_key.tenant_id).can_manage_key(api_key):
+        raise errors.PermissionDenied("only owners, admins and the key's creator can revoke it")
+    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if locked.revoked_at is None:
+        locked.revoked_at = timezone.now()
+        locked.save(update_fields=["revoked_at"])
+        logger.info("api key revoked", extra={"api_key": locked.prefix, "tenant_id": locked.tenant_id})
+    api_key.revoked_at = locked.revoked_at
+    return api_key
+
+
+def api_key_authenticate(*, raw_key: str) -> ApiKey:
+    """The usable key whose full text is ``raw_key``, with its tenant loaded; else ``errors.InvalidApiKey``.
+
+    Unknown, malformed, revoked and expired keys all fail with the same message, so a
+    caller learns nothing about which keys exist. The key's tenant is the row's: a key
+    can only ever act for the tenant that created it.
+    """
+    if not isinstance(raw_key, str) or not _API_KEY_RE.fullmatch(raw_key):
+        raise errors.InvalidApiKey()
+    try:
+        api_key = ApiKey.objects.select_related("tenant").get(key_hash=_api_key_hash(raw_key))
+    except ApiKey.DoesNotExist:
+        raise errors.InvalidApiKey() from None
+    now = timezone.now()
+    if not api_key.is_usable_at(now):
+        raise errors.InvalidApiKey()
+    stale_before = now - LAST_USED_RESOLUTION
+    if api_key.last_used_at is None or api_key.last_used_at <= stale_before:
+        # Conditional, so a burst of concurrent requests writes once, not once each.
+        ApiKey.objects.filter(pk=api_key.pk).exclude(last_used_at__gt=stale_before).update(last_used_at=now)
+        api_key.last_used_at = now
+    return api_key
+
+
+# --- budgets ----------------------------------------------------------------------------
+
+
+def _as_money(value: Any, what: str, *, nullable: bool = False) -> Decimal | None:
+    """``value`` as a non-negative Decimal. Floats are refused: they are how money goes wrong."""
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int, str)):
+        raise errors.InvalidInput(f"{what} must be a Decimal, an int or a decimal string, not {type(value).__name__}")
+    try:
+        amount = Decimal(value)
+    except ArithmeticError:
+        raise errors.InvalidInput(f"{what} is not a number: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise errors.InvalidInput(f"{what} must be a finite amount >= 0, got {value!r}")
+    return amount
+
+
+def _fmt(amount: Decimal) -> str:
+    """An amount for people: no trailing zeros, never scientific notation."""
+    text = format(amount.normalize(), "f")
+    return text if text != "-0" else "0"
+
+
+@transaction.atomic
+def budget_set(
+    *,
+    tenant: Tenant,
+    period: str,
+    hard_limit: Decimal | None,
+    soft_limit: Decimal | None,
+    api_key: ApiKey | None = None,
+) -> Budget:
+    """Create or change the tenant's (or one key's) budget for ``period``. Only the limits change: counters stay."""
+    if period not in Budget.Period.values:
+        raise errors.InvalidInput(f"unknown period {period!r}: one of {', '.join(Budget.Period.values)}")
+    if api_key is not None and api_key.tenant_id != tenant.pk:
+        raise errors.InvalidInput("that API key belongs to another tenant")
+    hard = _as_money(hard_limit, "hard_limit", nullable=True)
+    soft = _as_money(soft_limit, "soft_limit", nullable=True)
+    if hard is not None and soft is not None and soft > hard:
+        raise errors.InvalidInput(f"the soft limit ({_fmt(soft)}) is above the hard limit ({_fmt(hard)})")
+    # Only the limits are written (update_fields), so counters a concurrent request moved
+    # are never overwritten; the row lock orders this change with the money paths.
+    budget, _ = Budget.objects.select_for_update().get_or_create(
+        tenant=tenant,
+        api_key=api_key,
+        period=period,
+        defaults={"period_start": Budget(period=period).current_period_start(timezone.now())},
+    )
+    budget.hard_limit = hard
+    budget.soft_limit = soft
+    budget.save(update_fields=["hard_limit", "soft_limit"])
+    return budget
+
+
+def _budgets_lock(budget_ids: Iterable[int]) -> list[Budget]:
+    # Every path that moves money locks its budgets in id order, so two requests that
+    # share budgets (the tenant's and a key's) queue instead of deadlocking.
+    return list(Budget.objects.select_for_update().filter(id__in=list(budget_ids)).order_by("id"))
+
+
+def _budget_roll_over(budget: Budget, now: datetime) -> None:
+    """Start the current period if the counters still count an earlier one.
+
+    ``spent`` starts again from zero, the soft alert may fire again; ``reserved`` carries
+    over, because that money is still held by requests in flight: they will settle or
+    release it from this period's counters.
+    """
+    if budget.is_stale_at(now):
+        budget.period_start = budget.current_period_start(now)
+        budget.spent = Decimal(0)
+        budget.soft_alerted_at = None
+
+
+def _budget_refusal(budget: Budget, amount: Decimal) -> errors.BudgetExceeded | None:
+    if budget.hard_limit is None or budget.spent + budget.reserved + amount <= budget.hard_limit:
+        return None
+    left = max(budget.hard_limit - budget.spent - budget.reserved, Decimal(0))
+    return errors.BudgetExceeded(
+        f"this request would exceed the {budget.scope_label} {budget.period} budget: hard limit "
+        f"{_fmt(budget.hard_limit)}, {_fmt(left)} left, and the request may cost up to {_fmt(amount)}",
+        budget_id=budget.pk,
+        limit=budget.hard_limit,
+        left=left,
+        requested=amount,
+    )
+
+
+@transaction.atomic
+def budget_reserve(
+    *,
+    tenant: Tenant,
+    api_key: ApiKey | None,
+    amount: Decimal,
+    request_id: str,
+    price: Price | None = None,
+) -> Reservation:
+    """Hold ``amount`` (the request's worst case) on every budget that applies, or refuse with ``BudgetExceeded``.
+
+    The budgets that apply are the tenant's (api_key empty) and, for a key, the key's.
+    No budget means no limit. ``price`` (the one ``amount`` was estimated from) pins its
+    book for the settlement; without it the book active now is pinned.
+    """
+    if api_key is not None and api_key.tenant_id != tenant.pk:
+        # Never let one tenant's key draw on (or be limited by) another tenant's budgets.
+        raise errors.InvalidInput("that API key belongs to another tenant")
+    if not request_id:
+        raise errors.InvalidInput("a reservation needs a request id")
+    money = _as_money(amount, "amount")
+    assert money is not None
+    # Round up: a reservation may hold a nano-unit more than asked, never less.
+    money = money.quantize(MONEY_QUANTUM, ROUND_UP)
+    now = timezone.now()
+
+    # select_for_update makes the check and the increment one step per budget: any other
+    # reservation, settlement or release on these budgets waits here until this
+    # transaction commits, and then sees its counters. (On SQLite, whose atomic blocks
+    # start with BEGIN IMMEDIATE in our settings, the whole database is that lock.)
+    applicable = Budget.objects.filter(tenant=tenant, api_key__isnull=True)
+    if api_key is not None:
+        applicable = applicable | Budget.objects.filter(tenant=tenant, api_key=api_key)
+    budgets = _budgets_lock(applicable.values_list("id", flat=True))
+    for budget in budgets:
+        _budget_roll_over(budget, now)
+    for budget in budgets:
+        refusal = _budget_refusal(budget, money)
+        if refusal is not None:
+            # Raising rolls the transaction back: nothing is reserved anywhere.
+            logger.info("budget refused", extra={"request_id": request_id, "budget_id": budget.pk})
+            raise refusal
+    for budget in budgets:
+        budget.reserved += money
+        budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
+
+    if price is not None:
+        book_id = price.book_id
+    else:
+        book_id = PriceBook.objects.filter(is_active=True).values_list("id", flat=True).first()
+    try:
+        with transaction.atomic():
+            reservation = Reservation.objects.create(
+                tenant=tenant, api_key=api_key, request_id=request_id, amount=money, price_book_id=book_id
+            )
+    except IntegrityError:
+        raise errors.InvalidInput(f"the request id {request_id!r} already has a reservation") from None
+    reservation.budgets.set(budgets)
+    return reservation
+
+
+def _reservation_lock_held(reservation: Reservation) -> Reservation:
+    locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
+    if locked.status != Reservation.Status.HELD:
+        raise errors.AlreadySettled(f"the reservation for request {locked.request_id!r} is already {locked.status}")
+    return locked
+
+
+@transaction.atomic
+def reservation_release(*, reservation: Reservation) -> None:
+    """Give back everything the reservation holds: nothing was produced, so no charge and no ledger row."""
+    # The reservation first, then its budgets in id order: the same order as usage_settle.
+    locked = _reservation_lock_held(reservation)
+    now = timezone.now()
+    for budget in _budgets_lock(locked.budgets.values_list("id", flat=True)):
+        _budget_roll_over(budget, now)
+        budget.reserved -= locked.amount
+        budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
+    locked.status = Reservation.Status.RELEASED
+    locked.settled_at = now
+    locked.save(update_fields=["status", "settled_at"])
+    reservation.status, reservation.settled_at = locked.status, locked.settled_at
+
+
+# --- prices and costs -------------------------------------------------------------------
+
+
+def _as_count(value: Any, what: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        raise errors.InvalidInput(f"{what} must be an int or a Decimal, not {type(value).__name__}")
+    count = Decimal(value)
+    if not count.is_finite() or count < 0:
+        raise errors.InvalidInput(f"{what} must be >= 0, got {value!r}")
+    return count
+
+
+def cost_compute(
+    *, price: Price, prompt_tokens: int, completion_tokens: int, drafted_tokens: Decimal, gpu_ms: Decimal
+) -> CostBreakdown:
+    """THE cost function: what these counts cost at this price. Both the reservation and the charge use it.
+
+    - prompt and completion tokens at the tier's token rates, booked to the tier's own
+      bucket (edge -> edge, speculative -> verifier, cloud -> cloud);
+    - drafted tokens at the draft rate -> edge;
+    - verifier GPU milliseconds at the GPU hourly rate -> verifier;
+    - each bucket quantized to 1e-9 (ROUND_HALF_UP); the total is the sum of the buckets.
+
+    Every step is non-decreasing in every count, so more of anything never costs less:
+    the bound ``cost_estimate_max`` relies on that.
+    """
+    prompt = _as_count(prompt_tokens, "prompt_tokens")
+    completion = _as_count(completion_tokens, "completion_tokens")
+    drafted = _as_count(drafted_tokens, "drafted_tokens")
+    gpu = _as_count(gpu_ms, "gpu_ms")
+    with localcontext() as ctx:
+        ctx.prec = _COST_PRECISION
+        buckets = {
+            "edge": drafted * price.draft_per_mtok / TOKENS_PER_MTOK,
+            "verifier": gpu * price.gpu_per_hour / MS_PER_HOUR,
+            "cloud": Decimal(0),
+        }
+        buckets[_TIER_BUCKET[Tier(price.tier)]] += (
+            prompt * price.prompt_per_mtok + completion * price.completion_per_mtok
+        ) / TOKENS_PER_MTOK
+        rounded = {k: v.quantize(MONEY_QUANTUM, ROUND_HALF_UP) for k, v in buckets.items()}
+    return CostBreakdown(**rounded)
+
+
+def cost_estimate_max(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
+    """The most a request can cost: what ``budget_reserve`` holds. ``cost_compute`` at the worst counts.
+
+    Worst counts: ``max_tokens`` completion tokens, ``MAX_DRAFT_TOKENS`` drafted per
+    completion token, and the GPU cap per token over prompt and completion. A settlement
+    charges ``cost_compute`` at counts no higher than these (``usage_cost``), so it can
+    never cost more.
+    """
+    return cost_compute(
+        price=price,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=max_tokens,
+        drafted_tokens=Decimal(MAX_DRAFT_TOKENS * max_tokens),
+        gpu_ms=price.max_gpu_ms_per_token * (prompt_tokens + max_tokens),
+    ).total
+
+
+def usage_cost(*, price: Price, usage: Usage) -> CostBreakdown:
+    """What a settlement charges for ``usage``: ``cost_compute`` with GPU time capped.
+
+    GPU time is charged up to ``max_gpu_ms_per_token`` per prompt and completion token,
+    the same cap ``cost_estimate_max`` reserved for; the ledger keeps the measured time.
+    """
+    drafted = _as_count(usage.drafted_tokens, "drafted_tokens").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
+    gpu = _as_count(usage.gpu_ms, "gpu_ms").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
+    gpu_cap = price.max_gpu_ms_per_token * (usage.prompt_tokens + usage.completion_tokens)
+    return cost_compute(
+        price=price,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        drafted_tokens=drafted,
+        gpu_ms=min(gpu, gpu_cap),
+    )
+
+
+def _price_for_settlement(reservation: Reservation, usage: Usage) -> Price:
+    # The book pinned at reservation time, for the tier that actually served (a failover
+    # may differ from the planned one); the active book only if none was active then.
+    book_id = reservation.price_book_id
+    if book_id is None:
+        active = PriceBook.objects.filter(is_active=True).values_list("id", flat=True).first()
+        if active is None:
+            raise errors.PriceNotFound("no price book is active")
+        book_id = active
+    try:
+        return Price.objects.select_related("book").get(book_id=book_id, model=usage.model, tier=usage.route_tier)
+    except Price.DoesNotExist:
+        raise errors.PriceNotFound(f"no price for {usage.model!r} on the {usage.route_tier} tier") from None
+
+
+@transaction.atomic
+def price_book_publish(*, version: int, prices: list[dict], note: str = "") -> PriceBook:
+    """A new price book with ``prices``, made the only active one, in one step (readers see the old or the new).
+
+    Each price is a dict with ``model``, ``tier``, ``prompt_per_mtok``,
+    ``completion_per_mtok`` and optionally ``draft_per_mtok``, ``gpu_per_hour``,
+    ``max_gpu_ms_per_token`` (default 0); rates are Decimals, ints or decimal strings.
+    Versions only go up: a book is never edited, a new one replaces it.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
+        raise errors.InvalidInput(f"a price book version is a positive int, got {version!r}")
+    latest = PriceBook.objects.aggregate(latest=Max("version"))["latest"]
+    if latest is not None and version <= latest:
+        raise errors.InvalidInput(f"price book versions only go up: v{latest} exists, got v{version}")
+    if not prices:
+        raise errors.InvalidInput("a price book needs at least one price")
+    rows = [_price_row(entry) for entry in prices]
+    keys = [(row["model"], row["tier"]) for row in rows]
+    if len(set(keys)) != len(keys):
+        raise errors.InvalidInput("a price book has one price per model and tier")
+
+    # Locking the active book serializes publishers; the partial unique constraint on
+    # is_active is what guarantees there is never more than one active book.
+    PriceBook.objects.select_for_update().filter(is_active=True).update(is_active=False)
+    try:
+        with transaction.atomic():
+            book = PriceBook.objects.create(version=version, note=note, is_active=True)
+    except IntegrityError:
+        raise errors.InvalidInput(f"price book v{version} was published concurrently; publish again") from None
+    Price.objects.bulk_create([Price(book=book, **row) for row in rows])
+    logger.info("price book published", extra={"version": version, "prices": len(rows)})
+    return book
+
+
+def _price_row(entry: dict) -> dict[str, Any]:
+    unknown = set(entry) - set(_PRICE_REQUIRED) - set(_PRICE_RATES)
+    if unknown:
+        # A misspelt rate would otherwise default to 0: a model served for free.
+        raise errors.InvalidInput(f"unknown price fields {sorted(unknown)}")
+    missing = [k for k in _PRICE_REQUIRED if k not in entry]
+    if missing:
+        raise errors.InvalidInput(f"a price needs {missing}")
+    if entry["tier"] not in Tier.values:
+        raise errors.InvalidInput(f"unknown tier {entry['tier']!r}: one of {', '.join(Tier.values)}")
+    if not isinstance(entry["model"], str) or not entry["model"]:
+        raise errors.InvalidInput("a price needs a model name")
+    row: dict[str, Any] = {"model": entry["model"], "tier": entry["tier"]}
+    for rate in _PRICE_RATES:
+        value = _as_money(entry.get(rate, 0), f"{entry['model']}/{entry['tier']} {rate}")
+        assert value is not None
+        if value != value.quantize(MONEY_QUANTUM):
+            raise errors.InvalidInput(f"{rate} has more than 9 decimal places: {value}")
+        row[rate] = value
+    if row["gpu_per_hour"] > 0 and row["max_gpu_ms_per_token"] == 0:
+        # A GPU rate with no cap would charge nothing for GPU time, ever.
+        raise errors.InvalidInput(f"{entry['model']}/{entry['tier']}: a GPU rate needs max_gpu_ms_per_token > 0")
+    return row
+
+
+# --- settlement -------------------------------------------------------------------------
+
+
+def _usage_validate(usage: Usage) -> None:
+    if usage.route_tier not in Tier.values:
+        raise errors.InvalidInput(f"unknown tier {usage.route_tier!r}")
+    if usage.outcome not in UsageRecord.Outcome.values:
+        raise errors.InvalidInput(f"unknown outcome {usage.outcome!r}")
+    if usage.finish_reason not in UsageRecord.FinishReason.values:
+        raise errors.InvalidInput(f"unknown finish reason {usage.finish_reason!r}")
+    for name in ("prompt_tokens", "completion_tokens", "accepted_tokens"):
+        value = getattr(usage, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise errors.InvalidInput(f"{name} must be an int >= 0, got {value!r}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in usage.tags.items()):
+        raise errors.InvalidInput("tags map strings to strings")
+
+
+@transaction.atomic
+def usage_settle(*, reservation: Reservation, usage: Usage) -> UsageRecord:
+    """Charge what the request used, free the rest of its reservation, and write its ledger row; once.
+
+    A second settlement (or a settlement after a release) raises ``errors.AlreadySettled``:
+    the reservation row is locked and its status checked inside this transaction, so two
+    concurrent calls cannot both see it held.
+    """
+    _usage_validate(usage)
+    if usage.request_id != reservation.request_id:
+        raise errors.InvalidInput(
+            f"usage for request {usage.request_id!r} cannot settle the reservation of {reservation.request_id!r}"
+        )
+    # The reservation first, then its budgets in id order; budget_reserve locks budgets
+    # only, so no two money paths can wait on each other in a cycle.
+    locked = _reservation_lock_held(reservation)
+    budgets = _budgets_lock(locked.budgets.values_list("id", flat=True))
+    price = _price_for_settlement(locked, usage)
+    cost = usage_cost(price=price, usage=usage)
+    if cost.total > locked.amount:
+        # Cannot happen while the usage stays within what was reserved for (max_tokens,
+        # the pinned price). If it does, the budget's hard limit wins over the ledger:
+        # charge the reservation and say loudly that the counts broke the bound.
+        logger.error(
+            "settlement above its reservation: charging the reservation",
+            extra={"request_id": usage.request_id, "cost": str(cost.total), "reserved": str(locked.amount)},
+        )
+        cost = cost.capped_at(locked.amount)
+    now = timezone.now()
+
+    for budget in budgets:
+        _budget_roll_over(budget, now)
+        budget.reserved -= locked.amount
+        budget.spent += cost.total
+        if budget.soft_limit is not None and budget.soft_alerted_at is None and budget.spent >= budget.soft_limit:
+            budget.soft_alerted_at = now
+            _soft_alert_on_commit(budget, usage.request_id)
+        budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
+
+    record = UsageRecord.objects.create(
+        request_id=usage.request_id,
+        tenant_id=locked.tenant_id,
+        user_id=usage.user_id,
+        api_key_id=locked.api_key_id,
+        reservation=locked,
+        tags=dict(usage.tags),
+        route_tier=usage.route_tier,
+        route_reason=usage.route_reason,
+        policy_version=usage.policy_version,
+        model=usage.model,
+        verifier_version=usage.verifier_version,
+        draft_version=usage.draft_version,
+        price_book=price.book,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        drafted_tokens=Decimal(usage.drafted_tokens).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
+        accepted_tokens=usage.accepted_tokens,
+        gpu_ms=Decimal(usage.gpu_ms).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
+        cost_edge=cost.edge,
+        cost_verifier=cost.verifier,
+        cost_cloud=cost.cloud,
+        cost_total=cost.total,
+        outcome=usage.outcome,
+        finish_reason=usage.finish_reason,
+        error=usage.error,
+        ttft_ms=usage.ttft_ms,
+        duration_ms=usage.duration_ms,
+    )
+    locked.status = Reservation.Status.SETTLED
+    locked.settled_at = now
+    locked.save(update_fields=["status", "settled_at"])
+    reservation.status, reservation.settled_at = locked.status, locked.settled_at
+    return record
+
+
+def _soft_alert_on_commit(budget: Budget, request_id: str) -> None:
+    # After commit: soft_alerted_at is what makes the alert once per period, so the
+    # alert goes out only if that mark is saved (a rolled-back settlement alerts nothing).
+    message = (
+        f"soft limit reached: the {budget.scope_label} {budget.period} budget of tenant {budget.tenant_id} "
+        f"has spent {_fmt(budget.spent)} of a soft limit of {_fmt(budget.soft_limit or Decimal(0))}"
+    )
+    extra = {"request_id": request_id, "tenant_id": budget.tenant_id, "budget_id": budget.pk}
+    transaction.on_commit(lambda: logger.warning(message, extra=extra))
