@@ -31,7 +31,7 @@ run: $(STAMP)
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py tandem_demo
 	@echo "Console, API (/v1/) and websocket (/ws/v1/completions) on http://$(HOST):$(PORT)/"
-	$(PY) -m celery -A config.celery_app worker --pool=solo --loglevel=warning & \
+	$(PY) -m celery -A config.celery_app worker --beat --schedule var/celerybeat-schedule --pool=solo --loglevel=warning & \
 		trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
 		$(PY) -m daphne -b $(HOST) -p $(PORT) config.asgi:application
 

@@ -446,6 +446,26 @@ def reservation_release(*, reservation: Reservation) -> None:
     reservation.status, reservation.settled_at = locked.status, locked.settled_at
 
 
+def reservations_release_stale(*, older_than: datetime) -> int:
+    """Release every reservation still held that was made before ``older_than``; return how many.
+
+    A request settles or releases its reservation when it ends, even when it fails; only
+    a process that died mid-request leaves one held, and that money would stay out of its
+    budget forever. Each release is its own transaction, and one that a late settlement
+    beat to it is skipped (``AlreadySettled``), so this never charges or frees twice.
+    """
+    released = 0
+    stale = Reservation.objects.filter(status=Reservation.Status.HELD, created_at__lt=older_than)
+    for reservation in stale.only("pk").iterator():
+        try:
+            reservation_release(reservation=reservation)
+        except errors.AlreadySettled:
+            continue
+        logger.warning("released a stale reservation", extra={"reservation_id": str(reservation.pk)})
+        released += 1
+    return released
+
+
 # --- prices and costs -------------------------------------------------------------------
 
 

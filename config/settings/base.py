@@ -147,6 +147,9 @@ else:
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ALWAYS_EAGER = get_env("TANDEM_CELERY_EAGER", False, as_bool)
+CELERY_BEAT_SCHEDULE = {
+    "release-stale-reservations": {"task": "tenants.release_stale_reservations", "schedule": 300.0},
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
@@ -175,3 +178,5 @@ TANDEM_MAX_STREAMS_PER_TENANT = get_env("TANDEM_MAX_STREAMS_PER_TENANT", 8, int)
 # keep-alives so idle proxies do not cut long streams: SSE comment / websocket ping
 TANDEM_KEEPALIVE_S = get_env("TANDEM_KEEPALIVE_S", 15.0, float)
 TANDEM_MAX_PROMPT_CHARS = get_env("TANDEM_MAX_PROMPT_CHARS", 32_000, int)
+# a reservation still held this long belongs to a request whose process died: release it
+TANDEM_RESERVATION_TTL_S = get_env("TANDEM_RESERVATION_TTL_S", 3600, int)

@@ -304,3 +304,20 @@ def test_a_budget_for_another_tenants_key_is_refused(tenant, other_tenant):
     foreign, _ = services.api_key_create(tenant=other_tenant, created_by=None, name="theirs")
     with pytest.raises(errors.InvalidInput, match="another tenant"):
         services.budget_set(tenant=tenant, api_key=foreign, period="day", hard_limit=Decimal(1), soft_limit=None)
+
+
+def test_stale_reservations_are_released_and_fresh_or_settled_ones_are_left_alone(tenant, price):
+    from django.utils import timezone as django_timezone
+
+    from tenants.tasks import release_stale_reservations
+
+    services.budget_set(tenant=tenant, period="month", hard_limit=Decimal(100), soft_limit=None)
+    stale = services.budget_reserve(tenant=tenant, api_key=None, amount=Decimal(3), request_id="stale")
+    fresh = services.budget_reserve(tenant=tenant, api_key=None, amount=Decimal(2), request_id="fresh")
+    Reservation.objects.filter(pk=stale.pk).update(created_at=django_timezone.now() - timedelta(hours=2))
+    assert release_stale_reservations.delay().get() == 1
+    stale.refresh_from_db()
+    fresh.refresh_from_db()
+    assert stale.status == "released" and fresh.status == "held"
+    assert Budget.objects.get(tenant=tenant).reserved == Decimal(2)
+    assert release_stale_reservations.delay().get() == 0  # nothing is released twice
