@@ -10,6 +10,7 @@ django_asgi_app = get_asgi_application()  # before anything imports models
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from inference.engines import warm_engines_in_background  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
 from inference.ws_origin import browser_origin_validator  # noqa: E402
 
@@ -19,3 +20,4 @@ application = ProtocolTypeRouter(
         "websocket": browser_origin_validator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+warm_engines_in_background()  # a server is starting: load the weights before the first request

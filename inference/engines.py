@@ -12,6 +12,7 @@ platform's own tests and overhead benchmark, which needs no model and no thread.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -92,6 +93,25 @@ def get_engines() -> EngineSet:
             if _engines is None:
                 _engines = import_string(settings.TANDEM_ENGINES)()
     return _engines
+
+
+async def aget_engines() -> EngineSet:
+    """``get_engines`` for the event loop: a first load (seconds) runs on a thread, never on the loop."""
+    if _engines is not None:
+        return _engines
+    return await asyncio.to_thread(get_engines)
+
+
+def warm_engines_in_background() -> None:
+    """Start loading the engines now, so the first request does not wait for the weights."""
+
+    def load() -> None:
+        try:
+            get_engines()
+        except Exception:  # noqa: BLE001 - the first request reports it again, to its client
+            log.exception("loading the engines failed")
+
+    threading.Thread(target=load, name="engines-warmup", daemon=True).start()
 
 
 def set_engines(engines: EngineSet | None) -> EngineSet | None:

@@ -33,7 +33,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from inference.engines import ModelEntry, get_engines
+from inference.engines import ModelEntry, aget_engines
 from inference.errors import (
     AuthenticationFailed,
     BudgetExceeded,
@@ -280,9 +280,9 @@ class GatewayStream:
         self._drafted = 0.0
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
-        self._first: object | None = None  # the first item, fetched by start()
+        self._first: object | None = None  # the next item, taken from the queue early (by start() or ready())
         self._completion: TokenStream | None = None
-        self._settling = asyncio.Lock()
+        self._settlement: asyncio.Future | None = None
 
     # set-up, from start() -------------------------------------------------------------
     def _reserve(self, engine, request) -> None:
@@ -363,6 +363,16 @@ class GatewayStream:
             self._accepted += 1
         return TokenDelta(self._delivered - 1, event.text, event.token_id, event.provenance)
 
+    async def ready(self) -> None:
+        """Wait until the next item is at hand, without taking it. Safe to cancel; charges nothing.
+
+        Adapters wait on this with a timeout (keep-alives), then take the item with
+        ``__anext__``, which then hands a token over without suspending: a client that goes
+        away while the adapter waits is never charged for a token it was not sent.
+        """
+        if self._first is None and self.usage is None:
+            self._first = await self._queue.get()
+
     async def aclose(self) -> UsageSummary | None:
         """Stop generating (client gone, cancel frame); settle exactly what was delivered."""
         self._cancel.set()
@@ -387,13 +397,20 @@ class GatewayStream:
         return error
 
     async def _settle(self, outcome: str, error: str = "") -> None:
-        async with self._settling:
-            if self.usage is not None:
-                return
-            try:
-                self.usage = await database_sync_to_async(self._settle_sync)(outcome, error)
-            finally:
-                admission.leave(self.principal.tenant_id)
+        """Settle once (the first outcome wins); every caller waits for that one settlement.
+
+        Shielded: a caller cancelled mid-settlement (its client went away) leaves it running,
+        so the ``aclose()`` that follows waits for it instead of settling a second time.
+        """
+        if self._settlement is None:
+            self._settlement = asyncio.ensure_future(self._settle_once(outcome, error))
+        await asyncio.shield(self._settlement)
+
+    async def _settle_once(self, outcome: str, error: str) -> None:
+        try:
+            self.usage = await database_sync_to_async(self._settle_sync)(outcome, error)
+        finally:
+            admission.leave(self.principal.tenant_id)
 
     def _settle_sync(self, outcome: str, error: str) -> UsageSummary:
         from inference.models import SloSample
@@ -486,7 +503,7 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     if not principal.can_complete:
         raise PermissionDenied(f"a {principal.role} may not run completions")
     _validate(call)
-    entry = get_engines().get(call.model)
+    entry = (await aget_engines()).get(call.model)
     route = decide(entry)
     engine, request = await asyncio.to_thread(_build, entry, route, call)
     admission.enter(principal.tenant_id)
