@@ -134,11 +134,11 @@ class UsageSummary:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "drafted_tokens": str(self.drafted_tokens),
+            "drafted_tokens": format(self.drafted_tokens, "f"),
             "accepted_tokens": self.accepted_tokens,
             "acceptance_rate": round(self.acceptance_rate, 4),
-            "gpu_ms": str(self.gpu_ms),
-            "cost": {k: str(v) for k, v in self.cost.items()},
+            "gpu_ms": format(self.gpu_ms, "f"),
+            "cost": {k: format(v, "f") for k, v in self.cost.items()},
             "outcome": self.outcome,
             "finish_reason": self.finish_reason,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
@@ -344,6 +344,8 @@ class GatewayStream:
             item, self._first = self._first, None
         else:
             item = await self._queue.get()
+            if self._cancel.is_set():  # closed while this read waited: nothing more is delivered
+                raise StopAsyncIteration
         if item is _END:
             await self._settle("completed")
             raise StopAsyncIteration

@@ -178,20 +178,23 @@ class TokenStream:
     ) -> Generator[TokenEvent, None, None]:
         """Yield a round's tokens, stopping at EOS, a stop string or max_tokens.
 
-        The round's verifier time and draft tokens are shared evenly by the tokens it emits
+        The round's verifier time is shared evenly by the tokens it emits; each accepted
+        draft token carries one drafted token and the verifier's token the rejected ones
         (see :class:`TokenEvent`); tokens past a stop condition are never emitted or charged.
         """
         stats, req = self.stats, self.request
-        gpu_each, drafted_each = gpu_ms / len(emitted), drafted / len(emitted)
+        gpu_each = gpu_ms / len(emitted)
         for i, token in enumerate(emitted):
             source = provenance or (Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER)
             token_gpu_ms, self._unbilled_gpu_ms = gpu_each + self._unbilled_gpu_ms, 0.0
+            # an accepted draft token carries itself; the verifier's token the drafts it rejected
+            token_drafted = 1.0 if i < n_matches else float(drafted - n_matches)
             stats.completion_tokens += 1
             stats.provenance.append(source)
             if token == self._eos_token_id:
                 # EOS ends the text: release what was held back for a stop string
                 stats.finish_reason = FinishReason.STOP
-                yield TokenEvent(token, self._tracker.finish(), source, token_gpu_ms, drafted_each)
+                yield TokenEvent(token, self._tracker.finish(), source, token_gpu_ms, token_drafted)
                 return
             delta, hit_stop = self._tracker.push(token)
             if hit_stop:
@@ -199,7 +202,7 @@ class TokenStream:
             elif stats.completion_tokens >= req.max_tokens:
                 stats.finish_reason = FinishReason.LENGTH
                 delta += self._tracker.finish()
-            yield TokenEvent(token, delta, source, token_gpu_ms, drafted_each)
+            yield TokenEvent(token, delta, source, token_gpu_ms, token_drafted)
             if stats.finish_reason is not None:
                 return
 

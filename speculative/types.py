@@ -72,17 +72,19 @@ class Provenance(enum.StrEnum):
 class TokenEvent:
     """One emitted token as a stream yields it, with its share of what it cost.
 
-    A round's verifier time and drafted tokens are spread evenly over the tokens the
-    round emits (the prompt's prefill goes to the first token), so summing the shares of
-    the tokens a client received charges exactly what was delivered, even for a stream
-    cut off in the middle of a round.
+    A round's verifier time is spread evenly over the tokens the round emits (the
+    prompt's prefill goes to the first token); each accepted draft token carries one
+    drafted token and the verifier's token carries the drafts the verifier rejected. So
+    summing the shares of the tokens a client received charges exactly what was
+    delivered, even for a stream cut off in the middle of a round, and accepted never
+    exceeds drafted.
     """
 
     token_id: int
     text: str
     provenance: Provenance
     gpu_ms: float = 0.0  # this token's share of verifier time (its batch share, prefill included)
-    drafted: float = 0.0  # this token's share of the draft tokens proposed (edge work)
+    drafted: float = 0.0  # draft tokens this token accounts for (edge work): 1 if accepted, else the rejected
 
 
 class FinishReason(enum.StrEnum):

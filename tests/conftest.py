@@ -84,7 +84,7 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory) -> LiveServer:
+def daphne_server(tmp_path_factory) -> LiveServer:
     """daphne serving the whole platform in a subprocess, on a fresh SQLite database.
 
     Migrated and bootstrapped with ``manage.py tandem_demo`` for the test models, exactly

@@ -222,6 +222,10 @@ def test_a_stream_cut_off_mid_round_carries_only_the_delivered_tokens_shares(eng
     completion.close()
     # the stats saw every round that ran; the delivered tokens carry no more than that
     assert sum(e.gpu_ms for e in delivered) <= completion.stats.gpu_ms + 1e-9
+    # every accepted draft token carries one drafted token: accepted never exceeds drafted
+    for n in range(1, len(delivered) + 1):
+        accepted = sum(e.provenance is Provenance.DRAFTED for e in delivered[:n])
+        assert sum(e.drafted for e in delivered[:n]) >= accepted
     assert len(delivered) == 7 and completion.stats.completion_tokens == 7
 
 

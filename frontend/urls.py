@@ -1,0 +1,22 @@
+"""The console's URLs (included at ``/``): sign in and out, tenant switch, playground, API keys, usage."""
+
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from frontend import views
+
+app_name = "frontend"
+
+urlpatterns = [
+    path("", views.playground, name="playground"),
+    path(
+        "signin/",
+        auth_views.LoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("signout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("tenant/", views.tenant_switch, name="tenant-switch"),
+    path("keys/", views.api_keys, name="api-keys"),
+    path("keys/<int:pk>/revoke/", views.api_key_revoke, name="api-key-revoke"),
+    path("usage/", views.usage, name="usage"),
+]

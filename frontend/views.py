@@ -1,0 +1,165 @@
+"""The console's pages: thin views over the tenants services and selectors and the engine registry.
+
+Every page but sign-in needs a signed-in user, and acts in the *current tenant*: the one
+stored in the session by the tenant switch, re-checked against the user's memberships on
+every request (a membership removed meanwhile falls back to the user's first tenant).
+Completions themselves never go through these views: the playground streams them over
+the websocket (``inference.consumers``), which checks the tenant again.
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from frontend.forms import ApiKeyCreateForm
+from inference.engines import get_engines
+from inference.routing import WEBSOCKET_PATH
+from tenants import errors as tenant_errors
+from tenants import selectors, services
+from tenants.models import ApiKey, Membership
+
+SESSION_TENANT_KEY = "tandem_tenant_id"
+USAGE_ROWS = 50
+
+
+def current_membership(request: HttpRequest) -> Membership | None:
+    """The user's membership in the tenant they work in now; None when they belong to no tenant."""
+    tenant_id = request.session.get(SESSION_TENANT_KEY)
+    if tenant_id is not None:
+        try:
+            return selectors.membership_get(user=request.user, tenant_id=tenant_id)
+        except tenant_errors.NotAMember:
+            del request.session[SESSION_TENANT_KEY]
+    return selectors.memberships_for_user(user=request.user).first()
+
+
+def _render(request: HttpRequest, template: str, membership: Membership | None, context: dict, **kwargs):
+    """A console page: the header's tenant switch needs every membership and the current one."""
+    memberships = list(selectors.memberships_for_user(user=request.user))
+    page = {"memberships": memberships, "membership": membership, "tenant": membership and membership.tenant}
+    return render(request, template, {**page, **context}, **kwargs)
+
+
+def _no_tenant(request: HttpRequest) -> HttpResponse:
+    return _render(request, "frontend/no_tenant.html", None, {}, status=403)
+
+
+@require_GET
+@login_required
+def playground(request: HttpRequest) -> HttpResponse:
+    membership = current_membership(request)
+    if membership is None:
+        return _no_tenant(request)
+    models = sorted(get_engines().models.values(), key=lambda entry: entry.name)
+    context = {"models": models, "websocket_path": "/" + WEBSOCKET_PATH}
+    return _render(request, "frontend/playground.html", membership, context)
+
+
+@require_POST
+@login_required
+def tenant_switch(request: HttpRequest) -> HttpResponse:
+    try:
+        membership = selectors.membership_get(user=request.user, tenant_id=int(request.POST.get("tenant", "")))
+    except (ValueError, tenant_errors.NotAMember):
+        raise PermissionDenied("you are not a member of that tenant") from None
+    request.session[SESSION_TENANT_KEY] = membership.tenant_id
+    messages.success(request, f"Now working in {membership.tenant.name}.")
+    next_url = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(
+        next_url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        next_url = reverse("frontend:playground")
+    return redirect(next_url)
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+@login_required
+def api_keys(request: HttpRequest) -> HttpResponse:
+    """List the tenant's keys; a POST creates one and shows its full text once, in this response only.
+
+    The raw key is rendered into the response to the POST and kept nowhere (not in the
+    session, not in a message), so a reload cannot show it again; ``never_cache`` keeps
+    it out of the browser's and proxies' caches.
+    """
+    membership = current_membership(request)
+    if membership is None:
+        return _no_tenant(request)
+    form = ApiKeyCreateForm(request.POST or None) if membership.can_complete else None
+    created = raw_key = None
+    status = 200
+    if request.method == "POST":
+        if form is None:
+            raise PermissionDenied("viewers cannot create API keys")
+        if form.is_valid():
+            try:
+                created, raw_key = services.api_key_create(
+                    tenant=membership.tenant,
+                    created_by=request.user,
+                    name=form.cleaned_data["name"],
+                    scopes=form.cleaned_data["scopes"],
+                    expires_at=form.expires_at,
+                )
+            except tenant_errors.PermissionDenied as exc:
+                raise PermissionDenied(exc.message) from None
+            except tenant_errors.InvalidInput as exc:
+                form.add_error(None, exc.message)
+                status = 400
+            else:
+                form = ApiKeyCreateForm()
+        else:
+            status = 400
+    now = timezone.now()
+    keys = [
+        {
+            "key": key,
+            "state": "revoked" if key.revoked_at else "active" if key.is_usable_at(now) else "expired",
+            "can_revoke": key.revoked_at is None and membership.can_manage_key(key),
+        }
+        for key in selectors.api_keys_for_tenant(tenant=membership.tenant)
+    ]
+    context = {"keys": keys, "form": form, "created": created, "raw_key": raw_key}
+    return _render(request, "frontend/api_keys.html", membership, context, status=status)
+
+
+@require_POST
+@login_required
+def api_key_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+    membership = current_membership(request)
+    if membership is None:
+        return _no_tenant(request)
+    # Scoped to the current tenant: another tenant's key id is simply not found.
+    try:
+        key = selectors.api_keys_for_tenant(tenant=membership.tenant).get(pk=pk)
+    except ApiKey.DoesNotExist:
+        raise Http404("no such key in this tenant") from None
+    try:
+        services.api_key_revoke(api_key=key, by=request.user)
+    except (tenant_errors.PermissionDenied, tenant_errors.NotAMember) as exc:
+        raise PermissionDenied(exc.message) from None
+    messages.success(request, f"Revoked {key.prefix} ({key.name}). Requests with it now fail.")
+    return redirect("frontend:api-keys")
+
+
+@require_GET
+@login_required
+def usage(request: HttpRequest) -> HttpResponse:
+    membership = current_membership(request)
+    if membership is None:
+        return _no_tenant(request)
+    context = {
+        "rows": selectors.usage_for_tenant(tenant=membership.tenant, limit=USAGE_ROWS),
+        "budgets": selectors.budget_status(tenant=membership.tenant),
+        "spend": selectors.spend_by_tier(tenant=membership.tenant),
+        "limit": USAGE_ROWS,
+    }
+    return _render(request, "frontend/usage.html", membership, context)

@@ -1,0 +1,375 @@
+"""The websocket stream (``inference.consumers``): authentication, the frame protocol, settlement, tenant scoping."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import AsyncClient
+
+from config.asgi import application
+from inference.consumers import MAX_STREAMS_PER_CONNECTION
+from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
+from tenants.models import Reservation, UsageRecord
+from tenants.services import api_key_revoke, membership_create
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+PATH = "/ws/v1/completions"
+ORIGIN = (b"origin", b"http://testserver")
+TIMEOUT = 5
+
+
+# connecting --------------------------------------------------------------------------------------
+async def connect(*headers: tuple[bytes, bytes]) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(application, PATH, headers=list(headers))
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected
+    return communicator
+
+
+def bearer(raw_key: str) -> tuple[bytes, bytes]:
+    return (b"authorization", f"Bearer {raw_key}".encode())
+
+
+async def session_cookie(user) -> tuple[bytes, bytes]:
+    """The cookie header of a console session signed in as ``user``."""
+    client = AsyncClient()
+    await client.aforce_login(user)
+    name = settings.SESSION_COOKIE_NAME
+    return (b"cookie", f"{name}={client.cookies[name].value}".encode())
+
+
+async def key_socket(account) -> WebsocketCommunicator:
+    return await connect(ORIGIN, bearer(account.raw_key))
+
+
+async def receive(ws: WebsocketCommunicator) -> dict:
+    return await ws.receive_json_from(timeout=TIMEOUT)
+
+
+def start(stream_id: str = "s1", **fields) -> dict:
+    return {"type": "start", "id": stream_id, "model": "tandem-test", "prompt": "Hello there", **fields}
+
+
+async def run_to_end(ws: WebsocketCommunicator, stream_id: str) -> tuple[dict, list[dict], dict]:
+    """(started, deltas, last frame) of one stream, the last frame being its done or error."""
+    started = await receive(ws)
+    assert started["type"] == "started" and started["id"] == stream_id, started
+    deltas = []
+    while (frame := await receive(ws))["type"] == "delta":
+        deltas.append(frame)
+    return started, deltas, frame
+
+
+async def nothing_charged() -> bool:
+    return await UsageRecord.objects.acount() == 0 and await Reservation.objects.acount() == 0
+
+
+# an engine a test releases token by token ----------------------------------------------------------
+class GatedCompletion(TrivialCompletion):
+    def _run(self):
+        for n, event in enumerate(super()._run()):
+            if n >= self._engine.free_tokens:
+                self._engine.gate.acquire()  # blocks the gateway's engine thread until the test releases a token
+            yield event
+
+
+class GatedEngine(TrivialEngine):
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Semaphore(0)
+        self.free_tokens = 0  # tokens each completion emits before it waits for the gate
+
+    def stream(self, prompt, **kwargs) -> GatedCompletion:
+        return GatedCompletion(self, self.request(prompt, **kwargs))
+
+
+@pytest.fixture
+def gated() -> Iterator[GatedEngine]:
+    """``tandem-test`` served by an engine that emits a token only when the test releases one."""
+    engine = GatedEngine()
+    entry = trivial_entry()
+    gated_entry = ModelEntry(
+        name="tandem-test",
+        speculative=engine,
+        edge=engine,
+        verifier_version=entry.verifier_version,
+        draft_version=entry.draft_version,
+        context_length=engine.context_length,
+        tokenizer=engine.tokenizer,
+    )
+    previous = set_engines(EngineSet([gated_entry, trivial_entry("tandem-test-broken", fail_after=6)]))
+    yield engine
+    engine.gate.release(10_000)  # let stopped engine threads see the cancel and end
+    set_engines(previous)
+
+
+# authentication --------------------------------------------------------------------------------
+async def test_an_api_key_in_the_authorization_header_authenticates(account):
+    ws = await key_socket(account)
+    await ws.send_json_to({"type": "ping"})
+    assert await receive(ws) == {"type": "pong"}
+    await ws.send_json_to(start(max_tokens=3))
+    _, deltas, done = await run_to_end(ws, "s1")
+    assert done["type"] == "done" and len(deltas) == 3
+    row = await UsageRecord.objects.aget(request_id=done["usage"]["request_id"])
+    assert row.api_key_id == account.api_key.pk and row.tenant_id == account.tenant.pk
+    await ws.disconnect()
+
+
+async def test_a_console_session_authenticates_and_acts_in_the_chosen_tenant(account):
+    ws = await connect(ORIGIN, await session_cookie(account.user))
+    await ws.send_json_to(start(max_tokens=3, tenant=account.tenant.pk))
+    _, deltas, done = await run_to_end(ws, "s1")
+    assert done["type"] == "done" and len(deltas) == 3
+    row = await UsageRecord.objects.aget(request_id=done["usage"]["request_id"])
+    assert row.tenant_id == account.tenant.pk and row.user_id == account.user.pk and row.api_key_id is None
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        [],
+        [(b"authorization", b"Bearer tdm_00000000_not-a-real-key-not-a-real-key-not-a-real-key12")],
+        [(b"authorization", b"Basic dXNlcjpwYXNz")],
+    ],
+    ids=["no-credentials", "unknown-key", "not-bearer"],
+)
+async def test_an_unauthenticated_connection_is_told_why_then_closed_with_4401(account, auth):
+    ws = await connect(ORIGIN, *auth)
+    frame = await receive(ws)
+    assert frame["type"] == "error" and frame["id"] is None and frame["usage"] is None
+    assert frame["error"]["type"] == "authentication_error"
+    assert await ws.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4401}
+
+
+async def test_a_key_revoked_while_connected_starts_nothing_more(account):
+    ws = await key_socket(account)
+    await sync_to_async(api_key_revoke)(api_key=account.api_key)
+    await ws.send_json_to(start())
+    frame = await receive(ws)
+    assert frame["type"] == "error" and frame["error"]["type"] == "authentication_error"
+    assert await nothing_charged()
+    await ws.disconnect()
+
+
+async def test_clients_without_an_origin_header_connect_but_foreign_origins_do_not(account):
+    """Non-browser clients send no Origin; a browser on another site does (cross-site websocket hijacking)."""
+    ws = await connect(bearer(account.raw_key))
+    await ws.send_json_to({"type": "ping"})
+    assert await receive(ws) == {"type": "pong"}
+    await ws.disconnect()
+    headers = [(b"origin", b"https://evil.example"), await session_cookie(account.user)]
+    foreign = WebsocketCommunicator(application, PATH, headers=headers)
+    connected, _ = await foreign.connect(timeout=TIMEOUT)
+    assert not connected
+
+
+# the protocol -------------------------------------------------------------------------------------
+async def test_a_stream_sends_started_then_deltas_with_provenance_then_done_with_the_ledgers_usage(account):
+    ws = await key_socket(account)
+    await ws.send_json_to(start("run-1", max_tokens=12, tags={"feature": "tests"}))
+    started, deltas, done = await run_to_end(ws, "run-1")
+    assert started["model"] == "tandem-test" and started["request_id"].startswith("req_")
+    assert started["route"] == {"tier": "speculative", "reason": "default", "degraded": False}
+    assert [d["index"] for d in deltas] == list(range(12))
+    assert all(d["id"] == "run-1" and isinstance(d["token_id"], int) for d in deltas)
+    assert {d["provenance"] for d in deltas} == {"drafted", "verifier"}
+    assert "".join(d["text"] for d in deltas) == "Tandem draft"
+    assert done["type"] == "done" and done["id"] == "run-1"
+    usage = done["usage"]
+    assert usage["outcome"] == "completed" and usage["finish_reason"] == "length"
+    assert usage["completion_tokens"] == len(deltas) == 12
+    assert usage["accepted_tokens"] == sum(d["provenance"] == "drafted" for d in deltas)
+    assert set(usage["cost"]) == {"edge", "verifier", "cloud", "total"} and usage["route"] == started["route"]
+    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    assert row.completion_tokens == len(deltas) and row.outcome == "completed" and row.tags == {"feature": "tests"}
+    assert str(row.cost_total) == usage["cost"]["total"]
+    await ws.disconnect()
+
+
+async def test_concurrent_streams_on_one_connection_are_told_apart_by_id(account):
+    ws = await key_socket(account)
+    await ws.send_json_to(start("a", max_tokens=5))
+    await ws.send_json_to(start("b", max_tokens=7))
+    frames: dict[str, list[dict]] = {"a": [], "b": []}
+    finished = 0
+    while finished < 2:
+        frame = await receive(ws)
+        frames[frame["id"]].append(frame)
+        finished += frame["type"] == "done"
+    for stream_id, n in (("a", 5), ("b", 7)):
+        deltas = [f for f in frames[stream_id] if f["type"] == "delta"]
+        assert len(deltas) == n == frames[stream_id][-1]["usage"]["completion_tokens"]
+    await ws.disconnect()
+
+
+async def test_cancel_mid_stream_settles_exactly_the_delivered_deltas(account, gated):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=200))
+    gated.gate.release(5)
+    started = await receive(ws)
+    deltas = [await receive(ws) for _ in range(5)]
+    assert [d["type"] for d in deltas] == ["delta"] * 5
+    await ws.send_json_to({"type": "cancel", "id": "s1"})
+    done = await receive(ws)
+    assert done["type"] == "done" and done["usage"]["outcome"] == "cancelled"
+    assert done["usage"]["completion_tokens"] == 5 and done["usage"]["finish_reason"] == ""
+    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    assert row.outcome == "cancelled" and row.completion_tokens == 5
+    assert await Reservation.objects.filter(status="held").acount() == 0
+    await ws.send_json_to({"type": "ping"})  # the connection goes on, the cancelled stream sends nothing more
+    assert await receive(ws) == {"type": "pong"}
+    await ws.disconnect()
+
+
+async def test_a_cancel_racing_a_fast_stream_still_charges_exactly_the_deltas_sent(account):
+    """No gate: tokens pour in while the cancel lands, so a read may be in flight when the stream settles."""
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=4000))
+    started = await receive(ws)
+    received = [await receive(ws) for _ in range(3)]
+    await ws.send_json_to({"type": "cancel", "id": "s1"})
+    while (frame := await receive(ws))["type"] == "delta":
+        received.append(frame)
+    assert frame["type"] == "done"
+    usage = frame["usage"]
+    assert [d["index"] for d in received] == list(range(len(received)))
+    assert usage["completion_tokens"] == len(received)
+    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    assert row.completion_tokens == len(received) and row.outcome == usage["outcome"]
+    await ws.disconnect()
+
+
+async def test_a_disconnect_mid_stream_settles_exactly_the_delivered_deltas(account, gated):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=200))
+    gated.gate.release(4)
+    started = await receive(ws)
+    assert [(await receive(ws))["type"] for _ in range(4)] == ["delta"] * 4
+    await ws.disconnect()  # returns once the consumer's disconnect handler (which settles) has finished
+    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    assert row.outcome == "cancelled" and row.completion_tokens == 4
+    assert await Reservation.objects.filter(status="held").acount() == 0
+
+
+async def test_keep_alive_pings_are_sent_while_a_stream_waits_for_tokens(account, gated, settings):
+    settings.TANDEM_KEEPALIVE_S = 0.05
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=50))
+    gated.gate.release(1)
+    assert (await receive(ws))["type"] == "started"
+    assert (await receive(ws))["type"] == "delta"
+    assert await receive(ws) == {"type": "ping"}
+    await ws.disconnect()
+
+
+async def test_an_engine_failure_sends_an_error_frame_with_the_usage_of_what_was_delivered(account):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(model="tandem-test-broken", max_tokens=30))
+    started, deltas, frame = await run_to_end(ws, "s1")
+    assert frame["type"] == "error" and frame["id"] == "s1"
+    assert frame["error"]["code"] == "engine_error" and frame["error"]["type"] == "server_error"
+    assert frame["usage"]["outcome"] == "error" and frame["usage"]["completion_tokens"] == len(deltas) == 6
+    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    assert row.outcome == "error" and row.completion_tokens == 6
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "param"),
+    [
+        ("this is not json", "invalid_request", None),
+        (json.dumps(["start"]), "invalid_request", None),
+        (json.dumps({"type": "launch", "id": "s1"}), "invalid_request", "type"),
+        (json.dumps(start(max_tokens=-5)), "invalid_request", "max_tokens"),
+        (json.dumps(start(max_tokens="64")), "invalid_request", "max_tokens"),
+        (json.dumps(start(temperature=True)), "invalid_request", "temperature"),
+        (json.dumps(start(stop=[1])), "invalid_request", "stop"),
+        (json.dumps(start(id=7)), "invalid_request", "id"),
+        (json.dumps(start(prompt=None)), "invalid_request", "prompt"),
+        (json.dumps(start(prompt="")), "invalid_request", "prompt"),
+        (json.dumps(start(stream=True)), "invalid_request", "stream"),
+        (json.dumps(start(tenant="1")), "invalid_request", "tenant"),
+        (json.dumps(start(model="no-such-model")), "model_not_found", "model"),
+        (json.dumps(start(prompt="x" * 40_000)), "context_length_exceeded", "prompt"),
+        (json.dumps({"type": "cancel", "id": "never-started"}), "invalid_request", "id"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 24 else None,
+)
+async def test_a_bad_frame_gets_an_error_frame_charges_nothing_and_keeps_the_connection(account, frame, code, param):
+    ws = await key_socket(account)
+    await ws.send_to(text_data=frame)
+    error = await receive(ws)
+    assert error["type"] == "error" and error["usage"] is None
+    assert error["error"]["code"] == code and error["error"]["param"] == param
+    await ws.send_json_to({"type": "ping"})
+    assert await receive(ws) == {"type": "pong"}
+    assert await nothing_charged()
+    await ws.disconnect()
+
+
+async def test_a_frame_past_the_size_limit_is_refused_before_parsing(account, settings):
+    settings.TANDEM_MAX_PROMPT_CHARS = 10
+    ws = await key_socket(account)
+    await ws.send_to(text_data=json.dumps(start(prompt="y" * 100_000)))
+    error = await receive(ws)
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_request"
+    assert await nothing_charged()
+    await ws.disconnect()
+
+
+async def test_a_live_id_cannot_be_reused_and_a_connection_runs_at_most_four_streams(account, gated):
+    ws = await key_socket(account)
+    gated.free_tokens = 1  # one token each, so every start returns
+    for n in range(MAX_STREAMS_PER_CONNECTION):
+        await ws.send_json_to(start(f"s{n}", max_tokens=100))
+    await ws.send_json_to(start("s0", max_tokens=100))
+    await ws.send_json_to(start("one-too-many", max_tokens=100))
+    frames = [await receive(ws) for _ in range(2 * MAX_STREAMS_PER_CONNECTION + 2)]
+    errors = {f["id"]: f["error"] for f in frames if f["type"] == "error"}
+    assert errors["s0"]["param"] == "id" and errors["one-too-many"]["code"] == "too_many_streams"
+    assert sum(f["type"] == "started" for f in frames) == MAX_STREAMS_PER_CONNECTION
+    await ws.disconnect()
+    assert await UsageRecord.objects.filter(outcome="cancelled", completion_tokens=1).acount() == 4
+
+
+# tenant scoping ------------------------------------------------------------------------------------
+async def test_a_console_user_cannot_act_in_a_tenant_they_are_not_a_member_of(account, other_account):
+    ws = await connect(ORIGIN, await session_cookie(account.user))
+    await ws.send_json_to(start(tenant=other_account.tenant.pk))
+    frame = await receive(ws)
+    assert frame["type"] == "error" and frame["error"]["type"] == "permission_error"
+    assert await nothing_charged()
+    await ws.disconnect()
+
+
+async def test_an_api_key_naming_another_tenant_is_refused(account, other_account):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(tenant=other_account.tenant.pk))
+    frame = await receive(ws)
+    assert frame["type"] == "error" and frame["id"] == "s1"
+    assert frame["error"]["type"] == "permission_error" and frame["error"]["param"] == "tenant"
+    await ws.send_json_to(start("own", tenant=account.tenant.pk, max_tokens=2))  # its own tenant is fine
+    _, _, done = await run_to_end(ws, "own")
+    assert done["type"] == "done"
+    assert not await UsageRecord.objects.filter(tenant=other_account.tenant).aexists()
+    await ws.disconnect()
+
+
+async def test_a_viewer_may_watch_but_not_run_completions(account, django_user_model):
+    viewer = await sync_to_async(django_user_model.objects.create_user)(username="vic", password="pw-vic-123456")
+    await sync_to_async(membership_create)(tenant=account.tenant, user=viewer, role="viewer")
+    ws = await connect(ORIGIN, await session_cookie(viewer))
+    await ws.send_json_to(start(tenant=account.tenant.pk))
+    frame = await receive(ws)
+    assert frame["type"] == "error" and frame["error"]["type"] == "permission_error"
+    assert await nothing_charged()
+    await ws.disconnect()
