@@ -33,6 +33,13 @@ class InvalidRequest(GatewayError):
     code = "invalid_request"
 
 
+class RequestIdConflict(InvalidRequest):
+    """A request id is used once: a retry must send a new one (the message never says whose it was)."""
+
+    status = 409
+    code = "duplicate_request_id"
+
+
 class ContextTooLong(InvalidRequest):
     code = "context_length_exceeded"
 

@@ -43,6 +43,7 @@ from inference.errors import (
     Overloaded,
     PermissionDenied,
     RateLimited,
+    RequestIdConflict,
     UpstreamFailed,
 )
 from inference.router import Route, Tier, decide
@@ -305,6 +306,8 @@ class GatewayStream:
             )
         except tenant_errors.BudgetExceeded as exc:
             raise BudgetExceeded(str(exc)) from None
+        except tenant_errors.InvalidInput:  # the request id was used before (by any tenant)
+            raise RequestIdConflict("this request id was already used; send a new X-Request-Id") from None
 
     def _launch(self, engine, request) -> None:
         loop = asyncio.get_running_loop()

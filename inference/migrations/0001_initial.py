@@ -5,31 +5,35 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('tenants', '0001_initial'),
+        ("tenants", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='SloSample',
+            name="SloSample",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('request_id', models.CharField(max_length=64, unique=True)),
-                ('model', models.CharField(max_length=128)),
-                ('route_tier', models.CharField(max_length=16)),
-                ('ttft_ms', models.FloatField(null=True)),
-                ('inter_token_ms', models.FloatField(null=True)),
-                ('e2e_ms', models.FloatField()),
-                ('tokens', models.PositiveIntegerField()),
-                ('outcome', models.CharField(max_length=16)),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='slo_samples', to='tenants.tenant')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("request_id", models.CharField(max_length=64, unique=True)),
+                ("model", models.CharField(max_length=128)),
+                ("route_tier", models.CharField(max_length=16)),
+                ("ttft_ms", models.FloatField(null=True)),
+                ("inter_token_ms", models.FloatField(null=True)),
+                ("e2e_ms", models.FloatField()),
+                ("tokens", models.PositiveIntegerField()),
+                ("outcome", models.CharField(max_length=16)),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="slo_samples", to="tenants.tenant"
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['tenant', 'created_at'], name='inference_s_tenant__67f407_idx')],
+                "indexes": [models.Index(fields=["tenant", "created_at"], name="inference_s_tenant__67f407_idx")],
             },
         ),
     ]

@@ -52,7 +52,9 @@ def run_with_worker(tmp_path: Path, extra_env: dict[str, str]) -> dict:
     }
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
-    subprocess.run([*manage, "tandem_demo", "--models", "tandem-test"], cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [*manage, "tandem_demo", "--models", "tandem-test"], cwd=REPO, env=env, check=True, capture_output=True
+    )
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "config.celery_app", "worker", "--pool=solo", "--loglevel=warning"],
         cwd=REPO,

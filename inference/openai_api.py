@@ -1,0 +1,532 @@
+"""The OpenAI-compatible HTTP API (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``).
+
+Thin adapters over :mod:`inference.gateway`: authenticate the bearer key, validate the
+body, turn it into a :class:`~inference.gateway.CompletionCall`, start it, and write the
+result in OpenAI's shapes, as one JSON object or as server-sent events. The gateway does
+everything else (admission, routing, reservation, settlement), so the ledger charges
+exactly what these views hand to the client.
+
+The views are plain async Django views, not DRF ``APIView``s: DRF views are sync, and
+under ASGI a sync view can only stream an async iterator by hopping to a thread for every
+chunk. DRF serializers still validate the bodies (the ``*InputSerializer`` classes), with
+strict fields, since OpenAI does not coerce ``"5"`` into 5 either. Unknown fields are
+ignored, as OpenAI's own API does.
+
+Every response, error or not, streaming or not, carries ``x-request-id``: the ledger's
+request id (a client's own ``X-Request-Id`` when it is well-formed). Errors are mapped
+from :class:`~inference.errors.GatewayError` in one place, :func:`error_response`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import re
+import uuid
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import serializers
+from rest_framework.settings import api_settings
+
+from inference import gateway, prompts
+from inference.engines import ModelEntry, aget_engines
+from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
+from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
+
+log = logging.getLogger(__name__)
+
+MODELS_SCOPE = "models:read"
+# max_tokens when a request names none: OpenAI's "as much as fits", capped so that leaving
+# it out does not reserve (and hold against the budget) the cost of a whole context
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is an int64; torch generators take that range
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+
+
+# request bodies ---------------------------------------------------------------------------
+class _Strict:
+    """Refuse values of the wrong JSON type instead of coercing them; ``null`` means the default.
+
+    DRF turns ``"5"`` into 5 and ``"true"`` into True; OpenAI refuses both, and a coerced
+    value would hide a client's bug. ``bool`` is an ``int`` to Python, so it is refused
+    wherever it is not listed.
+    """
+
+    accepted: tuple[type, ...] = ()
+
+    def validate_empty_values(self, data):
+        if data is None and self.default is not serializers.empty:  # type: ignore[attr-defined]
+            return True, self.get_default()  # type: ignore[attr-defined]
+        return super().validate_empty_values(data)  # type: ignore[misc]
+
+    def to_internal_value(self, data):
+        if not isinstance(data, self.accepted) or (isinstance(data, bool) and bool not in self.accepted):
+            self.fail("invalid")  # type: ignore[attr-defined]
+        return super().to_internal_value(data)  # type: ignore[misc]
+
+
+class StrictCharField(_Strict, serializers.CharField):
+    accepted = (str,)
+
+
+class StrictIntegerField(_Strict, serializers.IntegerField):
+    accepted = (int,)
+
+
+class StrictFloatField(_Strict, serializers.FloatField):
+    accepted = (int, float)
+
+
+class StrictBooleanField(_Strict, serializers.BooleanField):
+    accepted = (bool,)
+
+
+class StopField(serializers.Field):
+    """``stop``: a string or a list of up to four non-empty strings, as a tuple."""
+
+    default_error_messages = {"invalid": f"Must be a non-empty string or a list of at most {MAX_STOP} of them."}
+
+    def to_internal_value(self, data):
+        stops = [data] if isinstance(data, str) else data
+        if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+            self.fail("invalid")
+        return tuple(stops)
+
+
+class PromptField(serializers.Field):
+    """``prompt`` of /v1/completions: a string, or a list holding exactly one string (no token arrays, no batches)."""
+
+    default_error_messages = {"invalid": "Must be a string or a list with exactly one string (one prompt per request)."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return data
+
+
+class StreamOptionsInputSerializer(serializers.Serializer):
+    include_usage = StrictBooleanField(required=False, default=False)
+
+
+class _GenerationInputSerializer(serializers.Serializer):
+    """What both completion endpoints accept; their own serializers add the prompt's shape."""
+
+    model = StrictCharField(max_length=200)
+    max_tokens = StrictIntegerField(required=False, default=None, allow_null=True, min_value=1)
+    temperature = StrictFloatField(required=False, default=DEFAULT_TEMPERATURE, min_value=0.0, max_value=2.0)
+    top_p = StrictFloatField(required=False, default=1.0, min_value=0.0, max_value=1.0)
+    top_k = StrictIntegerField(required=False, default=0, min_value=0)  # Tandem's extension; 0 = off
+    seed = StrictIntegerField(
+        required=False, default=None, allow_null=True, min_value=SEED_RANGE[0], max_value=SEED_RANGE[1]
+    )
+    stop = StopField(required=False, default=(), allow_null=True)
+    n = StrictIntegerField(required=False, default=1)
+    stream = StrictBooleanField(required=False, default=False)
+    stream_options = StreamOptionsInputSerializer(required=False, default=None, allow_null=True)
+    user = StrictCharField(required=False, default="", allow_blank=True, max_length=256)
+    metadata = serializers.DictField(
+        child=StrictCharField(allow_blank=True), required=False, default=dict, allow_null=True
+    )
+
+    def validate_n(self, value: int) -> int:
+        if value != 1:
+            raise serializers.ValidationError(f"Only n=1 is supported (one choice per request), got {value}.")
+        return value
+
+    def validate_stop(self, value: tuple[str, ...] | None) -> tuple[str, ...]:
+        return value or ()
+
+
+class ChatCompletionInputSerializer(_GenerationInputSerializer):
+    # The shape of each message is checked by inference.prompts, which names the exact offender.
+    messages = serializers.ListField(allow_empty=False)
+    max_completion_tokens = StrictIntegerField(required=False, default=None, allow_null=True, min_value=1)
+
+
+class CompletionInputSerializer(_GenerationInputSerializer):
+    prompt = PromptField()
+
+
+def _json_body(request: HttpRequest) -> dict:
+    def refuse_constant(name: str) -> float:
+        raise ValueError(f"{name} is not JSON")  # NaN and Infinity would slip past every range check
+
+    try:
+        body = json.loads(request.body, parse_constant=refuse_constant)
+    except RequestDataTooBig:
+        raise InvalidRequest(
+            f"the request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes", code="request_too_large"
+        ) from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _validated(serializer_class: type[serializers.Serializer], body: dict) -> dict:
+    serializer = serializer_class(data=body)
+    if not serializer.is_valid():
+        param, message = _first_error(serializer.errors)
+        raise InvalidRequest(f"Invalid '{param}': {message}" if param else message, param=param)
+    return dict(serializer.validated_data)
+
+
+def _first_error(errors: Any, path: str = "") -> tuple[str | None, str]:
+    """The first of DRF's nested errors as (``messages[0].role``-style param, message)."""
+    if isinstance(errors, dict):
+        key, value = next(iter(errors.items()))
+        if key == api_settings.NON_FIELD_ERRORS_KEY:
+            return _first_error(value, path)
+        return _first_error(value, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+    if isinstance(errors, list):
+        return _first_error(next((e for e in errors if e), ""), path)
+    return path or None, str(errors)
+
+
+# authentication and errors ------------------------------------------------------------------
+async def _principal(request: HttpRequest) -> Principal:
+    scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not raw_key.strip():
+        raise AuthenticationFailed("no API key: send it as 'Authorization: Bearer <key>'", code="missing_api_key")
+    return await gateway.authenticate_api_key(raw_key.strip())
+
+
+def error_response(err: GatewayError) -> JsonResponse:
+    """The one mapping from the platform's errors to OpenAI's error body and status."""
+    response = JsonResponse({"error": err.as_dict()}, status=err.status)
+    if err.status == 401:
+        response["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _request_id(request: HttpRequest) -> str:
+    """The client's ``X-Request-Id`` when well-formed (so both sides' logs share it), else a new one."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if REQUEST_ID_RE.fullmatch(given) else f"req_{uuid.uuid4().hex}"
+
+
+View = Callable[..., Awaitable[HttpResponse]]
+
+
+def openai_endpoint(*methods: str) -> Callable[[View], View]:
+    """Method check, request id, and the error mapping around a view ``(request, request_id, ...)``.
+
+    Bearer keys, not cookies, authenticate here, so there is no CSRF to defend against.
+    """
+
+    def decorate(view: View) -> View:
+        @csrf_exempt
+        @functools.wraps(view)
+        async def endpoint(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            request_id = _request_id(request)
+            try:
+                if request.method not in methods:
+                    raise MethodNotAllowed(f"{request.method} is not allowed here; use {' or '.join(methods)}")
+                response = await view(request, request_id, *args, **kwargs)
+            except GatewayError as err:
+                response = error_response(err)
+                if isinstance(err, MethodNotAllowed):
+                    response["Allow"] = ", ".join(methods)
+            except Exception:  # noqa: BLE001 - the adapter's edge: logged with its traceback, answered in OpenAI's shape
+                log.exception("request %s failed", request_id)
+                response = error_response(GatewayError(f"internal error; quote request id {request_id}"))
+            response["x-request-id"] = request_id
+            return response
+
+        return endpoint
+
+    return decorate
+
+
+# completions --------------------------------------------------------------------------------
+@openai_endpoint("POST")
+async def chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
+    principal = await _principal(request)
+    data = _validated(ChatCompletionInputSerializer, _json_body(request))
+    messages = prompts.messages_parse(data["messages"])
+    entry = (await aget_engines()).get(data["model"])
+    prompt = await asyncio.to_thread(prompts.chat_prompt, entry.tokenizer, messages)
+    max_tokens = data["max_completion_tokens"] or data["max_tokens"]
+    return await _complete(principal, data, entry, prompt, max_tokens, request_id, chat=True)
+
+
+@openai_endpoint("POST")
+async def completions(request: HttpRequest, request_id: str) -> HttpResponse:
+    principal = await _principal(request)
+    data = _validated(CompletionInputSerializer, _json_body(request))
+    entry = (await aget_engines()).get(data["model"])
+    return await _complete(principal, data, entry, data["prompt"], data["max_tokens"], request_id, chat=False)
+
+
+async def _complete(
+    principal: Principal,
+    data: dict,
+    entry: ModelEntry,
+    prompt: str,
+    max_tokens: int | None,
+    request_id: str,
+    *,
+    chat: bool,
+) -> HttpResponse:
+    if max_tokens is None:
+        max_tokens = await asyncio.to_thread(_default_max_tokens, entry, prompt)
+    stream = await gateway.start(principal, _completion_call(data, prompt, max_tokens, request_id))
+    include_usage = bool(data["stream"] and (data["stream_options"] or {}).get("include_usage"))
+    chunks = _Chunks(stream, chat=chat, include_usage=include_usage)
+    if data["stream"]:
+        response = StreamingHttpResponse(
+            _sse_events(stream, chunks), content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS
+        )
+        _close_if_never_streamed(response, stream)
+        return response
+    try:
+        text, _ = await gateway.collect(stream)
+    finally:
+        # Normally a no-op (collect settled it); if this view is cancelled (the client left), this settles what was sent.
+        await asyncio.shield(stream.aclose())
+    assert stream.usage is not None
+    return JsonResponse(chunks.whole(text, stream.usage), json_dumps_params={"ensure_ascii": False})
+
+
+_closing: set[asyncio.Future] = set()  # close tasks started by finalizers, kept alive until they finish
+
+
+def _close_if_never_streamed(response: StreamingHttpResponse, stream: GatewayStream) -> None:
+    """Close ``stream`` when ``response`` is dropped without its body ever being read.
+
+    Money: the SSE generator's ``finally`` closes the stream once Django starts reading the
+    body. A client that goes away after this view returns but before then (Django is still
+    running the sync middlewares' ``process_response``, each a thread hop) has the request
+    task cancelled with the generator never started, and an unstarted generator runs no
+    ``finally``: the reservation would stay held and the engine would run to max_tokens.
+    Nothing was sent, so the gateway releases the reservation and charges nothing.
+    """
+    loop = asyncio.get_running_loop()
+
+    def close_on_loop() -> None:
+        task = asyncio.ensure_future(stream.aclose())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    def on_dropped() -> None:  # may run on any thread (the cycle collector), so hand over to the loop
+        if stream.usage is None:
+            try:
+                loop.call_soon_threadsafe(close_on_loop)
+            except RuntimeError:  # the loop is closed: the process is going away
+                log.warning("request %s: stream dropped after its event loop closed", stream.request_id)
+
+    weakref.finalize(response, on_dropped).atexit = False
+
+
+def _default_max_tokens(entry: ModelEntry, prompt: str) -> int:
+    """DEFAULT_MAX_TOKENS, or what is left of the context after the prompt when that is less."""
+    if len(prompt) > settings.TANDEM_MAX_PROMPT_CHARS:
+        return DEFAULT_MAX_TOKENS  # the gateway refuses this prompt: no point tokenising it
+    prompt_tokens = len(entry.tokenizer.encode(prompt, add_special_tokens=False))  # type: ignore[attr-defined]
+    return max(1, min(DEFAULT_MAX_TOKENS, entry.context_length - prompt_tokens))
+
+
+def _completion_call(data: dict, prompt: str, max_tokens: int, request_id: str) -> CompletionCall:
+    temperature, top_p = data["temperature"], data["top_p"]
+    if top_p == 0.0:
+        # A nucleus of probability mass 0 keeps only the most probable token: greedy decoding, exactly.
+        temperature, top_p = 0.0, 1.0
+    tags = dict(data["metadata"] or {})
+    if data["user"]:
+        tags["user"] = data["user"]
+    return CompletionCall(
+        model=data["model"],
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=data["top_k"],
+        seed=data["seed"],
+        stop=data["stop"],
+        tags=tags,
+        request_id=request_id,
+    )
+
+
+# response shapes ----------------------------------------------------------------------------
+def _usage(usage: UsageSummary) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+class _Chunks:
+    """OpenAI's objects for one completion: ``chat.completion(.chunk)`` or ``text_completion``."""
+
+    def __init__(self, stream: GatewayStream, *, chat: bool, include_usage: bool):
+        self.chat = chat
+        self.include_usage = include_usage
+        self._id = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}"
+        self._created = stream.created
+        self._model = stream.model
+
+    def whole(self, text: str, usage: UsageSummary) -> dict:
+        """The non-streaming response."""
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
+        else:
+            choice = {"index": 0, "text": text}
+        choice |= {"logprobs": None, "finish_reason": usage.finish_reason}
+        head = self._head("chat.completion" if self.chat else "text_completion")
+        return head | {"choices": [choice], "usage": _usage(usage), "tandem": usage.as_dict()}
+
+    def opening(self) -> dict | None:
+        """Chat's first chunk names the role; text completions have none."""
+        return self._chunk({"role": "assistant", "content": ""}) if self.chat else None
+
+    def delta(self, delta: TokenDelta) -> dict:
+        chunk = self._chunk({"content": delta.text} if self.chat else delta.text)
+        return chunk | {"tandem": {"provenance": delta.provenance.value}}
+
+    def finish(self, usage: UsageSummary) -> dict:
+        """The last choice chunk: the finish reason, and the Tandem summary (route, drafts, cost)."""
+        return self._chunk({} if self.chat else "", finish_reason=usage.finish_reason) | {"tandem": usage.as_dict()}
+
+    def usage(self, usage: UsageSummary) -> dict:
+        return self._head(self._chunk_object) | {"choices": [], "usage": _usage(usage)}
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {
+            "id": self._id,
+            "object": obj,
+            "created": self._created,
+            "model": self._model,
+            "system_fingerprint": None,
+        }
+
+    def _chunk(self, delta: dict | str, finish_reason: str | None = None) -> dict:
+        body = {"delta": delta} if self.chat else {"text": delta}
+        chunk = self._head(self._chunk_object) | {
+            "choices": [{"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}]
+        }
+        if self.include_usage:
+            chunk["usage"] = None  # as OpenAI does: every chunk before the usage chunk says "not yet"
+        return chunk
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse_events(stream: GatewayStream, chunks: _Chunks) -> AsyncGenerator[bytes, None]:
+    """The SSE body: opening chunk, a chunk per non-empty delta, finish, usage, ``[DONE]``.
+
+    An error in the middle becomes one ``error`` event and ends the stream: the status and
+    headers are long gone, and the gateway has already settled what was delivered.
+    """
+    try:
+        opening = chunks.opening()
+        if opening is not None:
+            yield _sse(opening)
+        sent_any = opening is not None
+        async with aclosing(_deltas_with_keepalive(stream, settings.TANDEM_KEEPALIVE_S)) as deltas:
+            async for delta in deltas:
+                if delta is None:
+                    yield SSE_KEEPALIVE
+                elif delta.text or not sent_any:  # empty texts (held back for a stop string) carry nothing
+                    yield _sse(chunks.delta(delta))
+                    sent_any = True
+        assert stream.usage is not None
+        yield _sse(chunks.finish(stream.usage))
+        if chunks.include_usage:
+            yield _sse(chunks.usage(stream.usage))
+        yield SSE_DONE
+    except GatewayError as err:
+        yield _sse({"error": err.as_dict()})
+
+
+async def _deltas_with_keepalive(stream: GatewayStream, interval: float) -> AsyncGenerator[TokenDelta | None, None]:
+    """The stream's deltas, with None whenever ``interval`` seconds pass without one (a keep-alive is due).
+
+    Money: only ``stream.ready()`` is ever waited on (in a task, so a keep-alive does not
+    cancel it; cancelling it is safe anyway). A token is taken with ``__anext__`` only once
+    it is at hand, which then returns without suspending, and is yielded at once: a client
+    that goes away (Django cancels this generator) is charged for exactly the tokens it was
+    sent. Had the wait been on ``__anext__`` itself, a token taken just before the hang-up
+    would be charged and never sent. However this generator ends, it closes the stream.
+    """
+    waiter: asyncio.Task | None = None
+    try:
+        while True:
+            if waiter is None:
+                waiter = asyncio.ensure_future(stream.ready())
+            done, _ = await asyncio.wait({waiter}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            waiter = None
+            try:
+                delta = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            yield delta
+    finally:
+        if waiter is not None:
+            waiter.cancel()
+        # Shielded: a second cancellation must not cut the settlement of what was sent short.
+        await asyncio.shield(stream.aclose())
+
+
+# models -------------------------------------------------------------------------------------
+def _model_object(entry: ModelEntry) -> dict:
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": entry.created,
+        "owned_by": "tandem",
+        "tandem": {"context_length": entry.context_length, "description": entry.description},
+    }
+
+
+async def _models_principal(request: HttpRequest) -> Principal:
+    principal = await _principal(request)
+    if not principal.may(MODELS_SCOPE):
+        raise PermissionDenied(f"this API key lacks the {MODELS_SCOPE!r} scope")
+    return principal
+
+
+@openai_endpoint("GET")
+async def models_list(request: HttpRequest, request_id: str) -> HttpResponse:
+    await _models_principal(request)
+    engines = await aget_engines()
+    return JsonResponse({"object": "list", "data": [_model_object(e) for e in engines.models.values()]})
+
+
+@openai_endpoint("GET")
+async def model_detail(request: HttpRequest, request_id: str, model_id: str) -> HttpResponse:
+    await _models_principal(request)
+    engines = await aget_engines()
+    return JsonResponse(_model_object(engines.get(model_id)))

@@ -1,0 +1,14 @@
+"""The OpenAI-compatible API, included at /v1/ (see :mod:`inference.openai_api`)."""
+
+from django.urls import path
+
+from inference import openai_api
+
+app_name = "openai"
+urlpatterns = [
+    path("chat/completions", openai_api.chat_completions, name="chat-completions"),
+    path("completions", openai_api.completions, name="completions"),
+    path("models", openai_api.models_list, name="models"),
+    # model ids may hold a slash ("org/name"), as OpenAI's fine-tune ids and hub ids do
+    path("models/<path:model_id>", openai_api.model_detail, name="model"),
+]

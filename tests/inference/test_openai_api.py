@@ -1,0 +1,646 @@
+"""The OpenAI-compatible API (``inference.openai_api``): the official client, SSE bytes, the ledger, bad input, tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from django.test import AsyncRequestFactory
+
+from config.asgi import application
+from inference import openai_api
+from inference.engines import TRIVIAL_TEXT, EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines
+from inference.engines import trivial_entry as make_trivial_entry
+from tenants.models import Budget, Reservation, UsageRecord
+from tenants.services import api_key_create, api_key_revoke, budget_set
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+BASE = "http://testserver"
+MODEL = "tandem-test"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+# clients ----------------------------------------------------------------------------------------
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        yield client
+
+
+def official_client(raw_key: str, http: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    # no retries: a 429 or 5xx must surface, not be retried with back-off sleeps
+    return openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key=raw_key, http_client=http, max_retries=0)
+
+
+@pytest.fixture
+def client(account, http) -> openai.AsyncOpenAI:
+    return official_client(account.raw_key, http)
+
+
+def bearer(raw_key: str) -> dict:
+    return {"Authorization": f"Bearer {raw_key}"}
+
+
+async def post_chat(http: httpx.AsyncClient, raw_key: str, **fields) -> httpx.Response:
+    return await http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, **fields}, headers=bearer(raw_key)
+    )
+
+
+def sse_events(body: str) -> list[str]:
+    """The events of an SSE body, each as its one line (``data: ...`` or a ``: comment``)."""
+    assert body.endswith("\n\n"), body[-80:]
+    events = body[:-2].split("\n\n")
+    assert all("\n" not in event for event in events), "every event is one line"
+    return events
+
+
+def sse_data(body: str) -> list[dict | str]:
+    """The JSON payloads of the ``data:`` events (``"[DONE]"`` as the string)."""
+    out: list[dict | str] = []
+    for event in sse_events(body):
+        if event.startswith("data: "):
+            payload = event.removeprefix("data: ")
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def content_of(chunks: list[dict | str]) -> str:
+    return "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if isinstance(c, dict) and c.get("choices")
+    )
+
+
+async def nothing_charged(account) -> bool:
+    """No ledger row, no reservation, and no budget counter moved: the request cost nothing."""
+    budgets = [b async for b in Budget.objects.filter(tenant=account.tenant)]
+    return (
+        await UsageRecord.objects.acount() == 0
+        and await Reservation.objects.acount() == 0
+        and all(b.spent == 0 and b.reserved == 0 for b in budgets)
+    )
+
+
+@pytest_asyncio.fixture
+async def budgeted(account):
+    """The account with a generous daily budget, so a test can see that no counter moved."""
+    await asyncio.to_thread(budget_set, tenant=account.tenant, period="day", hard_limit=Decimal("100"), soft_limit=None)
+    return account
+
+
+# an engine the test releases token by token ------------------------------------------------------
+class GatedCompletion(TrivialCompletion):
+    def _run(self):
+        for n, event in enumerate(super()._run()):
+            if n >= self._engine.free_tokens:
+                self._engine.gate.acquire()  # the engine thread waits until the test lets one more token out
+            yield event
+
+
+class GatedEngine(TrivialEngine):
+    def __init__(self, free_tokens: int):
+        super().__init__()
+        self.gate = threading.Semaphore(0)
+        self.free_tokens = free_tokens
+
+    def stream(self, prompt, **kwargs) -> GatedCompletion:
+        return GatedCompletion(self, self.request(prompt, **kwargs))
+
+
+@pytest.fixture
+def gated() -> Iterator[GatedEngine]:
+    """``tandem-test`` served by an engine that emits 3 tokens, then one per ``gate.release()``."""
+    engine = GatedEngine(free_tokens=3)
+    plain = make_trivial_entry()
+    entry = ModelEntry(
+        name=MODEL,
+        speculative=engine,
+        edge=engine,
+        verifier_version=plain.verifier_version,
+        draft_version=plain.draft_version,
+        context_length=engine.context_length,
+        tokenizer=engine.tokenizer,
+    )
+    previous = set_engines(EngineSet([entry]))
+    yield engine
+    engine.gate.release(10_000)  # let engine threads of cancelled streams run to their end
+    set_engines(previous)
+
+
+# raw ASGI: the body as it is sent, and a client that can hang up ----------------------------------
+async def asgi_post(
+    path: str, body: dict, raw_key: str, on_body: Callable[[str], bool | None] = lambda text: None
+) -> tuple[int, dict[str, str], str]:
+    """POST straight to the ASGI app; ``on_body(body so far)`` returning True hangs up (``http.disconnect``)."""
+    hang_up = asyncio.Event()
+    request_sent = False
+    status, headers, received = 0, {}, []
+
+    async def receive() -> dict:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            received.append(message.get("body", b"").decode())
+            if not message.get("more_body"):
+                hang_up.set()  # the response is complete: the server's listener may stop too
+            elif on_body("".join(received)):
+                hang_up.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {raw_key}".encode()),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+    await asyncio.wait_for(application(scope, receive, send), timeout=10)
+    return status, headers, "".join(received)
+
+
+# the official client -------------------------------------------------------------------------------
+async def test_official_client_chat_completion_returns_the_text_usage_and_tandem_extension(client):
+    completion = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20)
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion" and completion.model == MODEL
+    assert choice.message.role == "assistant" and choice.message.content == TRIVIAL_TEXT[:20]
+    assert choice.finish_reason == "length"
+    assert completion.usage.completion_tokens == 20
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 20
+    tandem = completion.model_extra["tandem"]
+    assert tandem["route"]["tier"] == "speculative" and Decimal(tandem["cost"]["total"]) > 0
+
+
+async def test_official_client_chat_stream_joins_to_the_non_streaming_text_and_ends_with_usage(client):
+    whole = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=30)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=30, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_official_client_text_completion_takes_a_string_or_a_one_string_list(client):
+    one = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=12)
+    listed = await client.completions.create(model=MODEL, prompt=["Once upon"], max_tokens=12)
+    assert one.object == "text_completion" and one.choices[0].text == TRIVIAL_TEXT[:12]
+    assert listed.choices[0].text == one.choices[0].text and one.usage.completion_tokens == 12
+
+
+async def test_official_client_text_completion_streams(client):
+    stream = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=12, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks) == TRIVIAL_TEXT[:12]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_official_client_lists_and_retrieves_models(client):
+    listed = [m.id async for m in client.models.list()]
+    assert listed == ["tandem-test", "tandem-test-broken"]
+    model = await client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model" and model.owned_by == "tandem"
+
+
+async def test_official_client_raises_its_own_error_classes(account, http):
+    with pytest.raises(openai.AuthenticationError):
+        await official_client("tdm_00000000_wrong", http).chat.completions.create(model=MODEL, messages=HELLO)
+    client = official_client(account.raw_key, http)
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.chat.completions.create(model="gpt-nothing", messages=HELLO)
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("gpt-nothing")
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+    assert bad.value.param == "n"
+
+
+async def test_official_client_sees_an_exhausted_budget_as_status_402(account, client):
+    await asyncio.to_thread(budget_set, tenant=account.tenant, period="day", hard_limit=Decimal("0"), soft_limit=None)
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+    assert info.value.status_code == 402 and info.value.code == "budget_exceeded"
+
+
+async def test_official_client_sees_the_per_tenant_stream_limit_as_a_rate_limit(client, settings):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 0
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+
+
+async def test_official_client_raises_the_mid_stream_error_event(client):
+    stream = await client.chat.completions.create(
+        model="tandem-test-broken", messages=HELLO, max_tokens=30, stream=True
+    )
+    with pytest.raises(openai.APIError, match="engine failed"):
+        async for _ in stream:
+            pass
+
+
+# SSE, byte by byte ------------------------------------------------------------------------------
+async def test_chat_stream_is_role_chunk_then_deltas_then_finish_then_usage_then_done(account, http):
+    response = await post_chat(http, account.raw_key, max_tokens=6, stream=True, stream_options={"include_usage": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache" and response.headers["x-accel-buffering"] == "no"
+    events = sse_events(response.text)
+    assert all(e.startswith("data: ") for e in events)
+    chunks = sse_data(response.text)
+    role, *deltas, finish, usage, done = chunks
+    assert role["object"] == "chat.completion.chunk"
+    assert role["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    ]
+    assert [d["choices"][0]["delta"] for d in deltas] == [{"content": c} for c in TRIVIAL_TEXT[:6]]
+    assert [d["tandem"]["provenance"] for d in deltas] == ["drafted", "drafted", "verifier"] * 2
+    assert finish["choices"][0]["delta"] == {} and finish["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": usage["usage"]["prompt_tokens"],
+        "completion_tokens": 6,
+        "total_tokens": usage["usage"]["prompt_tokens"] + 6,
+    }
+    assert all(c["usage"] is None for c in [role, *deltas, finish])
+    assert done == "[DONE]"
+    assert len({c["id"] for c in [role, *deltas, finish, usage]}) == 1
+
+
+async def test_chat_stream_without_include_usage_has_no_usage_keys(account, http):
+    response = await post_chat(http, account.raw_key, max_tokens=4, stream=True)
+    *chunks, done = sse_data(response.text)
+    assert done == "[DONE]" and all("usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["tandem"]["completion_tokens"] == 4  # the summary rides on the finish chunk
+
+
+async def test_text_completion_stream_uses_text_completion_chunks(account, http):
+    response = await http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True},
+        headers=bearer(account.raw_key),
+    )
+    *chunks, done = sse_data(response.text)
+    assert done == "[DONE]" and {c["object"] for c in chunks} == {"text_completion"}
+    assert [c["choices"][0]["text"] for c in chunks] == ["T", "a", "n", ""]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_slow_engine_gets_keep_alive_comments_between_tokens(account, gated, settings):
+    settings.TANDEM_KEEPALIVE_S = 0.01
+
+    def release_a_token_after_each_keep_alive(body: str) -> None:
+        if body.endswith(openai_api.SSE_KEEPALIVE.decode()):
+            gated.gate.release()
+
+    status, _, body = await asgi_post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 5, "stream": True},
+        account.raw_key,
+        release_a_token_after_each_keep_alive,
+    )
+    events = sse_events(body)
+    assert status == 200 and ": keep-alive" in events
+    assert content_of(sse_data(body)) == TRIVIAL_TEXT[:5]
+    assert events[-1] == "data: [DONE]"
+    row = await UsageRecord.objects.aget()
+    assert row.outcome == "completed" and row.completion_tokens == 5
+
+
+async def test_official_client_reads_through_keep_alive_comments(account, gated, http, settings):
+    settings.TANDEM_KEEPALIVE_S = 0.01
+    gated.free_tokens = 1
+    releaser = asyncio.get_running_loop().call_later(0.1, gated.gate.release, 10)  # after some keep-alives
+    try:
+        stream = await official_client(account.raw_key, http).chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=4, stream=True
+        )
+        assert "".join([c.choices[0].delta.content or "" async for c in stream]) == TRIVIAL_TEXT[:4]
+    finally:
+        releaser.cancel()
+
+
+async def test_an_engine_failure_mid_stream_sends_one_error_event_and_charges_the_delivered_tokens(account, http):
+    response = await post_chat(http, account.raw_key, model="tandem-test-broken", max_tokens=30, stream=True)
+    assert response.status_code == 200
+    *chunks, error = sse_data(response.text)
+    assert error == {
+        "error": {"message": error["error"]["message"], "type": "server_error", "param": None, "code": "engine_error"}
+    }
+    assert content_of(chunks) == TRIVIAL_TEXT[:6]
+    row = await UsageRecord.objects.aget(request_id=response.headers["x-request-id"])
+    assert row.outcome == "error" and row.completion_tokens == 6
+    # exactly what six tokens of a working engine cost (same rounds, same GPU and draft shares)
+    reference = await post_chat(http, account.raw_key, max_tokens=6)
+    assert row.cost_total == (await UsageRecord.objects.aget(request_id=reference.headers["x-request-id"])).cost_total
+
+
+# the ledger ----------------------------------------------------------------------------------------
+async def test_a_full_stream_writes_one_completed_row_under_the_response_request_id(account, http):
+    response = await post_chat(http, account.raw_key, max_tokens=9, stream=True)
+    streamed = content_of(sse_data(response.text))
+    row = await UsageRecord.objects.aget()
+    assert row.request_id == response.headers["x-request-id"]
+    assert row.outcome == "completed" and row.completion_tokens == len(streamed) == 9
+    assert row.tenant_id == account.tenant.pk and row.api_key_id == account.api_key.pk
+
+
+async def test_a_stop_string_finishes_with_stop_and_charges_only_what_was_generated(account, http):
+    response = await post_chat(http, account.raw_key, max_tokens=200, stop=["edge"])
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == "Tandem drafts at the "
+    assert body["choices"][0]["finish_reason"] == "stop"
+    row = await UsageRecord.objects.aget(request_id=response.headers["x-request-id"])
+    # up to and including the stop string's tokens (which were generated), nothing after them
+    assert row.completion_tokens == body["usage"]["completion_tokens"] == len("Tandem drafts at the edge")
+    assert row.finish_reason == "stop"
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_charged_exactly_what_it_received(account, gated):
+    def hang_up_after_three_tokens(body: str) -> bool:
+        return len(content_of(sse_data(body))) >= 3
+
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 50, "stream": True},
+        account.raw_key,
+        hang_up_after_three_tokens,
+    )
+    assert status == 200 and "[DONE]" not in body
+    row = await UsageRecord.objects.aget(request_id=headers["x-request-id"])
+    assert row.outcome == "cancelled" and row.completion_tokens == len(content_of(sse_data(body))) == 3
+    assert await Reservation.objects.filter(status="held").acount() == 0
+
+
+@pytest.mark.parametrize("after", [1, 4, 8])
+async def test_a_client_that_hangs_up_on_a_fast_engine_is_not_charged_for_a_token_in_flight(account, after):
+    # tokens are queued faster than they are sent, so one is always at hand when the client leaves
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True},
+        account.raw_key,
+        lambda body: len(content_of(sse_data(body))) >= after,
+    )
+    row = await UsageRecord.objects.aget(request_id=headers["x-request-id"])
+    assert row.outcome == "cancelled" and row.completion_tokens == len(content_of(sse_data(body))) == after
+
+
+async def test_a_stream_response_dropped_before_its_body_is_read_releases_the_reservation(account):
+    request = AsyncRequestFactory().post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 20, "stream": True},
+        content_type="application/json",
+        headers=bearer(account.raw_key),
+    )
+    response = await openai_api.chat_completions(request)
+    assert response.status_code == 200 and await Reservation.objects.filter(status="held").acount() == 1
+    del response  # as when the request task is cancelled before Django reads the body
+    await asyncio.sleep(0)  # the finalizer hands the close to the event loop
+    await asyncio.gather(*openai_api._closing)
+    assert await Reservation.objects.filter(status="released").acount() == 1
+    assert await UsageRecord.objects.acount() == 0  # nothing was sent, so nothing is charged
+
+
+async def test_without_max_tokens_a_completion_gets_256_tokens_or_what_the_context_leaves(account, http):
+    short = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"}, headers=bearer(account.raw_key))
+    assert short.json()["usage"]["completion_tokens"] == openai_api.DEFAULT_MAX_TOKENS == 256
+    long_prompt = "x" * 4000  # one token per character; the test engine's context is 4096
+    long = await http.post(
+        "/v1/completions", json={"model": MODEL, "prompt": long_prompt}, headers=bearer(account.raw_key)
+    )
+    assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 96
+
+
+async def test_max_completion_tokens_wins_over_max_tokens(account, http):
+    response = await post_chat(http, account.raw_key, max_tokens=10, max_completion_tokens=3)
+    assert response.json()["usage"]["completion_tokens"] == 3
+
+
+# request ids ---------------------------------------------------------------------------------------
+async def test_every_response_carries_a_request_id_errors_included(account, http):
+    ok = await post_chat(http, account.raw_key, max_tokens=2)
+    streamed = await post_chat(http, account.raw_key, max_tokens=2, stream=True)
+    unauthenticated = await http.get("/v1/models")
+    invalid = await post_chat(http, account.raw_key, max_tokens=-1)
+    for response in (ok, streamed, unauthenticated, invalid):
+        assert response.headers["x-request-id"].startswith("req_"), response
+    assert len({r.headers["x-request-id"] for r in (ok, streamed, unauthenticated, invalid)}) == 4
+
+
+async def test_a_well_formed_client_request_id_is_honoured_and_a_malformed_one_replaced(account, http):
+    honoured = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "max_tokens": 2},
+        headers={**bearer(account.raw_key), "X-Request-Id": "client-42:abc"},
+    )
+    assert honoured.headers["x-request-id"] == "client-42:abc"
+    assert await UsageRecord.objects.filter(request_id="client-42:abc").aexists()
+    replaced = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "max_tokens": 2},
+        headers={**bearer(account.raw_key), "X-Request-Id": "bad id with spaces"},
+    )
+    assert replaced.headers["x-request-id"].startswith("req_")
+
+
+# bad input: a clear error, the right status, nothing charged -------------------------------------------
+BAD_CHAT_BODIES = [
+    pytest.param({"model": "gpt-nothing"}, 404, "model", id="unknown-model"),
+    pytest.param({"max_tokens": -5}, 400, "max_tokens", id="negative-max-tokens"),
+    pytest.param({"max_tokens": 0}, 400, "max_tokens", id="zero-max-tokens"),
+    pytest.param({"max_tokens": "5"}, 400, "max_tokens", id="string-max-tokens"),
+    pytest.param({"max_completion_tokens": 0}, 400, "max_completion_tokens", id="zero-max-completion-tokens"),
+    pytest.param({"temperature": 3}, 400, "temperature", id="temperature-3"),
+    pytest.param({"top_p": 1.5}, 400, "top_p", id="top-p-1.5"),
+    pytest.param({"top_k": -1}, 400, "top_k", id="negative-top-k"),
+    pytest.param({"n": 2}, 400, "n", id="n-2"),
+    pytest.param({"stream": "yes"}, 400, "stream", id="string-stream"),
+    pytest.param({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", id="five-stops"),
+    pytest.param({"seed": 2**64}, 400, "seed", id="seed-past-int64"),
+    pytest.param({"messages": []}, 400, "messages", id="empty-messages"),
+    pytest.param({"messages": "hi"}, 400, "messages", id="messages-not-a-list"),
+    pytest.param({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", id="unknown-role"),
+    pytest.param({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", id="content-not-text"),
+    pytest.param(
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages[0].content[0]",
+        id="image-part",
+    ),
+    pytest.param({"max_tokens": 5000}, 400, "max_tokens", id="past-the-context"),
+    pytest.param({"model": None}, 400, "model", id="null-model"),
+]
+
+
+@pytest.mark.parametrize(("fields", "status", "param"), BAD_CHAT_BODIES)
+async def test_a_bad_chat_request_is_refused_naming_the_param_and_charges_nothing(
+    budgeted, http, fields, status, param
+):
+    response = await post_chat(http, budgeted.raw_key, **fields)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+    assert await nothing_charged(budgeted)
+
+
+async def test_malformed_json_is_a_400_that_charges_nothing(budgeted, http):
+    response = await http.post(
+        "/v1/chat/completions", content=b'{"model": "tandem-test",', headers=bearer(budgeted.raw_key)
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    assert await nothing_charged(budgeted)
+
+
+async def test_nan_is_not_json_and_is_refused(account, http):
+    body = b'{"model": "tandem-test", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+    response = await http.post("/v1/chat/completions", content=body, headers=bearer(account.raw_key))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+
+
+async def test_a_prompt_over_the_character_limit_is_refused_and_charges_nothing(budgeted, http, settings):
+    settings.TANDEM_MAX_PROMPT_CHARS = 100
+    response = await post_chat(http, budgeted.raw_key, messages=[{"role": "user", "content": "x" * 200}])
+    assert response.status_code == 400
+    assert (
+        response.json()["error"]["code"] == "context_length_exceeded" and "100" in response.json()["error"]["message"]
+    )
+    assert await nothing_charged(budgeted)
+
+
+async def test_a_completion_prompt_must_be_one_string(account, http):
+    for prompt in (["a", "b"], [1, 2, 3], None):
+        response = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": prompt}, headers=bearer(account.raw_key)
+        )
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", prompt
+
+
+async def test_unknown_fields_are_ignored(account, http):
+    response = await post_chat(http, account.raw_key, max_tokens=2, frequency_penalty=0.5, logit_bias={}, whatever=[1])
+    assert response.status_code == 200
+
+
+async def test_wrong_method_is_a_405_in_openai_shape(account, http):
+    response = await http.get("/v1/chat/completions", headers=bearer(account.raw_key))
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+# authentication and scopes -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="no-header"),
+        pytest.param({"Authorization": "Basic abc"}, id="not-bearer"),
+        pytest.param({"Authorization": "Bearer tdm_00000000_unknown"}, id="unknown-key"),
+    ],
+)
+async def test_a_missing_or_wrong_key_is_a_401_that_charges_nothing(budgeted, http, headers):
+    response = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO}, headers=headers)
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert await nothing_charged(budgeted)
+
+
+async def test_a_revoked_key_is_a_401(budgeted, http):
+    await asyncio.to_thread(api_key_revoke, api_key=budgeted.api_key)
+    response = await post_chat(http, budgeted.raw_key, max_tokens=2)
+    assert response.status_code == 401
+    assert await nothing_charged(budgeted)
+
+
+async def test_a_key_without_the_completions_scope_is_a_403_but_may_list_models(budgeted, http):
+    _, raw_key = await asyncio.to_thread(
+        api_key_create, tenant=budgeted.tenant, created_by=budgeted.user, name="catalogue", scopes=["models:read"]
+    )
+    response = await post_chat(http, raw_key, max_tokens=2)
+    assert response.status_code == 403 and response.json()["error"]["type"] == "permission_error"
+    assert await nothing_charged(budgeted)
+    assert (await http.get("/v1/models", headers=bearer(raw_key))).status_code == 200
+
+
+async def test_models_need_a_key_with_the_models_scope(account, http):
+    assert (await http.get("/v1/models")).status_code == 401
+    _, raw_key = await asyncio.to_thread(
+        api_key_create, tenant=account.tenant, created_by=account.user, name="worker", scopes=["completions"]
+    )
+    assert (await http.get("/v1/models", headers=bearer(raw_key))).status_code == 403
+    assert (await http.get(f"/v1/models/{MODEL}", headers=bearer(raw_key))).status_code == 403
+
+
+async def test_an_exhausted_budget_is_a_402_that_charges_nothing(account, http):
+    await asyncio.to_thread(budget_set, tenant=account.tenant, period="day", hard_limit=Decimal("0"), soft_limit=None)
+    response = await post_chat(http, account.raw_key, max_tokens=5, stream=True)
+    assert response.status_code == 402 and response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "budget_exceeded"
+    assert await nothing_charged(account)
+
+
+# tenants -------------------------------------------------------------------------------------------
+async def test_a_key_spends_only_its_own_tenants_budget_and_ledger(account, other_account, http):
+    await asyncio.to_thread(
+        budget_set, tenant=other_account.tenant, period="day", hard_limit=Decimal("0"), soft_limit=None
+    )
+    response = await post_chat(http, account.raw_key, max_tokens=3, user="alice", metadata={"team": "search"})
+    assert response.status_code == 200  # the other tenant's empty budget does not apply
+    row = await UsageRecord.objects.aget()
+    assert row.tenant_id == account.tenant.pk and row.tags == {"team": "search", "user": "alice"}
+    other_budget = await Budget.objects.aget(tenant=other_account.tenant)
+    assert other_budget.spent == 0 and other_budget.reserved == 0
+    refused = await post_chat(http, other_account.raw_key, max_tokens=3)
+    assert refused.status_code == 402  # and its own budget does apply to it
+
+
+async def test_reusing_another_tenants_request_id_never_touches_its_ledger_row(account, other_account, http):
+    theirs = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "max_tokens": 2},
+        headers={**bearer(other_account.raw_key), "X-Request-Id": "shared-id-0001"},
+    )
+    assert theirs.status_code == 200
+    before = await UsageRecord.objects.aget(request_id="shared-id-0001")
+    mine = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "max_tokens": 2},
+        headers={**bearer(account.raw_key), "X-Request-Id": "shared-id-0001"},
+    )
+    assert mine.status_code == 409 and mine.json()["error"]["code"] == "duplicate_request_id"
+    assert "other" not in mine.json()["error"]["message"]  # never says whose id it was
+    after = await UsageRecord.objects.aget(request_id="shared-id-0001")
+    assert (after.tenant_id, after.cost_total, after.completion_tokens) == (
+        other_account.tenant.pk,
+        before.cost_total,
+        before.completion_tokens,
+    )
+    assert not await UsageRecord.objects.filter(tenant=account.tenant).aexists()
