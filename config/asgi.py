@@ -9,6 +9,8 @@ django_asgi_app = get_asgi_application()  # before anything imports models
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from inference.engines import warm_engines_in_background  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
@@ -16,7 +18,9 @@ from inference.ws_origin import browser_origin_validator  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # static files straight from the apps' folders, asynchronously (a sync-only static
+        # middleware such as WhiteNoise's would push every request through two thread hops)
+        "http": ASGIStaticFilesHandler(django_asgi_app) if settings.TANDEM_SERVE_STATIC else django_asgi_app,
         "websocket": browser_origin_validator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -140,7 +141,23 @@ async def non_streaming_load(base: str, key: str, clients: int, seconds: float, 
     }
 
 
-def start_server(var: Path) -> tuple[subprocess.Popen, str, str]:
+SERVERS = {
+    "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "config.asgi:application"],
+    "uvicorn": [
+        "-m",
+        "uvicorn",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--log-level",
+        "warning",
+        "config.asgi:application",
+    ],
+}
+
+
+def start_server(var: Path, kind: str = "daphne") -> tuple[subprocess.Popen, str, str]:
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
@@ -159,7 +176,7 @@ def start_server(var: Path) -> tuple[subprocess.Popen, str, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        [sys.executable, *(arg.format(port=port) for arg in SERVERS[kind])],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -203,18 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--server", choices=sorted(SERVERS), default="daphne")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
     import django
 
     django.setup()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     with tempfile.TemporaryDirectory() as tmp:
-        server, base, key = start_server(Path(tmp))
+        server, base, key = start_server(Path(tmp), args.server)
         try:
             report = {
                 "machine": {"cpu_count": os.cpu_count()},
-                "server": "daphne, 1 process, SQLite, trivial engine",
+                "server": f"{args.server}, 1 process, SQLite, trivial engine",
                 "tokens_per_request": args.tokens,
                 **asyncio.run(measure(base, key, args)),
             }
