@@ -10,7 +10,10 @@ JSON framing and the socket. Reported against calling the same engine directly:
 - per token (p50, p99): the gap between streamed tokens minus the engine's own gap;
 - for the websocket (one connection, requests one after another) and SSE
   (``POST /v1/chat/completions`` with ``stream: true``);
-- requests/s and latency of the non-streaming API with several clients at once.
+- requests/s and latency of the non-streaming API with several clients at once;
+- floors: a websocket ping and a ``GET /v1/models`` round trip, which do no completion,
+  so the part of a request's overhead that is the web stack and the client shows apart
+  from the gateway's own work (auth, reservation, settlement, ledger).
 
 Client and server share this machine's cores, so the figures include the client's own
 work; a second machine would show less.
@@ -106,6 +109,28 @@ async def websocket_path(base: str, key: str, requests: int, tokens: int) -> tup
                     break
             e2e.append((time.perf_counter() - started) * 1e3)
     return e2e, gaps
+
+
+async def floors(base: str, key: str, requests: int) -> dict:
+    """Round trips that do no completion: what the web stack and client cost on their own.
+
+    websocket: a ``ping`` frame answered by ``pong`` on an open connection;
+    http: ``GET /v1/models`` (key check and a small JSON body).
+    """
+    url = base.replace("http://", "ws://") + "/ws/v1/completions"
+    ws_times, http_times = [], []
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        for _ in range(requests):
+            started = time.perf_counter()
+            await ws.send('{"type": "ping"}')
+            assert json.loads(await ws.recv())["type"] == "pong"
+            ws_times.append((time.perf_counter() - started) * 1e3)
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            assert (await client.get("/v1/models")).status_code == 200
+            http_times.append((time.perf_counter() - started) * 1e3)
+    return {"websocket_ping": summary(ws_times), "http_get_models": summary(http_times)}
 
 
 async def non_streaming_load(base: str, key: str, clients: int, seconds: float, tokens: int) -> dict:
@@ -209,6 +234,7 @@ async def measure(base: str, key: str, args) -> dict:
         "engine_direct": {k: round(v, 4) for k, v in direct.items()},
         "websocket": overhead(await websocket_path(base, key, args.requests, args.tokens), direct),
         "sse": overhead(await sse_path(base, key, args.requests, args.tokens), direct),
+        "floors": await floors(base, key, args.requests),
         "non_streaming": await non_streaming_load(base, key, args.clients, args.seconds, 16),
     }
     return report

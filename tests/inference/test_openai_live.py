@@ -1,0 +1,42 @@
+"""The official OpenAI client against a real server (daphne on loopback), streaming over real HTTP."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+
+@pytest.fixture
+def client(daphne_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key=daphne_server.api_key, max_retries=0)
+
+
+def test_the_official_client_streams_chat_with_usage_from_a_live_server(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="tandem-test",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Tandem drafts at the"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    whole = client.chat.completions.create(
+        model="tandem-test", messages=[{"role": "user", "content": "Hello"}], max_tokens=20
+    )
+    assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == "length"
+
+
+def test_the_official_client_lists_models_and_raises_typed_errors(client, daphne_server):
+    assert {m.id for m in client.models.list()} == {"tandem-test", "tandem-test-broken"}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=3)
+    bad = openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key="tdm_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.APIError):  # an error mid-stream arrives as a data event
+        for _ in client.completions.create(model="tandem-test-broken", prompt="x", max_tokens=30, stream=True):
+            pass
