@@ -453,72 +453,65 @@ class GatewayStream:
         from inference.models import SloSample
 
         stats = self._completion.stats if self._completion is not None else None
-        finish = stats.finish_reason.value if outcome == "completed" and stats and stats.finish_reason else ""
         now = time.perf_counter()
-        ttft_ms = (self._first_token_at - self._started) * 1e3 if self._first_token_at else None
+        first = self._first_token_at
         duration_ms = (now - self._started) * 1e3
-        gpu_ms = Decimal(str(round(self._gpu_ms, 3)))
-        drafted = Decimal(str(round(self._drafted, 3)))
-        if self._reservation is None:  # failed before the reservation: nothing to settle
-            cost = {"edge": Decimal(0), "verifier": Decimal(0), "cloud": Decimal(0), "total": Decimal(0)}
+        usage = tenant_services.Usage(
+            request_id=self.request_id,
+            user_id=self.principal.user_id,
+            tags=dict(self.call.tags),
+            route_tier=self.route.tier.value,
+            route_reason=self.route.reason,
+            policy_version=self.route.policy_version,
+            model=self.entry.name,
+            verifier_version=self.entry.verifier_version if self.route.tier is Tier.SPECULATIVE else "",
+            draft_version=self.entry.draft_version,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self._delivered,
+            drafted_tokens=Decimal(str(round(self._drafted, 3))),
+            accepted_tokens=self._accepted,
+            gpu_ms=Decimal(str(round(self._gpu_ms, 3))),
+            outcome=outcome,
+            finish_reason=stats.finish_reason.value if outcome == "completed" and stats and stats.finish_reason else "",
+            error=error,
+            ttft_ms=(first - self._started) * 1e3 if first is not None else None,
+            duration_ms=duration_ms,
+        )
+        cost = {"edge": Decimal(0), "verifier": Decimal(0), "cloud": Decimal(0), "total": Decimal(0)}
+        if self._reservation is None:
+            pass  # refused before anything was reserved: nothing to settle
         elif self._delivered == 0 and outcome != "completed":
-            tenant_services.reservation_release(reservation=self._reservation)
-            cost = {"edge": Decimal(0), "verifier": Decimal(0), "cloud": Decimal(0), "total": Decimal(0)}
+            tenant_services.reservation_release(reservation=self._reservation)  # nothing delivered, nothing owed
         else:
-            record = tenant_services.usage_settle(
-                reservation=self._reservation,
-                usage=tenant_services.Usage(
-                    request_id=self.request_id,
-                    user_id=self.principal.user_id,
-                    tags=dict(self.call.tags),
-                    route_tier=self.route.tier.value,
-                    route_reason=self.route.reason,
-                    policy_version=self.route.policy_version,
-                    model=self.entry.name,
-                    verifier_version=self.entry.verifier_version if self.route.tier is Tier.SPECULATIVE else "",
-                    draft_version=self.entry.draft_version,
-                    prompt_tokens=self.prompt_tokens,
-                    completion_tokens=self._delivered,
-                    drafted_tokens=drafted,
-                    accepted_tokens=self._accepted,
-                    gpu_ms=gpu_ms,
-                    outcome=outcome,
-                    finish_reason=finish,
-                    error=error,
-                    ttft_ms=ttft_ms,
-                    duration_ms=duration_ms,
-                ),
-            )
+            record = tenant_services.usage_settle(reservation=self._reservation, usage=usage)
             cost = {
                 "edge": record.cost_edge,
                 "verifier": record.cost_verifier,
                 "cloud": record.cost_cloud,
                 "total": record.cost_total,
             }
-            first = self._first_token_at
-            itl = (now - first) * 1e3 / (self._delivered - 1) if first is not None and self._delivered > 1 else None
             SloSample.objects.create(
                 request_id=self.request_id,
                 tenant_id=self.principal.tenant_id,
                 model=self.entry.name,
                 route_tier=self.route.tier.value,
-                ttft_ms=ttft_ms,
-                inter_token_ms=itl,
+                ttft_ms=usage.ttft_ms,
+                inter_token_ms=(now - first) * 1e3 / (self._delivered - 1) if first and self._delivered > 1 else None,
                 e2e_ms=duration_ms,
                 tokens=self._delivered,
                 outcome=outcome,
             )
         return UsageSummary(
             request_id=self.request_id,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self._delivered,
-            drafted_tokens=drafted,
-            accepted_tokens=self._accepted,
-            gpu_ms=gpu_ms,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            drafted_tokens=usage.drafted_tokens,
+            accepted_tokens=usage.accepted_tokens,
+            gpu_ms=usage.gpu_ms,
             cost=cost,
             outcome=outcome,
-            finish_reason=finish,
-            ttft_ms=ttft_ms,
+            finish_reason=usage.finish_reason,
+            ttft_ms=usage.ttft_ms,
             duration_ms=duration_ms,
             route=self.route,
         )
