@@ -182,12 +182,12 @@ SERVERS = {
 }
 
 
-def start_server(var: Path, kind: str = "daphne") -> tuple[subprocess.Popen, str, str]:
+def start_server(var: Path, kind: str = "daphne", database_url: str = "") -> tuple[subprocess.Popen, str, str]:
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "TANDEM_VAR_DIR": str(var),
-        "DATABASE_URL": f"sqlite:///{var / 'bench.sqlite3'}",
+        "DATABASE_URL": database_url or f"sqlite:///{var / 'bench.sqlite3'}",
         "TANDEM_LOG_LEVEL": "WARNING",
         "TANDEM_MAX_STREAMS_PER_TENANT": "64",
     }
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--server", choices=sorted(SERVERS), default="daphne")
+    parser.add_argument("--database-url", default="", help="the server's DATABASE_URL (default: a fresh SQLite file)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
@@ -255,11 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     django.setup()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     with tempfile.TemporaryDirectory() as tmp:
-        server, base, key = start_server(Path(tmp), args.server)
+        server, base, key = start_server(Path(tmp), args.server, args.database_url)
         try:
             report = {
                 "machine": {"cpu_count": os.cpu_count()},
-                "server": f"{args.server}, 1 process, SQLite, trivial engine",
+                "server": f"{args.server}, 1 process, {'PostgreSQL' if args.database_url else 'SQLite'}, trivial engine",
                 "tokens_per_request": args.tokens,
                 **asyncio.run(measure(base, key, args)),
             }

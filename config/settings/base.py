@@ -88,17 +88,14 @@ TEMPLATES = [
     },
 ]
 
-DATABASES = {
-    "default": dj_database_url.parse(
-        get_env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'tandem.sqlite3'}"),
-        # keep connections: channels closes "old" ones around every database_sync_to_async
-        # call, and with 0 each call would open a new connection (~1 ms per query round trip)
-        conn_max_age=get_env("TANDEM_DB_CONN_MAX_AGE", 600, int),
-        conn_health_checks=True,
-    )
-}
+DATABASES = {"default": dj_database_url.parse(get_env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'tandem.sqlite3'}"))}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # several threads write (web, engine settlements): wait for the lock instead of failing
+    # Keep the connection: channels closes "old" connections around every
+    # database_sync_to_async call, so with 0 every call would open the file anew. The
+    # gateway's ORM work runs on one thread on SQLite (inference.gateway._db): one connection.
+    DATABASES["default"]["CONN_MAX_AGE"] = get_env("TANDEM_DB_CONN_MAX_AGE", 600, int)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # several threads may still write (console views): wait for the lock instead of failing
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
     DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
     # WAL: readers never wait for the writer; synchronous=NORMAL: a commit does not wait for
@@ -106,6 +103,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # request (reserve, settle, SLO sample) at a full fsync each cost ~10 ms on this disk.
     # Production runs PostgreSQL (DATABASE_URL).
     DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Under ASGI every request's sync code runs on a thread of its own, so persistent
+    # connections (CONN_MAX_AGE > 0) would pile up one per thread until the server runs out
+    # (measured: errors past 8 concurrent clients). Django's psycopg pool instead: connections
+    # are borrowed per use and returned, across all threads.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": get_env("TANDEM_DB_POOL_MIN", 2, int),
+        "max_size": get_env("TANDEM_DB_POOL_MAX", 20, int),
+        "timeout": 10,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

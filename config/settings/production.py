@@ -5,7 +5,7 @@ from config.settings.base import *  # noqa: F403
 
 SECRET_KEY = get_env("TANDEM_SECRET_KEY")
 ALLOWED_HOSTS = get_env("TANDEM_ALLOWED_HOSTS").split(",")
-DATABASES = {"default": dj_database_url.parse(get_env("DATABASE_URL"), conn_max_age=60)}  # noqa: F405
+get_env("DATABASE_URL")  # required here: base.py configured DATABASES from it (with its pool)
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
