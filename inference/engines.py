@@ -194,6 +194,8 @@ class TrivialCompletion(TokenStream):
         for start in range(0, 1 << 30, TRIVIAL_ROUND):
             tokens = tuple(ord(text[(start + i) % len(text)]) for i in range(TRIVIAL_ROUND))
             if self._engine.fail_after is not None and start >= self._engine.fail_after:
+                if self._engine.fail_as is not None:
+                    raise self._engine.fail_as
                 raise RuntimeError("the trivial engine failed on purpose")
             self.stats.rounds += 1
             self.stats.proposed += TRIVIAL_ROUND - 1
@@ -205,10 +207,18 @@ class TrivialCompletion(TokenStream):
 
 
 class TrivialEngine:
-    def __init__(self, *, text: str = TRIVIAL_TEXT, fail_after: int | None = None, context_length: int = 4096):
+    def __init__(
+        self,
+        *,
+        text: str = TRIVIAL_TEXT,
+        fail_after: int | None = None,
+        fail_as: BaseException | None = None,
+        context_length: int = 4096,
+    ):
         self.tokenizer = CharTokenizer()
         self.text = text
         self.fail_after = fail_after  # raise once this many tokens were produced (error-path tests)
+        self.fail_as = fail_as  # what to raise then (default: a RuntimeError)
         self.context_length = context_length
 
     def request(self, prompt: str | Sequence[int], **kwargs) -> CompletionRequest:

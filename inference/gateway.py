@@ -364,6 +364,36 @@ class GatewayStream:
         finally:
             completion.close()  # releases the engine's sessions (draft sequence, verifier slot)
 
+    async def _fail_over_to_edge(self, exc: BaseException, call: CompletionCall) -> object:
+        """The verifier failed before the first token: serve this request from the edge instead.
+
+        Nothing was delivered, so the client sees one request that took a little longer,
+        marked degraded. The reservation stays (it was for the dearer tier): the edge's
+        worst case must fit in it, or the request fails as it would have without failover.
+        """
+        self.entry.mark_verifier_down()
+        route = Route(Tier.EDGE, "verifier_down")
+        engine, request = await asyncio.to_thread(_build, self.entry, route, call)
+
+        def edge_price_fits() -> bool:
+            price = tenant_selectors.price_active(model=self.entry.name, tier=route.tier.value)
+            worst = tenant_services.cost_estimate_max(
+                price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
+            )
+            assert self._reservation is not None
+            return worst <= self._reservation.amount
+
+        try:
+            fits = await _db(edge_price_fits)()
+        except tenant_errors.PriceNotFound:
+            fits = False
+        if not fits:
+            return exc
+        log.warning("request %s: verifier unavailable (%s), served from the edge", self.request_id, exc)
+        self.route = route
+        self._launch(engine, request)
+        return await self._queue.get()
+
     # iteration --------------------------------------------------------------------------
     def __aiter__(self) -> GatewayStream:
         return self
@@ -546,6 +576,8 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
         stream._cancel.set()
         await stream._settle("error")
         raise
+    if isinstance(first, core_errors.VerifierUnavailableError) and entry.edge is not None:
+        first = await stream._fail_over_to_edge(first, call)
     if isinstance(first, BaseException):
         raise await stream._fail(first)
     stream._first = first

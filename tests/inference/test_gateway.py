@@ -172,3 +172,32 @@ async def test_tenants_spend_only_their_own_budget(account, other_account):
     other = await Budget.objects.aget(tenant=other_account.tenant)
     assert other.spent == 0 and other.reserved == 0
     assert not await UsageRecord.objects.filter(tenant=other_account.tenant).aexists()
+
+
+async def test_a_verifier_that_fails_before_the_first_token_is_failed_over_to_the_edge(account):
+    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
+    from speculative.errors import VerifierUnavailableError
+
+    down = TrivialEngine(fail_after=0, fail_as=VerifierUnavailableError("connection refused"))
+    entry = ModelEntry(
+        name="tandem-test",
+        speculative=down,
+        edge=TrivialEngine(),
+        verifier_version="v@1",
+        draft_version="d@1",
+        context_length=4096,
+        tokenizer=down.tokenizer,
+    )
+    previous = set_engines(EngineSet([entry]))
+    try:
+        stream = await gateway.start(await key_principal(account), call(max_tokens=6))
+        text, _ = await gateway.collect(stream)
+        assert text == "Tandem" and stream.route.tier is Tier.EDGE and stream.route.degraded
+        row = await UsageRecord.objects.aget(request_id=stream.request_id)
+        assert (row.route_tier, row.route_reason, row.outcome) == ("edge", "verifier_down", "completed")
+        assert row.cost_total <= (await Reservation.objects.aget(request_id=stream.request_id)).amount
+        later = await gateway.start(await key_principal(account), call(max_tokens=3))  # routed to the edge at once
+        await gateway.collect(later)
+        assert later.route.tier is Tier.EDGE
+    finally:
+        set_engines(previous)
