@@ -1,7 +1,8 @@
 """``manage.py tandem_demo``: the demo tenant, its owner and an API key, and prices for the served models.
 
-Idempotent: a second run keeps the user, tenant and price book, and issues a new API key
-(raw keys are shown once and never stored, so an old one cannot be shown again).
+Idempotent: a second run keeps the user, tenant and price book, sets a new password (or
+the one given) and issues a new API key, both printed: raw keys are shown once and never
+stored, so an old one cannot be shown again.
 """
 
 from __future__ import annotations
