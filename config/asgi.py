@@ -12,6 +12,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from inference.api_handler import ApiASGIHandler, by_path  # noqa: E402
 from inference.engines import warm_engines_in_background  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
 from inference.ws_origin import browser_origin_validator  # noqa: E402
@@ -20,7 +21,10 @@ application = ProtocolTypeRouter(
     {
         # static files straight from the apps' folders, asynchronously (a sync-only static
         # middleware such as WhiteNoise's would push every request through two thread hops)
-        "http": ASGIStaticFilesHandler(django_asgi_app) if settings.TANDEM_SERVE_STATIC else django_asgi_app,
+        "http": by_path(
+            ApiASGIHandler(),  # /v1/: bearer keys only, so no session/CSRF/messages middleware
+            ASGIStaticFilesHandler(django_asgi_app) if settings.TANDEM_SERVE_STATIC else django_asgi_app,
+        ),
         "websocket": browser_origin_validator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -1,0 +1,38 @@
+"""The Django handler that serves the OpenAI-compatible API (``/v1/``) with a short middleware chain.
+
+API clients send a bearer key, never cookies, so the session, CSRF, authentication,
+messages and clickjacking middleware have nothing to do for them. Under ASGI they are not
+free: each sync ``process_request``/``process_response`` hook is a hop to a thread and
+back, about ten per request. ``config/asgi.py`` sends ``/v1/`` here; everything else
+(the console, the admin) keeps the full chain.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
+
+API_MIDDLEWARE = ["django.middleware.security.SecurityMiddleware"]
+API_PREFIX = "/v1/"
+
+
+class ApiASGIHandler(ASGIHandler):
+    def load_middleware(self, is_async: bool = False) -> None:
+        # Django builds the chain from settings.MIDDLEWARE; this runs once, while the
+        # ASGI application is being built (single-threaded), and puts the setting back.
+        full = settings.MIDDLEWARE
+        settings.MIDDLEWARE = API_MIDDLEWARE
+        try:
+            super().load_middleware(is_async)
+        finally:
+            settings.MIDDLEWARE = full
+
+
+def by_path(api_app, site_app):
+    """An ASGI app sending ``/v1/`` HTTP requests to ``api_app`` and the rest to ``site_app``."""
+
+    async def app(scope, receive, send):
+        target = api_app if scope.get("path", "").startswith(API_PREFIX) else site_app
+        await target(scope, receive, send)
+
+    return app
