@@ -9,6 +9,9 @@ the websocket (``inference.consumers``), which checks the tenant again.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -53,12 +56,23 @@ def _no_tenant(request: HttpRequest) -> HttpResponse:
     return _render(request, "frontend/no_tenant.html", None, {}, status=403)
 
 
+def in_tenant(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Call ``view(request, membership, ...)`` in the current tenant; a user with none gets the no-tenant page."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        membership = current_membership(request)
+        if membership is None:
+            return _no_tenant(request)
+        return view(request, membership, *args, **kwargs)
+
+    return wrapped
+
+
 @require_GET
 @login_required
-def playground(request: HttpRequest) -> HttpResponse:
-    membership = current_membership(request)
-    if membership is None:
-        return _no_tenant(request)
+@in_tenant
+def playground(request: HttpRequest, membership: Membership) -> HttpResponse:
     models = sorted(get_engines().models.values(), key=lambda entry: entry.name)
     context = {"models": models, "websocket_path": "/" + WEBSOCKET_PATH}
     return _render(request, "frontend/playground.html", membership, context)
@@ -84,16 +98,14 @@ def tenant_switch(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_http_methods(["GET", "POST"])
 @login_required
-def api_keys(request: HttpRequest) -> HttpResponse:
+@in_tenant
+def api_keys(request: HttpRequest, membership: Membership) -> HttpResponse:
     """List the tenant's keys; a POST creates one and shows its full text once, in this response only.
 
     The raw key is rendered into the response to the POST and kept nowhere (not in the
     session, not in a message), so a reload cannot show it again; ``never_cache`` keeps
     it out of the browser's and proxies' caches.
     """
-    membership = current_membership(request)
-    if membership is None:
-        return _no_tenant(request)
     form = ApiKeyCreateForm(request.POST or None) if membership.can_complete else None
     created = raw_key = None
     status = 200
@@ -133,10 +145,8 @@ def api_keys(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 @login_required
-def api_key_revoke(request: HttpRequest, pk: int) -> HttpResponse:
-    membership = current_membership(request)
-    if membership is None:
-        return _no_tenant(request)
+@in_tenant
+def api_key_revoke(request: HttpRequest, membership: Membership, pk: int) -> HttpResponse:
     # Scoped to the current tenant: another tenant's key id is simply not found.
     try:
         key = selectors.api_keys_for_tenant(tenant=membership.tenant).get(pk=pk)
@@ -152,10 +162,8 @@ def api_key_revoke(request: HttpRequest, pk: int) -> HttpResponse:
 
 @require_GET
 @login_required
-def usage(request: HttpRequest) -> HttpResponse:
-    membership = current_membership(request)
-    if membership is None:
-        return _no_tenant(request)
+@in_tenant
+def usage(request: HttpRequest, membership: Membership) -> HttpResponse:
     context = {
         "rows": selectors.usage_for_tenant(tenant=membership.tenant, limit=USAGE_ROWS),
         "budgets": selectors.budget_status(tenant=membership.tenant),
