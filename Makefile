@@ -28,11 +28,12 @@ browser:
 # The platform on one machine: SQLite, in-memory channel layer, a filesystem Celery broker,
 # the shipped demo pair. Prints the demo credentials, then serves http://$(HOST):$(PORT)/
 run: $(STAMP)
-	$(PY) manage.py migrate --noinput
-	$(PY) manage.py tandem_demo
-	@echo "Console, API (/v1/) and websocket (/ws/v1/completions) on http://$(HOST):$(PORT)/"
-	$(PY) -m celery -A config.celery_app worker --beat --schedule var/celerybeat-schedule --pool=solo --loglevel=warning & \
+	@$(PY) manage.py migrate --noinput -v 0
+	@$(PY) -m celery -A config.celery_app --quiet worker --beat --schedule var/celerybeat-schedule --pool=solo \
+		--loglevel=error & \
 		trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
+		$(PY) manage.py tandem_demo && \
+		echo "Open http://$(HOST):$(PORT)/ and sign in (OpenAI API: http://$(HOST):$(PORT)/v1, websocket: /ws/v1/completions)" && \
 		$(PY) -m daphne -b $(HOST) -p $(PORT) config.asgi:application
 
 lint: $(STAMP)
