@@ -332,7 +332,9 @@ def budget_set(
 def _budgets_lock(budget_ids: Iterable[int]) -> list[Budget]:
     # Every path that moves money locks its budgets in id order, so two requests that
     # share budgets (the tenant's and a key's) queue instead of deadlocking.
-    return list(Budget.objects.select_for_update().filter(id__in=list(budget_ids)).order_by("id"))
+    # ``budget_ids`` may be a queryset: it becomes a subquery of this one statement, not a
+    # query of its own (one round trip less on every reservation and settlement).
+    return list(Budget.objects.select_for_update().filter(id__in=budget_ids).order_by("id"))
 
 
 def _budget_roll_over(budget: Budget, now: datetime) -> None:
@@ -419,7 +421,10 @@ def budget_reserve(
             )
     except IntegrityError:
         raise errors.InvalidInput(f"the request id {request_id!r} already has a reservation") from None
-    reservation.budgets.set(budgets)
+    # the rows of a new reservation: plain inserts (``budgets.set`` would read them first)
+    Reservation.budgets.through.objects.bulk_create(
+        [Reservation.budgets.through(reservation_id=reservation.pk, budget_id=b.pk) for b in budgets]
+    )
     return reservation
 
 
