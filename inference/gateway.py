@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 MAX_TAGS = 16
 COMPLETIONS_SCOPE = "completions"
 MAX_STREAMS = 64  # streams this process runs at once (engine threads); 503 past it
+INLINE_TOKENIZE_CHARS = 2048  # longer prompts are tokenised on a thread, off the event loop
 _END = object()
 
 
@@ -565,7 +566,10 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     _validate(call)
     entry = (await aget_engines()).get(call.model)
     route = decide(entry)
-    engine, request = await asyncio.to_thread(_build, entry, route, call)
+    if len(call.prompt) <= INLINE_TOKENIZE_CHARS:
+        engine, request = _build(entry, route, call)  # a short prompt tokenises in microseconds
+    else:
+        engine, request = await asyncio.to_thread(_build, entry, route, call)
     admission.enter(principal.tenant_id)
     stream = GatewayStream(principal, call, entry, route)
     try:
