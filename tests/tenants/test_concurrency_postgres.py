@@ -15,7 +15,7 @@ import pytest
 from django.db import connection, connections
 
 from tenants import errors, services
-from tenants.models import Budget, Reservation, UsageRecord
+from tenants.models import ApiKey, Budget, Reservation, UsageRecord
 from tests.tenants.factories import usage_for
 
 pytestmark = [
@@ -71,20 +71,33 @@ def test_concurrent_requests_never_overspend_a_hard_budget(tenant):
     assert Reservation.objects.count() == len(held)
 
 
-def test_concurrent_requests_on_a_key_never_overspend_either_budget(tenant, owner):
+def _key_and_tenant_race(tenant, owner, tenant_limit: Decimal, key_limit: Decimal) -> tuple[Budget, Budget, ApiKey]:
+    """Half the threads reserve 1 through a key (both budgets apply), half without (the tenant's only)."""
     api_key, _ = services.api_key_create(tenant=tenant, created_by=owner, name="ci")
-    services.budget_set(tenant=tenant, period="month", hard_limit=Decimal(10), soft_limit=None)
-    services.budget_set(tenant=tenant, api_key=api_key, period="day", hard_limit=Decimal(4), soft_limit=None)
-    # Half the threads through the key (both budgets, the key's binds at 4), half without (the tenant's).
+    services.budget_set(tenant=tenant, period="month", hard_limit=tenant_limit, soft_limit=None)
+    services.budget_set(tenant=tenant, api_key=api_key, period="day", hard_limit=key_limit, soft_limit=None)
     calls = [_reserve(tenant, Decimal(1), f"k{i}", api_key=api_key) for i in range(THREADS // 2)]
     calls += [_reserve(tenant, Decimal(1), f"t{i}") for i in range(THREADS // 2)]
     results = _run_at_once(calls)
-
     assert all(isinstance(r, Reservation | errors.BudgetExceeded) for r in results), results
     tenant_wide = Budget.objects.get(tenant=tenant, api_key=None)
     per_key = Budget.objects.get(tenant=tenant, api_key=api_key)
-    assert tenant_wide.reserved == Decimal(10) == Reservation.objects.count()
+    return tenant_wide, per_key, api_key
+
+
+def test_concurrent_requests_on_a_key_never_overspend_the_keys_budget(tenant, owner):
+    # the tenant's budget has room for everyone: only the key's (4) binds, whatever the order
+    tenant_wide, per_key, api_key = _key_and_tenant_race(tenant, owner, Decimal(100), Decimal(4))
     assert per_key.reserved == Decimal(4) == Reservation.objects.filter(api_key=api_key).count()
+    assert tenant_wide.reserved == Decimal(4 + THREADS // 2) == Reservation.objects.count()
+
+
+def test_concurrent_requests_on_a_key_never_overspend_either_budget(tenant, owner):
+    # both bind: the tenant's (10) fills up, and how many of its 10 went through the key
+    # depends on the order the threads ran in, never more than the key's 4
+    tenant_wide, per_key, api_key = _key_and_tenant_race(tenant, owner, Decimal(10), Decimal(4))
+    assert tenant_wide.reserved == Decimal(10) == Reservation.objects.count()
+    assert per_key.reserved == Reservation.objects.filter(api_key=api_key).count() <= Decimal(4)
 
 
 def test_concurrent_settlements_and_reservations_keep_the_books_exact(tenant, price):
