@@ -186,6 +186,11 @@ def _authenticate_api_key(raw_key: str) -> Principal:
         key = tenant_services.api_key_authenticate(raw_key=raw_key)
     except tenant_errors.InvalidApiKey as exc:
         raise AuthenticationFailed(str(exc)) from None
+    return _key_principal(key)
+
+
+def _key_principal(key) -> Principal:
+    """What an API key may do: act in its own tenant, for its creator, within its scopes."""
     return Principal(tenant_id=key.tenant_id, user_id=key.created_by_id, api_key_id=key.pk, scopes=tuple(key.scopes))
 
 
@@ -200,7 +205,7 @@ def _principal_for_api_key_id(api_key_id: int, tenant_id: int) -> Principal:
     key = ApiKey.objects.filter(pk=api_key_id, tenant_id=tenant_id).first()
     if key is None or not key.is_usable_at(timezone.now()):
         raise AuthenticationFailed("the API key of this job is no longer valid")
-    return Principal(tenant_id=key.tenant_id, user_id=key.created_by_id, api_key_id=key.pk, scopes=tuple(key.scopes))
+    return _key_principal(key)
 
 
 async def principal_for_user(user, tenant_id: int | None) -> Principal:
@@ -288,6 +293,13 @@ def _build(entry: ModelEntry, route: Route, call: CompletionCall):
     return engine, request
 
 
+async def _abuild(entry: ModelEntry, route: Route, call: CompletionCall):
+    """``_build`` from the event loop: a short prompt tokenises in microseconds, a long one on a thread."""
+    if len(call.prompt) <= INLINE_TOKENIZE_CHARS:
+        return _build(entry, route, call)
+    return await asyncio.to_thread(_build, entry, route, call)
+
+
 class GatewayStream:
     """An admitted, paid-for completion in flight. Iterate for :class:`TokenDelta`; ``usage`` at the end."""
 
@@ -313,16 +325,21 @@ class GatewayStream:
         self._settlement: asyncio.Future | None = None
 
     # set-up, from start() -------------------------------------------------------------
+    def _worst_case(self, route: Route, request) -> tuple[Price, Decimal]:
+        """The active price for this model on ``route``'s tier, and the most this request can cost at it."""
+        price = tenant_selectors.price_active(model=self.entry.name, tier=route.tier.value)
+        amount = tenant_services.cost_estimate_max(
+            price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
+        )
+        return price, amount
+
     def _reserve(self, engine, request) -> None:
         """Price the worst case and hold it on the tenant's budgets (sync: runs in a DB thread)."""
         self.prompt_tokens = len(request.prompt_ids)
         try:
-            self._price = tenant_selectors.price_active(model=self.entry.name, tier=self.route.tier.value)
+            self._price, amount = self._worst_case(self.route, request)
         except tenant_errors.PriceNotFound as exc:
             raise GatewayError(f"{exc}: the operator must publish a price before this model can be served") from None
-        amount = tenant_services.cost_estimate_max(
-            price=self._price, prompt_tokens=self.prompt_tokens, max_tokens=request.max_tokens
-        )
         from tenants.models import ApiKey, Tenant
 
         # the principal was resolved from the database moments ago: ids are all the services
@@ -374,13 +391,10 @@ class GatewayStream:
         """
         self.entry.mark_verifier_down()
         route = Route(Tier.EDGE, "verifier_down")
-        engine, request = await asyncio.to_thread(_build, self.entry, route, call)
+        engine, request = await _abuild(self.entry, route, call)
 
         def edge_price_fits() -> bool:
-            price = tenant_selectors.price_active(model=self.entry.name, tier=route.tier.value)
-            worst = tenant_services.cost_estimate_max(
-                price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
-            )
+            _, worst = self._worst_case(route, request)
             assert self._reservation is not None
             return worst <= self._reservation.amount
 
@@ -566,10 +580,7 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     _validate(call)
     entry = (await aget_engines()).get(call.model)
     route = decide(entry)
-    if len(call.prompt) <= INLINE_TOKENIZE_CHARS:
-        engine, request = _build(entry, route, call)  # a short prompt tokenises in microseconds
-    else:
-        engine, request = await asyncio.to_thread(_build, entry, route, call)
+    engine, request = await _abuild(entry, route, call)
     admission.enter(principal.tenant_id)
     stream = GatewayStream(principal, call, entry, route)
     try:
