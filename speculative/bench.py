@@ -115,11 +115,15 @@ def run_sessions(engine: SpeculativeEngine, n_sessions: int, max_tokens: int, k:
     proposed = sum(c.stats.proposed for c in completions)
     accepted = sum(c.stats.accepted for c in completions)
     rounds = sum(c.stats.rounds for c in completions)
+    rejections = sum(c.stats.rejections for c in completions)
     return {
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 2),
         "acceptance_rate": round(accepted / proposed, 4) if proposed else None,
+        # the chance that a draft token is accepted given that the ones before it were (what
+        # the controller estimates): accepted / (accepted + rounds cut short by a rejection)
+        "token_acceptance": round(accepted / (accepted + rejections), 4) if proposed else None,
         "mean_k": round(proposed / rounds, 2) if rounds else 0.0,
     }
 
@@ -147,20 +151,42 @@ def compare(spec: SpeculativeEngine, plain: SpeculativeEngine, n_sessions: int, 
         "speedup": round(median(s["tokens_per_s"] / p["tokens_per_s"] for p, s in pairs), 3),
         "speedup_per_pair": [round(s["tokens_per_s"] / p["tokens_per_s"], 3) for p, s in pairs],
         "acceptance_rate": round(median(s["acceptance_rate"] or 0.0 for s in spec_runs), 4),
+        "token_acceptance": round(median(s["token_acceptance"] or 0.0 for s in spec_runs), 4),
         "mean_k": round(median(s["mean_k"] for s in spec_runs), 2),
     }
+
+
+def greedy_agreement(spec: SpeculativeEngine, plain: SpeculativeEngine, max_tokens: int) -> dict:
+    """Lossless check on this machine: each prompt's greedy speculative tokens against plain decoding.
+
+    On a CPU in fp32 they are identical (the tests assert it); in bf16 on a GPU a forward
+    over k + 1 positions may round differently from a forward over one, and a near-tie
+    can flip: the report says how often, and how many tokens in the first flip came.
+    """
+    identical, first_divergence = 0, []
+    for prompt in PROMPTS:
+        a = spec.generate(prompt, max_tokens=max_tokens).token_ids
+        b = plain.generate(prompt, max_tokens=max_tokens).token_ids
+        if a == b:
+            identical += 1
+        else:
+            first_divergence.append(
+                next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            )
+    return {"prompts": len(PROMPTS), "identical": identical, "first_divergence_at": first_divergence}
 
 
 @torch.inference_mode()
 def hf_generate(verifier_model, draft_model, tokenizer, max_tokens: int, repeats: int) -> dict:
     """HF ``generate()`` alone and with ``assistant_model=`` (greedy), one prompt at a time."""
     results = {}
+    device = verifier_model.device
     for name, assistant in (("hf_verifier_only", None), ("hf_assisted", draft_model)):
         best = 0.0
         for _ in range(repeats):
             tokens, seconds = 0, 0.0
             for prompt in PROMPTS[:8]:
-                ids = tokenizer(prompt, return_tensors="pt").input_ids
+                ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
                 started = time.perf_counter()
                 out = verifier_model.generate(
                     ids,
@@ -170,6 +196,8 @@ def hf_generate(verifier_model, draft_model, tokenizer, max_tokens: int, repeats
                     max_new_tokens=max_tokens,
                     pad_token_id=tokenizer.eos_token_id,
                 )
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 seconds += time.perf_counter() - started
                 tokens += out.shape[1] - ids.shape[1]
             best = max(best, tokens / seconds)
@@ -177,7 +205,7 @@ def hf_generate(verifier_model, draft_model, tokenizer, max_tokens: int, repeats
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Benchmark Tandem's speculative decoding.")
     parser.add_argument("--verifier", default=str(DEMO_VERIFIER))
     parser.add_argument("--draft", default=str(DEMO_DRAFT_GGUF))
@@ -188,13 +216,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rtts", default="0,20,80")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--draft-threads", type=int, default=1, help="llama.cpp threads for the draft")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    verifier, draft, tokenizer = load_pair(args.verifier, args.draft, device=args.device)
+    verifier, draft, tokenizer = load_pair(
+        args.verifier, args.draft, device=args.device, draft_threads=args.draft_threads
+    )
     spec = SpeculativeEngine(verifier, tokenizer, draft)
     plain = SpeculativeEngine(verifier, tokenizer, None)
     run_sessions(spec, 2, 16)  # warm up both paths (allocations, llama.cpp contexts)
@@ -215,10 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     report["concurrency"] = by_sessions
     single = next((r for r in by_sessions if r["sessions"] == 1), None)
 
-    if args.draft_hf and Path(args.draft_hf).exists() and verifier.device.type == "cpu":
+    report["greedy_vs_verifier_only"] = greedy_agreement(spec, plain, args.max_tokens)
+
+    if args.draft_hf and Path(args.draft_hf).exists():
         from transformers import AutoModelForCausalLM
 
-        draft_hf = AutoModelForCausalLM.from_pretrained(args.draft_hf, dtype=torch.float32).eval()
+        draft_hf = AutoModelForCausalLM.from_pretrained(args.draft_hf, dtype=verifier.model.dtype)
+        draft_hf = draft_hf.to(verifier.device).eval()
         hf = hf_generate(verifier.model, draft_hf, load_tokenizer(args.verifier), args.max_tokens, args.repeats)
         report["hf"] = hf
         if single:
@@ -247,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
+    return report
 
 
 if __name__ == "__main__":

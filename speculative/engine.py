@@ -287,6 +287,7 @@ class Completion(TokenStream):
         stats.rounds += 1
         stats.proposed += len(tokens)
         stats.accepted += result.verdict.n_matches
+        stats.rejections += result.verdict.n_matches < len(tokens)
         stats.draft_ms += draft_ms
         stats.verify_ms += result.verify_ms
         stats.gpu_ms += gpu_ms

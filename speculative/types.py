@@ -101,6 +101,7 @@ class CompletionStats:
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
+    rejections: int = 0  # rounds whose draft was cut short: accepted / (accepted + rejections) is the per-token rate
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     network_ms: float = 0.0

@@ -89,6 +89,24 @@ def test_stats_and_provenance_add_up(engines):
     assert "".join(e.text for e in events) == completion.text
 
 
+def test_rejections_count_the_rounds_whose_draft_was_cut_short(engines):
+    spec, _ = engines
+    completion = spec.generate(PROMPTS[1], max_tokens=40, k=4)
+    stats = completion.stats
+    # each round emits its accepted draft tokens, then one verifier token
+    accepted_per_round, run = [], 0
+    for source in stats.provenance:
+        if source is Provenance.DRAFTED:
+            run += 1
+        else:
+            accepted_per_round.append(run)
+            run = 0
+    assert len(accepted_per_round) == stats.rounds == len(stats.draft_lengths)
+    cut_short = sum(n < k for n, k in zip(accepted_per_round, stats.draft_lengths, strict=True))
+    assert stats.rejections == cut_short
+    assert 0 < stats.rejections < stats.rounds  # the demo pair both agrees and disagrees here
+
+
 def test_a_stop_string_ends_the_text_right_before_it(engines):
     spec, plain = engines
     full = plain.generate(PROMPTS[1], max_tokens=40).text
