@@ -5,6 +5,7 @@
     async for delta in stream: ...          # token deltas with provenance
     stream.usage                            # settled: tokens, cost breakdown, stats
     await stream.aclose()                   # a client went away: stop and settle what was delivered
+    await stream.settled()                  # the ledger row is written (it may lag the last frame)
 
 Money: the worst case (``max_tokens``, the price's GPU ceiling) is reserved before the
 engine runs, so no pattern of concurrent requests can overspend a hard budget; the
@@ -14,17 +15,24 @@ the verifier time and drafted tokens of its round (``TokenEvent.gpu_ms``/``draft
 (bad input, no budget, engine busy) reaches the adapter as a plain error with a status
 code and charges nothing. The engine runs on a worker thread (its calls block); tokens
 cross to the event loop through an asyncio queue.
+
+Write-behind (``TANDEM_SETTLE_AFTER_REPLY``): the usage and its cost are worked out in
+memory, from the price pinned at reservation, and set on ``stream.usage`` at once, so the
+adapter sends the final frame without waiting for a commit; the ledger row (written once,
+with exactly that cost) and the SLO sample follow on a DB thread. A failed write is logged
+as an error and leaves the reservation held, never freed as if it had been paid.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -323,6 +331,7 @@ class GatewayStream:
         self._first: object | None = None  # the next item, taken from the queue early (by start() or ready())
         self._completion: TokenStream | None = None
         self._settlement: asyncio.Future | None = None
+        self._ledger: asyncio.Future | None = None  # the ledger write, once scheduled
 
     # set-up, from start() -------------------------------------------------------------
     def _worst_case(self, route: Route, request) -> tuple[Price, Decimal]:
@@ -393,17 +402,23 @@ class GatewayStream:
         route = Route(Tier.EDGE, "verifier_down")
         engine, request = await _abuild(self.entry, route, call)
 
-        def edge_price_fits() -> bool:
-            _, worst = self._worst_case(route, request)
-            assert self._reservation is not None
-            return worst <= self._reservation.amount
+        def edge_price_if_it_fits() -> Price | None:
+            # The edge's price from the book pinned at reservation (the settlement prices
+            # with that book), and its worst case must fit in what is already held.
+            assert self._reservation is not None and self._price is not None
+            price = tenant_selectors.price_in_book(book_id=self._price.book_id, model=self.entry.name, tier="edge")
+            worst = tenant_services.cost_estimate_max(
+                price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
+            )
+            return price if worst <= self._reservation.amount else None
 
         try:
-            fits = await _db(edge_price_fits)()
+            edge_price = await _db(edge_price_if_it_fits)()
         except tenant_errors.PriceNotFound:
-            fits = False
-        if not fits:
+            edge_price = None
+        if edge_price is None:
             return exc
+        self._price = edge_price
         log.warning("request %s: verifier unavailable (%s), served from the edge", self.request_id, exc)
         self.route = route
         self._launch(engine, request)
@@ -479,6 +494,8 @@ class GatewayStream:
 
         Shielded: a caller cancelled mid-settlement (its client went away) leaves it running,
         so the ``aclose()`` that follows waits for it instead of settling a second time.
+        Returns once ``usage`` is set: with ``TANDEM_SETTLE_AFTER_REPLY`` the ledger row is
+        written behind the reply (``settled()`` waits for it), else before this returns.
         """
         if self._settlement is None:
             self._settlement = asyncio.ensure_future(self._settle_once(outcome, error))
@@ -486,17 +503,31 @@ class GatewayStream:
 
     async def _settle_once(self, outcome: str, error: str) -> None:
         try:
-            self.usage = await _db(self._settle_sync)(outcome, error)
+            charge = self._charge(outcome, error)
         finally:
             admission.leave(self.principal.tenant_id)
+        self.usage = charge.summary
+        if charge.write is None:
+            return
+        self._ledger = _ledger_write(self.request_id, _db(charge.write)())
+        if not settings.TANDEM_SETTLE_AFTER_REPLY:
+            await asyncio.shield(self._ledger)
 
-    def _settle_sync(self, outcome: str, error: str) -> UsageSummary:
-        with transaction.atomic():  # the ledger row and the SLO sample in one commit
-            return self._settle_records(outcome, error)
+    async def settled(self) -> None:
+        """Wait until the ledger holds this stream's charge; raises if writing it failed."""
+        if self._settlement is not None:
+            await asyncio.shield(self._settlement)
+        if self._ledger is not None:
+            await asyncio.shield(self._ledger)
 
-    def _settle_records(self, outcome: str, error: str) -> UsageSummary:
-        from inference.models import SloSample
+    def _charge(self, outcome: str, error: str) -> _Charge:
+        """What the stream delivered and costs, worked out in memory; and the write that records it.
 
+        Money: the cost is ``settlement_cost`` at the price pinned when the reservation was
+        made and the reservation's amount, the same inputs ``usage_settle`` reads back from
+        the reservation row, so the figure sent to the client is the figure the ledger gets.
+        Nothing here touches the database, so the final frame need not wait for a commit.
+        """
         stats = self._completion.stats if self._completion is not None else None
         now = time.perf_counter()
         first = self._first_token_at
@@ -522,31 +553,32 @@ class GatewayStream:
             ttft_ms=(first - self._started) * 1e3 if first is not None else None,
             duration_ms=duration_ms,
         )
-        cost = {"edge": Decimal(0), "verifier": Decimal(0), "cloud": Decimal(0), "total": Decimal(0)}
-        if self._reservation is None:
+        zero = Decimal(0)
+        cost = {"edge": zero, "verifier": zero, "cloud": zero, "total": zero}
+        reservation, price = self._reservation, self._price
+        write: Callable[[], None] | None = None
+        if reservation is None:
             pass  # refused before anything was reserved: nothing to settle
         elif self._delivered == 0 and outcome != "completed":
-            tenant_services.reservation_release(reservation=self._reservation)  # nothing delivered, nothing owed
+            write = functools.partial(tenant_services.reservation_release, reservation=reservation)  # nothing owed
         else:
-            record = tenant_services.usage_settle(reservation=self._reservation, usage=usage)
-            cost = {
-                "edge": record.cost_edge,
-                "verifier": record.cost_verifier,
-                "cloud": record.cost_cloud,
-                "total": record.cost_total,
+            assert price is not None
+            charged = tenant_services.settlement_cost(price=price, usage=usage, held=reservation.amount)
+            cost = {"edge": charged.edge, "verifier": charged.verifier, "cloud": charged.cloud, "total": charged.total}
+            inter_token_ms = (now - first) * 1e3 / (self._delivered - 1) if first and self._delivered > 1 else None
+            slo = {
+                "request_id": self.request_id,
+                "tenant_id": self.principal.tenant_id,
+                "model": self.entry.name,
+                "route_tier": self.route.tier.value,
+                "ttft_ms": usage.ttft_ms,
+                "inter_token_ms": inter_token_ms,
+                "e2e_ms": duration_ms,
+                "tokens": self._delivered,
+                "outcome": outcome,
             }
-            SloSample.objects.create(
-                request_id=self.request_id,
-                tenant_id=self.principal.tenant_id,
-                model=self.entry.name,
-                route_tier=self.route.tier.value,
-                ttft_ms=usage.ttft_ms,
-                inter_token_ms=(now - first) * 1e3 / (self._delivered - 1) if first and self._delivered > 1 else None,
-                e2e_ms=duration_ms,
-                tokens=self._delivered,
-                outcome=outcome,
-            )
-        return UsageSummary(
+            write = functools.partial(_settle_write, reservation, usage, price, charged.total, slo)
+        summary = UsageSummary(
             request_id=self.request_id,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -560,6 +592,58 @@ class GatewayStream:
             duration_ms=duration_ms,
             route=self.route,
         )
+        return _Charge(summary, write)
+
+
+@dataclass(frozen=True)
+class _Charge:
+    summary: UsageSummary
+    write: Callable[[], None] | None  # the ledger write (sync, in a DB thread); None when nothing is owed
+
+
+def _settle_write(reservation: Reservation, usage: tenant_services.Usage, price: Price, total: Decimal, slo: dict):
+    """The ledger row and the SLO sample, in one commit."""
+    from inference.models import SloSample
+
+    with transaction.atomic():
+        record = tenant_services.usage_settle(reservation=reservation, usage=usage, price=price)
+        if record.cost_total != total:  # one function computed both: this would be a bug, and a loud one
+            log.error(
+                "request %s: the ledger charged %s but the client was told %s",
+                usage.request_id,
+                record.cost_total,
+                total,
+            )
+        SloSample.objects.create(**slo)
+
+
+# Ledger writes still in flight (write-behind): referenced here so none is garbage-collected
+# half-way, and so shutdown and tests can wait for them (``ledger_writes_flush``).
+_ledger_writes: set[asyncio.Future] = set()
+
+
+def _ledger_write(request_id: str, write: Awaitable[None]) -> asyncio.Future:
+    future = asyncio.ensure_future(write)
+    _ledger_writes.add(future)
+
+    def done(f: asyncio.Future) -> None:
+        _ledger_writes.discard(f)
+        if f.cancelled():
+            log.error("request %s: the ledger write was cancelled; its reservation stays held", request_id)
+        elif f.exception() is not None:
+            # Never swallowed: the client was told a cost the ledger does not hold yet. The
+            # reservation stays held (the money is never spent twice), and the stale-
+            # reservation task gives it back after TANDEM_RESERVATION_TTL_S.
+            log.error("request %s: the ledger write failed", request_id, exc_info=f.exception())
+
+    future.add_done_callback(done)
+    return future
+
+
+async def ledger_writes_flush() -> None:
+    """Wait for every ledger write this process has in flight (tests; a graceful shutdown)."""
+    while _ledger_writes:
+        await asyncio.gather(*list(_ledger_writes), return_exceptions=True)
 
 
 def _request_kwargs(request) -> dict:
@@ -599,7 +683,13 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     return stream
 
 
-async def collect(stream: GatewayStream) -> tuple[str, list[TokenDelta]]:
-    """Run a stream to the end (non-streaming adapters); return its text and deltas."""
+async def collect(stream: GatewayStream, *, ledger_written: bool = True) -> tuple[str, list[TokenDelta]]:
+    """Run a stream to the end (non-streaming adapters); return its text and deltas.
+
+    By default it returns once the ledger holds the charge (a batch job's process may end
+    right after); the HTTP API, whose process lives on, passes ``ledger_written=False``.
+    """
     deltas = [delta async for delta in stream]
+    if ledger_written:
+        await stream.settled()
     return "".join(d.text for d in deltas), deltas

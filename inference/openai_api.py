@@ -302,7 +302,7 @@ async def _complete(
         _close_if_never_streamed(response, stream)
         return response
     try:
-        text, _ = await gateway.collect(stream)
+        text, _ = await gateway.collect(stream, ledger_written=False)  # the row is written behind the reply
     finally:
         # Normally a no-op (collect settled it); if this view is cancelled (the client left), this settles what was sent.
         await asyncio.shield(stream.aclose())

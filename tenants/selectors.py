@@ -28,6 +28,14 @@ def price_active(*, model: str, tier: str) -> Price:
         raise errors.PriceNotFound(f"no active price for {model!r} on the {tier} tier") from None
 
 
+def price_in_book(*, book_id: int, model: str, tier: str) -> Price:
+    """The price for ``model`` on ``tier`` in one (immutable) book; ``errors.PriceNotFound`` if it has none."""
+    try:
+        return Price.objects.select_related("book").get(book_id=book_id, model=model, tier=tier)
+    except Price.DoesNotExist:
+        raise errors.PriceNotFound(f"no price for {model!r} on the {tier} tier in this book") from None
+
+
 def memberships_for_user(*, user: User) -> QuerySet[Membership]:
     return Membership.objects.filter(user_id=user.pk).select_related("tenant").order_by("tenant__name", "tenant_id")
 

@@ -550,10 +550,40 @@ def usage_cost(*, price: Price, usage: Usage) -> CostBreakdown:
     )
 
 
-def _price_for_settlement(reservation: Reservation, usage: Usage) -> Price:
+def settlement_cost(*, price: Price, usage: Usage, held: Decimal) -> CostBreakdown:
+    """What settling ``usage`` against ``held`` (its reservation's amount) charges: THE settlement figure.
+
+    ``usage_cost``, capped at what was held. The gateway calls this in memory to put the
+    exact cost in the final frame before the ledger row is written (write-behind), and
+    ``usage_settle`` calls it again to write the row: same inputs, same function, so the
+    client's figure and the ledger's are the same Decimal.
+    """
+    cost = usage_cost(price=price, usage=usage)
+    if cost.total > held:
+        # Cannot happen while the usage stays within what was reserved for (max_tokens,
+        # the pinned price). If it does, the budget's hard limit wins over the ledger:
+        # charge what was held and say loudly that the counts broke the bound.
+        logger.error(
+            "settlement above its reservation: charging the reservation",
+            extra={"request_id": usage.request_id, "cost": str(cost.total), "reserved": str(held)},
+        )
+        cost = cost.capped_at(held)
+    return cost
+
+
+def _price_for_settlement(reservation: Reservation, usage: Usage, price: Price | None = None) -> Price:
     # The book pinned at reservation time, for the tier that actually served (a failover
     # may differ from the planned one); the active book only if none was active then.
+    # A caller that already holds that price (the gateway pins it in memory) saves the
+    # lookup; one of another book, model or tier is ignored, never trusted.
     book_id = reservation.price_book_id
+    if (
+        price is not None
+        and book_id is not None
+        and price.book_id == book_id
+        and (price.model, price.tier) == (usage.model, usage.route_tier)
+    ):
+        return price
     if book_id is None:
         active = PriceBook.objects.filter(is_active=True).values_list("id", flat=True).first()
         if active is None:
@@ -643,7 +673,7 @@ def _usage_validate(usage: Usage) -> None:
 
 
 @transaction.atomic
-def usage_settle(*, reservation: Reservation, usage: Usage) -> UsageRecord:
+def usage_settle(*, reservation: Reservation, usage: Usage, price: Price | None = None) -> UsageRecord:
     """Charge what the request used, free the rest of its reservation, and write its ledger row; once.
 
     A second settlement (or a settlement after a release) raises ``errors.AlreadySettled``:
@@ -659,17 +689,8 @@ def usage_settle(*, reservation: Reservation, usage: Usage) -> UsageRecord:
     # only, so no two money paths can wait on each other in a cycle.
     locked = _reservation_lock_held(reservation)
     budgets = _budgets_lock(locked.budgets.values_list("id", flat=True))
-    price = _price_for_settlement(locked, usage)
-    cost = usage_cost(price=price, usage=usage)
-    if cost.total > locked.amount:
-        # Cannot happen while the usage stays within what was reserved for (max_tokens,
-        # the pinned price). If it does, the budget's hard limit wins over the ledger:
-        # charge the reservation and say loudly that the counts broke the bound.
-        logger.error(
-            "settlement above its reservation: charging the reservation",
-            extra={"request_id": usage.request_id, "cost": str(cost.total), "reserved": str(locked.amount)},
-        )
-        cost = cost.capped_at(locked.amount)
+    price = _price_for_settlement(locked, usage, price)
+    cost = settlement_cost(price=price, usage=usage, held=locked.amount)
     now = timezone.now()
 
     for budget in budgets:
@@ -694,7 +715,7 @@ def usage_settle(*, reservation: Reservation, usage: Usage) -> UsageRecord:
         model=usage.model,
         verifier_version=usage.verifier_version,
         draft_version=usage.draft_version,
-        price_book=price.book,
+        price_book_id=price.book_id,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         drafted_tokens=Decimal(usage.drafted_tokens).quantize(COUNT_QUANTUM, ROUND_HALF_UP),

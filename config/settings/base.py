@@ -196,3 +196,6 @@ TANDEM_KEEPALIVE_S = get_env("TANDEM_KEEPALIVE_S", 15.0, float)
 TANDEM_MAX_PROMPT_CHARS = get_env("TANDEM_MAX_PROMPT_CHARS", 32_000, int)
 # a reservation still held this long belongs to a request whose process died: release it
 TANDEM_RESERVATION_TTL_S = get_env("TANDEM_RESERVATION_TTL_S", 3600, int)
+# write-behind: a stream's final frame (its usage and exact cost, worked out in memory)
+# goes out before its ledger row is written; a failed write is logged as an error
+TANDEM_SETTLE_AFTER_REPLY = get_env("TANDEM_SETTLE_AFTER_REPLY", True, as_bool)

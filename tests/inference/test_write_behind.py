@@ -1,0 +1,243 @@
+"""Write-behind settlement: the final frame goes out first, then the ledger row; the row is exact and written once.
+
+With ``TANDEM_SETTLE_AFTER_REPLY`` on (production's default), a stream's usage and cost are
+worked out in memory and sent in its last frame (``done``, the finish/usage chunks and
+``[DONE]``); its ledger row and SLO sample are written after. These tests check, for the
+websocket and SSE, that a full, stopped, cancelled or disconnected stream still charges
+exactly what it delivered, at exactly the cost the client was told; that bad input still
+charges nothing; and that a failed write is logged as an error, never swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+
+from inference import gateway
+from inference.engines import EngineSet, ModelEntry, set_engines, trivial_entry
+from inference.models import SloSample
+from tenants.models import Reservation, UsageRecord
+from tests.inference.test_consumers import GatedEngine, key_socket, receive, run_to_end, start
+from tests.inference.test_openai_api import HELLO, MODEL, asgi_post, content_of, sse_data
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+
+@pytest.fixture(autouse=True)
+def write_behind(settings):
+    settings.TANDEM_SETTLE_AFTER_REPLY = True
+
+
+@pytest.fixture
+def gated() -> Iterator[GatedEngine]:
+    """``tandem-test`` served by an engine that emits a token only when the test releases one."""
+    engine = GatedEngine()
+    plain = trivial_entry()
+    entry = ModelEntry(
+        name="tandem-test",
+        speculative=engine,
+        edge=engine,
+        verifier_version=plain.verifier_version,
+        draft_version=plain.draft_version,
+        context_length=engine.context_length,
+        tokenizer=engine.tokenizer,
+    )
+    previous = set_engines(EngineSet([entry]))
+    yield engine
+    engine.gate.release(10_000)
+    set_engines(previous)
+
+
+@pytest.fixture
+def held_writes(monkeypatch) -> Iterator[threading.Event]:
+    """Ledger writes wait (on their DB thread) until the test sets the event: proof that a frame came first."""
+    gate = threading.Event()
+    original = gateway._settle_write
+
+    def held(*args, **kwargs):
+        assert gate.wait(10), "the test never let the ledger write go"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gateway, "_settle_write", held)
+    yield gate
+    gate.set()
+
+
+async def ledger_row(request_id: str) -> UsageRecord:
+    await gateway.ledger_writes_flush()
+    return await UsageRecord.objects.aget(request_id=request_id)
+
+
+def cost_of(usage: dict) -> Decimal:
+    return Decimal(usage["cost"]["total"])
+
+
+# websocket ----------------------------------------------------------------------------------------
+async def test_the_done_frame_goes_out_before_the_ledger_row_and_carries_its_exact_cost(account, held_writes):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=12))
+    started, deltas, done = await run_to_end(ws, "s1")
+    assert done["type"] == "done" and len(deltas) == done["usage"]["completion_tokens"] == 12
+    # the done frame arrived while the ledger write was still held back
+    assert not await UsageRecord.objects.filter(request_id=started["request_id"]).aexists()
+    assert await Reservation.objects.filter(status="held").acount() == 1
+    held_writes.set()
+    row = await ledger_row(started["request_id"])
+    assert row.completion_tokens == 12 and row.outcome == "completed"
+    assert row.cost_total == cost_of(done["usage"]) > 0
+    assert row.cost_edge == Decimal(done["usage"]["cost"]["edge"])
+    assert row.cost_verifier == Decimal(done["usage"]["cost"]["verifier"])
+    assert await Reservation.objects.filter(status="held").acount() == 0
+    assert await SloSample.objects.filter(request_id=started["request_id"]).aexists()
+    await ws.disconnect()
+
+
+async def test_a_stopped_websocket_stream_charges_exactly_the_text_before_the_stop(account):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=40, stop=["edge"]))
+    started, deltas, done = await run_to_end(ws, "s1")
+    assert done["usage"]["finish_reason"] == "stop"
+    row = await ledger_row(started["request_id"])
+    assert row.completion_tokens == len(deltas) == done["usage"]["completion_tokens"]
+    assert row.finish_reason == "stop" and row.cost_total == cost_of(done["usage"])
+    await ws.disconnect()
+
+
+async def test_a_cancelled_websocket_stream_charges_exactly_the_deltas_sent(account, gated):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=200))
+    gated.gate.release(5)
+    started = await receive(ws)
+    assert [(await receive(ws))["type"] for _ in range(5)] == ["delta"] * 5
+    await ws.send_json_to({"type": "cancel", "id": "s1"})
+    done = await receive(ws)
+    assert done["type"] == "done" and done["usage"]["outcome"] == "cancelled"
+    row = await ledger_row(started["request_id"])
+    assert row.outcome == "cancelled" and row.completion_tokens == done["usage"]["completion_tokens"] == 5
+    assert row.cost_total == cost_of(done["usage"])
+    assert await Reservation.objects.filter(status="held").acount() == 0
+    await ws.disconnect()
+
+
+async def test_a_disconnected_websocket_stream_charges_exactly_the_deltas_sent(account, gated):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=200))
+    gated.gate.release(4)
+    started = await receive(ws)
+    assert [(await receive(ws))["type"] for _ in range(4)] == ["delta"] * 4
+    await ws.disconnect()
+    row = await ledger_row(started["request_id"])
+    assert row.outcome == "cancelled" and row.completion_tokens == 4
+    assert await Reservation.objects.filter(status="held").acount() == 0
+
+
+async def test_a_bad_start_frame_still_charges_nothing(account):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=0))
+    error = await receive(ws)
+    assert error["type"] == "error" and error["usage"] is None
+    await gateway.ledger_writes_flush()
+    assert await UsageRecord.objects.acount() == 0 and await Reservation.objects.acount() == 0
+    await ws.disconnect()
+
+
+# SSE --------------------------------------------------------------------------------------------
+def final_usage(body: str) -> dict:
+    """The Tandem summary of an SSE body's finish chunk (the last chunk with a finish reason)."""
+    chunks = [c for c in sse_data(body) if isinstance(c, dict) and c.get("choices")]
+    return next(c for c in reversed(chunks) if c["choices"][0]["finish_reason"] is not None)["tandem"]
+
+
+async def test_a_full_sse_stream_sends_done_before_the_ledger_row_and_the_row_matches(account, held_writes):
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 10, "stream": True}, account.raw_key
+    )
+    assert status == 200 and body.endswith("data: [DONE]\n\n")
+    assert not await UsageRecord.objects.filter(request_id=headers["x-request-id"]).aexists()
+    held_writes.set()
+    row = await ledger_row(headers["x-request-id"])
+    usage = final_usage(body)
+    assert row.completion_tokens == usage["completion_tokens"] == 10
+    assert row.cost_total == cost_of(usage) and row.outcome == "completed"
+
+
+async def test_a_stopped_sse_stream_charges_exactly_the_text_before_the_stop(account):
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 40, "stream": True, "stop": ["edge"]},
+        account.raw_key,
+    )
+    row = await ledger_row(headers["x-request-id"])
+    usage = final_usage(body)
+    assert row.finish_reason == "stop" and row.completion_tokens == usage["completion_tokens"]
+    assert row.cost_total == cost_of(usage)
+
+
+async def test_an_sse_client_that_hangs_up_is_charged_exactly_what_it_received(account, gated):
+    gated.gate.release(3)
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 50, "stream": True},
+        account.raw_key,
+        lambda body: len(content_of(sse_data(body))) >= 3,
+    )
+    assert status == 200 and "[DONE]" not in body
+    row = await ledger_row(headers["x-request-id"])
+    assert row.outcome == "cancelled" and row.completion_tokens == len(content_of(sse_data(body))) == 3
+    assert await Reservation.objects.filter(status="held").acount() == 0
+
+
+async def test_a_non_streaming_response_carries_the_cost_the_ledger_gets(account):
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 7}, account.raw_key
+    )
+    tandem = json.loads(body)["tandem"]
+    row = await ledger_row(headers["x-request-id"])
+    assert row.completion_tokens == 7 and row.cost_total == cost_of(tandem)
+
+
+async def test_a_bad_request_still_charges_nothing(account):
+    status, _, _ = await asgi_post(
+        "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 0, "stream": True}, account.raw_key
+    )
+    assert status == 400
+    await gateway.ledger_writes_flush()
+    assert await UsageRecord.objects.acount() == 0 and await Reservation.objects.acount() == 0
+
+
+# gateway ------------------------------------------------------------------------------------------
+async def test_collect_returns_once_the_ledger_holds_the_charge(account):
+    """Batch jobs end their event loop right after: ``collect`` waits for the row by default."""
+    principal = await gateway.authenticate_api_key(account.raw_key)
+    stream = await gateway.start(principal, gateway.CompletionCall(model=MODEL, prompt="Hello", max_tokens=5))
+    await gateway.collect(stream)
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)  # no flush: collect waited
+    assert row.cost_total == stream.usage.cost["total"]
+
+
+async def test_a_failed_ledger_write_is_logged_as_an_error_and_the_reservation_stays_held(account, monkeypatch, caplog):
+    from tenants import services
+
+    def broken(**kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(services, "usage_settle", broken)
+    principal = await gateway.authenticate_api_key(account.raw_key)
+    stream = await gateway.start(principal, gateway.CompletionCall(model=MODEL, prompt="Hello", max_tokens=5))
+    with caplog.at_level(logging.ERROR, logger="inference.gateway"):
+        await gateway.collect(stream, ledger_written=False)
+        assert stream.usage is not None and stream.usage.completion_tokens == 5
+        with pytest.raises(RuntimeError, match="went away"):
+            await stream.settled()
+        await asyncio.sleep(0)  # the write's done-callback runs on the next turn of the loop
+    assert any(
+        r.levelno == logging.ERROR and "ledger write failed" in r.getMessage() and r.exc_info for r in caplog.records
+    )
+    assert await Reservation.objects.filter(status="held").acount() == 1  # never freed as if paid
+    assert await UsageRecord.objects.acount() == 0
