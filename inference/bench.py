@@ -184,6 +184,9 @@ SERVERS = {
 
 def start_server(var: Path, kind: str = "daphne", database_url: str = "") -> tuple[subprocess.Popen, str, str]:
     env = {
+        # production's defaults where the test settings differ (the environment may override them)
+        "TANDEM_SETTLE_AFTER_REPLY": "1",
+        "TANDEM_API_KEY_CACHE_TTL_S": "5",
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "TANDEM_VAR_DIR": str(var),

@@ -6,10 +6,13 @@ since is shown as the new period would start (nothing spent yet), without saving
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
@@ -20,20 +23,80 @@ if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser as User
 
 
+class _PriceCache:
+    """Prices kept in this process: books never change, only which one is active does.
+
+    ``price_in_book`` rows are kept until a publish (a book's prices are immutable);
+    ``price_active`` rows for at most ``TANDEM_PRICE_CACHE_TTL_S``, so another process's
+    publish is seen within that window (a publish in this process is seen at once). Money
+    stays exact either way: a request pins the book of the price it was reserved with, and
+    its settlement charges at that book, whichever book is active by then.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[int | None, str, str], tuple[float, Price]] = {}
+        self._generation = 0
+        self.clock = time.monotonic  # tests move it
+
+    def get(self, key: tuple[int | None, str, str], ttl_s: float | None) -> tuple[Price | None, int]:
+        with self._lock:
+            entry = self._rows.get(key)
+            generation = self._generation
+        if entry is not None and (ttl_s is None or self.clock() - entry[0] < ttl_s):
+            return entry[1], generation
+        return None, generation
+
+    def put(self, key: tuple[int | None, str, str], price: Price, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return  # a book was published while this row was read
+            if len(self._rows) >= self.MAX_ENTRIES:
+                self._rows.clear()
+            self._rows[key] = (self.clock(), price)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._rows.clear()
+
+
+price_cache = _PriceCache()
+
+
 def price_active(*, model: str, tier: str) -> Price:
     """The active price book's price for ``model`` on ``tier``; ``errors.PriceNotFound`` if it has none."""
+    key = (None, model, tier)
+    price, generation = price_cache.get(key, settings.TANDEM_PRICE_CACHE_TTL_S)
+    if price is not None:
+        return price
     try:
-        return Price.objects.select_related("book").get(book__is_active=True, model=model, tier=tier)
+        price = Price.objects.select_related("book").get(book__is_active=True, model=model, tier=tier)
     except Price.DoesNotExist:
         raise errors.PriceNotFound(f"no active price for {model!r} on the {tier} tier") from None
+    price_cache.put(key, price, generation)
+    return price
+
+
+def price_active_cached(*, model: str, tier: str) -> Price | None:
+    """``price_active`` when this process has it at hand (no query), else None."""
+    return price_cache.get((None, model, tier), settings.TANDEM_PRICE_CACHE_TTL_S)[0]
 
 
 def price_in_book(*, book_id: int, model: str, tier: str) -> Price:
     """The price for ``model`` on ``tier`` in one (immutable) book; ``errors.PriceNotFound`` if it has none."""
+    key = (book_id, model, tier)
+    price, generation = price_cache.get(key, None)
+    if price is not None:
+        return price
     try:
-        return Price.objects.select_related("book").get(book_id=book_id, model=model, tier=tier)
+        price = Price.objects.select_related("book").get(book_id=book_id, model=model, tier=tier)
     except Price.DoesNotExist:
         raise errors.PriceNotFound(f"no price for {model!r} on the {tier} tier in this book") from None
+    price_cache.put(key, price, generation)
+    return price
 
 
 def memberships_for_user(*, user: User) -> QuerySet[Membership]:

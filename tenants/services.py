@@ -15,22 +15,26 @@ both call it, which is what lets a settlement never exceed its reservation.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import re
 import secrets
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, ROUND_UP, Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 from django.utils.text import slugify
 
-from tenants import errors
+from tenants import errors, selectors
 from tenants.models import ApiKey, Budget, Membership, Price, PriceBook, Reservation, Tenant, Tier, UsageRecord
 
 if TYPE_CHECKING:
@@ -244,9 +248,71 @@ def api_key_revoke(*, api_key: ApiKey, by: User | None = None) -> ApiKey:
     if locked.revoked_at is None:
         locked.revoked_at = timezone.now()
         locked.save(update_fields=["revoked_at"])
+        # Explicitly, though post_save does it too: the key stops in this process now.
+        api_key_cache_forget(api_key=locked)
         logger.info("api key revoked", extra={"api_key": locked.prefix, "tenant_id": locked.tenant_id})
     api_key.revoked_at = locked.revoked_at
     return api_key
+
+
+class _ApiKeyCache:
+    """Key rows by key hash, kept in this process for at most ``TANDEM_API_KEY_CACHE_TTL_S``.
+
+    Security: the cache only saves the lookup. Every use still checks the row's
+    ``revoked_at`` and ``expires_at`` against the clock, so an expired key stops at its
+    expiry to the second. A revocation (or any change to a key, in the admin too) that
+    commits in this process drops the key at once (``forget``, from ``post_save``/
+    ``post_delete``); one made by another process is seen here within the TTL: that is the
+    worst-case window during which a revoked key still starts requests. Unknown keys are
+    never cached (a guesser cannot fill memory), and a lookup that raced a change is not
+    stored (the generation counter), so a stale row cannot outlive a ``forget``.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, tuple[float, ApiKey]] = {}
+        self._generation = 0
+        self.clock = time.monotonic  # tests move it
+
+    def get(self, key_hash: str, ttl_s: float) -> tuple[ApiKey | None, int]:
+        with self._lock:
+            entry = self._rows.get(key_hash)
+            generation = self._generation
+        if entry is not None and self.clock() - entry[0] < ttl_s:
+            return copy.copy(entry[1]), generation  # a copy: callers may change their instance
+        return None, generation
+
+    def put(self, key_hash: str, api_key: ApiKey, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return  # a key changed while this row was read: it may be the stale one
+            if len(self._rows) >= self.MAX_ENTRIES:
+                self._rows.clear()
+            self._rows[key_hash] = (self.clock(), copy.copy(api_key))
+
+    def forget(self, key_hash: str | None = None) -> None:
+        """Drop one key (or every key): the next use reads the row again."""
+        with self._lock:
+            self._generation += 1
+            if key_hash is None:
+                self._rows.clear()
+            else:
+                self._rows.pop(key_hash, None)
+
+
+api_key_cache = _ApiKeyCache()
+
+
+def api_key_cache_forget(*, api_key: ApiKey) -> None:
+    """Drop ``api_key`` from this process's cache now and again when the current transaction commits.
+
+    Now, so no request after the change is served from the old row; on commit too, so a
+    lookup that read the row between now and the commit cannot put the old row back.
+    """
+    api_key_cache.forget(api_key.key_hash)
+    transaction.on_commit(lambda: api_key_cache.forget(api_key.key_hash))
 
 
 def api_key_authenticate(*, raw_key: str) -> ApiKey:
@@ -254,14 +320,20 @@ def api_key_authenticate(*, raw_key: str) -> ApiKey:
 
     Unknown, malformed, revoked and expired keys all fail with the same message, so a
     caller learns nothing about which keys exist. The key's tenant is the row's: a key
-    can only ever act for the tenant that created it.
+    can only ever act for the tenant that created it. The row may come from this
+    process's cache (``_ApiKeyCache`` says how stale it can be); usability is checked on
+    every call.
     """
     if not isinstance(raw_key, str) or not _API_KEY_RE.fullmatch(raw_key):
         raise errors.InvalidApiKey()
-    try:
-        api_key = ApiKey.objects.select_related("tenant").get(key_hash=_api_key_hash(raw_key))
-    except ApiKey.DoesNotExist:
-        raise errors.InvalidApiKey() from None
+    key_hash = _api_key_hash(raw_key)
+    api_key, generation = api_key_cache.get(key_hash, settings.TANDEM_API_KEY_CACHE_TTL_S)
+    if api_key is None:
+        try:
+            api_key = ApiKey.objects.select_related("tenant").get(key_hash=key_hash)
+        except ApiKey.DoesNotExist:
+            raise errors.InvalidApiKey() from None
+        api_key_cache.put(key_hash, api_key, generation)
     now = timezone.now()
     if not api_key.is_usable_at(now):
         raise errors.InvalidApiKey()
@@ -270,6 +342,7 @@ def api_key_authenticate(*, raw_key: str) -> ApiKey:
         # Conditional, so a burst of concurrent requests writes once, not once each.
         ApiKey.objects.filter(pk=api_key.pk).exclude(last_used_at__gt=stale_before).update(last_used_at=now)
         api_key.last_used_at = now
+        api_key_cache.put(key_hash, api_key, generation)  # so the next minute's uses write nothing
     return api_key
 
 
@@ -625,6 +698,10 @@ def price_book_publish(*, version: int, prices: list[dict], note: str = "") -> P
     except IntegrityError:
         raise errors.InvalidInput(f"price book v{version} was published concurrently; publish again") from None
     Price.objects.bulk_create([Price(book=book, **row) for row in rows])
+    # This process sees the new book at once (and again once it commits, so a lookup that
+    # raced the publish cannot keep the old one); other processes within their cache TTL.
+    selectors.price_cache.forget()
+    transaction.on_commit(selectors.price_cache.forget)
     logger.info("price book published", extra={"version": version, "prices": len(rows)})
     return book
 

@@ -199,3 +199,7 @@ TANDEM_RESERVATION_TTL_S = get_env("TANDEM_RESERVATION_TTL_S", 3600, int)
 # write-behind: a stream's final frame (its usage and exact cost, worked out in memory)
 # goes out before its ledger row is written; a failed write is logged as an error
 TANDEM_SETTLE_AFTER_REPLY = get_env("TANDEM_SETTLE_AFTER_REPLY", True, as_bool)
+# in-process caches: a key revoked or a price book published in ANOTHER process is seen
+# here within this many seconds (in this process, at once); expiry is checked on every use
+TANDEM_API_KEY_CACHE_TTL_S = get_env("TANDEM_API_KEY_CACHE_TTL_S", 5.0, float)
+TANDEM_PRICE_CACHE_TTL_S = get_env("TANDEM_PRICE_CACHE_TTL_S", 5.0, float)

@@ -9,6 +9,9 @@ TANDEM_ENGINES = "inference.engines.load_test_engines"
 # Tests read the ledger right after a stream's last frame, so by default the row is written
 # before that frame; the write-behind tests (and the benchmark) turn it on.
 TANDEM_SETTLE_AFTER_REPLY = get_env("TANDEM_SETTLE_AFTER_REPLY", False, as_bool)
+# Tests also change key rows behind the ORM's back (queryset updates, as another process
+# would) and expect the next use to see it: no key cache unless a test turns it on.
+TANDEM_API_KEY_CACHE_TTL_S = get_env("TANDEM_API_KEY_CACHE_TTL_S", 0.0, float)
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # A file, not Django's default in-memory test database: that one is shared between

@@ -10,6 +10,13 @@ from tenants import selectors, services
 from tests.tenants.factories import MODEL, PRICES
 
 
+@pytest.fixture(autouse=True)
+def empty_caches():
+    """Each test starts with this process's key and price caches empty (their rows may be another test's)."""
+    services.api_key_cache.forget()
+    selectors.price_cache.forget()
+
+
 @pytest.fixture
 def make_user(django_user_model):
     counter = itertools.count()

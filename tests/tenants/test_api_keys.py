@@ -185,3 +185,70 @@ def test_revoking_twice_keeps_the_first_revocation_time(tenant, owner):
     first = services.api_key_revoke(api_key=api_key).revoked_at
     again = services.api_key_revoke(api_key=ApiKey.objects.get(pk=api_key.pk)).revoked_at
     assert again == first
+
+
+# the in-process key cache -------------------------------------------------------------------------
+@pytest.fixture
+def key_cache(settings, monkeypatch):
+    """The key cache as production runs it (a 5 s TTL), empty, with a clock the test moves."""
+    settings.TANDEM_API_KEY_CACHE_TTL_S = 5.0
+    now = [1000.0]
+    monkeypatch.setattr(services.api_key_cache, "clock", lambda: now[0])
+    services.api_key_cache.forget()
+    yield now
+    services.api_key_cache.forget()
+
+
+def test_a_cached_key_is_checked_without_a_query(tenant, owner, key_cache, django_assert_num_queries):
+    api_key, raw_key = services.api_key_create(tenant=tenant, created_by=owner, name="ci")
+    services.api_key_authenticate(raw_key=raw_key)  # reads the row (and writes last_used_at)
+    with django_assert_num_queries(0):
+        assert services.api_key_authenticate(raw_key=raw_key).pk == api_key.pk
+
+
+def test_a_cached_key_stops_working_the_moment_it_is_revoked_in_this_process(tenant, owner, key_cache):
+    api_key, raw_key = services.api_key_create(tenant=tenant, created_by=owner, name="ci")
+    services.api_key_authenticate(raw_key=raw_key)
+    services.api_key_revoke(api_key=api_key, by=owner)
+    with pytest.raises(errors.InvalidApiKey):
+        services.api_key_authenticate(raw_key=raw_key)
+
+
+def test_a_key_changed_in_the_admin_is_dropped_from_the_cache(tenant, owner, key_cache):
+    api_key, raw_key = services.api_key_create(tenant=tenant, created_by=owner, name="ci")
+    services.api_key_authenticate(raw_key=raw_key)
+    row = ApiKey.objects.get(pk=api_key.pk)
+    row.revoked_at = timezone.now()
+    row.save()  # as the admin's change form does: post_save drops the cached row
+    with pytest.raises(errors.InvalidApiKey):
+        services.api_key_authenticate(raw_key=raw_key)
+
+
+def test_a_cached_key_stops_at_its_expiry_to_the_second(tenant, owner, key_cache, monkeypatch):
+    expires = timezone.now() + timedelta(minutes=10)
+    api_key, raw_key = services.api_key_create(tenant=tenant, created_by=owner, name="ci", expires_at=expires)
+    services.api_key_authenticate(raw_key=raw_key)
+    monkeypatch.setattr(services.timezone, "now", lambda: expires)  # the cached row is still fresh
+    with pytest.raises(errors.InvalidApiKey):
+        services.api_key_authenticate(raw_key=raw_key)
+
+
+def test_a_key_revoked_by_another_process_stops_here_within_the_cache_ttl(tenant, owner, key_cache):
+    """The worst case the README states: another process's revocation is seen here within the TTL (5 s)."""
+    api_key, raw_key = services.api_key_create(tenant=tenant, created_by=owner, name="ci")
+    services.api_key_authenticate(raw_key=raw_key)
+    # another process revokes it: this process gets no signal, only the row changes
+    ApiKey.objects.filter(pk=api_key.pk).update(revoked_at=timezone.now())
+    key_cache[0] += 4.9
+    assert services.api_key_authenticate(raw_key=raw_key).pk == api_key.pk  # the window
+    key_cache[0] += 0.2
+    with pytest.raises(errors.InvalidApiKey):
+        services.api_key_authenticate(raw_key=raw_key)
+
+
+def test_unknown_keys_are_never_cached(tenant, owner, key_cache, django_assert_num_queries):
+    _, raw_key = services.api_key_create(tenant=tenant, created_by=owner, name="ci")
+    unknown = raw_key[:-1] + ("A" if raw_key[-1] != "A" else "B")
+    for _ in range(2):
+        with django_assert_num_queries(1), pytest.raises(errors.InvalidApiKey):
+            services.api_key_authenticate(raw_key=unknown)

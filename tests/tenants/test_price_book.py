@@ -8,7 +8,7 @@ import pytest
 from django.db import IntegrityError, transaction
 
 from tenants import errors, selectors, services
-from tenants.models import PriceBook
+from tenants.models import Price, PriceBook
 from tests.tenants.factories import MODEL, PRICES
 
 
@@ -74,3 +74,42 @@ def test_price_active_refuses_an_unpriced_model(price_book):
 def test_no_price_is_active_before_a_book_is_published():
     with pytest.raises(errors.PriceNotFound):
         selectors.price_active(model=MODEL, tier="speculative")
+
+
+# the in-process price cache -----------------------------------------------------------------------
+@pytest.mark.django_db
+def test_active_prices_are_cached_and_a_publish_in_this_process_is_seen_at_once(price_book, django_assert_num_queries):
+    first = selectors.price_active(model=MODEL, tier="speculative")
+    with django_assert_num_queries(0):
+        assert selectors.price_active(model=MODEL, tier="speculative") == first
+        assert selectors.price_active_cached(model=MODEL, tier="speculative") == first
+    services.price_book_publish(version=2, prices=[{**PRICES[0], "completion_per_mtok": Decimal("9")}])
+    assert selectors.price_active_cached(model=MODEL, tier="speculative") is None
+    second = selectors.price_active(model=MODEL, tier="speculative")
+    assert second.book.version == 2 and second.completion_per_mtok == Decimal("9")
+
+
+@pytest.mark.django_db
+def test_a_book_published_by_another_process_is_seen_within_the_cache_ttl(price_book, settings, monkeypatch):
+    settings.TANDEM_PRICE_CACHE_TTL_S = 5.0
+    now = [1000.0]
+    monkeypatch.setattr(selectors.price_cache, "clock", lambda: now[0])
+    selectors.price_cache.forget()
+    assert selectors.price_active(model=MODEL, tier="speculative").book.version == 1
+    # another process publishes v2: rows change, this process's cache is not told
+    PriceBook.objects.filter(is_active=True).update(is_active=False)
+    book = PriceBook.objects.create(version=2, is_active=True)
+    Price.objects.create(book=book, **{k: v for k, v in PRICES[0].items()})
+    now[0] += 4.9
+    assert selectors.price_active(model=MODEL, tier="speculative").book.version == 1  # the window
+    now[0] += 0.2
+    assert selectors.price_active(model=MODEL, tier="speculative").book.version == 2
+
+
+@pytest.mark.django_db
+def test_prices_of_a_book_are_cached_until_a_publish(price_book, django_assert_num_queries):
+    price = selectors.price_in_book(book_id=price_book.pk, model=MODEL, tier="edge")
+    with django_assert_num_queries(0):
+        assert selectors.price_in_book(book_id=price_book.pk, model=MODEL, tier="edge") == price
+    with pytest.raises(errors.PriceNotFound):
+        selectors.price_in_book(book_id=price_book.pk, model="no-such-model", tier="edge")
