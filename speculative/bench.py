@@ -31,7 +31,7 @@ import torch
 from speculative.engine import SpeculativeEngine
 from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER, load_pair, load_tokenizer
 from speculative.types import SamplingParams
-from speculative.verifier import Verifier, VerifyRequest, VerifyResult
+from speculative.verifier import Verifier, VerifyRequest, VerifyResult, attention_backends
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,15 @@ def hf_generate(verifier_model, draft_model, tokenizer, max_tokens: int, repeats
             for prompt in PROMPTS[:8]:
                 ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
                 started = time.perf_counter()
-                out = verifier_model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    assistant_model=assistant,
-                    do_sample=False,
-                    max_new_tokens=max_tokens,
-                    pad_token_id=tokenizer.eos_token_id,
-                )
+                with attention_backends(device):  # the kernels Tandem's verifier uses, for a like-for-like baseline
+                    out = verifier_model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        assistant_model=assistant,
+                        do_sample=False,
+                        max_new_tokens=max_tokens,
+                        pad_token_id=tokenizer.eos_token_id,
+                    )
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - started

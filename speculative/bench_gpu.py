@@ -38,7 +38,7 @@ from speculative import bench
 from speculative.engine import SpeculativeEngine
 from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER, load_tokenizer
 from speculative.types import SamplingParams, Verdict
-from speculative.verifier import TransformersVerifier, VerifyRequest
+from speculative.verifier import TransformersVerifier, VerifyRequest, attention_backends
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,61 @@ def random_llama(shape: str, vocab_used: int, device: torch.device, seed: int = 
     finally:
         torch.set_default_dtype(default)
     with torch.no_grad():
+        for name, param in model.named_parameters():  # what the checkpoint would hold: no NaN, no garbage
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
         model.lm_head.weight[vocab_used:].zero_()  # ~N(0, 1) logits elsewhere: max of thousands is > 0
     return model.eval()
+
+
+def _median_ms(fn, repeats: int, device: torch.device) -> float:
+    """Wall time of ``fn()`` in ms, the device synchronised after each call; median after 3 warm-ups."""
+    times = []
+    for i in range(repeats + 3):
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append((time.perf_counter() - started) * 1e3)
+    return round(median(times), 3)
+
+
+@torch.inference_mode()
+def forward_floors(model, device: torch.device) -> dict:
+    """Where a verify step's time goes: kernel launches, the weights' matmuls, HF's own decode step.
+
+    - ``launch_us``: one tiny kernel, 1000 in a row, per launch: the host's cost to start work.
+    - ``linears_ms``: every linear layer of the model applied to one row, nothing else: the
+      weights read once (memory-bound) plus one launch each; a decode step's floor.
+    - ``hf_decode_step_ms``: transformers' own forward of one token with its DynamicCache.
+    """
+    from transformers import DynamicCache
+
+    x = torch.zeros(1, device=device)
+    launch_ms = _median_ms(lambda: [x.add_(1) for _ in range(1000)], 5, device)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    row = torch.randn(1, model.config.hidden_size, device=device, dtype=torch.bfloat16)
+    wide = torch.randn(1, model.config.intermediate_size, device=device, dtype=torch.bfloat16)
+
+    def linears_only() -> None:
+        for m in linears:
+            m(wide if m.in_features == wide.shape[1] else row)
+
+    cache = DynamicCache(config=model.config)
+    prompt = torch.arange(1, 17, device=device).unsqueeze(0)
+    model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    step = torch.tensor([[5]], device=device)
+    return {
+        "launch_us": round(launch_ms, 3),  # ms for 1000 launches = us per launch
+        "linears": len(linears),
+        "linears_ms": _median_ms(linears_only, 10, device),
+        "hf_decode_step_ms": _median_ms(
+            lambda: model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1), 10, device
+        ),
+    }
 
 
 def verify_grid(verifier: TransformersVerifier, vocab_used: int, repeats: int = 5) -> list[dict]:
@@ -189,6 +242,8 @@ def cost_side(args, acceptance: float) -> dict:
         "emulated_acceptance": acceptance,
         "max_tokens": args.max_tokens,
     }
+    with attention_backends(device):  # as the verifier runs it
+        report["floors"] = forward_floors(model, device)
     report["verify_step_ms"] = verify_grid(verifier, vocab_used)
     spec = SpeculativeEngine(verifier, tokenizer, draft)
     plain = SpeculativeEngine(verifier, tokenizer, None)

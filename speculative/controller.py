@@ -32,6 +32,7 @@ PRIOR_ACCEPTANCE = 0.6
 PRIOR_WEIGHT = 2.0  # pseudo-counts behind the prior acceptance rate
 PROBE_EVERY = 16  # rounds at k = 0 between two probing rounds
 PROBE_K = 2
+MIN_ROUND_MS = 1e-3  # the least a round is taken to cost when every measured cost rounds to zero
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -45,7 +46,10 @@ def best_k(a: float, t_draft: float, rtt: float, t_verify_0: float, t_verify_slo
     """The k in [0, k_max] with the most expected tokens per unit time."""
 
     def rate(k: int) -> float:
-        return expected_tokens(a, k) / (k * t_draft + rtt + t_verify_0 + t_verify_slope * k)
+        # a fitted line can clamp to zero cost (a fast verifier, noisy timings, no network):
+        # a floor keeps the comparison defined, and then the longer k still wins on tokens
+        seconds = k * t_draft + rtt + t_verify_0 + t_verify_slope * k
+        return expected_tokens(a, k) / max(seconds, MIN_ROUND_MS)
 
     return max(range(k_max + 1), key=rate)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speculative.verifier import load_causal_lm, pick_device
+from speculative.verifier import attention_backends, load_causal_lm, pick_device
 
 
 class TransformersContext:
@@ -27,13 +27,14 @@ class TransformersContext:
     def evaluate(self, tokens: Sequence[int]) -> np.ndarray:
         ids = torch.tensor([list(tokens)], device=self._owner.device)
         positions = torch.arange(self._length, self._length + len(tokens), device=self._owner.device)
-        out = self._owner.model(
-            input_ids=ids,
-            position_ids=positions.unsqueeze(0),
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with attention_backends(self._owner.device):
+            out = self._owner.model(
+                input_ids=ids,
+                position_ids=positions.unsqueeze(0),
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self._length += len(tokens)
         return out.logits[0, -1].float().cpu().numpy()
 

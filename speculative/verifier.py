@@ -19,12 +19,14 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from speculative.acceptance import accept_greedy, accept_sampling
 from speculative.cpu_linear import use_onednn_linears
@@ -145,6 +147,18 @@ class SlotKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
+
+
+# cuDNN's fused attention rebuilds its execution plan whenever the key length changes,
+# which in decoding is every step: on an H200 with torch 2.11 that cost 21 ms of host
+# time per layer call and made an 8B-shaped verify step 120 ms instead of 26 ms
+# (docs/bench/2026-11-27-gpu-h200-*). The other fused kernels take our masks as well.
+CUDA_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_backends(device: torch.device) -> AbstractContextManager:
+    """The scaled-dot-product attention kernels a forward on ``device`` may use."""
+    return sdpa_kernel(CUDA_ATTENTION_BACKENDS) if device.type == "cuda" else nullcontext()
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -342,13 +356,14 @@ class TransformersVerifier:
         mask = keys.view(1, 1, 1, kv_len) <= positions.view(n_rows, 1, t_max, 1)  # causal per row
         positions, mask = positions.to(self.device), mask.to(self.device)
         self.cache.bind(slice(lo, hi), positions, kv_len)
-        out = self.model(
-            input_ids=ids.to(self.device),
-            position_ids=positions,
-            attention_mask=mask,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        with attention_backends(self.device):
+            out = self.model(
+                input_ids=ids.to(self.device),
+                position_ids=positions,
+                attention_mask=mask,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         rows = torch.tensor([s.slot - lo for s in sessions], device=self.device)
         return out.logits.index_select(0, rows)
 

@@ -27,6 +27,12 @@ def test_a_slower_link_makes_longer_drafts_pay():
     assert k_slow > k_fast >= 1
 
 
+def test_a_round_that_measured_no_cost_at_all_still_gets_a_k():
+    # a fast local verifier whose fitted cost line clamped to zero, with no network: the
+    # rate of k = 0 must not divide by zero (it once raised inside a completion)
+    assert best_k(a=0.7, t_draft=0.0, rtt=0.0, t_verify_0=0.0, t_verify_slope=0.0, k_max=8) == 8
+
+
 def test_poor_agreement_falls_back_to_plain_decoding():
     assert best_k(a=0.05, t_draft=2.0, rtt=0.0, t_verify_0=10.0, t_verify_slope=1.0, k_max=16) == 0
 

@@ -8,7 +8,7 @@ import torch
 
 from speculative.errors import ContextOverflowError, InvalidRequestError, SessionNotFoundError
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams
-from speculative.verifier import TransformersVerifier, VerifyRequest
+from speculative.verifier import TransformersVerifier, VerifyRequest, attention_backends
 from tests.speculative.conftest import tiny_llama
 
 GREEDY = SamplingParams()
@@ -171,3 +171,16 @@ def test_other_causal_lm_architectures_verify_exactly(model_type):
         result = verifier.verify([VerifyRequest("a", (), None, r), VerifyRequest("b", (), None, r)])
         got.append(result.verdicts[0].verifier_token)
     assert got == _reference_greedy(model, [1, 2, 3, 4, 5], 8)
+
+
+def test_cuda_forwards_leave_out_cudnn_attention_and_restore_the_setting():
+    # cuDNN's attention re-plans for every new key length (every decode step): measured at
+    # 120 ms against 26 ms per 8B-shaped verify step on an H200. The flags are process-wide
+    # switches, so the exclusion must hold inside the forward and be undone after it.
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_backends(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with attention_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before  # a CPU forward changes nothing
