@@ -187,6 +187,7 @@ def start_server(var: Path, kind: str = "daphne", database_url: str = "") -> tup
         # production's defaults where the test settings differ (the environment may override them)
         "TANDEM_SETTLE_AFTER_REPLY": "1",
         "TANDEM_API_KEY_CACHE_TTL_S": "5",
+        "TANDEM_BUDGET_LEASES": "1",
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "TANDEM_VAR_DIR": str(var),

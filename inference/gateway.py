@@ -26,6 +26,8 @@ as an error and leaves the reservation held, never freed as if it had been paid.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
 import functools
 import logging
 import secrets
@@ -62,6 +64,7 @@ from speculative.types import Provenance, SamplingParams, TokenEvent
 from tenants import errors as tenant_errors
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
+from tenants.leases import LeaseHold, LeasePool
 
 if TYPE_CHECKING:
     from speculative.engine import TokenStream
@@ -104,7 +107,24 @@ class CompletionCall:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
-    request_id: str = field(default_factory=lambda: f"req_{uuid.uuid4().hex}")
+    request_id: str = ""  # "" = mint a fresh one
+    # True only for an id minted here (or by an adapter with ``new_request_id``): unique by
+    # construction, so the request may skip the reservation row, whose unique request id is
+    # what catches an id used twice (a budget lease admits it in memory instead).
+    request_id_fresh: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            object.__setattr__(self, "request_id", new_request_id())
+            object.__setattr__(self, "request_id_fresh", True)
+
+
+MINTED_ID_PREFIX = "req_"
+
+
+def new_request_id() -> str:
+    """A request id no client can have chosen: clients' ids never start with ``MINTED_ID_PREFIX``."""
+    return f"{MINTED_ID_PREFIX}{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -174,14 +194,28 @@ def _db(func):
     Other databases keep Django's default (a thread per request), with row locks
     (``select_for_update``) doing the serialising where money moves.
     """
-    global _sqlite_executor
     if connection.vendor != "sqlite":
         return database_sync_to_async(func)
+    return DatabaseSyncToAsync(func, thread_sensitive=False, executor=_sqlite_thread())
+
+
+def _sqlite_thread() -> ThreadPoolExecutor:
+    global _sqlite_executor
     if _sqlite_executor is None:
         with _sqlite_executor_lock:
             if _sqlite_executor is None:
                 _sqlite_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-    return DatabaseSyncToAsync(func, thread_sensitive=False, executor=_sqlite_executor)
+    return _sqlite_executor
+
+
+def _db_from_thread(func: Callable[[], object]) -> object:
+    """``func`` (ORM work) from a plain thread (the lease keeper): on SQLite's one DB thread, as ``_db`` does."""
+    if connection.vendor == "sqlite":
+        return _sqlite_thread().submit(func).result()
+    try:
+        return func()
+    finally:
+        connection.close()  # back to the pool: the keeper wakes rarely
 
 
 # authentication ---------------------------------------------------------------------------
@@ -272,6 +306,10 @@ admission = _Admission()
 
 # the stream -----------------------------------------------------------------------------------
 def _validate(call: CompletionCall) -> None:
+    if not call.request_id_fresh and call.request_id.startswith(MINTED_ID_PREFIX):
+        # Minted ids may skip the reservation row's uniqueness check (budget leases): a
+        # caller's own id must never be able to collide with one.
+        raise InvalidRequest(f"request ids starting with {MINTED_ID_PREFIX!r} are the server's", param="request_id")
     if not isinstance(call.prompt, str) or not call.prompt:
         raise InvalidRequest("the prompt is empty", param="prompt")
     if len(call.prompt) > settings.TANDEM_MAX_PROMPT_CHARS:
@@ -319,6 +357,7 @@ class GatewayStream:
         self.usage: UsageSummary | None = None
         self.prompt_tokens = 0
         self._reservation: Reservation | None = None
+        self._lease_hold: LeaseHold | None = None
         self._price: Price | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
@@ -334,21 +373,43 @@ class GatewayStream:
         self._ledger: asyncio.Future | None = None  # the ledger write, once scheduled
 
     # set-up, from start() -------------------------------------------------------------
-    def _worst_case(self, route: Route, request) -> tuple[Price, Decimal]:
-        """The active price for this model on ``route``'s tier, and the most this request can cost at it."""
-        price = tenant_selectors.price_active(model=self.entry.name, tier=route.tier.value)
+    async def _hold(self, request) -> None:
+        """Price the worst case and hold it: against this process's budget lease when it can, else a reservation.
+
+        The lease path needs no database round trip (the price is cached, admission is in
+        memory). A reservation is made when leases are off, when the client chose the
+        request id (its uniqueness is checked by the reservation row), when the budget is
+        too near its hard limit for a lease (refusals then happen exactly at the limit), or
+        while another request is opening this key's lease.
+        """
+        self.prompt_tokens = len(request.prompt_ids)
+        price = tenant_selectors.price_active_cached(model=self.entry.name, tier=self.route.tier.value)
+        try:
+            if price is None:
+                price = await _db(tenant_selectors.price_active)(model=self.entry.name, tier=self.route.tier.value)
+        except tenant_errors.PriceNotFound as exc:
+            raise GatewayError(f"{exc}: the operator must publish a price before this model can be served") from None
         amount = tenant_services.cost_estimate_max(
             price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
         )
-        return price, amount
+        self._price = price
+        if settings.TANDEM_BUDGET_LEASES and self.call.request_id_fresh:
+            tenant_id, api_key_id = self.principal.tenant_id, self.principal.api_key_id
+            self._lease_hold = leases.admit(tenant_id=tenant_id, api_key_id=api_key_id, amount=amount)
+            if self._lease_hold is None:
+                self._lease_hold = await _db(leases.open)(tenant_id=tenant_id, api_key_id=api_key_id, amount=amount)
+            if self._lease_hold is not None:
+                return
+        await _db(self._reserve)(amount)
 
-    def _reserve(self, engine, request) -> None:
-        """Price the worst case and hold it on the tenant's budgets (sync: runs in a DB thread)."""
-        self.prompt_tokens = len(request.prompt_ids)
-        try:
-            self._price, amount = self._worst_case(self.route, request)
-        except tenant_errors.PriceNotFound as exc:
-            raise GatewayError(f"{exc}: the operator must publish a price before this model can be served") from None
+    def _held_amount(self) -> Decimal:
+        if self._lease_hold is not None:
+            return self._lease_hold.amount
+        assert self._reservation is not None
+        return self._reservation.amount
+
+    def _reserve(self, amount: Decimal) -> None:
+        """Hold the worst case on the tenant's budgets with a reservation row (sync: runs in a DB thread)."""
         from tenants.models import ApiKey, Tenant
 
         # the principal was resolved from the database moments ago: ids are all the services
@@ -405,12 +466,12 @@ class GatewayStream:
         def edge_price_if_it_fits() -> Price | None:
             # The edge's price from the book pinned at reservation (the settlement prices
             # with that book), and its worst case must fit in what is already held.
-            assert self._reservation is not None and self._price is not None
+            assert self._price is not None
             price = tenant_selectors.price_in_book(book_id=self._price.book_id, model=self.entry.name, tier="edge")
             worst = tenant_services.cost_estimate_max(
                 price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
             )
-            return price if worst <= self._reservation.amount else None
+            return price if worst <= self._held_amount() else None
 
         try:
             edge_price = await _db(edge_price_if_it_fits)()
@@ -507,6 +568,12 @@ class GatewayStream:
         finally:
             admission.leave(self.principal.tenant_id)
         self.usage = charge.summary
+        if charge.batched is not None:
+            self._ledger = asyncio.wrap_future(charge.batched)
+            if not settings.TANDEM_SETTLE_AFTER_REPLY:
+                leases.flush_soon()
+                await asyncio.shield(self._ledger)
+            return
         if charge.write is None:
             return
         self._ledger = _ledger_write(self.request_id, _db(charge.write)())
@@ -518,6 +585,8 @@ class GatewayStream:
         if self._settlement is not None:
             await asyncio.shield(self._settlement)
         if self._ledger is not None:
+            if self._lease_hold is not None:
+                leases.flush_soon()  # someone waits for this row: write the lease's batch now
             await asyncio.shield(self._ledger)
 
     def _charge(self, outcome: str, error: str) -> _Charge:
@@ -555,15 +624,36 @@ class GatewayStream:
         )
         zero = Decimal(0)
         cost = {"edge": zero, "verifier": zero, "cloud": zero, "total": zero}
-        reservation, price = self._reservation, self._price
+
+        def summary_of(cost: Mapping[str, Decimal]) -> UsageSummary:
+            return UsageSummary(
+                request_id=self.request_id,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                drafted_tokens=usage.drafted_tokens,
+                accepted_tokens=usage.accepted_tokens,
+                gpu_ms=usage.gpu_ms,
+                cost=cost,
+                outcome=outcome,
+                finish_reason=usage.finish_reason,
+                ttft_ms=usage.ttft_ms,
+                duration_ms=duration_ms,
+                route=self.route,
+            )
+
+        reservation, hold, price = self._reservation, self._lease_hold, self._price
         write: Callable[[], None] | None = None
-        if reservation is None:
-            pass  # refused before anything was reserved: nothing to settle
+        if reservation is None and hold is None:
+            pass  # refused before anything was held: nothing to settle
         elif self._delivered == 0 and outcome != "completed":
-            write = functools.partial(tenant_services.reservation_release, reservation=reservation)  # nothing owed
+            if hold is not None:
+                leases.release(hold)  # nothing owed: the worst case goes back to the lease
+            else:
+                assert reservation is not None
+                write = functools.partial(tenant_services.reservation_release, reservation=reservation)
         else:
             assert price is not None
-            charged = tenant_services.settlement_cost(price=price, usage=usage, held=reservation.amount)
+            charged = tenant_services.settlement_cost(price=price, usage=usage, held=self._held_amount())
             cost = {"edge": charged.edge, "verifier": charged.verifier, "cloud": charged.cloud, "total": charged.total}
             inter_token_ms = (now - first) * 1e3 / (self._delivered - 1) if first and self._delivered > 1 else None
             slo = {
@@ -577,28 +667,20 @@ class GatewayStream:
                 "tokens": self._delivered,
                 "outcome": outcome,
             }
+            if hold is not None:
+                # Counted against the lease now; written with the lease's next batch.
+                charge = tenant_services.LeaseCharge(usage=usage, price=price, held=hold.amount)
+                return _Charge(summary_of(cost), None, leases.settle(hold, charge, slo))
+            assert reservation is not None
             write = functools.partial(_settle_write, reservation, usage, price, charged.total, slo)
-        summary = UsageSummary(
-            request_id=self.request_id,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            drafted_tokens=usage.drafted_tokens,
-            accepted_tokens=usage.accepted_tokens,
-            gpu_ms=usage.gpu_ms,
-            cost=cost,
-            outcome=outcome,
-            finish_reason=usage.finish_reason,
-            ttft_ms=usage.ttft_ms,
-            duration_ms=duration_ms,
-            route=self.route,
-        )
-        return _Charge(summary, write)
+        return _Charge(summary_of(cost), write)
 
 
 @dataclass(frozen=True)
 class _Charge:
     summary: UsageSummary
     write: Callable[[], None] | None  # the ledger write (sync, in a DB thread); None when nothing is owed
+    batched: concurrent.futures.Future | None = None  # or: the lease batch that will write the row
 
 
 def _settle_write(reservation: Reservation, usage: tenant_services.Usage, price: Price, total: Decimal, slo: dict):
@@ -641,9 +723,31 @@ def _ledger_write(request_id: str, write: Awaitable[None]) -> asyncio.Future:
 
 
 async def ledger_writes_flush() -> None:
-    """Wait for every ledger write this process has in flight (tests; a graceful shutdown)."""
+    """Wait for every ledger write this process has in flight, lease batches included (tests; a graceful shutdown)."""
     while _ledger_writes:
         await asyncio.gather(*list(_ledger_writes), return_exceptions=True)
+    if leases.leases():
+        await asyncio.to_thread(leases.write_pending)
+
+
+def _slo_samples_write(samples: list[dict]) -> None:
+    """The SLO samples of a lease batch, in the batch's commit (as ``_settle_write`` does for one request)."""
+    from inference.models import SloSample
+
+    SloSample.objects.bulk_create([SloSample(**sample) for sample in samples])
+
+
+# This process's budget leases: their DB work runs where the rest of the gateway's does.
+leases = LeasePool(run_db=_db_from_thread, on_flush=_slo_samples_write)
+
+
+@atexit.register
+def _leases_return_at_exit() -> None:
+    """Write what is pending and give back every lease's unused part when the process ends normally."""
+    try:
+        leases.close_all(on_this_thread=True)
+    except Exception:  # noqa: BLE001 - at exit: said loudly; the stale-reservation task returns the rest
+        log.exception("budget leases: returning them at exit failed")
 
 
 def _request_kwargs(request) -> dict:
@@ -668,7 +772,7 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     admission.enter(principal.tenant_id)
     stream = GatewayStream(principal, call, entry, route)
     try:
-        await _db(stream._reserve)(engine, request)
+        await stream._hold(request)
         stream._launch(engine, request)
         first = await stream._queue.get()
     except BaseException:

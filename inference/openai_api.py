@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import re
-import uuid
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -222,9 +221,19 @@ def error_response(err: GatewayError) -> JsonResponse:
 
 
 def _request_id(request: HttpRequest) -> str:
-    """The client's ``X-Request-Id`` when well-formed (so both sides' logs share it), else a new one."""
+    """The client's ``X-Request-Id`` when well-formed (so both sides' logs share it), else a new one.
+
+    Ids starting with ``req_`` are the server's (``gateway.new_request_id``): a client's is
+    replaced, so it can never collide with a minted id that skipped the reservation row.
+    """
     given = request.headers.get("X-Request-Id", "")
-    return given if REQUEST_ID_RE.fullmatch(given) else f"req_{uuid.uuid4().hex}"
+    if _client_request_id(given):
+        return given
+    return gateway.new_request_id()
+
+
+def _client_request_id(given: str) -> bool:
+    return bool(REQUEST_ID_RE.fullmatch(given)) and not given.startswith(gateway.MINTED_ID_PREFIX)
 
 
 View = Callable[..., Awaitable[HttpResponse]]
@@ -292,7 +301,8 @@ async def _complete(
 ) -> HttpResponse:
     if max_tokens is None:
         max_tokens = await asyncio.to_thread(_default_max_tokens, entry, prompt)
-    stream = await gateway.start(principal, _completion_call(data, prompt, max_tokens, request_id))
+    fresh = not _client_request_id(request_id)  # this view minted it (a client's own id is kept as sent)
+    stream = await gateway.start(principal, _completion_call(data, prompt, max_tokens, request_id, fresh))
     include_usage = bool(data["stream"] and (data["stream_options"] or {}).get("include_usage"))
     chunks = _Chunks(stream, chat=chat, include_usage=include_usage)
     if data["stream"]:
@@ -348,7 +358,7 @@ def _default_max_tokens(entry: ModelEntry, prompt: str) -> int:
     return max(1, min(DEFAULT_MAX_TOKENS, entry.context_length - prompt_tokens))
 
 
-def _completion_call(data: dict, prompt: str, max_tokens: int, request_id: str) -> CompletionCall:
+def _completion_call(data: dict, prompt: str, max_tokens: int, request_id: str, fresh: bool) -> CompletionCall:
     temperature, top_p = data["temperature"], data["top_p"]
     if top_p == 0.0:
         # A nucleus of probability mass 0 keeps only the most probable token: greedy decoding, exactly.
@@ -367,6 +377,7 @@ def _completion_call(data: dict, prompt: str, max_tokens: int, request_id: str) 
         stop=data["stop"],
         tags=tags,
         request_id=request_id,
+        request_id_fresh=fresh,
     )
 
 

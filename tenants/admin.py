@@ -15,7 +15,17 @@ from django.db.models import Count
 from django.utils import timezone
 
 from tenants import services
-from tenants.models import ApiKey, Budget, Membership, Price, PriceBook, Reservation, Tenant, UsageRecord
+from tenants.models import (
+    ApiKey,
+    Budget,
+    BudgetLease,
+    Membership,
+    Price,
+    PriceBook,
+    Reservation,
+    Tenant,
+    UsageRecord,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -196,6 +206,15 @@ class ReservationAdmin(ReadOnlyAdmin):
     list_display = ["request_id", "tenant", "api_key", "amount", "status", "created_at", "settled_at"]
     list_filter = ["status"]
     search_fields = ["request_id", "tenant__name", "tenant__slug", "api_key__prefix"]
+    list_select_related = ["tenant", "api_key"]
+    date_hierarchy = "created_at"
+
+
+@admin.register(BudgetLease)
+class BudgetLeaseAdmin(ReadOnlyAdmin):
+    list_display = ["id", "tenant", "api_key", "amount", "charged", "status", "holder", "created_at", "closed_at"]
+    list_filter = ["status"]
+    search_fields = ["tenant__name", "tenant__slug", "api_key__prefix", "holder"]
     list_select_related = ["tenant", "api_key"]
     date_hierarchy = "created_at"
 

@@ -281,6 +281,49 @@ class Reservation(models.Model):
         return f"{self.request_id}: {self.amount} {self.status}"
 
 
+class LeaseStatus(models.TextChoices):
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+class BudgetLease(models.Model):
+    """A slice of a tenant's (and a key's) budgets held by one process, which admits requests against it in memory.
+
+    Opened like a reservation (``amount`` added to every applicable budget's ``reserved``,
+    under the same row locks and hard-limit check), so the budgets' ``reserved`` always
+    counts what a lease may still spend. Requests admitted against it settle in batches:
+    each batch moves its exact cost from ``reserved`` to ``spent`` and adds it to
+    ``charged``; closing gives back ``amount - charged``. ``charged`` never passes
+    ``amount`` (a database constraint, and the in-memory admission's invariant).
+    """
+
+    Status = LeaseStatus
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="budget_leases")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="budget_leases")
+    budgets = models.ManyToManyField(Budget, blank=True, related_name="leases")
+    amount = _money()
+    charged = _money(default=0)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    holder = models.CharField(max_length=200, blank=True, help_text="the process holding it (host:pid), for people")
+    created_at = models.DateTimeField(auto_now_add=True)
+    closed_at = models.DateTimeField(null=True, blank=True, help_text="when its unused part was given back")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount__gte=0) & Q(charged__gte=0) & Q(charged__lte=F("amount")),
+                name="budget_lease_charged_within_amount",
+            ),
+            _choices_check("status", LeaseStatus, "budget_lease_status_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"lease {self.pk}: {self.charged} of {self.amount} {self.status}"
+
+
 class UsageOutcome(models.TextChoices):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
@@ -309,6 +352,8 @@ class UsageRecord(models.Model):
     reservation = models.OneToOneField(
         Reservation, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_record"
     )
+    # Or the budget lease the request was admitted against (settled in a batch with others).
+    lease = models.ForeignKey(BudgetLease, null=True, blank=True, on_delete=models.PROTECT, related_name="usage")
     tags = models.JSONField(default=dict, blank=True)
     route_tier = models.CharField(max_length=16, choices=Tier.choices)
     route_reason = models.CharField(max_length=200, blank=True)

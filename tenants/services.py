@@ -35,7 +35,18 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from tenants import errors, selectors
-from tenants.models import ApiKey, Budget, Membership, Price, PriceBook, Reservation, Tenant, Tier, UsageRecord
+from tenants.models import (
+    ApiKey,
+    Budget,
+    BudgetLease,
+    Membership,
+    Price,
+    PriceBook,
+    Reservation,
+    Tenant,
+    Tier,
+    UsageRecord,
+)
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser as User
@@ -541,6 +552,17 @@ def reservations_release_stale(*, older_than: datetime) -> int:
             continue
         logger.warning("released a stale reservation", extra={"reservation_id": str(reservation.pk)})
         released += 1
+    # Budget leases too: a live process returns its leases within TANDEM_LEASE_TTL_S (plus
+    # its longest stream), so one still active this long belongs to a process that died.
+    # What its requests had settled stays charged; only the unused part comes back.
+    stale_leases = BudgetLease.objects.filter(status=BudgetLease.Status.ACTIVE, created_at__lt=older_than)
+    for lease in stale_leases.only("pk").iterator():
+        try:
+            budget_lease_close(lease=lease)
+        except errors.AlreadySettled:
+            continue
+        logger.warning("closed a stale budget lease", extra={"lease_id": str(lease.pk)})
+        released += 1
     return released
 
 
@@ -824,3 +846,181 @@ def _soft_alert_on_commit(budget: Budget, request_id: str) -> None:
     )
     extra = {"request_id": request_id, "tenant_id": budget.tenant_id, "budget_id": budget.pk}
     transaction.on_commit(lambda: logger.warning(message, extra=extra))
+
+
+# --- budget leases ------------------------------------------------------------------------
+#
+# A process holds a slice of a tenant's budgets (a lease) and admits requests against it
+# in memory (``tenants.leases``), so a request needs no database round trip to be paid
+# for. The proof that no hard budget is overspent is the reservation's, one level up:
+# - opening a lease is a reservation of ``amount`` on every applicable budget, under the
+#   same row locks and the same check (``spent + reserved + amount <= hard_limit``);
+# - the process admits a request only while the worst cases in flight plus the costs
+#   already settled fit in ``amount``, and a settlement never exceeds its worst case;
+# - each batch settlement moves exactly its cost from ``reserved`` to ``spent`` and adds
+#   it to ``charged`` (kept <= ``amount`` by a constraint), and closing gives back
+#   ``amount - charged``. So for every budget, at every commit,
+#   ``spent + reserved`` = what was settled + what reservations and leases may still
+#   spend, which the opening checks kept within the hard limit.
+
+
+@dataclass(frozen=True)
+class LeaseCharge:
+    """One request to settle against a lease: what it used, the price it was admitted at, and its worst case."""
+
+    usage: Usage
+    price: Price
+    held: Decimal  # the worst case the request was admitted with (cost_estimate_max at ``price``)
+
+
+def _applicable_budgets(tenant_id: int, api_key_id: int | None):
+    applicable = Budget.objects.filter(tenant_id=tenant_id, api_key__isnull=True)
+    if api_key_id is not None:
+        applicable = applicable | Budget.objects.filter(tenant_id=tenant_id, api_key_id=api_key_id)
+    return applicable.values_list("id", flat=True)
+
+
+@transaction.atomic
+def budget_lease_open(
+    *,
+    tenant: Tenant,
+    api_key: ApiKey | None,
+    amount: Decimal,
+    min_amount: Decimal,
+    headroom_share: Decimal,
+    holder: str = "",
+) -> BudgetLease | None:
+    """Hold up to ``amount`` on every applicable budget for one process to admit requests against; None if it cannot.
+
+    The lease holds ``amount``, or less where a hard limit is near: never more than
+    ``headroom_share`` of what the tightest budget has left (so several processes can
+    hold leases on one budget, each leaving room for the others). If that is less than
+    ``min_amount`` the budget is too near its limit for a lease: nothing is held and the
+    caller reserves per request instead, which refuses exactly at the limit.
+    """
+    if api_key is not None and api_key.tenant_id != tenant.pk:
+        raise errors.InvalidInput("that API key belongs to another tenant")
+    wanted = _as_money(amount, "amount")
+    least = _as_money(min_amount, "min_amount")
+    assert wanted is not None and least is not None
+    now = timezone.now()
+    budgets = _budgets_lock(_applicable_budgets(tenant.pk, api_key.pk if api_key is not None else None))
+    for budget in budgets:
+        _budget_roll_over(budget, now)
+    held = wanted
+    for budget in budgets:
+        if budget.hard_limit is not None:
+            left = budget.hard_limit - budget.spent - budget.reserved
+            held = min(held, left * headroom_share)
+    # Round down: a lease may hold a nano-unit less than the share, never more.
+    held = held.quantize(MONEY_QUANTUM, ROUND_DOWN)
+    if held < least or held <= 0:
+        return None
+    for budget in budgets:
+        assert _budget_refusal(budget, held) is None  # held <= share of what is left
+        budget.reserved += held
+        budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
+    lease = BudgetLease.objects.create(tenant=tenant, api_key=api_key, amount=held, holder=holder[:200])
+    BudgetLease.budgets.through.objects.bulk_create(
+        [BudgetLease.budgets.through(budgetlease_id=lease.pk, budget_id=b.pk) for b in budgets]
+    )
+    return lease
+
+
+def _lease_lock_active(lease: BudgetLease) -> BudgetLease:
+    locked = BudgetLease.objects.select_for_update().get(pk=lease.pk)
+    if locked.status != BudgetLease.Status.ACTIVE:
+        raise errors.AlreadySettled(f"the budget lease {locked.pk} is already {locked.status}")
+    return locked
+
+
+@transaction.atomic
+def budget_lease_settle(*, lease: BudgetLease, charges: list[LeaseCharge]) -> list[UsageRecord]:
+    """Charge a batch of requests admitted against ``lease``, each exactly, and write their ledger rows; in one commit.
+
+    Each request's cost is ``settlement_cost`` at the price and worst case it was
+    admitted with: the figure the gateway already sent to the client. The batch's total
+    moves from the budgets' ``reserved`` to their ``spent``. A batch that would take the
+    lease past its amount is refused whole (``InvalidInput``): the in-memory admission
+    makes that impossible, so it would be a bug, and charging past a lease could overspend.
+    """
+    if not charges:
+        return []
+    costs = []
+    for charge in charges:
+        _usage_validate(charge.usage)
+        if charge.price.book_id is None:
+            raise errors.InvalidInput("a lease charge needs a stored price")
+        costs.append(settlement_cost(price=charge.price, usage=charge.usage, held=charge.held))
+    total = sum((cost.total for cost in costs), Decimal(0))
+    # The lease first, then its budgets in id order (as usage_settle: reservation, then budgets).
+    locked = _lease_lock_active(lease)
+    if locked.charged + total > locked.amount:
+        raise errors.InvalidInput(
+            f"a batch of {_fmt(total)} would take lease {locked.pk} past its amount "
+            f"({_fmt(locked.charged)} of {_fmt(locked.amount)} charged)"
+        )
+    now = timezone.now()
+    for budget in _budgets_lock(locked.budgets.values_list("id", flat=True)):
+        _budget_roll_over(budget, now)
+        budget.reserved -= total
+        budget.spent += total
+        if budget.soft_limit is not None and budget.soft_alerted_at is None and budget.spent >= budget.soft_limit:
+            budget.soft_alerted_at = now
+            _soft_alert_on_commit(budget, charges[-1].usage.request_id)
+        budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
+    locked.charged += total
+    locked.save(update_fields=["charged"])
+    lease.charged = locked.charged
+    return UsageRecord.objects.bulk_create(
+        [_usage_record(charge.usage, charge.price, cost, locked) for charge, cost in zip(charges, costs, strict=True)]
+    )
+
+
+def _usage_record(usage: Usage, price: Price, cost: CostBreakdown, lease: BudgetLease) -> UsageRecord:
+    return UsageRecord(
+        request_id=usage.request_id,
+        tenant_id=lease.tenant_id,
+        user_id=usage.user_id,
+        api_key_id=lease.api_key_id,
+        lease=lease,
+        tags=dict(usage.tags),
+        route_tier=usage.route_tier,
+        route_reason=usage.route_reason,
+        policy_version=usage.policy_version,
+        model=usage.model,
+        verifier_version=usage.verifier_version,
+        draft_version=usage.draft_version,
+        price_book_id=price.book_id,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        drafted_tokens=Decimal(usage.drafted_tokens).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
+        accepted_tokens=usage.accepted_tokens,
+        gpu_ms=Decimal(usage.gpu_ms).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
+        cost_edge=cost.edge,
+        cost_verifier=cost.verifier,
+        cost_cloud=cost.cloud,
+        cost_total=cost.total,
+        outcome=usage.outcome,
+        finish_reason=usage.finish_reason,
+        error=usage.error,
+        ttft_ms=usage.ttft_ms,
+        duration_ms=usage.duration_ms,
+    )
+
+
+@transaction.atomic
+def budget_lease_close(*, lease: BudgetLease) -> Decimal:
+    """Give back what ``lease`` holds and its requests did not spend; return that amount. Once."""
+    locked = _lease_lock_active(lease)
+    unused = locked.amount - locked.charged
+    now = timezone.now()
+    for budget in _budgets_lock(locked.budgets.values_list("id", flat=True)):
+        _budget_roll_over(budget, now)
+        budget.reserved -= unused
+        budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
+    locked.status = BudgetLease.Status.CLOSED
+    locked.closed_at = now
+    locked.save(update_fields=["status", "closed_at"])
+    lease.status, lease.closed_at = locked.status, locked.closed_at
+    return unused

@@ -203,3 +203,13 @@ TANDEM_SETTLE_AFTER_REPLY = get_env("TANDEM_SETTLE_AFTER_REPLY", True, as_bool)
 # here within this many seconds (in this process, at once); expiry is checked on every use
 TANDEM_API_KEY_CACHE_TTL_S = get_env("TANDEM_API_KEY_CACHE_TTL_S", 5.0, float)
 TANDEM_PRICE_CACHE_TTL_S = get_env("TANDEM_PRICE_CACHE_TTL_S", 5.0, float)
+# budget leases (tenants.leases): a process holds a slice of a budget and admits requests
+# against it in memory, settling them in batches; off, every request reserves in the database
+TANDEM_BUDGET_LEASES = get_env("TANDEM_BUDGET_LEASES", True, as_bool)
+TANDEM_LEASE_REQUESTS = get_env("TANDEM_LEASE_REQUESTS", 64, int)  # a lease's size, in worst-case requests
+TANDEM_LEASE_MIN_REQUESTS = get_env("TANDEM_LEASE_MIN_REQUESTS", 4, int)  # smaller than this: reserve per request
+TANDEM_LEASE_HEADROOM_SHARE = get_env("TANDEM_LEASE_HEADROOM_SHARE", 0.25, float)  # of what a hard limit has left
+TANDEM_LEASE_TTL_S = get_env("TANDEM_LEASE_TTL_S", 30.0, float)  # then it takes no new requests and is returned
+TANDEM_LEASE_IDLE_S = get_env("TANDEM_LEASE_IDLE_S", 10.0, float)  # returned after this long without a request
+TANDEM_LEASE_BATCH = get_env("TANDEM_LEASE_BATCH", 64, int)  # ledger rows written per batch, at most
+TANDEM_LEASE_FLUSH_S = get_env("TANDEM_LEASE_FLUSH_S", 0.25, float)  # a settled request's row waits at most this

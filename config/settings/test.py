@@ -12,6 +12,9 @@ TANDEM_SETTLE_AFTER_REPLY = get_env("TANDEM_SETTLE_AFTER_REPLY", False, as_bool)
 # Tests also change key rows behind the ORM's back (queryset updates, as another process
 # would) and expect the next use to see it: no key cache unless a test turns it on.
 TANDEM_API_KEY_CACHE_TTL_S = get_env("TANDEM_API_KEY_CACHE_TTL_S", 0.0, float)
+# Budget leases hold money past a request's end (and in memory across tests): off unless a
+# test turns them on (tests/inference/test_leases.py, the PostgreSQL concurrency tests).
+TANDEM_BUDGET_LEASES = get_env("TANDEM_BUDGET_LEASES", False, as_bool)
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # A file, not Django's default in-memory test database: that one is shared between
