@@ -220,6 +220,11 @@ def _db_from_thread(func: Callable[[], object]) -> object:
 
 # authentication ---------------------------------------------------------------------------
 async def authenticate_api_key(raw_key: str) -> Principal:
+    # A key this process checked moments ago is checked again in memory (revocation and
+    # expiry included: see tenants.services._ApiKeyCache), with no hop to a DB thread.
+    key = tenant_services.api_key_authenticate_cached(raw_key=raw_key)
+    if key is not None:
+        return _key_principal(key)
     return await _db(_authenticate_api_key)(raw_key)
 
 
@@ -734,7 +739,8 @@ def _slo_samples_write(samples: list[dict]) -> None:
     """The SLO samples of a lease batch, in the batch's commit (as ``_settle_write`` does for one request)."""
     from inference.models import SloSample
 
-    SloSample.objects.bulk_create([SloSample(**sample) for sample in samples])
+    now = timezone.now()
+    tenant_services.rows_insert(model=SloSample, rows=[{**sample, "created_at": now} for sample in samples])
 
 
 # This process's budget leases: their DB work runs where the rest of the gateway's does.

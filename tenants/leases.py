@@ -67,6 +67,12 @@ class _Lease:
     last_used: float = 0.0
     retired: bool = False  # takes no new requests; returned once drained
     pending: list[_Pending] = field(default_factory=list)
+    writing: int = 0  # batches taken from ``pending`` whose write has not finished
+
+    def drained(self) -> bool:
+        # Nothing running, nothing pending, and no batch being written: only then may it close
+        # (a batch written after the close would be refused, and its charges never land).
+        return self.requests == 0 and not self.pending and self.writing == 0
 
     def room(self) -> Decimal:
         return self.amount - self.committed - self.in_flight
@@ -259,7 +265,7 @@ class LeasePool:
                 except Exception as exc:  # noqa: BLE001 - logged in _flush, kept for the next tick
                     failure = failure or exc
         with self._lock:
-            drained = [lease for lease in self._retired if lease.requests == 0 and not lease.pending]
+            drained = [lease for lease in self._retired if lease.drained()]
             self._retired = [lease for lease in self._retired if lease not in drained]
         for lease in drained:
             try:
@@ -272,8 +278,9 @@ class LeasePool:
     def _flush(self, lease: _Lease, run: Callable[[Callable[[], Any]], Any]) -> None:
         with self._lock:
             batch, lease.pending = lease.pending, []
-        if not batch:
-            return
+            if not batch:
+                return
+            lease.writing += 1
 
         def write() -> None:
             with transaction.atomic():
@@ -284,6 +291,9 @@ class LeasePool:
         try:
             run(write)
         except Exception:
+            with self._lock:
+                lease.pending[:0] = batch
+                lease.writing -= 1
             # Never dropped: the batch goes back in front of what came since, to be tried
             # again next tick. Its costs stay counted in the lease, so nothing is admitted
             # against money these requests already spent.
@@ -293,9 +303,9 @@ class LeasePool:
                 len(batch),
                 extra={"request_ids": [p.charge.usage.request_id for p in batch]},
             )
-            with self._lock:
-                lease.pending[:0] = batch
             raise
+        with self._lock:
+            lease.writing -= 1
         for pending in batch:
             pending.future.set_result(None)
 

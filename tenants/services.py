@@ -29,8 +29,8 @@ from decimal import ROUND_DOWN, ROUND_HALF_UP, ROUND_UP, Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import Max, Model
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -324,6 +324,27 @@ def api_key_cache_forget(*, api_key: ApiKey) -> None:
     """
     api_key_cache.forget(api_key.key_hash)
     transaction.on_commit(lambda: api_key_cache.forget(api_key.key_hash))
+
+
+def api_key_authenticate_cached(*, raw_key: str) -> ApiKey | None:
+    """``api_key_authenticate`` without the database, when this process has the key at hand; else None.
+
+    None is not a refusal: it means "ask ``api_key_authenticate``", which reads the row,
+    writes ``last_used_at`` when it is due, and refuses what must be refused. So this
+    never accepts a key that ``api_key_authenticate`` would refuse from the same row, and
+    it is safe to call on an event loop (no query, no write).
+    """
+    if not isinstance(raw_key, str) or not _API_KEY_RE.fullmatch(raw_key):
+        return None
+    api_key, _ = api_key_cache.get(_api_key_hash(raw_key), settings.TANDEM_API_KEY_CACHE_TTL_S)
+    if api_key is None:
+        return None
+    now = timezone.now()
+    if not api_key.is_usable_at(now):
+        return None
+    if api_key.last_used_at is None or api_key.last_used_at <= now - LAST_USED_RESOLUTION:
+        return None  # last_used_at is due a write
+    return api_key
 
 
 def api_key_authenticate(*, raw_key: str) -> ApiKey:
@@ -756,12 +777,17 @@ def _price_row(entry: dict) -> dict[str, Any]:
 # --- settlement -------------------------------------------------------------------------
 
 
+_TIERS = frozenset(Tier.values)
+_OUTCOMES = frozenset(UsageRecord.Outcome.values)
+_FINISH_REASONS = frozenset(UsageRecord.FinishReason.values)
+
+
 def _usage_validate(usage: Usage) -> None:
-    if usage.route_tier not in Tier.values:
+    if usage.route_tier not in _TIERS:
         raise errors.InvalidInput(f"unknown tier {usage.route_tier!r}")
-    if usage.outcome not in UsageRecord.Outcome.values:
+    if usage.outcome not in _OUTCOMES:
         raise errors.InvalidInput(f"unknown outcome {usage.outcome!r}")
-    if usage.finish_reason not in UsageRecord.FinishReason.values:
+    if usage.finish_reason not in _FINISH_REASONS:
         raise errors.InvalidInput(f"unknown finish reason {usage.finish_reason!r}")
     for name in ("prompt_tokens", "completion_tokens", "accepted_tokens"):
         value = getattr(usage, name)
@@ -935,7 +961,7 @@ def _lease_lock_active(lease: BudgetLease) -> BudgetLease:
 
 
 @transaction.atomic
-def budget_lease_settle(*, lease: BudgetLease, charges: list[LeaseCharge]) -> list[UsageRecord]:
+def budget_lease_settle(*, lease: BudgetLease, charges: list[LeaseCharge]) -> None:
     """Charge a batch of requests admitted against ``lease``, each exactly, and write their ledger rows; in one commit.
 
     Each request's cost is ``settlement_cost`` at the price and worst case it was
@@ -945,7 +971,7 @@ def budget_lease_settle(*, lease: BudgetLease, charges: list[LeaseCharge]) -> li
     makes that impossible, so it would be a bug, and charging past a lease could overspend.
     """
     if not charges:
-        return []
+        return
     costs = []
     for charge in charges:
         _usage_validate(charge.usage)
@@ -972,18 +998,58 @@ def budget_lease_settle(*, lease: BudgetLease, charges: list[LeaseCharge]) -> li
     locked.charged += total
     locked.save(update_fields=["charged"])
     lease.charged = locked.charged
-    return UsageRecord.objects.bulk_create(
-        [_usage_record(charge.usage, charge.price, cost, locked) for charge, cost in zip(charges, costs, strict=True)]
+    rows_insert(
+        model=UsageRecord,
+        rows=[
+            _usage_row(charge.usage, charge.price, cost, locked, now)
+            for charge, cost in zip(charges, costs, strict=True)
+        ],
     )
 
 
-def _usage_record(usage: Usage, price: Price, cost: CostBreakdown, lease: BudgetLease) -> UsageRecord:
-    return UsageRecord(
+def rows_insert(*, model: type[Model], rows: list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` (dicts of every concrete field's attname, the auto id aside) in one ``executemany``.
+
+    What ``bulk_create`` does, less its cost per object (a model instance, pre-save hooks,
+    the SQL compiled again for every batch), which was most of a lease batch's time and,
+    on a 2-core server, time taken from the requests in flight. Each value still goes
+    through its field's ``get_db_prep_save``, as ``bulk_create`` does, so every backend
+    stores exactly what the ORM would; database constraints check every row the same.
+    """
+    if not rows:
+        return
+    conn = connections[router.db_for_write(model)]  # the connection itself: the proxy costs a lookup per use
+    fields = [f for f in model._meta.concrete_fields if not f.primary_key or f.attname in rows[0]]
+    columns = ", ".join(conn.ops.quote_name(f.column) for f in fields)
+    marks = ", ".join(["%s"] * len(fields))
+    sql = f"INSERT INTO {conn.ops.quote_name(model._meta.db_table)} ({columns}) VALUES ({marks})"
+    # A batch repeats many values (its tenant, lease, time, model...): each distinct value
+    # of a field is prepared once.
+    prepared: dict[tuple[str, type, Any], Any] = {}
+
+    def prep(f: Any, value: Any) -> Any:
+        try:
+            key = (f.attname, type(value), value)
+            if key in prepared:
+                return prepared[key]
+        except TypeError:  # unhashable (a JSON dict): prepared every time
+            return f.get_db_prep_save(value, conn)
+        prepared[key] = result = f.get_db_prep_save(value, conn)
+        return result
+
+    params = [[prep(f, row[f.attname]) for f in fields] for row in rows]
+    with conn.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
+def _usage_row(usage: Usage, price: Price, cost: CostBreakdown, lease: BudgetLease, now: datetime) -> dict[str, Any]:
+    return dict(
         request_id=usage.request_id,
         tenant_id=lease.tenant_id,
         user_id=usage.user_id,
         api_key_id=lease.api_key_id,
-        lease=lease,
+        reservation_id=None,
+        lease_id=lease.pk,
         tags=dict(usage.tags),
         route_tier=usage.route_tier,
         route_reason=usage.route_reason,
@@ -1006,6 +1072,7 @@ def _usage_record(usage: Usage, price: Price, cost: CostBreakdown, lease: Budget
         error=usage.error,
         ttft_ms=usage.ttft_ms,
         duration_ms=usage.duration_ms,
+        created_at=now,
     )
 
 

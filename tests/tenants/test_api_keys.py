@@ -252,3 +252,19 @@ def test_unknown_keys_are_never_cached(tenant, owner, key_cache, django_assert_n
     for _ in range(2):
         with django_assert_num_queries(1), pytest.raises(errors.InvalidApiKey):
             services.api_key_authenticate(raw_key=unknown)
+
+
+def test_the_in_memory_check_accepts_only_what_the_full_check_would(tenant, owner, key_cache, monkeypatch):
+    api_key, raw_key = services.api_key_create(tenant=tenant, created_by=owner, name="ci")
+    assert services.api_key_authenticate_cached(raw_key=raw_key) is None  # not at hand yet
+    services.api_key_authenticate(raw_key=raw_key)
+    assert services.api_key_authenticate_cached(raw_key=raw_key).pk == api_key.pk
+    assert services.api_key_authenticate_cached(raw_key=raw_key + "x") is None
+    real_now = timezone.now
+    later = real_now() + timedelta(minutes=2)
+    monkeypatch.setattr(services.timezone, "now", lambda: later)
+    assert services.api_key_authenticate_cached(raw_key=raw_key) is None  # last_used_at is due: the full check
+    monkeypatch.setattr(services.timezone, "now", real_now)
+    assert services.api_key_authenticate_cached(raw_key=raw_key).pk == api_key.pk
+    services.api_key_revoke(api_key=api_key, by=owner)
+    assert services.api_key_authenticate_cached(raw_key=raw_key) is None

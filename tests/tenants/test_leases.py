@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from django.db import connections
 
 from tenants import errors, services
 from tenants.leases import LeasePool
@@ -86,12 +87,13 @@ def test_a_batch_charges_each_request_exactly_and_moves_its_total_from_reserved_
     lease = open_lease(tenant, 10)
     held = services.cost_estimate_max(price=price, prompt_tokens=1000, max_tokens=200)
     charges = [charge(price, "r1", held), charge(price, "r2", held, completion_tokens=50, outcome="cancelled")]
-    rows = services.budget_lease_settle(lease=lease, charges=charges)
+    services.budget_lease_settle(lease=lease, charges=charges)
     expected = [services.settlement_cost(price=price, usage=c.usage, held=held).total for c in charges]
-    assert [r.cost_total for r in rows] == expected
     stored = {r.request_id: r for r in UsageRecord.objects.all()}
     assert stored["r1"].cost_total == expected[0] and stored["r2"].cost_total == expected[1]
     assert stored["r1"].lease_id == lease.pk and stored["r1"].reservation_id is None
+    assert stored["r2"].completion_tokens == 50 and stored["r2"].outcome == "cancelled"
+    assert stored["r1"].tags == {} and stored["r1"].price_book_id == price.book_id and stored["r1"].created_at
     lease.refresh_from_db()
     assert lease.charged == sum(expected)
     assert budget(tenant).spent == sum(expected) and budget(tenant).reserved == 10 - sum(expected)
@@ -229,3 +231,39 @@ def test_a_failed_batch_is_logged_kept_and_written_on_a_later_tick(tenant, price
     monkeypatch.setattr(services, "budget_lease_settle", original)
     pool.tick()
     assert future.done() and UsageRecord.objects.get().request_id == "r1"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_is_not_returned_while_a_batch_of_its_charges_is_being_written(tenant, price, lease_settings, clock):
+    """A tick that finds a retired lease with nothing pending must still wait for a batch another thread is writing."""
+    import threading
+
+    writing, finish = threading.Event(), threading.Event()
+
+    def slow_db(fn):
+        if fn.__name__ == "write":
+            writing.set()
+            assert finish.wait(10)
+        return fn()
+
+    pool = LeasePool(clock=lambda: clock[0], keeper=False, run_db=slow_db)
+    held = services.cost_estimate_max(price=price, prompt_tokens=1000, max_tokens=200)
+    pool.settle(pool.open(tenant_id=tenant.pk, api_key_id=None, amount=held), charge(price, "r1", held))
+    clock[0] += 31  # expired: the next tick retires it and writes its batch
+
+    def tick_and_close_connection() -> None:
+        try:
+            pool.tick()
+        finally:
+            connections.close_all()
+
+    writer = threading.Thread(target=tick_and_close_connection)
+    writer.start()
+    assert writing.wait(10)
+    pool.tick()  # meanwhile: retired, no request, nothing pending, but a batch in flight
+    assert BudgetLease.objects.get().status == "active"
+    finish.set()
+    writer.join(10)
+    pool.tick()
+    lease = BudgetLease.objects.get()
+    assert lease.status == "closed" and lease.charged == UsageRecord.objects.get().cost_total
