@@ -82,16 +82,12 @@ class EmulatedAcceptanceVerifier(TransformersVerifier):
         self.acceptance = acceptance
         self._rng = random.Random(seed)
 
-    def _decide(self, s, req: VerifyRequest, logits: torch.Tensor, argmax: torch.Tensor) -> Verdict:
+    def _judge(self, s, req: VerifyRequest, logits: torch.Tensor, argmax: torch.Tensor) -> Verdict:
         k = len(req.tokens)
         n = 0
         while n < k and self._rng.random() < self.acceptance:
             n += 1
-        verdict = Verdict(n_matches=n, verifier_token=int(argmax[n]))
-        s.length += 1 + n
-        s.pending = verdict.verifier_token
-        s.round, s.last = req.round, verdict
-        return verdict
+        return Verdict(n_matches=n, verifier_token=int(argmax[n]))
 
 
 def random_llama(shape: str, vocab_used: int, device: torch.device, seed: int = 0):

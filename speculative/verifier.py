@@ -314,20 +314,23 @@ class TransformersVerifier:
             raise InvalidRequestError(f"sampling needs q of shape ({k}, {self.vocab_size})")
 
     def _decide(self, s: _Session, req: VerifyRequest, logits: torch.Tensor, argmax: torch.Tensor) -> Verdict:
-        """logits  # (t_max, vocab) on the model's device; argmax  # (t_max,) on the host"""
-        k = len(req.tokens)
-        draft = torch.tensor(req.tokens, dtype=torch.long)
-        if s.params.greedy:
-            verdict = accept_greedy(draft, argmax[: k + 1])
-        else:
-            p = warp(logits[: k + 1], s.params).cpu()
-            q = torch.from_numpy(np.asarray(req.q, dtype=np.float32)) if k else torch.zeros(0, p.size(-1))
-            verdict = accept_sampling(draft, q, p, s.generator)
+        """Judge the round, then keep what it accepted."""
+        verdict = self._judge(s, req, logits, argmax)
         # keep the pending token and the accepted draft tokens; the verifier's token is next
         s.length += 1 + verdict.n_matches
         s.pending = verdict.verifier_token
         s.round, s.last = req.round, verdict
         return verdict
+
+    def _judge(self, s: _Session, req: VerifyRequest, logits: torch.Tensor, argmax: torch.Tensor) -> Verdict:
+        """The acceptance rule. logits  # (t_max, vocab) on the model's device; argmax  # (t_max,) on the host"""
+        k = len(req.tokens)
+        draft = torch.tensor(req.tokens, dtype=torch.long)
+        if s.params.greedy:
+            return accept_greedy(draft, argmax[: k + 1])
+        p = warp(logits[: k + 1], s.params).cpu()
+        q = torch.from_numpy(np.asarray(req.q, dtype=np.float32)) if k else torch.zeros(0, p.size(-1))
+        return accept_sampling(draft, q, p, s.generator)
 
     @torch.inference_mode()
     def _forward(self, sessions: list[_Session], inputs: list[list[int]]) -> torch.Tensor:
