@@ -217,6 +217,17 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         pending: asyncio.Task | None = None
         try:
             while not item.stop.is_set():
+                if pending is None and stream.at_hand():
+                    # Already here (the engine is ahead of the socket): taken without
+                    # suspending, so no task and no timer for this token. The charging rule
+                    # is the one below: a token taken is sent at once.
+                    delta = await _next_delta(stream)  # raises GatewayError when the engine failed
+                    if delta is None:
+                        await self._send_done(item, stream)
+                        return
+                    await self._send_delta(item, delta)
+                    await asyncio.sleep(0)  # let a cancel frame or a disconnect in between tokens
+                    continue
                 if pending is None:
                     pending = asyncio.create_task(_next_delta(stream))
                 done, _ = await asyncio.wait(

@@ -522,6 +522,15 @@ class GatewayStream:
             self._accepted += 1
         return TokenDelta(self._delivered - 1, event.text, event.token_id, event.provenance)
 
+    def at_hand(self) -> bool:
+        """Whether ``__anext__`` would return (or stop) without waiting for the engine.
+
+        Adapters use it to skip their wait machinery (a task and a timer per token) when
+        tokens arrive faster than they are sent; taking an item at hand cannot suspend
+        before the token is handed over, so the charging rule of ``ready`` still holds.
+        """
+        return self._first is not None or self.usage is not None or not self._queue.empty()
+
     async def ready(self) -> None:
         """Wait until the next item is at hand, without taking it. Safe to cancel; charges nothing.
 

@@ -276,7 +276,10 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     data = _validated(ChatCompletionInputSerializer, _json_body(request))
     messages = prompts.messages_parse(data["messages"])
     entry = (await aget_engines()).get(data["model"])
-    prompt = await asyncio.to_thread(prompts.chat_prompt, entry.tokenizer, messages)
+    if sum(len(m.content) for m in messages) <= gateway.INLINE_TOKENIZE_CHARS:
+        prompt = prompts.chat_prompt(entry.tokenizer, messages)  # a short chat renders in microseconds: no thread hop
+    else:
+        prompt = await asyncio.to_thread(prompts.chat_prompt, entry.tokenizer, messages)
     max_tokens = data["max_completion_tokens"] or data["max_tokens"]
     return await _complete(principal, data, entry, prompt, max_tokens, request_id, chat=True)
 

@@ -248,6 +248,23 @@ async def test_a_cancel_racing_a_fast_stream_still_charges_exactly_the_deltas_se
     await ws.disconnect()
 
 
+async def test_a_cancel_stops_a_fast_stream_long_before_its_end(account):
+    """Tokens already queued are relayed without waiting, yet a cancel frame still gets in between them."""
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=4000))
+    started = await receive(ws)
+    assert (await receive(ws))["type"] == "delta"
+    await ws.send_json_to({"type": "cancel", "id": "s1"})
+    sent = 1
+    while (frame := await receive(ws))["type"] == "delta":
+        sent += 1
+    assert frame["type"] == "done" and frame["usage"]["outcome"] == "cancelled"
+    assert frame["usage"]["completion_tokens"] == sent < 4000
+    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    assert row.completion_tokens == sent
+    await ws.disconnect()
+
+
 async def test_a_disconnect_mid_stream_settles_exactly_the_delivered_deltas(account, gated):
     ws = await key_socket(account)
     await ws.send_json_to(start(max_tokens=200))
