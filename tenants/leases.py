@@ -30,6 +30,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -109,6 +110,18 @@ class LeasePool:
         self._keeper: threading.Thread | None = None
         self._use_keeper = keeper  # False: whoever owns the pool calls tick() (tests)
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        # Money: a forked child (a pre-forking server, Celery's prefork pool) must not
+        # admit against the leases it inherited in memory: the parent still admits against
+        # them, and two processes spending one slice could spend it twice. The child
+        # forgets them and opens its own; the parent remains their holder.
+        pool = weakref.ref(self)  # the hook must not keep a pool alive (tests make many)
+
+        def forget_in_child() -> None:
+            inherited = pool()
+            if inherited is not None:
+                inherited._forget_in_child()
+
+        os.register_at_fork(after_in_child=forget_in_child)
 
     # admission --------------------------------------------------------------------------
     def admit(self, *, tenant_id: int, api_key_id: int | None, amount: Decimal) -> LeaseHold | None:
@@ -334,6 +347,13 @@ class LeasePool:
         the DB thread's executor no longer takes work).
         """
         self.tick(force=True, run_db=(lambda fn: fn()) if on_this_thread else None)
+
+    def _forget_in_child(self) -> None:
+        self._lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+        self._wake = threading.Event()
+        self._keeper = None
+        self._active, self._retired, self._opening = {}, [], set()
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
     def forget_all(self) -> None:
         """Drop every lease from memory without touching the database (tests whose database was emptied)."""

@@ -267,3 +267,18 @@ def test_a_lease_is_not_returned_while_a_batch_of_its_charges_is_being_written(t
     pool.tick()
     lease = BudgetLease.objects.get()
     assert lease.status == "closed" and lease.charged == UsageRecord.objects.get().cost_total
+
+
+def test_a_forked_child_does_not_admit_against_its_parents_leases(tenant, price, pool):
+    import os
+
+    held = services.cost_estimate_max(price=price, prompt_tokens=1000, max_tokens=200)
+    pool.release(pool.open(tenant_id=tenant.pk, api_key_id=None, amount=held))
+    assert pool.admit(tenant_id=tenant.pk, api_key_id=None, amount=held) is not None
+    child = os.fork()
+    if child == 0:  # no database here: only the pool's memory is looked at
+        ok = pool.leases() == [] and pool.admit(tenant_id=tenant.pk, api_key_id=None, amount=held) is None
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(pool.leases()) == 1  # the parent keeps its lease
