@@ -940,8 +940,8 @@ def budget_lease_open(
             held = min(held, left * headroom_share)
     # Round down: a lease may hold a nano-unit less than the share, never more.
     held = held.quantize(MONEY_QUANTUM, ROUND_DOWN)
-    if held < least or held <= 0:
-        return None
+    if held < least or (held <= 0 and wanted > 0):
+        return None  # (a lease of 0 is fine for requests that cost nothing: free models)
     for budget in budgets:
         assert _budget_refusal(budget, held) is None  # held <= share of what is left
         budget.reserved += held

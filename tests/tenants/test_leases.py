@@ -82,6 +82,12 @@ def test_no_lease_is_opened_for_a_budget_near_its_limit_and_nothing_is_held(tena
     assert budget(tenant).reserved == 0 and not BudgetLease.objects.exists()
 
 
+def test_requests_that_cost_nothing_get_a_lease_of_nothing_and_an_exhausted_budget_none(tenant):
+    assert open_lease(tenant, 0).amount == 0  # a free model: admitted in memory like any other
+    services.budget_set(tenant=tenant, period="month", hard_limit=Decimal(0), soft_limit=None)
+    assert open_lease(tenant, 1) is None
+
+
 def test_a_batch_charges_each_request_exactly_and_moves_its_total_from_reserved_to_spent(tenant, price):
     services.budget_set(tenant=tenant, period="month", hard_limit=Decimal(1000), soft_limit=None)
     lease = open_lease(tenant, 10)
