@@ -46,6 +46,9 @@ from tenants.models import ApiKey, BudgetLease, Tenant
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# After a budget refused a lease (too near its hard limit), its requests reserve one by one
+# for this long before a lease is asked for again: one transaction a request, not two.
+LEASE_RETRY_S = 5.0
 LeaseKey = tuple[int, int | None]  # (tenant id, API key id or None)
 
 
@@ -106,6 +109,7 @@ class LeasePool:
         self._active: dict[LeaseKey, _Lease] = {}
         self._retired: list[_Lease] = []
         self._opening: set[LeaseKey] = set()
+        self._refused: dict[LeaseKey, float] = {}  # when a lease was last refused (budget near its limit)
         self._wake = threading.Event()
         self._keeper: threading.Thread | None = None
         self._use_keeper = keeper  # False: whoever owns the pool calls tick() (tests)
@@ -144,9 +148,12 @@ class LeasePool:
         key is opening one (it falls back to a reservation rather than wait).
         """
         key = (tenant_id, api_key_id)
+        now = self._clock()
         with self._lock:
             if key in self._opening:
                 return None
+            if now - self._refused.get(key, float("-inf")) < LEASE_RETRY_S:
+                return None  # near its limit a moment ago: reserve, without asking again
             self._opening.add(key)
         try:
             row = services.budget_lease_open(
@@ -161,6 +168,8 @@ class LeasePool:
             with self._lock:
                 self._opening.discard(key)
         if row is None:
+            with self._lock:
+                self._refused[key] = now
             return None
         now = self._clock()
         lease = _Lease(row=row, amount=row.amount, opened_at=now, committed=Decimal(0), last_used=now)
@@ -352,7 +361,7 @@ class LeasePool:
         self._lock = threading.Lock()  # the parent's may have been held by another thread at the fork
         self._wake = threading.Event()
         self._keeper = None
-        self._active, self._retired, self._opening = {}, [], set()
+        self._active, self._retired, self._opening, self._refused = {}, [], set(), {}
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
     def forget_all(self) -> None:
@@ -364,6 +373,7 @@ class LeasePool:
             self._active.clear()
             self._retired.clear()
             self._opening.clear()
+            self._refused.clear()
 
     def leases(self) -> list[_Lease]:
         with self._lock:

@@ -288,3 +288,13 @@ def test_a_forked_child_does_not_admit_against_its_parents_leases(tenant, price,
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(pool.leases()) == 1  # the parent keeps its lease
+
+
+def test_after_a_refused_lease_the_next_requests_reserve_without_asking_again(tenant, pool, clock):
+    services.budget_set(tenant=tenant, period="month", hard_limit=Decimal(10), soft_limit=None)
+    amount = Decimal(1)  # 4 worst cases (TANDEM_LEASE_MIN_REQUESTS) are more than a quarter of 10
+    assert pool.open(tenant_id=tenant.pk, api_key_id=None, amount=amount) is None
+    services.budget_set(tenant=tenant, period="month", hard_limit=Decimal(1000), soft_limit=None)
+    assert pool.open(tenant_id=tenant.pk, api_key_id=None, amount=amount) is None  # not asked again yet
+    clock[0] += 5
+    assert pool.open(tenant_id=tenant.pk, api_key_id=None, amount=amount) is not None
