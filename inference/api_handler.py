@@ -11,9 +11,24 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
+from django.middleware.security import SecurityMiddleware
 
-API_MIDDLEWARE = ["django.middleware.security.SecurityMiddleware"]
+API_MIDDLEWARE = ["inference.api_handler.InlineSecurityMiddleware"]
 API_PREFIX = "/v1/"
+
+
+class InlineSecurityMiddleware(SecurityMiddleware):
+    """Django's SecurityMiddleware, its two hooks called inline on the event loop.
+
+    Django runs a sync ``process_request``/``process_response`` under ASGI through a
+    thread hop each; these two only read settings and set headers (no I/O, no database),
+    so they run where the request is. Same checks and headers as SecurityMiddleware.
+    """
+
+    async def __acall__(self, request):
+        response = self.process_request(request)
+        response = response or await self.get_response(request)
+        return self.process_response(request, response)
 
 
 class ApiASGIHandler(ASGIHandler):

@@ -15,6 +15,7 @@ import pytest_asyncio
 from django.test import AsyncRequestFactory
 
 from config.asgi import application
+from inference import api_handler as api_handler_module
 from inference import openai_api
 from inference.engines import TRIVIAL_TEXT, EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines
 from inference.engines import trivial_entry as make_trivial_entry
@@ -644,3 +645,22 @@ async def test_reusing_another_tenants_request_id_never_touches_its_ledger_row(a
         before.completion_tokens,
     )
     assert not await UsageRecord.objects.filter(tenant=account.tenant).aexists()
+
+
+async def test_api_responses_carry_the_security_headers_with_no_thread_hop(account, http, settings, monkeypatch):
+    # /v1/ runs SecurityMiddleware's hooks inline on the event loop: the same headers as
+    # the console gets, and an HTTPS redirect where one is configured
+    hops = []
+    real = api_handler_module.SecurityMiddleware.process_response
+
+    def counted(self, request, response):
+        hops.append(threading.current_thread() is threading.main_thread())
+        return real(self, request, response)
+
+    monkeypatch.setattr(api_handler_module.SecurityMiddleware, "process_response", counted)
+    response = await http.get("/v1/models", headers=bearer(account.raw_key))
+    assert response.status_code == 200
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "same-origin"
+    assert response.headers["cross-origin-opener-policy"] == "same-origin"
+    assert hops == [True]  # called once, on the event loop's thread, not a sync worker's
