@@ -828,33 +828,10 @@ def usage_settle(*, reservation: Reservation, usage: Usage, price: Price | None 
         budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
 
     record = UsageRecord.objects.create(
-        request_id=usage.request_id,
+        **_usage_fields(usage, price, cost),
         tenant_id=locked.tenant_id,
-        user_id=usage.user_id,
         api_key_id=locked.api_key_id,
         reservation=locked,
-        tags=dict(usage.tags),
-        route_tier=usage.route_tier,
-        route_reason=usage.route_reason,
-        policy_version=usage.policy_version,
-        model=usage.model,
-        verifier_version=usage.verifier_version,
-        draft_version=usage.draft_version,
-        price_book_id=price.book_id,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        drafted_tokens=Decimal(usage.drafted_tokens).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
-        accepted_tokens=usage.accepted_tokens,
-        gpu_ms=Decimal(usage.gpu_ms).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
-        cost_edge=cost.edge,
-        cost_verifier=cost.verifier,
-        cost_cloud=cost.cloud,
-        cost_total=cost.total,
-        outcome=usage.outcome,
-        finish_reason=usage.finish_reason,
-        error=usage.error,
-        ttft_ms=usage.ttft_ms,
-        duration_ms=usage.duration_ms,
     )
     locked.status = Reservation.Status.SETTLED
     locked.settled_at = now
@@ -1043,13 +1020,21 @@ def rows_insert(*, model: type[Model], rows: list[dict[str, Any]]) -> None:
 
 
 def _usage_row(usage: Usage, price: Price, cost: CostBreakdown, lease: BudgetLease, now: datetime) -> dict[str, Any]:
+    return {
+        **_usage_fields(usage, price, cost),
+        "tenant_id": lease.tenant_id,
+        "api_key_id": lease.api_key_id,
+        "reservation_id": None,
+        "lease_id": lease.pk,
+        "created_at": now,
+    }
+
+
+def _usage_fields(usage: Usage, price: Price, cost: CostBreakdown) -> dict[str, Any]:
+    """A ledger row's fields from what the request used and what it costs (one place for both settle paths)."""
     return dict(
         request_id=usage.request_id,
-        tenant_id=lease.tenant_id,
         user_id=usage.user_id,
-        api_key_id=lease.api_key_id,
-        reservation_id=None,
-        lease_id=lease.pk,
         tags=dict(usage.tags),
         route_tier=usage.route_tier,
         route_reason=usage.route_reason,
@@ -1072,7 +1057,6 @@ def _usage_row(usage: Usage, price: Price, cost: CostBreakdown, lease: BudgetLea
         error=usage.error,
         ttft_ms=usage.ttft_ms,
         duration_ms=usage.duration_ms,
-        created_at=now,
     )
 
 
