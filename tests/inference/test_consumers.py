@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -14,9 +13,10 @@ from django.test import AsyncClient
 
 from config.asgi import application
 from inference.consumers import MAX_STREAMS_PER_CONNECTION
-from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
+from inference.engines import trivial_entry
 from tenants.models import Reservation, UsageRecord
 from tenants.services import api_key_revoke, membership_create
+from tests.inference.conftest import GatedEngine, serving_gated
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -71,43 +71,11 @@ async def nothing_charged() -> bool:
     return await UsageRecord.objects.acount() == 0 and await Reservation.objects.acount() == 0
 
 
-# an engine a test releases token by token ----------------------------------------------------------
-class GatedCompletion(TrivialCompletion):
-    def _run(self):
-        for n, event in enumerate(super()._run()):
-            if n >= self._engine.free_tokens:
-                self._engine.gate.acquire()  # blocks the gateway's engine thread until the test releases a token
-            yield event
-
-
-class GatedEngine(TrivialEngine):
-    def __init__(self):
-        super().__init__()
-        self.gate = threading.Semaphore(0)
-        self.free_tokens = 0  # tokens each completion emits before it waits for the gate
-
-    def stream(self, prompt, **kwargs) -> GatedCompletion:
-        return GatedCompletion(self, self.request(prompt, **kwargs))
-
-
 @pytest.fixture
 def gated() -> Iterator[GatedEngine]:
     """``tandem-test`` served by an engine that emits a token only when the test releases one."""
-    engine = GatedEngine()
-    entry = trivial_entry()
-    gated_entry = ModelEntry(
-        name="tandem-test",
-        speculative=engine,
-        edge=engine,
-        verifier_version=entry.verifier_version,
-        draft_version=entry.draft_version,
-        context_length=engine.context_length,
-        tokenizer=engine.tokenizer,
-    )
-    previous = set_engines(EngineSet([gated_entry, trivial_entry("tandem-test-broken", fail_after=6)]))
-    yield engine
-    engine.gate.release(10_000)  # let stopped engine threads see the cancel and end
-    set_engines(previous)
+    with serving_gated(GatedEngine(), trivial_entry("tandem-test-broken", fail_after=6)) as engine:
+        yield engine
 
 
 # authentication --------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from django.test import AsyncRequestFactory
 from config.asgi import application
 from inference import api_handler as api_handler_module
 from inference import openai_api
-from inference.engines import TRIVIAL_TEXT, EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines
-from inference.engines import trivial_entry as make_trivial_entry
+from inference.engines import TRIVIAL_TEXT
 from tenants.models import Budget, Reservation, UsageRecord
 from tenants.services import api_key_create, api_key_revoke, budget_set
+from tests.inference.conftest import GatedEngine, serving_gated
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -98,43 +98,11 @@ async def budgeted(account):
     return account
 
 
-# an engine the test releases token by token ------------------------------------------------------
-class GatedCompletion(TrivialCompletion):
-    def _run(self):
-        for n, event in enumerate(super()._run()):
-            if n >= self._engine.free_tokens:
-                self._engine.gate.acquire()  # the engine thread waits until the test lets one more token out
-            yield event
-
-
-class GatedEngine(TrivialEngine):
-    def __init__(self, free_tokens: int):
-        super().__init__()
-        self.gate = threading.Semaphore(0)
-        self.free_tokens = free_tokens
-
-    def stream(self, prompt, **kwargs) -> GatedCompletion:
-        return GatedCompletion(self, self.request(prompt, **kwargs))
-
-
 @pytest.fixture
 def gated() -> Iterator[GatedEngine]:
     """``tandem-test`` served by an engine that emits 3 tokens, then one per ``gate.release()``."""
-    engine = GatedEngine(free_tokens=3)
-    plain = make_trivial_entry()
-    entry = ModelEntry(
-        name=MODEL,
-        speculative=engine,
-        edge=engine,
-        verifier_version=plain.verifier_version,
-        draft_version=plain.draft_version,
-        context_length=engine.context_length,
-        tokenizer=engine.tokenizer,
-    )
-    previous = set_engines(EngineSet([entry]))
-    yield engine
-    engine.gate.release(10_000)  # let engine threads of cancelled streams run to their end
-    set_engines(previous)
+    with serving_gated(GatedEngine(free_tokens=3)) as engine:
+        yield engine
 
 
 # raw ASGI: the body as it is sent, and a client that can hang up ----------------------------------

@@ -20,10 +20,10 @@ from decimal import Decimal
 import pytest
 
 from inference import gateway
-from inference.engines import EngineSet, ModelEntry, set_engines, trivial_entry
 from inference.models import SloSample
 from tenants.models import Reservation, UsageRecord
-from tests.inference.test_consumers import GatedEngine, key_socket, receive, run_to_end, start
+from tests.inference.conftest import GatedEngine, serving_gated
+from tests.inference.test_consumers import key_socket, receive, run_to_end, start
 from tests.inference.test_openai_api import HELLO, MODEL, asgi_post, content_of, sse_data
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -37,21 +37,8 @@ def write_behind(settings):
 @pytest.fixture
 def gated() -> Iterator[GatedEngine]:
     """``tandem-test`` served by an engine that emits a token only when the test releases one."""
-    engine = GatedEngine()
-    plain = trivial_entry()
-    entry = ModelEntry(
-        name="tandem-test",
-        speculative=engine,
-        edge=engine,
-        verifier_version=plain.verifier_version,
-        draft_version=plain.draft_version,
-        context_length=engine.context_length,
-        tokenizer=engine.tokenizer,
-    )
-    previous = set_engines(EngineSet([entry]))
-    yield engine
-    engine.gate.release(10_000)
-    set_engines(previous)
+    with serving_gated(GatedEngine()) as engine:
+        yield engine
 
 
 @pytest.fixture
