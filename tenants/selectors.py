@@ -68,16 +68,14 @@ price_cache = _PriceCache()
 
 def price_active(*, model: str, tier: str) -> Price:
     """The active price book's price for ``model`` on ``tier``; ``errors.PriceNotFound`` if it has none."""
-    key = (None, model, tier)
-    price, generation = price_cache.get(key, settings.TANDEM_PRICE_CACHE_TTL_S)
-    if price is not None:
-        return price
-    try:
-        price = Price.objects.select_related("book").get(book__is_active=True, model=model, tier=tier)
-    except Price.DoesNotExist:
-        raise errors.PriceNotFound(f"no active price for {model!r} on the {tier} tier") from None
-    price_cache.put(key, price, generation)
-    return price
+    return _price_cached(
+        (None, model, tier),
+        settings.TANDEM_PRICE_CACHE_TTL_S,
+        f"no active price for {model!r} on the {tier} tier",
+        book__is_active=True,
+        model=model,
+        tier=tier,
+    )
 
 
 def price_active_cached(*, model: str, tier: str) -> Price | None:
@@ -87,14 +85,25 @@ def price_active_cached(*, model: str, tier: str) -> Price | None:
 
 def price_in_book(*, book_id: int, model: str, tier: str) -> Price:
     """The price for ``model`` on ``tier`` in one (immutable) book; ``errors.PriceNotFound`` if it has none."""
-    key = (book_id, model, tier)
-    price, generation = price_cache.get(key, None)
+    return _price_cached(
+        (book_id, model, tier),
+        None,
+        f"no price for {model!r} on the {tier} tier in this book",
+        book_id=book_id,
+        model=model,
+        tier=tier,
+    )
+
+
+def _price_cached(key: tuple[int | None, str, str], ttl_s: float | None, not_found: str, **lookup: Any) -> Price:
+    """The price row matching ``lookup``, from this process's cache when it holds ``key``, else read and kept."""
+    price, generation = price_cache.get(key, ttl_s)
     if price is not None:
         return price
     try:
-        price = Price.objects.select_related("book").get(book_id=book_id, model=model, tier=tier)
+        price = Price.objects.select_related("book").get(**lookup)
     except Price.DoesNotExist:
-        raise errors.PriceNotFound(f"no price for {model!r} on the {tier} tier in this book") from None
+        raise errors.PriceNotFound(not_found) from None
     price_cache.put(key, price, generation)
     return price
 
