@@ -632,3 +632,24 @@ async def test_api_responses_carry_the_security_headers_with_no_thread_hop(accou
     assert response.headers["referrer-policy"] == "same-origin"
     assert response.headers["cross-origin-opener-policy"] == "same-origin"
     assert hops == [True]  # called once, on the event loop's thread, not a sync worker's
+
+
+async def test_api_requests_run_djangos_sync_work_on_one_long_lived_thread(account, http, monkeypatch):
+    # Django would start a thread for each request's request_started / request_finished /
+    # response.close and join it after; /v1/ keeps one thread for that, across requests
+    from django.core.signals import request_finished
+
+    threads: list[threading.Thread] = []
+
+    def record(**kwargs):
+        threads.append(threading.current_thread())
+
+    request_finished.connect(record)
+    try:
+        for stream in (False, True, False):
+            response = await post_chat(http, account.raw_key, max_tokens=3, stream=stream)
+            assert response.status_code == 200
+    finally:
+        request_finished.disconnect(record)
+    assert len(threads) == 3 and len(set(threads)) == 1
+    assert threads[0].name.startswith("api-sync") and threads[0].is_alive()
