@@ -15,9 +15,11 @@ sessions that sample.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -43,6 +45,9 @@ from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SESSIONS = 64
+# The most positions (rows x the longest prompt, padding included) one batched prefill runs:
+# sessions that open together are prefilled together, up to this much in one forward.
+MAX_PREFILL_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,24 @@ class Verifier(Protocol):
     eos_token_id: int | None
 
     def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
-        """Prefill the prompt; return the time it took in ms."""
+        """Prefill the prompt; return this session's share of the verifier time that took, in ms."""
         ...
 
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult: ...
 
     def close_session(self, session_id: str) -> None: ...
+
+
+@dataclass
+class _Prefill:
+    """A session waiting to be opened: filled in by whichever thread runs the batched prefill."""
+
+    session_id: str
+    prompt: list[int]
+    params: SamplingParams
+    done: bool = False
+    gpu_ms: float = 0.0
+    error: BaseException | None = None
 
 
 @dataclass
@@ -210,6 +227,10 @@ class TransformersVerifier:
         self._slot_owner: dict[int, _Session] = {}
         self._next_slot = 0
         self._lock = threading.Lock()  # one forward at a time; sessions open/close around it
+        self._prefill_lock = threading.Lock()  # guards the queue of sessions waiting to open
+        self._prefills: deque[_Prefill] = deque()
+        # a model that can skip the logits of positions nobody reads (prefill) is told to
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     # sessions -------------------------------------------------------------------------
     def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
@@ -223,30 +244,77 @@ class TransformersVerifier:
             )
         if any(not 0 <= t < self.vocab_size for t in prompt):
             raise InvalidRequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        started = time.perf_counter()
-        with self._lock:
-            if session_id in self._sessions:
-                raise InvalidRequestError(f"session {session_id!r} is already open")
-            if len(self._sessions) >= self.max_sessions:
-                raise VerifierBusyError(f"the verifier holds its maximum of {self.max_sessions} sessions")
-            slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
-            session = _Session(
-                slot=slot,
-                length=0,
-                pending=prompt[-1],
-                params=params,
-                generator=torch.Generator().manual_seed(params.seed),
-            )
-            self._slot_owner[slot] = session
-            try:
-                if len(prompt) > 1:
-                    self._forward([session], [prompt[:-1]])
-                    session.length = len(prompt) - 1
-            except BaseException:
-                self._release_slot(slot)
+        ticket = _Prefill(session_id, prompt, params)
+        with self._prefill_lock:
+            self._prefills.append(ticket)
+        # Whoever holds the lock next prefills every session queued by then, in one forward:
+        # sessions that open while a forward runs (a burst of requests) share the next one.
+        while not ticket.done:
+            with self._lock:
+                if not ticket.done:
+                    self._prefill_queued()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.gpu_ms
+
+    def _prefill_queued(self) -> None:
+        """Open the queued sessions (as many as fit one forward) and prefill their prompts together.
+
+        Runs under ``self._lock``. A session that cannot open (its id is taken, the verifier
+        is full) fails alone; a forward that fails fails every session it carried.
+        """
+        with self._prefill_lock:
+            batch: list[_Prefill] = []
+            while self._prefills:
+                longest = max([len(t.prompt) for t in batch] + [len(self._prefills[0].prompt)])
+                if batch and (len(batch) + 1) * longest > MAX_PREFILL_POSITIONS:
+                    break
+                batch.append(self._prefills.popleft())
+        opened: list[tuple[_Prefill, _Session]] = []
+        for ticket in batch:
+            if ticket.session_id in self._sessions or any(t.session_id == ticket.session_id for t, _ in opened):
+                ticket.error = InvalidRequestError(f"session {ticket.session_id!r} is already open")
+            elif len(self._sessions) + len(opened) >= self.max_sessions:
+                ticket.error = VerifierBusyError(f"the verifier holds its maximum of {self.max_sessions} sessions")
+            else:
+                slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
+                generator = torch.Generator().manual_seed(ticket.params.seed)
+                session = _Session(
+                    slot=slot, length=0, pending=ticket.prompt[-1], params=ticket.params, generator=generator
+                )
+                self._slot_owner[slot] = session
+                opened.append((ticket, session))
+        try:
+            self._prefill(opened)
+        except BaseException as exc:
+            for ticket, session in opened:
+                self._release_slot(session.slot)
+                ticket.error = exc
+            opened = []
+            if not isinstance(exc, Exception):
                 raise
-            self._sessions[session_id] = session
-        return (time.perf_counter() - started) * 1e3
+        finally:
+            for ticket, session in opened:
+                self._sessions[ticket.session_id] = session
+            for ticket in batch:
+                ticket.done = True
+
+    def _prefill(self, opened: list[tuple[_Prefill, _Session]]) -> None:
+        """One forward over every prompt but its last token (that one is the session's pending token).
+
+        Each session is billed its positions' share of the forward's time.
+        """
+        rows = [(ticket.prompt[:-1], session) for ticket, session in opened if len(ticket.prompt) > 1]
+        if not rows:
+            return
+        started = time.perf_counter()
+        self._forward([session for _, session in rows], [ids for ids, _ in rows], logits=False)
+        forward_ms = (time.perf_counter() - started) * 1e3
+        positions = sum(len(ids) for ids, _ in rows)
+        for ids, session in rows:
+            session.length = len(ids)
+        for ticket, session in opened:
+            ticket.gpu_ms = forward_ms * session.length / positions
 
     def _take_new_slot(self) -> int:
         slot = self._next_slot
@@ -333,10 +401,12 @@ class TransformersVerifier:
         return accept_sampling(draft, q, p, s.generator)
 
     @torch.inference_mode()
-    def _forward(self, sessions: list[_Session], inputs: list[list[int]]) -> torch.Tensor:
+    def _forward(self, sessions: list[_Session], inputs: list[list[int]], logits: bool = True) -> torch.Tensor:
         """Run ``inputs[i]`` after session i's cached prefix, all rows in one forward pass.
 
-        returns  # (len(sessions), t_max, vocab) logits, rows in the order given
+        returns  # (len(sessions), t_max, vocab) logits, rows in the order given; with
+        ``logits=False`` (prefill: only the cache is wanted) the model may compute just the
+        last position's, and nothing should read them
         """
         lo = min(s.slot for s in sessions)
         hi = max(s.slot for s in sessions) + 1
@@ -359,6 +429,7 @@ class TransformersVerifier:
         mask = keys.view(1, 1, 1, kv_len) <= positions.view(n_rows, 1, t_max, 1)  # causal per row
         positions, mask = positions.to(self.device), mask.to(self.device)
         self.cache.bind(slice(lo, hi), positions, kv_len)
+        extra = {"logits_to_keep": 1} if not logits and self._logits_to_keep else {}
         with attention_backends(self.device):
             out = self.model(
                 input_ids=ids.to(self.device),
@@ -366,6 +437,7 @@ class TransformersVerifier:
                 attention_mask=mask,
                 past_key_values=self.cache,
                 use_cache=True,
+                **extra,
             )
         rows = torch.tensor([s.slot - lo for s in sessions], device=self.device)
         return out.logits.index_select(0, rows)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +104,87 @@ def test_a_session_left_out_of_a_step_keeps_its_cache(model, verifier):
             rounds[s] += 1
     for sid, p in prompts.items():
         assert out[sid] == _reference_greedy(model, p, len(out[sid])), sid
+
+
+class _QueueWatch(deque):
+    """The verifier's queue of sessions waiting to open, telling the test when ``n`` are in it."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.full = n, threading.Event()
+
+    def append(self, item) -> None:
+        super().append(item)
+        if len(self) >= self.n:
+            self.full.set()
+
+
+def _open_together(verifier, sessions: dict[str, list[int]]) -> tuple[dict[str, float | BaseException], list[int]]:
+    """Open ``sessions`` from one thread each while a forward holds the verifier, so they queue up.
+
+    Returns each session's result (its prefill ms, or what it raised) and the row count of
+    every forward the opening ran.
+    """
+    verifier._prefills = _QueueWatch(len(sessions))
+    forwards: list[int] = []
+    forward = verifier._forward
+    verifier._forward = lambda rows, inputs, **kw: forwards.append(len(rows)) or forward(rows, inputs, **kw)
+    results: dict[str, float | BaseException] = {}
+
+    def open_one(sid: str, prompt: list[int]) -> None:
+        try:
+            results[sid] = verifier.open_session(sid.split("#")[0], prompt, GREEDY)
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            results[sid] = exc
+
+    threads = [threading.Thread(target=open_one, args=item) for item in sessions.items()]
+    with verifier._lock:  # as if a verify step were running
+        for t in threads:
+            t.start()
+        assert verifier._prefills.full.wait(10)
+    for t in threads:
+        t.join(10)
+    verifier._forward = forward
+    return results, forwards
+
+
+def test_sessions_that_open_together_are_prefilled_in_one_forward_and_decode_exactly(model, verifier):
+    prompts = {"a": [5, 6, 7, 8, 9], "b": [12], "c": [20, 21, 22, 23, 24, 25, 26, 27, 28], "d": [30, 31]}
+    results, forwards = _open_together(verifier, prompts)
+    assert forwards == [3]  # one forward for every prompt longer than its pending token
+    shares = {sid: results[sid] for sid in prompts}
+    assert shares["b"] == 0.0 and all(isinstance(v, float) and v >= 0 for v in shares.values())
+    assert shares["c"] == pytest.approx(shares["a"] * 8 / 4) == pytest.approx(shares["d"] * 8)  # by positions
+    out: dict[str, list[int]] = {sid: [] for sid in prompts}
+    for r in range(8):
+        result = verifier.verify([VerifyRequest(sid, (), None, r) for sid in prompts])
+        for sid, verdict in zip(prompts, result.verdicts, strict=True):
+            out[sid].append(verdict.verifier_token)
+    assert out == {sid: _reference_greedy(model, p, 8) for sid, p in prompts.items()}
+
+
+def test_a_session_that_cannot_open_fails_alone_in_a_batched_prefill(model, verifier):
+    results, forwards = _open_together(verifier, {"s#1": [1, 2, 3], "s#2": [4, 5, 6], "t": [7, 8, 9]})
+    assert forwards == [2]
+    failed = [sid for sid in ("s#1", "s#2") if isinstance(results[sid], InvalidRequestError)]
+    assert len(failed) == 1 and "already open" in str(results[failed[0]])
+    assert isinstance(results["t"], float) and verifier.open_sessions == 2
+    kept = [1, 2, 3] if failed == ["s#2"] else [4, 5, 6]  # the prompt of the "s" that opened
+    result = verifier.verify([VerifyRequest("s", (), None, 0), VerifyRequest("t", (), None, 0)])
+    assert [v.verifier_token for v in result.verdicts] == [
+        _reference_greedy(model, kept, 1)[0],
+        _reference_greedy(model, [7, 8, 9], 1)[0],
+    ]
+
+
+def test_a_failed_batched_prefill_opens_none_of_its_sessions(verifier):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the forward failed")
+
+    verifier._forward = broken
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        verifier.open_session("a", [1, 2, 3], GREEDY)
+    assert verifier.open_sessions == 0 and not verifier._slot_owner
 
 
 def test_a_retried_round_returns_the_same_verdict_and_changes_nothing(model, verifier):
