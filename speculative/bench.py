@@ -28,6 +28,7 @@ from statistics import median
 
 import torch
 
+from speculative.controller import GOVERNOR_CAPS
 from speculative.engine import SpeculativeEngine
 from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER, load_pair, load_tokenizer
 from speculative.types import SamplingParams
@@ -133,10 +134,11 @@ def compare(spec: SpeculativeEngine, plain: SpeculativeEngine, n_sessions: int, 
 
     Pairing each speculative run with the plain run just before it, and taking medians,
     keeps a burst of load from another tenant of this shared machine out of the ratio.
-    Two untimed speculative runs first: the governor learns, per concurrency level, which
+    Untimed speculative runs first, one more than the governor has caps to try (at 16
+    sessions a run is about one of its epochs): it learns, per concurrency level, which
     draft-length cap pays, as a long-running server would have by then.
     """
-    for _ in range(2):
+    for _ in range(len(GOVERNOR_CAPS) + 1):
         run_sessions(spec, n_sessions, max_tokens)
     pairs = [
         (run_sessions(plain, n_sessions, max_tokens), run_sessions(spec, n_sessions, max_tokens))

@@ -132,9 +132,13 @@ class DraftLengthController:
 LOAD_BUCKETS = (1, 2, 4, 8, 16, 32)  # concurrency levels measured apart
 # few, well-separated arms: each epoch's measurement is noisy on a shared machine, and
 # every epoch spent on a losing arm costs throughput
-GOVERNOR_CAPS = (MAX_DRAFT_TOKENS, 0, 2)  # tried in this order, then the best is kept
+GOVERNOR_CAPS = (MAX_DRAFT_TOKENS, 0, 2, 4)  # tried in this order, then the best is kept
 EPOCH_BATCHES = 12
 EPOCH_MIN_S = 0.1
+# An epoch cut short by a session ending is still scored when it saw this many batches: a
+# good draft finishes a completion in few rounds, and sessions that start together end
+# together, so a concurrency level may never see EPOCH_BATCHES in a row at one count.
+EPOCH_MIN_BATCHES = 4
 EXPLORE_EVERY = 10  # every 10th epoch re-measures another cap (load and agreement drift)
 UNCAPPED_MARGIN = 0.9  # a cap must beat leaving k to the controllers by >10% to be kept
 CLEAR_LOSER = 1.3  # an arm the best beats by this factor is re-measured 4x less often
@@ -161,6 +165,7 @@ class SpeculationGovernor:
         self.cap = GOVERNOR_CAPS[0]
         self._epochs = 0
         self._start: float | None = None
+        self._last = 0.0  # when the epoch's latest counted batch ended
         self._tokens = 0
         self._batches = 0
         self._bucket = LOAD_BUCKETS[0]
@@ -169,26 +174,35 @@ class SpeculationGovernor:
     def on_batch(self, *, emitted: int, active: int, now: float) -> None:
         """Count a verified batch; at the end of an epoch, score the cap and pick the next."""
         bucket = max(b for b in LOAD_BUCKETS if b <= max(1, active))
-        if self._start is None or bucket != self._bucket:
+        if self._start is None or active != self._active:
+            # A session started: its prefill ran beside the last batches, which is no
+            # property of the cap, so the epoch so far is dropped. A session ended: the
+            # batches so far were a fair measure of the cap, so they count if there are enough.
+            scored = self._start is not None and active < self._active and self._batches >= EPOCH_MIN_BATCHES
+            if scored:
+                self._score(self._last)  # up to the last batch of the old count
+            if scored or self._start is None or bucket != self._bucket:
+                self.cap = self._choose(bucket)
             self._start, self._tokens, self._batches, self._bucket, self._active = now, 0, 0, bucket, active
-            self.cap = self._choose(bucket)
-            return
-        if active != self._active:
-            # a session started or ended: its prefill, or the gap before the next one, is
-            # no property of the cap, so the epoch so far is dropped, not scored
-            self._start, self._tokens, self._batches, self._active = now, 0, 0, active
             return
         self._tokens += emitted
         self._batches += 1
+        self._last = now
+        if self._batches >= EPOCH_BATCHES and now - self._start >= EPOCH_MIN_S:
+            self._score(now)
+            self._start, self._tokens, self._batches = now, 0, 0
+            self.cap = self._choose(bucket)
+
+    def _score(self, now: float) -> None:
+        """Fold the epoch so far (``self.cap`` at ``self._bucket``) into the measured rates."""
+        assert self._start is not None
         elapsed = now - self._start
-        if self._batches < EPOCH_BATCHES or elapsed < EPOCH_MIN_S:
+        if elapsed <= 0:
             return
-        key = (bucket, self.cap)
+        key = (self._bucket, self.cap)
         rate = self._tokens / elapsed
         self.rates[key] = rate if key not in self.rates else RATE_DECAY * self.rates[key] + (1 - RATE_DECAY) * rate
         self._epochs += 1
-        self._start, self._tokens, self._batches = now, 0, 0
-        self.cap = self._choose(bucket)
 
     def _choose(self, bucket: int) -> int:
         if bucket == 1:

@@ -6,6 +6,7 @@ import pytest
 
 from speculative.controller import (
     EPOCH_BATCHES,
+    EPOCH_MIN_BATCHES,
     PROBE_EVERY,
     DraftLengthController,
     SpeculationGovernor,
@@ -108,3 +109,32 @@ def test_a_lone_session_is_never_capped():
     governor = SpeculationGovernor()
     caps = _drive_governor(governor, lambda cap: 1000 if cap == 0 else 600, epochs=20, active=1)
     assert set(caps) == {max(caps)} and max(caps) > 0
+
+
+def _batches(governor: SpeculationGovernor, actives: list[int], emitted: int = 40, now: float = 0.0) -> float:
+    for active in actives:
+        now += 0.05
+        governor.on_batch(emitted=emitted, active=active, now=now)
+    return now
+
+
+def test_an_epoch_cut_short_by_a_session_ending_is_still_scored():
+    """A good draft ends completions in few rounds: sessions that started together end before a full epoch."""
+    governor = SpeculationGovernor()
+    cap = governor.cap
+    _batches(governor, [16] * (EPOCH_MIN_BATCHES + 1) + [15])
+    assert governor.rates[(16, cap)] == pytest.approx(40 / 0.05)
+    assert governor._choose(16) != cap  # at 16 sessions, the next cap gets its turn
+
+
+def test_an_epoch_cut_short_by_a_session_starting_is_dropped():
+    """A joining session's prefill runs beside the batches: that is no property of the cap."""
+    governor = SpeculationGovernor()
+    _batches(governor, [8] * (EPOCH_MIN_BATCHES + 4) + [9])
+    assert governor.rates == {}
+
+
+def test_too_short_an_epoch_is_not_scored():
+    governor = SpeculationGovernor()
+    _batches(governor, [16] * (EPOCH_MIN_BATCHES - 1) + [15])
+    assert governor.rates == {}
