@@ -1,17 +1,21 @@
 """The draft side of a speculative round: propose up to k tokens, then roll back.
 
-A draft backend only has to evaluate tokens into its KV cache (returning the last
-position's logits) and truncate that cache; :class:`DraftSession` does the rest the same
-way for every backend: it keeps the committed token sequence, brings the cache up to
-date, drafts k tokens (argmax, or sampled from the warped ``q`` with the request's seed),
-and on the verdict keeps the accepted tokens and drops the rest.
+A draft backend evaluates tokens into its KV cache (returning the last position's
+logits), truncates that cache, and runs a whole round's drafting (``draft``: catch up,
+then k steps, each token picked by the caller's rule; ``draft_steps`` is that loop for a
+backend with nothing to batch). :class:`DraftSession` does the rest the same way for every
+backend: it keeps the committed token sequence, says which tokens the cache lacks, picks
+each draft token (argmax, or sampled from the warped ``q`` with the request's seed), and
+on the verdict keeps the accepted tokens and drops the rest. A backend that batches
+sessions (llama.cpp) runs the k steps of every session drafting at the same time in
+lockstep, from one thread: one gathering of the sessions per round, not per token.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +41,15 @@ class DraftContext(Protocol):
         """Drop every cached position from ``n_keep`` on."""
         ...
 
+    def draft(self, tokens: Sequence[int], k: int, choose: Callable[[np.ndarray], int]) -> list[int]:
+        """Evaluate ``tokens`` (at least one), then draft ``k`` tokens and return them.
+
+        ``choose(logits)`` picks each draft token from the logits before it  # (vocab,);
+        every draft token but the last is evaluated into the cache (the last one's logits
+        are not needed this round).
+        """
+        ...
+
     def begin_round(self) -> None:
         """This session starts drafting (a batching backend waits for drafting sessions)."""
         ...
@@ -44,6 +57,17 @@ class DraftContext(Protocol):
     def end_round(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def draft_steps(ctx: DraftContext, tokens: Sequence[int], k: int, choose: Callable[[np.ndarray], int]) -> list[int]:
+    """``DraftContext.draft`` one evaluation at a time, for a backend with nothing to batch."""
+    logits = ctx.evaluate(tokens)
+    drafted: list[int] = []
+    for i in range(k):
+        drafted.append(choose(logits))
+        if i + 1 < k:
+            logits = ctx.evaluate([drafted[-1]])
+    return drafted
 
 
 class DraftModel(Protocol):
@@ -66,7 +90,6 @@ class DraftSession:
         self._generator = torch.Generator().manual_seed(params.seed ^ _DRAFT_SEED_SALT)
         self.committed: list[int] = list(prompt_ids)
         self._n_cached = 0  # committed tokens already in the draft's KV cache
-        self._logits: np.ndarray | None = None  # logits after the last cached token
         self._in_round = False
         self._round_lock = threading.Lock()
 
@@ -82,19 +105,24 @@ class DraftSession:
         return Proposal(tokens=tokens, q=q, draft_ms=(time.perf_counter() - started) * 1e3)
 
     def _draft(self, k: int) -> tuple[tuple[int, ...], np.ndarray | None]:
-        logits = self._catch_up()
-        tokens: list[int] = []
+        if len(self.committed) >= self._ctx.n_ctx:
+            raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {self._ctx.n_ctx}")
+        if self._n_cached >= len(self.committed):
+            # everything is cached (only before any verdict): evaluate the last token again
+            # for the logits after it, rather than keep a copy of them around
+            self._n_cached = len(self.committed) - 1
+            self._ctx.truncate(self._n_cached)
         q_rows: list[torch.Tensor] = []
-        for i in range(k):
+
+        def choose(logits: np.ndarray) -> int:
             if self._params.greedy:
-                token = int(np.argmax(logits))
-            else:
-                q = warp(torch.from_numpy(np.asarray(logits, dtype=np.float32)), self._params)
-                token = sample(q, self._generator)
-                q_rows.append(q)
-            tokens.append(token)
-            if i + 1 < k:  # the last draft token's logits are not needed this round
-                logits = self._ctx.evaluate([token])
+                return int(np.argmax(logits))
+            q = warp(torch.from_numpy(np.asarray(logits, dtype=np.float32)), self._params)
+            q_rows.append(q)
+            return sample(q, self._generator)
+
+        tokens = self._ctx.draft(self.committed[self._n_cached :], k, choose)
+        self._n_cached = len(self.committed)  # accept() counts the draft tokens that were cached
         return tuple(tokens), (torch.stack(q_rows).numpy() if q_rows else None)
 
     def accept(self, proposal: Proposal, verdict: Verdict) -> None:
@@ -133,13 +161,3 @@ class DraftSession:
     def close(self) -> None:
         self.finish_round()
         self._ctx.close()
-
-    def _catch_up(self) -> np.ndarray:
-        missing = self.committed[self._n_cached :]
-        if len(self.committed) >= self._ctx.n_ctx:
-            raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {self._ctx.n_ctx}")
-        if missing:
-            self._logits = self._ctx.evaluate(missing)
-            self._n_cached = len(self.committed)
-        assert self._logits is not None
-        return self._logits

@@ -5,12 +5,13 @@ Each session keeps a ``DynamicCache``; rolling back crops it to the kept length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from speculative.draft import draft_steps
 from speculative.verifier import attention_backends, load_causal_lm, pick_device
 
 
@@ -37,6 +38,9 @@ class TransformersContext:
             )
         self._length += len(tokens)
         return out.logits[0, -1].float().cpu().numpy()
+
+    def draft(self, tokens: Sequence[int], k: int, choose: Callable[[np.ndarray], int]) -> list[int]:
+        return draft_steps(self, tokens, k, choose)  # each session runs its own forward passes
 
     def truncate(self, n_keep: int) -> None:
         if n_keep < self._length:

@@ -1,12 +1,15 @@
 """The edge draft backend: a GGUF model run by llama.cpp (llama-cpp-python).
 
 All sessions share ONE llama.cpp context, each on its own sequence id of a unified KV
-cache, and draft steps are batched across sessions: the threads that are drafting at
-the same moment have their next tokens evaluated by a single ``llama_decode``. A decode
-costs llama.cpp a fixed ~0.2 ms on top of its arithmetic, so sixteen sessions drafting
-one token each pay it once instead of sixteen times (the same idea as the verifier's
-batching, on the edge side). The thread that completes a batch (or whose short wait
-runs out) runs the decode itself: a lone session never waits for anyone.
+cache, and drafting is batched across sessions: the sessions that draft at the same
+moment have their rounds run together, in lockstep, each step one ``llama_decode`` for
+all of them. A decode costs llama.cpp a fixed ~0.2 ms on top of its arithmetic, so
+sixteen sessions drafting one token each pay it once instead of sixteen times (the same
+idea as the verifier's batching, on the edge side). The thread that completes a
+gathering (or whose short wait runs out) runs the whole round for everyone in it,
+picking each session's tokens with that session's own rule, while the others sleep:
+one gathering and one wake-up per session per round, not per token. A lone session
+never waits for anyone.
 
 Rolling back removes the rejected tail from the session's sequence
 (``llama_memory_seq_rm`` from ``n_keep`` on); the next evaluation then continues
@@ -18,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +38,28 @@ GATHER_WAIT_S = 0.004  # the longest a drafting thread waits for others to join 
 
 @dataclass
 class _Step:
+    """Tokens of one sequence to evaluate at positions from ``n_past``; ``logits`` after the last."""
+
     seq: int
     tokens: list[int]
     n_past: int
     logits: np.ndarray | None = None
+
+
+@dataclass
+class _Round:
+    """One session's share of a batched drafting round: evaluate ``tokens``, then draft ``k``."""
+
+    seq: int
+    tokens: list[int]
+    n_past: int
+    k: int = 0
+    choose: Callable[[np.ndarray], int] | None = None
+    logits: np.ndarray | None = None  # after the last evaluated token
+    evaluated: int = 0  # positions this round added to the sequence
+    drafted: list[int] = field(default_factory=list)
     error: BaseException | None = None
     done: bool = False
-    out_index: list[int] = field(default_factory=list)
 
 
 class LlamaCppContext:
@@ -60,9 +78,21 @@ class LlamaCppContext:
         self._owner._drafting_changed(-1)
 
     def evaluate(self, tokens: Sequence[int]) -> np.ndarray:
-        logits = self._owner._evaluate(_Step(self._seq, list(tokens), self._n_past))
-        self._n_past += len(tokens)
-        return logits
+        work = self._run(_Round(self._seq, list(tokens), self._n_past))
+        assert work.logits is not None
+        return work.logits
+
+    def draft(self, tokens: Sequence[int], k: int, choose: Callable[[np.ndarray], int]) -> list[int]:
+        return self._run(_Round(self._seq, list(tokens), self._n_past, k, choose)).drafted
+
+    def _run(self, work: _Round) -> _Round:
+        try:
+            self._owner._gather(work)
+        finally:
+            self._n_past += work.evaluated
+        if work.error is not None:
+            raise work.error
+        return work
 
     def truncate(self, n_keep: int) -> None:
         if n_keep < self._n_past:
@@ -113,7 +143,7 @@ class LlamaCppDraft:
         self._free = list(range(max_sessions - 1, -1, -1))
         self._cond = threading.Condition()
         self._decode_lock = threading.Lock()  # llama.cpp contexts are not thread-safe
-        self._pending: list[_Step] = []
+        self._pending: list[_Round] = []
         self._drafting = 0
         self._running = False
         self.decodes = 0  # llama_decode calls so far (how well drafting batches)
@@ -147,37 +177,58 @@ class LlamaCppDraft:
             self._drafting += delta
             self._cond.notify_all()  # a thread waiting for one more drafter may go now
 
-    def _evaluate(self, step: _Step) -> np.ndarray:
-        """Queue ``step``; run the batch when every drafting session is in it, or on timeout."""
+    def _gather(self, work: _Round) -> None:
+        """Queue ``work``; run every queued round when each drafting session is in, or on timeout."""
         deadline = time.perf_counter() + GATHER_WAIT_S
-        batch: list[_Step] = []
+        batch: list[_Round] = []
         with self._cond:
-            self._pending.append(step)
+            self._pending.append(work)
             while True:
-                if step.done:
-                    break
+                if work.done:
+                    return
                 ready = len(self._pending) >= max(1, self._drafting) or time.perf_counter() >= deadline
                 if not self._running and ready:
                     batch, self._pending, self._running = self._pending, [], True
                     break
                 self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()) or GATHER_WAIT_S)
-        if not step.done:
-            try:
-                self._decode(batch)
-            except BaseException as exc:  # every waiting session must hear of it
-                for s in batch:
-                    s.error = exc
+        try:
+            self._run_rounds(batch)
+        except BaseException as exc:  # every waiting session must hear of it
+            for w in batch:
+                w.error = w.error or exc
+            if not isinstance(exc, Exception):
                 raise
-            finally:
-                with self._cond:
-                    for s in batch:
-                        s.done = True
-                    self._running = False
-                    self._cond.notify_all()
-        if step.error is not None:
-            raise step.error
-        assert step.logits is not None
-        return step.logits
+        finally:
+            with self._cond:
+                for w in batch:
+                    w.done = True
+                self._running = False
+                self._cond.notify_all()
+
+    def _run_rounds(self, rounds: list[_Round]) -> None:
+        """Every round's tokens in one decode, then their draft steps in lockstep, one decode a step."""
+        steps = [_Step(w.seq, w.tokens, w.n_past) for w in rounds]
+        self._decode(steps)
+        for w, step in zip(rounds, steps, strict=True):
+            w.logits, w.evaluated = step.logits, len(w.tokens)
+        drafting = [w for w in rounds if w.k > 0]
+        while drafting:
+            evaluate: list[_Round] = []
+            for w in drafting:
+                assert w.choose is not None and w.logits is not None
+                try:
+                    w.drafted.append(w.choose(w.logits))
+                except Exception as exc:  # noqa: BLE001 - this session's rule failed: it fails alone
+                    w.error = exc
+                    continue
+                if len(w.drafted) < w.k:  # the last draft token's logits are not needed this round
+                    evaluate.append(w)
+            steps = [_Step(w.seq, [w.drafted[-1]], w.n_past + w.evaluated) for w in evaluate]
+            if steps:
+                self._decode(steps)
+            for w, step in zip(evaluate, steps, strict=True):
+                w.logits, w.evaluated = step.logits, w.evaluated + 1
+            drafting = evaluate
 
     def _decode(self, steps: list[_Step]) -> None:
         """Evaluate every step's tokens at its positions, in as few decodes as fit."""

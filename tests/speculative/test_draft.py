@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,35 @@ def test_a_full_draft_context_refuses_another_session_clearly(tiny_checkpoint):
         draft.new_context()
     first.close()
     draft.new_context().evaluate([1, 2, 3])  # a freed sequence is usable again
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_k=40, seed=7)])
+def test_sessions_drafting_together_share_a_decode_per_step_and_draft_what_each_would_alone(
+    tiny_checkpoint, monkeypatch, sampling
+):
+    monkeypatch.setattr("speculative.draft_llama.GATHER_WAIT_S", 10.0)  # only "everyone is in" may start it
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf")
+    prompts, ks = [[1, 2, 3], [40, 41, 42, 43, 44], [7]], [4, 2, 3]
+    alone = []
+    for prompt, k in zip(prompts, ks, strict=True):
+        session = DraftSession(draft, prompt, sampling)
+        alone.append(session.propose(k))
+        session.close()
+    sessions = [DraftSession(draft, prompt, sampling) for prompt in prompts]
+    for session in sessions:
+        session.start_round()
+    proposals: dict[int, object] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: proposals.__setitem__(i, sessions[i].propose(ks[i]))) for i in range(3)
+    ]
+    before = draft.decodes
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert draft.decodes - before == max(ks)  # the prompts in one decode, then one per step for all
+    for i, proposal in proposals.items():
+        assert proposal.tokens == alone[i].tokens and len(proposal.tokens) == ks[i]
+        if not sampling.greedy:
+            assert np.abs(proposal.q - alone[i].q).max() < 1e-4  # llama.cpp sums in batch order
