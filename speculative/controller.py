@@ -157,7 +157,9 @@ class SpeculationGovernor:
     decoding), separately per concurrency level, and keeps the cap that did best while
     re-measuring another now and then. So speculation falls back to plain decoding
     exactly where it does not pay, as measured, not as modelled. A lone session is never
-    capped: there is no one else for its drafts to slow down.
+    capped: there is no one else for its drafts to slow down. Under a cap below
+    ``MAX_DRAFT_TOKENS`` every session that drafts at all drafts the cap (the engine's
+    ``_next_k``): in lockstep a shorter draft saves the batch almost nothing.
     """
 
     def __init__(self) -> None:
@@ -181,7 +183,9 @@ class SpeculationGovernor:
             scored = self._start is not None and active < self._active and self._batches >= EPOCH_MIN_BATCHES
             if scored:
                 self._score(self._last)  # up to the last batch of the old count
-            if scored or self._start is None or bucket != self._bucket:
+            # Sessions leaving keep the cap until an epoch at the lower level is scored: the
+            # tail of a burst is too short to learn from, and should not go uncapped meanwhile.
+            if self._start is None or bucket > self._bucket or (scored and bucket == self._bucket):
                 self.cap = self._choose(bucket)
             self._start, self._tokens, self._batches, self._bucket, self._active = now, 0, 0, bucket, active
             return

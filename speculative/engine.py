@@ -259,8 +259,14 @@ class Completion(TokenStream):
     def _next_k(self, controller: DraftLengthController, batch_size: int) -> int:
         scheduler, req = self._engine.scheduler, self.request
         k = controller.next_k(scheduler.cost.line(), batch_size)
-        if req.k is None:  # a pinned k is the caller's choice; otherwise obey the governor's cap
-            k = min(k, scheduler.governor.cap)
+        if req.k is None:  # a pinned k is the caller's choice; otherwise the governor's cap rules
+            cap = scheduler.governor.cap
+            if cap < MAX_DRAFT_TOKENS and k > 0:
+                # A capped batch drafts in lockstep: every session waits for the longest draft
+                # and the verify step, so a session drafting less than the cap saves the batch
+                # next to nothing and loses tokens. It drafts the cap, unless its own controller
+                # finds drafting does not pay for it at all (k = 0).
+                k = cap
         # a round emits up to k + 1 tokens: never draft past max_tokens
         return min(k, req.max_tokens - self.stats.completion_tokens - 1, MAX_DRAFT_TOKENS)
 

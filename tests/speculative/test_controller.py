@@ -7,6 +7,7 @@ import pytest
 from speculative.controller import (
     EPOCH_BATCHES,
     EPOCH_MIN_BATCHES,
+    GOVERNOR_CAPS,
     PROBE_EVERY,
     DraftLengthController,
     SpeculationGovernor,
@@ -138,3 +139,16 @@ def test_too_short_an_epoch_is_not_scored():
     governor = SpeculationGovernor()
     _batches(governor, [16] * (EPOCH_MIN_BATCHES - 1) + [15])
     assert governor.rates == {}
+
+
+def test_sessions_leaving_keep_the_cap_until_the_lower_level_has_an_epoch():
+    """The tail of a burst is too short to learn from, and should not go uncapped meanwhile."""
+    governor = SpeculationGovernor()
+    governor.rates = {(16, cap): 1000.0 + (500 if cap == 2 else 0) for cap in GOVERNOR_CAPS}
+    governor._epochs = 1  # as if measured; not an exploring turn
+    now = _batches(governor, [16] * 3)
+    assert governor.cap == 2  # the best measured at 16 sessions
+    now = _batches(governor, [8] * 3, now=now)  # half the sessions ended: a lower level, not yet measured
+    assert governor.cap == 2
+    _batches(governor, [8] * (EPOCH_BATCHES + 1), now=now)
+    assert (8, 2) in governor.rates and governor.cap == GOVERNOR_CAPS[0]  # now 8 sessions try their own caps

@@ -10,10 +10,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from speculative.controller import DraftLengthController
 from speculative.draft_hf import TransformersDraft
 from speculative.engine import SpeculativeEngine
 from speculative.errors import ContextOverflowError, InvalidRequestError
-from speculative.types import FinishReason, Provenance, SamplingParams
+from speculative.types import MAX_DRAFT_TOKENS, FinishReason, Provenance, SamplingParams
 from speculative.verifier import TransformersVerifier
 from tests.speculative.conftest import ByteTokenizer, tiny_llama
 
@@ -73,6 +74,20 @@ def test_concurrent_sessions_joining_mid_batch_stay_lossless(engines):
         t.join(timeout=120)
     assert results == expected
     assert spec.scheduler.rounds > spec.scheduler.batches  # some rounds really were batched
+
+
+def test_under_a_governor_cap_every_session_that_drafts_drafts_the_cap(engines, monkeypatch):
+    spec, _ = engines
+    completion = spec.stream("The Django ORM", max_tokens=64)  # not started: no session is open
+
+    def picks() -> list[int]:
+        return [completion._next_k(DraftLengthController(fixed_k=k), 16) for k in (0, 1, 6)]
+
+    monkeypatch.setattr(spec.scheduler.governor, "cap", 3)
+    assert picks() == [0, 3, 3]  # a session whose controller will not draft still does not
+    monkeypatch.setattr(spec.scheduler.governor, "cap", MAX_DRAFT_TOKENS)
+    assert picks() == [0, 1, 6]  # uncapped: each session's own choice
+    completion.close()
 
 
 def test_stats_and_provenance_add_up(engines):
