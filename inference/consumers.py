@@ -18,7 +18,8 @@ client -> server::
 server -> client::
 
     {"type": "started", "id", "request_id", "model", "route": {"tier", "reason", "degraded"}}
-    {"type": "delta", "id", "index", "text", "token_id", "provenance": "drafted" | "verifier" | "edge"}
+    {"type": "delta", "id", "index", "text", "tokens": [{"token_id", "text", "provenance"}, ...]}
+                                                       provenance: "drafted" | "verifier" | "edge"
     {"type": "done", "id", "usage": {...}}            usage: UsageSummary.as_dict(); outcome
                                                        "completed" or "cancelled"
     {"type": "error", "id": <id or null>, "error": {"message", "type", "param", "code"},
@@ -28,10 +29,17 @@ server -> client::
 Only ``model`` and ``prompt`` are required in ``start``; the other fields take the defaults
 shown. Up to ``MAX_STREAMS_PER_CONNECTION`` streams run at once on one connection, each
 keyed by its client ``id`` (a live id cannot be reused). Every delta sent is charged and
-nothing else is: ``done.usage.completion_tokens`` (or the error frame's) equals the deltas
-the client received for that id. A malformed frame gets an ``error`` frame with code
+nothing else is: ``done.usage.completion_tokens`` (or the error frame's) equals the tokens
+in the delta frames the client received for that id. A malformed frame gets an ``error`` frame with code
 ``invalid_request`` (its ``param`` names the field), starts nothing and leaves the
 connection open.
+
+A delta frame carries one or more consecutive tokens: ``index`` is its first token's
+position in the completion, ``text`` their text joined, ``tokens`` each token's id, text
+and provenance. A frame holds the tokens that were ready when it was sent and never waits
+for more: a speculative round hands over its accepted draft tokens and the verifier's
+token at once, and a client slower than the engine gets fewer, larger frames (at most
+``gateway.MAX_DELTAS_AT_ONCE`` tokens each) instead of a growing backlog.
 
 Tenant scoping: a console user acts in the tenant named by ``tenant`` (their membership is
 checked by ``gateway.principal_for_user``; their first tenant when it is absent); an API
@@ -219,14 +227,17 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
             while not item.stop.is_set():
                 if pending is None and stream.at_hand():
                     # Already here (the engine is ahead of the socket): taken without
-                    # suspending, so no task and no timer for this token. The charging rule
-                    # is the one below: a token taken is sent at once.
-                    delta = await _next_delta(stream)  # raises GatewayError when the engine failed
-                    if delta is None:
-                        await self._send_done(item, stream)
-                        return
-                    await self._send_delta(item, delta)
-                    await asyncio.sleep(0)  # let a cancel frame or a disconnect in between tokens
+                    # suspending, every token at hand in one frame, so no task and no timer
+                    # for them. The charging rule is the one below: tokens taken are sent at once.
+                    batch = stream.take_at_hand()
+                    if not batch:  # what is at hand is the end, or the engine's failure
+                        delta = await _next_delta(stream)  # raises GatewayError when the engine failed
+                        if delta is None:
+                            await self._send_done(item, stream)
+                            return
+                        batch = [delta]
+                    await self._send_deltas(item, batch)
+                    await asyncio.sleep(0)  # let a cancel frame or a disconnect in between frames
                     continue
                 if pending is None:
                     pending = asyncio.create_task(_next_delta(stream))
@@ -243,7 +254,7 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
                 if delta is None:  # the stream ended and settled
                     await self._send_done(item, stream)
                     return
-                await self._send_delta(item, delta)
+                await self._send_deltas(item, [delta, *stream.take_at_hand(gateway.MAX_DELTAS_AT_ONCE - 1)])
         except GatewayError as exc:  # failed mid-stream: the gateway settled what was delivered
             await self._send_error(item.id, exc, stream.usage)
             return
@@ -268,7 +279,7 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         delta = results[0]
         usage = stream.usage
         if isinstance(delta, gateway.TokenDelta) and usage is not None and delta.index < usage.completion_tokens:
-            await self._send_delta(item, delta)
+            await self._send_deltas(item, [delta])
         elif isinstance(delta, BaseException) and not isinstance(delta, asyncio.CancelledError | GatewayError):
             log.error("request %s: reading the stopped stream failed", stream.request_id, exc_info=delta)
 
@@ -278,10 +289,13 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         if not item.client_gone:
             await self.send_json(frame)
 
-    async def _send_delta(self, item: _Live, delta: gateway.TokenDelta) -> None:
-        frame = {"type": "delta", "id": item.id, "index": delta.index, "text": delta.text, "token_id": delta.token_id}
-        frame["provenance"] = delta.provenance.value
-        await self._send_for(item, frame)
+    async def _send_deltas(self, item: _Live, deltas: list[gateway.TokenDelta]) -> None:
+        """One delta frame for consecutive tokens: their joined text, and each token on its own."""
+        tokens = [{"token_id": d.token_id, "text": d.text, "provenance": d.provenance.value} for d in deltas]
+        text = "".join(d.text for d in deltas)
+        await self._send_for(
+            item, {"type": "delta", "id": item.id, "index": deltas[0].index, "text": text, "tokens": tokens}
+        )
 
     async def _send_done(self, item: _Live, stream: gateway.GatewayStream) -> None:
         assert stream.usage is not None

@@ -201,6 +201,8 @@ class TrivialCompletion(TokenStream):
             self.stats.proposed += TRIVIAL_ROUND - 1
             self.stats.accepted += TRIVIAL_ROUND - 1
             self.stats.gpu_ms += TRIVIAL_GPU_MS
+            if self._engine.round_s and start:
+                time.sleep(self._engine.round_s)  # a paced engine: each round after the first takes this long
             yield from self._emit(tokens, TRIVIAL_ROUND - 1, TRIVIAL_GPU_MS, TRIVIAL_ROUND - 1)
             if self.stats.finish_reason is not None:
                 return
@@ -214,8 +216,10 @@ class TrivialEngine:
         fail_after: int | None = None,
         fail_as: BaseException | None = None,
         context_length: int = 4096,
+        round_s: float = 0.0,
     ):
         self.tokenizer = CharTokenizer()
+        self.round_s = round_s  # seconds each round after the first takes (0: tokens as fast as they are read)
         self.text = text
         self.fail_after = fail_after  # raise once this many tokens were produced (error-path tests)
         self.fail_as = fail_as  # what to raise then (default: a RuntimeError)

@@ -77,6 +77,9 @@ MAX_TAGS = 16
 COMPLETIONS_SCOPE = "completions"
 MAX_STREAMS = 64  # streams this process runs at once (engine threads); 503 past it
 INLINE_TOKENIZE_CHARS = 2048  # longer prompts are tokenised on a thread, off the event loop
+# The most tokens an adapter takes for one frame or one write (``take_at_hand``): a client
+# far behind a fast engine still gets frames of a bounded size.
+MAX_DELTAS_AT_ONCE = 64
 _END = object()
 
 
@@ -424,6 +427,11 @@ class GatewayStream:
         self._lease_hold: LeaseHold | None = None
         self._price: Price | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
+        # Items from the engine thread not yet on the queue: the thread appends, and wakes the
+        # loop only when the list was empty (each wake-up is a write to the loop's self-pipe
+        # and a turn of the loop; a round's tokens, or an engine ahead of the client, share one).
+        self._handoff: list[object] = []
+        self._handoff_lock = threading.Lock()
         self._cancel = threading.Event()
         self._delivered = 0
         self._accepted = 0
@@ -501,8 +509,12 @@ class GatewayStream:
         threading.current_thread().name = f"stream-{self.request_id}"
 
         def put(item: object) -> None:
+            with self._handoff_lock:
+                self._handoff.append(item)
+                if len(self._handoff) > 1:
+                    return  # a hand-over is already on its way to the loop: it takes this one too
             try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+                loop.call_soon_threadsafe(self._take_handoff)  # one wake-up of the loop for a burst
             except RuntimeError:  # the loop is gone (the server is shutting down)
                 self._cancel.set()
 
@@ -516,6 +528,13 @@ class GatewayStream:
             put(exc)
         finally:
             completion.close()  # releases the engine's sessions (draft sequence, verifier slot)
+
+    def _take_handoff(self) -> None:
+        """On the event loop: move what the engine thread handed over onto the stream's queue."""
+        with self._handoff_lock:
+            items, self._handoff = self._handoff, []
+        for item in items:
+            self._queue.put_nowait(item)
 
     async def _fail_over_to_edge(self, exc: BaseException, call: CompletionCall) -> object:
         """The verifier failed before the first token: serve this request from the edge instead.
@@ -590,6 +609,31 @@ class GatewayStream:
         before the token is handed over, so the charging rule of ``ready`` still holds.
         """
         return self._first is not None or self.usage is not None or not self._queue.empty()
+
+    def take_at_hand(self, limit: int = MAX_DELTAS_AT_ONCE) -> list[TokenDelta]:
+        """Every token already at hand (up to ``limit``), taken without waiting; ``[]`` if none is.
+
+        For adapters that send several tokens in one frame or one write: a speculative
+        round hands over its accepted tokens and the verifier's at once, and an engine ahead
+        of a slow client queues more. Each token taken is charged, so the adapter sends the
+        whole list at once, before it awaits anything. The end of the stream or a failure is
+        left in place for ``__anext__``, which settles or raises.
+        """
+        taken: list[TokenDelta] = []
+        if self.usage is not None or self._cancel.is_set():
+            return taken
+        while len(taken) < limit:
+            if self._first is not None:
+                item, self._first = self._first, None
+            elif not self._queue.empty():
+                item = self._queue.get_nowait()
+            else:
+                break
+            if not isinstance(item, TokenEvent):  # the end, or the engine's error
+                self._first = item
+                break
+            taken.append(self._deliver(item))
+        return taken
 
     async def ready(self) -> None:
         """Wait until the next item is at hand, without taking it. Safe to cancel; charges nothing.

@@ -5,7 +5,8 @@ from config.settings.base import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = get_env("TANDEM_CELERY_EAGER", True, as_bool)  # a real worker: set 0
-TANDEM_ENGINES = "inference.engines.load_test_engines"
+# The trivial engine; the platform benchmark's server names its own set (instant and paced).
+TANDEM_ENGINES = get_env("TANDEM_ENGINES", "inference.engines.load_test_engines")
 # Tests read the ledger right after a stream's last frame, so by default the row is written
 # before that frame; the write-behind tests (and the benchmark) turn it on.
 TANDEM_SETTLE_AFTER_REPLY = get_env("TANDEM_SETTLE_AFTER_REPLY", False, as_bool)

@@ -24,6 +24,8 @@ class GatedCompletion(TrivialCompletion):
     def _run(self):
         for n, event in enumerate(super()._run()):
             if n >= self._engine.free_tokens:
+                self._engine.blocked.set()  # every token before this one has been handed to the gateway
+                self._engine.waits.release()  # one more wait at the gate
                 self._engine.gate.acquire()  # the engine thread waits until the test lets one more token out
             yield event
 
@@ -32,6 +34,8 @@ class GatedEngine(TrivialEngine):
     def __init__(self, free_tokens: int = 0):
         super().__init__()
         self.gate = threading.Semaphore(0)
+        self.blocked = threading.Event()  # set when a completion first waits at the gate
+        self.waits = threading.Semaphore(0)  # released each time a completion waits at the gate
         self.free_tokens = free_tokens  # tokens each completion emits before it waits for the gate
 
     def stream(self, prompt, **kwargs) -> GatedCompletion:

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.test import AsyncClient
 
 from config.asgi import application
+from inference import gateway
 from inference.consumers import MAX_STREAMS_PER_CONNECTION
 from inference.engines import trivial_entry
 from tenants.models import Reservation, UsageRecord
@@ -57,14 +58,37 @@ def start(stream_id: str = "s1", **fields) -> dict:
     return {"type": "start", "id": stream_id, "model": "tandem-test", "prompt": "Hello there", **fields}
 
 
+def tokens_of(frame: dict) -> list[dict]:
+    """A delta frame's tokens, one dict each: its stream id, index, id, text and provenance."""
+    assert frame["type"] == "delta", frame
+    assert 1 <= len(frame["tokens"]) <= gateway.MAX_DELTAS_AT_ONCE
+    assert frame["text"] == "".join(t["text"] for t in frame["tokens"])
+    return [{"id": frame["id"], "index": frame["index"] + i, **t} for i, t in enumerate(frame["tokens"])]
+
+
+async def receive_tokens(ws: WebsocketCommunicator, n: int) -> list[dict]:
+    """The tokens of the next delta frames, until there are ``n`` (one frame may carry several)."""
+    tokens: list[dict] = []
+    while len(tokens) < n:
+        tokens += tokens_of(await receive(ws))
+    assert len(tokens) == n, tokens
+    return tokens
+
+
+async def tokens_until_end(ws: WebsocketCommunicator) -> tuple[list[dict], dict]:
+    """The tokens of the delta frames up to the stream's last frame (its done or error), and that frame."""
+    tokens: list[dict] = []
+    while (frame := await receive(ws))["type"] == "delta":
+        tokens += tokens_of(frame)
+    return tokens, frame
+
+
 async def run_to_end(ws: WebsocketCommunicator, stream_id: str) -> tuple[dict, list[dict], dict]:
-    """(started, deltas, last frame) of one stream, the last frame being its done or error."""
+    """(started, tokens, last frame) of one stream, the last frame being its done or error."""
     started = await receive(ws)
     assert started["type"] == "started" and started["id"] == stream_id, started
-    deltas = []
-    while (frame := await receive(ws))["type"] == "delta":
-        deltas.append(frame)
-    return started, deltas, frame
+    tokens, frame = await tokens_until_end(ws)
+    return started, tokens, frame
 
 
 async def nothing_charged() -> bool:
@@ -174,8 +198,9 @@ async def test_concurrent_streams_on_one_connection_are_told_apart_by_id(account
         frames[frame["id"]].append(frame)
         finished += frame["type"] == "done"
     for stream_id, n in (("a", 5), ("b", 7)):
-        deltas = [f for f in frames[stream_id] if f["type"] == "delta"]
-        assert len(deltas) == n == frames[stream_id][-1]["usage"]["completion_tokens"]
+        tokens = [t for f in frames[stream_id] if f["type"] == "delta" for t in tokens_of(f)]
+        assert [t["index"] for t in tokens] == list(range(n))
+        assert n == frames[stream_id][-1]["usage"]["completion_tokens"]
     await ws.disconnect()
 
 
@@ -184,8 +209,7 @@ async def test_cancel_mid_stream_settles_exactly_the_delivered_deltas(account, g
     await ws.send_json_to(start(max_tokens=200))
     gated.gate.release(5)
     started = await receive(ws)
-    deltas = [await receive(ws) for _ in range(5)]
-    assert [d["type"] for d in deltas] == ["delta"] * 5
+    await receive_tokens(ws, 5)
     await ws.send_json_to({"type": "cancel", "id": "s1"})
     done = await receive(ws)
     assert done["type"] == "done" and done["usage"]["outcome"] == "cancelled"
@@ -203,10 +227,10 @@ async def test_a_cancel_racing_a_fast_stream_still_charges_exactly_the_deltas_se
     ws = await key_socket(account)
     await ws.send_json_to(start(max_tokens=4000))
     started = await receive(ws)
-    received = [await receive(ws) for _ in range(3)]
+    received = [t for _ in range(3) for t in tokens_of(await receive(ws))]
     await ws.send_json_to({"type": "cancel", "id": "s1"})
-    while (frame := await receive(ws))["type"] == "delta":
-        received.append(frame)
+    later, frame = await tokens_until_end(ws)
+    received += later
     assert frame["type"] == "done"
     usage = frame["usage"]
     assert [d["index"] for d in received] == list(range(len(received)))
@@ -221,11 +245,10 @@ async def test_a_cancel_stops_a_fast_stream_long_before_its_end(account):
     ws = await key_socket(account)
     await ws.send_json_to(start(max_tokens=4000))
     started = await receive(ws)
-    assert (await receive(ws))["type"] == "delta"
+    first = tokens_of(await receive(ws))
     await ws.send_json_to({"type": "cancel", "id": "s1"})
-    sent = 1
-    while (frame := await receive(ws))["type"] == "delta":
-        sent += 1
+    later, frame = await tokens_until_end(ws)
+    sent = len(first) + len(later)
     assert frame["type"] == "done" and frame["usage"]["outcome"] == "cancelled"
     assert frame["usage"]["completion_tokens"] == sent < 4000
     row = await UsageRecord.objects.aget(request_id=started["request_id"])
@@ -238,7 +261,7 @@ async def test_a_disconnect_mid_stream_settles_exactly_the_delivered_deltas(acco
     await ws.send_json_to(start(max_tokens=200))
     gated.gate.release(4)
     started = await receive(ws)
-    assert [(await receive(ws))["type"] for _ in range(4)] == ["delta"] * 4
+    await receive_tokens(ws, 4)
     await ws.disconnect()  # returns once the consumer's disconnect handler (which settles) has finished
     row = await UsageRecord.objects.aget(request_id=started["request_id"])
     assert row.outcome == "cancelled" and row.completion_tokens == 4

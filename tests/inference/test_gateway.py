@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest
@@ -21,6 +22,7 @@ from inference.router import Tier
 from speculative.types import Provenance
 from tenants.models import Budget, Reservation, UsageRecord
 from tenants.services import budget_set, membership_create
+from tests.inference.conftest import GatedEngine, serving_gated
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -62,6 +64,57 @@ async def test_cancelling_mid_stream_charges_exactly_the_delivered_tokens(accoun
     assert row.gpu_ms == Decimal("1.000")  # 1 full round (0.75) + a third of the next (0.25)
     assert await stream.aclose() is usage  # closing twice settles once
     assert await UsageRecord.objects.filter(request_id=stream.request_id).acount() == 1
+
+
+async def test_take_at_hand_takes_the_ready_tokens_without_waiting_and_each_is_charged(account):
+    with serving_gated(GatedEngine(free_tokens=5)) as engine:
+        stream = await gateway.start(await key_principal(account), call(max_tokens=30))
+        await asyncio.to_thread(engine.blocked.wait, 5)  # 5 tokens handed over; the engine waits for the gate
+        assert [d.index for d in stream.take_at_hand(limit=3)] == [0, 1, 2]
+        assert [d.index for d in stream.take_at_hand()] == [3, 4]
+        assert stream.take_at_hand() == []  # nothing more is ready, and it does not wait for more
+        usage = await stream.aclose()
+    assert usage is not None and usage.outcome == "cancelled" and usage.completion_tokens == 5
+    assert stream.take_at_hand() == []  # a closed stream hands nothing over
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.completion_tokens == 5
+
+
+async def test_tokens_handed_over_while_the_loop_is_busy_cost_it_one_wake_up(account, monkeypatch):
+    loop = asyncio.get_running_loop()
+    handoffs: list[object] = []
+    wake = loop.call_soon_threadsafe
+
+    def counted(callback, *args, **kwargs):
+        if getattr(callback, "__name__", "") == "_take_handoff":
+            handoffs.append(callback)
+        return wake(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    with serving_gated(GatedEngine(free_tokens=1)) as engine:
+        stream = await gateway.start(await key_principal(account), call(max_tokens=30))
+        assert engine.waits.acquire(timeout=5)  # token 0 is out; the engine waits at the gate
+        handoffs.clear()
+        engine.gate.release(5)
+        assert engine.waits.acquire(timeout=5)  # the loop is busy (here) while tokens 1-5 are handed over
+        await asyncio.sleep(0)
+        assert len(handoffs) == 1
+        assert [d.index for d in stream.take_at_hand()] == [0, 1, 2, 3, 4, 5]
+        await stream.aclose()
+
+
+async def test_take_at_hand_leaves_the_end_of_the_stream_to_anext_which_settles(account):
+    stream = await gateway.start(await key_principal(account), call(max_tokens=3))
+    taken: list[gateway.TokenDelta] = []
+    while len(taken) < 3:
+        await stream.ready()
+        taken += stream.take_at_hand()
+    await stream.ready()  # the end is at hand now
+    assert stream.take_at_hand() == [] and stream.usage is None
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+    assert stream.usage is not None and stream.usage.outcome == "completed"
+    assert stream.usage.completion_tokens == len(taken) == 3 and "".join(d.text for d in taken) == "Tan"
 
 
 async def test_a_stop_string_ends_the_stream_and_only_the_text_before_it_is_charged(account):

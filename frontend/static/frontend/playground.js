@@ -62,11 +62,13 @@
         tierBadge.hidden = false;
         degradedBadge.hidden = !frame.route.degraded;
         break;
-      case "delta":
+      case "delta": // one or more consecutive tokens, each with its provenance
         if (run.firstAt === null) run.firstAt = performance.now();
-        run.tokens += 1;
-        if (frame.provenance === "drafted") run.drafted += 1;
-        run.pending.push(frame);
+        frame.tokens.forEach((token, offset) => {
+          run.tokens += 1;
+          if (token.provenance === "drafted") run.drafted += 1;
+          run.pending.push({ ...token, index: frame.index + offset });
+        });
         if (!run.frame) run.frame = requestAnimationFrame(flush);
         break;
       case "done":
