@@ -34,7 +34,7 @@ run: $(STAMP)
 		trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
 		$(PY) manage.py tandem_demo && \
 		echo "Open http://$(HOST):$(PORT)/ and sign in (OpenAI API: http://$(HOST):$(PORT)/v1, websocket: /ws/v1/completions)" && \
-		$(PY) -m daphne -b $(HOST) -p $(PORT) config.asgi:application
+		$(PY) -m config.serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check speculative config tenants inference frontend tests

@@ -1,15 +1,19 @@
 """Benchmark: what the platform adds on top of the engine (``python -m inference.bench``).
 
-Prints one JSON object. A real server (daphne, the whole ASGI stack, SQLite ledger) runs
+Prints one JSON object. A real server (``config.serve``, the whole ASGI stack, SQLite ledger) runs
 in a subprocess on loopback with the trivial engine (``tandem-test``: deterministic text,
 no model), so what is measured is Tandem's own work per request and per token: auth,
 admission, reservation, routing, settlement, the SLO sample, the engine thread hand-off,
 JSON framing and the socket. Reported against calling the same engine directly:
 
 - per request (p50, p99): end-to-end time of a streamed request minus the engine's own;
-- per token (p50, p99): the gap between streamed tokens minus the engine's own gap;
+- per token (p50, p99): the gap between streamed tokens minus the engine's own gap (the
+  tokens of one websocket frame or one SSE write arrive together: a gap of 0);
 - for the websocket (one connection, requests one after another) and SSE
-  (``POST /v1/chat/completions`` with ``stream: true``);
+  (``POST /v1/chat/completions`` with ``stream: true``), each with the instant engine
+  (every token ready at once: what the platform costs per token shows in full) and with
+  the paced one (``paced_*``: a round of three tokens every ``PACED_ROUND_MS``, so the
+  figures are how much later than from the engine itself a client gets its tokens);
 - requests/s and latency of the non-streaming API with several clients at once;
 - floors: a websocket ping and a ``GET /v1/models`` round trip, which do no completion,
   so the part of a request's overhead that is the web stack and the client shows apart
@@ -39,7 +43,24 @@ import websockets
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tandem-test"
+# The same engine with each round (three tokens) after the first taking PACED_ROUND_MS: about
+# 1000 tokens/s, faster than the demo pair on this machine. The instant engine has every token
+# ready at once, so its figures are the platform's whole per-token cost; the paced one shows
+# what a client waits for beyond the engine when tokens come as a real engine makes them.
+PACED_MODEL = "tandem-test-paced"
+PACED_ROUND_MS = 3.0
 PROMPT = "Measure the platform, not the model."
+
+
+def bench_engines():
+    """The benchmark server's models (``TANDEM_ENGINES``): the trivial engine, instant and paced."""
+    from inference.engines import EngineSet, trivial_entry
+
+    return EngineSet([trivial_entry(MODEL), trivial_entry(PACED_MODEL, round_s=PACED_ROUND_MS / 1e3)])
+
+
+# per request: end-to-end ms; per token: the gap since the previous token, ms; delta frames (websocket)
+Timings = tuple[list[float], list[float], list[int]]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -51,11 +72,10 @@ def summary(values: list[float]) -> dict:
     return {"p50_ms": round(percentile(values, 50), 3), "p99_ms": round(percentile(values, 99), 3)}
 
 
-def direct_engine(requests: int, tokens: int) -> dict:
+def direct_engine(requests: int, tokens: int, model: str = MODEL) -> dict:
     """The engine alone, in this process: the floor every path is compared with."""
-    from inference.engines import TrivialEngine
-
-    engine = TrivialEngine()
+    engine = bench_engines().get(model).speculative
+    assert engine is not None
     e2e, gaps = [], []
     for _ in range(requests):
         started = time.perf_counter()
@@ -66,11 +86,12 @@ def direct_engine(requests: int, tokens: int) -> dict:
                 gaps.append((now - last) * 1e3)
             last = now
         e2e.append((time.perf_counter() - started) * 1e3)
-    return {"e2e_ms": median(e2e), "token_gap_ms": median(gaps)}
+    return {"e2e_ms": median(e2e), "token_gap_ms": median(gaps), "token_gap_p99_ms": percentile(gaps, 99)}
 
 
-async def sse_path(base: str, key: str, requests: int, tokens: int) -> tuple[list[float], list[float]]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "stream": True}
+async def sse_path(base: str, key: str, requests: int, tokens: int, model: str = MODEL) -> Timings:
+    """Streamed chat completions one after another; each token's arrival as its event is read."""
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "stream": True}
     e2e, gaps = [], []
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
         for _ in range(requests):
@@ -85,30 +106,36 @@ async def sse_path(base: str, key: str, requests: int, tokens: int) -> tuple[lis
                             gaps.append((now - last) * 1e3)
                         last = now
             e2e.append((time.perf_counter() - started) * 1e3)
-    return e2e, gaps
+    return e2e, gaps, []
 
 
-async def websocket_path(base: str, key: str, requests: int, tokens: int) -> tuple[list[float], list[float]]:
+async def websocket_path(base: str, key: str, requests: int, tokens: int, model: str = MODEL) -> Timings:
+    """Completions one after another on one connection; the tokens of a delta frame arrive with it."""
     url = base.replace("http://", "ws://") + "/ws/v1/completions"
-    e2e, gaps = [], []
+    e2e, gaps, frames = [], [], []
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
         for i in range(requests):
             started = time.perf_counter()
             last = None
-            frame = {"type": "start", "id": str(i), "model": MODEL, "prompt": PROMPT, "max_tokens": tokens}
+            deltas = 0
+            frame = {"type": "start", "id": str(i), "model": model, "prompt": PROMPT, "max_tokens": tokens}
             await ws.send(json.dumps(frame))
             while True:
                 message = json.loads(await ws.recv())
                 if message["type"] == "delta":
                     now = time.perf_counter()
-                    if last is not None:
-                        gaps.append((now - last) * 1e3)
-                    last = now
+                    deltas += 1
+                    for _ in message["tokens"]:
+                        if last is not None:
+                            gaps.append((now - last) * 1e3)
+                        last = now
                 elif message["type"] in ("done", "error"):
                     assert message["type"] == "done", message
+                    assert message["usage"]["completion_tokens"] == tokens, message
                     break
             e2e.append((time.perf_counter() - started) * 1e3)
-    return e2e, gaps
+            frames.append(deltas)
+    return e2e, gaps, frames
 
 
 async def floors(base: str, key: str, requests: int) -> dict:
@@ -167,22 +194,14 @@ async def non_streaming_load(base: str, key: str, clients: int, seconds: float, 
 
 
 SERVERS = {
+    # the platform's own server (make run, the image): uvicorn with httptools, uvloop, websockets
+    "platform": ["-m", "config.serve", "--port", "{port}", "--log-level", "warning"],
+    # Channels' reference server, for comparison
     "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "config.asgi:application"],
-    "uvicorn": [
-        "-m",
-        "uvicorn",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "{port}",
-        "--log-level",
-        "warning",
-        "config.asgi:application",
-    ],
 }
 
 
-def start_server(var: Path, kind: str = "daphne", database_url: str = "") -> tuple[subprocess.Popen, str, str]:
+def start_server(var: Path, kind: str = "platform", database_url: str = "") -> tuple[subprocess.Popen, str, str]:
     env = {
         # production's defaults where the test settings differ (the environment may override them)
         "TANDEM_SETTLE_AFTER_REPLY": "1",
@@ -194,11 +213,17 @@ def start_server(var: Path, kind: str = "daphne", database_url: str = "") -> tup
         "DATABASE_URL": database_url or f"sqlite:///{var / 'bench.sqlite3'}",
         "TANDEM_LOG_LEVEL": "WARNING",
         "TANDEM_MAX_STREAMS_PER_TENANT": "64",
+        "TANDEM_ENGINES": "inference.bench.bench_engines",
     }
     run = [sys.executable, "manage.py"]
     subprocess.run([*run, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
     boot = subprocess.run(
-        [*run, "tandem_demo", "--models", MODEL], cwd=REPO, env=env, check=True, capture_output=True, text=True
+        [*run, "tandem_demo", "--models", f"{MODEL},{PACED_MODEL}"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     key = next(line.split()[-1] for line in boot.stdout.splitlines() if line.strip().startswith("API key"))
     with socket.socket() as s:
@@ -220,24 +245,33 @@ def start_server(var: Path, kind: str = "daphne", database_url: str = "") -> tup
     return server, f"http://127.0.0.1:{port}", key
 
 
-def overhead(path: tuple[list[float], list[float]], direct: dict) -> dict:
-    e2e, gaps = path
-    return {
+def overhead(path: Timings, direct: dict) -> dict:
+    e2e, gaps, frames = path
+    report = {
         "requests": len(e2e),
         "per_request": summary([t - direct["e2e_ms"] for t in e2e]),
         "per_token": summary([g - direct["token_gap_ms"] for g in gaps]),
+        # the gaps a client sees between tokens, to set beside the engine's own (engine_direct)
+        "token_gap": summary(gaps),
         "e2e": summary(e2e),
     }
+    if frames:
+        report["delta_frames_per_request"] = {"p50": percentile(frames, 50), "max": max(frames)}
+    return report
 
 
 async def measure(base: str, key: str, args) -> dict:
-    await sse_path(base, key, 20, args.tokens)  # warm up: connections, the ORM, caches
-    await websocket_path(base, key, 20, args.tokens)
-    direct = direct_engine(args.requests, args.tokens)
-    report = {
-        "engine_direct": {k: round(v, 4) for k, v in direct.items()},
-        "websocket": overhead(await websocket_path(base, key, args.requests, args.tokens), direct),
-        "sse": overhead(await sse_path(base, key, args.requests, args.tokens), direct),
+    report: dict = {}
+    for label, model, requests in (("", MODEL, args.requests), ("paced_", PACED_MODEL, args.paced_requests)):
+        await sse_path(base, key, 20, args.tokens, model)  # warm up: connections, the ORM, caches
+        await websocket_path(base, key, 20, args.tokens, model)
+        direct = direct_engine(requests, args.tokens, model)
+        report |= {
+            f"{label}engine_direct": {k: round(v, 4) for k, v in direct.items()},
+            f"{label}websocket": overhead(await websocket_path(base, key, requests, args.tokens, model), direct),
+            f"{label}sse": overhead(await sse_path(base, key, requests, args.tokens, model), direct),
+        }
+    report |= {
         "floors": await floors(base, key, args.requests),
         "non_streaming": await non_streaming_load(base, key, args.clients, args.seconds, 16),
     }
@@ -247,10 +281,11 @@ async def measure(base: str, key: str, args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Measure the platform's overhead over the engine.")
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--paced-requests", type=int, default=100, help="requests per path on the paced engine")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--server", choices=sorted(SERVERS), default="daphne")
+    parser.add_argument("--server", choices=sorted(SERVERS), default="platform")
     parser.add_argument("--database-url", default="", help="the server's DATABASE_URL (default: a fresh SQLite file)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -266,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                 "machine": {"cpu_count": os.cpu_count()},
                 "server": f"{args.server}, 1 process, {'PostgreSQL' if args.database_url else 'SQLite'}, trivial engine",
                 "tokens_per_request": args.tokens,
+                "paced_round_ms": PACED_ROUND_MS,
                 **asyncio.run(measure(base, key, args)),
             }
         finally:

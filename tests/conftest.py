@@ -84,8 +84,8 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def daphne_server(tmp_path_factory) -> LiveServer:
-    """daphne serving the whole platform in a subprocess, on a fresh SQLite database.
+def platform_server(tmp_path_factory) -> LiveServer:
+    """The platform's web server (``config.serve``, as ``make run`` starts it) in a subprocess, on a fresh SQLite database.
 
     Migrated and bootstrapped with ``manage.py tandem_demo`` for the test models, exactly
     as ``make run`` does for the demo pair.
@@ -109,9 +109,9 @@ def daphne_server(tmp_path_factory) -> LiveServer:
     )
     api_key = next(line.split()[-1] for line in boot.stdout.splitlines() if line.strip().startswith("API key"))
     port = _free_port()
-    log = (var / "daphne.log").open("w")
+    log = (var / "server.log").open("w")
     server = subprocess.Popen(
-        [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        [python, "-m", "config.serve", "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -125,7 +125,7 @@ def daphne_server(tmp_path_factory) -> LiveServer:
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                pytest.fail(f"daphne did not start: {(var / 'daphne.log').read_text()}")
+                pytest.fail(f"the server did not start: {(var / 'server.log').read_text()}")
             time.sleep(0.1)
     yield LiveServer(f"http://127.0.0.1:{port}", "demo", "live-pass-123456", api_key)
     server.terminate()

@@ -1,4 +1,4 @@
-"""The console in a real browser: headless Chromium (Debian's, never a downloaded one) against daphne.
+"""The console in a real browser: headless Chromium (Debian's, never a downloaded one) against the platform's server.
 
 Skipped, with the reason shown, where ``/usr/bin/chromium`` is absent. Set
 ``TANDEM_PLAYGROUND_SCREENSHOT=/path.png`` to keep a screenshot of the playground after a run.
@@ -27,7 +27,7 @@ TIMEOUT_MS = 15_000
 
 @pytest.fixture
 def page(request) -> Iterator[object]:
-    """A signed-in page of the console, on the daphne of ``tests/conftest.py``'s ``daphne_server``.
+    """A signed-in page of the console, on the server of ``tests/conftest.py``'s ``platform_server``.
 
     That fixture is looked up only here, after Chromium is known to exist, so a machine
     without it skips before starting a server.
@@ -36,7 +36,7 @@ def page(request) -> Iterator[object]:
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium) to run this")
     from playwright.sync_api import sync_playwright
 
-    server = request.getfixturevalue("daphne_server")
+    server = request.getfixturevalue("platform_server")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -1,4 +1,4 @@
-"""The official OpenAI client against a real server (daphne on loopback), streaming over real HTTP."""
+"""The official OpenAI client against a real server (config.serve on loopback), streaming over real HTTP."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 
 
 @pytest.fixture
-def client(daphne_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key=daphne_server.api_key, max_retries=0)
+def client(platform_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{platform_server.url}/v1", api_key=platform_server.api_key, max_retries=0)
 
 
 def test_the_official_client_streams_chat_with_usage_from_a_live_server(client):
@@ -30,11 +30,11 @@ def test_the_official_client_streams_chat_with_usage_from_a_live_server(client):
     assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == "length"
 
 
-def test_the_official_client_lists_models_and_raises_typed_errors(client, daphne_server):
+def test_the_official_client_lists_models_and_raises_typed_errors(client, platform_server):
     assert {m.id for m in client.models.list()} == {"tandem-test", "tandem-test-broken"}
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=3)
-    bad = openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key="tdm_wrong", max_retries=0)
+    bad = openai.OpenAI(base_url=f"{platform_server.url}/v1", api_key="tdm_wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     with pytest.raises(openai.APIError):  # an error mid-stream arrives as a data event

@@ -1,0 +1,43 @@
+"""``python -m config.serve``: the web server of the platform (console, ``/v1/``, websocket).
+
+uvicorn with its C HTTP parser (httptools), the uvloop event loop and the ``websockets``
+protocol, serving ``config.asgi:application``. Measured against daphne on the same
+machine and code (``python -m inference.bench --server daphne``): twisted's HTTP layer
+parses every request's Content-Type through the standard library's email package, a
+seventh of a streamed request's server time, and the pure-Python event loop and parser
+cost the rest; see the README's performance section. ``manage.py runserver`` (daphne,
+reloading on changes) is still there for development.
+
+The one place the server's options are written: ``make run``, the container image, the
+live-server tests and the platform benchmark all start it through here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+APPLICATION = "config.asgi:application"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the Tandem platform (console, OpenAI API, websocket).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="info", help="uvicorn's: info logs every request")
+    args = parser.parse_args(argv)
+    uvicorn.run(
+        APPLICATION,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets",
+        lifespan="off",  # Channels' router speaks http and websocket only
+        log_level=args.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()
