@@ -265,10 +265,12 @@ class TransformersVerifier:
         """
         with self._prefill_lock:
             batch: list[_Prefill] = []
+            longest = 0  # the longest prompt in the batch: every row is padded to it
             while self._prefills:
-                longest = max([len(t.prompt) for t in batch] + [len(self._prefills[0].prompt)])
-                if batch and (len(batch) + 1) * longest > MAX_PREFILL_POSITIONS:
+                with_next = max(longest, len(self._prefills[0].prompt))
+                if batch and (len(batch) + 1) * with_next > MAX_PREFILL_POSITIONS:
                     break
+                longest = with_next
                 batch.append(self._prefills.popleft())
         opened: list[tuple[_Prefill, _Session]] = []
         for ticket in batch:
