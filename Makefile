@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+CLOUD_PORT ?= 8001
 # PostgreSQL for the concurrency tests (select_for_update only really locks there)
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
@@ -26,13 +27,16 @@ browser:
 		|| echo "chromium not installed: the browser test will skip"; }
 
 # The platform on one machine: SQLite, in-memory channel layer, a filesystem Celery broker,
-# the shipped demo pair. Prints the demo credentials, then serves http://$(HOST):$(PORT)/
+# the shipped demo pair, and a local stand-in for a cloud provider (llama.cpp's server with
+# SmolLM2-135M-Instruct on port $(CLOUD_PORT)) as the cloud tier. Prints the demo
+# credentials, then serves http://$(HOST):$(PORT)/
 run: $(STAMP)
 	@$(PY) manage.py migrate --noinput -v 0
 	@$(PY) -m celery -A config.celery_app --quiet worker --beat --schedule var/celerybeat-schedule --pool=solo \
-		--loglevel=error & \
-		trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
-		$(PY) manage.py tandem_demo && \
+		--loglevel=error & celery=$$!; \
+		$(PY) -m inference.standin --host 127.0.0.1 --port $(CLOUD_PORT) >var/cloud-standin.log 2>&1 & standin=$$!; \
+		trap 'kill $$celery $$standin 2>/dev/null' EXIT INT TERM; \
+		$(PY) manage.py tandem_demo --cloud-url http://127.0.0.1:$(CLOUD_PORT)/v1 && \
 		echo "Open http://$(HOST):$(PORT)/ and sign in (OpenAI API: http://$(HOST):$(PORT)/v1, websocket: /ws/v1/completions)" && \
 		$(PY) -m config.serve --host $(HOST) --port $(PORT)
 

@@ -29,6 +29,7 @@ from inference.routing import WEBSOCKET_PATH
 from tenants import errors as tenant_errors
 from tenants import selectors, services
 from tenants.models import ApiKey, Membership
+from tenants.tiers import Tier
 
 SESSION_TENANT_KEY = "tandem_tenant_id"
 USAGE_ROWS = 50
@@ -73,9 +74,29 @@ def in_tenant(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
 @login_required
 @in_tenant
 def playground(request: HttpRequest, membership: Membership) -> HttpResponse:
-    models = sorted(get_engines().models.values(), key=lambda entry: entry.name)
-    context = {"models": models, "websocket_path": "/" + WEBSOCKET_PATH}
+    engines = get_engines()
+    models = sorted(engines.models.values(), key=lambda entry: entry.name)
+    context = {"models": models, "websocket_path": "/" + WEBSOCKET_PATH, "health": tier_health(membership.tenant_id)}
     return _render(request, "frontend/playground.html", membership, context)
+
+
+def tier_health(tenant_id: int) -> list[dict]:
+    """Each tier of each model this tenant may use, with its breaker's state (the verifier's, each upstream's)."""
+    engines = get_engines()
+    if engines.upstreams is not None and engines.upstreams.stale():
+        engines.upstreams.refresh()
+    rows = []
+    for entry in sorted(engines.models.values(), key=lambda e: e.name):
+        if entry.edge is not None:
+            rows.append({"tier": "edge", "what": f"{entry.name}: draft model, in this process", "state": "closed"})
+        breaker = entry.breaker(Tier.SPECULATIVE)
+        if entry.speculative is not None and breaker is not None:
+            rows.append({"tier": "speculative", "what": f"{entry.name}: draft + verifier", **breaker.snapshot()})
+    if engines.upstreams is not None:
+        for upstream in engines.upstreams.snapshot(tenant_id):
+            what = f"{upstream['model']}: {upstream['name']} ({upstream['upstream_model']})"
+            rows.append({"tier": "cloud", "what": what, "note": upstream["note"], **upstream["breaker"]})
+    return rows
 
 
 @require_POST

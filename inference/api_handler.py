@@ -10,7 +10,7 @@ For the same reason the handler's own sync work (the ``request_started`` and
 ``request_finished`` signals, ``response.close``) runs on one long-lived thread instead of
 a thread Django starts for each request and joins after it: that start and join cost the
 event loop up to 2 ms per request on a busy machine. Nothing else of a ``/v1/`` request
-runs on that thread (the ORM work has its own, ``inference.gateway._db``), so requests do
+runs on that thread (the ORM work has its own, ``inference.runtime.db``), so requests do
 not wait on each other there.
 """
 

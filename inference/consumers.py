@@ -11,13 +11,13 @@ client -> server::
 
     {"type": "start", "id": "<client id>", "model": "tandem-demo", "prompt": "...",
      "max_tokens": 64, "temperature": 0, "top_p": 1, "top_k": 0, "seed": null,
-     "stop": [], "tags": {}, "tenant": <tenant id; console sessions only>}
+     "stop": [], "tags": {}, "tier": null, "tenant": <tenant id; console sessions only>}
     {"type": "cancel", "id": "<client id>"}
     {"type": "ping"}                                   -> {"type": "pong"}
 
 server -> client::
 
-    {"type": "started", "id", "request_id", "model", "route": {"tier", "reason", "degraded"}}
+    {"type": "started", "id", "request_id", "model", "route": {"tier", "reason", "degraded", "policy_version"}}
     {"type": "delta", "id", "index", "text", "tokens": [{"token_id", "text", "provenance"}, ...]}
                                                        provenance: "drafted" | "verifier" | "edge"
     {"type": "done", "id", "usage": {...}}            usage: UsageSummary.as_dict(); outcome
@@ -27,7 +27,10 @@ server -> client::
     {"type": "ping"}                                   keep-alive while a stream waits for tokens
 
 Only ``model`` and ``prompt`` are required in ``start``; the other fields take the defaults
-shown. Up to ``MAX_STREAMS_PER_CONNECTION`` streams run at once on one connection, each
+shown. ``tier`` asks for a tier (``edge``, ``speculative``, ``cloud``); the tenant's
+routing policy allows it or refuses it (``invalid_request``, param ``tier``). On the cloud
+tier a "token" of a delta frame is a chunk of the upstream's text, and the usage counts
+what the upstream reported (or that text in its model's tokens). Up to ``MAX_STREAMS_PER_CONNECTION`` streams run at once on one connection, each
 keyed by its client ``id`` (a live id cannot be reused). Every delta sent is charged and
 nothing else is: ``done.usage.completion_tokens`` (or the error frame's) equals the tokens
 in the delta frames the client received for that id. A malformed frame gets an ``error`` frame with code
@@ -51,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +63,7 @@ from django.conf import settings
 
 from inference import gateway
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, RateLimited
+from inference.relay import KEEPALIVE, relay
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,21 @@ CLOSE_UNAUTHENTICATED = 4401
 FRAME_OVERHEAD_CHARS = 16_384
 
 _START_FIELDS = frozenset(
-    {"type", "id", "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "tags", "tenant"}
+    {
+        "type",
+        "id",
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "tags",
+        "tier",
+        "tenant",
+    }
 )
 
 
@@ -210,7 +229,6 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
 
     async def _relay(self, item: _Live, stream: gateway.GatewayStream) -> None:
         """Send the stream's frames until it ends, fails, or is stopped by a cancel frame or a disconnect."""
-        route = stream.route
         await self._send_for(
             item,
             {
@@ -218,70 +236,21 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
                 "id": item.id,
                 "request_id": stream.request_id,
                 "model": stream.model,
-                "route": {"tier": route.tier.value, "reason": route.reason, "degraded": route.degraded},
+                "route": stream.route.as_dict(),
             },
         )
-        stopped = asyncio.create_task(item.stop.wait())
-        pending: asyncio.Task | None = None
         try:
-            while not item.stop.is_set():
-                if pending is None and stream.at_hand():
-                    # Already here (the engine is ahead of the socket): taken without
-                    # suspending, every token at hand in one frame, so no task and no timer
-                    # for them. The charging rule is the one below: tokens taken are sent at once.
-                    batch = stream.take_at_hand()
-                    if not batch:  # what is at hand is the end, or the engine's failure
-                        delta = await _next_delta(stream)  # raises GatewayError when the engine failed
-                        if delta is None:
-                            await self._send_done(item, stream)
-                            return
-                        batch = [delta]
-                    await self._send_deltas(item, batch)
-                    await asyncio.sleep(0)  # let a cancel frame or a disconnect in between frames
-                    continue
-                if pending is None:
-                    pending = asyncio.create_task(_next_delta(stream))
-                done, _ = await asyncio.wait(
-                    {pending, stopped}, timeout=settings.TANDEM_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    await self._send_for(item, {"type": "ping"})
-                    continue
-                if pending not in done:
-                    break  # stopped
-                read, pending = pending, None
-                delta = read.result()  # raises GatewayError when the engine failed
-                if delta is None:  # the stream ended and settled
-                    await self._send_done(item, stream)
-                    return
-                await self._send_deltas(item, [delta, *stream.take_at_hand(gateway.MAX_DELTAS_AT_ONCE - 1)])
+            # The relay closes the stream however it ends: stopped, it settles what was sent.
+            async with aclosing(relay(stream, settings.TANDEM_KEEPALIVE_S, item.stop)) as batches:
+                async for batch in batches:
+                    if batch is KEEPALIVE:
+                        await self._send_for(item, {"type": "ping"})
+                    else:
+                        await self._send_deltas(item, batch)
         except GatewayError as exc:  # failed mid-stream: the gateway settled what was delivered
             await self._send_error(item.id, exc, stream.usage)
             return
-        finally:
-            stopped.cancel()
-        # stopped by a cancel frame or a disconnect: settle exactly what was delivered
-        await stream.aclose()
-        if pending is not None:
-            await self._drain(item, pending, stream)
         await self._send_done(item, stream)
-
-    async def _drain(self, item: _Live, pending: asyncio.Task, stream: gateway.GatewayStream) -> None:
-        """The read that was waiting when the stream stopped: forward its token only if it was charged.
-
-        ``aclose`` settles the tokens delivered so far; a read still in flight may yet hand over
-        one more token (delivered after the settlement, so never charged) or see the end. It is
-        cancelled if still waiting; by then the stream is settled, so that cannot settle twice.
-        """
-        if not pending.done():
-            pending.cancel()
-        results = await asyncio.gather(pending, return_exceptions=True)
-        delta = results[0]
-        usage = stream.usage
-        if isinstance(delta, gateway.TokenDelta) and usage is not None and delta.index < usage.completion_tokens:
-            await self._send_deltas(item, [delta])
-        elif isinstance(delta, BaseException) and not isinstance(delta, asyncio.CancelledError | GatewayError):
-            log.error("request %s: reading the stopped stream failed", stream.request_id, exc_info=delta)
 
     # frames out ------------------------------------------------------------------------------
     async def _send_for(self, item: _Live, frame: dict) -> None:
@@ -320,13 +289,6 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
                 raise PermissionDenied("an API key acts only in its own tenant", param="tenant")
             return principal
         return await gateway.principal_for_user(self.user, tenant_id)
-
-
-async def _next_delta(stream: gateway.GatewayStream) -> gateway.TokenDelta | None:
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 def _bearer_token(headers) -> str | None:
@@ -396,6 +358,10 @@ def _parse_start(content: dict) -> tuple[str, gateway.CompletionCall, int | None
     if not isinstance(tags, dict):
         raise InvalidRequest("tags must be an object of string values", param="tags")
     kwargs["tags"] = tags
+    tier = content.get("tier")
+    if tier is not None and not isinstance(tier, str):
+        raise InvalidRequest("tier must be a tier's name (edge, speculative, cloud) or null", param="tier")
+    kwargs["requested_tier"] = tier
     tenant_id = content.get("tenant")
     if tenant_id is not None and not _is_int(tenant_id):
         raise InvalidRequest("tenant must be a tenant id (an integer) or null", param="tenant")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -25,49 +26,126 @@ from typing import Protocol
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from inference.errors import ModelNotFound
+from inference.breakers import CircuitBreaker
+from inference.cloud import CloudEngine, CloudRequest, UpstreamDirectory
+from inference.errors import ContextTooLong, InvalidRequest, ModelNotFound
 from speculative.engine import CompletionRequest, TokenStream, build_request
-from speculative.types import TokenEvent
+from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.types import SamplingParams, TokenEvent
+from tenants.tiers import Tier
 
 log = logging.getLogger(__name__)
 
-HEALTH_RETRY_S = 10.0  # after a verifier failure, route around it this long before trying again
+INLINE_TOKENIZE_CHARS = 2048  # longer prompts are tokenised on a thread, off the event loop
 
 
-class Engine(Protocol):
-    """What the gateway needs of an engine (SpeculativeEngine, EdgeEngine, TrivialEngine)."""
+class LocalEngine(Protocol):
+    """What the gateway needs of an engine that runs here (SpeculativeEngine, EdgeEngine, TrivialEngine)."""
 
     def request(self, prompt: str | Sequence[int], **kwargs) -> CompletionRequest: ...
 
     def stream(self, prompt: str | Sequence[int], **kwargs) -> TokenStream: ...
 
 
+# A local engine runs on a stream thread; the cloud engine is async and runs on the event loop.
+Engine = LocalEngine | CloudEngine
+
+
 @dataclass
 class ModelEntry:
+    """One public model id and its engine on each tier it is served on, with a breaker per remote tier.
+
+    The speculative engine's breaker watches its verifier; the cloud engine's, its
+    upstream. The edge runs in this process and has none.
+    """
+
     name: str
-    speculative: Engine | None
-    edge: Engine | None
+    speculative: LocalEngine | None
+    edge: LocalEngine | None
     verifier_version: str
     draft_version: str
     context_length: int
     tokenizer: object
     description: str = ""
+    cloud: CloudEngine | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    _verifier_down_until: float = 0.0
+    breakers: dict[Tier, CircuitBreaker] = field(default_factory=dict)
 
-    def verifier_up(self) -> bool:
-        return self.speculative is not None and time.monotonic() >= self._verifier_down_until
+    def __post_init__(self) -> None:
+        # The cloud engine keeps a breaker per upstream itself (inference.cloud).
+        self.breakers.setdefault(Tier.SPECULATIVE, CircuitBreaker(f"{self.name}/verifier"))
 
-    def mark_verifier_down(self) -> None:
-        """The verifier failed: send this model's requests to the edge for a while."""
-        self._verifier_down_until = time.monotonic() + HEALTH_RETRY_S
-        log.warning("verifier of %s is down: routing to the edge for %.0f s", self.name, HEALTH_RETRY_S)
+    def engine(self, tier: Tier) -> Engine | None:
+        return {Tier.SPECULATIVE: self.speculative, Tier.EDGE: self.edge, Tier.CLOUD: self.cloud}[tier]
+
+    @property
+    def engines(self) -> dict[Tier, Engine]:
+        return {tier: engine for tier in Tier if (engine := self.engine(tier)) is not None}
+
+    def serves(self, tier: Tier, tenant_id: int | None = None) -> bool:
+        """Served on ``tier`` (for this tenant: a cloud upstream names the tenants that may use it)."""
+        engine = self.engine(tier)
+        if engine is None:
+            return False
+        allows = getattr(engine, "allows", None)
+        return allows is None or allows(tenant_id)
+
+    def available(self, tier: Tier, tenant_id: int | None = None) -> bool:
+        """Served here for this tenant, and its breaker (or one of its upstreams') lets a request through now."""
+        if not self.serves(tier, tenant_id):
+            return False
+        engine_available = getattr(self.engine(tier), "available", None)
+        if engine_available is not None:
+            return engine_available(tenant_id)
+        breaker = self.breakers.get(tier)
+        return breaker is None or breaker.available()
+
+    def breaker(self, tier: Tier) -> CircuitBreaker | None:
+        return self.breakers.get(tier)
+
+
+def request_for(
+    entry: ModelEntry, tier: Tier, call, tenant_id: int | None = None
+) -> tuple[Engine, CompletionRequest | CloudRequest]:
+    """``entry``'s engine on ``tier`` and the call as that engine's request (the prompt tokenised, limits checked)."""
+    engine = entry.engine(tier)
+    assert engine is not None, f"{entry.name} is not served on {tier}"
+    seed = call.seed if call.seed is not None else secrets.randbits(31)
+    try:
+        sampling = SamplingParams(call.temperature, call.top_k, call.top_p, seed)
+        # a cloud upstream renders chats itself, and serves only the tenants it names
+        extra = {"messages": call.messages, "tenant_id": tenant_id} if tier is Tier.CLOUD else {}
+        request = engine.request(call.prompt, max_tokens=call.max_tokens, sampling=sampling, stop=call.stop, **extra)
+    except ContextOverflowError as exc:
+        raise ContextTooLong(str(exc), param="max_tokens") from None
+    except InvalidRequestError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return engine, request
+
+
+async def arequest_for(
+    entry: ModelEntry, tier: Tier, call, tenant_id: int | None = None
+) -> tuple[Engine, CompletionRequest | CloudRequest]:
+    """``request_for`` from the event loop: a short prompt tokenises in microseconds, a long one on a thread."""
+    if len(call.prompt) <= INLINE_TOKENIZE_CHARS:
+        return request_for(entry, tier, call, tenant_id)
+    return await asyncio.to_thread(request_for, entry, tier, call, tenant_id)
 
 
 class EngineSet:
-    def __init__(self, entries: Sequence[ModelEntry], closers: Sequence[Callable[[], None]] = ()):
+    """The models this process serves; with ``cloud``, each also on the cloud tier through the registered upstreams."""
+
+    def __init__(
+        self, entries: Sequence[ModelEntry], closers: Sequence[Callable[[], None]] = (), *, cloud: bool = False
+    ):
         self.models = {e.name: e for e in entries}
         self._closers = list(closers)
+        self.upstreams: UpstreamDirectory | None = None
+        if cloud:
+            self.upstreams = UpstreamDirectory(ttl_s=settings.TANDEM_UPSTREAMS_TTL_S)
+            for entry in entries:
+                if entry.cloud is None:
+                    entry.cloud = CloudEngine(entry.name, entry.tokenizer, self.upstreams)
 
     def get(self, name: str) -> ModelEntry:
         try:
@@ -161,7 +239,7 @@ def load_default_engines() -> EngineSet:
         tokenizer=tokenizer,
         description="the shipped demo pair: 12M-parameter Llama verifier, 1.7M draft on llama.cpp",
     )
-    return EngineSet([entry], closers=[speculative.close])
+    return EngineSet([entry], closers=[speculative.close], cloud=settings.TANDEM_CLOUD)
 
 
 # the trivial engine: deterministic text, no model --------------------------------------
@@ -249,4 +327,4 @@ def trivial_entry(name: str = "tandem-test", **kwargs) -> ModelEntry:
 
 def load_test_engines() -> EngineSet:
     """``tandem-test`` (always works) and ``tandem-test-broken`` (fails after 6 tokens)."""
-    return EngineSet([trivial_entry(), trivial_entry("tandem-test-broken", fail_after=6)])
+    return EngineSet([trivial_entry(), trivial_entry("tandem-test-broken", fail_after=6)], cloud=settings.TANDEM_CLOUD)

@@ -37,9 +37,10 @@ from rest_framework import serializers
 from rest_framework.settings import api_settings
 
 from inference import gateway, prompts
-from inference.engines import ModelEntry, aget_engines
+from inference.engines import INLINE_TOKENIZE_CHARS, ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
+from inference.relay import KEEPALIVE, relay
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class _GenerationInputSerializer(serializers.Serializer):
     temperature = StrictFloatField(required=False, default=DEFAULT_TEMPERATURE, min_value=0.0, max_value=2.0)
     top_p = StrictFloatField(required=False, default=1.0, min_value=0.0, max_value=1.0)
     top_k = StrictIntegerField(required=False, default=0, min_value=0)  # Tandem's extension; 0 = off
+    # Tandem's extension: ask for a tier (edge, speculative, cloud); the tenant's routing policy allows or refuses it
+    tier = StrictCharField(required=False, default=None, allow_null=True, max_length=32)
     seed = StrictIntegerField(
         required=False, default=None, allow_null=True, min_value=SEED_RANGE[0], max_value=SEED_RANGE[1]
     )
@@ -290,11 +293,12 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     data = _validated(ChatCompletionInputSerializer, _json_body(request))
     messages = prompts.messages_parse(data["messages"])
     entry = (await aget_engines()).get(data["model"])
-    if sum(len(m.content) for m in messages) <= gateway.INLINE_TOKENIZE_CHARS:
+    if sum(len(m.content) for m in messages) <= INLINE_TOKENIZE_CHARS:
         prompt = prompts.chat_prompt(entry.tokenizer, messages)  # a short chat renders in microseconds: no thread hop
     else:
         prompt = await asyncio.to_thread(prompts.chat_prompt, entry.tokenizer, messages)
     max_tokens = data["max_completion_tokens"] or data["max_tokens"]
+    data["messages"] = tuple({"role": m.role, "content": m.content} for m in messages)
     return await _complete(principal, data, entry, prompt, max_tokens, request_id, chat=True)
 
 
@@ -395,6 +399,8 @@ def _completion_call(data: dict, prompt: str, max_tokens: int, request_id: str, 
         tags=tags,
         request_id=request_id,
         request_id_fresh=fresh,
+        messages=data.get("messages", ()),
+        requested_tier=data["tier"],
     )
 
 
@@ -476,16 +482,18 @@ async def _sse_events(stream: GatewayStream, chunks: _Chunks) -> AsyncGenerator[
     of the client) go out in one write: one chunk per token as OpenAI sends them, one
     ``http.response.body`` message for all of them. An error in the middle becomes one
     ``error`` event and ends the stream: the status and headers are long gone, and the
-    gateway has already settled what was delivered.
+    gateway has already settled what was delivered. The relay (``inference.relay``) closes
+    the stream however this generator ends, so a client that goes away is charged for
+    exactly what it was sent.
     """
     try:
         opening = chunks.opening()
         if opening is not None:
             yield _sse(opening)
         sent_any = opening is not None
-        async with aclosing(_deltas_with_keepalive(stream, settings.TANDEM_KEEPALIVE_S)) as batches:
+        async with aclosing(relay(stream, settings.TANDEM_KEEPALIVE_S)) as batches:
             async for batch in batches:
-                if batch is None:
+                if batch is KEEPALIVE:
                     yield SSE_KEEPALIVE
                     continue
                 events = []
@@ -502,49 +510,6 @@ async def _sse_events(stream: GatewayStream, chunks: _Chunks) -> AsyncGenerator[
         yield b"".join([*tail, SSE_DONE])
     except GatewayError as err:
         yield _sse({"error": err.as_dict()})
-
-
-async def _deltas_with_keepalive(
-    stream: GatewayStream, interval: float
-) -> AsyncGenerator[list[TokenDelta] | None, None]:
-    """The stream's deltas in batches of those ready together, with None whenever ``interval``
-    seconds pass without one (a keep-alive is due).
-
-    Money: only ``stream.ready()`` is ever waited on (in a task, so a keep-alive does not
-    cancel it; cancelling it is safe anyway). Tokens are taken (``take_at_hand``, or
-    ``__anext__`` for the end) only once they are at hand, which returns without
-    suspending, and the batch is yielded at once: a client that goes away (Django cancels
-    this generator) is charged for exactly the tokens it was sent. Had the wait been on
-    ``__anext__`` itself, a token taken just before the hang-up would be charged and never
-    sent. When tokens are already at hand no task is made for the wait. However this
-    generator ends, it closes the stream.
-    """
-    waiter: asyncio.Task | None = None
-    try:
-        while True:
-            if not stream.at_hand():
-                if waiter is None:
-                    waiter = asyncio.ensure_future(stream.ready())
-                done, _ = await asyncio.wait({waiter}, timeout=interval)
-                if not done:
-                    yield None
-                    continue
-                waiter = None
-            batch = stream.take_at_hand()
-            if not batch:  # the end (settled here), or the engine's failure (raised here)
-                try:
-                    batch = [await stream.__anext__()]
-                except StopAsyncIteration:
-                    return
-            yield batch
-            # A batch at hand is taken without suspending, so let a disconnect in between
-            # writes (Django cancels this generator when it hears one).
-            await asyncio.sleep(0)
-    finally:
-        if waiter is not None:
-            waiter.cancel()
-        # Shielded: a second cancellation must not cut the settlement of what was sent short.
-        await asyncio.shield(stream.aclose())
 
 
 # models -------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Provenance(enum.StrEnum):
     DRAFTED = "drafted"  # a draft token the verifier accepted
     VERIFIER = "verifier"  # produced by the verifier (bonus, recovered, or plain decoding)
     EDGE = "edge"  # produced by the draft model alone, never verified (the edge tier)
+    CLOUD = "cloud"  # relayed from a cloud upstream (a chunk of its text; it has no token id here)
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,16 @@ class LeasePool:
         lease.last_used = now
         return LeaseHold(lease, amount)
 
+    def extend(self, hold: LeaseHold, extra: Decimal) -> bool:
+        """Hold ``extra`` more for an admitted request (a move to a dearer tier) if its lease has room; else False."""
+        with self._lock:
+            lease = hold.lease
+            if hold.done or lease.retired or lease.room() < extra:
+                return False
+            lease.in_flight += extra
+            hold.amount += extra
+            return True
+
     def _retire(self, key: LeaseKey) -> None:
         # caller holds self._lock
         lease = self._active.pop(key)

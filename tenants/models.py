@@ -16,26 +16,23 @@ from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
+from tenants.tiers import TIER_CHOICES, TIER_VALUES
+
 
 def _money(**kwargs) -> models.DecimalField:
     return models.DecimalField(max_digits=20, decimal_places=9, **kwargs)
 
 
-def _choices_check(field: str, choices: type[models.TextChoices], name: str) -> models.CheckConstraint:
+def _choices_check(
+    field: str, choices: type[models.TextChoices] | tuple[str, ...], name: str
+) -> models.CheckConstraint:
     """Keep a choices field to its choices in the database too (forms are not the only writers).
 
     The choices classes live at module level (each also reachable as ``Model.Role`` etc.)
     because a model's ``Meta`` cannot see names defined in the model's body.
     """
-    return models.CheckConstraint(condition=Q(**{f"{field}__in": choices.values}), name=name)
-
-
-class Tier(models.TextChoices):
-    """Where a request runs: the draft alone, draft + verifier, or an upstream cloud model."""
-
-    EDGE = "edge"
-    SPECULATIVE = "speculative"
-    CLOUD = "cloud"
+    values = choices if isinstance(choices, tuple) else choices.values
+    return models.CheckConstraint(condition=Q(**{f"{field}__in": values}), name=name)
 
 
 class Tenant(models.Model):
@@ -218,7 +215,7 @@ class Price(models.Model):
 
     book = models.ForeignKey(PriceBook, on_delete=models.CASCADE, related_name="prices")
     model = models.CharField(max_length=200)
-    tier = models.CharField(max_length=16, choices=Tier.choices)
+    tier = models.CharField(max_length=16, choices=TIER_CHOICES)
     prompt_per_mtok = _money()
     completion_per_mtok = _money()
     draft_per_mtok = _money(default=0)
@@ -239,7 +236,7 @@ class Price(models.Model):
                 & Q(max_gpu_ms_per_token__gte=0),
                 name="price_rates_nonnegative",
             ),
-            _choices_check("tier", Tier, "price_tier_valid"),
+            _choices_check("tier", TIER_VALUES, "price_tier_valid"),
         ]
 
     def __str__(self) -> str:
@@ -355,7 +352,7 @@ class UsageRecord(models.Model):
     # Or the budget lease the request was admitted against (settled in a batch with others).
     lease = models.ForeignKey(BudgetLease, null=True, blank=True, on_delete=models.PROTECT, related_name="usage")
     tags = models.JSONField(default=dict, blank=True)
-    route_tier = models.CharField(max_length=16, choices=Tier.choices)
+    route_tier = models.CharField(max_length=16, choices=TIER_CHOICES)
     route_reason = models.CharField(max_length=200, blank=True)
     policy_version = models.CharField(max_length=64, blank=True)
     model = models.CharField(max_length=200)
@@ -395,7 +392,7 @@ class UsageRecord(models.Model):
                 & Q(gpu_ms__gte=0),
                 name="usage_amounts_nonnegative",
             ),
-            _choices_check("route_tier", Tier, "usage_route_tier_valid"),
+            _choices_check("route_tier", TIER_VALUES, "usage_route_tier_valid"),
             _choices_check("outcome", UsageOutcome, "usage_outcome_valid"),
             _choices_check("finish_reason", FinishReason, "usage_finish_reason_valid"),
         ]

@@ -17,7 +17,8 @@ from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
 from tenants import errors
-from tenants.models import ApiKey, Budget, Membership, Price, Tenant, Tier, UsageRecord
+from tenants.models import ApiKey, Budget, Membership, Price, Tenant, UsageRecord
+from tenants.tiers import TIER_VALUES
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser as User
@@ -137,7 +138,7 @@ def spend_by_tier(*, tenant: Tenant, since: datetime | None = None) -> dict[str,
     rows = UsageRecord.objects.filter(tenant=tenant)
     if since is not None:
         rows = rows.filter(created_at__gte=since)
-    spend = {tier: Decimal(0) for tier in Tier.values}
+    spend = {tier: Decimal(0) for tier in TIER_VALUES}
     for row in rows.values("route_tier").annotate(total=Sum("cost_total")).order_by():
         spend[row["route_tier"]] = Decimal(row["total"])
     return spend

@@ -44,9 +44,9 @@ from tenants.models import (
     PriceBook,
     Reservation,
     Tenant,
-    Tier,
     UsageRecord,
 )
+from tenants.tiers import TIER_VALUES, Tier
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser as User
@@ -541,6 +541,35 @@ def _reservation_lock_held(reservation: Reservation) -> Reservation:
 
 
 @transaction.atomic
+def reservation_extend(*, reservation: Reservation, amount: Decimal) -> Reservation:
+    """Hold ``amount`` more on the reservation's budgets (a request moving to a dearer tier), or refuse.
+
+    The same locks and hard-limit check as ``budget_reserve``: a refusal
+    (``BudgetExceeded``) holds nothing more and leaves the reservation as it was.
+    """
+    money = _as_money(amount, "amount")
+    assert money is not None
+    money = money.quantize(MONEY_QUANTUM, ROUND_UP)
+    locked = _reservation_lock_held(reservation)
+    now = timezone.now()
+    budgets = _budgets_lock(locked.budgets.values_list("id", flat=True))
+    for budget in budgets:
+        _budget_roll_over(budget, now)
+    for budget in budgets:
+        refusal = _budget_refusal(budget, money)
+        if refusal is not None:
+            logger.info("budget refused an extension", extra={"request_id": locked.request_id, "budget_id": budget.pk})
+            raise refusal
+    for budget in budgets:
+        budget.reserved += money
+        budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
+    locked.amount += money
+    locked.save(update_fields=["amount"])
+    reservation.amount = locked.amount
+    return reservation
+
+
+@transaction.atomic
 def reservation_release(*, reservation: Reservation) -> None:
     """Give back everything the reservation holds: nothing was produced, so no charge and no ledger row."""
     # The reservation first, then its budgets in id order: the same order as usage_settle.
@@ -749,6 +778,27 @@ def price_book_publish(*, version: int, prices: list[dict], note: str = "") -> P
     return book
 
 
+@transaction.atomic
+def price_book_amend(*, prices: list[dict], note: str = "") -> PriceBook | None:
+    """Publish the next book: the active book's prices, with ``prices`` added or replacing theirs (same model and tier).
+
+    Returns None, publishing nothing, when every price given is already active as given.
+    """
+    active = PriceBook.objects.select_for_update().filter(is_active=True).first()
+    current = {} if active is None else {(p.model, p.tier): p for p in active.prices.all()}
+    rows = [_price_row(entry) for entry in prices]
+    if all((old := current.get((r["model"], r["tier"]))) and all(getattr(old, k) == r[k] for k in r) for r in rows):
+        return None
+    replaced = {(r["model"], r["tier"]) for r in rows}
+    keep = [
+        {"model": p.model, "tier": p.tier, **{rate: getattr(p, rate) for rate in _PRICE_RATES}}
+        for key, p in current.items()
+        if key not in replaced
+    ]
+    latest = PriceBook.objects.aggregate(latest=Max("version"))["latest"] or 0
+    return price_book_publish(version=latest + 1, prices=keep + rows, note=note)
+
+
 def _price_row(entry: dict) -> dict[str, Any]:
     unknown = set(entry) - set(_PRICE_REQUIRED) - set(_PRICE_RATES)
     if unknown:
@@ -757,8 +807,8 @@ def _price_row(entry: dict) -> dict[str, Any]:
     missing = [k for k in _PRICE_REQUIRED if k not in entry]
     if missing:
         raise errors.InvalidInput(f"a price needs {missing}")
-    if entry["tier"] not in Tier.values:
-        raise errors.InvalidInput(f"unknown tier {entry['tier']!r}: one of {', '.join(Tier.values)}")
+    if entry["tier"] not in TIER_VALUES:
+        raise errors.InvalidInput(f"unknown tier {entry['tier']!r}: one of {', '.join(TIER_VALUES)}")
     if not isinstance(entry["model"], str) or not entry["model"]:
         raise errors.InvalidInput("a price needs a model name")
     row: dict[str, Any] = {"model": entry["model"], "tier": entry["tier"]}
@@ -777,7 +827,7 @@ def _price_row(entry: dict) -> dict[str, Any]:
 # --- settlement -------------------------------------------------------------------------
 
 
-_TIERS = frozenset(Tier.values)
+_TIERS = frozenset(TIER_VALUES)
 _OUTCOMES = frozenset(UsageRecord.Outcome.values)
 _FINISH_REASONS = frozenset(UsageRecord.FinishReason.values)
 

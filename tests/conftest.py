@@ -131,3 +131,51 @@ def platform_server(tmp_path_factory) -> LiveServer:
     server.terminate()
     server.wait(timeout=10)
     log.close()
+
+
+# the cloud tier's real upstream ------------------------------------------------------------------
+UPSTREAM_KEY_ENV = "TANDEM_TEST_UPSTREAM_KEY"
+
+
+class StandIn:
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2 (``inference.standin``), as a process."""
+
+    def __init__(self, key: str = "standin-test-key"):
+        self.key = key
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> StandIn:
+        from inference.standin import command
+
+        try:
+            argv = command("127.0.0.1", self.port, self.key, threads=1)
+        except FileNotFoundError as exc:
+            pytest.skip(f"the cloud stand-in's model is not installed: {exc}")
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
+                    err = self.process.stderr.read().decode() if self.process.stderr else ""
+                    pytest.fail(f"the cloud stand-in did not start: {err[-2000:]}")
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def standin() -> StandIn:
+    """One stand-in upstream for the whole run (it needs its key: ``UPSTREAM_KEY_ENV`` holds it)."""
+    server = StandIn().start()
+    os.environ[UPSTREAM_KEY_ENV] = server.key
+    yield server
+    server.kill()

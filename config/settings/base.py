@@ -189,6 +189,9 @@ TANDEM_ENGINES = get_env("TANDEM_ENGINES", "inference.engines.load_default_engin
 TANDEM_VERIFIER = get_env("TANDEM_VERIFIER", "")  # "" = the shipped demo verifier
 TANDEM_DRAFT = get_env("TANDEM_DRAFT", "")  # "" = the shipped demo draft
 TANDEM_VERIFIER_URLS = get_env("TANDEM_VERIFIER_URLS", [], as_list)
+# the cloud tier: every served model may also run on the CloudUpstream rows registered for it
+TANDEM_CLOUD = get_env("TANDEM_CLOUD", True, as_bool)
+TANDEM_UPSTREAMS_TTL_S = get_env("TANDEM_UPSTREAMS_TTL_S", 5.0, float)  # how stale this process's upstream list may be
 # admission: streams one tenant may run at once (429 past it)
 TANDEM_MAX_STREAMS_PER_TENANT = get_env("TANDEM_MAX_STREAMS_PER_TENANT", 8, int)
 # keep-alives so idle proxies do not cut long streams: SSE comment / websocket ping

@@ -170,7 +170,12 @@ async def test_a_stream_sends_started_then_deltas_with_provenance_then_done_with
     await ws.send_json_to(start("run-1", max_tokens=12, tags={"feature": "tests"}))
     started, deltas, done = await run_to_end(ws, "run-1")
     assert started["model"] == "tandem-test" and started["request_id"].startswith("req_")
-    assert started["route"] == {"tier": "speculative", "reason": "default", "degraded": False}
+    assert started["route"] == {
+        "tier": "speculative",
+        "reason": "default",
+        "degraded": False,
+        "policy_version": "builtin-2",
+    }
     assert [d["index"] for d in deltas] == list(range(12))
     assert all(d["id"] == "run-1" and isinstance(d["token_id"], int) for d in deltas)
     assert {d["provenance"] for d in deltas} == {"drafted", "verifier"}

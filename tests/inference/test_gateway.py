@@ -18,9 +18,9 @@ from inference.errors import (
     RateLimited,
 )
 from inference.models import SloSample
-from inference.router import Tier
 from speculative.types import Provenance
 from tenants.models import Budget, Reservation, UsageRecord
+from tenants.tiers import Tier
 from tenants.services import budget_set, membership_create
 from tests.inference.conftest import GatedEngine, serving_gated
 
@@ -203,12 +203,13 @@ async def test_streams_past_the_tenants_limit_are_rate_limited(account, settings
 
 async def test_a_verifier_that_is_down_sends_requests_to_the_edge_tier(account):
     entry = get_engines().get("tandem-test")
-    entry.mark_verifier_down()
+    breaker = entry.breaker(Tier.SPECULATIVE)
+    breaker.trip("connection refused")
     try:
         stream = await gateway.start(await key_principal(account), call(max_tokens=5))
         await gateway.collect(stream)
     finally:
-        entry._verifier_down_until = 0.0
+        breaker.record_success()
     assert stream.route.tier is Tier.EDGE and stream.route.degraded
     row = await UsageRecord.objects.aget(request_id=stream.request_id)
     assert row.route_tier == "edge" and row.route_reason == "verifier_down" and row.verifier_version == ""

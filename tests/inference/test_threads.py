@@ -1,11 +1,11 @@
-"""The threads a stream's engine loop runs on (``gateway._ReusedThreads``): reused, never queued."""
+"""The threads a stream's engine loop runs on (``runtime.ReusedThreads``): reused, never queued."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from inference.gateway import _ReusedThreads
+from inference.runtime import ReusedThreads
 
 
 def wait_for(condition, timeout: float = 5.0) -> None:
@@ -16,7 +16,7 @@ def wait_for(condition, timeout: float = 5.0) -> None:
 
 
 def test_a_finished_thread_runs_the_next_job_instead_of_a_new_thread():
-    threads = _ReusedThreads("t-reuse")
+    threads = ReusedThreads("t-reuse")
     seen: list[threading.Thread] = []
     for _ in range(5):
         done = threading.Event()
@@ -28,7 +28,7 @@ def test_a_finished_thread_runs_the_next_job_instead_of_a_new_thread():
 
 def test_jobs_never_queue_behind_a_busy_thread():
     # each stream blocks its thread for the whole stream: a second job must start at once
-    threads = _ReusedThreads("t-busy")
+    threads = ReusedThreads("t-busy")
     release = threading.Event()
     running = threading.Barrier(4, timeout=5)  # three jobs and this test meet only if all run at once
 
@@ -44,7 +44,7 @@ def test_jobs_never_queue_behind_a_busy_thread():
 
 
 def test_a_failing_job_is_logged_and_its_thread_goes_on(caplog):
-    threads = _ReusedThreads("t-fail")
+    threads = ReusedThreads("t-fail")
     threads.run(lambda: 1 / 0)
     wait_for(lambda: threads._idle == 1)
     assert "a job on a t-fail thread failed" in caplog.text
@@ -54,7 +54,7 @@ def test_a_failing_job_is_logged_and_its_thread_goes_on(caplog):
 
 
 def test_an_idle_thread_ends_after_its_idle_time():
-    threads = _ReusedThreads("t-idle", idle_s=0.05)
+    threads = ReusedThreads("t-idle", idle_s=0.05)
     done = threading.Event()
     threads.run(done.set)
     assert done.wait(5)

@@ -19,7 +19,7 @@ from decimal import Decimal
 
 import pytest
 
-from inference import gateway
+from inference import gateway, settlement
 from inference.models import SloSample
 from tenants.models import Reservation, UsageRecord
 from tests.inference.conftest import GatedEngine, serving_gated
@@ -45,13 +45,13 @@ def gated() -> Iterator[GatedEngine]:
 def held_writes(monkeypatch) -> Iterator[threading.Event]:
     """Ledger writes wait (on their DB thread) until the test sets the event: proof that a frame came first."""
     gate = threading.Event()
-    original = gateway._settle_write
+    original = settlement._settle_write
 
     def held(*args, **kwargs):
         assert gate.wait(10), "the test never let the ledger write go"
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gateway, "_settle_write", held)
+    monkeypatch.setattr(settlement, "_settle_write", held)
     yield gate
     gate.set()
 

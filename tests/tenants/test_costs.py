@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from speculative.types import MAX_DRAFT_TOKENS as SPECULATIVE_MAX_DRAFT_TOKENS
 from tenants import errors, services
-from tenants.models import Budget, Price, Tier
+from tenants.models import Budget, Price
+from tenants.tiers import TIER_VALUES
 from tests.tenants.factories import usage_for
 
 SPECULATIVE = Price(
@@ -113,7 +114,7 @@ def _rate(max_units: int):
 prices = st.builds(
     Price,
     model=st.just("m"),
-    tier=st.sampled_from(Tier.values),
+    tier=st.sampled_from(TIER_VALUES),
     prompt_per_mtok=_rate(10**12),  # up to 1000 per million tokens
     completion_per_mtok=_rate(10**12),
     draft_per_mtok=_rate(10**11),

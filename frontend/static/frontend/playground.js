@@ -14,7 +14,12 @@
   const tierBadge = $("route-tier");
   const degradedBadge = $("degraded");
   const tenant = Number(root.dataset.tenant);
-  const PROVENANCE_LABEL = { drafted: "accepted draft token", verifier: "verifier token", edge: "edge token" };
+  const PROVENANCE_LABEL = {
+    drafted: "accepted draft token",
+    verifier: "verifier token",
+    edge: "edge token",
+    cloud: "cloud text",
+  };
 
   let socket = null;
   let opening = null;
@@ -59,7 +64,11 @@
         $("stat-request").textContent = frame.request_id;
         $("stat-request").title = frame.request_id;
         tierBadge.textContent = `tier: ${frame.route.tier}`;
+        tierBadge.title = `why: ${frame.route.reason} (routing policy ${frame.route.policy_version})`;
+        tierBadge.dataset.tier = frame.route.tier;
         tierBadge.hidden = false;
+        $("route-reason").textContent = `${frame.route.reason} · policy ${frame.route.policy_version}`;
+        $("route-reason").hidden = false;
         degradedBadge.hidden = !frame.route.degraded;
         break;
       case "delta": // one or more consecutive tokens, each with its provenance
@@ -127,6 +136,7 @@
       temperature: Number.parseFloat($("temperature").value),
       tenant,
     };
+    if ($("tier").value) message.tier = $("tier").value; // empty: the routing policy decides
     try {
       (await connect()).send(JSON.stringify(message));
     } catch {
@@ -189,6 +199,7 @@
     $("cost").hidden = true;
     tierBadge.hidden = true;
     degradedBadge.hidden = true;
+    $("route-reason").hidden = true;
     for (const id of ["stat-tokens", "stat-tps", "stat-share", "stat-acceptance", "stat-ttft", "stat-request"]) {
       $(id).textContent = "–";
     }

@@ -13,6 +13,7 @@ from decimal import Decimal
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.utils.text import slugify
 
 from tenants import errors, selectors, services
 from tenants.models import Membership, PriceBook
@@ -40,9 +41,15 @@ class Command(BaseCommand):
         parser.add_argument("--username", default="demo")
         parser.add_argument("--password", default=None, help="default: a new random one, printed")
         parser.add_argument("--models", default="tandem-demo", help="comma-separated model names to price")
+        parser.add_argument(
+            "--cloud-url",
+            default="",
+            help="register the local stand-in for a cloud provider (python -m inference.standin) at this base URL "
+            "as the models' cloud upstream",
+        )
 
     @transaction.atomic
-    def handle(self, *args, username: str, password: str | None, models: str, **options):
+    def handle(self, *args, username: str, password: str | None, models: str, cloud_url: str, **options):
         user_model = get_user_model()
         user = user_model.objects.filter(username=username).first()
         password = password or secrets.token_urlsafe(9)
@@ -61,6 +68,8 @@ class Command(BaseCommand):
             tenant = membership.tenant
         names = [m.strip() for m in models.split(",") if m.strip()]
         self._ensure_prices(names)
+        if cloud_url:
+            self._register_standin(names, cloud_url)
         _, raw_key = services.api_key_create(tenant=tenant, created_by=user, name="demo key")
         self.stdout.write(
             "\n".join(
@@ -95,6 +104,26 @@ class Command(BaseCommand):
         ]
         version = (PriceBook.objects.order_by("-version").values_list("version", flat=True).first() or 0) + 1
         services.price_book_publish(version=version, prices=prices, note="demo prices (manage.py tandem_demo)")
+
+
+    def _register_standin(self, names: list[str], base_url: str) -> None:
+        """The local stand-in as every demo model's cloud upstream, for every tenant, at the demo's cloud prices."""
+        from inference.services import cloud_upstream_register
+        from inference.standin import MODEL_ALIAS, model_path
+
+        for name in names:
+            cloud_upstream_register(
+                name=f"standin-{slugify(name)}",
+                model=name,
+                base_url=base_url,
+                upstream_model=MODEL_ALIAS,
+                prompt_per_mtok=Decimal(DEMO_RATES["cloud"]["prompt_per_mtok"]),
+                completion_per_mtok=Decimal(DEMO_RATES["cloud"]["completion_per_mtok"]),
+                all_tenants=True,
+                tokenizer=str(model_path()),
+                continues_final_message=True,
+                note="a local stand-in for a cloud provider: llama.cpp's server with SmolLM2-135M-Instruct",
+            )
 
 
 def _rates(tier: str) -> dict[str, Decimal]:

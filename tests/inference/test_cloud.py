@@ -1,0 +1,187 @@
+"""The cloud tier against a real upstream: llama-cpp-python's OpenAI-compatible server with SmolLM2 (a process)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from inference import gateway
+from inference.engines import get_engines
+from inference.errors import InvalidRequest
+from inference.model_tokenizers import gguf_tokenizer
+from inference.services import cloud_upstream_register
+from inference.standin import MODEL_ALIAS, model_path
+from speculative.types import Provenance
+from tenants.models import UsageRecord
+from tenants.tiers import Tier
+from tests.conftest import UPSTREAM_KEY_ENV, StandIn, _free_port
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+CLOUD_PROMPT_PER_MTOK = Decimal("3.00")
+CLOUD_COMPLETION_PER_MTOK = Decimal("15.00")
+
+
+def register(
+    base_url: str,
+    *,
+    name: str = "standin",
+    tenants=(),
+    all_tenants: bool = True,
+    api_key_env: str = UPSTREAM_KEY_ENV,
+    **options,
+):
+    upstream = cloud_upstream_register(
+        name=name,
+        model="tandem-test",
+        base_url=base_url,
+        upstream_model=MODEL_ALIAS,
+        api_key_env=api_key_env,
+        prompt_per_mtok=CLOUD_PROMPT_PER_MTOK,
+        completion_per_mtok=CLOUD_COMPLETION_PER_MTOK,
+        tenants=tenants,
+        all_tenants=all_tenants,
+        tokenizer=str(model_path()),
+        **options,
+    )
+    get_engines().upstreams.forget()  # this process re-reads the upstreams on the next request
+    return upstream
+
+
+@pytest.fixture
+def upstream(standin, account):
+    return register(standin.base_url)
+
+
+@pytest.fixture(autouse=True)
+def breakers_closed():
+    """Each test starts with every upstream's breaker closed (the directory outlives tests)."""
+    directory = get_engines().upstreams
+    directory._breakers.clear()
+    yield
+    directory._breakers.clear()
+
+
+async def principal(account):
+    return await gateway.authenticate_api_key(account.raw_key)
+
+
+def call(**kwargs) -> gateway.CompletionCall:
+    fields = {"model": "tandem-test", "prompt": "The capital of France is", "max_tokens": 6, "requested_tier": "cloud"}
+    return gateway.CompletionCall(**(fields | kwargs))
+
+
+async def test_a_requested_cloud_tier_streams_the_upstreams_text_and_charges_the_cloud_bucket(upstream, account):
+    stream = await gateway.start(await principal(account), call(seed=7))
+    text, deltas = await gateway.collect(stream)
+    assert stream.route.tier is Tier.CLOUD and stream.route.reason == "requested" and not stream.route.degraded
+    assert text and all(d.provenance is Provenance.CLOUD for d in deltas)
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert (row.route_tier, row.outcome, row.finish_reason) == ("cloud", "completed", "length")
+    # llama.cpp's server reports no usage in a stream: the upstream model's own tokenizer counts
+    tokenizer = gguf_tokenizer(str(model_path()))
+    assert row.completion_tokens == len(tokenizer.encode(text)) == 6
+    assert row.prompt_tokens == len(tokenizer.encode("The capital of France is"))
+    expected = (row.prompt_tokens * CLOUD_PROMPT_PER_MTOK + row.completion_tokens * CLOUD_COMPLETION_PER_MTOK) / 10**6
+    assert row.cost_cloud == row.cost_total == expected and row.cost_edge == row.cost_verifier == 0
+    assert stream.usage.cost["total"] == row.cost_total
+
+
+async def test_a_chat_goes_upstream_as_messages_rendered_by_the_upstreams_template(upstream, account):
+    messages = ({"role": "user", "content": "Say hello."},)
+    stream = await gateway.start(await principal(account), call(prompt="User: Say hello.\n", messages=messages))
+    text, _ = await gateway.collect(stream)
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    rendered = gguf_tokenizer(str(model_path())).render_chat(messages)
+    assert text and row.prompt_tokens == len(gguf_tokenizer(str(model_path())).encode(rendered))
+
+
+async def test_the_same_seed_gives_the_same_cloud_answer(upstream, account):
+    texts = []
+    for _ in range(2):
+        stream = await gateway.start(await principal(account), call(seed=3, temperature=0.8))
+        texts.append((await gateway.collect(stream))[0])
+    assert texts[0] == texts[1]
+
+
+async def test_an_upstream_for_other_tenants_is_not_offered_to_this_one(standin, account, other_account):
+    await sync_to_async(register)(standin.base_url, tenants=[other_account.tenant], all_tenants=False)
+    with pytest.raises(InvalidRequest) as info:
+        await gateway.start(await principal(account), call())
+    assert info.value.param == "tier"
+    stream = await gateway.start(await principal(other_account), call())
+    await gateway.collect(stream)
+    assert stream.route.tier is Tier.CLOUD
+
+
+async def test_without_a_cloud_request_the_default_route_stays_off_the_cloud(upstream, account):
+    stream = await gateway.start(await principal(account), call(requested_tier=None))
+    await gateway.collect(stream)
+    assert stream.route.tier is Tier.SPECULATIVE
+
+
+async def test_a_wrong_key_fails_over_before_the_first_token_and_counts_against_the_breaker(standin, account):
+    await sync_to_async(register)(standin.base_url, api_key_env="TANDEM_TEST_NO_SUCH_KEY")
+    stream = await gateway.start(await principal(account), call())
+    text, _ = await gateway.collect(stream)
+    assert stream.route.tier is Tier.SPECULATIVE and stream.route.reason == "cloud_down" and stream.route.degraded
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.route_tier == "speculative" and row.cost_cloud == 0
+    breaker = get_engines().upstreams.breaker(get_engines().upstreams.for_model("tandem-test", None)[0])
+    assert breaker.snapshot()["consecutive_failures"] == 1 and "401" in breaker.last_error
+
+
+async def test_an_unreachable_upstream_opens_its_breaker_and_later_requests_skip_it(account):
+    await sync_to_async(register)(f"http://127.0.0.1:{_free_port()}/v1")
+    for _ in range(3):  # FAILURES_TO_OPEN
+        stream = await gateway.start(await principal(account), call())
+        await gateway.collect(stream)
+        assert stream.route.tier is Tier.SPECULATIVE
+    directory = get_engines().upstreams
+    assert directory.breaker(directory.for_model("tandem-test", None)[0]).state.value == "open"
+    stream = await gateway.start(await principal(account), call())
+    await gateway.collect(stream)
+    # the router no longer offers the cloud at all: chosen cloud, served below it, degraded
+    assert stream.route.tier is Tier.SPECULATIVE and stream.route.degraded
+
+
+async def test_the_next_upstream_serves_when_the_first_refuses_the_connection(standin, account):
+    await sync_to_async(register)(f"http://127.0.0.1:{_free_port()}/v1", name="dead", priority=1)
+    await sync_to_async(register)(standin.base_url, name="alive", priority=2)
+    stream = await gateway.start(await principal(account), call())
+    text, _ = await gateway.collect(stream)
+    assert stream.route.tier is Tier.CLOUD and text
+
+
+async def test_a_policy_that_refuses_an_unknown_tier_names_it(upstream, account):
+    with pytest.raises(InvalidRequest) as info:
+        await gateway.start(await principal(account), call(requested_tier="gpu-cluster"))
+    assert info.value.param == "tier" and "gpu-cluster" in info.value.message
+
+
+async def test_a_client_gone_mid_stream_pays_only_the_cloud_text_it_was_sent(upstream, account):
+    stream = await gateway.start(await principal(account), call(max_tokens=40))
+    first = await stream.__anext__()
+    usage = await stream.aclose()
+    await stream.settled()
+    tokenizer = gguf_tokenizer(str(model_path()))
+    assert usage.outcome == "cancelled" and usage.completion_tokens == max(1, len(tokenizer.encode(first.text)))
+
+
+async def test_a_killed_upstream_mid_stream_ends_with_an_error_and_charges_what_was_sent(account):
+    server = StandIn(key="").start()
+    try:
+        await sync_to_async(register)(server.base_url, api_key_env="")
+        stream = await gateway.start(await principal(account), call(max_tokens=200))
+        received = [await stream.__anext__()]
+        server.kill()
+        with pytest.raises(gateway.GatewayError):
+            async for delta in stream:
+                received.append(delta)
+    finally:
+        server.kill()
+    await stream.settled()
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.outcome == "error" and row.route_tier == "cloud" and row.completion_tokens >= len(received) >= 1
