@@ -51,6 +51,12 @@ def validate(call: CompletionCall) -> None:
         # Minted ids may skip the reservation row's uniqueness check (budget leases): a
         # caller's own id must never be able to collide with one.
         raise InvalidRequest(f"request ids starting with {MINTED_ID_PREFIX!r} are the server's", param="request_id")
+    if call.latency_class not in ("interactive", "batch"):
+        raise InvalidRequest(
+            f"latency_class must be 'interactive' or 'batch', got {call.latency_class!r}", param="latency_class"
+        )
+    if "~" in call.request_id:  # the separator of a later leg's ledger id (settlement.LEG_ID_SEPARATOR)
+        raise InvalidRequest("a request id may not contain '~'", param="request_id")
     if not isinstance(call.prompt, str) or not call.prompt:
         raise InvalidRequest("the prompt is empty", param="prompt")
     if len(call.prompt) > settings.TANDEM_MAX_PROMPT_CHARS:

@@ -170,6 +170,7 @@ class CloudRequest:
     stop: tuple[str, ...]
     tenant_id: int | None
     upstreams: tuple[Upstream, ...]
+    continuation: str = ""  # the answer so far, when this tier takes over mid-stream
 
 
 @dataclass
@@ -207,6 +208,7 @@ class CloudEngine:
         stop: Sequence[str] = (),
         messages: Sequence[Mapping[str, str]] = (),
         tenant_id: int | None = None,
+        continuation: str = "",
     ) -> CloudRequest:
         check_sampling(sampling)
         if max_tokens < 1:
@@ -214,15 +216,24 @@ class CloudEngine:
         if any(not isinstance(s, str) or not s for s in stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
         upstreams = tuple(
-            u for u in self.directory.for_model(self.model, tenant_id) if self.directory.breaker(u).available()
+            u
+            for u in self.directory.for_model(self.model, tenant_id)
+            if self.directory.breaker(u).available() and (not continuation or _continues(u, bool(messages)))
         )
         first = upstreams[0] if upstreams else None
         tokenizer = self.tokenizer_of(first)
-        text = prompt
+        text = prompt + continuation
         if messages and first is not None and first.tokenizer and getattr(tokenizer, "template", None):
-            text = tokenizer.render_chat(messages)  # what the upstream will read: its own template
+            # what the upstream will read: the conversation in its own template
+            text = tokenizer.render_chat(messages) + continuation
         ids = tuple(tokenizer.encode(text, add_special_tokens=False))
-        return CloudRequest(ids, prompt, tuple(messages), max_tokens, sampling, tuple(stop), tenant_id, upstreams)
+        return CloudRequest(
+            ids, prompt, tuple(messages), max_tokens, sampling, tuple(stop), tenant_id, upstreams, continuation
+        )
+
+    def can_continue(self, request: CloudRequest) -> bool:
+        """Whether an upstream may go on from the request's partial answer (there is one that can)."""
+        return bool(request.upstreams)
 
     def astream(self, request: CloudRequest) -> CloudCompletion:
         return CloudCompletion(self, request)
@@ -304,13 +315,13 @@ class CloudCompletion:
         )
 
     async def _relay(self, upstream: Upstream) -> AsyncGenerator[TokenEvent, None]:
-        chat = bool(self.request.messages)
+        chat, body = self._plan(upstream)
         url = upstream.base_url.rstrip("/") + ("/chat/completions" if chat else "/completions")
         timeout = httpx.Timeout(upstream.idle_timeout_s, connect=upstream.connect_timeout_s)
         try:
             async with asyncio.timeout(upstream.first_token_timeout_s) as first_token:
                 async with _client().stream(
-                    "POST", url, json=self._body(upstream, chat), headers=upstream.headers(), timeout=timeout
+                    "POST", url, json=body, headers=upstream.headers(), timeout=timeout
                 ) as response:
                     if response.status_code != 200:
                         await _refuse(upstream, response)
@@ -326,7 +337,13 @@ class CloudCompletion:
         except httpx.HTTPError as exc:
             raise UpstreamFailed(f"{upstream.name} is unreachable: {type(exc).__name__}: {exc}") from None
 
-    def _body(self, upstream: Upstream, chat: bool) -> dict[str, Any]:
+    def _plan(self, upstream: Upstream) -> tuple[bool, dict[str, Any]]:
+        """Which endpoint (chat or not) and what body: a chat as messages, a partial answer continued.
+
+        A chat taken over mid-stream continues the partial answer as the last (assistant)
+        message where the upstream can (llama.cpp's server and vLLM), else through its
+        completions endpoint with the conversation in the model's own chat template.
+        """
         request, sampling = self.request, self.request.sampling
         body: dict[str, Any] = {
             "model": upstream.upstream_model,
@@ -339,11 +356,20 @@ class CloudCompletion:
         }
         if request.stop:
             body["stop"] = list(request.stop)
-        if chat:
+        partial = request.continuation
+        if not request.messages:
+            body["prompt"] = request.prompt + partial
+            return False, body
+        if not partial:
             body["messages"] = [dict(m) for m in request.messages]
-        else:
-            body["prompt"] = request.prompt
-        return body
+            return True, body
+        if upstream.continues_final_message:
+            body["messages"] = [*map(dict, request.messages), {"role": "assistant", "content": partial}]
+            body |= {"continue_final_message": True, "add_generation_prompt": False}  # vLLM's names for it
+            return True, body
+        messages = [*request.messages, {"role": "assistant", "content": partial}]
+        body["prompt"] = gguf_tokenizer(upstream.tokenizer).render_chat(messages, continue_final=True)
+        return False, body
 
     async def _events_of(self, response: httpx.Response, chat: bool) -> AsyncGenerator[TokenEvent, None]:
         """The upstream's server-sent events as token events; its usage and finish reason into ``stats``."""
@@ -372,6 +398,13 @@ class CloudCompletion:
                     self.stats.finish_reason = FinishReason.LENGTH if reason == "length" else FinishReason.STOP
                 if text:
                     yield TokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD)
+
+
+def _continues(upstream: Upstream, chat: bool) -> bool:
+    """Whether ``upstream`` can go on from a partial answer: any text prompt can; a chat needs a way to."""
+    if not chat or upstream.continues_final_message:
+        return True
+    return bool(upstream.tokenizer) and gguf_tokenizer(upstream.tokenizer).template is not None
 
 
 def _choice_text(choice: Any, chat: bool) -> str:

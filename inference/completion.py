@@ -49,6 +49,11 @@ class CompletionCall:
     messages: tuple[Mapping[str, str], ...] = ()
     # The tier the client asked for (a request extension); the routing policy allows or refuses it.
     requested_tier: str | None = None
+    # "interactive" (a person waits: spill up from a saturated edge) or "batch" (may wait its turn)
+    latency_class: str = "interactive"
+    # The answer so far, when another tier takes over mid-stream: the engine goes on from it
+    # (a local engine reads prompt + this text; a cloud upstream continues the partial answer).
+    continue_from: str = ""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -62,6 +67,7 @@ class TokenDelta:
     text: str
     token_id: int
     provenance: Provenance
+    route: Route | None = None  # set on the first token of a leg that took over mid-stream: the new route
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,8 @@ class UsageSummary:
     finish_reason: str  # stop / length / "" (cancelled or failed)
     ttft_ms: float | None
     duration_ms: float
-    route: Route
+    route: Route  # the last leg's
+    legs: tuple[Mapping, ...] = ()  # each leg's route, tokens and cost, when several tiers served the request
 
     @property
     def acceptance_rate(self) -> float:
@@ -106,4 +113,4 @@ class UsageSummary:
             "duration_ms": round(self.duration_ms, 2),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "route": self.route.as_dict(),
-        }
+        } | ({"legs": list(self.legs)} if self.legs else {})

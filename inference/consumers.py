@@ -19,7 +19,9 @@ server -> client::
 
     {"type": "started", "id", "request_id", "model", "route": {"tier", "reason", "degraded", "policy_version"}}
     {"type": "delta", "id", "index", "text", "tokens": [{"token_id", "text", "provenance"}, ...]}
-                                                       provenance: "drafted" | "verifier" | "edge"
+                                                       provenance: "drafted" | "verifier" | "edge" | "cloud"
+    {"type": "route", "id", "index", "route": {...}}   another tier took over mid-stream (its tier failed):
+                                                       from token ``index`` on, the text comes from ``route``
     {"type": "done", "id", "usage": {...}}            usage: UsageSummary.as_dict(); outcome
                                                        "completed" or "cancelled"
     {"type": "error", "id": <id or null>, "error": {"message", "type", "param", "code"},
@@ -259,6 +261,18 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(frame)
 
     async def _send_deltas(self, item: _Live, deltas: list[gateway.TokenDelta]) -> None:
+        """Delta frames for consecutive tokens; a ``route`` frame first where another tier took over."""
+        start = 0
+        for i, delta in enumerate(deltas):
+            if delta.route is not None:
+                if i > start:
+                    await self._send_delta_frame(item, deltas[start:i])
+                frame = {"type": "route", "id": item.id, "index": delta.index, "route": delta.route.as_dict()}
+                await self._send_for(item, frame)
+                start = i
+        await self._send_delta_frame(item, deltas[start:])
+
+    async def _send_delta_frame(self, item: _Live, deltas: list[gateway.TokenDelta]) -> None:
         """One delta frame for consecutive tokens: their joined text, and each token on its own."""
         tokens = [{"token_id": d.token_id, "text": d.text, "provenance": d.provenance.value} for d in deltas]
         text = "".join(d.text for d in deltas)

@@ -74,6 +74,17 @@ class ModelEntry:
     def __post_init__(self) -> None:
         # The cloud engine keeps a breaker per upstream itself (inference.cloud).
         self.breakers.setdefault(Tier.SPECULATIVE, CircuitBreaker(f"{self.name}/verifier"))
+        self._in_flight = dict.fromkeys(Tier, 0)  # streams running on each tier (changed on the event loop)
+
+    def in_flight(self, tier: Tier) -> int:
+        """Streams of this model running on ``tier`` in this process: its queue depth, for routing."""
+        return self._in_flight[tier]
+
+    def enter(self, tier: Tier) -> None:
+        self._in_flight[tier] += 1
+
+    def leave(self, tier: Tier) -> None:
+        self._in_flight[tier] -= 1
 
     def engine(self, tier: Tier) -> Engine | None:
         return {Tier.SPECULATIVE: self.speculative, Tier.EDGE: self.edge, Tier.CLOUD: self.cloud}[tier]
@@ -113,9 +124,21 @@ def request_for(
     seed = call.seed if call.seed is not None else secrets.randbits(31)
     try:
         sampling = SamplingParams(call.temperature, call.top_k, call.top_p, seed)
-        # a cloud upstream renders chats itself, and serves only the tenants it names
-        extra = {"messages": call.messages, "tenant_id": tenant_id} if tier is Tier.CLOUD else {}
-        request = engine.request(call.prompt, max_tokens=call.max_tokens, sampling=sampling, stop=call.stop, **extra)
+        if isinstance(engine, CloudEngine):
+            # a cloud upstream renders chats itself, continues a partial answer its own way,
+            # and serves only the tenants it names
+            request: CompletionRequest | CloudRequest = engine.request(
+                call.prompt,
+                max_tokens=call.max_tokens,
+                sampling=sampling,
+                stop=call.stop,
+                messages=call.messages,
+                tenant_id=tenant_id,
+                continuation=call.continue_from,
+            )
+        else:
+            prompt = call.prompt + call.continue_from
+            request = engine.request(prompt, max_tokens=call.max_tokens, sampling=sampling, stop=call.stop)
     except ContextOverflowError as exc:
         raise ContextTooLong(str(exc), param="max_tokens") from None
     except InvalidRequestError as exc:

@@ -19,6 +19,8 @@ nothing.
 
 from __future__ import annotations
 
+import dataclasses
+
 from inference.admission import admission, validate
 from inference.completion import (
     MINTED_ID_PREFIX,
@@ -37,9 +39,12 @@ from inference.principals import (
     principal_for_api_key_id,
     principal_for_user,
 )
+from inference.redaction import redacted_call
 from inference.router import decide
 from inference.runtime import db
+from inference.selectors import routing_policy_cached, routing_policy_for
 from inference.settlement import leases, ledger_writes_flush
+from inference.signals import assess
 from inference.stream import MAX_DELTAS_AT_ONCE, GatewayStream
 
 __all__ = [
@@ -76,10 +81,21 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     entry = engines.get(call.model)
     if engines.upstreams is not None and engines.upstreams.stale():
         await db(engines.upstreams.refresh)()
-    route = decide(entry, call.requested_tier, principal.tenant_id)
-    engine, request = await arequest_for(entry, route.tier, call, principal.tenant_id)
+    tenant_id = principal.tenant_id
+    policy = routing_policy_cached(tenant_id=tenant_id) or await db(routing_policy_for)(tenant_id=tenant_id)
+    signals = await assess(call, policy, entry.tokenizer)
+    route = decide(entry, signals, policy, tenant_id)
+    served, redaction = call, None
+    if route.redact:
+        assert signals.pii is not None
+        redacted = redacted_call(call, signals.pii)
+        if redacted is None:  # PII that cannot be cut out cleanly stays off the cloud
+            route = decide(entry, signals, dataclasses.replace(policy, pii_action="keep_off_cloud"), tenant_id)
+        else:
+            served, redaction = redacted
+    engine, request = await arequest_for(entry, route.tier, served, tenant_id)
     admission.enter(principal.tenant_id)
-    stream = GatewayStream(principal, call, entry, route)
+    stream = GatewayStream(principal, call, entry, route, policy, redaction)
     try:
         stream.prompt_tokens = len(request.prompt_ids)
         stream.price = await price_for(model=entry.name, tier=route.tier.value)

@@ -108,13 +108,22 @@ def _reserve(principal: Principal, request_id: str, amount: Decimal, price: Pric
 
 
 async def hold_more(
-    hold: Hold, *, leases: LeasePool, principal: Principal, request_id: str, amount: Decimal, price: Price
+    hold: Hold,
+    *,
+    leases: LeasePool,
+    principal: Principal,
+    request_id: str,
+    amount: Decimal,
+    price: Price,
+    delivered: bool = False,
 ) -> None:
     """Hold at least ``amount`` in all (a request moving to a dearer tier), or raise ``BudgetExceeded`` (402).
 
     Only the difference is asked for: from the same lease when it has room; else, for a
     request that has delivered nothing yet, its lease hold is given back and the whole
-    amount reserved instead (its id is the server's, never reserved before).
+    amount reserved instead (its id is the server's, never reserved before). A request
+    that has ``delivered`` tokens keeps its lease hold (what it owes is counted there), so
+    a lease without room refuses.
     """
     extra = amount - hold.amount
     if extra <= 0:
@@ -122,6 +131,8 @@ async def hold_more(
     if hold.lease_hold is not None:
         if leases.extend(hold.lease_hold, extra):
             return
+        if delivered:
+            raise BudgetExceeded("the budget lease has no room for the next tier's worst case; the answer ends here")
         leases.release(hold.lease_hold)
         hold.lease_hold = None
         hold.reservation = await db(_reserve)(principal, request_id, amount, price)

@@ -1,5 +1,6 @@
-"""The inference side's data besides the ledger: one SLO sample per finished request, and the cloud upstreams."""
+"""The inference side's data besides the ledger: SLO samples, cloud upstreams and routing policies."""
 
+from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
@@ -88,3 +89,98 @@ class CloudUpstream(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.model} -> {self.upstream_model})"
+
+
+class PiiAction(models.TextChoices):
+    KEEP_OFF_CLOUD = "keep_off_cloud", "keep it off the cloud (edge or speculative)"
+    REDACT_THEN_CLOUD = "redact_then_cloud", "redact it, send to the cloud, restore the answer"
+    REFUSE = "refuse", "refuse the request"
+
+
+class RoutingPolicy(models.Model):
+    """A published, immutable version of how a tenant's requests choose a tier (``tenant`` empty: the global default).
+
+    Never edited: a change publishes the next version, which becomes the active one, so a
+    ledger row's ``policy_version`` always names the rules that decided it. Signals are
+    applied in precedence order: allowed tiers; PII (a hard constraint); a requested tier;
+    task difficulty; output budget and prompt length; latency class; tier health and
+    queue depth.
+    """
+
+    PiiAction = PiiAction
+
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="routing_policies"
+    )
+    version = models.PositiveIntegerField()
+    is_active = models.BooleanField(default=False)
+    allowed_tiers = models.JSONField(default=list, help_text="the tiers this tenant may use (edge, speculative, cloud)")
+    allow_requested_tier = models.BooleanField(default=True, help_text="a request may ask for a tier (`tier`)")
+    pii_action = models.CharField(max_length=32, choices=PiiAction.choices, default=PiiAction.KEEP_OFF_CLOUD)
+    difficulty_routing = models.BooleanField(
+        default=True, help_text="route by the prompt's difficulty; off: the cheapest allowed tier above the edge"
+    )
+    cloud_threshold = models.FloatField(
+        default=0.5,
+        validators=[MinValueValidator(0.0)],
+        help_text="p(needs a frontier model) from which to go to the cloud",
+    )
+    hard_threshold = models.FloatField(
+        default=0.5, validators=[MinValueValidator(0.0)], help_text="p(hard) from which to skip the edge"
+    )
+    edge_max_output_tokens = models.PositiveIntegerField(
+        default=1024, help_text="a request for more output tokens skips the edge (a small draft drifts on long answers)"
+    )
+    edge_max_prompt_tokens = models.PositiveIntegerField(default=4096, help_text="a longer prompt skips the edge")
+    edge_max_streams = models.PositiveIntegerField(
+        default=16, help_text="edge streams in flight from which interactive requests spill up (batch ones wait)"
+    )
+    escalation = models.BooleanField(
+        default=False, help_text="send an edge answer up a tier when its own confidence is low (both legs are charged)"
+    )
+    escalation_min_mean_logprob = models.FloatField(default=-2.5)
+    escalation_max_low_share = models.FloatField(
+        default=0.3, help_text="the most tokens below p=0.1 an edge answer may have before it goes up a tier"
+    )
+    escalation_hold_tokens = models.PositiveSmallIntegerField(
+        default=16, help_text="tokens held back (not sent) while the edge answer's confidence is judged"
+    )
+    note = models.CharField(max_length=300, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant_id", "-version"]
+        verbose_name_plural = "routing policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "version"], condition=models.Q(tenant__isnull=False), name="routing_policy_version"
+            ),
+            models.UniqueConstraint(
+                fields=["version"], condition=models.Q(tenant__isnull=True), name="routing_policy_default_version"
+            ),
+            models.UniqueConstraint(
+                fields=["tenant"],
+                condition=models.Q(is_active=True, tenant__isnull=False),
+                name="routing_policy_one_active",
+            ),
+            models.UniqueConstraint(
+                fields=["is_active"],
+                condition=models.Q(is_active=True, tenant__isnull=True),
+                name="routing_policy_one_active_default",
+            ),
+            models.CheckConstraint(condition=models.Q(version__gt=0), name="routing_policy_version_positive"),
+            models.CheckConstraint(
+                condition=models.Q(pii_action__in=PiiAction.values), name="routing_policy_pii_action_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def label(self) -> str:
+        """What ledger rows record: ``t<tenant>-v<version>``, or ``default-v<version>``."""
+        return f"t{self.tenant_id}-v{self.version}" if self.tenant_id else f"default-v{self.version}"

@@ -439,7 +439,10 @@ class _Chunks:
 
     def delta(self, delta: TokenDelta) -> dict:
         chunk = self._chunk({"content": delta.text} if self.chat else delta.text)
-        return chunk | {"tandem": {"provenance": delta.provenance.value}}
+        tandem: dict = {"provenance": delta.provenance.value}
+        if delta.route is not None:  # another tier took over mid-stream: from this token on, it writes
+            tandem["route"] = delta.route.as_dict()
+        return chunk | {"tandem": tandem}
 
     def finish(self, usage: UsageSummary) -> dict:
         """The last choice chunk: the finish reason, and the Tandem summary (route, drafts, cost)."""
@@ -498,7 +501,8 @@ async def _sse_events(stream: GatewayStream, chunks: _Chunks) -> AsyncGenerator[
                     continue
                 events = []
                 for delta in batch:
-                    if delta.text or not sent_any:  # empty texts (held back for a stop string) carry nothing
+                    # empty texts (held back for a stop string) carry nothing, unless they announce a new route
+                    if delta.text or not sent_any or delta.route is not None:
                         events.append(_sse(chunks.delta(delta)))
                         sent_any = True
                 if events:

@@ -1,30 +1,52 @@
-"""Which tier serves a request, and where it goes when that tier fails: every decision with its reason.
+"""Which tier serves a request, and where it goes when that tier fails: every decision with its reason and signals.
 
-``decide(entry, call)`` picks the first tier of the policy's preference that the model
-serves and whose breaker lets traffic through; a tier the client requested (the
-``tier`` extension) comes first when the policy allows it, and is refused (400) when it
-does not. ``fail_over(entry, route, ...)`` picks the next tier after a failure, so a
-failover is a routing decision like any other: the same policy, the same health, a
-reason in the ledger. A route is *degraded* when a failure put it below the tier the
-policy chose.
+``decide(entry, signals, policy, tenant_id)`` applies the tenant's routing policy to the
+request's signals (``inference.signals``), in precedence order:
 
-The per-tenant, versioned policies (PII, difficulty, confidence) plug in here: the
-builtin policy below is what every tenant gets until then.
+1. the tiers the policy allows (and the model serves for this tenant);
+2. PII, a hard constraint: kept off the cloud, redacted for it, or refused (400);
+3. a tier the client asked for (the ``tier`` extension), if the policy allows it;
+4. the prompt's difficulty: routine -> edge, hard for a strong open model -> speculative,
+   needing a frontier model -> cloud (the policy's thresholds);
+5. the output budget and prompt length: a long answer or prompt skips the edge;
+6. the latency class and queue depth: an interactive request spills up from a saturated
+   edge; a batch one waits its turn there;
+7. tier health: a tier whose breaker is open is skipped for the next in the failover order.
+
+``fail_over(entry, route, ...)`` picks the next tier after a failure, so a failover is a
+routing decision like any other: the same policy, the same health, a reason in the
+ledger. A route is *degraded* when a failure put it below the tier the policy chose.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from inference.engines import ModelEntry
 from inference.errors import InvalidRequest, Overloaded
 from tenants.tiers import Tier
+
+if TYPE_CHECKING:
+    from inference.signals import Signals
 
 POLICY_VERSION = "builtin-2"
 # The ledger's reason when a tier's breaker is open (``verifier_down`` predates the cloud tier).
 DOWN_REASON = {Tier.SPECULATIVE: "verifier_down", Tier.EDGE: "edge_down", Tier.CLOUD: "cloud_down"}
 # Quality order: a route below the tier its policy chose is degraded.
 TIER_RANK = {Tier.EDGE: 0, Tier.SPECULATIVE: 1, Tier.CLOUD: 2}
+# Where each difficulty goes when its tier may not serve it, in order.
+DIFFICULTY_TIERS = {
+    "routine": (Tier.EDGE, Tier.SPECULATIVE, Tier.CLOUD),
+    "hard_open": (Tier.SPECULATIVE, Tier.CLOUD, Tier.EDGE),
+    "hard_frontier": (Tier.CLOUD, Tier.SPECULATIVE, Tier.EDGE),
+}
+PII_ACTIONS = ("keep_off_cloud", "redact_then_cloud", "refuse")
+
+
+class PiiRefused(InvalidRequest):
+    code = "pii_detected"
 
 
 @dataclass(frozen=True)
@@ -33,6 +55,8 @@ class Route:
     reason: str
     policy_version: str = POLICY_VERSION
     chosen: Tier | None = None  # the tier the policy chose, when a failure moved the request off it
+    signals: Mapping[str, Any] = field(default_factory=dict, compare=False)  # what the policy decided from
+    redact: bool = field(default=False, compare=False)  # PII goes to this (cloud) tier redacted
 
     @property
     def degraded(self) -> bool:
@@ -48,26 +72,59 @@ class Route:
         }
 
 
+def _default_failover() -> dict[Tier, tuple[Tier, ...]]:
+    return {
+        Tier.SPECULATIVE: (Tier.EDGE, Tier.CLOUD),
+        Tier.CLOUD: (Tier.SPECULATIVE, Tier.EDGE),
+        Tier.EDGE: (Tier.SPECULATIVE, Tier.CLOUD),
+    }
+
+
 @dataclass(frozen=True)
-class RoutingPolicy:
+class Policy:
+    """A routing policy as the router applies it (a published ``RoutingPolicy`` row, or the builtin one)."""
+
     version: str = POLICY_VERSION
-    preference: tuple[Tier, ...] = (Tier.SPECULATIVE, Tier.EDGE, Tier.CLOUD)  # when nothing else decides
     allowed: frozenset[Tier] = frozenset(Tier)
     allow_requested_tier: bool = True
-    # where a failed tier's requests go next, in order
-    failover: dict[Tier, tuple[Tier, ...]] = field(
-        default_factory=lambda: {
-            Tier.SPECULATIVE: (Tier.EDGE, Tier.CLOUD),
-            Tier.CLOUD: (Tier.SPECULATIVE, Tier.EDGE),
-            Tier.EDGE: (Tier.SPECULATIVE, Tier.CLOUD),
-        }
-    )
+    pii_action: str = "keep_off_cloud"
+    difficulty_routing: bool = True
+    cloud_threshold: float | None = None  # None: the classifier's committed default
+    hard_threshold: float | None = None
+    edge_max_output_tokens: int = 1024
+    edge_max_prompt_tokens: int = 4096
+    edge_max_streams: int = 16
+    escalation: bool = False
+    escalation_min_mean_logprob: float = -2.5
+    escalation_max_low_share: float = 0.3
+    escalation_hold_tokens: int = 16
+    preference: tuple[Tier, ...] = (Tier.SPECULATIVE, Tier.EDGE, Tier.CLOUD)  # when difficulty does not decide
+    failover: dict[Tier, tuple[Tier, ...]] = field(default_factory=_default_failover)
+
+    @classmethod
+    def from_row(cls, row) -> Policy:
+        return cls(
+            version=row.label,
+            allowed=frozenset(Tier(t) for t in row.allowed_tiers),
+            allow_requested_tier=row.allow_requested_tier,
+            pii_action=row.pii_action,
+            difficulty_routing=row.difficulty_routing,
+            cloud_threshold=row.cloud_threshold,
+            hard_threshold=row.hard_threshold,
+            edge_max_output_tokens=row.edge_max_output_tokens,
+            edge_max_prompt_tokens=row.edge_max_prompt_tokens,
+            edge_max_streams=row.edge_max_streams,
+            escalation=row.escalation,
+            escalation_min_mean_logprob=row.escalation_min_mean_logprob,
+            escalation_max_low_share=row.escalation_max_low_share,
+            escalation_hold_tokens=row.escalation_hold_tokens,
+        )
 
 
-BUILTIN_POLICY = RoutingPolicy()
+BUILTIN_POLICY = Policy()
 
 
-def _requested(policy: RoutingPolicy, requested: str | None) -> Tier | None:
+def _requested(policy: Policy, requested: str | None) -> Tier | None:
     if requested is None:
         return None
     try:
@@ -83,53 +140,104 @@ def _requested(policy: RoutingPolicy, requested: str | None) -> Tier | None:
 
 def decide(
     entry: ModelEntry,
-    requested_tier: str | None = None,
+    signals: Signals | None = None,
+    policy: Policy = BUILTIN_POLICY,
     tenant_id: int | None = None,
-    policy: RoutingPolicy = BUILTIN_POLICY,
 ) -> Route:
-    """The tier that serves a new request for ``entry``; raises Overloaded (503) when none is available."""
-    requested = _requested(policy, requested_tier)
+    """The tier that serves a new request for ``entry``; raises InvalidRequest (400) or Overloaded (503)."""
+    from inference.signals import Signals
+
+    signals = signals or Signals()
+    recorded = signals.as_dict()
+
+    def route(tier: Tier, reason: str, chosen: Tier | None = None) -> Route:
+        redact = tier is Tier.CLOUD and bool(signals.pii_kinds) and policy.pii_action == "redact_then_cloud"
+        return Route(tier, reason, policy.version, chosen, recorded, redact)
+
+    # 1. what this tenant may use at all
+    candidates = [t for t in Tier if t in policy.allowed and entry.serves(t, tenant_id)]
+    # 2. PII: a hard constraint
+    pii_reason = ""
+    if signals.pii_kinds:
+        kinds = ", ".join(signals.pii_kinds)
+        if policy.pii_action == "refuse":
+            raise PiiRefused(
+                f"the prompt contains personal data or secrets ({kinds}) and this tenant's routing policy refuses "
+                "such requests; remove them and retry",
+                param="prompt",
+            )
+        if policy.pii_action == "keep_off_cloud" and Tier.CLOUD in candidates:
+            candidates.remove(Tier.CLOUD)
+            pii_reason = "pii"
+    # 3. a tier the client asked for
+    requested = _requested(policy, signals.requested_tier)
     if requested is not None:
-        if not entry.serves(requested, tenant_id):
+        if requested not in candidates:
+            if pii_reason and requested is Tier.CLOUD:
+                raise PiiRefused(
+                    f"the prompt contains personal data or secrets ({', '.join(signals.pii_kinds)}) and this "
+                    "tenant's routing policy keeps them off the cloud tier you asked for",
+                    param="tier",
+                )
             raise InvalidRequest(
                 f"the model {entry.name!r} is not served on the {requested} tier for this tenant", param="tier"
             )
-        if entry.available(requested, tenant_id):
-            return Route(requested, "requested", policy.version)
-        return _fallback(entry, policy, requested, DOWN_REASON[requested], policy.failover[requested], tenant_id)
-    chosen = next((t for t in policy.preference if t in policy.allowed and entry.serves(t, tenant_id)), None)
-    if chosen is None:
+        return _healthy(entry, policy, route, requested, "requested", tenant_id)
+    if not candidates:
         raise Overloaded(f"no tier this tenant may use serves the model {entry.name!r}")
-    if entry.available(chosen, tenant_id):
-        return Route(chosen, "default", policy.version)
-    return _fallback(entry, policy, chosen, DOWN_REASON[chosen], policy.failover[chosen], tenant_id)
+    # 4. difficulty (or the policy's plain preference)
+    if signals.difficulty is not None:
+        order = DIFFICULTY_TIERS[signals.difficulty]
+        tier = next(t for t in (*order, *candidates) if t in candidates)
+        reason = signals.difficulty
+        if pii_reason and order[0] is Tier.CLOUD:
+            reason = pii_reason  # it would have gone to the cloud, but for the personal data
+    else:
+        tier = next(t for t in (*policy.preference, *candidates) if t in candidates)
+        reason = pii_reason or "default"
+    # 5. the output budget and prompt length; 6. the latency class and the edge's queue
+    if tier is Tier.EDGE:
+        above = next((t for t in (Tier.SPECULATIVE, Tier.CLOUD) if t in candidates), None)
+        if above is not None:
+            if signals.max_tokens > policy.edge_max_output_tokens:
+                tier, reason = above, "long_output"
+            elif signals.prompt_tokens > policy.edge_max_prompt_tokens:
+                tier, reason = above, "long_prompt"
+            elif signals.latency_class == "interactive" and entry.in_flight(Tier.EDGE) >= policy.edge_max_streams:
+                tier, reason = above, "edge_saturated"
+    # 7. health
+    return _healthy(entry, policy, route, tier, reason, tenant_id)
+
+
+def _healthy(entry: ModelEntry, policy: Policy, route, tier: Tier, reason: str, tenant_id: int | None) -> Route:
+    if entry.available(tier, tenant_id):
+        return route(tier, reason)
+    for other in policy.failover[tier]:
+        if other in policy.allowed and entry.available(other, tenant_id):
+            return route(other, DOWN_REASON[tier], tier)
+    raise Overloaded(f"the {tier} tier of {entry.name!r} is down and no other tier may serve it; retry shortly")
 
 
 def fail_over(
     entry: ModelEntry,
     route: Route,
     tenant_id: int | None = None,
-    policy: RoutingPolicy = BUILTIN_POLICY,
+    policy: Policy = BUILTIN_POLICY,
     tried: frozenset[Tier] = frozenset(),
 ) -> Route | None:
-    """Where a request goes after ``route``'s tier failed; None when no other tier may serve it."""
+    """Where a request goes after ``route``'s tier failed; None when no other tier may serve it.
+
+    The same policy decides: a tier it does not allow, or the cloud for a prompt whose
+    personal data it keeps off the cloud, is never a failover target.
+    """
     chosen = route.chosen or route.tier
-    order = tuple(t for t in policy.failover[route.tier] if t not in tried and t is not route.tier)
-    try:
-        return _fallback(entry, policy, chosen, DOWN_REASON[route.tier], order, tenant_id)
-    except Overloaded:
-        return None
-
-
-def _fallback(
-    entry: ModelEntry,
-    policy: RoutingPolicy,
-    chosen: Tier,
-    reason: str,
-    order: tuple[Tier, ...],
-    tenant_id: int | None,
-) -> Route:
-    for tier in order:
-        if tier in policy.allowed and entry.available(tier, tenant_id):
-            return Route(tier, reason, policy.version, chosen=chosen)
-    raise Overloaded(f"the {chosen} tier of {entry.name!r} is down and no other tier may serve it; retry shortly")
+    pii_kinds = route.signals.get("pii", ())
+    for tier in policy.failover[route.tier]:
+        if tier in tried or tier is route.tier or tier not in policy.allowed:
+            continue
+        if tier is Tier.CLOUD and pii_kinds and policy.pii_action != "redact_then_cloud":
+            continue
+        if entry.available(tier, tenant_id):
+            redact = tier is Tier.CLOUD and bool(pii_kinds)
+            return Route(tier, DOWN_REASON[route.tier], policy.version, chosen, route.signals, redact)
+    return None

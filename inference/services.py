@@ -1,4 +1,4 @@
-"""Writes of the inference app: registering the cloud upstreams that serve models' cloud tier."""
+"""Writes of the inference app: the cloud upstreams that serve models' cloud tier, and the routing policies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from inference.errors import InvalidRequest
-from inference.models import CloudUpstream
+from inference.models import CloudUpstream, RoutingPolicy
 from tenants import errors as tenant_errors
 from tenants import services as tenant_services
 from tenants.models import Tenant
@@ -65,3 +65,77 @@ def cloud_upstream_register(
     except tenant_errors.InvalidInput as exc:
         raise InvalidRequest(f"the cloud tier's price: {exc}") from None
     return upstream
+
+
+POLICY_FIELDS = (
+    "allowed_tiers",
+    "allow_requested_tier",
+    "pii_action",
+    "difficulty_routing",
+    "cloud_threshold",
+    "hard_threshold",
+    "edge_max_output_tokens",
+    "edge_max_prompt_tokens",
+    "edge_max_streams",
+    "escalation",
+    "escalation_min_mean_logprob",
+    "escalation_max_low_share",
+    "escalation_hold_tokens",
+    "note",
+)
+
+
+@transaction.atomic
+def routing_policy_publish(*, tenant: Tenant | None, created_by=None, **fields) -> RoutingPolicy:
+    """Publish the next version of a tenant's routing policy (``tenant`` None: the platform's default) and make it active.
+
+    Fields not given keep the values of the version in force (a tenant's first version
+    starts from the platform's default). Published versions are never edited: ledger rows
+    name the version that routed them. Invalid values raise ``InvalidRequest`` naming the field.
+    """
+    from inference.selectors import policy_cache
+
+    unknown = set(fields) - set(POLICY_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown routing policy fields: {', '.join(sorted(unknown))}")
+    scope = (
+        RoutingPolicy.objects.filter(tenant=tenant)
+        if tenant is not None
+        else RoutingPolicy.objects.filter(tenant__isnull=True)
+    )
+    current = scope.select_for_update().filter(is_active=True).first()
+    if current is None and tenant is not None:
+        current = RoutingPolicy.objects.filter(tenant__isnull=True, is_active=True).first()
+    base = {name: getattr(current, name) for name in POLICY_FIELDS} if current is not None else {}
+    if "allowed_tiers" not in base:
+        base["allowed_tiers"] = [t.value for t in Tier]
+    values = base | fields
+    _policy_validate(values)
+    latest = scope.order_by("-version").values_list("version", flat=True).first() or 0
+    scope.filter(is_active=True).update(is_active=False)
+    policy = RoutingPolicy(tenant=tenant, version=latest + 1, is_active=True, created_by=created_by, **values)
+    try:
+        policy.full_clean()
+    except ValidationError as exc:
+        field, messages = next(iter(exc.message_dict.items()))
+        raise InvalidRequest(f"{field}: {' '.join(messages)}", param=field) from None
+    policy.save()
+    policy_cache.forget()
+    transaction.on_commit(policy_cache.forget)
+    return policy
+
+
+def _policy_validate(values: dict) -> None:
+    tiers = values["allowed_tiers"]
+    if not isinstance(tiers, list | tuple) or not tiers or any(t not in Tier._value2member_map_ for t in tiers):
+        raise InvalidRequest("allowed_tiers must list one or more of edge, speculative, cloud", param="allowed_tiers")
+    values["allowed_tiers"] = [t.value for t in Tier if t.value in tiers]  # one order, no repeats
+    for name in ("cloud_threshold", "hard_threshold"):
+        value = values.get(name)
+        if value is not None and not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+            raise InvalidRequest(f"{name} must be a probability between 0 and 1, or empty", param=name)
+    share = values.get("escalation_max_low_share", 0.3)
+    if not 0.0 <= share <= 1.0:
+        raise InvalidRequest("escalation_max_low_share must be between 0 and 1", param="escalation_max_low_share")
+    if values.get("escalation_min_mean_logprob", -2.5) > 0:
+        raise InvalidRequest("a mean log-probability is at most 0", param="escalation_min_mean_logprob")

@@ -20,7 +20,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -35,10 +35,14 @@ from tenants.leases import LeasePool
 from tenants.tiers import Tier
 
 if TYPE_CHECKING:
-    from inference.stream import GatewayStream
+    from inference.stream import GatewayStream, Leg
     from tenants.models import Price, Reservation
 
 log = logging.getLogger(__name__)
+
+# A later leg's ledger id: the request's id, this, the leg's number. No client id has it
+# (``X-Request-Id`` allows letters, digits and ``_.:-``; the gateway refuses it in any id).
+LEG_ID_SEPARATOR = "~"
 
 
 @dataclass(frozen=True)
@@ -51,19 +55,78 @@ class Charge:
 def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
     """What ``stream`` delivered and costs, worked out in memory; and the write that records it.
 
-    Money: the cost is ``settlement_cost`` at the price pinned when the money was held and
-    the held amount, the same inputs ``usage_settle`` reads back from the reservation row,
-    so the figure sent to the client is the figure the ledger gets. Nothing here touches
-    the database, so the final frame need not wait for a commit.
+    Money: each leg's cost is ``settlement_costs`` at the price pinned when the money was
+    held and the held amount, the same inputs ``usage_settle_legs`` (or the lease batch)
+    reads back, so the figure sent to the client is the figure the ledger gets. Nothing
+    here touches the database, so the final frame need not wait for a commit.
     """
-    tally, route, entry = stream.tally, stream.route, stream.entry
-    stats = stream.completion_stats()
     now = time.perf_counter()
+    hold = stream.hold
+    legs = [leg for leg in stream.legs() if leg is stream.legs()[-1] or leg.tally.delivered]
+    outcomes = [(leg.outcome, leg.error) for leg in legs[:-1]] + [(outcome, error)]
+    if stream.delivered == 0 and outcome != "completed":
+        legs = []  # nothing delivered: nothing owed
+    elif not legs[-1].tally.delivered and outcome != "completed" and len(legs) > 1:
+        legs, outcomes = legs[:-1], outcomes[:-1]  # a leg that took over and produced nothing: no row
+    usages = [_leg_usage(stream, leg, index, *outcomes[index]) for index, leg in enumerate(legs)]
+    priced = [(leg.price, usage) for leg, usage in zip(legs, usages, strict=True)]
+    costs = tenant_services.settlement_costs(legs=priced, held=hold.amount) if hold.held and legs else []
+    summary = _summary(stream, outcome, usages, costs, now)
+
+    write: Callable[[], None] | None = None
+    if not hold.held:
+        pass  # refused before anything was held: nothing to settle
+    elif not legs:
+        if hold.lease_hold is not None:
+            leases.release(hold.lease_hold)  # nothing owed: the worst case goes back to the lease
+        else:
+            assert hold.reservation is not None
+            write = functools.partial(tenant_services.reservation_release, reservation=hold.reservation)
+    else:
+        first = stream.first_token_at
+        delivered = stream.delivered
+        inter_token_ms = (now - first) * 1e3 / (delivered - 1) if first and delivered > 1 else None
+        slo = {
+            "request_id": stream.request_id,
+            "tenant_id": stream.principal.tenant_id,
+            "model": stream.entry.name,
+            "route_tier": stream.route.tier.value,
+            "ttft_ms": (first - stream.started) * 1e3 if first is not None else None,
+            "inter_token_ms": inter_token_ms,
+            "e2e_ms": (now - stream.started) * 1e3,
+            "tokens": delivered,
+            "outcome": outcome,
+        }
+        if hold.lease_hold is not None:
+            # Counted against the lease now; written with the lease's next batch.
+            charges, left = [], hold.lease_hold.amount
+            for (price, usage), cost in zip(priced, costs, strict=True):
+                charges.append(tenant_services.LeaseCharge(usage=usage, price=price, held=left))
+                left -= cost.total
+            return Charge(summary, None, leases.settle(hold.lease_hold, charges, slo))
+        assert hold.reservation is not None
+        total = sum((cost.total for cost in costs), Decimal(0))
+        write = functools.partial(_settle_write, hold.reservation, [(u, p) for p, u in priced], total, slo)
+    return Charge(summary, write)
+
+
+def leg_costs(stream: GatewayStream, legs: list[Leg]) -> list[tenant_services.CostBreakdown]:
+    """What ``legs`` (ended with their own outcomes) cost so far, against what the stream holds."""
+    usages = [_leg_usage(stream, leg, index, leg.outcome or "cancelled", leg.error) for index, leg in enumerate(legs)]
+    priced = [(leg.price, usage) for leg, usage in zip(legs, usages, strict=True)]
+    return tenant_services.settlement_costs(legs=priced, held=stream.hold.amount)
+
+
+def _leg_usage(stream: GatewayStream, leg: Leg, index: int, outcome: str, error: str) -> tenant_services.Usage:
+    from inference.stream import leg_token_counts
+
+    tally, route, entry = leg.tally, leg.route, stream.entry
+    stats = getattr(leg.completion, "stats", None)
+    finish = getattr(stats, "finish_reason", None)
+    prompt_tokens, completion_tokens = leg_token_counts(leg, outcome)
     first = tally.first_token_at
-    duration_ms = (now - tally.started) * 1e3
-    prompt_tokens, completion_tokens = stream.token_counts(outcome)
-    usage = tenant_services.Usage(
-        request_id=stream.request_id,
+    return tenant_services.Usage(
+        request_id=stream.request_id if index == 0 else f"{stream.request_id}{LEG_ID_SEPARATOR}{index}",
         user_id=stream.principal.user_id,
         tags=dict(stream.call.tags),
         route_tier=route.tier.value,
@@ -78,76 +141,81 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
         accepted_tokens=tally.accepted,
         gpu_ms=Decimal(str(round(tally.gpu_ms, 3))),
         outcome=outcome,
-        finish_reason=stats.finish_reason.value if outcome == "completed" and stats and stats.finish_reason else "",
+        finish_reason=finish.value if outcome == "completed" and finish is not None else "",
         error=error,
         ttft_ms=(first - tally.started) * 1e3 if first is not None else None,
-        duration_ms=duration_ms,
+        duration_ms=(time.perf_counter() - tally.started) * 1e3,
+        leg=index,
+        leg_of=stream.request_id,
+        escalation=leg.escalation,
+        route_signals=dict(route.signals),
+        upstream=getattr(stats, "upstream", "") or "",
     )
+
+
+def _summary(
+    stream: GatewayStream,
+    outcome: str,
+    usages: list[tenant_services.Usage],
+    costs: list[tenant_services.CostBreakdown],
+    now: float,
+) -> UsageSummary:
     zero = Decimal(0)
-    cost: Mapping[str, Decimal] = {"edge": zero, "verifier": zero, "cloud": zero, "total": zero}
-
-    def summary_of(cost: Mapping[str, Decimal]) -> UsageSummary:
-        return UsageSummary(
-            request_id=stream.request_id,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            drafted_tokens=usage.drafted_tokens,
-            accepted_tokens=usage.accepted_tokens,
-            gpu_ms=usage.gpu_ms,
-            cost=cost,
-            outcome=outcome,
-            finish_reason=usage.finish_reason,
-            ttft_ms=usage.ttft_ms,
-            duration_ms=duration_ms,
-            route=route,
+    cost = {
+        "edge": sum((c.edge for c in costs), zero),
+        "verifier": sum((c.verifier for c in costs), zero),
+        "cloud": sum((c.cloud for c in costs), zero),
+        "total": sum((c.total for c in costs), zero),
+    }
+    first = stream.first_token_at
+    legs: tuple[dict, ...] = ()
+    if len(usages) > 1:
+        legs = tuple(
+            {
+                "request_id": u.request_id,
+                "route": {"tier": u.route_tier, "reason": u.route_reason},
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "outcome": u.outcome,
+                "escalation": u.escalation,
+                "cost": format(c.total, "f"),
+            }
+            for u, c in zip(usages, costs, strict=True)
         )
-
-    hold, price = stream.hold, stream.price
-    write: Callable[[], None] | None = None
-    if not hold.held:
-        pass  # refused before anything was held: nothing to settle
-    elif tally.delivered == 0 and outcome != "completed":
-        if hold.lease_hold is not None:
-            leases.release(hold.lease_hold)  # nothing owed: the worst case goes back to the lease
-        else:
-            assert hold.reservation is not None
-            write = functools.partial(tenant_services.reservation_release, reservation=hold.reservation)
-    else:
-        assert price is not None
-        charged = tenant_services.settlement_cost(price=price, usage=usage, held=hold.amount)
-        cost = {"edge": charged.edge, "verifier": charged.verifier, "cloud": charged.cloud, "total": charged.total}
-        inter_token_ms = (now - first) * 1e3 / (tally.delivered - 1) if first and tally.delivered > 1 else None
-        slo = {
-            "request_id": stream.request_id,
-            "tenant_id": stream.principal.tenant_id,
-            "model": entry.name,
-            "route_tier": route.tier.value,
-            "ttft_ms": usage.ttft_ms,
-            "inter_token_ms": inter_token_ms,
-            "e2e_ms": duration_ms,
-            "tokens": tally.delivered,
-            "outcome": outcome,
-        }
-        if hold.lease_hold is not None:
-            # Counted against the lease now; written with the lease's next batch.
-            lease_charge = tenant_services.LeaseCharge(usage=usage, price=price, held=hold.lease_hold.amount)
-            return Charge(summary_of(cost), None, leases.settle(hold.lease_hold, lease_charge, slo))
-        assert hold.reservation is not None
-        write = functools.partial(_settle_write, hold.reservation, usage, price, charged.total, slo)
-    return Charge(summary_of(cost), write)
+    return UsageSummary(
+        request_id=stream.request_id,
+        prompt_tokens=sum(u.prompt_tokens for u in usages) if usages else stream.prompt_tokens,
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        drafted_tokens=sum((u.drafted_tokens for u in usages), zero),
+        accepted_tokens=sum(u.accepted_tokens for u in usages),
+        gpu_ms=sum((u.gpu_ms for u in usages), zero),
+        cost=cost,
+        outcome=outcome,
+        finish_reason=usages[-1].finish_reason if usages else "",
+        ttft_ms=(first - stream.started) * 1e3 if first is not None else None,
+        duration_ms=(now - stream.started) * 1e3,
+        route=stream.route,
+        legs=legs,
+    )
 
 
-def _settle_write(reservation: Reservation, usage: tenant_services.Usage, price: Price, total: Decimal, slo: dict):
-    """The ledger row and the SLO sample, in one commit."""
+def _settle_write(
+    reservation: Reservation,
+    legs: list[tuple[tenant_services.Usage, Price]],
+    total: Decimal,
+    slo: dict,
+) -> None:
+    """The ledger rows (one per leg) and the SLO sample, in one commit."""
     from inference.models import SloSample
 
     with transaction.atomic():
-        record = tenant_services.usage_settle(reservation=reservation, usage=usage, price=price)
-        if record.cost_total != total:  # one function computed both: this would be a bug, and a loud one
+        records = tenant_services.usage_settle_legs(reservation=reservation, legs=list(legs))
+        charged = sum((r.cost_total for r in records), Decimal(0))
+        if charged != total:  # one function computed both: this would be a bug, and a loud one
             log.error(
                 "request %s: the ledger charged %s but the client was told %s",
-                usage.request_id,
-                record.cost_total,
+                reservation.request_id,
+                charged,
                 total,
             )
         SloSample.objects.create(**slo)

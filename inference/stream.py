@@ -11,10 +11,12 @@ through the router (``inference.router.fail_over``) to the next tier the policy 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -29,14 +31,17 @@ from inference.errors import ContextTooLong, GatewayError, Overloaded, UpstreamF
 from inference.handoff import END, pump_on_loop, pump_on_thread
 from inference.holds import Hold, hold_more, price_in_pinned_book
 from inference.principals import Principal
-from inference.router import Route, fail_over
+from inference.redaction import Restoring
+from inference.router import BUILTIN_POLICY, Policy, Route, fail_over
 from inference.runtime import db
 from speculative import errors as core_errors
 from speculative.engine import CompletionRequest
 from speculative.types import CompletionStats, Provenance, TokenEvent
 from tenants import services as tenant_services
+from tenants.tiers import Tier
 
 if TYPE_CHECKING:
+    from inference.pii import Redaction
     from tenants.models import Price
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ MAX_DELTAS_AT_ONCE = 64
 
 @dataclass
 class Tally:
-    """What the client has been handed so far: the counts the settlement charges."""
+    """What the client has been handed so far by one leg: the counts the settlement charges it."""
 
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -59,11 +64,43 @@ class Tally:
     texts: list[str] = field(default_factory=list)  # each delivered token's text (a cloud tier counts them)
 
 
-class GatewayStream:
-    """An admitted, paid-for completion in flight. Iterate for :class:`TokenDelta`; ``usage`` at the end."""
+@dataclass
+class Leg:
+    """A part of a request served by one tier: the whole request, unless a tier failed mid-stream (or it escalated).
 
-    def __init__(self, principal: Principal, call: CompletionCall, entry: ModelEntry, route: Route):
+    A finished leg keeps what it delivered and how it ended; the settlement charges each
+    leg for what it produced, in one ledger row of its own.
+    """
+
+    route: Route
+    price: Price
+    prompt_tokens: int
+    tally: Tally
+    completion: object | None
+    outcome: str = ""  # how it ended, once it has: "error" (its tier failed), "escalated"
+    error: str = ""
+    escalation: bool = False  # its output was held back and replaced by a higher tier's
+
+
+class GatewayStream:
+    """An admitted, paid-for completion in flight. Iterate for :class:`TokenDelta`; ``usage`` at the end.
+
+    The current leg's state lives on the stream (``route``, ``price``, ``tally``,
+    ``prompt_tokens``); legs that ended before the request did are in ``legs_done``.
+    """
+
+    def __init__(
+        self,
+        principal: Principal,
+        call: CompletionCall,
+        entry: ModelEntry,
+        route: Route,
+        policy: Policy = BUILTIN_POLICY,
+        redaction: Redaction | None = None,
+    ):
         self.principal, self.call, self.entry, self.route = principal, call, entry, route
+        self.policy = policy  # pinned: failovers and escalations of this request follow the same version
+        self._redaction = redaction  # PII sent to the cloud as placeholders: put back in its answer
         self.request_id = call.request_id
         self.model = entry.name
         self.created = int(time.time())
@@ -72,14 +109,22 @@ class GatewayStream:
         self.hold = Hold()
         self.price: Price | None = None  # pinned when the money was held
         self.tally = Tally()
+        self.legs_done: list[Leg] = []
+        self.delivered = 0  # tokens handed to the client over every leg: the next delta's index
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._announce_route = False  # the next delta carries the route: this leg took over mid-stream
+        self._tried: set[Tier] = {route.tier}
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # stops the current leg's engine
+        self._closed = False  # no more tokens are delivered (client gone, failure, the end)
         self._first: object | None = None  # the next item, taken from the queue early (by start() or ready())
         self._completion: object | None = None  # the engine's stream (its stats, once it ends)
         self._pump: asyncio.Task | None = None  # an async engine's pump
         self._settlement: asyncio.Future | None = None
         self._ledger: asyncio.Future | None = None  # the ledger write, once scheduled
         self._probe = False  # this request holds its tier's half-open probe
+        self._in_tier: Tier | None = None  # the tier this stream is counted on in ``entry.in_flight``
 
     # set-up, from gateway.start() -----------------------------------------------------------
     def launch(self, engine: Engine, request: CompletionRequest | CloudRequest) -> None:
@@ -87,11 +132,15 @@ class GatewayStream:
         breaker = self.entry.breaker(self.route.tier)
         # A half-open breaker lets one request probe its tier; this one holds that right until its tier answers.
         self._probe = breaker is not None and breaker.state is BreakerState.HALF_OPEN and breaker.acquire()
+        self._leave_tier()
+        self.entry.enter(self.route.tier)
+        self._in_tier = self.route.tier
         if isinstance(engine, CloudEngine):  # async: pumped on the loop, no thread
             assert isinstance(request, CloudRequest)
             cloud = engine.astream(request)
-            self._completion = cloud
-            self._pump = pump_on_loop(cloud, self._queue, self._cancel)
+            completion = Restoring(cloud, self._redaction) if self._redaction is not None else cloud
+            self._completion = completion
+            self._pump = pump_on_loop(completion, self._queue, self._cancel)
             return
         assert isinstance(request, CompletionRequest)
         kwargs = {"max_tokens": request.max_tokens, "sampling": request.sampling, "stop": request.stop}
@@ -99,17 +148,24 @@ class GatewayStream:
         self._completion = local
         pump_on_thread(local, self._queue, self._cancel, f"stream-{self.request_id}")
 
+    def _leave_tier(self) -> None:
+        """This stream no longer runs on the tier it was counted on (queue depth, for routing)."""
+        if self._in_tier is not None:
+            self.entry.leave(self._in_tier)
+            self._in_tier = None
+
     async def first(self) -> None:
         """Wait for the first item; fail over before it if the tier fails; raise if nothing can serve."""
-        tried = {self.route.tier}
         first = await self._queue.get()
         while isinstance(first, BaseException) and _tier_failure(first):
             self._record(first)
-            route = fail_over(self.entry, self.route, self.principal.tenant_id, tried=frozenset(tried))
+            route = fail_over(
+                self.entry, self.route, self.principal.tenant_id, self.policy, tried=frozenset(self._tried)
+            )
             if route is None or not await self._switch_to(route):
                 break
-            log.warning("request %s: %s failed (%s), served from %s", self.request_id, tried, first, route.tier)
-            tried.add(route.tier)
+            log.warning("request %s: %s failed (%s), served from %s", self.request_id, self._tried, first, route.tier)
+            self._tried.add(route.tier)
             first = await self._queue.get()
         if isinstance(first, BaseException):
             raise await self._fail(first)
@@ -163,34 +219,108 @@ class GatewayStream:
         return self
 
     async def __anext__(self) -> TokenDelta:
-        if self.usage is not None:
-            raise StopAsyncIteration
-        if self._first is not None:
-            item, self._first = self._first, None
-        else:
-            item = await self._queue.get()
-            if self._cancel.is_set():  # closed while this read waited: nothing more is delivered
+        while True:
+            if self.usage is not None:
                 raise StopAsyncIteration
-        if item is END:
-            await self._settle("completed")
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise await self._fail(item)
-        assert isinstance(item, TokenEvent)
-        return self._deliver(item)
+            if self._first is not None:
+                item, self._first = self._first, None
+            else:
+                item = await self._queue.get()
+                if self._closed:  # closed while this read waited: nothing more is delivered
+                    raise StopAsyncIteration
+            if item is END:
+                await self._settle("completed")
+                raise StopAsyncIteration
+            if isinstance(item, BaseException):
+                if self.delivered and _tier_failure(item):
+                    try:
+                        if await self._continue_elsewhere(item):
+                            continue  # the next tier goes on from the text already delivered
+                    except GatewayError as refusal:  # the budget cannot hold the next tier: end here
+                        raise await self._fail(refusal) from item
+                raise await self._fail(item)
+            assert isinstance(item, TokenEvent)
+            return self._deliver(item)
 
     def _deliver(self, event: TokenEvent) -> TokenDelta:
         """The token goes to the client now: from here on it is charged."""
         tally = self.tally
+        now = time.perf_counter()
         if tally.first_token_at is None:
-            tally.first_token_at = time.perf_counter()
+            tally.first_token_at = now
+        if self.first_token_at is None:
+            self.first_token_at = now
         tally.delivered += 1
         tally.gpu_ms += event.gpu_ms
         tally.drafted += event.drafted
         tally.texts.append(event.text)
         if event.provenance is Provenance.DRAFTED:
             tally.accepted += 1
-        return TokenDelta(tally.delivered - 1, event.text, event.token_id, event.provenance)
+        self.delivered += 1
+        route = None
+        if self._announce_route:
+            self._announce_route = False
+            route = self.route
+        return TokenDelta(self.delivered - 1, event.text, event.token_id, event.provenance, route)
+
+    def delivered_text(self) -> str:
+        """Every token's text the client has been handed, over every leg."""
+        return "".join(t for leg in (*self.legs_done, self._current_leg()) for t in leg.tally.texts)
+
+    def _current_leg(self) -> Leg:
+        assert self.price is not None
+        return Leg(self.route, self.price, self.prompt_tokens, self.tally, self._completion)
+
+    async def _continue_elsewhere(self, exc: BaseException) -> bool:
+        """The tier failed mid-stream: go on from the text already delivered on the next tier the policy allows.
+
+        Never repeats or retracts a token: the next tier reads the prompt and the delivered
+        text (a chat: the conversation and the partial answer) and writes what follows. The
+        failed leg is charged for what it delivered; what is held grows to cover it plus
+        the next leg's worst case (a refusal ends the stream with a budget error, paying
+        for what was delivered). False when no tier may take over.
+        """
+        self._record(exc)
+        remaining = self.call.max_tokens - self.delivered
+        route = fail_over(self.entry, self.route, self.principal.tenant_id, self.policy, tried=frozenset(self._tried))
+        if route is None or remaining < 1:
+            return False
+        continuation = dataclasses.replace(self.call, max_tokens=remaining, continue_from=self.delivered_text())
+        try:
+            engine, request = await arequest_for(self.entry, route.tier, continuation, self.principal.tenant_id)
+        except GatewayError as err:  # e.g. the prompt and the answer so far no longer fit the next tier's context
+            log.warning("request %s: %s cannot take over: %s", self.request_id, route.tier, err.message)
+            return False
+        assert self.price is not None
+        price = await price_in_pinned_book(pinned=self.price, model=self.entry.name, tier=route.tier.value)
+        if price is None or not _can_continue(engine, request):
+            return False
+        failed = self._current_leg()
+        failed.outcome, failed.error = "error", f"{self.route.tier} failed mid-stream: {exc}"
+        spent = sum((c.total for c in settlement.leg_costs(self, [*self.legs_done, failed])), Decimal(0))
+        worst = tenant_services.cost_estimate_max(
+            price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
+        )
+        await hold_more(
+            self.hold,
+            leases=settlement.leases,
+            principal=self.principal,
+            request_id=self.request_id,
+            amount=spent + worst,
+            price=price,
+            delivered=True,
+        )
+        log.warning(
+            "request %s: %s failed mid-stream (%s); %s goes on", self.request_id, self.route.tier, exc, route.tier
+        )
+        self.legs_done.append(failed)
+        self._tried.add(route.tier)
+        self.route, self.price, self.prompt_tokens, self.tally = route, price, len(request.prompt_ids), Tally()
+        self._announce_route = True
+        self._queue = asyncio.Queue()
+        self._cancel = threading.Event()
+        self.launch(engine, request)
+        return True
 
     def at_hand(self) -> bool:
         """Whether ``__anext__`` would return (or stop) without waiting for the engine.
@@ -211,7 +341,7 @@ class GatewayStream:
         left in place for ``__anext__``, which settles or raises.
         """
         taken: list[TokenDelta] = []
-        if self.usage is not None or self._cancel.is_set():
+        if self.usage is not None or self._closed:
             return taken
         while len(taken) < limit:
             if self._first is not None:
@@ -245,6 +375,7 @@ class GatewayStream:
         return self.usage
 
     def _stop(self) -> None:
+        self._closed = True
         self._cancel.set()
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
@@ -289,6 +420,7 @@ class GatewayStream:
             charge = settlement.charge(self, outcome, error)
         finally:
             admission.leave(self.principal.tenant_id)
+            self._leave_tier()
         self.usage = charge.summary
         if charge.batched is not None:
             self._ledger = asyncio.wrap_future(charge.batched)
@@ -315,12 +447,25 @@ class GatewayStream:
         """The engine's own stats of this completion (its finish reason), once it has run."""
         return getattr(self._completion, "stats", None)
 
-    def token_counts(self, outcome: str) -> tuple[int, int]:
-        """(prompt, completion) tokens to charge: counted here, or as an upstream reported them (the cloud tier)."""
-        counts = getattr(self._completion, "token_counts", None)
-        if counts is None:
-            return self.prompt_tokens, self.tally.delivered
-        return counts("".join(self.tally.texts), self.tally.delivered, outcome == "completed")
+    def legs(self) -> list[Leg]:
+        """Every leg of this request, the current one last."""
+        return [*self.legs_done, self._current_leg()]
+
+
+def leg_token_counts(leg: Leg, outcome: str) -> tuple[int, int]:
+    """(prompt, completion) tokens to charge a leg: counted here, or as an upstream reported them (the cloud tier)."""
+    counts = getattr(leg.completion, "token_counts", None)
+    if counts is None:
+        return leg.prompt_tokens, leg.tally.delivered
+    return counts("".join(leg.tally.texts), leg.tally.delivered, outcome == "completed")
+
+
+def _can_continue(engine: Engine, request: CompletionRequest | CloudRequest) -> bool:
+    """Whether the engine can go on from a partial answer (a cloud upstream needs a way to continue a chat)."""
+    if isinstance(engine, CloudEngine):
+        assert isinstance(request, CloudRequest)
+        return engine.can_continue(request)
+    return True
 
 
 def _tier_failure(exc: BaseException) -> bool:

@@ -54,7 +54,7 @@ LeaseKey = tuple[int, int | None]  # (tenant id, API key id or None)
 
 @dataclass
 class _Pending:
-    charge: services.LeaseCharge
+    charges: list[services.LeaseCharge]  # one per leg of the request
     payload: Any  # written with the batch by the pool's ``on_flush`` (the gateway's SLO sample)
     future: Future
     at: float
@@ -208,21 +208,31 @@ class LeasePool:
         self._wake.set()
 
     # settlement ----------------------------------------------------------------------------
-    def settle(self, hold: LeaseHold, charge: services.LeaseCharge, payload: Any = None) -> Future:
-        """Count the request's exact cost against its lease now; its ledger row is written with the next batch.
+    def settle(
+        self, hold: LeaseHold, charge: services.LeaseCharge | list[services.LeaseCharge], payload: Any = None
+    ) -> Future:
+        """Count the request's exact cost against its lease now; its ledger rows are written with the next batch.
 
-        ``charge.held`` must be the hold's amount: the cost (``settlement_cost``, capped at
-        it) is then at most what was counted in flight. Returns a future that completes
-        once the row is committed.
+        ``charge`` is one charge, or one per leg of a request served by several tiers in
+        turn. The first's ``held`` must be the hold's amount and each later leg's what the
+        legs before it left of it: the costs (``settlement_costs``) then add up to at most
+        what was counted in flight. Returns a future that completes once the rows are committed.
         """
-        assert charge.held == hold.amount, "a lease charge is capped at the worst case it was admitted with"
-        cost = services.settlement_cost(price=charge.price, usage=charge.usage, held=charge.held)
+        charges = charge if isinstance(charge, list) else [charge]
+        assert charges and charges[0].held == hold.amount, (
+            "a lease charge is capped at the worst case it was admitted with"
+        )
+        costs = services.settlement_costs(legs=[(c.price, c.usage) for c in charges], held=hold.amount)
+        for later, cost_before, held_before in zip(charges[1:], costs, [c.held for c in charges], strict=False):
+            assert later.held == held_before - cost_before.total, (
+                "a later leg is capped at what the legs before it left"
+            )
         future: Future = Future()
         now = self._clock()
         with self._lock:
             self._finish(hold, now)
-            hold.lease.committed += cost.total
-            hold.lease.pending.append(_Pending(charge, payload, future, now))
+            hold.lease.committed += sum((cost.total for cost in costs), Decimal(0))
+            hold.lease.pending.append(_Pending(charges, payload, future, now))
             if len(hold.lease.pending) >= settings.TANDEM_LEASE_BATCH:
                 self._wake.set()
         return future
@@ -316,7 +326,7 @@ class LeasePool:
 
         def write() -> None:
             with transaction.atomic():
-                services.budget_lease_settle(lease=lease.row, charges=[p.charge for p in batch])
+                services.budget_lease_settle(lease=lease.row, charges=[c for p in batch for c in p.charges])
                 if self._on_flush is not None:
                     self._on_flush([p.payload for p in batch])
 
@@ -333,7 +343,7 @@ class LeasePool:
                 "budget lease %s: writing a batch of %d ledger rows failed; retrying",
                 lease.row.pk,
                 len(batch),
-                extra={"request_ids": [p.charge.usage.request_id for p in batch]},
+                extra={"request_ids": [c.usage.request_id for p in batch for c in p.charges]},
             )
             raise
         with self._lock:

@@ -345,16 +345,27 @@ class UsageRecord(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="usage")
-    # One row per reservation: a second settlement of the same reservation cannot insert.
-    reservation = models.OneToOneField(
-        Reservation, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_record"
+    # One row per leg of a reservation: a second settlement of the same reservation cannot
+    # insert its leg 0 again (reservation_leg_unique).
+    reservation = models.ForeignKey(
+        Reservation, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
     )
     # Or the budget lease the request was admitted against (settled in a batch with others).
     lease = models.ForeignKey(BudgetLease, null=True, blank=True, on_delete=models.PROTECT, related_name="usage")
     tags = models.JSONField(default=dict, blank=True)
+    # A request served by several tiers in turn (a failover mid-stream, an escalation) has
+    # one row per leg: each its own request_id, all with the request's id in leg_of.
+    leg_of = models.CharField(max_length=100, db_index=True, blank=True, help_text="the request's id")
+    leg = models.PositiveSmallIntegerField(default=0)
+    escalation = models.BooleanField(
+        default=False,
+        help_text="this leg's answer was held back and replaced by a higher tier's (its cost is escalation cost)",
+    )
     route_tier = models.CharField(max_length=16, choices=TIER_CHOICES)
     route_reason = models.CharField(max_length=200, blank=True)
     policy_version = models.CharField(max_length=64, blank=True)
+    route_signals = models.JSONField(default=dict, blank=True, help_text="what the routing policy decided from")
+    upstream = models.CharField(max_length=64, blank=True, help_text="the cloud upstream that served it")
     model = models.CharField(max_length=200)
     verifier_version = models.CharField(max_length=200, blank=True)
     draft_version = models.CharField(max_length=200, blank=True)
@@ -393,6 +404,11 @@ class UsageRecord(models.Model):
                 name="usage_amounts_nonnegative",
             ),
             _choices_check("route_tier", TIER_VALUES, "usage_route_tier_valid"),
+            models.UniqueConstraint(
+                fields=["reservation", "leg"],
+                condition=Q(reservation__isnull=False),
+                name="usage_reservation_leg_unique",
+            ),
             _choices_check("outcome", UsageOutcome, "usage_outcome_valid"),
             _choices_check("finish_reason", FinishReason, "usage_finish_reason_valid"),
         ]

@@ -102,6 +102,12 @@ class Usage:
     error: str = ""
     ttft_ms: float | None = None
     duration_ms: float | None = None
+    # a leg of a request served by several tiers in turn; leg 0's request_id is the request's
+    leg: int = 0
+    leg_of: str = ""  # the request's id ("" = request_id)
+    escalation: bool = False
+    route_signals: Mapping[str, Any] = field(default_factory=dict)
+    upstream: str = ""
 
 
 @dataclass(frozen=True)
@@ -716,6 +722,22 @@ def settlement_cost(*, price: Price, usage: Usage, held: Decimal) -> CostBreakdo
     return cost
 
 
+def settlement_costs(*, legs: list[tuple[Price, Usage]], held: Decimal) -> list[CostBreakdown]:
+    """What settling the legs of one request against ``held`` charges, leg by leg: THE figures for several legs.
+
+    Each leg is ``settlement_cost`` against what the legs before it left of ``held``, so
+    their sum never exceeds what was held, and a one-leg request costs exactly what
+    ``settlement_cost`` says.
+    """
+    costs = []
+    left = held
+    for price, usage in legs:
+        cost = settlement_cost(price=price, usage=usage, held=left)
+        costs.append(cost)
+        left -= cost.total
+    return costs
+
+
 def _price_for_settlement(reservation: Reservation, usage: Usage, price: Price | None = None) -> Price:
     # The book pinned at reservation time, for the tier that actually served (a failover
     # may differ from the planned one); the active book only if none was active then.
@@ -855,39 +877,59 @@ def usage_settle(*, reservation: Reservation, usage: Usage, price: Price | None 
     the reservation row is locked and its status checked inside this transaction, so two
     concurrent calls cannot both see it held.
     """
-    _usage_validate(usage)
-    if usage.request_id != reservation.request_id:
-        raise errors.InvalidInput(
-            f"usage for request {usage.request_id!r} cannot settle the reservation of {reservation.request_id!r}"
-        )
+    return usage_settle_legs(reservation=reservation, legs=[(usage, price)])[0]
+
+
+@transaction.atomic
+def usage_settle_legs(*, reservation: Reservation, legs: list[tuple[Usage, Price | None]]) -> list[UsageRecord]:
+    """``usage_settle`` for a request served by several tiers in turn: one ledger row per leg, in one commit.
+
+    Leg 0 is the request's own id; every leg names it in ``leg_of``. The legs are charged
+    in order against what the reservation holds (``settlement_costs``): their sum never
+    exceeds it.
+    """
+    if not legs:
+        raise errors.InvalidInput("a settlement needs at least one leg")
+    for index, (usage, _) in enumerate(legs):
+        _usage_validate(usage)
+        owner = usage.leg_of or usage.request_id
+        if owner != reservation.request_id or usage.leg != index or (index == 0) != (usage.request_id == owner):
+            raise errors.InvalidInput(
+                f"usage for request {usage.request_id!r} (leg {usage.leg} of {owner!r}) cannot settle leg {index} "
+                f"of the reservation of {reservation.request_id!r}"
+            )
     # The reservation first, then its budgets in id order; budget_reserve locks budgets
     # only, so no two money paths can wait on each other in a cycle.
     locked = _reservation_lock_held(reservation)
     budgets = _budgets_lock(locked.budgets.values_list("id", flat=True))
-    price = _price_for_settlement(locked, usage, price)
-    cost = settlement_cost(price=price, usage=usage, held=locked.amount)
+    priced = [(_price_for_settlement(locked, usage, price), usage) for usage, price in legs]
+    costs = settlement_costs(legs=priced, held=locked.amount)
+    total = sum((cost.total for cost in costs), Decimal(0))
     now = timezone.now()
 
     for budget in budgets:
         _budget_roll_over(budget, now)
         budget.reserved -= locked.amount
-        budget.spent += cost.total
+        budget.spent += total
         if budget.soft_limit is not None and budget.soft_alerted_at is None and budget.spent >= budget.soft_limit:
             budget.soft_alerted_at = now
-            _soft_alert_on_commit(budget, usage.request_id)
+            _soft_alert_on_commit(budget, reservation.request_id)
         budget.save(update_fields=["period_start", "spent", "reserved", "soft_alerted_at"])
 
-    record = UsageRecord.objects.create(
-        **_usage_fields(usage, price, cost),
-        tenant_id=locked.tenant_id,
-        api_key_id=locked.api_key_id,
-        reservation=locked,
-    )
+    records = [
+        UsageRecord.objects.create(
+            **_usage_fields(usage, price, cost),
+            tenant_id=locked.tenant_id,
+            api_key_id=locked.api_key_id,
+            reservation=locked,
+        )
+        for (price, usage), cost in zip(priced, costs, strict=True)
+    ]
     locked.status = Reservation.Status.SETTLED
     locked.settled_at = now
     locked.save(update_fields=["status", "settled_at"])
     reservation.status, reservation.settled_at = locked.status, locked.settled_at
-    return record
+    return records
 
 
 def _soft_alert_on_commit(budget: Budget, request_id: str) -> None:
@@ -923,7 +965,9 @@ class LeaseCharge:
 
     usage: Usage
     price: Price
-    held: Decimal  # the worst case the request was admitted with (cost_estimate_max at ``price``)
+    # the worst case the request was admitted with (cost_estimate_max at ``price``); for a
+    # later leg of a request, what the legs before it left of that
+    held: Decimal
 
 
 def _applicable_budgets(tenant_id: int, api_key_id: int | None):
@@ -1086,9 +1130,14 @@ def _usage_fields(usage: Usage, price: Price, cost: CostBreakdown) -> dict[str, 
         request_id=usage.request_id,
         user_id=usage.user_id,
         tags=dict(usage.tags),
+        leg_of=usage.leg_of or usage.request_id,
+        leg=usage.leg,
+        escalation=usage.escalation,
         route_tier=usage.route_tier,
         route_reason=usage.route_reason,
         policy_version=usage.policy_version,
+        route_signals=dict(usage.route_signals),
+        upstream=usage.upstream,
         model=usage.model,
         verifier_version=usage.verifier_version,
         draft_version=usage.draft_version,

@@ -192,6 +192,9 @@ TANDEM_VERIFIER_URLS = get_env("TANDEM_VERIFIER_URLS", [], as_list)
 # the cloud tier: every served model may also run on the CloudUpstream rows registered for it
 TANDEM_CLOUD = get_env("TANDEM_CLOUD", True, as_bool)
 TANDEM_UPSTREAMS_TTL_S = get_env("TANDEM_UPSTREAMS_TTL_S", 5.0, float)  # how stale this process's upstream list may be
+TANDEM_POLICY_CACHE_TTL_S = get_env("TANDEM_POLICY_CACHE_TTL_S", 5.0, float)  # a published routing policy takes effect
+# the builtin routing policy (no policy published): route by the prompt's difficulty, or prefer speculative
+TANDEM_ROUTE_BY_DIFFICULTY = get_env("TANDEM_ROUTE_BY_DIFFICULTY", True, as_bool)
 # admission: streams one tenant may run at once (429 past it)
 TANDEM_MAX_STREAMS_PER_TENANT = get_env("TANDEM_MAX_STREAMS_PER_TENANT", 8, int)
 # keep-alives so idle proxies do not cut long streams: SSE comment / websocket ping

@@ -23,3 +23,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # write gets "database table is locked" at once instead of waiting (seen: 2 runs in
     # 50 of the consumer tests). A file in WAL mode behaves as production does.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}  # noqa: F405
+# Routing: the builtin policy prefers the speculative tier, as the platform tests expect; the
+# routing tests publish policies (or turn difficulty routing on) themselves, and policies are
+# read fresh for every request (tests publish and expect the next request to see it).
+TANDEM_ROUTE_BY_DIFFICULTY = get_env("TANDEM_ROUTE_BY_DIFFICULTY", False, as_bool)
+TANDEM_POLICY_CACHE_TTL_S = get_env("TANDEM_POLICY_CACHE_TTL_S", 0.0, float)

@@ -9,7 +9,7 @@ from asgiref.sync import sync_to_async
 
 from inference import gateway
 from inference.engines import get_engines
-from inference.errors import InvalidRequest
+from inference.errors import BudgetExceeded, InvalidRequest
 from inference.model_tokenizers import gguf_tokenizer
 from inference.services import cloud_upstream_register
 from inference.standin import MODEL_ALIAS, model_path
@@ -170,18 +170,98 @@ async def test_a_client_gone_mid_stream_pays_only_the_cloud_text_it_was_sent(ups
     assert usage.outcome == "cancelled" and usage.completion_tokens == max(1, len(tokenizer.encode(first.text)))
 
 
-async def test_a_killed_upstream_mid_stream_ends_with_an_error_and_charges_what_was_sent(account):
+async def test_a_killed_upstream_mid_stream_hands_over_to_the_next_tier_without_repeating_a_token(account):
     server = StandIn(key="").start()
     try:
         await sync_to_async(register)(server.base_url, api_key_env="")
-        stream = await gateway.start(await principal(account), call(max_tokens=200))
+        stream = await gateway.start(await principal(account), call(max_tokens=60))
         received = [await stream.__anext__()]
         server.kill()
-        with pytest.raises(gateway.GatewayError):
+        received += [delta async for delta in stream]
+    finally:
+        server.kill()
+    await stream.settled()
+    assert [d.index for d in received] == list(range(len(received)))  # nothing repeated, nothing skipped
+    switch = next(i for i, d in enumerate(received) if d.route is not None)
+    assert all(d.provenance is Provenance.CLOUD for d in received[:switch])
+    assert all(d.provenance is not Provenance.CLOUD for d in received[switch:])
+    new_route = received[switch].route
+    assert (new_route.tier, new_route.reason, new_route.degraded) == (Tier.SPECULATIVE, "cloud_down", True)
+    cloud_text = "".join(d.text for d in received[:switch])
+    rows = [row async for row in UsageRecord.objects.filter(leg_of=stream.request_id).order_by("leg")]
+    assert [(r.request_id, r.leg, r.route_tier, r.outcome) for r in rows] == [
+        (stream.request_id, 0, "cloud", "error"),
+        (f"{stream.request_id}~1", 1, "speculative", "completed"),
+    ]
+    tokenizer = gguf_tokenizer(str(model_path()))
+    assert rows[0].completion_tokens == max(len(tokenizer.encode(cloud_text)), switch) and rows[0].cost_cloud > 0
+    assert rows[1].completion_tokens == len(received) - switch and rows[1].cost_cloud == 0
+    assert stream.usage.cost["total"] == rows[0].cost_total + rows[1].cost_total
+    assert [leg["request_id"] for leg in stream.usage.as_dict()["legs"]] == [r.request_id for r in rows]
+
+
+async def test_a_handover_to_a_dearer_tier_the_budget_cannot_hold_ends_with_a_budget_error(account):
+    from tenants.models import Reservation
+    from tenants.services import budget_set
+
+    await sync_to_async(budget_set)(tenant=account.tenant, period="month", hard_limit=Decimal(100), soft_limit=None)
+    server = StandIn(key="").start()
+    try:
+        await sync_to_async(register)(server.base_url, api_key_env="")
+        stream = await gateway.start(await principal(account), call(max_tokens=60, request_id="client-chosen-cloud-1"))
+        received = [await stream.__anext__()]
+        # the rest of the month's budget is gone: the verifier's worst case cannot be held on top
+        reservation = await Reservation.objects.aget(request_id=stream.request_id)
+        await sync_to_async(budget_set)(
+            tenant=account.tenant, period="month", hard_limit=reservation.amount, soft_limit=None
+        )
+        server.kill()
+        with pytest.raises(BudgetExceeded):
             async for delta in stream:
                 received.append(delta)
     finally:
         server.kill()
     await stream.settled()
-    row = await UsageRecord.objects.aget(request_id=stream.request_id)
-    assert row.outcome == "error" and row.route_tier == "cloud" and row.completion_tokens >= len(received) >= 1
+    rows = [r async for r in UsageRecord.objects.filter(leg_of=stream.request_id)]
+    assert [(r.leg, r.route_tier, r.outcome) for r in rows] == [(0, "cloud", "error")]
+    assert rows[0].completion_tokens >= len(received) and all(d.route is None for d in received)
+
+
+async def test_a_chat_handed_to_the_cloud_mid_stream_continues_the_partial_answer_in_the_models_template(
+    standin, account
+):
+    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
+    from speculative.errors import VerifierUnavailableError
+
+    flaky = TrivialEngine(fail_after=6, fail_as=VerifierUnavailableError("connection reset"))
+    entry = ModelEntry(
+        name="tandem-test",
+        speculative=flaky,
+        edge=None,  # nothing below the verifier: the cloud takes over
+        verifier_version="v@1",
+        draft_version="d@1",
+        context_length=4096,
+        tokenizer=flaky.tokenizer,
+    )
+    previous = set_engines(EngineSet([entry], cloud=True))
+    try:
+        await sync_to_async(register)(standin.base_url)
+        messages = ({"role": "user", "content": "Tell me about Tandem."},)
+        chat = call(
+            prompt="User: Tell me about Tandem.\nAssistant:", messages=messages, requested_tier=None, max_tokens=12
+        )
+        stream = await gateway.start(await principal(account), chat)
+        deltas = [d async for d in stream]
+        await stream.settled()
+    finally:
+        set_engines(previous)
+    assert "".join(d.text for d in deltas[:6]) == "Tandem" and deltas[6].route.tier is Tier.CLOUD
+    assert all(d.provenance is Provenance.CLOUD for d in deltas[6:]) and [d.index for d in deltas] == list(
+        range(len(deltas))
+    )
+    rows = [r async for r in UsageRecord.objects.filter(leg_of=stream.request_id).order_by("leg")]
+    assert [(r.route_tier, r.upstream) for r in rows] == [("speculative", ""), ("cloud", "standin")]
+    # the upstream read the conversation in its own template, ending inside the partial answer
+    tokenizer = gguf_tokenizer(str(model_path()))
+    partial = [*messages, {"role": "assistant", "content": "Tandem"}]
+    assert rows[1].prompt_tokens == len(tokenizer.encode(tokenizer.render_chat(partial, continue_final=True)))

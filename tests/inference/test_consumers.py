@@ -386,3 +386,40 @@ async def test_a_viewer_may_watch_but_not_run_completions(account, django_user_m
     assert frame["type"] == "error" and frame["error"]["type"] == "permission_error"
     assert await nothing_charged()
     await ws.disconnect()
+
+
+async def test_a_handover_mid_stream_is_announced_by_a_route_frame_before_the_next_tiers_tokens(account):
+    from inference.engines import set_engines
+    from tests.inference.test_gateway import serving_flaky_verifier
+
+    previous = serving_flaky_verifier(fail_after=6)
+    try:
+        ws = await key_socket(account)
+        await ws.send_json_to(start(max_tokens=16))
+        started = await receive(ws)
+        tokens: list[dict] = []
+        route_frames = []
+        while (frame := await receive(ws))["type"] in ("delta", "route"):
+            if frame["type"] == "route":
+                route_frames.append((len(tokens), frame))
+            else:
+                tokens += tokens_of(frame)
+        await ws.disconnect()
+    finally:
+        set_engines(previous)
+    assert started["route"]["tier"] == "speculative" and frame["type"] == "done"
+    assert [t["index"] for t in tokens] == list(range(16))
+    [(before, route)] = route_frames
+    assert before == 6 and route["index"] == 6 and route["id"] == "s1"
+    assert route["route"] == {
+        "tier": "edge",
+        "reason": "verifier_down",
+        "degraded": True,
+        "policy_version": "builtin-2",
+    }
+    assert "".join(t["text"] for t in tokens[6:]) == "EDGE EDGE "  # the edge's own text, nothing repeated
+    usage = frame["usage"]
+    assert usage["completion_tokens"] == 16 and [leg["route"]["tier"] for leg in usage["legs"]] == [
+        "speculative",
+        "edge",
+    ]

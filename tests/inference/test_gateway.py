@@ -20,8 +20,8 @@ from inference.errors import (
 from inference.models import SloSample
 from speculative.types import Provenance
 from tenants.models import Budget, Reservation, UsageRecord
-from tenants.tiers import Tier
 from tenants.services import budget_set, membership_create
+from tenants.tiers import Tier
 from tests.inference.conftest import GatedEngine, serving_gated
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -255,3 +255,57 @@ async def test_a_verifier_that_fails_before_the_first_token_is_failed_over_to_th
         assert later.route.tier is Tier.EDGE
     finally:
         set_engines(previous)
+
+
+def serving_flaky_verifier(fail_after: int, edge_text: str = "EDGE "):
+    """``tandem-test`` whose verifier goes away after ``fail_after`` tokens; the edge writes ``edge_text`` over and over."""
+    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
+    from speculative.errors import VerifierUnavailableError
+
+    flaky = TrivialEngine(fail_after=fail_after, fail_as=VerifierUnavailableError("connection reset"))
+    entry = ModelEntry(
+        name="tandem-test",
+        speculative=flaky,
+        edge=TrivialEngine(text=edge_text),
+        verifier_version="v@1",
+        draft_version="d@1",
+        context_length=4096,
+        tokenizer=flaky.tokenizer,
+    )
+    return set_engines(EngineSet([entry]))
+
+
+@pytest.mark.parametrize("client_id", [False, True], ids=["lease", "reservation"])
+async def test_a_verifier_lost_mid_stream_hands_over_to_the_edge_and_each_leg_is_charged_once(account, client_id):
+    from asgiref.sync import sync_to_async
+
+    from inference.engines import set_engines
+
+    await sync_to_async(budget_set)(tenant=account.tenant, period="month", hard_limit=Decimal("100"), soft_limit=None)
+    previous = serving_flaky_verifier(fail_after=6)
+    try:
+        kwargs = {"request_id": "client-chosen-id-1"} if client_id else {}
+        stream = await gateway.start(await key_principal(account), call(max_tokens=16, **kwargs))
+        deltas = [d async for d in stream]
+        await stream.settled()
+    finally:
+        set_engines(previous)
+    text = "".join(d.text for d in deltas)
+    assert text == "Tandem" + "EDGE EDGE " and [d.index for d in deltas] == list(range(16))
+    assert deltas[6].route is not None and deltas[6].route.tier is Tier.EDGE and deltas[6].route.degraded
+    assert all(d.route is None for i, d in enumerate(deltas) if i != 6)
+    rows = [r async for r in UsageRecord.objects.filter(leg_of=stream.request_id).order_by("leg")]
+    assert [(r.leg, r.route_tier, r.route_reason, r.outcome, r.completion_tokens) for r in rows] == [
+        (0, "speculative", "default", "error", 6),
+        (1, "edge", "verifier_down", "completed", 10),
+    ]
+    assert "mid-stream" in rows[0].error and rows[1].request_id == f"{stream.request_id}~1"
+    assert rows[1].prompt_tokens == len("Hello there" + "Tandem")  # the edge read the prompt and the answer so far
+    total = rows[0].cost_total + rows[1].cost_total
+    assert stream.usage.cost["total"] == total and stream.usage.completion_tokens == 16
+    budget = await Budget.objects.aget(tenant=account.tenant, api_key__isnull=True)
+    if client_id:
+        reservation = await Reservation.objects.aget(request_id=stream.request_id)
+        assert reservation.status == "settled" and total <= reservation.amount
+        assert budget.spent == total and budget.reserved == 0
+    assert await SloSample.objects.filter(request_id=stream.request_id).acount() == 1

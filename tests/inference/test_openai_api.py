@@ -694,3 +694,21 @@ async def test_api_requests_run_djangos_sync_work_on_one_long_lived_thread(accou
         request_finished.disconnect(record)
     assert len(threads) == 3 and len(set(threads)) == 1
     assert threads[0].name.startswith("api-sync") and threads[0].is_alive()
+
+
+async def test_a_handover_mid_stream_carries_the_new_route_in_the_chunks_tandem_field(account, http):
+    from inference.engines import set_engines
+    from tests.inference.test_gateway import serving_flaky_verifier
+
+    previous = serving_flaky_verifier(fail_after=6)
+    try:
+        response = await post_chat(http, account.raw_key, stream=True, max_tokens=16, temperature=0)
+    finally:
+        set_engines(previous)
+    chunks = [c for c in sse_data(response.text) if isinstance(c, dict) and c.get("choices")]
+    tokens = [c for c in chunks if "provenance" in c.get("tandem", {})]  # the finish chunk carries the summary
+    announced = [c for c in tokens if "route" in c["tandem"]]
+    assert len(announced) == 1
+    assert announced[0]["tandem"]["route"]["tier"] == "edge" and announced[0]["tandem"]["route"]["degraded"]
+    assert content_of(chunks) == "Tandem" + "EDGE EDGE "
+    assert [leg["route"]["tier"] for leg in chunks[-1]["tandem"]["legs"]] == ["speculative", "edge"]

@@ -6,7 +6,8 @@ import pytest
 
 from inference.engines import ModelEntry, TrivialEngine
 from inference.errors import InvalidRequest, Overloaded
-from inference.router import Route, RoutingPolicy, decide, fail_over
+from inference.router import Policy, Route, decide, fail_over
+from inference.signals import Signals
 from tenants.tiers import Tier
 
 
@@ -37,7 +38,7 @@ def entry(cloud=None, speculative=True, edge=True) -> ModelEntry:
     )
 
 
-def test_the_builtin_policy_prefers_speculative_and_says_why():
+def test_without_a_difficulty_signal_the_policy_prefers_speculative_and_says_why():
     route = decide(entry())
     assert route == Route(Tier.SPECULATIVE, "default") and not route.degraded
     assert route.as_dict() == {
@@ -49,27 +50,27 @@ def test_the_builtin_policy_prefers_speculative_and_says_why():
 
 
 def test_a_requested_tier_is_served_when_allowed():
-    assert decide(entry(), "edge").tier is Tier.EDGE
-    route = decide(entry(cloud=FakeCloud({1})), "cloud", tenant_id=1)
+    assert decide(entry(), Signals(requested_tier="edge")).tier is Tier.EDGE
+    route = decide(entry(cloud=FakeCloud({1})), Signals(requested_tier="cloud"), tenant_id=1)
     assert (route.tier, route.reason, route.degraded) == (Tier.CLOUD, "requested", False)
 
 
 def test_an_edge_route_the_client_chose_is_not_degraded():
-    assert not decide(entry(), "edge").degraded
+    assert not decide(entry(), Signals(requested_tier="edge")).degraded
 
 
 def test_a_tier_the_policy_refuses_is_a_400_naming_it():
-    policy = RoutingPolicy(allowed=frozenset({Tier.EDGE, Tier.SPECULATIVE}))
+    policy = Policy(allowed=frozenset({Tier.EDGE, Tier.SPECULATIVE}))
     with pytest.raises(InvalidRequest) as info:
-        decide(entry(cloud=FakeCloud({1})), "cloud", tenant_id=1, policy=policy)
+        decide(entry(cloud=FakeCloud({1})), Signals(requested_tier="cloud"), policy, tenant_id=1)
     assert info.value.param == "tier" and "does not allow" in info.value.message
     with pytest.raises(InvalidRequest):
-        decide(entry(), "warp-drive")
+        decide(entry(), Signals(requested_tier="warp-drive"))
 
 
 def test_a_cloud_upstream_of_another_tenant_is_not_served_to_this_one():
     with pytest.raises(InvalidRequest):
-        decide(entry(cloud=FakeCloud({2})), "cloud", tenant_id=1)
+        decide(entry(cloud=FakeCloud({2})), Signals(requested_tier="cloud"), tenant_id=1)
 
 
 def test_a_verifier_that_is_down_routes_to_the_edge_marked_degraded():
@@ -85,7 +86,7 @@ def test_a_verifier_that_is_down_routes_to_the_edge_marked_degraded():
 
 
 def test_a_requested_cloud_that_is_down_goes_to_the_next_tier_of_the_failover_order():
-    route = decide(entry(cloud=FakeCloud({1}, up=False)), "cloud", tenant_id=1)
+    route = decide(entry(cloud=FakeCloud({1}, up=False)), Signals(requested_tier="cloud"), tenant_id=1)
     assert (route.tier, route.reason, route.degraded) == (Tier.SPECULATIVE, "cloud_down", True)
 
 
@@ -104,3 +105,85 @@ def test_no_tier_at_all_is_a_503():
     e.breaker(Tier.SPECULATIVE).trip("refused")
     with pytest.raises(Overloaded):
         decide(e)
+
+
+# the policy's signals, in precedence order ---------------------------------------------------------------
+BOTH = FakeCloud({1})
+
+
+def signals(**kwargs) -> Signals:
+    return Signals(**{"prompt_tokens": 10, "max_tokens": 64, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("difficulty", "tier"),
+    [("routine", Tier.EDGE), ("hard_open", Tier.SPECULATIVE), ("hard_frontier", Tier.CLOUD)],
+)
+def test_difficulty_sends_each_prompt_to_the_cheapest_tier_that_handles_it(difficulty, tier):
+    route = decide(entry(cloud=BOTH), signals(difficulty=difficulty), tenant_id=1)
+    assert (route.tier, route.reason) == (tier, difficulty)
+    assert route.signals["difficulty"] == difficulty
+
+
+def test_pii_keeps_a_frontier_prompt_off_the_cloud_and_says_so():
+    route = decide(entry(cloud=BOTH), signals(difficulty="hard_frontier", pii_kinds=("EMAIL",)), tenant_id=1)
+    assert (route.tier, route.reason, route.redact) == (Tier.SPECULATIVE, "pii", False)
+    assert route.signals["pii"] == ["EMAIL"]
+    routine = decide(entry(cloud=BOTH), signals(difficulty="routine", pii_kinds=("EMAIL",)), tenant_id=1)
+    assert routine.tier is Tier.EDGE
+
+
+def test_pii_under_redact_then_cloud_goes_to_the_cloud_redacted():
+    policy = Policy(pii_action="redact_then_cloud")
+    route = decide(entry(cloud=BOTH), signals(difficulty="hard_frontier", pii_kinds=("PHONE",)), policy, tenant_id=1)
+    assert (route.tier, route.redact) == (Tier.CLOUD, True)
+
+
+def test_pii_under_refuse_is_a_400_naming_the_kinds():
+    with pytest.raises(InvalidRequest) as info:
+        decide(entry(cloud=BOTH), signals(pii_kinds=("CREDIT_CARD",)), Policy(pii_action="refuse"), tenant_id=1)
+    assert info.value.code == "pii_detected" and "CREDIT_CARD" in info.value.message
+
+
+def test_a_cloud_request_for_a_prompt_with_pii_is_refused_rather_than_sent():
+    with pytest.raises(InvalidRequest) as info:
+        decide(entry(cloud=BOTH), signals(requested_tier="cloud", pii_kinds=("IBAN",)), tenant_id=1)
+    assert info.value.param == "tier" and info.value.code == "pii_detected"
+
+
+def test_a_requested_tier_outranks_difficulty():
+    route = decide(entry(cloud=BOTH), signals(requested_tier="edge", difficulty="hard_frontier"), tenant_id=1)
+    assert (route.tier, route.reason) == (Tier.EDGE, "requested")
+
+
+def test_a_long_answer_or_prompt_skips_the_edge():
+    policy = Policy(edge_max_output_tokens=100, edge_max_prompt_tokens=200)
+    long_out = decide(entry(), signals(difficulty="routine", max_tokens=101), policy)
+    long_in = decide(entry(), signals(difficulty="routine", prompt_tokens=201), policy)
+    assert (long_out.tier, long_out.reason) == (Tier.SPECULATIVE, "long_output")
+    assert (long_in.tier, long_in.reason) == (Tier.SPECULATIVE, "long_prompt")
+
+
+def test_a_saturated_edge_spills_interactive_requests_up_and_lets_batch_ones_wait():
+    e = entry()
+    for _ in range(2):
+        e.enter(Tier.EDGE)
+    policy = Policy(edge_max_streams=2)
+    interactive = decide(e, signals(difficulty="routine"), policy)
+    batch = decide(e, signals(difficulty="routine", latency_class="batch"), policy)
+    assert (interactive.tier, interactive.reason) == (Tier.SPECULATIVE, "edge_saturated")
+    assert batch.tier is Tier.EDGE
+
+
+def test_allowed_tiers_come_first():
+    policy = Policy(allowed=frozenset({Tier.EDGE, Tier.SPECULATIVE}))
+    route = decide(entry(cloud=BOTH), signals(difficulty="hard_frontier"), policy, tenant_id=1)
+    assert route.tier is Tier.SPECULATIVE
+
+
+def test_failover_never_takes_pii_to_the_cloud():
+    e = entry(cloud=BOTH)
+    route = Route(Tier.SPECULATIVE, "pii", signals={"pii": ["EMAIL"]})
+    first = fail_over(e, route, 1)
+    assert first is not None and first.tier is Tier.EDGE
+    assert fail_over(e, first, 1, tried=frozenset({Tier.SPECULATIVE, Tier.EDGE})) is None

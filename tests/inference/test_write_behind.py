@@ -214,10 +214,10 @@ async def test_a_failed_ledger_write_is_logged_as_an_error_and_the_reservation_s
     def broken(**kwargs):
         raise RuntimeError("the database went away")
 
-    monkeypatch.setattr(services, "usage_settle", broken)
+    monkeypatch.setattr(services, "usage_settle_legs", broken)
     principal = await gateway.authenticate_api_key(account.raw_key)
     stream = await gateway.start(principal, gateway.CompletionCall(model=MODEL, prompt="Hello", max_tokens=5))
-    with caplog.at_level(logging.ERROR, logger="inference.gateway"):
+    with caplog.at_level(logging.ERROR, logger="inference.settlement"):
         await gateway.collect(stream, ledger_written=False)
         assert stream.usage is not None and stream.usage.completion_tokens == 5
         with pytest.raises(RuntimeError, match="went away"):

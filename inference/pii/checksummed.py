@@ -1,0 +1,239 @@
+"""Recognisers for numbers that carry their own proof: card numbers (Luhn), IBANs (mod 97, via schwifty),
+national identity numbers (python-stdnum's validators) and passport numbers (pattern plus a cue word).
+
+A checksum is what keeps an order number from reading as a card: a candidate is reported only when its
+check digits agree, or, where a number format has no check digit (or too weak a one), when a cue word such
+as "SSN", "BSN" or "passport" stands right before it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Protocol, cast
+
+from schwifty import IBAN, registry
+from schwifty.exceptions import SchwiftyException
+from stdnum.de import idnr as de_idnr
+from stdnum.es import dni as es_dni
+from stdnum.es import nie as es_nie
+from stdnum.fr import nir as fr_nir
+from stdnum.it import codicefiscale as it_codicefiscale
+from stdnum.nl import bsn as nl_bsn
+from stdnum.us import ssn as us_ssn
+
+from inference.pii.context import CONTEXT_WINDOW, cue_before, cue_near, glued_before, lowered
+from inference.pii.findings import PiiFinding, PiiKind
+
+# Separators people put between digit groups, a line break included (numbers wrapped over two lines).
+_SEP = r"(?:[ \t]{1,3}|[ \t]?[\-.][ \t]?|[ \t]?\r?\n[ \t]?)?"
+# Possessive and without a trailing lookahead: a run is matched once, whole, in linear time; a run glued to
+# a letter on either side is skipped in Python. (A backtracking form took 50 s on 20,000 digits and an "x".)
+_DIGIT_RUN = re.compile(rf"\d(?:{_SEP}\d)*+")
+
+# Card numbers published for testing payment integrations. In a text that talks about testing they are
+# documentation, not someone's card; anywhere else (a form dump, a customer message) they are reported.
+TEST_CARD_NUMBERS = frozenset(
+    {
+        "4111111111111111",
+        "4242424242424242",
+        "4000056655665556",
+        "4012888888881881",
+        "4222222222222",
+        "5555555555554444",
+        "5105105105105100",
+        "2223003122003222",
+        "5200828282828210",
+        "378282246310005",
+        "371449635398431",
+        "378734493671000",
+        "6011111111111117",
+        "6011000990139424",
+        "3056930009020004",
+        "36227206271667",
+        "3566002020360505",
+        "6200000000000005",
+    }
+)
+_TEST_CONTEXT = re.compile(
+    r"(?i)\b(?:test(?:s|ing)?|sandbox|stripe|braintree|adyen|paypal|dummy|sample|example|fake|mock"
+    r"|docs?|documentation|integration|qa|staging)\b"
+)
+_TEST_CONTEXT_WINDOW = 120
+
+_CARD_SCORE = 0.95
+_IBAN_SCORE = 0.95
+_ID_SCORE = 0.9
+_CUED_ID_SCORE = 0.85
+_PASSPORT_SCORE = 0.85
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = ord(char) - 48
+        if index % 2:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def _plausible_card_prefix(digits: str) -> bool:
+    # Issuer ranges in use (Visa 4, Mastercard 51-55 and 2221-2720, Amex 34/37, Diners 30/36/38,
+    # Discover/UnionPay 6, JCB 35): a Luhn-valid number outside them is far likelier an order id.
+    first = digits[0]
+    if first in "3456":
+        return True
+    return first == "2" and len(digits) == 16 and 2221 <= int(digits[:4]) <= 2720
+
+
+def find_credit_cards(text: str) -> Iterator[PiiFinding]:
+    for run in _DIGIT_RUN.finditer(text):
+        if glued_before(text, run.start(), "-.") or (run.end() < len(text) and text[run.end()].isalnum()):
+            continue
+        positions = [run.start() + i for i, c in enumerate(run.group()) if c.isdigit()]
+        if len(positions) < 13:
+            continue
+        digits = "".join(text[p] for p in positions)
+        # Try the whole run first, then windows that begin and end on group boundaries, so that a card
+        # followed by its CVV ("4111 1111 1111 1111 123") or preceded by another number is still found.
+        boundaries = [0] + [i for i in range(1, len(positions)) if positions[i] != positions[i - 1] + 1]
+        ends = [*boundaries[1:], len(positions)]
+        # Most cards have 16 digits (Amex 15): prefer those windows, so a CVV or an order number written
+        # next to the card ("4539 1488 0343 6467 123") is not swallowed into a Luhn-valid 19-digit reading.
+        ends_at = set(ends)
+        windows = [(0, len(positions))]
+        windows += [(a, b) for a in boundaries for b in range(a + 13, a + 20) if b in ends_at]
+        windows.sort(key=lambda w: {16: 0, 15: 1}.get(w[1] - w[0], 2))
+        found = next((w for w in windows if _is_card(digits[w[0] : w[1]])), None)
+        if found is None:
+            continue
+        a, b = found
+        number = digits[a:b]
+        start, end = positions[a], positions[b - 1] + 1
+        if number in TEST_CARD_NUMBERS and cue_near(text, start, end, _TEST_CONTEXT, _TEST_CONTEXT_WINDOW):
+            continue
+        yield PiiFinding.at(PiiKind.CREDIT_CARD, text, start, end, _CARD_SCORE)
+
+
+def _is_card(number: str) -> bool:
+    return 13 <= len(number) <= 19 and _plausible_card_prefix(number) and luhn_valid(number)
+
+
+_IBAN_CANDIDATE = re.compile(r"[A-Za-z]{2}\d{2}(?:[ \t]?\r?\n?[ \t]?[A-Za-z0-9]){10,32}")
+
+
+@lru_cache(maxsize=128)
+def _iban_length(country: str) -> int | None:
+    try:
+        return int(registry.get_iban_spec(country).iban_length)
+    except SchwiftyException:  # not a country that has IBANs
+        return None
+
+
+def find_ibans(text: str) -> Iterator[PiiFinding]:
+    for match in _IBAN_CANDIDATE.finditer(text):
+        if glued_before(text, match.start()):
+            continue
+        length = _iban_length(match.group()[:2].upper())
+        if length is None:
+            continue
+        # The candidate may run on into the next word ("... 0130 00 BIC ..."): keep exactly as many
+        # characters as this country's IBANs have, then let schwifty check format and check digits.
+        positions = [match.start() + i for i, c in enumerate(match.group()) if c.isalnum()][:length]
+        if len(positions) < length:
+            continue
+        compact = "".join(text[p] for p in positions).upper()
+        end = positions[-1] + 1
+        if end < len(text) and text[end].isalnum():
+            continue
+        try:
+            IBAN(compact)
+        except SchwiftyException:
+            continue
+        yield PiiFinding.at(PiiKind.IBAN, text, match.start(), end, _IBAN_SCORE)
+
+
+# National identity numbers ------------------------------------------------------------------------------
+# A cue word is required where the format is just digits with a weak check (NL BSN, DE IdNr: 1 in 10 or 11
+# random numbers pass), none at all (DE ID card) or where nine bare digits could be anything (SSN without
+# dashes); then the number must follow its cue within CONTEXT_WINDOW characters. Distinctive formats with a
+# real check (the dashed SSN, ES DNI/NIE letter, IT codice fiscale, FR NIR's mod-97 key) and the UK NINO's
+# letter layout stand on their own.
+_ID_CUES = {  # searched in the lower-cased text with one literal-first pattern (see context.lowered)
+    "ssn": ("ssn", "social security", "ss#"),
+    "bsn": ("bsn", "burgerservicenummer", "sofi", "citizen service number"),
+    "idnr": ("steuer-id", "steuer id", "steuerid", "identifikationsnummer", "idnr", "tax id"),
+    "ausweis": ("personalausweis", "ausweisnummer", "ausweis-nr", "ausweisnr", "id card", "identity card"),
+}
+_CUE_KIND = {cue: kind for kind, cues in _ID_CUES.items() for cue in cues}
+_ID_CUE = re.compile("|".join(re.escape(cue) for cue in sorted(_CUE_KIND, key=len, reverse=True)))
+_CUED_NUMBER = {
+    "ssn": (re.compile(r"(?<![\w\-.])\d{3}[ .\-]?\d{2}[ .\-]?\d{4}(?![\w\-]|\.\d)"), us_ssn),
+    "bsn": (re.compile(r"(?<![\w\-.])\d{4}\.?\d{2}\.?\d{3}(?!\w)|(?<![\w\-.])\d{3}[ .]?\d{3}[ .]?\d{3}(?!\w)"), nl_bsn),
+    "idnr": (re.compile(r"(?<![\w\-.])\d{2} ?\d{3} ?\d{3} ?\d{3}(?!\w)"), de_idnr),
+    "ausweis": (re.compile(r"\b[CFGHJKLMNPRTVWXYZ][CFGHJKLMNPRTVWXYZ0-9]{8}\d?\b"), None),
+}
+# Two scans, one led by a digit and one by a capital, each opening with a character class so the regex
+# engine can skip ahead; which alternative matched is read from ``lastgroup``.
+_DIGIT_LED_IDS = re.compile(
+    r"(?P<ssn>\d{3}([\- ])\d{2}\2\d{4}\b(?!-|\.\d))"
+    r"|(?P<nir>[12] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}\b)"
+    r"|(?P<dni>\d{8} ?-?[A-Z]\b)"
+)
+_LETTER_LED_IDS = re.compile(
+    r"(?P<nino>[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b)"
+    r"|(?P<nie>[XYZ] ?-?\d{7} ?-?[A-Z]\b)"
+    r"|(?P<cf>[A-Z]{6}[\dLMNPQRSTUV]{2}[ABCDEHLMPRST][\dLMNPQRSTUV]{2}[A-Z][\dLMNPQRSTUV]{3}[A-Z]\b)"
+)
+_UNCUED_VALIDATORS = {"ssn": us_ssn, "nir": fr_nir, "dni": es_dni, "nie": es_nie, "cf": it_codicefiscale}
+_NINO_UNUSED_PREFIXES = frozenset({"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"})
+_NINO_CUE = re.compile(r"(?i)\b(?:ni(?:no)?|national insurance(?: number| no\.?)?)\b")
+
+
+class _Validator(Protocol):
+    def is_valid(self, number: str) -> bool: ...
+
+
+def _compact(value: str) -> str:
+    return re.sub(r"[\s.\-]", "", value)
+
+
+def find_national_ids(text: str) -> Iterator[PiiFinding]:
+    for match in (*_DIGIT_LED_IDS.finditer(text), *_LETTER_LED_IDS.finditer(text)):
+        kind = match.lastgroup
+        if glued_before(text, match.start(), "-"):
+            continue
+        if kind == "nino" and match.group()[:2] not in _NINO_UNUSED_PREFIXES:
+            # The NINO layout (two letters, six digits, a letter A-D) is distinctive; a cue only raises the score.
+            score = _CUED_ID_SCORE if cue_before(text, match.start(), _NINO_CUE) else 0.75
+            yield PiiFinding.at(PiiKind.NATIONAL_ID, text, match.start(), match.end(), score)
+        elif kind in _UNCUED_VALIDATORS and _UNCUED_VALIDATORS[kind].is_valid(_compact(match.group())):
+            yield PiiFinding.at(PiiKind.NATIONAL_ID, text, match.start(), match.end(), _ID_SCORE)
+    for cue in _ID_CUE.finditer(lowered(text)):
+        if glued_before(text, cue.start()):
+            continue
+        pattern, validator = _CUED_NUMBER[_CUE_KIND[cue.group()]]
+        number = pattern.search(text, cue.end(), min(len(text), cue.end() + CONTEXT_WINDOW))
+        if number is None or not any(c.isdigit() for c in number.group()):
+            continue
+        if validator is None or cast(_Validator, validator).is_valid(_compact(number.group())):
+            yield PiiFinding.at(PiiKind.NATIONAL_ID, text, number.start(), number.end(), _CUED_ID_SCORE)
+
+
+# Passports: no checksum in the printed number, so only a number right after a cue word counts. ----------
+_PASSPORT_CUE = re.compile(r"passport|reisepass|passnummer|pass-?nr|passeport|pasaporte|passaporto|paspoort")
+_PASSPORT_NUMBER = re.compile(
+    r"[^\n\d]{0,40}?"
+    r"\b(?P<number>[A-Z]{1,3}\d{6,8}|\d{2}[A-Z]{2}\d{5}|\d{8,9}|[CFGHJKLMNPRTVWXYZ][CFGHJKLMNPRTVWXYZ0-9]{8})\b"
+)
+
+
+def find_passports(text: str) -> Iterator[PiiFinding]:
+    for cue in _PASSPORT_CUE.finditer(lowered(text)):
+        if cue.start() and text[cue.start() - 1].isalpha():
+            continue
+        match = _PASSPORT_NUMBER.match(text, cue.end())
+        if match is not None and any(c.isdigit() for c in match.group("number")):
+            yield PiiFinding.at(PiiKind.PASSPORT, text, match.start("number"), match.end("number"), _PASSPORT_SCORE)

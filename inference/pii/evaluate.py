@@ -1,0 +1,83 @@
+"""Measure the detector on the generated test split and print one JSON object (dev only: needs Faker).
+
+    python -m inference.pii.evaluate [--per-kind 300] [--seed 7]
+
+recall[kind]: share of gold values of that kind with an overlapping finding of the same kind;
+recall_any_kind[kind]: the same, counting a finding of any kind (what the router's hard constraint needs);
+by_variant: recall per way of writing the value (spelled, spaced, country, seen/unseen names ...);
+precision: share of findings on the PII texts that overlap a gold value;
+pii_free_clean_rate: share of PII-free texts (look-alikes, public figures, test cards) with no finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+from inference.pii.detector import Detector
+from inference.pii.synthetic import Example, reexec_with_fixed_hash_seed, test_examples
+
+EVAL_SEED = 7
+
+
+def evaluate(detector: Detector, seed: int = EVAL_SEED, per_kind: int = 300) -> dict[str, object]:
+    positives, negatives = test_examples(seed, per_kind)
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    hits_any: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    variants: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    findings_total = findings_true = 0
+    misses: dict[str, list[str]] = defaultdict(list)
+    for example in positives:
+        report = detector.scan(example.text)
+        for gold in example.gold:
+            same = any(f.kind == gold.kind and f.start < gold.end and gold.start < f.end for f in report.findings)
+            anything = any(f.start < gold.end and gold.start < f.end for f in report.findings)
+            for table, hit in ((hits, same), (hits_any, anything)):
+                table[gold.kind][0] += hit
+                table[gold.kind][1] += 1
+            variants[f"{gold.kind}/{gold.variant}"][0] += same
+            variants[f"{gold.kind}/{gold.variant}"][1] += 1
+            if not same and len(misses[gold.kind]) < 3:
+                misses[gold.kind].append(example.text)
+        for finding in report.findings:
+            findings_total += 1
+            findings_true += any(finding.start < g.end and g.start < finding.end for g in example.gold)
+    false_alarms = [e for e in negatives if detector.scan(e.text)]
+    return {
+        "seed": seed,
+        "positives": len(positives),
+        "pii_free": len(negatives),
+        "recall": {k: round(h / n, 3) for k, (h, n) in sorted(hits.items())},
+        "recall_any_kind": {k: round(h / n, 3) for k, (h, n) in sorted(hits_any.items())},
+        "by_variant": {k: round(h / n, 3) for k, (h, n) in sorted(variants.items())},
+        "precision": round(findings_true / max(1, findings_total), 3),
+        "pii_free_clean_rate": round(1 - len(false_alarms) / max(1, len(negatives)), 3),
+        "examples_missed": dict(misses),
+        "examples_false_alarm": [_describe(detector, e) for e in false_alarms[:5]],
+    }
+
+
+def _describe(detector: Detector, example: Example) -> str:
+    found = ", ".join(f"{f.kind}:{f.text!r}" for f in detector.scan(example.text).findings)
+    return f"{example.text!r} -> {found}"
+
+
+def main() -> None:
+    reexec_with_fixed_hash_seed("inference.pii.evaluate")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-kind", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--examples", action="store_true", help="include missed and false-alarm examples")
+    args = parser.parse_args()
+    result = evaluate(Detector(), args.seed, args.per_kind)
+    if not args.examples:
+        result.pop("examples_missed")
+        result.pop("examples_false_alarm")
+    json.dump(result, sys.stdout, ensure_ascii=False, indent=1)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
