@@ -7,7 +7,9 @@ from datetime import UTC, datetime, time
 from django import forms
 from django.utils import timezone
 
+from inference.models import PiiAction
 from tenants.models import ApiKey
+from tenants.tiers import TIER_CHOICES
 
 
 class ApiKeyCreateForm(forms.Form):
@@ -35,3 +37,34 @@ class ApiKeyCreateForm(forms.Form):
     def expires_at(self) -> datetime | None:
         day = self.cleaned_data.get("expires_on")
         return None if day is None else datetime.combine(day, time.min, tzinfo=UTC)
+
+
+class RoutingPolicyForm(forms.Form):
+    """The next version of a tenant's routing policy, as owners and admins edit it in the console."""
+
+    allowed_tiers = forms.MultipleChoiceField(
+        choices=TIER_CHOICES, widget=forms.CheckboxSelectMultiple, help_text="The tiers this tenant's requests may use."
+    )
+    allow_requested_tier = forms.BooleanField(
+        required=False, label="Requests may ask for a tier", help_text="The `tier` field of a request."
+    )
+    pii_action = forms.ChoiceField(choices=PiiAction.choices, label="Personal data in a prompt")
+    difficulty_routing = forms.BooleanField(
+        required=False, label="Route by difficulty", help_text="Routine prompts to the edge, hard ones up."
+    )
+    cloud_threshold = forms.FloatField(
+        required=False, min_value=0, max_value=1, help_text="Empty: the classifier's committed default."
+    )
+    hard_threshold = forms.FloatField(
+        required=False, min_value=0, max_value=1, help_text="Empty: the classifier's committed default."
+    )
+    edge_max_output_tokens = forms.IntegerField(min_value=1, label="Edge: most output tokens")
+    edge_max_prompt_tokens = forms.IntegerField(min_value=1, label="Edge: longest prompt (tokens)")
+    edge_max_streams = forms.IntegerField(min_value=1, label="Edge: streams before interactive requests spill up")
+    escalation = forms.BooleanField(required=False, label="Escalate low-confidence edge answers")
+    escalation_min_mean_logprob = forms.FloatField(max_value=0, label="Escalate below mean log-probability")
+    escalation_max_low_share = forms.FloatField(
+        min_value=0, max_value=1, label="Escalate above share of unlikely tokens"
+    )
+    escalation_hold_tokens = forms.IntegerField(min_value=1, max_value=256, label="Tokens held back to judge")
+    note = forms.CharField(max_length=300, required=False, help_text="Why this version (shown in its history).")

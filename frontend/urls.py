@@ -1,4 +1,4 @@
-"""The console's URLs (included at ``/``): sign in and out, tenant switch, playground, API keys, usage."""
+"""The console's URLs (included at ``/``): sign in and out, tenant switch, playground, API keys, usage, routing."""
 
 from django.contrib.auth import views as auth_views
 from django.urls import path
@@ -19,4 +19,5 @@ urlpatterns = [
     path("keys/", views.api_keys, name="api-keys"),
     path("keys/<int:pk>/revoke/", views.api_key_revoke, name="api-key-revoke"),
     path("usage/", views.usage, name="usage"),
+    path("routing/", views.routing, name="routing"),
 ]

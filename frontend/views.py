@@ -23,9 +23,13 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from frontend.forms import ApiKeyCreateForm
+from frontend.forms import ApiKeyCreateForm, RoutingPolicyForm
+from inference import selectors as inference_selectors
+from inference import services as inference_services
 from inference.engines import get_engines
+from inference.errors import InvalidRequest
 from inference.routing import WEBSOCKET_PATH
+from inference.services import POLICY_FIELDS
 from tenants import errors as tenant_errors
 from tenants import selectors, services
 from tenants.models import ApiKey, Membership
@@ -179,6 +183,42 @@ def api_key_revoke(request: HttpRequest, membership: Membership, pk: int) -> Htt
         raise PermissionDenied(exc.message) from None
     messages.success(request, f"Revoked {key.prefix} ({key.name}). Requests with it now fail.")
     return redirect("frontend:api-keys")
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+@login_required
+@in_tenant
+def routing(request: HttpRequest, membership: Membership) -> HttpResponse:
+    """The tenant's routing policy in force, its versions, and (owners and admins) a form that publishes the next one."""
+    policy = inference_selectors.routing_policy_for(tenant_id=membership.tenant_id)
+    initial = {name: getattr(policy, name, None) for name in POLICY_FIELDS}
+    initial["allowed_tiers"] = sorted(t.value for t in policy.allowed)
+    form = RoutingPolicyForm(request.POST or None, initial=initial) if membership.can_manage else None
+    status = 200
+    if request.method == "POST":
+        if form is None:
+            raise PermissionDenied("only owners and admins change the routing policy")
+        if form.is_valid():
+            try:
+                published = inference_services.routing_policy_publish(
+                    tenant=membership.tenant, created_by=request.user, **form.cleaned_data
+                )
+            except InvalidRequest as exc:
+                form.add_error(exc.param if exc.param in form.fields else None, exc.message)
+                status = 400
+            else:
+                messages.success(request, f"Published {published.label}: new requests route by it now.")
+                return redirect("frontend:routing")
+        else:
+            status = 400
+    context = {
+        "policy": policy,
+        "versions": inference_selectors.routing_policies_of(tenant_id=membership.tenant_id)[:20],
+        "form": form,
+        "health": tier_health(membership.tenant_id),
+    }
+    return _render(request, "frontend/routing.html", membership, context, status=status)
 
 
 @require_GET

@@ -1,11 +1,14 @@
 from django import forms
 from django.contrib import admin
+from django.core.exceptions import ValidationError
 from django.db import models
 
-from inference.models import CloudUpstream, SloSample
+from inference.errors import InvalidRequest
+from inference.models import CloudUpstream, RoutingPolicy, SloSample
+from inference.services import POLICY_FIELDS, policy_validate, routing_policy_publish
 from tenants import services as tenant_services
 from tenants.models import Price
-from tenants.tiers import Tier
+from tenants.tiers import TIER_CHOICES, Tier
 
 
 @admin.register(SloSample)
@@ -74,3 +77,47 @@ class CloudUpstreamAdmin(admin.ModelAdmin):
             "completion_per_mtok": form.cleaned_data["completion_per_mtok"],
         }
         tenant_services.price_book_amend(prices=[price], note=f"cloud upstream {obj.name} (admin)")
+
+
+class RoutingPolicyForm(forms.ModelForm):
+    """The next version's values, checked as ``routing_policy_publish`` checks them (errors on the form, not a 500)."""
+
+    allowed_tiers = forms.MultipleChoiceField(choices=TIER_CHOICES, widget=forms.CheckboxSelectMultiple)
+
+    class Meta:
+        model = RoutingPolicy
+        fields = ("tenant", *POLICY_FIELDS)
+
+    def clean(self):
+        cleaned = super().clean()
+        values = {name: cleaned.get(name) for name in POLICY_FIELDS if name in cleaned}
+        try:
+            policy_validate(values)
+        except InvalidRequest as exc:
+            self.add_error(exc.param if exc.param in self.fields else None, exc.message)
+        return cleaned
+
+
+@admin.register(RoutingPolicy)
+class RoutingPolicyAdmin(admin.ModelAdmin):
+    """Published versions are read-only; "add" publishes the next version for its tenant (or the platform's default)."""
+
+    list_display = ("label", "tenant", "is_active", "allowed_tiers", "pii_action", "difficulty_routing", "created_at")
+    list_filter = ("is_active", "pii_action", "tenant")
+    form = RoutingPolicyForm
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return obj is None and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # ledger rows name these versions
+
+    def save_model(self, request, obj, form, change) -> None:
+        fields = {name: form.cleaned_data[name] for name in POLICY_FIELDS if name in form.cleaned_data}
+        try:
+            published = routing_policy_publish(
+                tenant=form.cleaned_data.get("tenant"), created_by=request.user, **fields
+            )
+        except InvalidRequest as exc:
+            raise ValidationError(exc.message) from None
+        obj.pk, obj.version, obj.is_active = published.pk, published.version, True

@@ -206,6 +206,7 @@ def start_server(var: Path, kind: str = "platform", database_url: str = "") -> t
         # production's defaults where the test settings differ (the environment may override them)
         "TANDEM_SETTLE_AFTER_REPLY": "1",
         "TANDEM_API_KEY_CACHE_TTL_S": "5",
+        "TANDEM_POLICY_CACHE_TTL_S": "5",  # production caches the routing policy too (tests read it fresh)
         "TANDEM_BUDGET_LEASES": "1",
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from speculative.types import FinishReason, Provenance, SamplingParams, TokenEve
 log = logging.getLogger(__name__)
 
 CLOUD_TOKEN_ID = -1  # an upstream's chunks carry text, not token ids
+DRAIN_AFTER_DONE_S = 1.0  # the rest of a body after [DONE] is read this long, to keep its connection
 MAX_ERROR_BODY = 2048  # bytes of an upstream's error body quoted in our error
 # Statuses that say the request itself is wrong (another upstream would refuse it too),
 # as opposed to the upstream being down, overloaded or misconfigured.
@@ -373,11 +374,13 @@ class CloudCompletion:
 
     async def _events_of(self, response: httpx.Response, chat: bool) -> AsyncGenerator[TokenEvent, None]:
         """The upstream's server-sent events as token events; its usage and finish reason into ``stats``."""
-        async for line in response.aiter_lines():
+        lines = response.aiter_lines()
+        async for line in lines:
             if not line.startswith("data:"):
                 continue  # comments (keep-alives), event names, blank separators
             data = line[5:].strip()
             if data == "[DONE]":
+                await _drain(lines)
                 return
             try:
                 chunk = json.loads(data)
@@ -398,6 +401,20 @@ class CloudCompletion:
                     self.stats.finish_reason = FinishReason.LENGTH if reason == "length" else FinishReason.STOP
                 if text:
                     yield TokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD)
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read what follows ``[DONE]`` (the body's end), so that httpx puts the connection back in its pool.
+
+    Without it every cloud request opened a new connection (and, to a real provider, a TLS
+    handshake): httpx closes a connection whose body was not read to its end.
+    """
+    try:
+        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError) as exc:  # the answer is whole; only this connection is lost
+        log.info("an upstream's body did not end after [DONE] (%s): its connection is closed", type(exc).__name__)
 
 
 def _continues(upstream: Upstream, chat: bool) -> bool:

@@ -281,6 +281,23 @@ class CharTokenizer:
 TRIVIAL_TEXT = "Tandem drafts at the edge and verifies in batches. "
 TRIVIAL_ROUND = 3  # tokens per round: two drafted, one from the "verifier"
 TRIVIAL_GPU_MS = 0.75  # per round
+TRIVIAL_DRAFTED_LOGPROB = -0.1  # made up: each drafted (accepted) token's log-probability
+TRIVIAL_VERIFIER_LOGPROB = -0.5  # made up: the "verifier" token's
+TRIVIAL_ALTERNATIVE_GAP = 3.0  # alternative j (1-based) sits at the chosen token's logprob - gap - j + 1
+
+
+def trivial_logprobs(tokens: Sequence[int], n_drafted: int, top_n: int) -> tuple:
+    """Made-up but well-formed logprobs for a round: the chosen token ranks first, then
+    ``top_n - 1`` other ids (the next code points) in decreasing order, the probabilities
+    summing below 1. Deterministic, so platform tests can check the plumbing exactly."""
+    from speculative.types import TokenLogprob  # kept in this section: the imports above are others' work
+
+    entries = []
+    for i, token in enumerate(tokens):
+        chosen = TRIVIAL_DRAFTED_LOGPROB if i < n_drafted else TRIVIAL_VERIFIER_LOGPROB
+        others = tuple((token + j, chosen - TRIVIAL_ALTERNATIVE_GAP - (j - 1)) for j in range(1, top_n))
+        entries.append(TokenLogprob(chosen, ((token, chosen), *others) if top_n else ()))
+    return tuple(entries)
 
 
 class TrivialCompletion(TokenStream):
@@ -304,7 +321,14 @@ class TrivialCompletion(TokenStream):
             self.stats.gpu_ms += TRIVIAL_GPU_MS
             if self._engine.round_s and start:
                 time.sleep(self._engine.round_s)  # a paced engine: each round after the first takes this long
-            yield from self._emit(tokens, TRIVIAL_ROUND - 1, TRIVIAL_GPU_MS, TRIVIAL_ROUND - 1)
+            logprobs = self.request.logprobs
+            yield from self._emit(
+                tokens,
+                TRIVIAL_ROUND - 1,
+                TRIVIAL_GPU_MS,
+                TRIVIAL_ROUND - 1,
+                logprobs=None if logprobs is None else trivial_logprobs(tokens, TRIVIAL_ROUND - 1, logprobs),
+            )
             if self.stats.finish_reason is not None:
                 return
 

@@ -121,12 +121,14 @@ class RoutingPolicy(models.Model):
         default=True, help_text="route by the prompt's difficulty; off: the cheapest allowed tier above the edge"
     )
     cloud_threshold = models.FloatField(
-        default=0.5,
-        validators=[MinValueValidator(0.0)],
-        help_text="p(needs a frontier model) from which to go to the cloud",
+        null=True,
+        blank=True,
+        help_text="p(needs a frontier model) from which to go to the cloud; empty: the classifier's committed default",
     )
     hard_threshold = models.FloatField(
-        default=0.5, validators=[MinValueValidator(0.0)], help_text="p(hard) from which to skip the edge"
+        null=True,
+        blank=True,
+        help_text="p(hard) from which to skip the edge; empty: the classifier's committed default",
     )
     edge_max_output_tokens = models.PositiveIntegerField(
         default=1024, help_text="a request for more output tokens skips the edge (a small draft drifts on long answers)"

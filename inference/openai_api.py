@@ -10,7 +10,10 @@ The views are plain async Django views, not DRF ``APIView``s: DRF views are sync
 under ASGI a sync view can only stream an async iterator by hopping to a thread for every
 chunk. DRF serializers still validate the bodies (the ``*InputSerializer`` classes), with
 strict fields, since OpenAI does not coerce ``"5"`` into 5 either. Unknown fields are
-ignored, as OpenAI's own API does.
+ignored, as OpenAI's own API does; but a field of OpenAI's API that asks for behaviour
+Tandem does not provide (tools, penalties, JSON mode...) is refused with a 400 naming it,
+never ignored in silence, unless it is given at its default value
+(``UNSUPPORTED_FIELDS``).
 
 Every response, error or not, streaming or not, carries ``x-request-id``: the ledger's
 request id (a client's own ``X-Request-Id`` when it is well-formed). Errors are mapped
@@ -170,6 +173,40 @@ class CompletionInputSerializer(_GenerationInputSerializer):
     prompt = PromptField()
 
 
+# OpenAI's fields Tandem does not implement, each with the values that ask for nothing
+# (its default): a client sending those is served, one asking for more is told which field.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, defaults in UNSUPPORTED_FIELDS.items():
+        if name in body and not any(body[name] == d and type(body[name]) is type(d) for d in defaults):
+            raise InvalidRequest(
+                f"Tandem does not support {name!r} (only its default value, "
+                f"{' or '.join(json.dumps(d) for d in defaults)}, is accepted)",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
 def _json_body(request: HttpRequest) -> dict:
     def refuse_constant(name: str) -> float:
         raise ValueError(f"{name} is not JSON")  # NaN and Infinity would slip past every range check
@@ -184,6 +221,7 @@ def _json_body(request: HttpRequest) -> dict:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    _refuse_unsupported(body)
     return body
 
 

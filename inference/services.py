@@ -110,7 +110,7 @@ def routing_policy_publish(*, tenant: Tenant | None, created_by=None, **fields) 
     if "allowed_tiers" not in base:
         base["allowed_tiers"] = [t.value for t in Tier]
     values = base | fields
-    _policy_validate(values)
+    policy_validate(values)
     latest = scope.order_by("-version").values_list("version", flat=True).first() or 0
     scope.filter(is_active=True).update(is_active=False)
     policy = RoutingPolicy(tenant=tenant, version=latest + 1, is_active=True, created_by=created_by, **values)
@@ -125,8 +125,9 @@ def routing_policy_publish(*, tenant: Tenant | None, created_by=None, **fields) 
     return policy
 
 
-def _policy_validate(values: dict) -> None:
-    tiers = values["allowed_tiers"]
+def policy_validate(values: dict) -> None:
+    """Refuse (``InvalidRequest``, naming the field) values no policy may hold; normalises ``allowed_tiers``."""
+    tiers = values.get("allowed_tiers")
     if not isinstance(tiers, list | tuple) or not tiers or any(t not in Tier._value2member_map_ for t in tiers):
         raise InvalidRequest("allowed_tiers must list one or more of edge, speculative, cloud", param="allowed_tiers")
     values["allowed_tiers"] = [t.value for t in Tier if t.value in tiers]  # one order, no repeats

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.logprobs import check_logprobs, token_logprobs
 from speculative.sampling import sample, warp
-from speculative.types import Proposal, SamplingParams, Verdict
+from speculative.types import Proposal, SamplingParams, TokenLogprob, Verdict
 
 _DRAFT_SEED_SALT = 0x5EED  # keep the draft's stream of random numbers apart from the verifier's
 
@@ -93,18 +94,25 @@ class DraftSession:
         self._in_round = False
         self._round_lock = threading.Lock()
 
-    def propose(self, k: int) -> Proposal:
-        """Draft up to ``k`` tokens after the committed sequence (fewer near the context end)."""
+    def propose(self, k: int, logprobs: int | None = None) -> Proposal:
+        """Draft up to ``k`` tokens after the committed sequence (fewer near the context end).
+
+        ``logprobs`` (None, or the top N wanted) also reads each token's log-probability off
+        the draft's own logits: the edge tier serves the draft's tokens, so they are its to report.
+        """
         if k < 0:
             raise InvalidRequestError(f"draft length k must be >= 0, got {k}")
+        check_logprobs(logprobs)
         started = time.perf_counter()
         k = min(k, self._ctx.n_ctx - len(self.committed) - 1)
         if k <= 0:
-            return Proposal(tokens=(), q=None, draft_ms=0.0)
-        tokens, q = self._draft(k)
-        return Proposal(tokens=tokens, q=q, draft_ms=(time.perf_counter() - started) * 1e3)
+            return Proposal(tokens=(), q=None, draft_ms=0.0, logprobs=None if logprobs is None else ())
+        tokens, q, lps = self._draft(k, logprobs)
+        return Proposal(tokens=tokens, q=q, draft_ms=(time.perf_counter() - started) * 1e3, logprobs=lps)
 
-    def _draft(self, k: int) -> tuple[tuple[int, ...], np.ndarray | None]:
+    def _draft(
+        self, k: int, logprobs: int | None
+    ) -> tuple[tuple[int, ...], np.ndarray | None, tuple[TokenLogprob, ...] | None]:
         if len(self.committed) >= self._ctx.n_ctx:
             raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {self._ctx.n_ctx}")
         if self._n_cached >= len(self.committed):
@@ -113,17 +121,25 @@ class DraftSession:
             self._n_cached = len(self.committed) - 1
             self._ctx.truncate(self._n_cached)
         q_rows: list[torch.Tensor] = []
+        lp_rows: list[TokenLogprob] = []
 
-        def choose(logits: np.ndarray) -> int:
+        def pick(logits: np.ndarray) -> int:
             if self._params.greedy:
                 return int(np.argmax(logits))
             q = warp(torch.from_numpy(np.asarray(logits, dtype=np.float32)), self._params)
             q_rows.append(q)
             return sample(q, self._generator)
 
-        tokens = self._ctx.draft(self.committed[self._n_cached :], k, choose)
+        def pick_with_logprob(logits: np.ndarray) -> int:
+            token = pick(logits)
+            scores = torch.from_numpy(np.asarray(logits, dtype=np.float32)).unsqueeze(0)  # (1, vocab)
+            lp_rows.extend(token_logprobs(scores, torch.tensor([token]), logprobs or 0))
+            return token
+
+        tokens = self._ctx.draft(self.committed[self._n_cached :], k, pick if logprobs is None else pick_with_logprob)
         self._n_cached = len(self.committed)  # accept() counts the draft tokens that were cached
-        return tuple(tokens), (torch.stack(q_rows).numpy() if q_rows else None)
+        q = torch.stack(q_rows).numpy() if q_rows else None
+        return tuple(tokens), q, (None if logprobs is None else tuple(lp_rows))
 
     def accept(self, proposal: Proposal, verdict: Verdict) -> None:
         """Keep the accepted draft tokens and the verifier's token; drop the rejected tail."""

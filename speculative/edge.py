@@ -1,7 +1,8 @@
 """The edge tier: the draft model decoding alone, without a verifier.
 
 Used when the verifier is down or a request asks for the cheapest tier. The output is
-the draft's own (not verifier quality), so every token is marked ``Provenance.EDGE``.
+the draft's own (not verifier quality), so every token is marked ``Provenance.EDGE``,
+and its log-probabilities, when asked for, are the draft's.
 Sessions share the draft backend exactly as speculative sessions do (llama.cpp batches
 the steps of sessions that decode at the same moment).
 """
@@ -28,14 +29,14 @@ class EdgeCompletion(TokenStream):
             while True:
                 draft.start_round()
                 try:
-                    proposal = draft.propose(1)
+                    proposal = draft.propose(1, logprobs=self.request.logprobs)
                 finally:
                     draft.finish_round()
                 token = proposal.tokens[0]  # never empty: build_request left room for max_tokens
                 draft.extend([token])
                 self.stats.rounds += 1
                 self.stats.draft_ms += proposal.draft_ms
-                yield from self._emit((token,), 0, provenance=Provenance.EDGE)
+                yield from self._emit((token,), 0, provenance=Provenance.EDGE, logprobs=proposal.logprobs)
                 if self.stats.finish_reason is not None:
                     return
         finally:

@@ -25,7 +25,8 @@ from typing import Protocol
 
 from speculative.controller import DraftLengthController
 from speculative.draft import DraftModel, DraftSession
-from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.errors import ContextOverflowError, InvalidRequestError, SpeculativeError
+from speculative.logprobs import check_logprobs
 from speculative.sampling import check_sampling
 from speculative.scheduler import RoundResult, VerifyScheduler
 from speculative.types import (
@@ -35,6 +36,7 @@ from speculative.types import (
     Provenance,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
 )
 from speculative.verifier import Verifier, VerifyRequest
 
@@ -54,6 +56,9 @@ class CompletionRequest:
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     k: int | None = None  # pin the draft length; None lets the controller choose
+    # None: no log-probabilities (nothing computed); 0: each token's own; N: also the top N
+    # alternatives (N <= MAX_TOP_LOGPROBS). See TokenEvent and TokenLogprob.
+    logprobs: int | None = None
 
 
 def build_request(
@@ -65,6 +70,7 @@ def build_request(
     sampling: SamplingParams | None = None,
     stop: Sequence[str] = (),
     k: int | None = None,
+    logprobs: int | None = None,
 ) -> CompletionRequest:
     """Validate and tokenise a completion request (raises InvalidRequestError early)."""
     sampling = sampling or SamplingParams()
@@ -78,12 +84,13 @@ def build_request(
         raise InvalidRequestError(f"k must be in [0, {MAX_DRAFT_TOKENS}], got {k}")
     if any(not isinstance(s, str) or not s for s in stop):
         raise InvalidRequestError("stop strings must be non-empty strings")
+    check_logprobs(logprobs)
     if len(ids) + max_tokens > context_length:
         raise ContextOverflowError(
             f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
             f"context of {context_length} tokens"
         )
-    return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k)
+    return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k, logprobs)
 
 
 class _TextTracker:
@@ -175,14 +182,22 @@ class TokenStream:
         gpu_ms: float = 0.0,
         drafted: int = 0,
         provenance: Provenance | None = None,
+        logprobs: Sequence[TokenLogprob] | None = None,
     ) -> Generator[TokenEvent, None, None]:
         """Yield a round's tokens, stopping at EOS, a stop string or max_tokens.
 
         The round's verifier time is shared evenly by the tokens it emits; each accepted
         draft token carries one drafted token and the verifier's token the rejected ones
         (see :class:`TokenEvent`); tokens past a stop condition are never emitted or charged.
+        ``logprobs`` (one per emitted token) must be given when the request asked for them.
         """
         stats, req = self.stats, self.request
+        if req.logprobs is not None and (logprobs is None or len(logprobs) != len(emitted)):
+            # a backend that ignored the request: never stream tokens that silently lack them
+            raise SpeculativeError(
+                f"logprobs were requested but the model returned {'none' if logprobs is None else len(logprobs)} "
+                f"for {len(emitted)} tokens"
+            )
         gpu_each = gpu_ms / len(emitted)
         for i, token in enumerate(emitted):
             source = provenance or (Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER)
@@ -191,10 +206,12 @@ class TokenStream:
             token_drafted = 1.0 if i < n_matches else float(drafted - n_matches)
             stats.completion_tokens += 1
             stats.provenance.append(source)
+            lp = logprobs[i] if logprobs is not None and req.logprobs is not None else None
+            logprob, top = (lp.logprob, lp.top) if lp is not None else (None, ())
             if token == self._eos_token_id:
                 # EOS ends the text: release what was held back for a stop string
                 stats.finish_reason = FinishReason.STOP
-                yield TokenEvent(token, self._tracker.finish(), source, token_gpu_ms, token_drafted)
+                yield TokenEvent(token, self._tracker.finish(), source, token_gpu_ms, token_drafted, logprob, top)
                 return
             delta, hit_stop = self._tracker.push(token)
             if hit_stop:
@@ -202,7 +219,7 @@ class TokenStream:
             elif stats.completion_tokens >= req.max_tokens:
                 stats.finish_reason = FinishReason.LENGTH
                 delta += self._tracker.finish()
-            yield TokenEvent(token, delta, source, token_gpu_ms, token_drafted)
+            yield TokenEvent(token, delta, source, token_gpu_ms, token_drafted, logprob, top)
             if stats.finish_reason is not None:
                 return
 
@@ -244,7 +261,9 @@ class Completion(TokenStream):
                     network_ms=result.network_ms,
                 )
                 gpu_ms = self._count_round(tokens, result, draft_ms)
-                yield from self._emit(verdict.emitted_tokens(tokens), verdict.n_matches, gpu_ms, len(tokens))
+                yield from self._emit(
+                    verdict.emitted_tokens(tokens), verdict.n_matches, gpu_ms, len(tokens), logprobs=verdict.logprobs
+                )
                 if self.stats.finish_reason is not None:
                     return
         finally:
@@ -276,7 +295,8 @@ class Completion(TokenStream):
         tokens = proposal.tokens if proposal is not None else ()
         if draft is not None:
             draft.finish_round()
-        request = VerifyRequest(self.session_id, tokens, proposal.q if proposal is not None else None, round_no)
+        q = proposal.q if proposal is not None else None
+        request = VerifyRequest(self.session_id, tokens, q, round_no, self.request.logprobs)
         result = self._engine.scheduler.submit(request).result()
         if draft is not None:
             draft.start_round()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 from collections.abc import Sequence
 from urllib.parse import quote
@@ -25,7 +26,7 @@ import numpy as np
 
 from speculative import errors
 from speculative.errors import SpeculativeError, VerifierUnavailableError
-from speculative.types import SamplingParams, Verdict
+from speculative.types import SamplingParams, TokenLogprob, Verdict
 from speculative.verifier import VerifyRequest, VerifyResult
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,43 @@ _ERRORS_BY_NAME: dict[str, type[SpeculativeError]] = {
 def encode_q(q: np.ndarray) -> str:
     """q  # (k, vocab) -> base64 of its little-endian float32 bytes (row-major)"""
     return base64.b64encode(np.ascontiguousarray(q, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _round_body(r: VerifyRequest) -> dict:
+    body = {
+        "session_id": r.session_id,
+        "tokens": [int(t) for t in r.tokens],
+        "q": None if r.q is None else encode_q(r.q),
+        "round": r.round,
+    }
+    if r.logprobs is not None:  # sent only when asked: a round without it is what older servers read
+        body["logprobs"] = r.logprobs
+    return body
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_logprobs(item: dict, n_emitted: int, top_n: int, vocab_size: int) -> tuple[TokenLogprob, ...] | None:
+    """A verdict's ``logprobs`` and ``top_logprobs`` (one entry per emitted token), or None if malformed."""
+    values, tops = item.get("logprobs"), item.get("top_logprobs")
+    if not (isinstance(values, list) and isinstance(tops, list) and len(values) == len(tops) == n_emitted):
+        return None
+    want = min(top_n, vocab_size)
+    entries = []
+    for value, top in zip(values, tops, strict=True):
+        if not (_is_number(value) and isinstance(top, list) and len(top) == want):
+            return None
+        pairs = []
+        for pair in top:
+            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and _is_number(pair[1])):
+                return None
+            if not 0 <= pair[0] < vocab_size:
+                return None
+            pairs.append((pair[0], float(pair[1])))
+        entries.append(TokenLogprob(float(value), tuple(pairs)))
+    return tuple(entries)
 
 
 class RemoteVerifier:
@@ -107,17 +145,7 @@ class RemoteVerifier:
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
         if not requests:
             return VerifyResult(verdicts=[], verify_ms=0.0)
-        body = {
-            "requests": [
-                {
-                    "session_id": r.session_id,
-                    "tokens": [int(t) for t in r.tokens],
-                    "q": None if r.q is None else encode_q(r.q),
-                    "round": r.round,
-                }
-                for r in requests
-            ]
-        }
+        body = {"requests": [_round_body(r) for r in requests]}
         response, round_trip_ms = self._call("POST", "/v1/verify", body)
         data = self._json(response, "/v1/verify")
         verdicts = self._verdicts(data, requests)
@@ -216,7 +244,15 @@ class RemoteVerifier:
                 type(n) is int and type(token) is int and 0 <= n <= len(req.tokens) and 0 <= token < self.vocab_size
             ):
                 raise VerifierUnavailableError(f"{self.base_url}/v1/verify answered a malformed verdict: {item!r}")
-            verdicts.append(Verdict(n_matches=n, verifier_token=token))
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = parse_logprobs(item, n + 1, req.logprobs, self.vocab_size)
+                if logprobs is None:
+                    raise VerifierUnavailableError(
+                        f"{self.base_url}/v1/verify answered no or malformed logprobs for a round that asked "
+                        f"for them (a verifier server older than this client?): {item!r}"
+                    )
+            verdicts.append(Verdict(n_matches=n, verifier_token=token, logprobs=logprobs))
         return verdicts
 
 

@@ -8,11 +8,17 @@ arrive together are verified in one forward pass. Endpoints (JSON):
 
     GET    /v1/health                 model, vocab_size, context_length, eos_token_id, open_sessions
     POST   /v1/sessions               {session_id, prompt_ids, sampling} -> {prefill_ms}
-    POST   /v1/verify                 {requests: [{session_id, tokens, q, round}]}
-                                      -> {verdicts: [{n_matches, verifier_token}], verify_ms}
+    POST   /v1/verify                 {requests: [{session_id, tokens, q, round, logprobs?}]}
+                                      -> {verdicts: [{n_matches, verifier_token,
+                                                      logprobs?, top_logprobs?}], verify_ms}
     DELETE /v1/sessions/{session_id}  204
 
 ``q`` is the base64 of a little-endian float32 ``(k, vocab)`` array, or null (greedy).
+``logprobs`` is optional (absent or null: none; N in 0..MAX_TOP_LOGPROBS): a round that
+sends it gets, for each of its ``n_matches + 1`` emitted tokens, ``logprobs[j]`` (the
+verifier's log-probability of it, see ``speculative.types.TokenLogprob``) and
+``top_logprobs[j]`` (``[[token_id, logprob], ...]``, N pairs, highest first); a round
+without it gets the verdict as older servers sent it.
 Every call is safe to retry: opening an open session with the same prompt succeeds, a
 repeated round gets the verdict it already got, closing a closed session is a no-op.
 :class:`~speculative.remote.RemoteVerifier` is the client.
@@ -53,8 +59,9 @@ from speculative.errors import (
     SpeculativeError,
     VerifierUnavailableError,
 )
+from speculative.logprobs import check_logprobs
 from speculative.scheduler import DEFAULT_WINDOW_MS, RoundResult, VerifyScheduler
-from speculative.types import MAX_DRAFT_TOKENS, SamplingParams
+from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
 from speculative.verifier import Verifier, VerifyRequest
 
 log = logging.getLogger("speculative.serve")  # not __main__ under python -m
@@ -214,12 +221,25 @@ def parse_verify_body(data: dict, vocab_size: int) -> list[VerifyRequest]:
         if any(not 0 <= t < vocab_size for t in tokens):
             raise InvalidRequestError(f"{where}tokens: token ids must lie in [0, {vocab_size})")
         q = _parse_q(item.get("q"), len(tokens), vocab_size, where)
-        requests.append(VerifyRequest(session_id, tuple(tokens), q, round_no))
+        logprobs = item.get("logprobs")
+        if logprobs is not None and not _is_int(logprobs):
+            raise InvalidRequestError(f"field '{where}logprobs' must be an integer or null")
+        check_logprobs(logprobs)
+        requests.append(VerifyRequest(session_id, tuple(tokens), q, round_no, logprobs))
     ids = [r.session_id for r in requests]
     if len(set(ids)) != len(ids):
         # two rounds of one session in one forward pass would both extend the same cache row
         raise InvalidRequestError("each session may appear at most once per verify call")
     return requests
+
+
+def verdict_body(verdict: Verdict) -> dict:
+    """A verdict as /v1/verify answers it; the logprob fields only when the round asked."""
+    body: dict[str, Any] = {"n_matches": verdict.n_matches, "verifier_token": verdict.verifier_token}
+    if verdict.logprobs is not None:
+        body["logprobs"] = [e.logprob for e in verdict.logprobs]
+        body["top_logprobs"] = [[[token, lp] for token, lp in e.top] for e in verdict.logprobs]
+    return body
 
 
 # sessions ---------------------------------------------------------------------------------
@@ -374,9 +394,7 @@ def create_app(
         )
         return JSONResponse(
             {
-                "verdicts": [
-                    {"n_matches": r.verdict.n_matches, "verifier_token": r.verdict.verifier_token} for r in rounds
-                ],
+                "verdicts": [verdict_body(r.verdict) for r in rounds],
                 # the server's whole time on the call (queueing, batching window, forward), so
                 # the client's round trip minus this is the network alone
                 "verify_ms": verify_ms,

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_DRAFT_TOKENS = 16  # the controller never proposes more per round
+MAX_TOP_LOGPROBS = 20  # the most alternatives a request may ask for per token (OpenAI's limit)
+# the floor of a reported log-probability: a token the model rules out (a -inf logit) is
+# reported at this value, as OpenAI does, so every logprob is a finite JSON number
+MIN_LOGPROB = -9999.0
+
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob) pairs, highest first
 
 
 @dataclass(frozen=True)
@@ -33,17 +39,33 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model that produced it, and the top alternatives.
+
+    The distribution is the model's own: ``log_softmax`` of its raw logits at temperature 1,
+    before top-k and top-p (what vLLM reports by default). So it is defined under greedy
+    decoding too, does not move with a request's sampling settings, and answers "how sure
+    was the model" alike for every request. Natural logs, floored at ``MIN_LOGPROB``.
+    """
+
+    logprob: float
+    top: TopLogprobs = ()  # the N most likely tokens at this position, highest first
+
+
+@dataclass(frozen=True)
 class Proposal:
     """What the draft proposes for one session this round.
 
-    tokens  # (k,) int token ids
-    q       # (k, vocab) float32: the draft's (warped) probabilities each token was drawn
-            # from; None under greedy decoding, where only the argmax matters
+    tokens    # (k,) int token ids
+    q         # (k, vocab) float32: the draft's (warped) probabilities each token was drawn
+              # from; None under greedy decoding, where only the argmax matters
+    logprobs  # (k,) the draft's own log-probability of each token, when asked for (edge tier)
     """
 
     tokens: tuple[int, ...]
     q: np.ndarray | None
     draft_ms: float
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,11 +73,15 @@ class Verdict:
     """The outcome of one verified round for one session.
 
     ``n_matches`` draft tokens were accepted, then one token from the verifier: the bonus
-    token when all were accepted, the recovered (resampled) token otherwise.
+    token when all were accepted, the recovered (resampled) token otherwise. When the round
+    asked for them, ``logprobs`` holds one entry per emitted token (``n_matches + 1``), each
+    under the verifier's distribution at that position: an accepted draft token is the
+    verifier's output as much as its own token is.
     """
 
     n_matches: int
     verifier_token: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     def emitted_tokens(self, draft_tokens: tuple[int, ...]) -> tuple[int, ...]:
         """The tokens this round adds: the accepted draft prefix, then the verifier's token."""
@@ -79,6 +105,12 @@ class TokenEvent:
     summing the shares of the tokens a client received charges exactly what was
     delivered, even for a stream cut off in the middle of a round, and accepted never
     exceeds drafted.
+
+    ``logprob`` and ``top_logprobs`` are filled when the request asked for them (see
+    :class:`TokenLogprob` for the distribution: the raw softmax of the logits of the model
+    that served the token, the verifier for speculative tokens, the draft on the edge tier).
+    ``logprob`` is None when not asked for; ``top_logprobs`` holds the N requested
+    alternatives, highest first, and is empty when N is 0 or nothing was asked.
     """
 
     token_id: int
@@ -86,6 +118,8 @@ class TokenEvent:
     provenance: Provenance
     gpu_ms: float = 0.0  # this token's share of verifier time (its batch share, prefill included)
     drafted: float = 0.0  # draft tokens this token accounts for (edge work): 1 if accepted, else the rejected
+    logprob: float | None = None  # natural log of the token's probability under the serving model
+    top_logprobs: TopLogprobs = ()  # (token id, logprob), highest first
 
 
 class FinishReason(enum.StrEnum):

@@ -10,11 +10,14 @@ just moving the row's length back: no re-prefill, no copies of the cache per rou
 
 Acceptance happens here, next to the logits: greedy needs only the argmax of each row
 (one small device-to-host copy), sampling moves the (k + 1, vocab) warped rows of the
-sessions that sample.
+sessions that sample. Sessions that ask for log-probabilities get them from the same
+logits, for every row of the batch at once (one more small copy), once their tokens are
+known; a batch where no session asks does no extra work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import threading
@@ -39,6 +42,7 @@ from speculative.errors import (
     SessionNotFoundError,
     VerifierBusyError,
 )
+from speculative.logprobs import check_logprobs, token_logprobs, truncate_top
 from speculative.sampling import check_sampling, warp
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
 
@@ -54,15 +58,17 @@ MAX_PREFILL_POSITIONS = 4096
 class VerifyRequest:
     """One session's round: its draft tokens and, when sampling, their ``q``.
 
-    tokens  # (k,) draft token ids, 0 <= k <= MAX_DRAFT_TOKENS
-    q       # (k, vocab) float32 or None (greedy)
-    round   # the session's round number; a repeated round returns the same verdict
+    tokens    # (k,) draft token ids, 0 <= k <= MAX_DRAFT_TOKENS
+    q         # (k, vocab) float32 or None (greedy)
+    round     # the session's round number; a repeated round returns the same verdict
+    logprobs  # None, or the verdict also carries each emitted token's logprob and top N
     """
 
     session_id: str
     tokens: tuple[int, ...]
     q: np.ndarray | None = None
     round: int = 0
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -363,6 +369,10 @@ class TransformersVerifier:
                 argmax = logits.argmax(-1).cpu()  # (rows, t_max)
                 for row, i in enumerate(todo):
                     verdicts[i] = self._decide(sessions[i], requests[i], logits[row], argmax[row])
+                if any(requests[i].logprobs is not None for i in todo):
+                    self._add_logprobs(logits, [requests[i] for i in todo], [sessions[i] for i in todo])
+                    for i in todo:
+                        verdicts[i] = sessions[i].last
         assert all(v is not None for v in verdicts)
         return VerifyResult(verdicts=verdicts, verify_ms=(time.perf_counter() - started) * 1e3)  # type: ignore[arg-type]
 
@@ -382,6 +392,7 @@ class TransformersVerifier:
             raise InvalidRequestError(f"draft token ids must lie in [0, {self.vocab_size})")
         if not s.params.greedy and k and (req.q is None or req.q.shape != (k, self.vocab_size)):
             raise InvalidRequestError(f"sampling needs q of shape ({k}, {self.vocab_size})")
+        check_logprobs(req.logprobs)
 
     def _decide(self, s: _Session, req: VerifyRequest, logits: torch.Tensor, argmax: torch.Tensor) -> Verdict:
         """Judge the round, then keep what it accepted."""
@@ -401,6 +412,37 @@ class TransformersVerifier:
         p = warp(logits[: k + 1], s.params).cpu()
         q = torch.from_numpy(np.asarray(req.q, dtype=np.float32)) if k else torch.zeros(0, p.size(-1))
         return accept_sampling(draft, q, p, s.generator)
+
+    @torch.inference_mode()
+    def _add_logprobs(self, logits: torch.Tensor, requests: list[VerifyRequest], sessions: list[_Session]) -> None:
+        """Put each emitted token's logprob under the verifier on the verdicts of the rows that asked.
+
+        logits  # (rows, t_max, vocab) on the model's device, row r for requests[r] and sessions[r]
+        Emitted token j of a row was scored at position j: the accepted draft tokens, then the
+        verifier's own token at position n_matches (greedy or resampled alike). Every row that
+        asked goes through one log_softmax and one device-to-host copy. The verdicts are
+        already committed (``s.last``): a retried round gets them with their logprobs.
+        """
+        assert logits.shape[0] == len(requests) == len(sessions)
+        asked = [
+            (row, r, s) for row, (r, s) in enumerate(zip(requests, sessions, strict=True)) if r.logprobs is not None
+        ]
+        rows: list[int] = []
+        positions: list[int] = []
+        tokens: list[int] = []
+        for row, req, s in asked:
+            assert s.last is not None
+            emitted = s.last.emitted_tokens(req.tokens)
+            rows += [row] * len(emitted)
+            positions += range(len(emitted))
+            tokens += emitted
+        top_n = max(req.logprobs or 0 for _, req, _ in asked)
+        index = torch.tensor([rows, positions, tokens], dtype=torch.long).to(self.device)  # (3, emitted)
+        entries = iter(token_logprobs(logits[index[0], index[1]], index[2], top_n))
+        for _, req, s in asked:
+            assert s.last is not None and req.logprobs is not None
+            lps = tuple(truncate_top(next(entries), req.logprobs) for _ in range(s.last.n_matches + 1))
+            s.last = dataclasses.replace(s.last, logprobs=lps)
 
     @torch.inference_mode()
     def _forward(self, sessions: list[_Session], inputs: list[list[int]], logits: bool = True) -> torch.Tensor:

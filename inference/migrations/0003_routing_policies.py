@@ -7,42 +7,158 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('inference', '0002_cloud_upstreams'),
-        ('tenants', '0003_usage_legs'),
+        ("inference", "0002_cloud_upstreams"),
+        ("tenants", "0003_usage_legs"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='RoutingPolicy',
+            name="RoutingPolicy",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('version', models.PositiveIntegerField()),
-                ('is_active', models.BooleanField(default=False)),
-                ('allowed_tiers', models.JSONField(default=list, help_text='the tiers this tenant may use (edge, speculative, cloud)')),
-                ('allow_requested_tier', models.BooleanField(default=True, help_text='a request may ask for a tier (`tier`)')),
-                ('pii_action', models.CharField(choices=[('keep_off_cloud', 'keep it off the cloud (edge or speculative)'), ('redact_then_cloud', 'redact it, send to the cloud, restore the answer'), ('refuse', 'refuse the request')], default='keep_off_cloud', max_length=32)),
-                ('difficulty_routing', models.BooleanField(default=True, help_text="route by the prompt's difficulty; off: the cheapest allowed tier above the edge")),
-                ('cloud_threshold', models.FloatField(default=0.5, help_text='p(needs a frontier model) from which to go to the cloud', validators=[django.core.validators.MinValueValidator(0.0)])),
-                ('hard_threshold', models.FloatField(default=0.5, help_text='p(hard) from which to skip the edge', validators=[django.core.validators.MinValueValidator(0.0)])),
-                ('edge_max_output_tokens', models.PositiveIntegerField(default=1024, help_text='a request for more output tokens skips the edge (a small draft drifts on long answers)')),
-                ('edge_max_prompt_tokens', models.PositiveIntegerField(default=4096, help_text='a longer prompt skips the edge')),
-                ('edge_max_streams', models.PositiveIntegerField(default=16, help_text='edge streams in flight from which interactive requests spill up (batch ones wait)')),
-                ('escalation', models.BooleanField(default=False, help_text='send an edge answer up a tier when its own confidence is low (both legs are charged)')),
-                ('escalation_min_mean_logprob', models.FloatField(default=-2.5)),
-                ('escalation_max_low_share', models.FloatField(default=0.3, help_text='the most tokens below p=0.1 an edge answer may have before it goes up a tier')),
-                ('escalation_hold_tokens', models.PositiveSmallIntegerField(default=16, help_text="tokens held back (not sent) while the edge answer's confidence is judged")),
-                ('note', models.CharField(blank=True, max_length=300)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('tenant', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='routing_policies', to='tenants.tenant')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("version", models.PositiveIntegerField()),
+                ("is_active", models.BooleanField(default=False)),
+                (
+                    "allowed_tiers",
+                    models.JSONField(
+                        default=list, help_text="the tiers this tenant may use (edge, speculative, cloud)"
+                    ),
+                ),
+                (
+                    "allow_requested_tier",
+                    models.BooleanField(default=True, help_text="a request may ask for a tier (`tier`)"),
+                ),
+                (
+                    "pii_action",
+                    models.CharField(
+                        choices=[
+                            ("keep_off_cloud", "keep it off the cloud (edge or speculative)"),
+                            ("redact_then_cloud", "redact it, send to the cloud, restore the answer"),
+                            ("refuse", "refuse the request"),
+                        ],
+                        default="keep_off_cloud",
+                        max_length=32,
+                    ),
+                ),
+                (
+                    "difficulty_routing",
+                    models.BooleanField(
+                        default=True,
+                        help_text="route by the prompt's difficulty; off: the cheapest allowed tier above the edge",
+                    ),
+                ),
+                (
+                    "cloud_threshold",
+                    models.FloatField(
+                        default=0.5,
+                        help_text="p(needs a frontier model) from which to go to the cloud",
+                        validators=[django.core.validators.MinValueValidator(0.0)],
+                    ),
+                ),
+                (
+                    "hard_threshold",
+                    models.FloatField(
+                        default=0.5,
+                        help_text="p(hard) from which to skip the edge",
+                        validators=[django.core.validators.MinValueValidator(0.0)],
+                    ),
+                ),
+                (
+                    "edge_max_output_tokens",
+                    models.PositiveIntegerField(
+                        default=1024,
+                        help_text="a request for more output tokens skips the edge (a small draft drifts on long answers)",
+                    ),
+                ),
+                (
+                    "edge_max_prompt_tokens",
+                    models.PositiveIntegerField(default=4096, help_text="a longer prompt skips the edge"),
+                ),
+                (
+                    "edge_max_streams",
+                    models.PositiveIntegerField(
+                        default=16,
+                        help_text="edge streams in flight from which interactive requests spill up (batch ones wait)",
+                    ),
+                ),
+                (
+                    "escalation",
+                    models.BooleanField(
+                        default=False,
+                        help_text="send an edge answer up a tier when its own confidence is low (both legs are charged)",
+                    ),
+                ),
+                ("escalation_min_mean_logprob", models.FloatField(default=-2.5)),
+                (
+                    "escalation_max_low_share",
+                    models.FloatField(
+                        default=0.3,
+                        help_text="the most tokens below p=0.1 an edge answer may have before it goes up a tier",
+                    ),
+                ),
+                (
+                    "escalation_hold_tokens",
+                    models.PositiveSmallIntegerField(
+                        default=16, help_text="tokens held back (not sent) while the edge answer's confidence is judged"
+                    ),
+                ),
+                ("note", models.CharField(blank=True, max_length=300)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="routing_policies",
+                        to="tenants.tenant",
+                    ),
+                ),
             ],
             options={
-                'verbose_name_plural': 'routing policies',
-                'ordering': ['tenant_id', '-version'],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('tenant__isnull', False)), fields=('tenant', 'version'), name='routing_policy_version'), models.UniqueConstraint(condition=models.Q(('tenant__isnull', True)), fields=('version',), name='routing_policy_default_version'), models.UniqueConstraint(condition=models.Q(('is_active', True), ('tenant__isnull', False)), fields=('tenant',), name='routing_policy_one_active'), models.UniqueConstraint(condition=models.Q(('is_active', True), ('tenant__isnull', True)), fields=('is_active',), name='routing_policy_one_active_default'), models.CheckConstraint(condition=models.Q(('version__gt', 0)), name='routing_policy_version_positive'), models.CheckConstraint(condition=models.Q(('pii_action__in', ['keep_off_cloud', 'redact_then_cloud', 'refuse'])), name='routing_policy_pii_action_valid')],
+                "verbose_name_plural": "routing policies",
+                "ordering": ["tenant_id", "-version"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("tenant__isnull", False)),
+                        fields=("tenant", "version"),
+                        name="routing_policy_version",
+                    ),
+                    models.UniqueConstraint(
+                        condition=models.Q(("tenant__isnull", True)),
+                        fields=("version",),
+                        name="routing_policy_default_version",
+                    ),
+                    models.UniqueConstraint(
+                        condition=models.Q(("is_active", True), ("tenant__isnull", False)),
+                        fields=("tenant",),
+                        name="routing_policy_one_active",
+                    ),
+                    models.UniqueConstraint(
+                        condition=models.Q(("is_active", True), ("tenant__isnull", True)),
+                        fields=("is_active",),
+                        name="routing_policy_one_active_default",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("version__gt", 0)), name="routing_policy_version_positive"
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("pii_action__in", ["keep_off_cloud", "redact_then_cloud", "refuse"])),
+                        name="routing_policy_pii_action_valid",
+                    ),
+                ],
             },
         ),
     ]

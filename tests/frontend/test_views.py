@@ -32,7 +32,7 @@ def member(account, django_user_model, role: str):
     return user
 
 
-@pytest.mark.parametrize("name", ["playground", "api-keys", "usage"])
+@pytest.mark.parametrize("name", ["playground", "api-keys", "usage", "routing"])
 def test_every_page_but_sign_in_requires_a_signed_in_user(client, name):
     response = client.get(reverse(f"frontend:{name}"))
     assert response.status_code == 302 and response.url.startswith(reverse("frontend:login"))
@@ -188,3 +188,53 @@ def test_the_usage_page_shows_only_the_current_tenants_ledger(client, account, o
     client.force_login(account.user)
     page = client.get(reverse("frontend:usage")).content.decode()
     assert mine in page and theirs not in page
+
+
+# routing ----------------------------------------------------------------------------------------
+POLICY_FORM = {
+    "allowed_tiers": ["edge", "speculative"],
+    "allow_requested_tier": "on",
+    "pii_action": "keep_off_cloud",
+    "difficulty_routing": "on",
+    "cloud_threshold": "",
+    "hard_threshold": "0.3",
+    "edge_max_output_tokens": "512",
+    "edge_max_prompt_tokens": "2048",
+    "edge_max_streams": "8",
+    "escalation_min_mean_logprob": "-2.5",
+    "escalation_max_low_share": "0.3",
+    "escalation_hold_tokens": "16",
+    "note": "no cloud for now",
+}
+
+
+def test_the_routing_page_shows_the_policy_in_force_and_the_tier_health(signed_in):
+    page = signed_in.get(reverse("frontend:routing")).content.decode()
+    assert "builtin-2" in page and "Tier health" in page and "verifier" not in page.split("Tier health")[0][-50:]
+
+
+def test_an_owner_publishes_a_new_version_and_it_is_in_force(signed_in, account):
+    from inference.selectors import routing_policy_for
+
+    response = signed_in.post(reverse("frontend:routing"), POLICY_FORM)
+    assert response.status_code == 302
+    policy = routing_policy_for(tenant_id=account.tenant.pk)
+    assert policy.version == f"t{account.tenant.pk}-v1" and {t.value for t in policy.allowed} == {"edge", "speculative"}
+    assert policy.hard_threshold == 0.3 and policy.cloud_threshold is None
+    page = signed_in.get(reverse("frontend:routing")).content.decode()
+    assert "no cloud for now" in page and "in force" in page
+
+
+def test_an_invalid_policy_is_shown_back_with_the_error_and_nothing_is_published(signed_in, account):
+    from inference.models import RoutingPolicy
+
+    response = signed_in.post(reverse("frontend:routing"), POLICY_FORM | {"allowed_tiers": []})
+    assert response.status_code == 400 and 'role="alert"' in response.content.decode()
+    assert not RoutingPolicy.objects.exists()
+
+
+def test_a_member_sees_the_policy_but_may_not_publish(client, account, django_user_model):
+    client.force_login(member(account, django_user_model, "member"))
+    page = client.get(reverse("frontend:routing"))
+    assert page.status_code == 200 and b"Only owners and admins" in page.content
+    assert client.post(reverse("frontend:routing"), POLICY_FORM).status_code == 403

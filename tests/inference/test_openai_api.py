@@ -557,7 +557,9 @@ async def test_a_completion_prompt_must_be_one_string(account, http):
 
 
 async def test_unknown_fields_are_ignored(account, http):
-    response = await post_chat(http, account.raw_key, max_tokens=2, frequency_penalty=0.5, logit_bias={}, whatever=[1])
+    # fields OpenAI's API does not have are ignored, as OpenAI does; its own fields that ask for
+    # something Tandem does not do are refused (test_a_field_asking_for_what_tandem_does_not_do...)
+    response = await post_chat(http, account.raw_key, max_tokens=2, logit_bias={}, whatever=[1])
     assert response.status_code == 200
 
 
@@ -712,3 +714,31 @@ async def test_a_handover_mid_stream_carries_the_new_route_in_the_chunks_tandem_
     assert announced[0]["tandem"]["route"]["tier"] == "edge" and announced[0]["tandem"]["route"]["degraded"]
     assert content_of(chunks) == "Tandem" + "EDGE EDGE "
     assert [leg["route"]["tier"] for leg in chunks[-1]["tandem"]["legs"]] == ["speculative", "edge"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("presence_penalty", 0.5),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"50256": -100}),
+    ],
+)
+async def test_a_field_asking_for_what_tandem_does_not_do_is_a_400_naming_it(account, http, field, value):
+    response = await post_chat(http, account.raw_key, **{field: value})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == field and error["code"] == "unsupported_parameter"
+    assert await nothing_charged(account)
+
+
+async def test_the_same_fields_at_their_defaults_are_accepted(account, http):
+    defaults = {
+        "tools": [],
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "response_format": {"type": "text"},
+        "logit_bias": None,
+    }
+    response = await post_chat(http, account.raw_key, max_tokens=3, **defaults)
+    assert response.status_code == 200, response.text

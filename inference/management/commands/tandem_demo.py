@@ -105,7 +105,6 @@ class Command(BaseCommand):
         version = (PriceBook.objects.order_by("-version").values_list("version", flat=True).first() or 0) + 1
         services.price_book_publish(version=version, prices=prices, note="demo prices (manage.py tandem_demo)")
 
-
     def _register_standin(self, names: list[str], base_url: str) -> None:
         """The local stand-in as every demo model's cloud upstream, for every tenant, at the demo's cloud prices."""
         from inference.services import cloud_upstream_register
