@@ -13,6 +13,7 @@ from django.conf import settings
 
 from inference.completion import MINTED_ID_PREFIX, CompletionCall
 from inference.errors import ContextTooLong, InvalidRequest, Overloaded, RateLimited
+from speculative.types import MAX_TOP_LOGPROBS
 
 MAX_TAGS = 16
 MAX_STREAMS = 64  # streams this process runs at once (engine threads); 503 past it
@@ -51,6 +52,12 @@ def validate(call: CompletionCall) -> None:
         # Minted ids may skip the reservation row's uniqueness check (budget leases): a
         # caller's own id must never be able to collide with one.
         raise InvalidRequest(f"request ids starting with {MINTED_ID_PREFIX!r} are the server's", param="request_id")
+    if call.logprobs is not None and (
+        isinstance(call.logprobs, bool)
+        or not isinstance(call.logprobs, int)
+        or not 0 <= call.logprobs <= MAX_TOP_LOGPROBS
+    ):
+        raise InvalidRequest(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, or null", param="logprobs")
     if call.latency_class not in ("interactive", "batch"):
         raise InvalidRequest(
             f"latency_class must be 'interactive' or 'batch', got {call.latency_class!r}", param="latency_class"

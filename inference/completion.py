@@ -49,6 +49,8 @@ class CompletionCall:
     messages: tuple[Mapping[str, str], ...] = ()
     # The tier the client asked for (a request extension); the routing policy allows or refuses it.
     requested_tier: str | None = None
+    # log-probabilities of each token from the serving model: None (none), 0 (the token's), N (and the top N)
+    logprobs: int | None = None
     # "interactive" (a person waits: spill up from a saturated edge) or "batch" (may wait its turn)
     latency_class: str = "interactive"
     # The answer so far, when another tier takes over mid-stream: the engine goes on from it
@@ -68,6 +70,8 @@ class TokenDelta:
     token_id: int
     provenance: Provenance
     route: Route | None = None  # set on the first token of a leg that took over mid-stream: the new route
+    logprob: float | None = None  # when the call asked for logprobs: under the serving model
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), highest first
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ client -> server::
 
     {"type": "start", "id": "<client id>", "model": "tandem-demo", "prompt": "...",
      "max_tokens": 64, "temperature": 0, "top_p": 1, "top_k": 0, "seed": null,
-     "stop": [], "tags": {}, "tier": null, "tenant": <tenant id; console sessions only>}
+     "stop": [], "tags": {}, "tier": null, "logprobs": null, "tenant": <tenant id; console sessions only>}
     {"type": "cancel", "id": "<client id>"}
     {"type": "ping"}                                   -> {"type": "pong"}
 
@@ -19,6 +19,8 @@ server -> client::
 
     {"type": "started", "id", "request_id", "model", "route": {"tier", "reason", "degraded", "policy_version"}}
     {"type": "delta", "id", "index", "text", "tokens": [{"token_id", "text", "provenance"}, ...]}
+                                                       with logprobs asked for, each token also has
+                                                       "logprob" and "top_logprobs": [{"token_id", "logprob"}]
                                                        provenance: "drafted" | "verifier" | "edge" | "cloud"
     {"type": "route", "id", "index", "route": {...}}   another tier took over mid-stream (its tier failed):
                                                        from token ``index`` on, the text comes from ``route``
@@ -90,6 +92,7 @@ _START_FIELDS = frozenset(
         "stop",
         "tags",
         "tier",
+        "logprobs",
         "tenant",
     }
 )
@@ -274,7 +277,7 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
 
     async def _send_delta_frame(self, item: _Live, deltas: list[gateway.TokenDelta]) -> None:
         """One delta frame for consecutive tokens: their joined text, and each token on its own."""
-        tokens = [{"token_id": d.token_id, "text": d.text, "provenance": d.provenance.value} for d in deltas]
+        tokens = [_token(d) for d in deltas]
         text = "".join(d.text for d in deltas)
         await self._send_for(
             item, {"type": "delta", "id": item.id, "index": deltas[0].index, "text": text, "tokens": tokens}
@@ -303,6 +306,14 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
                 raise PermissionDenied("an API key acts only in its own tenant", param="tenant")
             return principal
         return await gateway.principal_for_user(self.user, tenant_id)
+
+
+def _token(delta: gateway.TokenDelta) -> dict:
+    token: dict = {"token_id": delta.token_id, "text": delta.text, "provenance": delta.provenance.value}
+    if delta.logprob is not None:
+        token["logprob"] = delta.logprob
+        token["top_logprobs"] = [{"token_id": i, "logprob": lp} for i, lp in delta.top_logprobs]
+    return token
 
 
 def _bearer_token(headers) -> str | None:
@@ -376,6 +387,12 @@ def _parse_start(content: dict) -> tuple[str, gateway.CompletionCall, int | None
     if tier is not None and not isinstance(tier, str):
         raise InvalidRequest("tier must be a tier's name (edge, speculative, cloud) or null", param="tier")
     kwargs["requested_tier"] = tier
+    logprobs = content.get("logprobs")
+    if logprobs is not None and not _is_int(logprobs):
+        raise InvalidRequest(
+            "logprobs must be an integer (0: each token's; N: and the top N) or null", param="logprobs"
+        )
+    kwargs["logprobs"] = logprobs
     tenant_id = content.get("tenant")
     if tenant_id is not None and not _is_int(tenant_id):
         raise InvalidRequest("tenant must be a tenant id (an integer) or null", param="tenant")

@@ -138,7 +138,9 @@ def request_for(
             )
         else:
             prompt = call.prompt + call.continue_from
-            request = engine.request(prompt, max_tokens=call.max_tokens, sampling=sampling, stop=call.stop)
+            request = engine.request(
+                prompt, max_tokens=call.max_tokens, sampling=sampling, stop=call.stop, logprobs=call.logprobs
+            )
     except ContextOverflowError as exc:
         raise ContextTooLong(str(exc), param="max_tokens") from None
     except InvalidRequestError as exc:

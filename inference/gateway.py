@@ -46,6 +46,7 @@ from inference.selectors import routing_policy_cached, routing_policy_for
 from inference.settlement import leases, ledger_writes_flush
 from inference.signals import assess
 from inference.stream import MAX_DELTAS_AT_ONCE, GatewayStream
+from tenants.tiers import Tier
 
 __all__ = [
     "AuthenticationFailed",
@@ -93,6 +94,8 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
             route = decide(entry, signals, dataclasses.replace(policy, pii_action="keep_off_cloud"), tenant_id)
         else:
             served, redaction = redacted
+    if policy.escalation and route.tier is Tier.EDGE and served.logprobs is None:
+        served = dataclasses.replace(served, logprobs=0)  # the edge answer's confidence is judged from them
     engine, request = await arequest_for(entry, route.tier, served, tenant_id)
     admission.enter(principal.tenant_id)
     stream = GatewayStream(principal, call, entry, route, policy, redaction)

@@ -44,6 +44,7 @@ from inference.engines import INLINE_TOKENIZE_CHARS, ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
 from inference.relay import KEEPALIVE, relay
+from speculative.types import MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,21 @@ class ChatCompletionInputSerializer(_GenerationInputSerializer):
     # The shape of each message is checked by inference.prompts, which names the exact offender.
     messages = serializers.ListField(allow_empty=False)
     max_completion_tokens = StrictIntegerField(required=False, default=None, allow_null=True, min_value=1)
+    logprobs = StrictBooleanField(required=False, default=False, allow_null=True)
+    top_logprobs = StrictIntegerField(
+        required=False, default=None, allow_null=True, min_value=0, max_value=MAX_TOP_LOGPROBS
+    )
+
+    def validate(self, attrs):
+        if attrs.get("top_logprobs") is not None and not attrs.get("logprobs"):
+            raise serializers.ValidationError({"top_logprobs": "top_logprobs needs logprobs set to true."})
+        return attrs
 
 
 class CompletionInputSerializer(_GenerationInputSerializer):
     prompt = PromptField()
+    # the legacy endpoint's logprobs: how many alternatives per token (0: only the chosen token's)
+    logprobs = StrictIntegerField(required=False, default=None, allow_null=True, min_value=0, max_value=5)
 
 
 # OpenAI's fields Tandem does not implement, each with the values that ask for nothing
@@ -337,6 +349,7 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
         prompt = await asyncio.to_thread(prompts.chat_prompt, entry.tokenizer, messages)
     max_tokens = data["max_completion_tokens"] or data["max_tokens"]
     data["messages"] = tuple({"role": m.role, "content": m.content} for m in messages)
+    data["logprobs"] = (data["top_logprobs"] or 0) if data["logprobs"] else None
     return await _complete(principal, data, entry, prompt, max_tokens, request_id, chat=True)
 
 
@@ -363,7 +376,7 @@ async def _complete(
     fresh = not _client_request_id(request_id)  # this view minted it (a client's own id is kept as sent)
     stream = await gateway.start(principal, _completion_call(data, prompt, max_tokens, request_id, fresh))
     include_usage = bool(data["stream"] and (data["stream_options"] or {}).get("include_usage"))
-    chunks = _Chunks(stream, chat=chat, include_usage=include_usage)
+    chunks = _Chunks(stream, chat=chat, include_usage=include_usage, tokenizer=entry.tokenizer)
     if data["stream"]:
         response = StreamingHttpResponse(
             _sse_events(stream, chunks), content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS
@@ -371,12 +384,12 @@ async def _complete(
         _close_if_never_streamed(response, stream)
         return response
     try:
-        text, _ = await gateway.collect(stream, ledger_written=False)  # the row is written behind the reply
+        text, deltas = await gateway.collect(stream, ledger_written=False)  # the row is written behind the reply
     finally:
         # Normally a no-op (collect settled it); if this view is cancelled (the client left), this settles what was sent.
         await asyncio.shield(stream.aclose())
     assert stream.usage is not None
-    return JsonResponse(chunks.whole(text, stream.usage), json_dumps_params={"ensure_ascii": False})
+    return JsonResponse(chunks.whole(text, stream.usage, deltas), json_dumps_params={"ensure_ascii": False})
 
 
 _closing: set[asyncio.Future] = set()  # close tasks started by finalizers, kept alive until they finish
@@ -439,6 +452,7 @@ def _completion_call(data: dict, prompt: str, max_tokens: int, request_id: str, 
         request_id_fresh=fresh,
         messages=data.get("messages", ()),
         requested_tier=data["tier"],
+        logprobs=data["logprobs"],
     )
 
 
@@ -454,20 +468,22 @@ def _usage(usage: UsageSummary) -> dict:
 class _Chunks:
     """OpenAI's objects for one completion: ``chat.completion(.chunk)`` or ``text_completion``."""
 
-    def __init__(self, stream: GatewayStream, *, chat: bool, include_usage: bool):
+    def __init__(self, stream: GatewayStream, *, chat: bool, include_usage: bool, tokenizer: Any = None):
         self.chat = chat
         self.include_usage = include_usage
+        self._logprobs = stream.call.logprobs is not None
+        self._tokenizer = tokenizer  # names the alternatives of top_logprobs
         self._id = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}"
         self._created = stream.created
         self._model = stream.model
 
-    def whole(self, text: str, usage: UsageSummary) -> dict:
+    def whole(self, text: str, usage: UsageSummary, deltas: list[TokenDelta] | None = None) -> dict:
         """The non-streaming response."""
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
         else:
             choice = {"index": 0, "text": text}
-        choice |= {"logprobs": None, "finish_reason": usage.finish_reason}
+        choice |= {"logprobs": self._logprobs_of(deltas or []), "finish_reason": usage.finish_reason}
         head = self._head("chat.completion" if self.chat else "text_completion")
         return head | {"choices": [choice], "usage": _usage(usage), "tandem": usage.as_dict()}
 
@@ -476,7 +492,7 @@ class _Chunks:
         return self._chunk({"role": "assistant", "content": ""}) if self.chat else None
 
     def delta(self, delta: TokenDelta) -> dict:
-        chunk = self._chunk({"content": delta.text} if self.chat else delta.text)
+        chunk = self._chunk({"content": delta.text} if self.chat else delta.text, logprobs=self._logprobs_of([delta]))
         tandem: dict = {"provenance": delta.provenance.value}
         if delta.route is not None:  # another tier took over mid-stream: from this token on, it writes
             tandem["route"] = delta.route.as_dict()
@@ -502,10 +518,37 @@ class _Chunks:
             "system_fingerprint": None,
         }
 
-    def _chunk(self, delta: dict | str, finish_reason: str | None = None) -> dict:
+    def _logprobs_of(self, deltas: list[TokenDelta]) -> dict | None:
+        """OpenAI's logprobs object for these tokens (chat: ``content``; completions: the legacy lists)."""
+        if not self._logprobs:
+            return None
+        if self.chat:
+            return {"content": [self._entry(d) for d in deltas], "refusal": None}
+        return {
+            "tokens": [d.text for d in deltas],
+            "token_logprobs": [d.logprob for d in deltas],
+            "top_logprobs": [{self._token(i): lp for i, lp in d.top_logprobs} for d in deltas],
+            "text_offset": None,
+        }
+
+    def _entry(self, delta: TokenDelta) -> dict:
+        return {
+            "token": delta.text,
+            "logprob": delta.logprob,
+            "bytes": list(delta.text.encode()),
+            "top_logprobs": [
+                {"token": (t := self._token(i)), "logprob": lp, "bytes": list(t.encode())}
+                for i, lp in delta.top_logprobs
+            ],
+        }
+
+    def _token(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id]) if self._tokenizer is not None else str(token_id)
+
+    def _chunk(self, delta: dict | str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         body = {"delta": delta} if self.chat else {"text": delta}
         chunk = self._head(self._chunk_object) | {
-            "choices": [{"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}]
+            "choices": [{"index": 0, **body, "logprobs": logprobs, "finish_reason": finish_reason}]
         }
         if self.include_usage:
             chunk["usage"] = None  # as OpenAI does: every chunk before the usage chunk says "not yet"

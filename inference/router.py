@@ -169,6 +169,11 @@ def decide(
         if policy.pii_action == "keep_off_cloud" and Tier.CLOUD in candidates:
             candidates.remove(Tier.CLOUD)
             pii_reason = "pii"
+    # logprobs come from a model's own logits: the tiers that run here have them, an upstream relays none
+    if signals.logprobs and Tier.CLOUD in candidates:
+        candidates.remove(Tier.CLOUD)
+        if signals.requested_tier == Tier.CLOUD.value:
+            raise InvalidRequest("the cloud tier does not return logprobs; ask for another tier", param="logprobs")
     # 3. a tier the client asked for
     requested = _requested(policy, signals.requested_tier)
     if requested is not None:
@@ -235,9 +240,33 @@ def fail_over(
     for tier in policy.failover[route.tier]:
         if tier in tried or tier is route.tier or tier not in policy.allowed:
             continue
-        if tier is Tier.CLOUD and pii_kinds and policy.pii_action != "redact_then_cloud":
+        if tier is Tier.CLOUD and (
+            (pii_kinds and policy.pii_action != "redact_then_cloud") or route.signals.get("logprobs")
+        ):
             continue
         if entry.available(tier, tenant_id):
             redact = tier is Tier.CLOUD and bool(pii_kinds)
             return Route(tier, DOWN_REASON[route.tier], policy.version, chosen, route.signals, redact)
+    return None
+
+
+def escalate(
+    entry: ModelEntry, route: Route, tenant_id: int | None = None, policy: Policy = BUILTIN_POLICY
+) -> Route | None:
+    """The tier a low-confidence answer goes up to from ``route``'s (edge -> speculative, else cloud); None if none may.
+
+    The same constraints as any route: the policy's tiers, PII kept off the cloud, a
+    request for logprobs off the cloud, and health.
+    """
+    pii_kinds = route.signals.get("pii", ())
+    for tier in sorted(Tier, key=TIER_RANK.__getitem__):
+        if TIER_RANK[tier] <= TIER_RANK[route.tier] or tier not in policy.allowed:
+            continue
+        if tier is Tier.CLOUD and (
+            (pii_kinds and policy.pii_action != "redact_then_cloud") or route.signals.get("logprobs")
+        ):
+            continue
+        if entry.available(tier, tenant_id):
+            redact = tier is Tier.CLOUD and bool(pii_kinds)
+            return Route(tier, "escalated", policy.version, None, route.signals, redact)
     return None

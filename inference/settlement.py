@@ -64,8 +64,8 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
     hold = stream.hold
     legs = [leg for leg in stream.legs() if leg is stream.legs()[-1] or leg.tally.delivered]
     outcomes = [(leg.outcome, leg.error) for leg in legs[:-1]] + [(outcome, error)]
-    if stream.delivered == 0 and outcome != "completed":
-        legs = []  # nothing delivered: nothing owed
+    if not any(leg.tally.delivered for leg in legs) and outcome != "completed":
+        legs = []  # nothing delivered (nor generated for an escalation): nothing owed
     elif not legs[-1].tally.delivered and outcome != "completed" and len(legs) > 1:
         legs, outcomes = legs[:-1], outcomes[:-1]  # a leg that took over and produced nothing: no row
     usages = [_leg_usage(stream, leg, index, *outcomes[index]) for index, leg in enumerate(legs)]

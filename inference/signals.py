@@ -38,6 +38,7 @@ class Signals:
     prompt_tokens: int = 0
     max_tokens: int = 0
     latency_class: str = INTERACTIVE
+    logprobs: bool = False  # the client asked for log-probabilities (the cloud tier relays none)
     check_ms: float = 0.0  # what the PII scan and the classifier cost this request
 
     def as_dict(self) -> dict[str, Any]:
@@ -50,6 +51,8 @@ class Signals:
         }
         if self.requested_tier:
             out["requested_tier"] = self.requested_tier
+        if self.logprobs:
+            out["logprobs"] = True
         if self.pii_kinds:
             out["pii"] = list(self.pii_kinds)
         if self.difficulty is not None:
@@ -104,6 +107,7 @@ def check(call: CompletionCall, policy: Policy, tokenizer: Any) -> Signals:
         prompt_tokens=prompt_tokens,
         max_tokens=call.max_tokens,
         latency_class=call.latency_class,
+        logprobs=call.logprobs is not None,
         check_ms=(time.perf_counter() - started) * 1e3,
     )
 

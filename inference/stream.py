@@ -11,8 +11,10 @@ through the router (``inference.router.fail_over``) to the next tier the policy 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from inference.handoff import END, pump_on_loop, pump_on_thread
 from inference.holds import Hold, hold_more, price_in_pinned_book
 from inference.principals import Principal
 from inference.redaction import Restoring
-from inference.router import BUILTIN_POLICY, Policy, Route, fail_over
+from inference.router import BUILTIN_POLICY, Policy, Route, escalate, fail_over
 from inference.runtime import db
 from speculative import errors as core_errors
 from speculative.engine import CompletionRequest
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A token below this log-probability (p < 0.1) counts as unlikely when an edge answer's confidence is judged.
+LOW_PROBABILITY_LOGPROB = math.log(0.1)
 # The most tokens an adapter takes for one frame or one write (``take_at_hand``): a client
 # far behind a fast engine still gets frames of a bounded size.
 MAX_DELTAS_AT_ONCE = 64
@@ -118,7 +122,9 @@ class GatewayStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()  # stops the current leg's engine
         self._closed = False  # no more tokens are delivered (client gone, failure, the end)
-        self._first: object | None = None  # the next item, taken from the queue early (by start() or ready())
+        # items taken from the queue early (by first(), ready(), or held back while an edge answer's
+        # confidence was judged), read before the queue
+        self._ahead: collections.deque[object] = collections.deque()
         self._completion: object | None = None  # the engine's stream (its stats, once it ends)
         self._pump: asyncio.Task | None = None  # an async engine's pump
         self._settlement: asyncio.Future | None = None
@@ -143,7 +149,12 @@ class GatewayStream:
             self._pump = pump_on_loop(completion, self._queue, self._cancel)
             return
         assert isinstance(request, CompletionRequest)
-        kwargs = {"max_tokens": request.max_tokens, "sampling": request.sampling, "stop": request.stop}
+        kwargs = {
+            "max_tokens": request.max_tokens,
+            "sampling": request.sampling,
+            "stop": request.stop,
+            "logprobs": request.logprobs,
+        }
         local = engine.stream(request.prompt_ids, **kwargs)
         self._completion = local
         pump_on_thread(local, self._queue, self._cancel, f"stream-{self.request_id}")
@@ -171,7 +182,91 @@ class GatewayStream:
             raise await self._fail(first)
         if isinstance(first, TokenEvent):
             self._record(None)
-        self._first = first
+        self._ahead.append(first)
+        if isinstance(first, TokenEvent) and self._may_escalate():
+            await self._judge_confidence()
+
+    def _may_escalate(self) -> bool:
+        """The policy sends low-confidence edge answers up a tier, and this request is on the edge with one above."""
+        return (
+            self.policy.escalation
+            and self.route.tier is Tier.EDGE
+            and self.route.reason != "requested"  # a client that asked for the edge gets the edge
+            and escalate(self.entry, self.route, self.principal.tenant_id, self.policy) is not None
+        )
+
+    async def _judge_confidence(self) -> None:
+        """Hold back the edge answer's first tokens, judge its confidence, and keep it or send the request up a tier.
+
+        Up to ``escalation_hold_tokens`` tokens are held (nothing is sent meanwhile). The
+        answer is kept when their mean log-probability is at least the policy's floor and
+        the share of tokens below p = 0.1 at most its ceiling; then the held tokens are
+        delivered as usual. Otherwise the edge leg is stopped and charged for what it
+        generated (an escalation leg: the tenant's policy chose to pay for it), and the
+        request starts again on the tier above, which holds the difference first.
+        """
+        held: list[TokenEvent] = [e for e in self._ahead if isinstance(e, TokenEvent)]
+        ended = False
+        while len(held) < self.policy.escalation_hold_tokens:
+            item = await self._queue.get()
+            self._ahead.append(item)
+            if not isinstance(item, TokenEvent):
+                ended = True  # the answer ended (or failed) within the window: judge what there is
+                break
+            held.append(item)
+        logprobs = [e.logprob for e in held if e.logprob is not None]
+        if not logprobs:
+            return  # no confidence to judge: the answer stands
+        mean = sum(logprobs) / len(logprobs)
+        low_share = sum(lp < LOW_PROBABILITY_LOGPROB for lp in logprobs) / len(logprobs)
+        confidence = {"mean_logprob": round(mean, 4), "low_share": round(low_share, 4), "tokens": len(logprobs)}
+        confident = (
+            mean >= self.policy.escalation_min_mean_logprob and low_share <= self.policy.escalation_max_low_share
+        )
+        if confident:
+            self.route = dataclasses.replace(self.route, signals={**self.route.signals, "confidence": confidence})
+            return
+        target = escalate(self.entry, self.route, self.principal.tenant_id, self.policy)
+        assert target is not None
+        self._cancel.set()  # stop the edge: what it generated so far is charged, never sent
+        leg = self._current_leg()
+        leg.tally = _tally_of(held)
+        leg.outcome, leg.escalation = "cancelled", True
+        leg.error = f"escalated: mean logprob {mean:.2f}, {low_share:.0%} of tokens below p=0.1"
+        if not ended:
+            log.info(
+                "request %s: low-confidence edge answer (%s), sent up to %s", self.request_id, confidence, target.tier
+            )
+        engine, request = await arequest_for(self.entry, target.tier, self.call, self.principal.tenant_id)
+        assert self.price is not None
+        price = await price_in_pinned_book(pinned=self.price, model=self.entry.name, tier=target.tier.value)
+        if price is None:
+            raise GatewayError(f"no price for {self.entry.name!r} on the {target.tier} tier: it cannot be escalated to")
+        self.legs_done.append(leg)
+        spent = sum((c.total for c in settlement.leg_costs(self, self.legs_done)), Decimal(0))
+        worst = tenant_services.cost_estimate_max(
+            price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
+        )
+        await hold_more(
+            self.hold,
+            leases=settlement.leases,
+            principal=self.principal,
+            request_id=self.request_id,
+            amount=spent + worst,
+            price=price,
+            delivered=True,  # the escalation leg's cost is owed: its hold is kept
+        )
+        self.route = dataclasses.replace(target, signals={**target.signals, "confidence": confidence})
+        self.price, self.prompt_tokens, self.tally = price, len(request.prompt_ids), Tally()
+        self._tried.add(target.tier)
+        self._ahead.clear()
+        self._queue = asyncio.Queue()
+        self._cancel = threading.Event()
+        self.launch(engine, request)
+        first = await self._queue.get()
+        if isinstance(first, BaseException):
+            raise await self._fail(first)
+        self._ahead.append(first)
 
     async def _switch_to(self, route: Route) -> bool:
         """Serve this request from ``route`` instead; nothing was delivered. False when that tier has no price.
@@ -222,8 +317,8 @@ class GatewayStream:
         while True:
             if self.usage is not None:
                 raise StopAsyncIteration
-            if self._first is not None:
-                item, self._first = self._first, None
+            if self._ahead:
+                item = self._ahead.popleft()
             else:
                 item = await self._queue.get()
                 if self._closed:  # closed while this read waited: nothing more is delivered
@@ -261,7 +356,17 @@ class GatewayStream:
         if self._announce_route:
             self._announce_route = False
             route = self.route
-        return TokenDelta(self.delivered - 1, event.text, event.token_id, event.provenance, route)
+        if self.call.logprobs is None:  # asked for by the gateway itself (an escalation's judge): not the client's
+            return TokenDelta(self.delivered - 1, event.text, event.token_id, event.provenance, route)
+        return TokenDelta(
+            self.delivered - 1,
+            event.text,
+            event.token_id,
+            event.provenance,
+            route,
+            event.logprob,
+            event.top_logprobs,
+        )
 
     def delivered_text(self) -> str:
         """Every token's text the client has been handed, over every leg."""
@@ -329,7 +434,7 @@ class GatewayStream:
         tokens arrive faster than they are sent; taking an item at hand cannot suspend
         before the token is handed over, so the charging rule of ``ready`` still holds.
         """
-        return self._first is not None or self.usage is not None or not self._queue.empty()
+        return bool(self._ahead) or self.usage is not None or not self._queue.empty()
 
     def take_at_hand(self, limit: int = MAX_DELTAS_AT_ONCE) -> list[TokenDelta]:
         """Every token already at hand (up to ``limit``), taken without waiting; ``[]`` if none is.
@@ -344,14 +449,14 @@ class GatewayStream:
         if self.usage is not None or self._closed:
             return taken
         while len(taken) < limit:
-            if self._first is not None:
-                item, self._first = self._first, None
+            if self._ahead:
+                item = self._ahead.popleft()
             elif not self._queue.empty():
                 item = self._queue.get_nowait()
             else:
                 break
             if not isinstance(item, TokenEvent):  # the end, or the engine's error
-                self._first = item
+                self._ahead.appendleft(item)
                 break
             taken.append(self._deliver(item))
         return taken
@@ -363,8 +468,8 @@ class GatewayStream:
         ``__anext__``, which then hands a token over without suspending: a client that goes
         away while the adapter waits is never charged for a token it was not sent.
         """
-        if self._first is None and self.usage is None:
-            self._first = await self._queue.get()
+        if not self._ahead and self.usage is None:
+            self._ahead.append(await self._queue.get())
 
     # the end ------------------------------------------------------------------------------
     async def aclose(self) -> UsageSummary | None:
@@ -450,6 +555,19 @@ class GatewayStream:
     def legs(self) -> list[Leg]:
         """Every leg of this request, the current one last."""
         return [*self.legs_done, self._current_leg()]
+
+
+def _tally_of(events: list[TokenEvent]) -> Tally:
+    """What ``events`` (generated, held back, never sent) count for: an escalation leg's charge."""
+    tally = Tally()
+    for event in events:
+        tally.delivered += 1
+        tally.gpu_ms += event.gpu_ms
+        tally.drafted += event.drafted
+        tally.texts.append(event.text)
+        if event.provenance is Provenance.DRAFTED:
+            tally.accepted += 1
+    return tally
 
 
 def leg_token_counts(leg: Leg, outcome: str) -> tuple[int, int]:

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import phonenumbers
+from phonenumbers import PhoneMetadata
+from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
 from inference.pii.context import cue_before, glued_before
 from inference.pii.findings import PiiFinding, PiiKind
@@ -34,21 +38,36 @@ def find_emails(text: str) -> Iterator[PiiFinding]:
 
 
 # Phone numbers in two steps: a cheap pattern that opens with a character class finds digit stretches,
-# then the precise one runs inside each stretch only.
+# then the precise one runs inside each stretch only. A number may touch CJK or Hangul characters (those
+# scripts put no space around it: "電話番号は080-1234-5678です"); touching a Latin, Cyrillic or Greek letter or
+# digit, it is part of a code.
+_GLUE = r"[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
 _PHONE_STRETCH = re.compile(r"[+(\d][\d()+.\-/ \t\r\nextEXT]{6,}")
 _PHONE = re.compile(
-    r"(?<![\w+.\-/:])"
+    rf"(?<![+.\-/:])(?<!{_GLUE})"
     r"(?P<intl>(?:\+|00)\d{1,3}[ .\-]?)?"
     r"(?:\(0\)[ .\-]?)?"
-    r"(?P<area>\(\d{1,5}\)[ .\-]?)?"
+    r"(?:\d{1,2}[ ]?(?=\())?"  # a trunk or carrier digit before an area code in brackets: "8 (916) 123-45-67"
+    r"(?P<area>\((?:\d{1,2}[ \-])?\d{1,5}\)[ .\-]?)?"
     r"\d{1,12}(?:(?:[ .\-/]|[ ]?\r?\n[ ]?){1,2}\d{1,12}){0,6}"
     r"(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?"
-    r"(?![\w\-]|[.:]\d)"
+    rf"(?!{_GLUE}|-|[.:]\d)"
 )
 _PHONE_CUE = re.compile(
     r"(?i)(?:phone|tel\b|tel\.|telephone|mobile|cell|call|ring|text me|whats ?app|fax|sms|number|contact|reach"
-    r"|telefon|handy|mobil|rufnummer|téléphone|portable|numéro|joindre|teléfono|móvil|llam|número"
-    r"|telefono|cellulare|numero|telefoonnummer|mobiel|bel\b)"
+    r"|telefon|handy|mobil|rufnummer|ruf mich|téléphone|portable|numéro|joindre|appelle|teléfono|móvil|llam"
+    r"|lláma|número|telefono|cellulare|chiama|numero|telefoonnummer|mobiel|bel\b|celular|telefone|me liga"
+    r"|телефон|тел\.|моб"
+    r"|電話|携帯|ケータイ|电话|手机|手機|号码|전화|휴대폰|핸드폰|연락처)"
+)
+# The telephony words among those: next to one of them a number valid in any region counts ("number",
+# "contact" or "call" alone qualify order numbers and API calls as often as phones).
+_STRONG_PHONE_CUE = re.compile(
+    r"(?i)(?:phone|tel\b|tel\.|tel:|mobile|cell\b|cellphone|call me|ring me|text me|whats ?app|fax|sms"
+    r"|telefon|handy|mobil\b|mobilnummer|rufnummer|ruf mich an|téléphone|portable|appelle-moi|teléfono|móvil"
+    r"|llámame|telefono|cellulare|chiamami|telefoonnummer|mobiel|bel me|celular|telefone|telemóvel|me liga"
+    r"|телефон|тел\.|моб\."
+    r"|電話|携帯|ケータイ|电话|手机|手機|전화|휴대폰|핸드폰|연락처)"
 )
 # Written the North American way, "(555) 123-4567", "555-123-4567", "555.123.4567": a phone even when
 # libphonenumber finds the area code unassigned (fictional 555 numbers are how people anonymise badly).
@@ -56,16 +75,67 @@ _NANP_SHAPE = re.compile(r"(?:\+?1[ .\-]?)?(?:\(\d{3}\)[ ]?|\d{3}[.\-])\d{3}[.\-
 _DATE_SHAPE = re.compile(r"\d{4}[.\-/]\d{1,2}[.\-/]\d{1,2}|\d{1,2}[.\-/]\d{1,2}[.\-/]\d{2,4}")
 _IPV4_SHAPE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _EXTENSION = re.compile(r"[ ]?(?:x|ext\.?)[ ]?\d{1,6}$")
-# Regions an unprefixed number is tried in: with a trunk "0" it is European, without one North American,
-# Spanish or Italian (whose numbers carry no trunk prefix). Fewer regions, fewer parses (the costly step).
+# Regions an unprefixed number is tried in first: with a trunk "0" it is European, without one North
+# American, Spanish or Italian (whose numbers carry no trunk prefix). Fewer regions, fewer parses (the
+# costly step); every other region is tried only for a number next to a telephony cue or written with a
+# trunk "0" and separators (see ``_valid_anywhere``).
 _TRUNK_REGIONS = ("GB", "DE", "FR", "IT", "NL")
 _NO_TRUNK_REGIONS = ("US", "ES", "IT")
 
 
-def _phone_score(candidate: str, cued: bool) -> float | None:
+class _CallingCode(NamedTuple):
+    code: int
+    national_prefix: str
+    lengths: frozenset[int]  # possible lengths of a national significant number
+
+
+@functools.cache
+def _calling_codes() -> tuple[_CallingCode, ...]:
+    """Every country calling code with its trunk prefix and number lengths, from phonenumbers' metadata.
+    Built on first use; loading a region's metadata costs about a millisecond the first time."""
+    codes = []
+    for code, regions in sorted(COUNTRY_CODE_TO_REGION_CODE.items()):
+        lengths: set[int] = set()
+        prefix = ""
+        for region in regions:
+            metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+            if metadata is None:
+                continue
+            prefix = prefix or (metadata.national_prefix or "")
+            if metadata.general_desc is not None:
+                lengths.update(metadata.general_desc.possible_length or ())
+        if lengths:
+            codes.append(_CallingCode(code, prefix, frozenset(lengths)))
+    return tuple(codes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_anywhere(digits: str, trunk_only: bool = False) -> bool:
+    """Whether ``digits``, a number written the national way, is a valid number of some region: its trunk
+    prefix (if the region has one and the number starts with it) dropped, the rest checked against the
+    region's number plan. ``trunk_only``: only regions whose national numbers are dialled with a trunk prefix
+    that this number starts with (an unprefixed "0..." number)."""
+    for code in _calling_codes():
+        has_trunk = bool(code.national_prefix) and digits.startswith(code.national_prefix)
+        if trunk_only and not has_trunk:
+            continue
+        national = digits[len(code.national_prefix) :] if has_trunk else digits
+        if len(national) not in code.lengths or not national:
+            continue
+        number = phonenumbers.PhoneNumber(country_code=code.code, national_number=int(national))
+        zeros = len(national) - len(national.lstrip("0"))
+        if zeros:
+            number.italian_leading_zero = True
+            number.number_of_leading_zeros = zeros
+        if phonenumbers.is_valid_number(number):
+            return True
+    return False
+
+
+def _phone_score(candidate: str, cued: bool, strong_cue: bool = False) -> float | None:
     body = _EXTENSION.sub("", candidate)
-    digits = sum(c.isdigit() for c in body)
-    if not 7 <= digits <= 15 or _DATE_SHAPE.fullmatch(body) or _IPV4_SHAPE.fullmatch(body):
+    digits = "".join(c for c in body if c.isdigit())
+    if not 7 <= len(digits) <= 15 or _DATE_SHAPE.fullmatch(body) or _IPV4_SHAPE.fullmatch(body):
         return None
     if body.startswith(("+", "00")):
         try:
@@ -90,7 +160,17 @@ def _phone_score(candidate: str, cued: bool) -> float | None:
         possible = possible or phonenumbers.is_possible_number(number)
     if _NANP_SHAPE.fullmatch(body):
         return 0.8
-    return 0.7 if possible and cued else None
+    if strong_cue and len(digits) >= 8 and _valid_anywhere(digits):
+        # "電話 080-1234-5678", "Tel 22 50 52 88": valid somewhere, and said to be a phone. Seven digits are
+        # valid in so many regions that "phone ... order 2024-117" would count; mobile numbers have more.
+        return 0.8
+    if possible and cued:
+        return 0.7
+    # No cue, no region of the short list: a number dialled with a trunk "0" and written in groups
+    # ("080-1234-5678", "0 2907 4833") is a phone in most of the world, and an order number rarely looks so.
+    if body.startswith("0") and not body.isdigit() and body.count("0") < len(digits) - 2:
+        return 0.6 if _valid_anywhere(digits, trunk_only=True) else None
+    return None
 
 
 def find_phones(text: str, taken: Sequence[PiiFinding] = ()) -> Iterator[PiiFinding]:
@@ -106,7 +186,8 @@ def _phones_in(text: str, start: int, end: int, taken: Sequence[PiiFinding]) -> 
         if any(t.start < match.end() and match.start() < t.end for t in taken):
             continue
         candidate = match.group().rstrip()
-        score = _phone_score(candidate, cue_before(text, match.start(), _PHONE_CUE))
+        cued = cue_before(text, match.start(), _PHONE_CUE)
+        score = _phone_score(candidate, cued, cued and cue_before(text, match.start(), _STRONG_PHONE_CUE))
         if score is not None:
             yield PiiFinding.at(PiiKind.PHONE, text, match.start(), match.start() + len(candidate), score)
 

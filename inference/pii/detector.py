@@ -12,6 +12,7 @@ from inference.pii.birthdates import find_dates_of_birth
 from inference.pii.checksummed import find_credit_cards, find_ibans, find_national_ids, find_passports
 from inference.pii.contact import find_emails, find_ip_addresses, find_phones
 from inference.pii.credentials import find_credentials
+from inference.pii.cued_names import find_cued_names
 from inference.pii.findings import KIND_PRIORITY, PiiFinding, PiiKind, PiiReport
 from inference.pii.names import NameModel
 from inference.pii.normalise import normalise
@@ -47,6 +48,7 @@ class Detector:
     def scan(self, text: str) -> PiiReport:
         candidates = _pattern_findings(text)
         candidates.extend(self._names.find(text))
+        candidates.extend(find_cued_names(text, self._names.gazetteer))
         normalised = normalise(text)
         if normalised.changed:
             for found in _pattern_findings(normalised.text):

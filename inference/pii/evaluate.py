@@ -6,7 +6,13 @@ recall[kind]: share of gold values of that kind with an overlapping finding of t
 recall_any_kind[kind]: the same, counting a finding of any kind (what the router's hard constraint needs);
 by_variant: recall per way of writing the value (spelled, spaced, country, seen/unseen names ...);
 precision: share of findings on the PII texts that overlap a gold value;
-pii_free_clean_rate: share of PII-free texts (look-alikes, public figures, test cards) with no finding.
+pii_free_clean_rate: share of PII-free texts (look-alikes, public figures, test cards) with no finding;
+coverage: the same measures on the coverage categories (``coverage_set``: phones of any region, national ids
+with unusual separators, credentials in headers and config, cased and non-Latin names, dates of birth in more
+languages), recall per category and per variant (counting a finding of any kind), and its look-alikes' clean
+rate;
+obfuscation: the same for the obfuscation categories (``obfuscation_set``: e-mail words and numbers spelled
+out in seven languages, ids a clause after their cue) and their look-alikes (prices, counts, "Punkt", "at").
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import json
 import sys
 from collections import defaultdict
 
+from inference.pii.coverage_set import coverage_examples
 from inference.pii.detector import Detector
+from inference.pii.obfuscation_set import obfuscation_examples
 from inference.pii.synthetic import Example, reexec_with_fixed_hash_seed, test_examples
 
 EVAL_SEED = 7
@@ -59,6 +67,39 @@ def evaluate(detector: Detector, seed: int = EVAL_SEED, per_kind: int = 300) -> 
     }
 
 
+def evaluate_coverage(detector: Detector, seed: int = EVAL_SEED, per_category: int = 200) -> dict[str, object]:
+    return _evaluate_categories(detector, *coverage_examples(seed, per_category))
+
+
+def evaluate_obfuscation(detector: Detector, seed: int = EVAL_SEED, per_category: int = 200) -> dict[str, object]:
+    return _evaluate_categories(detector, *obfuscation_examples(seed, per_category))
+
+
+def _evaluate_categories(detector: Detector, positives: list[Example], negatives: list[Example]) -> dict[str, object]:
+    categories: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    variants: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    misses: dict[str, list[str]] = defaultdict(list)
+    for example in positives:
+        report = detector.scan(example.text)
+        for gold in example.gold:
+            # Any kind counts (the routing constraint): a Basic header read as an e-mail still keeps it local.
+            hit = any(f.start < gold.end and gold.start < f.end for f in report.findings)
+            for table, key in ((categories, gold.variant.split("/")[0]), (variants, gold.variant)):
+                table[key][0] += hit
+                table[key][1] += 1
+            if not hit and len(misses[gold.variant]) < 2:
+                misses[gold.variant].append(example.text)
+    false_alarms = [e for e in negatives if detector.scan(e.text)]
+    return {
+        "recall": {k: round(h / n, 3) for k, (h, n) in sorted(categories.items())},
+        "by_variant": {k: round(h / n, 3) for k, (h, n) in sorted(variants.items())},
+        "pii_free": len(negatives),
+        "pii_free_clean_rate": round(1 - len(false_alarms) / max(1, len(negatives)), 3),
+        "examples_missed": dict(misses),
+        "examples_false_alarm": [_describe(detector, e) for e in false_alarms[:8]],
+    }
+
+
 def _describe(detector: Detector, example: Example) -> str:
     found = ", ".join(f"{f.kind}:{f.text!r}" for f in detector.scan(example.text).findings)
     return f"{example.text!r} -> {found}"
@@ -71,10 +112,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--examples", action="store_true", help="include missed and false-alarm examples")
     args = parser.parse_args()
-    result = evaluate(Detector(), args.seed, args.per_kind)
+    detector = Detector()
+    result = evaluate(detector, args.seed, args.per_kind)
+    coverage = evaluate_coverage(detector, args.seed, args.per_kind)
+    obfuscation = evaluate_obfuscation(detector, args.seed, args.per_kind)
     if not args.examples:
-        result.pop("examples_missed")
-        result.pop("examples_false_alarm")
+        for section in (result, coverage, obfuscation):
+            section.pop("examples_missed")
+            section.pop("examples_false_alarm")
+    result["coverage"] = coverage
+    result["obfuscation"] = obfuscation
     json.dump(result, sys.stdout, ensure_ascii=False, indent=1)
     sys.stdout.write("\n")
 

@@ -423,3 +423,12 @@ async def test_a_handover_mid_stream_is_announced_by_a_route_frame_before_the_ne
         "speculative",
         "edge",
     ]
+
+
+async def test_a_start_frame_may_ask_for_each_tokens_logprobs(account):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=3, logprobs=1))
+    _, tokens, done = await run_to_end(ws, "s1")
+    await ws.disconnect()
+    assert [t["logprob"] for t in tokens] == [-0.1, -0.1, -0.5] and done["type"] == "done"
+    assert all(len(t["top_logprobs"]) == 1 and t["top_logprobs"][0]["token_id"] == t["token_id"] for t in tokens)

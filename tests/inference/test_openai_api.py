@@ -742,3 +742,57 @@ async def test_the_same_fields_at_their_defaults_are_accepted(account, http):
     }
     response = await post_chat(http, account.raw_key, max_tokens=3, **defaults)
     assert response.status_code == 200, response.text
+
+
+async def test_chat_logprobs_come_from_the_serving_model_with_the_top_alternatives(client):
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = completion.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == completion.choices[0].message.content and len(content) == 6
+    # the trivial engine's made-up but exact values: drafted -0.1, the verifier's -0.5, alternatives below
+    assert [entry.logprob for entry in content] == [-0.1, -0.1, -0.5] * 2
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in content)
+    assert all(e.top_logprobs[1].logprob < e.top_logprobs[0].logprob for e in content)
+
+
+async def test_streamed_chat_logprobs_ride_on_each_chunk(client):
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=3, temperature=0, logprobs=True, stream=True
+    )
+    entries = [
+        e
+        async for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs
+        for e in chunk.choices[0].logprobs.content
+    ]
+    assert [e.logprob for e in entries] == [-0.1, -0.1, -0.5] and all(e.top_logprobs == [] for e in entries)
+
+
+async def test_completion_logprobs_use_the_legacy_shape(account, http):
+    response = await http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, "logprobs": 1},
+        headers=bearer(account.raw_key),
+    )
+    logprobs = response.json()["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"] == [-0.1, -0.1, -0.5] and len(logprobs["top_logprobs"]) == 3
+    assert all(len(alternatives) == 1 for alternatives in logprobs["top_logprobs"])
+
+
+async def test_without_logprobs_the_field_is_null(client):
+    completion = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    assert completion.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+    ],
+)
+async def test_bad_logprobs_fields_are_refused_naming_them(account, http, fields, param):
+    response = await post_chat(http, account.raw_key, max_tokens=2, **fields)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param

