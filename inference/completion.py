@@ -51,6 +51,8 @@ class CompletionCall:
     requested_tier: str | None = None
     # log-probabilities of each token from the serving model: None (none), 0 (the token's), N (and the top N)
     logprobs: int | None = None
+    # False: the client takes the answer whole (a cloud upstream is asked for it whole, not streamed)
+    stream: bool = True
     # "interactive" (a person waits: spill up from a saturated edge) or "batch" (may wait its turn)
     latency_class: str = "interactive"
     # The answer so far, when another tier takes over mid-stream: the engine goes on from it

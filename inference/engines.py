@@ -135,6 +135,7 @@ def request_for(
                 messages=call.messages,
                 tenant_id=tenant_id,
                 continuation=call.continue_from,
+                stream=call.stream,
             )
         else:
             prompt = call.prompt + call.continue_from
@@ -206,13 +207,19 @@ async def aget_engines() -> EngineSet:
 
 
 def warm_engines_in_background() -> None:
-    """Start loading the engines now, so the first request does not wait for the weights."""
+    """Start loading the engines (and the router's checks) now, so the first request does not wait for them."""
 
     def load() -> None:
         try:
             get_engines()
         except Exception:  # noqa: BLE001 - the first request reports it again, to its client
             log.exception("loading the engines failed")
+        try:
+            from inference.signals import warm_up
+
+            warm_up()  # the router's checks: the PII detector and the difficulty classifier
+        except Exception:  # noqa: BLE001 - the first request that needs them reports it again
+            log.exception("loading the router's checks failed")
 
     threading.Thread(target=load, name="engines-warmup", daemon=True).start()
 

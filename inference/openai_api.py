@@ -453,6 +453,7 @@ def _completion_call(data: dict, prompt: str, max_tokens: int, request_id: str, 
         messages=data.get("messages", ()),
         requested_tier=data["tier"],
         logprobs=data["logprobs"],
+        stream=data["stream"],
     )
 
 

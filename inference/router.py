@@ -236,18 +236,28 @@ def fail_over(
     personal data it keeps off the cloud, is never a failover target.
     """
     chosen = route.chosen or route.tier
-    pii_kinds = route.signals.get("pii", ())
     for tier in policy.failover[route.tier]:
-        if tier in tried or tier is route.tier or tier not in policy.allowed:
+        if tier in tried or tier is route.tier:
             continue
-        if tier is Tier.CLOUD and (
-            (pii_kinds and policy.pii_action != "redact_then_cloud") or route.signals.get("logprobs")
-        ):
-            continue
-        if entry.available(tier, tenant_id):
-            redact = tier is Tier.CLOUD and bool(pii_kinds)
+        if _may_take(entry, policy, route, tier, tenant_id):
+            redact = tier is Tier.CLOUD and bool(route.signals.get("pii"))
             return Route(tier, DOWN_REASON[route.tier], policy.version, chosen, route.signals, redact)
     return None
+
+
+def _may_take(entry: ModelEntry, policy: Policy, route: Route, tier: Tier, tenant_id: int | None) -> bool:
+    """Whether ``tier`` may take over ``route``'s request: the policy allows it, and it is up.
+
+    The cloud never takes a prompt whose PII the policy keeps off it, nor a request for
+    logprobs (an upstream relays none), whatever brings the request there.
+    """
+    if tier not in policy.allowed:
+        return False
+    if tier is Tier.CLOUD and (
+        (route.signals.get("pii") and policy.pii_action != "redact_then_cloud") or route.signals.get("logprobs")
+    ):
+        return False
+    return entry.available(tier, tenant_id)
 
 
 def escalate(
@@ -258,15 +268,8 @@ def escalate(
     The same constraints as any route: the policy's tiers, PII kept off the cloud, a
     request for logprobs off the cloud, and health.
     """
-    pii_kinds = route.signals.get("pii", ())
     for tier in sorted(Tier, key=TIER_RANK.__getitem__):
-        if TIER_RANK[tier] <= TIER_RANK[route.tier] or tier not in policy.allowed:
-            continue
-        if tier is Tier.CLOUD and (
-            (pii_kinds and policy.pii_action != "redact_then_cloud") or route.signals.get("logprobs")
-        ):
-            continue
-        if entry.available(tier, tenant_id):
-            redact = tier is Tier.CLOUD and bool(pii_kinds)
+        if TIER_RANK[tier] > TIER_RANK[route.tier] and _may_take(entry, policy, route, tier, tenant_id):
+            redact = tier is Tier.CLOUD and bool(route.signals.get("pii"))
             return Route(tier, "escalated", policy.version, None, route.signals, redact)
     return None

@@ -16,6 +16,15 @@ from tenants.models import Tenant
 from tenants.tiers import Tier
 
 
+def _full_clean(row) -> None:
+    """The row's own validation, its first error as an ``InvalidRequest`` naming the field."""
+    try:
+        row.full_clean()
+    except ValidationError as exc:
+        field, messages = next(iter(exc.message_dict.items()))
+        raise InvalidRequest(f"{field}: {' '.join(messages)}", param=field) from None
+
+
 @transaction.atomic
 def cloud_upstream_register(
     *,
@@ -47,11 +56,7 @@ def cloud_upstream_register(
     )
     for field, value in fields.items():
         setattr(upstream, field, value)
-    try:
-        upstream.full_clean()
-    except ValidationError as exc:
-        field, messages = next(iter(exc.message_dict.items()))
-        raise InvalidRequest(f"{field}: {' '.join(messages)}", param=field) from None
+    _full_clean(upstream)
     upstream.save()
     upstream.tenants.set(list(tenants))
     cloud_price = {
@@ -114,11 +119,7 @@ def routing_policy_publish(*, tenant: Tenant | None, created_by=None, **fields) 
     latest = scope.order_by("-version").values_list("version", flat=True).first() or 0
     scope.filter(is_active=True).update(is_active=False)
     policy = RoutingPolicy(tenant=tenant, version=latest + 1, is_active=True, created_by=created_by, **values)
-    try:
-        policy.full_clean()
-    except ValidationError as exc:
-        field, messages = next(iter(exc.message_dict.items()))
-        raise InvalidRequest(f"{field}: {' '.join(messages)}", param=field) from None
+    _full_clean(policy)
     policy.save()
     policy_cache.forget()
     transaction.on_commit(policy_cache.forget)

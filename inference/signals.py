@@ -120,3 +120,12 @@ async def assess(call: CompletionCall, policy: Policy, tokenizer: Any) -> Signal
     if len(call.prompt) <= INLINE_CHECK_CHARS:
         return check(call, policy, tokenizer)
     return await asyncio.to_thread(check, call, policy, tokenizer)
+
+
+def warm_up() -> None:
+    """Load the PII detector and the difficulty classifier now, so the first request does not wait for them."""
+    from inference.difficulty.classifier import default_classifier
+    from inference.pii import default_detector
+
+    default_detector()
+    default_classifier()

@@ -22,6 +22,7 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2-135m-instruct"
 DEFAULT_PORT = 8001
 CONTEXT_TOKENS = 2048
+SERVER_SETTINGS_ENV = frozenset({"HOST", "PORT", "MODEL", "API_KEY", "N_CTX", "N_THREADS", "VERBOSE"})
 
 
 def model_path() -> Path:
@@ -61,6 +62,16 @@ def command(host: str, port: int, api_key: str = "", threads: int | None = None)
     return argv
 
 
+def child_env() -> dict[str, str]:
+    """This environment less what llama-cpp-python's server would read over its command line.
+
+    Its settings come from pydantic-settings, which take ``HOST`` and ``PORT`` from the
+    environment before the arguments: ``make run PORT=8123`` (make exports command-line
+    variables) once put the stand-in on the platform's own port.
+    """
+    return {k: v for k, v in os.environ.items() if k.upper() not in SERVER_SETTINGS_ENV}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     cmd = command(args.host, args.port, key, args.threads)
-    os.execv(cmd[0], cmd)  # the server itself, so signals reach it directly
+    os.execve(cmd[0], cmd, child_env())  # the server itself, so signals reach it directly
 
 
 if __name__ == "__main__":

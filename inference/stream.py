@@ -67,6 +67,15 @@ class Tally:
     drafted: float = 0.0
     texts: list[str] = field(default_factory=list)  # each delivered token's text (a cloud tier counts them)
 
+    def count(self, event: TokenEvent) -> None:
+        """One more token handed over (or, for an escalation leg, generated and held back)."""
+        self.delivered += 1
+        self.gpu_ms += event.gpu_ms
+        self.drafted += event.drafted
+        self.texts.append(event.text)
+        if event.provenance is Provenance.DRAFTED:
+            self.accepted += 1
+
 
 @dataclass
 class Leg:
@@ -345,12 +354,7 @@ class GatewayStream:
             tally.first_token_at = now
         if self.first_token_at is None:
             self.first_token_at = now
-        tally.delivered += 1
-        tally.gpu_ms += event.gpu_ms
-        tally.drafted += event.drafted
-        tally.texts.append(event.text)
-        if event.provenance is Provenance.DRAFTED:
-            tally.accepted += 1
+        tally.count(event)
         self.delivered += 1
         route = None
         if self._announce_route:
@@ -561,12 +565,7 @@ def _tally_of(events: list[TokenEvent]) -> Tally:
     """What ``events`` (generated, held back, never sent) count for: an escalation leg's charge."""
     tally = Tally()
     for event in events:
-        tally.delivered += 1
-        tally.gpu_ms += event.gpu_ms
-        tally.drafted += event.drafted
-        tally.texts.append(event.text)
-        if event.provenance is Provenance.DRAFTED:
-            tally.accepted += 1
+        tally.count(event)
     return tally
 
 

@@ -26,7 +26,8 @@ def complete(*, api_key_id: int, tenant_id: int, call: dict) -> dict:
 async def _complete(*, api_key_id: int, tenant_id: int, call: dict) -> dict:
     try:
         principal = await gateway.principal_for_api_key_id(api_key_id, tenant_id)
-        stream = await gateway.start(principal, gateway.CompletionCall(**_call_fields(call)))
+        fields = {"latency_class": "batch", "stream": False, **_call_fields(call)}  # a job waits for the whole answer
+        stream = await gateway.start(principal, gateway.CompletionCall(**fields))
         text, _ = await gateway.collect(stream)
     except GatewayError as exc:
         log.info("batch completion refused: %s", exc.message)

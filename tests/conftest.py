@@ -147,13 +147,13 @@ class StandIn:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> StandIn:
-        from inference.standin import command
+        from inference.standin import child_env, command
 
         try:
             argv = command("127.0.0.1", self.port, self.key, threads=1)
         except FileNotFoundError as exc:
             pytest.skip(f"the cloud stand-in's model is not installed: {exc}")
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
         deadline = time.monotonic() + 60
         while True:
             try:

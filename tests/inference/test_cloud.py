@@ -265,3 +265,21 @@ async def test_a_chat_handed_to_the_cloud_mid_stream_continues_the_partial_answe
     tokenizer = gguf_tokenizer(str(model_path()))
     partial = [*messages, {"role": "assistant", "content": "Tandem"}]
     assert rows[1].prompt_tokens == len(tokenizer.encode(tokenizer.render_chat(partial, continue_final=True)))
+
+
+async def test_a_client_that_waits_for_the_whole_answer_gets_it_asked_for_whole_with_the_upstreams_usage(
+    upstream, account
+):
+    streamed = await gateway.start(await principal(account), call(seed=5))
+    streamed_text, _ = await gateway.collect(streamed)
+    whole = await gateway.start(await principal(account), call(seed=5, stream=False))
+    text, deltas = await gateway.collect(whole)
+    assert text == streamed_text and len(deltas) == 1 and deltas[0].provenance is Provenance.CLOUD
+    row = await UsageRecord.objects.aget(request_id=whole.request_id)
+    # llama.cpp's server reports usage for a whole answer: it is what is charged
+    assert (row.route_tier, row.outcome, row.finish_reason, row.completion_tokens) == (
+        "cloud",
+        "completed",
+        "length",
+        6,
+    )
