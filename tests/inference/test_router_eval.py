@@ -74,3 +74,35 @@ def test_the_command_prints_one_json_object_of_figures(tmp_path):
     assert report["rows"] == 2 and {d["id"] for d in report["decisions"]} == {"a", "b"}
     assert report["pii_to_cloud"]["count"] == 0 and report["decision_ms"]["p99"] > 0
     assert next(d for d in report["decisions"] if d["id"] == "b")["pii"]
+
+
+def test_via_api_scores_what_the_platform_routed(platform_server, tmp_path):
+    path = tmp_path / "set.jsonl"
+    lines = [
+        {"id": "a", "prompt": "Say hello.", "expected_tier": "speculative"},
+        {"id": "b", "prompt": "Email maria.lopez.1987@gmail.com the notes.", "pii": True},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inference.router_eval",
+            str(path),
+            "--model",
+            "tandem-test",
+            "--via-api",
+            platform_server.url,
+            platform_server.api_key,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+    )
+    report = json.loads(out.stdout)
+    # the live server runs the test settings' builtin policy: speculative unless health says otherwise
+    assert [d["tier"] for d in report["decisions"]] == ["speculative", "speculative"]
+    assert all(d["request_id"] for d in report["decisions"]) and report["accuracy"] == 1.0
+    assert report["pii_to_cloud"] == {"count": 0, "of": 1}
