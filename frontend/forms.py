@@ -68,3 +68,22 @@ class RoutingPolicyForm(forms.Form):
     )
     escalation_hold_tokens = forms.IntegerField(min_value=1, max_value=256, label="Tokens held back to judge")
     note = forms.CharField(max_length=300, required=False, help_text="Why this version (shown in its history).")
+
+
+class CloudUpstreamForm(forms.Form):
+    """An operator registers (or, by name, updates) a cloud upstream and prices its model's cloud tier."""
+
+    name = forms.SlugField(max_length=64, help_text="Shown in the console and the ledger.")
+    model = forms.CharField(max_length=200, help_text="The Tandem model whose cloud tier it serves.")
+    base_url = forms.URLField(max_length=500, assume_scheme="https", help_text="The OpenAI-compatible API root.")
+    api_key_env = forms.CharField(
+        max_length=128, required=False, label="Key's environment variable", help_text="Its NAME, never the key."
+    )
+    upstream_model = forms.CharField(max_length=200, help_text="The model name the upstream knows.")
+    prompt_per_mtok = forms.DecimalField(min_value=0, decimal_places=9, max_digits=20, label="Prompt $ / 1M tokens")
+    completion_per_mtok = forms.DecimalField(
+        min_value=0, decimal_places=9, max_digits=20, label="Completion $ / 1M tokens"
+    )
+    all_tenants = forms.BooleanField(required=False, label="Every tenant may use it")
+    priority = forms.IntegerField(min_value=0, max_value=32767, initial=100, help_text="Lower is tried first.")
+    note = forms.CharField(max_length=300, required=False)

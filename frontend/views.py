@@ -23,7 +23,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from frontend.forms import ApiKeyCreateForm, RoutingPolicyForm
+from frontend.forms import ApiKeyCreateForm, CloudUpstreamForm, RoutingPolicyForm
 from inference import selectors as inference_selectors
 from inference import services as inference_services
 from inference.engines import get_engines
@@ -191,6 +191,8 @@ def api_key_revoke(request: HttpRequest, membership: Membership, pk: int) -> Htt
 @in_tenant
 def routing(request: HttpRequest, membership: Membership) -> HttpResponse:
     """The tenant's routing policy in force, its versions, and (owners and admins) a form that publishes the next one."""
+    if request.method == "POST" and "upstream" in request.POST:
+        return _upstream_register(request, membership)
     policy = inference_selectors.routing_policy_for(tenant_id=membership.tenant_id)
     initial = {name: getattr(policy, name, None) for name in POLICY_FIELDS}
     initial["allowed_tiers"] = sorted(t.value for t in policy.allowed)
@@ -217,8 +219,36 @@ def routing(request: HttpRequest, membership: Membership) -> HttpResponse:
         "versions": inference_selectors.routing_policies_of(tenant_id=membership.tenant_id)[:20],
         "form": form,
         "health": tier_health(membership.tenant_id),
+        "upstream_form": CloudUpstreamForm() if request.user.is_staff else None,
     }
     return _render(request, "frontend/routing.html", membership, context, status=status)
+
+
+def _upstream_register(request: HttpRequest, membership: Membership) -> HttpResponse:
+    """Operators (staff) register a cloud upstream from the console, as in the admin."""
+    if not request.user.is_staff:
+        raise PermissionDenied("only operators register cloud upstreams")
+    form = CloudUpstreamForm(request.POST)
+    if form.is_valid():
+        try:
+            upstream = inference_services.cloud_upstream_register(**form.cleaned_data)
+        except InvalidRequest as exc:
+            form.add_error(exc.param if exc.param in form.fields else None, exc.message)
+        else:
+            engines = get_engines()
+            if engines.upstreams is not None:
+                engines.upstreams.forget()  # this process routes to it from the next request
+            messages.success(request, f"Registered the cloud upstream {upstream.name} for {upstream.model}.")
+            return redirect("frontend:routing")
+    policy = inference_selectors.routing_policy_for(tenant_id=membership.tenant_id)
+    context = {
+        "policy": policy,
+        "versions": inference_selectors.routing_policies_of(tenant_id=membership.tenant_id)[:20],
+        "form": None,
+        "health": tier_health(membership.tenant_id),
+        "upstream_form": form,
+    }
+    return _render(request, "frontend/routing.html", membership, context, status=400)
 
 
 @require_GET

@@ -238,3 +238,39 @@ def test_a_member_sees_the_policy_but_may_not_publish(client, account, django_us
     page = client.get(reverse("frontend:routing"))
     assert page.status_code == 200 and b"Only owners and admins" in page.content
     assert client.post(reverse("frontend:routing"), POLICY_FORM).status_code == 403
+
+
+UPSTREAM_FORM = {
+    "upstream": "1",
+    "name": "provider-a",
+    "model": "tandem-test",
+    "base_url": "https://llm.example.net/v1",
+    "api_key_env": "PROVIDER_A_KEY",
+    "upstream_model": "big-model",
+    "prompt_per_mtok": "2.5",
+    "completion_per_mtok": "10",
+    "all_tenants": "on",
+    "priority": "10",
+    "note": "primary",
+}
+
+
+def test_an_operator_registers_a_cloud_upstream_from_the_console(client, account):
+    from inference.models import CloudUpstream
+    from tenants.selectors import price_active
+
+    account.user.is_staff = True
+    account.user.save()
+    client.force_login(account.user)
+    assert b"Register a cloud upstream" in client.get(reverse("frontend:routing")).content
+    assert client.post(reverse("frontend:routing"), UPSTREAM_FORM).status_code == 302
+    upstream = CloudUpstream.objects.get(name="provider-a")
+    assert (upstream.api_key_env, upstream.all_tenants, upstream.priority) == ("PROVIDER_A_KEY", True, 10)
+    assert str(price_active(model="tandem-test", tier="cloud").completion_per_mtok).startswith("10")
+    bad = client.post(reverse("frontend:routing"), UPSTREAM_FORM | {"api_key_env": "sk-live-this-is-a-key"})
+    assert bad.status_code == 400 and b"environment variable name" in bad.content
+
+
+def test_a_tenant_owner_who_is_not_an_operator_may_not_register_upstreams(signed_in):
+    assert b"Register a cloud upstream" not in signed_in.get(reverse("frontend:routing")).content
+    assert signed_in.post(reverse("frontend:routing"), UPSTREAM_FORM).status_code == 403
