@@ -86,3 +86,14 @@ def test_an_engine_failure_is_shown_plainly_with_what_it_cost(page):
     assert page.locator("#output span.tok").count() == 6
     assert page.locator("#cost").is_visible()
     assert page.get_by_role("button", name="Run").is_enabled()
+
+
+def test_a_tier_asked_for_in_the_playground_is_served_and_its_reason_shown(page):
+    page.get_by_role("button", name="a greeting (edge)").click()
+    assert page.get_by_label("Prompt").input_value() == "Say hello to my team in one short line."
+    page.get_by_label("Tier", exact=True).select_option("edge")
+    run_prompt(page, "tandem-test", "Say hello to my team in one short line.", 12)
+    assert page.locator("#status").inner_text() == "done"
+    assert page.locator("#route-tier").inner_text() == "tier: edge"
+    assert page.locator("#route-reason").inner_text().startswith("requested")
+    assert page.locator("#degraded").is_hidden()

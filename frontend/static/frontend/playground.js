@@ -264,6 +264,14 @@
   }
 
   form.addEventListener("submit", start);
+  // example prompts: each lands on another tier under the default routing policy
+  document.querySelectorAll(".examples [data-prompt]").forEach((button) => {
+    button.addEventListener("click", () => {
+      $("prompt").value = button.dataset.prompt;
+      $("tier").value = "";
+      $("prompt").focus();
+    });
+  });
   stopButton.addEventListener("click", stop);
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
