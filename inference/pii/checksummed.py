@@ -371,7 +371,30 @@ _PASSPORT_NUMBER = re.compile(
 )
 
 
+# A passport's machine-readable zone (ICAO 9303, TD3): two lines of 44 characters from [A-Z0-9<]. Found by
+# its shape alone, check digits or not (a prompt may quote a mis-read one): nothing else looks like it.
+# Line 1 holds the name (P, a type letter, the issuing state, SURNAME<<GIVEN<NAMES), line 2 the number,
+# nationality, date of birth, sex and expiry.
+_MRZ_LINE1 = re.compile(
+    r"(?<![A-Z0-9<])P[A-Z<][A-Z<]{3}(?P<name>[A-Z]+(?:<[A-Z]+)*<<[A-Z]+(?:<[A-Z]+)*)<*(?![A-Z0-9<])"
+)
+_MRZ_LINE2 = re.compile(
+    r"(?<![A-Z0-9<])(?P<number>[A-Z0-9<]{9})[0-9<][A-Z<]{3}\d{6}[0-9<][MFX<]\d{6}[0-9<][A-Z0-9<]{14}[0-9<]{2}(?![A-Z0-9<])"
+)
+
+
+def find_passport_mrz(text: str) -> Iterator[PiiFinding]:
+    if "<" not in text:
+        return
+    for line in _MRZ_LINE1.finditer(text):
+        if len(line.group()) >= 30:  # a full TD3 name line, not a stray "P<" in code
+            yield PiiFinding.at(PiiKind.PERSON, text, line.start("name"), line.end("name"), _PASSPORT_SCORE)
+    for line in _MRZ_LINE2.finditer(text):
+        yield PiiFinding.at(PiiKind.PASSPORT, text, line.start(), line.end(), _PASSPORT_SCORE)
+
+
 def find_passports(text: str) -> Iterator[PiiFinding]:
+    yield from find_passport_mrz(text)
     for cue in _PASSPORT_CUE.finditer(lowered(text)):
         if cue.start() and text[cue.start() - 1].isalpha():
             continue

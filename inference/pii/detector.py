@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterable, Iterator
 from inference.pii.birthdates import find_dates_of_birth
 from inference.pii.checksummed import find_credit_cards, find_ibans, find_national_ids, find_passports
 from inference.pii.contact import find_emails, find_ip_addresses, find_phones
+from inference.pii.context import lowered
 from inference.pii.credentials import find_credentials
 from inference.pii.cued_names import find_cued_names
 from inference.pii.findings import KIND_PRIORITY, PiiFinding, PiiKind, PiiReport
 from inference.pii.names import NameModel
+from inference.pii.non_names import NonNames
 from inference.pii.normalise import normalise
-from inference.pii.public_figures import is_public_figure
+from inference.pii.public_figures import is_public_figure, within_public_figure
 
 Recogniser = Callable[[str], Iterator[PiiFinding]]
 
@@ -42,20 +44,29 @@ REPORT_THRESHOLD = 0.5
 class Detector:
     """Scans text for PII. Build once per process (it loads the name model) and share: it is read-only."""
 
-    def __init__(self, name_model: NameModel | None = None) -> None:
+    def __init__(self, name_model: NameModel | None = None, non_names: NonNames | None = None) -> None:
         self._names = name_model if name_model is not None else NameModel.load()
+        self._non_names = non_names if non_names is not None else NonNames.load()
 
     def scan(self, text: str) -> PiiReport:
         candidates = _pattern_findings(text)
-        candidates.extend(self._names.find(text))
+        candidates.extend(self._model_names(text, other_pii=any(c.score >= REPORT_THRESHOLD for c in candidates)))
         candidates.extend(find_cued_names(text, self._names.gazetteer))
         normalised = normalise(text)
         if normalised.changed:
             for found in _pattern_findings(normalised.text):
                 start, end = normalised.original_span(found.start, found.end)
                 candidates.append(PiiFinding.at(found.kind, text, start, end, found.score))
-        findings = _without_public_figures(_best_non_overlapping(candidates))
+        findings = _without_public_figures(text, _best_non_overlapping(candidates))
         return PiiReport(tuple(sorted(findings, key=lambda f: f.start)))
+
+    def _model_names(self, text: str, other_pii: bool) -> Iterator[PiiFinding]:
+        # Only the model's guesses are checked: a name after "my name is" is a name whatever the word.
+        lower: str | None = None
+        for found in self._names.find(text):
+            lower = lowered(text) if lower is None else lower
+            if not self._non_names.overrules(text, found, self._names.gazetteer, other_pii, lower):
+                yield found
 
 
 def _pattern_findings(text: str) -> list[PiiFinding]:
@@ -78,10 +89,13 @@ def _best_non_overlapping(candidates: Iterable[PiiFinding]) -> list[PiiFinding]:
     return kept
 
 
-def _without_public_figures(findings: list[PiiFinding]) -> list[PiiFinding]:
+def _without_public_figures(text: str, findings: list[PiiFinding]) -> list[PiiFinding]:
     if any(f.kind is not PiiKind.PERSON for f in findings):
         return findings  # personal details present: every name may be tied to them, public or not
-    return [f for f in findings if not is_public_figure(f.text)]
+    if not findings:
+        return findings
+    lower = lowered(text)
+    return [f for f in findings if not (is_public_figure(f.text) or within_public_figure(lower, f.start, f.end))]
 
 
 _default: Detector | None = None

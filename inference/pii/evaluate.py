@@ -11,6 +11,10 @@ coverage: the same measures on the coverage categories (``coverage_set``: phones
 with unusual separators, credentials in headers and config, cased and non-Latin names, dates of birth in more
 languages), recall per category and per variant (counting a finding of any kind), and its look-alikes' clean
 rate;
+clean_prompts: PII-free prompts of the name model's usual false alarms (``clean_set``: places, products, example
+names in teaching questions, capitalised sentence openers in five languages, historical figures, eponyms, one-letter
+tokens): clean rate overall and per category, and the share of personal counterparts (a placeholder-like or
+place-like name with personal details) still found;
 obfuscation: the same for the obfuscation categories (``obfuscation_set``: e-mail words and numbers spelled
 out in seven languages, ids a clause after their cue) and their look-alikes (prices, counts, "Punkt", "at").
 """
@@ -22,6 +26,7 @@ import json
 import sys
 from collections import defaultdict
 
+from inference.pii.clean_set import clean_examples, personal_counterparts
 from inference.pii.coverage_set import coverage_examples
 from inference.pii.detector import Detector
 from inference.pii.obfuscation_set import obfuscation_examples
@@ -75,6 +80,32 @@ def evaluate_obfuscation(detector: Detector, seed: int = EVAL_SEED, per_category
     return _evaluate_categories(detector, *obfuscation_examples(seed, per_category))
 
 
+def evaluate_clean_prompts(detector: Detector, seed: int = EVAL_SEED, per_category: int = 200) -> dict[str, object]:
+    categories: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    false_alarms: list[str] = []
+    for category, example in clean_examples(seed, per_category):
+        report = detector.scan(example.text)
+        categories[category][0] += not report.findings
+        categories[category][1] += 1
+        if report.findings and len(false_alarms) < 12:
+            false_alarms.append(_describe(detector, example))
+    counterparts = personal_counterparts(seed, max(20, per_category // 4))
+    found = sum(
+        any(f.start < g.end and g.start < f.end for f in detector.scan(e.text).findings)
+        for e in counterparts
+        for g in e.gold
+    )
+    clean = sum(c for c, _ in categories.values())
+    total = sum(n for _, n in categories.values())
+    return {
+        "pii_free": total,
+        "pii_free_clean_rate": round(clean / max(1, total), 3),
+        "clean_rate_by_category": {k: round(c / n, 3) for k, (c, n) in sorted(categories.items())},
+        "counterparts_found": round(found / max(1, len(counterparts)), 3),
+        "examples_false_alarm": false_alarms,
+    }
+
+
 def _evaluate_categories(detector: Detector, positives: list[Example], negatives: list[Example]) -> dict[str, object]:
     categories: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     variants: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -116,12 +147,14 @@ def main() -> None:
     result = evaluate(detector, args.seed, args.per_kind)
     coverage = evaluate_coverage(detector, args.seed, args.per_kind)
     obfuscation = evaluate_obfuscation(detector, args.seed, args.per_kind)
+    clean_prompts = evaluate_clean_prompts(detector, args.seed, args.per_kind)
     if not args.examples:
-        for section in (result, coverage, obfuscation):
-            section.pop("examples_missed")
+        for section in (result, coverage, obfuscation, clean_prompts):
+            section.pop("examples_missed", None)
             section.pop("examples_false_alarm")
     result["coverage"] = coverage
     result["obfuscation"] = obfuscation
+    result["clean_prompts"] = clean_prompts
     json.dump(result, sys.stdout, ensure_ascii=False, indent=1)
     sys.stdout.write("\n")
 

@@ -36,6 +36,48 @@ PUBLIC_FIGURES: tuple[str, ...] = (
     "Brad Pitt", "Angelina Jolie", "Oprah Winfrey", "Kim Kardashian", "Shakira", "Lionel Messi",
     "Cristiano Ronaldo", "Serena Williams", "Michael Jordan", "LeBron James", "Roger Federer", "Rafael Nadal",
     "Novak Djokovic", "Usain Bolt", "Kylian Mbappé", "Zinedine Zidane",
+    # historical figures
+    "Julius Caesar", "Augustus", "Cleopatra", "Alexander the Great", "Charlemagne", "Joan of Arc", "Genghis Khan",
+    "Christopher Columbus", "Ferdinand Magellan", "Vasco da Gama", "Marco Polo", "Martin Luther", "John Calvin",
+    "Otto von Bismarck", "Queen Victoria", "Catherine the Great", "Peter the Great", "Louis XIV", "Henry VIII",
+    "Elizabeth I", "Marie Antoinette", "Simón Bolívar", "Frederick Douglass", "Harriet Tubman", "Rosa Parks",
+    "Malcolm X", "Fidel Castro", "Che Guevara", "Mao Zedong", "Joseph Stalin", "Vladimir Lenin", "Leon Trotsky",
+    "Adolf Hitler", "Benito Mussolini", "Franklin D. Roosevelt", "Franklin Delano Roosevelt", "Dwight Eisenhower",
+    "Harry Truman", "Thomas Jefferson", "Benjamin Franklin", "Alexander Hamilton", "Mikhail Gorbachev",
+    "Konrad Adenauer", "Willy Brandt", "François Mitterrand", "Jacques Chirac", "Francisco Franco", "Anne Frank",
+    "Mother Teresa", "Florence Nightingale", "Eleanor Roosevelt", "Emmeline Pankhurst", "Golda Meir",
+    "Indira Gandhi", "Jawaharlal Nehru", "Ho Chi Minh", "Kofi Annan", "Pope John Paul II", "Pope Benedict",
+    # philosophers and writers
+    "Aristotle", "Plato", "Socrates", "Confucius", "Immanuel Kant", "René Descartes", "Friedrich Nietzsche",
+    "Georg Wilhelm Friedrich Hegel", "Arthur Schopenhauer", "John Locke", "Thomas Hobbes", "David Hume",
+    "Jean-Jacques Rousseau", "Voltaire", "Baruch Spinoza", "Søren Kierkegaard", "Ludwig Wittgenstein",
+    "Hannah Arendt", "Simone de Beauvoir", "Jean-Paul Sartre", "Albert Camus", "Michel Foucault", "Adam Smith",
+    "John Maynard Keynes", "Virginia Woolf", "Franz Kafka", "Thomas Mann", "Hermann Hesse", "Bertolt Brecht",
+    "Friedrich Schiller", "Heinrich Heine", "Gabriel García Márquez", "Pablo Neruda", "Jorge Luis Borges",
+    "Federico García Lorca", "Umberto Eco", "Italo Calvino", "George Orwell", "Mark Twain", "Toni Morrison",
+    "Fyodor Dostoevsky", "Anton Chekhov", "Alexander Pushkin", "Homer", "Virgil", "Ovid", "Molière",
+    "Marcel Proust", "Honoré de Balzac", "Gustave Flaubert", "Émile Zola", "Alexandre Dumas", "Jules Verne",
+    "Oscar Wilde", "James Joyce", "Samuel Beckett", "Edgar Allan Poe", "Emily Dickinson", "Walt Whitman",
+    "J. R. R. Tolkien", "J. K. Rowling", "Agatha Christie", "Arthur Conan Doyle", "Charlotte Brontë",
+    "Emily Brontë", "Mary Shelley", "Lewis Carroll", "Geoffrey Chaucer", "John Milton", "William Blake",
+    # artists and composers
+    "Rembrandt", "Claude Monet", "Salvador Dalí", "Michelangelo", "Raphael", "Gustav Klimt", "Edvard Munch",
+    "Paul Cézanne", "Henri Matisse", "Andy Warhol", "Johannes Vermeer", "Albrecht Dürer", "Francisco Goya",
+    "Diego Velázquez", "Sandro Botticelli", "Caravaggio", "Auguste Rodin", "Frédéric Chopin", "Richard Wagner",
+    "Giuseppe Verdi", "Antonio Vivaldi", "Johannes Brahms", "Franz Schubert", "Joseph Haydn",
+    "Pyotr Ilyich Tchaikovsky", "Claude Debussy", "Igor Stravinsky", "George Frideric Handel",
+    # scientists, mathematicians and engineers
+    "Richard Feynman", "Niels Bohr", "Werner Heisenberg", "Max Planck", "Erwin Schrödinger", "Paul Dirac",
+    "Enrico Fermi", "Dmitri Mendeleev", "Louis Pasteur", "Gregor Mendel", "Rosalind Franklin", "Carl Sagan",
+    "Johannes Kepler", "Nicolaus Copernicus", "Tycho Brahe", "Michael Faraday", "James Clerk Maxwell",
+    "Ernest Rutherford", "Robert Oppenheimer", "J. Robert Oppenheimer", "Alexander Fleming", "Edward Jenner",
+    "Leonhard Euler", "Carl Friedrich Gauss", "Bernhard Riemann", "Pierre de Fermat", "Blaise Pascal",
+    "Gottfried Wilhelm Leibniz", "Emmy Noether", "Kurt Gödel", "David Hilbert", "Georg Cantor",
+    "Srinivasa Ramanujan", "Thomas Bayes", "Joseph Fourier", "Pierre-Simon Laplace", "Andrey Markov",
+    "John von Neumann", "Claude Shannon", "Edsger Dijkstra", "Donald Knuth", "Barbara Liskov", "John McCarthy",
+    "Margaret Hamilton", "Katherine Johnson", "Thomas Edison", "Alexander Graham Bell", "James Watt",
+    "Rudolf Diesel", "Wright brothers", "Alfred Nobel", "Archimedes", "Euclid", "Pythagoras", "Hippocrates",
+    "Jane Goodall", "Neil Armstrong", "Yuri Gagarin", "Buzz Aldrin", "Edwin Hubble", "Robert Koch",
 )  # fmt: skip
 
 _FULL_NAMES = frozenset(name.lower() for name in PUBLIC_FIGURES)
@@ -45,11 +87,38 @@ _SURNAMES = frozenset(
     "obama biden trump clinton reagan nixon lincoln churchill thatcher merkel scholz macron meloni trudeau putin"
     " zelensky mandela gandhi napoleon musk zuckerberg bezos pichai nadella altman buffett torvalds einstein"
     " curie darwin hawking freud shakespeare tolstoy hemingway picasso mozart beethoven goethe cervantes"
-    " beyoncé shakira messi ronaldo federer nadal djokovic mbappé zidane kardashian dicaprio".split()
+    " beyoncé shakira messi ronaldo federer nadal djokovic mbappé zidane kardashian dicaprio"
+    " aristotle plato socrates confucius caesar cleopatra charlemagne columbus magellan bismarck stalin lenin"
+    " trotsky hitler mussolini gorbachev adenauer mitterrand kant descartes nietzsche hegel schopenhauer spinoza"
+    " kierkegaard wittgenstein voltaire rousseau kafka hesse brecht neruda borges lorca calvino orwell"
+    " dostoevsky chekhov pushkin molière proust balzac flaubert tolkien rowling rembrandt monet dalí michelangelo"
+    " klimt munch cézanne matisse warhol vermeer dürer goya velázquez botticelli caravaggio chopin wagner verdi"
+    " vivaldi brahms schubert haydn tchaikovsky debussy stravinsky handel feynman heisenberg planck schrödinger"
+    " dirac fermi mendeleev pasteur copernicus kepler faraday rutherford oppenheimer euler gauss riemann fermat"
+    " leibniz noether gödel hilbert ramanujan dijkstra knuth liskov edison archimedes euclid pythagoras"
+    " hippocrates gagarin".split()
 )
+# Listed full names by each of their lower-cased words, to find a listed name around a fragment of it: the model
+# may report "Carl" and "Sagan" apart, or "Franklin D" without the rest.
+_BY_WORD: dict[str, tuple[str, ...]] = {}
+for _name in sorted(_FULL_NAMES):
+    for _word in _name.replace(".", " ").split():
+        if len(_word) > 1:
+            _BY_WORD[_word] = (*_BY_WORD.get(_word, ()), _name)
 
 
 def is_public_figure(name: str) -> bool:
     """Whether ``name`` (a PERSON finding's text) is a listed public figure's full name or surname."""
     key = " ".join(name.replace(".", ". ").split()).lower()
     return key in _FULL_NAMES or key in _SURNAMES
+
+
+def within_public_figure(lower: str, start: int, end: int) -> bool:
+    """Whether ``lower[start:end]`` (a PERSON finding in the lower-cased prompt) lies inside a listed full name
+    written in the prompt ("Carl" of "Carl Sagan", "Franklin D" of "Franklin D. Roosevelt")."""
+    for word in lower[start:end].replace(".", " ").split():
+        for name in _BY_WORD.get(word, ()):
+            at = lower.find(name, max(0, start - len(name)), end + len(name))
+            if at >= 0 and at <= start and end <= at + len(name):
+                return True
+    return False

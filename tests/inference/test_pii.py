@@ -539,6 +539,73 @@ def test_private_person_with_personal_details_is_pii():
     assert report.kinds == {"PERSON", "EMAIL"}
 
 
+def test_fragment_of_a_listed_full_name_is_not_pii():
+    assert not scan("Summarise what Carl Friedrich Gauss proved about prime numbers.")
+
+
+# names that are no person where they stand (non_names.py) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Why is Stokes' theorem a generalisation of Green's theorem?",
+        "Write a proof sketch for Kirchhoff's voltage law.",
+        "Erkläre den Satz von Euler für Polyeder.",
+        "¿Para qué sirve la ley de Hooke en ingeniería?",
+        "Implement the Levenshtein distance in Go.",
+    ],
+)
+def test_name_inside_a_law_or_theorem_is_not_pii(text: str) -> None:
+    assert not scan(text)
+
+
+@pytest.mark.parametrize("text", ["O", "Die Antwort ist falsch.", "Let B be a bounded set."])
+def test_lone_letters_and_function_words_are_not_names(text: str) -> None:
+    assert not scan(text)
+
+
+def test_initial_inside_a_name_is_kept():
+    assert texts_of("Notes from the call with Serda O. Demir.", PiiKind.PERSON)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Bob signs the message with his private key and Alice verifies it. Which key does she use?",
+        "The registration form should show Max Mustermann as the example entry.",
+        "Is John Doe a good placeholder in our API docs?",
+    ],
+)
+def test_example_names_in_a_teaching_question_are_not_pii(text: str) -> None:
+    assert not scan(text)
+
+
+def test_example_name_without_a_teaching_context_is_still_a_name():
+    assert texts_of("Remind Alice about the dentist on Tuesday.", PiiKind.PERSON)
+
+
+def test_example_name_with_personal_details_is_pii():
+    report = scan("Alice's new mobile is +44 7700 900461, please save it.")
+    assert report.kinds == {"PERSON", "PHONE"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["What is the cheapest way from Lisbon to Florence?", "Je pars à Virginia en mai.", "Is Heidelberg walkable?"],
+)
+def test_places_are_not_names(text: str) -> None:
+    assert not scan(text)
+
+
+def test_first_name_that_is_also_a_place_is_a_name_without_a_place_cue():
+    assert texts_of("Florence called about the invoice yesterday.", PiiKind.PERSON)
+
+
+def test_product_that_is_a_first_name_is_no_person_in_a_software_question():
+    assert not scan("Julia throws an error after the update to 1.10.")
+
+
 # look-alikes -----------------------------------------------------------------------------------------
 
 
@@ -952,3 +1019,16 @@ def test_pathological_input_is_scanned_in_linear_time(text: str):
     started = time.perf_counter()
     scan(text)
     assert time.perf_counter() - started < 5.0
+
+
+def test_a_passports_machine_readable_zone_is_found_by_its_shape_with_or_without_valid_check_digits():
+    specimen = "P<UTOERIKSSON<<ANNA<MARIA<<<<<<<<<<<<<<<<<<<\nL898902C36UTO7408122F1204159ZE184226B<<<<<10"
+    misread = "Is this right? P<D<<VOGT<<LUKAS<<<<<<<<<<<<<<<<<<<<<<<<<<<< C7MH26J8P0D<<7301153F2803076<<<<<<<<<<<<<<<0"
+    for text in (specimen, misread):
+        kinds = {f.kind for f in scan(text).findings}
+        assert {"PASSPORT", "PERSON"} <= kinds, text
+
+
+def test_shift_operators_and_angle_brackets_in_code_are_not_a_machine_readable_zone():
+    code = 'if (a << b) { print("P<<x"); }\nmask = FLAGS << 2 | Q<<3; template<class T> P<T> p;'
+    assert not [f for f in scan(code).findings if f.kind in ("PASSPORT", "PERSON")]
