@@ -10,8 +10,9 @@ otherwise, with usage), so what is measured is each relay's own cost:
   config file naming the upstream, no database, no key), one worker;
 - ``tandem``: through the platform's server (``config.serve``, one process, SQLite,
   production's money settings as in ``inference.bench``) with the upstream registered as
-  the cloud tier of ``tandem-test`` for every tenant, requests asking ``"tier": "cloud"``;
-  every request's ledger row is counted at the end.
+  the cloud tier of ``tandem-test`` for every tenant, and a default routing policy that
+  allows only the cloud, so every request is routed with all the router's checks (PII
+  scan, difficulty classifier, decision); every request's ledger row is counted at the end.
 
 For each path: requests one after another, non-streaming and streamed (time to the last
 byte of the 32-chunk answer), reported as added to ``direct``'s median; then requests/s
@@ -160,7 +161,20 @@ def prepare_platform(upstream: str) -> str:
     boot = StringIO()
     call_command("tandem_demo", models=MODEL, stdout=boot)
     register_upstream(upstream)
+    route_everything_to_the_cloud()
     return next(line.split()[-1] for line in boot.getvalue().splitlines() if line.strip().startswith("API key"))
+
+
+def route_everything_to_the_cloud() -> None:
+    """A platform default policy that allows only the cloud, with every check on.
+
+    So each request goes through what a routed request costs (the PII scan, the difficulty
+    classifier, the decision), not past it as a request naming its tier would: the
+    router's checks are part of the relay's figure.
+    """
+    from inference.services import routing_policy_publish
+
+    routing_policy_publish(tenant=None, allowed_tiers=["cloud"], difficulty_routing=True, note="relay benchmark")
 
 
 def register_upstream(base_url: str) -> None:
@@ -537,7 +551,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         base, key, env = platform_server(var, upstream, stack)
         targets = [
             Target("direct", upstream, UPSTREAM_MODEL),
-            Target("tandem", base, MODEL, key=key, extra={"tier": "cloud"}),
+            Target("tandem", base, MODEL, key=key),
         ]
         litellm: dict[str, Any]
         if args.litellm_python:
