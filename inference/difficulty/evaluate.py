@@ -27,6 +27,7 @@ from inference.difficulty.labels import LABELS
 from inference.difficulty.logistic import fit_logistic
 from inference.difficulty.metrics import choose_thresholds, routing_report
 from inference.difficulty.train import (
+    DENSE_WEIGHT,
     THRESHOLD_FRONTIER_TO_CLOUD,
     THRESHOLD_HARD_TO_EDGE,
     Features,
@@ -84,9 +85,10 @@ def minilm_lr(prompts: Sequence[str], max_seq_length: int = 256) -> FitPredict:
     return dense_lr(np.asarray(model.encode(list(prompts), batch_size=32, normalize_embeddings=True)), 0.01)
 
 
-def ngram_static_lr(prompts: Sequence[str], dense_weight: float | None) -> FitPredict:
-    """The shipped features (:mod:`.train`); ``dense_weight=None`` drops the static-embedding block."""
-    features = Features.of(prompts, load_tokenizer(ASSET_DIR), cached_static_table())
+def ngram_static_lr(prompts: Sequence[str], dense_weight: float | None, words: bool = True) -> FitPredict:
+    """The shipped features (:mod:`.train`); ``dense_weight=None`` drops the static-embedding block and
+    ``words=False`` the word 1-2-grams."""
+    features = Features.of(prompts, load_tokenizer(ASSET_DIR), cached_static_table(), words)
     if dense_weight is None:
         features = Features(features.counts, np.zeros((len(prompts), 0)))
 
@@ -105,8 +107,10 @@ CANDIDATES: dict[str, Callable[[Sequence[str]], FitPredict]] = {
     "tfidf_word_char_lr": tfidf_lr,
     "minilm256_lr": minilm_lr,
     "static128_lr": static_lr,
-    "hashed_char_lr": lambda prompts: ngram_static_lr(prompts, None),
-    "hashed_char_static128_lr": lambda prompts: ngram_static_lr(prompts, 0.03),  # shipped
+    "hashed_char_lr": lambda prompts: ngram_static_lr(prompts, None, words=False),
+    "hashed_char_static128_lr": lambda prompts: ngram_static_lr(prompts, 0.03, words=False),  # shipped until 2026-12
+    "hashed_char_word_lr": lambda prompts: ngram_static_lr(prompts, None),
+    "hashed_char_word_static128_lr": lambda prompts: ngram_static_lr(prompts, DENSE_WEIGHT),  # shipped
 }
 
 

@@ -147,3 +147,27 @@ def test_training_twice_on_a_tiny_subset_gives_the_same_model():
     assert meta_a == meta_b
     for name in ("bias", "token_logits", "length_logits", "ngram_weights", "idf"):
         np.testing.assert_array_equal(getattr(head_a, name), getattr(head_b, name))
+
+
+def test_training_files_do_not_contain_the_ood_prompts():
+    from inference.difficulty.classifier import ASSET_DIR
+    from inference.difficulty.evaluate import OOD_FILE
+    from inference.difficulty.train import load_training_rows
+
+    trained = {row.prompt.strip().lower() for row in load_training_rows()}
+    assert not trained & {row.prompt.strip().lower() for row in read_jsonl(ASSET_DIR / OOD_FILE)}
+
+
+def test_word_ngrams_add_buckets_and_are_stable_across_processes():
+    import subprocess
+    import sys
+
+    from inference.difficulty.ngrams import ngram_buckets
+
+    prompt = "Summarise this email in two sentences, please."
+    with_words, _ = ngram_buckets(prompt)
+    chars_only, _ = ngram_buckets(prompt, words=False)
+    assert len(with_words) > len(chars_only)
+    code = f"from inference.difficulty.ngrams import ngram_buckets; print(ngram_buckets({prompt!r})[0].tolist())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert other.strip() == str(with_words.tolist())  # no per-process hash salt
