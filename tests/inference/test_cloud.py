@@ -5,9 +5,11 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+import pytest_asyncio
 from asgiref.sync import sync_to_async
 
 from inference import gateway
+from inference.cloud import close_session
 from inference.engines import get_engines
 from inference.errors import BudgetExceeded, InvalidRequest
 from inference.model_tokenizers import gguf_tokenizer
@@ -53,6 +55,13 @@ def register(
 @pytest.fixture
 def upstream(standin, account):
     return register(standin.base_url)
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def upstream_session_closed():
+    """Each test's event loop closes its session to the upstreams before the loop ends."""
+    yield
+    await close_session()
 
 
 @pytest.fixture(autouse=True)

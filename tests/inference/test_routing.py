@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import pytest_asyncio
 from asgiref.sync import sync_to_async
 
 from inference import gateway
+from inference.cloud import close_session
 from inference.errors import InvalidRequest
 from inference.services import routing_policy_publish
 from speculative.types import Provenance
@@ -14,6 +16,14 @@ from tenants.tiers import Tier
 from tests.inference.test_cloud import register
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def upstream_session_closed():
+    """Each test's event loop closes its session to the upstreams before the loop ends."""
+    yield
+    await close_session()
+
 
 EMAIL = "maria.lopez.1987@gmail.com"
 
