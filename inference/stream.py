@@ -252,19 +252,7 @@ class GatewayStream:
         if price is None:
             raise GatewayError(f"no price for {self.entry.name!r} on the {target.tier} tier: it cannot be escalated to")
         self.legs_done.append(leg)
-        spent = sum((c.total for c in settlement.leg_costs(self, self.legs_done)), Decimal(0))
-        worst = tenant_services.cost_estimate_max(
-            price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
-        )
-        await hold_more(
-            self.hold,
-            leases=settlement.leases,
-            principal=self.principal,
-            request_id=self.request_id,
-            amount=spent + worst,
-            price=price,
-            delivered=True,  # the escalation leg's cost is owed: its hold is kept
-        )
+        await self._hold_for_next_leg(self.legs_done, price, request)
         self.route = dataclasses.replace(target, signals={**target.signals, "confidence": confidence})
         self.price, self.prompt_tokens, self.tally = price, len(request.prompt_ids), Tally()
         self._tried.add(target.tier)
@@ -276,6 +264,28 @@ class GatewayStream:
         if isinstance(first, BaseException):
             raise await self._fail(first)
         self._ahead.append(first)
+
+    async def _hold_for_next_leg(
+        self, legs: list[Leg], price: Price, request: CompletionRequest | CloudRequest
+    ) -> None:
+        """Hold what ``legs`` cost so far plus the next leg's worst case (raises BudgetExceeded when it cannot).
+
+        The legs before keep their hold (what they produced is owed), so only the
+        difference is asked for, from the same lease or reservation.
+        """
+        spent = sum((c.total for c in settlement.leg_costs(self, legs)), Decimal(0))
+        worst = tenant_services.cost_estimate_max(
+            price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
+        )
+        await hold_more(
+            self.hold,
+            leases=settlement.leases,
+            principal=self.principal,
+            request_id=self.request_id,
+            amount=spent + worst,
+            price=price,
+            delivered=True,
+        )
 
     async def _switch_to(self, route: Route) -> bool:
         """Serve this request from ``route`` instead; nothing was delivered. False when that tier has no price.
@@ -406,19 +416,7 @@ class GatewayStream:
             return False
         failed = self._current_leg()
         failed.outcome, failed.error = "error", f"{self.route.tier} failed mid-stream: {exc}"
-        spent = sum((c.total for c in settlement.leg_costs(self, [*self.legs_done, failed])), Decimal(0))
-        worst = tenant_services.cost_estimate_max(
-            price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
-        )
-        await hold_more(
-            self.hold,
-            leases=settlement.leases,
-            principal=self.principal,
-            request_id=self.request_id,
-            amount=spent + worst,
-            price=price,
-            delivered=True,
-        )
+        await self._hold_for_next_leg([*self.legs_done, failed], price, request)
         log.warning(
             "request %s: %s failed mid-stream (%s); %s goes on", self.request_id, self.route.tier, exc, route.tier
         )
