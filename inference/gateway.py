@@ -39,7 +39,7 @@ from inference.principals import (
     principal_for_api_key_id,
     principal_for_user,
 )
-from inference.redaction import redacted_call
+from inference.redaction import serving_call
 from inference.router import decide
 from inference.runtime import db
 from inference.selectors import routing_policy_cached, routing_policy_for
@@ -86,19 +86,16 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     policy = routing_policy_cached(tenant_id=tenant_id) or await db(routing_policy_for)(tenant_id=tenant_id)
     signals = await assess(call, policy, entry.tokenizer)
     route = decide(entry, signals, policy, tenant_id)
-    served, redaction = call, None
-    if route.redact:
-        assert signals.pii is not None
-        redacted = redacted_call(call, signals.pii)
-        if redacted is None:  # PII that cannot be cut out cleanly stays off the cloud
-            route = decide(entry, signals, dataclasses.replace(policy, pii_action="keep_off_cloud"), tenant_id)
-        else:
-            served, redaction = redacted
+    redacted = serving_call(call, route.redact, signals.pii)
+    if redacted is None:  # PII that cannot be cut out cleanly stays off the cloud
+        route = decide(entry, signals, dataclasses.replace(policy, pii_action="keep_off_cloud"), tenant_id)
+        redacted = (call, None)
+    served, redaction = redacted
     if policy.escalation and route.tier is Tier.EDGE and served.logprobs is None:
         served = dataclasses.replace(served, logprobs=0)  # the edge answer's confidence is judged from them
     engine, request = await arequest_for(entry, route.tier, served, tenant_id)
     admission.enter(principal.tenant_id)
-    stream = GatewayStream(principal, call, entry, route, policy, redaction)
+    stream = GatewayStream(principal, call, entry, route, policy, redaction, signals.pii)
     try:
         stream.prompt_tokens = len(request.prompt_ids)
         stream.price = await price_for(model=entry.name, tier=route.tier.value)

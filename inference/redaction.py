@@ -29,17 +29,44 @@ def scan_text(call: CompletionCall) -> str:
     return call.prompt
 
 
+def serving_call(
+    call: CompletionCall, redact_it: bool, report: PiiReport | None
+) -> tuple[CompletionCall, Redaction | None] | None:
+    """The call as a route's tier is given it: redacted for a route that gets PII redacted (``Route.redact``).
+
+    None when the PII cannot be cut out cleanly: that tier may not take the request.
+    Every route of a request goes through here (the first, a failover, an escalation), so
+    no way onto the cloud skips the redaction.
+    """
+    if not redact_it:
+        return call, None
+    assert report is not None, "a route that redacts PII comes from a scan that found it"
+    return redacted_call(call, report)
+
+
 def redacted_call(call: CompletionCall, report: PiiReport) -> tuple[CompletionCall, Redaction] | None:
-    """``call`` with its PII replaced by placeholders, and the redaction to restore the answer; None if it cannot be."""
+    """``call`` with its PII replaced by placeholders, and the redaction to restore the answer; None if it cannot be.
+
+    A call that goes on from a partial answer (a failover mid-stream) has that answer
+    redacted too: it was restored for the client, so it may hold the originals.
+    """
     redaction = redact(scan_text(call), report)
+    continue_from = _hidden(call.continue_from, redaction)
     if not call.messages:
-        return dataclasses.replace(call, prompt=redaction.text), redaction
+        return dataclasses.replace(call, prompt=redaction.text, continue_from=continue_from), redaction
     contents = redaction.text.split(MESSAGE_SEPARATOR)
     if len(contents) != len(call.messages):
         return None  # a finding ran across two messages: keep the request off the cloud instead
     messages = tuple({**m, "content": c} for m, c in zip(call.messages, contents, strict=True))
     prompt = "\n".join(contents)  # never read by the cloud tier, which sends the messages
-    return dataclasses.replace(call, prompt=prompt, messages=messages), redaction
+    return dataclasses.replace(call, prompt=prompt, messages=messages, continue_from=continue_from), redaction
+
+
+def _hidden(text: str, redaction: Redaction) -> str:
+    """``text`` with the redaction's originals put back into their placeholders (longest first)."""
+    for placeholder, original in sorted(redaction.mapping.items(), key=lambda item: -len(item[1])):
+        text = text.replace(original, placeholder)
+    return text
 
 
 class Restoring:

@@ -33,7 +33,7 @@ from inference.errors import ContextTooLong, GatewayError, Overloaded, UpstreamF
 from inference.handoff import END, pump_on_loop, pump_on_thread
 from inference.holds import Hold, hold_more, price_in_pinned_book
 from inference.principals import Principal
-from inference.redaction import Restoring
+from inference.redaction import Restoring, serving_call
 from inference.router import BUILTIN_POLICY, Policy, Route, escalate, fail_over
 from inference.runtime import db
 from speculative import errors as core_errors
@@ -43,7 +43,7 @@ from tenants import services as tenant_services
 from tenants.tiers import Tier
 
 if TYPE_CHECKING:
-    from inference.pii import Redaction
+    from inference.pii import PiiReport, Redaction
     from tenants.models import Price
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,12 @@ class GatewayStream:
         route: Route,
         policy: Policy = BUILTIN_POLICY,
         redaction: Redaction | None = None,
+        pii: PiiReport | None = None,
     ):
         self.principal, self.call, self.entry, self.route = principal, call, entry, route
         self.policy = policy  # pinned: failovers and escalations of this request follow the same version
         self._redaction = redaction  # PII sent to the cloud as placeholders: put back in its answer
+        self._pii = pii  # the prompt's PII scan: a later route onto the cloud redacts with it too
         self.request_id = call.request_id
         self.model = entry.name
         self.created = int(time.time())
@@ -246,7 +248,10 @@ class GatewayStream:
             log.info(
                 "request %s: low-confidence edge answer (%s), sent up to %s", self.request_id, confidence, target.tier
             )
-        engine, request = await arequest_for(self.entry, target.tier, self.call, self.principal.tenant_id)
+        served = await self._request_for(target, self.call)
+        if served is None:
+            raise GatewayError(f"the request's personal data cannot be redacted for the {target.tier} tier")
+        engine, request = served
         assert self.price is not None
         price = await price_in_pinned_book(pinned=self.price, model=self.entry.name, tier=target.tier.value)
         if price is None:
@@ -294,7 +299,10 @@ class GatewayStream:
         held grows to its worst case when that is dearer (``hold_more``; a refusal raises
         BudgetExceeded, which ends the request with nothing charged).
         """
-        engine, request = await arequest_for(self.entry, route.tier, self.call, self.principal.tenant_id)
+        served = await self._request_for(route, self.call)
+        if served is None:
+            return False
+        engine, request = served
         assert self.price is not None
         price = await price_in_pinned_book(pinned=self.price, model=self.entry.name, tier=route.tier.value)
         if price is None:
@@ -314,6 +322,18 @@ class GatewayStream:
         self.price, self.route, self.prompt_tokens = price, route, prompt_tokens
         self.launch(engine, request)
         return True
+
+    async def _request_for(
+        self, route: Route, call: CompletionCall
+    ) -> tuple[Engine, CompletionRequest | CloudRequest] | None:
+        """``call`` as ``route``'s engine request, its PII redacted where the route says so; None if it cannot be."""
+        served = serving_call(call, route.redact, self._pii)
+        if served is None:
+            return None
+        call, redaction = served
+        if redaction is not None:
+            self._redaction = redaction  # the cloud leg's answer gets the originals put back
+        return await arequest_for(self.entry, route.tier, call, self.principal.tenant_id)
 
     def _record(self, failure: BaseException | None) -> None:
         """Tell the route's breaker how its tier did: a refused connection trips it; a first token closes it."""
@@ -406,10 +426,13 @@ class GatewayStream:
             return False
         continuation = dataclasses.replace(self.call, max_tokens=remaining, continue_from=self.delivered_text())
         try:
-            engine, request = await arequest_for(self.entry, route.tier, continuation, self.principal.tenant_id)
+            served = await self._request_for(route, continuation)
         except GatewayError as err:  # e.g. the prompt and the answer so far no longer fit the next tier's context
             log.warning("request %s: %s cannot take over: %s", self.request_id, route.tier, err.message)
             return False
+        if served is None:
+            return False
+        engine, request = served
         assert self.price is not None
         price = await price_in_pinned_book(pinned=self.price, model=self.entry.name, tier=route.tier.value)
         if price is None or not _can_continue(engine, request):

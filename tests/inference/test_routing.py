@@ -225,3 +225,41 @@ async def test_a_client_that_asked_for_the_edge_is_never_escalated(account):
     stream = await gateway.start(await principal(account), call(requested_tier="edge"))
     await gateway.collect(stream)
     assert stream.route.tier is Tier.EDGE and await UsageRecord.objects.acount() == 1
+
+
+async def test_a_failover_onto_the_cloud_redacts_the_pii_as_a_first_route_would(standin, account):
+    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
+    from inference.model_tokenizers import gguf_tokenizer
+    from inference.standin import model_path
+    from speculative.errors import VerifierUnavailableError
+
+    await publish(account.tenant, pii_action="redact_then_cloud", difficulty_routing=False)
+    down = TrivialEngine(fail_after=0, fail_as=VerifierUnavailableError("refused"))
+    entry = ModelEntry("tandem-test", down, None, "v", "d", 4096, down.tokenizer)  # no edge: the cloud takes over
+    previous = set_engines(EngineSet([entry], cloud=True))
+    try:
+        await sync_to_async(register)(standin.base_url)
+        prompt = f"Repeat exactly, nothing else: {EMAIL}"
+        messages = ({"role": "user", "content": prompt},)
+        stream = await gateway.start(await principal(account), call(prompt=prompt, messages=messages, max_tokens=24))
+        text, _ = await gateway.collect(stream)
+    finally:
+        set_engines(previous)
+    assert (stream.route.tier, stream.route.reason, stream.route.redact) == (Tier.CLOUD, "verifier_down", True)
+    assert "<EMAIL_1>" not in text
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    tokenizer = gguf_tokenizer(str(model_path()))
+    redacted = ({"role": "user", "content": "Repeat exactly, nothing else: <EMAIL_1>"},)
+    assert row.prompt_tokens == len(tokenizer.encode(tokenizer.render_chat(redacted)))  # the upstream never saw it
+
+
+async def test_a_continuation_handed_to_the_cloud_is_redacted_too():
+    from inference.pii import scan
+    from inference.redaction import redacted_call
+
+    prompt = f"Write a note to {EMAIL} about the invoice."
+    partial = f"Dear colleague at {EMAIL}, "
+    report = scan(prompt)
+    served, redaction = redacted_call(call(prompt=prompt, continue_from=partial), report)
+    assert EMAIL not in served.prompt and EMAIL not in served.continue_from
+    assert redaction.restore(served.continue_from) == partial
