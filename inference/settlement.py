@@ -62,23 +62,28 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
     """
     now = time.perf_counter()
     hold = stream.hold
-    legs = [leg for leg in stream.legs() if leg is stream.legs()[-1] or leg.tally.delivered]
-    outcomes = [(leg.outcome, leg.error) for leg in legs[:-1]] + [(outcome, error)]
-    if not any(leg.tally.delivered for leg in legs) and outcome != "completed":
-        legs = []  # nothing delivered (nor generated for an escalation): nothing owed
-    elif not legs[-1].tally.delivered and outcome != "completed" and len(legs) > 1:
-        legs, outcomes = legs[:-1], outcomes[:-1]  # a leg that took over and produced nothing: no row
+    legs: list[Leg] = []
+    outcomes: list[tuple[str, str]] = []
+    if hold.held:  # else refused before anything was held (the price may not even be known): nothing to charge
+        *done, current = stream.legs()
+        # A leg that ended before the request is owed for what it produced (delivered, or held back
+        # for an escalation); the last one also when it completed empty (it still read its prompt).
+        legs = [leg for leg in done if leg.tally.delivered]
+        outcomes = [(leg.outcome, leg.error) for leg in legs]
+        if current.tally.delivered or outcome == "completed":
+            legs.append(current)
+            outcomes.append((outcome, error))
     usages = [_leg_usage(stream, leg, index, *outcomes[index]) for index, leg in enumerate(legs)]
     priced = [(leg.price, usage) for leg, usage in zip(legs, usages, strict=True)]
-    costs = tenant_services.settlement_costs(legs=priced, held=hold.amount) if hold.held and legs else []
+    costs = tenant_services.settlement_costs(legs=priced, held=hold.amount) if legs else []
     summary = _summary(stream, outcome, usages, costs, now)
 
     write: Callable[[], None] | None = None
     if not hold.held:
         pass  # refused before anything was held: nothing to settle
-    elif not legs:
+    elif not legs:  # nothing delivered (nor generated for an escalation): nothing owed
         if hold.lease_hold is not None:
-            leases.release(hold.lease_hold)  # nothing owed: the worst case goes back to the lease
+            leases.release(hold.lease_hold)  # the worst case goes back to the lease
         else:
             assert hold.reservation is not None
             write = functools.partial(tenant_services.reservation_release, reservation=hold.reservation)

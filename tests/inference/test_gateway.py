@@ -309,3 +309,45 @@ async def test_a_verifier_lost_mid_stream_hands_over_to_the_edge_and_each_leg_is
         assert reservation.status == "settled" and total <= reservation.amount
         assert budget.spent == total and budget.reserved == 0
     assert await SloSample.objects.filter(request_id=stream.request_id).acount() == 1
+
+
+async def test_an_empty_completed_answer_still_pays_for_reading_its_prompt(account):
+    from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines
+    from speculative.types import FinishReason
+
+    class EmptyCompletion(TrivialCompletion):
+        def _run(self):
+            self.stats.finish_reason = FinishReason.STOP  # the model's first token was its end of text
+            yield from ()
+
+    class EmptyEngine(TrivialEngine):
+        def stream(self, prompt, **kwargs):
+            return EmptyCompletion(self, self.request(prompt, **kwargs))
+
+    engine = EmptyEngine()
+    previous = set_engines(EngineSet([ModelEntry("tandem-test", engine, engine, "v", "d", 4096, engine.tokenizer)]))
+    try:
+        stream = await gateway.start(await key_principal(account), call(max_tokens=5))
+        text, deltas = await gateway.collect(stream)
+    finally:
+        set_engines(previous)
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert text == "" and (row.outcome, row.completion_tokens, row.prompt_tokens) == (
+        "completed",
+        0,
+        len("Hello there"),
+    )
+    assert row.cost_total > 0 and stream.usage.cost["total"] == row.cost_total
+
+
+async def test_a_model_without_a_published_price_is_a_clear_error_and_holds_nothing(account):
+    from inference.engines import EngineSet, set_engines, trivial_entry
+
+    previous = set_engines(EngineSet([trivial_entry("tandem-unpriced")]))
+    try:
+        with pytest.raises(gateway.GatewayError) as info:
+            await gateway.start(await key_principal(account), call(model="tandem-unpriced"))
+    finally:
+        set_engines(previous)
+    assert "publish a price" in info.value.message
+    assert not await Reservation.objects.aexists() and not await UsageRecord.objects.aexists()
