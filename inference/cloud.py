@@ -376,7 +376,7 @@ class CloudCompletion:
             raise UpstreamFailed(f"{upstream.name} answered without choices")
         self._take_usage(answer)
         choice = answer["choices"][0]
-        text = _whole_text(choice, chat)
+        text = _choice_text(choice, chat, "message")
         self._take_finish(choice)
         if text:
             yield TokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD)
@@ -478,23 +478,13 @@ def _continues(upstream: Upstream, chat: bool) -> bool:
     return bool(upstream.tokenizer) and gguf_tokenizer(upstream.tokenizer).template is not None
 
 
-def _choice_text(choice: Any, chat: bool) -> str:
+def _choice_text(choice: Any, chat: bool, part: str = "delta") -> str:
+    """A choice's text: a chat's ``delta`` (a chunk) or ``message`` (a whole answer) content, else its ``text``."""
     if not isinstance(choice, dict):
         return ""
     if chat:
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else None
-    else:
-        text = choice.get("text")
-    return text if isinstance(text, str) else ""
-
-
-def _whole_text(choice: Any, chat: bool) -> str:
-    if not isinstance(choice, dict):
-        return ""
-    if chat:
-        message = choice.get("message")
-        text = message.get("content") if isinstance(message, dict) else None
+        holder = choice.get(part)
+        text = holder.get("content") if isinstance(holder, dict) else None
     else:
         text = choice.get("text")
     return text if isinstance(text, str) else ""
