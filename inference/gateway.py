@@ -84,7 +84,7 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
         await db(engines.upstreams.refresh)()
     tenant_id = principal.tenant_id
     policy = routing_policy_cached(tenant_id=tenant_id) or await db(routing_policy_for)(tenant_id=tenant_id)
-    signals = await assess(call, policy, entry.tokenizer)
+    signals = await assess(call, policy, entry.tokenizer, entry.serves(Tier.CLOUD, tenant_id))
     route = decide(entry, signals, policy, tenant_id)
     redacted = serving_call(call, route.redact, signals.pii)
     if redacted is None:  # PII that cannot be cut out cleanly stays off the cloud

@@ -156,6 +156,8 @@ def decide(
 
     # 1. what this tenant may use at all
     candidates = [t for t in Tier if t in policy.allowed and entry.serves(t, tenant_id)]
+    if not signals.pii_scanned and Tier.CLOUD in candidates:
+        candidates.remove(Tier.CLOUD)  # a cloud upstream appeared after the checks ran: the prompt was not scanned
     # 2. PII: a hard constraint
     pii_reason = ""
     if signals.pii_kinds:
@@ -248,13 +250,16 @@ def fail_over(
 def _may_take(entry: ModelEntry, policy: Policy, route: Route, tier: Tier, tenant_id: int | None) -> bool:
     """Whether ``tier`` may take over ``route``'s request: the policy allows it, and it is up.
 
-    The cloud never takes a prompt whose PII the policy keeps off it, nor a request for
-    logprobs (an upstream relays none), whatever brings the request there.
+    The cloud never takes a prompt whose PII the policy keeps off it, one never scanned for
+    PII (no cloud could serve it when it started), nor a request for logprobs (an upstream
+    relays none), whatever brings the request there.
     """
     if tier not in policy.allowed:
         return False
     if tier is Tier.CLOUD and (
-        (route.signals.get("pii") and policy.pii_action != "redact_then_cloud") or route.signals.get("logprobs")
+        (route.signals.get("pii") and policy.pii_action != "redact_then_cloud")
+        or route.signals.get("logprobs")
+        or route.signals.get("pii_unscanned")
     ):
         return False
     return entry.available(tier, tenant_id)

@@ -39,6 +39,7 @@ class Signals:
     max_tokens: int = 0
     latency_class: str = INTERACTIVE
     logprobs: bool = False  # the client asked for log-probabilities (the cloud tier relays none)
+    pii_scanned: bool = True  # False: no scan ran (no cloud could serve the request), so no cloud may
     check_ms: float = 0.0  # what the PII scan and the classifier cost this request
 
     def as_dict(self) -> dict[str, Any]:
@@ -53,6 +54,8 @@ class Signals:
             out["requested_tier"] = self.requested_tier
         if self.logprobs:
             out["logprobs"] = True
+        if not self.pii_scanned:
+            out["pii_unscanned"] = True
         if self.pii_kinds:
             out["pii"] = list(self.pii_kinds)
         if self.difficulty is not None:
@@ -68,21 +71,28 @@ def text_of(call: CompletionCall) -> str:
     return call.prompt
 
 
-def needs_pii_scan(policy: Policy) -> bool:
-    return Tier.CLOUD in policy.allowed or policy.pii_action == "refuse"
+def needs_pii_scan(policy: Policy, cloud_served: bool = True) -> bool:
+    """Whether PII can change this request's route: the cloud may serve it, or the policy refuses PII."""
+    return (cloud_served and Tier.CLOUD in policy.allowed) or policy.pii_action == "refuse"
 
 
 def needs_difficulty(policy: Policy, call: CompletionCall) -> bool:
     return policy.difficulty_routing and call.requested_tier is None
 
 
-def check(call: CompletionCall, policy: Policy, tokenizer: Any) -> Signals:
-    """The signals of ``call`` under ``policy`` (sync: inline for short prompts, else on a thread)."""
+def check(call: CompletionCall, policy: Policy, tokenizer: Any, cloud_served: bool = True) -> Signals:
+    """The signals of ``call`` under ``policy`` (sync: inline for short prompts, else on a thread).
+
+    ``cloud_served``: whether the model has a cloud tier for this tenant at all; without one
+    the PII scan is skipped (the prompt cannot reach a cloud) and the route says so, which
+    keeps a later failover from taking it to a cloud upstream registered meanwhile.
+    """
     started = time.perf_counter()
     prompt_tokens = len(tokenizer.encode(call.prompt, add_special_tokens=False))
     text = text_of(call)
     report = None
-    if needs_pii_scan(policy):
+    scanned = needs_pii_scan(policy, cloud_served)
+    if scanned:
         from inference.pii import scan
         from inference.redaction import scan_text
 
@@ -108,18 +118,19 @@ def check(call: CompletionCall, policy: Policy, tokenizer: Any) -> Signals:
         max_tokens=call.max_tokens,
         latency_class=call.latency_class,
         logprobs=call.logprobs is not None,
+        pii_scanned=scanned,
         check_ms=(time.perf_counter() - started) * 1e3,
     )
 
 
-async def assess(call: CompletionCall, policy: Policy, tokenizer: Any) -> Signals:
+async def assess(call: CompletionCall, policy: Policy, tokenizer: Any, cloud_served: bool = True) -> Signals:
     """``check`` from the event loop: a short prompt inline, a long one on a thread.
 
     ``tokenizer`` (the model's) counts the prompt for the policy's prompt-length rule.
     """
     if len(call.prompt) <= INLINE_CHECK_CHARS:
-        return check(call, policy, tokenizer)
-    return await asyncio.to_thread(check, call, policy, tokenizer)
+        return check(call, policy, tokenizer, cloud_served)
+    return await asyncio.to_thread(check, call, policy, tokenizer, cloud_served)
 
 
 def warm_up() -> None:

@@ -195,3 +195,10 @@ def test_a_request_for_logprobs_stays_on_the_tiers_that_have_logits():
     with pytest.raises(InvalidRequest) as info:
         decide(entry(cloud=BOTH), signals(requested_tier="cloud", logprobs=True), tenant_id=1)
     assert info.value.param == "logprobs"
+
+
+def test_a_prompt_never_scanned_for_pii_never_goes_to_the_cloud():
+    unscanned = signals(difficulty="hard_frontier", pii_scanned=False)
+    route = decide(entry(cloud=BOTH), unscanned, tenant_id=1)
+    assert route.tier is Tier.SPECULATIVE and route.signals["pii_unscanned"]
+    assert fail_over(entry(cloud=BOTH), route, 1, tried=frozenset({Tier.SPECULATIVE, Tier.EDGE})) is None

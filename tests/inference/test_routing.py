@@ -263,3 +263,13 @@ async def test_a_continuation_handed_to_the_cloud_is_redacted_too():
     served, redaction = redacted_call(call(prompt=prompt, continue_from=partial), report)
     assert EMAIL not in served.prompt and EMAIL not in served.continue_from
     assert redaction.restore(served.continue_from) == partial
+
+
+async def test_without_a_cloud_for_the_tenant_the_prompt_is_not_scanned_and_the_route_says_so(account):
+    from inference.engines import get_engines
+
+    get_engines().upstreams.forget()  # no upstream is registered here: re-read, not an earlier test's list
+    stream = await gateway.start(await principal(account), call(prompt=f"Write to {EMAIL} please."))
+    await gateway.collect(stream)
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.route_signals["pii_unscanned"] is True and "pii" not in row.route_signals
