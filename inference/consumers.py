@@ -56,7 +56,6 @@ key always acts in its own tenant, and a ``tenant`` naming another is refused (4
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ from django.conf import settings
 from inference import gateway
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, RateLimited
 from inference.relay import KEEPALIVE, relay
+from inference.wire import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,9 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
             await self._send_error(None, InvalidRequest(f"the frame has {len(text_data)} characters; at most {limit}"))
             return
         try:
-            content = json.loads(text_data)
-        except ValueError as exc:
-            await self._send_error(None, InvalidRequest(f"the frame is not valid JSON: {exc}"))
+            content = parse_json(text_data, "the frame")
+        except InvalidRequest as exc:
+            await self._send_error(None, exc)
             return
         await self.receive_json(content)
 

@@ -44,6 +44,7 @@ from inference.engines import INLINE_TOKENIZE_CHARS, ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
 from inference.relay import KEEPALIVE, relay
+from inference.wire import parse_json
 from speculative.types import MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -220,17 +221,12 @@ def _refuse_unsupported(body: dict) -> None:
 
 
 def _json_body(request: HttpRequest) -> dict:
-    def refuse_constant(name: str) -> float:
-        raise ValueError(f"{name} is not JSON")  # NaN and Infinity would slip past every range check
-
     try:
-        body = json.loads(request.body, parse_constant=refuse_constant)
+        body = parse_json(request.body)
     except RequestDataTooBig:
         raise InvalidRequest(
             f"the request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes", code="request_too_large"
         ) from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
     _refuse_unsupported(body)

@@ -299,7 +299,10 @@ async def test_an_engine_failure_sends_an_error_frame_with_the_usage_of_what_was
 @pytest.mark.parametrize(
     ("frame", "code", "param"),
     [
-        ("this is not json", "invalid_request", None),
+        ("this is not json", "invalid_json", None),
+        ("[" * 5_000 + "]" * 5_000, "invalid_json", None),
+        ('{"type": "start", "x": ' + "[" * 200 + "]" * 200 + "}", "invalid_json", None),
+        (json.dumps(start()).replace('"prompt": ', '"temperature": NaN, "prompt": '), "invalid_json", None),
         (json.dumps(["start"]), "invalid_request", None),
         (json.dumps({"type": "launch", "id": "s1"}), "invalid_request", "type"),
         (json.dumps(start(max_tokens=-5)), "invalid_request", "max_tokens"),

@@ -538,6 +538,18 @@ async def test_nan_is_not_json_and_is_refused(account, http):
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize("depth", [40, 5_000, 200_000])
+async def test_json_nested_past_any_request_is_a_400_not_a_500(budgeted, http, depth):
+    nested = "[" * depth + "]" * depth
+    body = '{"model": "tandem-test", "messages": [{"role": "user", "content": "hi"}], "metadata": %s}' % nested
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        response = await http.post(path, content=body.encode(), headers=bearer(budgeted.raw_key))
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_json" and "nests deeper" in error["message"]
+    assert await nothing_charged(budgeted)
+
+
 async def test_a_prompt_over_the_character_limit_is_refused_and_charges_nothing(budgeted, http, settings):
     settings.TANDEM_MAX_PROMPT_CHARS = 100
     response = await post_chat(http, budgeted.raw_key, messages=[{"role": "user", "content": "x" * 200}])
