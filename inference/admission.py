@@ -1,49 +1,16 @@
-"""Whether a request may start: its values are checked, and the streams in flight are counted against the limits.
-
-``validate(call)`` refuses a malformed call (400/413 and friends) before anything is held;
-``admission.enter(tenant)`` refuses past the per-tenant limit (429) or the process's
-capacity (503), and ``admission.leave`` is called once when the stream settles.
+"""Whether a request may start: ``validate(call)`` refuses a malformed call (400/413 and friends) before anything
+is held. Where it then waits for an engine slot, and what it is refused at capacity, is ``inference.queueing``.
 """
 
 from __future__ import annotations
 
-import threading
-
 from django.conf import settings
 
 from inference.completion import MINTED_ID_PREFIX, CompletionCall
-from inference.errors import ContextTooLong, InvalidRequest, Overloaded, RateLimited
+from inference.errors import ContextTooLong, InvalidRequest
 from speculative.types import MAX_TOP_LOGPROBS
 
 MAX_TAGS = 16
-MAX_STREAMS = 64  # streams this process runs at once (engine threads); 503 past it
-
-
-class Admission:
-    """Streams in flight per tenant and in all; refuses past the limits (429 / 503)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_tenant: dict[int, int] = {}
-        self._total = 0
-
-    def enter(self, tenant_id: int) -> None:
-        limit = settings.TANDEM_MAX_STREAMS_PER_TENANT
-        with self._lock:
-            if self._by_tenant.get(tenant_id, 0) >= limit:
-                raise RateLimited(f"this tenant already runs {limit} streams at once; retry when one ends")
-            if self._total >= MAX_STREAMS:
-                raise Overloaded("the server is at capacity; retry shortly")
-            self._by_tenant[tenant_id] = self._by_tenant.get(tenant_id, 0) + 1
-            self._total += 1
-
-    def leave(self, tenant_id: int) -> None:
-        with self._lock:
-            self._by_tenant[tenant_id] -= 1
-            self._total -= 1
-
-
-admission = Admission()
 
 
 def validate(call: CompletionCall) -> None:

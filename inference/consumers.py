@@ -56,6 +56,7 @@ key always acts in its own tenant, and a ``tenant`` naming another is refused (4
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         self.live: dict[str, _Live] = {}
+        self._sends: set[asyncio.Future] = set()  # queued frames on their way
         self.user = None
         self.raw_key: str | None = None
         await self.accept()
@@ -217,7 +219,7 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         try:
             try:
                 principal = await self._principal(item.tenant_id)
-                item.stream = await gateway.start(principal, item.call)
+                item.stream = await gateway.start(principal, item.call, functools.partial(self._queued, item))
             except GatewayError as exc:  # refused before any output: nothing was charged
                 await self._send_error(item.id, exc)
                 return
@@ -231,6 +233,13 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
             self.live.pop(item.id, None)
             if item.stream is not None and item.stream.usage is None:  # this task died (or was cancelled)
                 await item.stream.aclose()
+
+    def _queued(self, item: _Live, position: int) -> None:
+        """The stream waits for an engine slot: say where it stands (a frame now and then until it starts)."""
+        frame = {"type": "queued", "id": item.id, "request_id": item.call.request_id, "position": position}
+        task = asyncio.ensure_future(self._send_for(item, frame))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     async def _relay(self, item: _Live, stream: gateway.GatewayStream) -> None:
         """Send the stream's frames until it ends, fails, or is stopped by a cancel frame or a disconnect."""
@@ -290,7 +299,14 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
     async def _send_error(
         self, stream_id: str | None, error: GatewayError, usage: gateway.UsageSummary | None = None
     ) -> None:
-        frame = {"type": "error", "id": stream_id, "error": error.as_dict(), "usage": usage and usage.as_dict()}
+        frame: dict[str, Any] = {
+            "type": "error",
+            "id": stream_id,
+            "error": error.as_dict(),
+            "usage": usage and usage.as_dict(),
+        }
+        if error.retry_after is not None:
+            frame["retry_after"] = error.retry_after  # seconds worth waiting before starting it again
         item = self.live.get(stream_id) if stream_id is not None else None
         if item is None:
             await self.send_json(frame)

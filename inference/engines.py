@@ -37,6 +37,7 @@ from tenants.tiers import Tier
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 2048  # longer prompts are tokenised on a thread, off the event loop
+DEFAULT_LOCAL_SLOTS = 64  # an engine that does not say how many streams it runs at once
 
 
 class LocalEngine(Protocol):
@@ -68,6 +69,7 @@ class ModelEntry:
     tokenizer: object
     description: str = ""
     cloud: CloudEngine | None = None
+    local_slots: int = DEFAULT_LOCAL_SLOTS  # streams its edge and speculative tiers run at once (they share the draft)
     created: int = field(default_factory=lambda: int(time.time()))
     breakers: dict[Tier, CircuitBreaker] = field(default_factory=dict)
 
@@ -85,6 +87,12 @@ class ModelEntry:
 
     def leave(self, tier: Tier) -> None:
         self._in_flight[tier] -= 1
+
+    def pool(self, tier: Tier) -> tuple[str, int]:
+        """The name and size of the pool of slots a stream on ``tier`` takes (inference.queueing)."""
+        if tier is Tier.CLOUD:
+            return f"{self.name}/cloud", settings.TANDEM_CLOUD_MAX_STREAMS
+        return f"{self.name}/local", self.local_slots
 
     def engine(self, tier: Tier) -> Engine | None:
         return {Tier.SPECULATIVE: self.speculative, Tier.EDGE: self.edge, Tier.CLOUD: self.cloud}[tier]
@@ -269,6 +277,7 @@ def load_default_engines() -> EngineSet:
         draft_version=file_version(draft_path),
         context_length=min(speculative.context_length, edge.context_length),
         tokenizer=tokenizer,
+        local_slots=getattr(draft, "max_sessions", DEFAULT_LOCAL_SLOTS),
         description="the shipped demo pair: 12M-parameter Llama verifier, 1.7M draft on llama.cpp",
     )
     return EngineSet([entry], closers=[speculative.close], cloud=settings.TANDEM_CLOUD)

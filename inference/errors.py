@@ -15,12 +15,18 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    retry_after: int | None = None  # seconds worth waiting before a retry (429 and 503 say it: Retry-After)
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def as_dict(self) -> dict:
         """The OpenAI error object (the value of the ``error`` key)."""
@@ -72,12 +78,14 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    retry_after = 1
 
 
 class Overloaded(GatewayError):
     status = 503
     type = "server_error"
     code = "overloaded"
+    retry_after = 1
 
 
 class UpstreamFailed(GatewayError):

@@ -20,8 +20,11 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
-from inference.admission import admission, validate
+from django.conf import settings
+
+from inference.admission import validate
 from inference.completion import (
     MINTED_ID_PREFIX,
     CompletionCall,
@@ -39,6 +42,7 @@ from inference.principals import (
     principal_for_api_key_id,
     principal_for_user,
 )
+from inference.queueing import scheduler
 from inference.redaction import serving_call
 from inference.router import decide
 from inference.runtime import db
@@ -69,8 +73,13 @@ __all__ = [
 ]
 
 
-async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
+async def start(
+    principal: Principal, call: CompletionCall, on_queued: Callable[[int], None] | None = None
+) -> GatewayStream:
     """Admit, route, hold money for and start a completion; return once its first token is ready.
+
+    Where its tier's engines are all busy it waits its turn (``inference.queueing``);
+    ``on_queued(position)`` hears where it stands, now and then, until it starts.
 
     Raises a :class:`~inference.errors.GatewayError` (and charges nothing) when the request
     is invalid, the principal may not spend, the model is unknown, a limit is reached or
@@ -94,8 +103,15 @@ async def start(principal: Principal, call: CompletionCall) -> GatewayStream:
     if policy.escalation and route.tier is Tier.EDGE and served.logprobs is None:
         served = dataclasses.replace(served, logprobs=0)  # the edge answer's confidence is judged from them
     engine, request = await arequest_for(entry, route.tier, served, tenant_id)
-    admission.enter(principal.tenant_id)
-    stream = GatewayStream(principal, call, entry, route, policy, redaction, signals.pii)
+    pool_name, capacity = entry.pool(route.tier)
+    slot = await scheduler.pool(pool_name, capacity).acquire(
+        tenant_id, settings.TANDEM_MAX_STREAMS_PER_TENANT, call.latency_class, on_queued
+    )
+    try:
+        stream = GatewayStream(principal, call, entry, route, policy, redaction, signals.pii, slot)
+    except BaseException:
+        slot.release()
+        raise
     try:
         stream.prompt_tokens = len(request.prompt_ids)
         stream.price = await price_for(model=entry.name, tier=route.tier.value)

@@ -60,6 +60,8 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+QUEUED_EVERY_S = 1.0  # a waiting stream's comment line (its place in the queue, or a keep-alive) at most this often
 
 
 class MethodNotAllowed(InvalidRequest):
@@ -280,6 +282,8 @@ def error_response(err: GatewayError) -> JsonResponse:
     response = JsonResponse({"error": err.as_dict()}, status=err.status)
     if err.status == 401:
         response["WWW-Authenticate"] = "Bearer"
+    if err.retry_after is not None:
+        response["Retry-After"] = str(err.retry_after)
     return response
 
 
@@ -370,15 +374,25 @@ async def _complete(
     if max_tokens is None:
         max_tokens = await asyncio.to_thread(_default_max_tokens, entry, prompt)
     fresh = not _client_request_id(request_id)  # this view minted it (a client's own id is kept as sent)
-    stream = await gateway.start(principal, _completion_call(data, prompt, max_tokens, request_id, fresh))
+    call = _completion_call(data, prompt, max_tokens, request_id, fresh)
     include_usage = bool(data["stream"] and (data["stream_options"] or {}).get("include_usage"))
-    chunks = _Chunks(stream, chat=chat, include_usage=include_usage, tokenizer=entry.tokenizer)
+
+    def chunks_for(stream: GatewayStream) -> _Chunks:
+        return _Chunks(stream, chat=chat, include_usage=include_usage, tokenizer=entry.tokenizer)
+
     if data["stream"]:
+        starting = await _start_or_queue(principal, call)
+        if isinstance(starting, _Queued):  # it waits for an engine slot: answer now, keep-alives till it starts
+            return StreamingHttpResponse(
+                _queued_sse_events(starting, chunks_for), content_type=SSE_CONTENT_TYPE, headers=SSE_HEADERS
+            )
         response = StreamingHttpResponse(
-            _sse_events(stream, chunks), content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS
+            _sse_events(starting, chunks_for(starting)), content_type=SSE_CONTENT_TYPE, headers=SSE_HEADERS
         )
-        _close_if_never_streamed(response, stream)
+        _close_if_never_streamed(response, starting)
         return response
+    stream = await gateway.start(principal, call)
+    chunks = chunks_for(stream)
     try:
         text, deltas = await gateway.collect(stream, ledger_written=False)  # the row is written behind the reply
     finally:
@@ -554,6 +568,75 @@ class _Chunks:
 
 def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _start_or_queue(principal: Principal, call: CompletionCall) -> GatewayStream | _Queued:
+    """The started stream; or, where it has to wait for an engine slot, its start in progress.
+
+    A streamed request that waits is answered at once (200, ``text/event-stream``) and kept
+    alive while it waits, so that clients and proxies with idle timeouts keep it; one that
+    the queue refuses up front (it could not start before its deadline) still gets its
+    429/503 with ``Retry-After``.
+    """
+    queued = _Queued()
+    queued.starting = asyncio.ensure_future(gateway.start(principal, call, queued.moved))
+    told = asyncio.ensure_future(queued.told.wait())
+    try:
+        await asyncio.wait({queued.starting, told}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the client went away: stop starting it (nothing was charged)
+        queued.starting.cancel()
+        raise
+    finally:
+        told.cancel()
+    return queued.starting.result() if queued.starting.done() else queued
+
+
+class _Queued:
+    """A streamed request waiting for an engine slot, and its latest place in the queue."""
+
+    def __init__(self) -> None:
+        self.starting: asyncio.Future[GatewayStream]
+        self.told = asyncio.Event()
+        self.position = 0
+
+    def moved(self, position: int) -> None:
+        self.position = position
+        self.told.set()
+
+
+async def _queued_sse_events(
+    queued: _Queued, chunks_for: Callable[[GatewayStream], _Chunks]
+) -> AsyncGenerator[bytes, None]:
+    """A queued stream's SSE body: a comment with its place in the queue while it waits, then the stream.
+
+    Refused after the answer began (its deadline passed), it ends with one ``error`` event
+    carrying ``retry_after``; a client that leaves while it waits leaves the queue.
+    """
+    starting = queued.starting
+    relayed = False
+    try:
+        told = -1
+        while not starting.done():
+            if queued.position != told:
+                told = queued.position
+                yield b": queued, position %d\n\n" % told
+            done, _ = await asyncio.wait({starting}, timeout=QUEUED_EVERY_S)
+            if not done and queued.position == told:
+                yield SSE_KEEPALIVE
+        try:
+            stream = starting.result()
+        except GatewayError as err:
+            yield _sse({"error": err.as_dict(), "retry_after": err.retry_after})
+            return
+        relayed = True
+        async with aclosing(_sse_events(stream, chunks_for(stream))) as events:  # it closes the stream
+            async for event in events:
+                yield event
+    finally:
+        if not starting.done():
+            starting.cancel()
+        elif not relayed and not starting.cancelled() and starting.exception() is None:
+            await asyncio.shield(starting.result().aclose())  # started as the client left: settle it (nothing sent)
 
 
 async def _sse_events(stream: GatewayStream, chunks: _Chunks) -> AsyncGenerator[bytes, None]:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from inference import settlement
-from inference.admission import admission
 from inference.breakers import BreakerState
 from inference.cloud import CloudEngine, CloudRequest
 from inference.completion import CompletionCall, TokenDelta, UsageSummary
@@ -33,6 +32,7 @@ from inference.errors import ContextTooLong, GatewayError, Overloaded, UpstreamF
 from inference.handoff import END, pump_on_loop, pump_on_thread
 from inference.holds import Hold, hold_more, price_in_pinned_book
 from inference.principals import Principal
+from inference.queueing import Slot
 from inference.redaction import Restoring, serving_call
 from inference.router import BUILTIN_POLICY, Policy, Route, escalate, fail_over
 from inference.runtime import db
@@ -111,8 +111,10 @@ class GatewayStream:
         policy: Policy = BUILTIN_POLICY,
         redaction: Redaction | None = None,
         pii: PiiReport | None = None,
+        slot: Slot | None = None,
     ):
         self.principal, self.call, self.entry, self.route = principal, call, entry, route
+        self.slot = slot  # its place on the engines (inference.queueing): given back when it settles
         self.policy = policy  # pinned: failovers and escalations of this request follow the same version
         self._redaction = redaction  # PII sent to the cloud as placeholders: put back in its answer
         self._pii = pii  # the prompt's PII scan: a later route onto the cloud redacts with it too
@@ -549,7 +551,8 @@ class GatewayStream:
         try:
             charge = settlement.charge(self, outcome, error)
         finally:
-            admission.leave(self.principal.tenant_id)
+            if self.slot is not None:
+                self.slot.release()
             self._leave_tier()
         self.usage = charge.summary
         if charge.batched is not None:

@@ -131,6 +131,7 @@ class LlamaCppDraft:
             raise ModelLoadError(f"llama.cpp cannot load {str(self.model_path)!r}: {exc}") from exc
         self.vocab_size: int = self._model.n_vocab()
         self.context_length: int = self._model.n_ctx_train()
+        self.max_sessions = max_sessions  # sequences of the shared context: sessions at once
         params = llama_cpp.llama_context_default_params()
         params.n_seq_max = max_sessions
         params.kv_unified = True  # one pool of cells: a long session may use what short ones leave

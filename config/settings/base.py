@@ -196,8 +196,18 @@ TANDEM_UPSTREAMS_TTL_S = get_env("TANDEM_UPSTREAMS_TTL_S", 5.0, float)  # how st
 TANDEM_POLICY_CACHE_TTL_S = get_env("TANDEM_POLICY_CACHE_TTL_S", 5.0, float)  # a published routing policy takes effect
 # the builtin routing policy (no policy published): route by the prompt's difficulty, or prefer speculative
 TANDEM_ROUTE_BY_DIFFICULTY = get_env("TANDEM_ROUTE_BY_DIFFICULTY", True, as_bool)
-# admission: streams one tenant may run at once (429 past it)
-TANDEM_MAX_STREAMS_PER_TENANT = get_env("TANDEM_MAX_STREAMS_PER_TENANT", 8, int)
+# admission (inference.queueing): streams one tenant runs at once in this process; more wait their turn
+TANDEM_MAX_STREAMS_PER_TENANT = get_env("TANDEM_MAX_STREAMS_PER_TENANT", 64, int)
+# requests waiting for an engine slot: in all (503 past it) and per tenant (429 past it)
+TANDEM_MAX_QUEUED = get_env("TANDEM_MAX_QUEUED", 2048, int)
+TANDEM_MAX_QUEUED_PER_TENANT = get_env("TANDEM_MAX_QUEUED_PER_TENANT", 1024, int)
+# how long a request may wait for a slot before a 503 (Retry-After), by latency class
+TANDEM_QUEUE_DEADLINE_S = {
+    "interactive": get_env("TANDEM_QUEUE_DEADLINE_INTERACTIVE_S", 120.0, float),
+    "batch": get_env("TANDEM_QUEUE_DEADLINE_BATCH_S", 900.0, float),
+}
+# streams a model's cloud upstreams take at once from this process (the local tiers: the draft's sequences)
+TANDEM_CLOUD_MAX_STREAMS = get_env("TANDEM_CLOUD_MAX_STREAMS", 256, int)
 # keep-alives so idle proxies do not cut long streams: SSE comment / websocket ping
 TANDEM_KEEPALIVE_S = get_env("TANDEM_KEEPALIVE_S", 15.0, float)
 TANDEM_MAX_PROMPT_CHARS = get_env("TANDEM_MAX_PROMPT_CHARS", 32_000, int)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from inference.queueing import scheduler
 from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
 from tenants import selectors, services
 
@@ -17,6 +18,7 @@ def empty_caches():
     """Each test starts with this process's key and price caches empty (their rows may be another test's)."""
     services.api_key_cache.forget()
     selectors.price_cache.forget()
+    scheduler.reset()  # and no engine slot still held by another test's stream
 
 
 # an engine a test releases token by token ----------------------------------------------------------

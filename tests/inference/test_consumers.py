@@ -435,3 +435,38 @@ async def test_a_start_frame_may_ask_for_each_tokens_logprobs(account):
     await ws.disconnect()
     assert [t["logprob"] for t in tokens] == [-0.1, -0.1, -0.5] and done["type"] == "done"
     assert all(len(t["top_logprobs"]) == 1 and t["top_logprobs"][0]["token_id"] == t["token_id"] for t in tokens)
+
+
+async def test_a_stream_that_waits_for_a_slot_gets_a_queued_frame_then_runs(account, gated, settings):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 1
+    ws = await key_socket(account)
+    await ws.send_json_to(start("s1", max_tokens=3))
+    gated.gate.release(1)
+    assert (await receive(ws))["type"] == "started"
+    assert (await receive(ws))["type"] == "delta"  # its first token
+    await ws.send_json_to(start("s2", max_tokens=3))
+    queued = await receive(ws)
+    assert queued["type"] == "queued" and queued["id"] == "s2" and queued["position"] == 1
+    assert queued["request_id"]
+    gated.gate.release(100)
+    frames: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+    while ("done", "s2") not in seen:
+        frame = await receive(ws)
+        frames.append(frame)
+        seen.add((frame["type"], frame["id"]))
+    assert ("done", "s1") in seen and ("started", "s2") in seen
+    starts = [i for i, f in enumerate(frames) if f["type"] == "started"]
+    assert frames.index(next(f for f in frames if f["type"] == "done" and f["id"] == "s1")) < starts[0]
+    await ws.disconnect()
+
+
+async def test_a_queue_refusal_on_the_websocket_says_when_to_retry(account, gated, settings):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 0
+    settings.TANDEM_MAX_QUEUED_PER_TENANT = 0
+    ws = await key_socket(account)
+    await ws.send_json_to(start())
+    error = await receive(ws)
+    assert error["type"] == "error" and error["error"]["code"] == "too_many_queued" and error["retry_after"] >= 1
+    assert await nothing_charged()
+    await ws.disconnect()

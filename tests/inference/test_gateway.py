@@ -14,6 +14,7 @@ from inference.errors import (
     ContextTooLong,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
     PermissionDenied,
     RateLimited,
 )
@@ -189,16 +190,47 @@ async def test_a_viewer_may_not_spend_and_a_user_acts_only_in_their_tenants(acco
         await gateway.principal_for_user(account.user, other_account.tenant.pk)
 
 
-async def test_streams_past_the_tenants_limit_are_rate_limited(account, settings):
+async def test_streams_past_the_tenants_limit_wait_their_turn_and_past_its_queue_share_get_429(account, settings):
     settings.TANDEM_MAX_STREAMS_PER_TENANT = 2
+    settings.TANDEM_MAX_QUEUED_PER_TENANT = 1
     principal = await key_principal(account)
     open_streams = [await gateway.start(principal, call(max_tokens=50)) for _ in range(2)]
-    with pytest.raises(RateLimited):
-        await gateway.start(principal, call())
-    for stream in open_streams:
-        await stream.aclose()
-    later = await gateway.start(principal, call(max_tokens=3))  # a slot is free again
-    await gateway.collect(later)
+    positions: list[int] = []
+    waiting = asyncio.ensure_future(gateway.start(principal, call(max_tokens=3), positions.append))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if positions:
+            break
+    assert positions == [1] and not waiting.done()  # it waits (first in line), it is not refused
+    second = call()
+    with pytest.raises(RateLimited) as refused:  # a second waiter is past this tenant's share of the queue
+        await gateway.start(principal, second)
+    assert refused.value.code == "too_many_queued" and refused.value.retry_after >= 1
+    await open_streams[0].aclose()  # a slot frees: the waiter takes it
+    later = await asyncio.wait_for(waiting, 5)
+    text, _ = await gateway.collect(later)
+    assert text
+    await open_streams[1].aclose()
+    for stream in (*open_streams, later):
+        await stream.settled()
+    assert await UsageRecord.objects.filter(request_id=later.request_id).aexists()
+    assert not await UsageRecord.objects.filter(request_id=second.request_id).aexists()
+
+
+async def test_a_request_that_cannot_start_before_its_deadline_gets_503_with_retry_after(account, settings):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 1
+    settings.TANDEM_QUEUE_DEADLINE_S = {"interactive": 0.2, "batch": 0.2}
+    principal = await key_principal(account)
+    running = await gateway.start(principal, call(max_tokens=50))
+    late = call()
+    with pytest.raises(Overloaded) as refused:
+        await gateway.start(principal, late)
+    assert refused.value.code == "queue_timeout" and refused.value.retry_after >= 1
+    await running.aclose()
+    await running.settled()
+    assert not await UsageRecord.objects.filter(request_id=late.request_id).aexists()  # refused: charged nothing
+    next_one = await gateway.start(principal, call(max_tokens=3))  # the slot it waited for was not lost
+    await gateway.collect(next_one)
 
 
 async def test_a_verifier_that_is_down_sends_requests_to_the_edge_tier(account):

@@ -19,6 +19,7 @@ from inference import api_handler as api_handler_module
 from inference import gateway, openai_api
 from inference.engines import TRIVIAL_TEXT
 from inference.errors import InvalidRequest
+from inference.queueing import scheduler
 from tenants.models import Budget, Reservation, UsageRecord
 from tenants.services import api_key_create, api_key_revoke, budget_set
 from tests.inference.conftest import GatedEngine, serving_gated
@@ -225,10 +226,21 @@ async def test_official_client_sees_an_exhausted_budget_as_status_402(account, c
     assert info.value.status_code == 402 and info.value.code == "budget_exceeded"
 
 
-async def test_official_client_sees_the_per_tenant_stream_limit_as_a_rate_limit(client, settings):
+async def test_official_client_sees_a_tenant_past_its_queue_share_as_a_rate_limit_with_retry_after(client, settings):
     settings.TANDEM_MAX_STREAMS_PER_TENANT = 0
-    with pytest.raises(openai.RateLimitError):
+    settings.TANDEM_MAX_QUEUED_PER_TENANT = 0
+    with pytest.raises(openai.RateLimitError) as info:
         await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+    assert info.value.code == "too_many_queued" and int(info.value.response.headers["retry-after"]) >= 1
+
+
+async def test_official_client_sees_a_queue_deadline_as_a_503_with_retry_after(client, settings):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 0
+    settings.TANDEM_QUEUE_DEADLINE_S = {"interactive": 0.1, "batch": 0.1}
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+    assert info.value.status_code == 503 and info.value.code == "queue_timeout"
+    assert int(info.value.response.headers["retry-after"]) >= 1
 
 
 async def test_official_client_raises_the_mid_stream_error_event(client):
@@ -808,3 +820,99 @@ async def test_without_logprobs_the_field_is_null(client):
 async def test_bad_logprobs_fields_are_refused_naming_them(account, http, fields, param):
     response = await post_chat(http, account.raw_key, max_tokens=2, **fields)
     assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+# waiting for an engine slot -----------------------------------------------------------------------
+async def test_a_stream_that_waits_for_a_slot_is_answered_at_once_told_its_place_then_streamed(
+    account, gated, settings
+):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 1
+    running = asyncio.ensure_future(
+        asgi_post(
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True},
+            account.raw_key,
+        )
+    )
+    await asyncio.sleep(0.2)  # it holds the tenant's only slot, waiting at the gate after 3 tokens
+    seen: list[str] = []
+
+    def hang_up_once_streaming(body: str) -> bool:
+        seen.append(body)
+        return "[DONE]" in body
+
+    waiting = asyncio.ensure_future(
+        asgi_post(
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True},
+            account.raw_key,
+            hang_up_once_streaming,
+        )
+    )
+    for _ in range(200):  # the second stream's response began while the first still holds the only slot
+        await asyncio.sleep(0.01)
+        if seen:
+            break
+    assert seen and seen[-1].startswith(": queued, position 1") and not waiting.done()
+    gated.gate.release(100)  # the first stream ends; its slot goes to the waiter
+    assert (await asyncio.wait_for(running, 10))[0] == 200
+    status, headers, body = await asyncio.wait_for(waiting, 10)
+    assert status == 200 and body.startswith(": queued, position 1")
+    assert content_of(sse_data(body)) and sse_data(body)[-1] == "[DONE]"
+    row = await UsageRecord.objects.aget(request_id=headers["x-request-id"])
+    assert row.outcome == "completed" and row.completion_tokens == 4
+
+
+async def test_a_queued_stream_whose_deadline_passes_ends_with_an_error_event_and_charges_nothing(
+    account, gated, settings
+):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 1
+    settings.TANDEM_QUEUE_DEADLINE_S = {"interactive": 0.3, "batch": 0.3}
+    first = asyncio.ensure_future(
+        asgi_post(
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": HELLO, "max_tokens": 50, "stream": True},
+            account.raw_key,
+            lambda body: "queue_timeout" in body,
+        )
+    )
+    await asyncio.sleep(0.2)
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True},
+        account.raw_key,
+    )
+    assert status == 200 and body.startswith(": queued, position 1")
+    (error,) = sse_data(body)
+    assert error["error"]["code"] == "queue_timeout" and error["retry_after"] >= 1
+    assert not await UsageRecord.objects.filter(request_id=headers["x-request-id"]).aexists()
+    gated.gate.release(100)
+    await asyncio.wait_for(first, 10)
+
+
+async def test_a_client_that_leaves_while_queued_leaves_the_queue_and_is_charged_nothing(account, gated, settings):
+    settings.TANDEM_MAX_STREAMS_PER_TENANT = 1
+    first = asyncio.ensure_future(
+        asgi_post(
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": HELLO, "max_tokens": 50, "stream": True},
+            account.raw_key,
+            lambda body: "[DONE]" in body,
+        )
+    )
+    await asyncio.sleep(0.2)
+    status, headers, body = await asgi_post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True},
+        account.raw_key,
+        lambda body: "queued" in body,  # hang up as soon as it is told it waits
+    )
+    assert status == 200
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not scheduler.pool("tandem-test/local", 64).waiting():
+            break
+    assert scheduler.pool("tandem-test/local", 64).waiting() == 0
+    assert not await UsageRecord.objects.filter(request_id=headers["x-request-id"]).aexists()
+    gated.gate.release(100)
+    await asyncio.wait_for(first, 10)
