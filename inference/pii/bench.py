@@ -27,7 +27,7 @@ TYPICAL_CLEAN = (
 )
 TYPICAL_PII = (
     "Hi, I'm Laura Fischer. Please draft a reply to the landlord: my new phone is +49 151 23456789, "
-    "email laura.fischer@example.de, and the deposit goes to DE89 3704 0044 0532 0130 00. Thanks!"
+    "email laura.fischer@example.de, and the deposit goes to DE18 3704 0044 0532 0130 17. Thanks!"
 )
 _PARAGRAPH = (
     "The quarterly review covers infrastructure costs, the migration of the reporting service to "
@@ -38,7 +38,7 @@ _PARAGRAPH = (
 )
 _PII_SENTENCE = (
     "Contact Dr. Maria Gonzalez at maria.gonzalez@clinic.es or +34 912 345 678 about patient "
-    "record 4412; her card 4111 1111 1111 1111 was charged twice and the SSN on file is 536-22-8793. "
+    "record 4412; her card 4539 1488 0343 6467 was charged twice and the SSN on file is 536-22-8793. "
 )
 
 

@@ -4,7 +4,10 @@ a few personal counterparts that must still be found.
 Categories are the name model's usual false alarms: places (cities, countries, rivers, regions), products and
 companies, example names in programming and teaching questions, capitalised words opening sentences in German,
 French, Spanish, Italian and Dutch, historical and public figures, names inside theorem and law names, and
-one-letter or function-word tokens. The filler lists here are written by hand and are not the lists the
+one-letter or function-word tokens; and (2026-12) lone capitalised words (German and Dutch nouns, months and
+holidays, sentence openers, labels, mixed-case acronyms), documentation values (reserved e-mail domains and IP
+ranges, vendors' example keys, IBANs and test cards, never-issued SSNs, placeholder and fictional names) and
+secret variable names in code. The filler lists here are written by hand and are not the lists the
 detector's gazetteers are built from (``non_names_build``), though real places and scientists overlap.
 """
 
@@ -85,6 +88,26 @@ _PLACEHOLDERS = (
 )  # fmt: skip
 _PLACEHOLDER_FULL = ("John Doe", "Jane Doe", "Max Mustermann", "Erika Mustermann", "John Smith", "Jane Smith")
 _LETTERS = ("O", "B", "A", "C", "X", "N", "K")
+
+# Lone capitalised words that are no names: German nouns (some misspelt, as typed), months, weekdays and holidays
+# in six languages, ordinary words opening a sentence or a line, mixed-case acronyms.
+_GERMAN_NOUNS = (
+    "Gemeindehalle", "Kundenkartei", "Zeile", "Vorlage", "Abrechnung", "Nachweis", "Mahnung", "Kündigung",
+    "Betriebskosten", "Vereinssatzung", "Anmeldeformular", "Überweisung", "Kassenprüfung", "Jahresbericht",
+    "Wohngeld", "Schulanmeldung", "Eintrittskarten", "Bauantrag", "Zwischenzeugnis", "Nebenkostenabrechung",
+    "Protokol", "Rechnungsadresse", "Spendenquittung", "Tabelle", "Feuerwehrfest", "Elternabend",
+)  # fmt: skip
+_DUTCH_NOUNS = ("Gemeentehuis", "Factuur", "Vergadering", "Jaarverslag", "Huurcontract", "Kolom")
+_CALENDAR = (
+    "March", "May", "June", "July", "August", "Monday", "Friday", "März", "Juni", "Oktober", "Mittwoch",
+    "Samstag", "Avril", "Juillet", "Mardi", "Dimanche", "Enero", "Junio", "Viernes", "Domingo", "Giugno",
+    "Settembre", "Venerdì", "Augustus", "Woensdag", "Ostern", "Weihnachten", "Pâques", "Navidad", "Natale",
+    "Christmas", "Easter", "Pfingsten", "Kerstmis",
+)  # fmt: skip
+_OPENERS = (
+    "Rain", "Bread", "Honey", "Stone", "Short", "Brown", "Green", "Young", "Little", "Rich", "Strong", "Fair",
+)  # fmt: skip
+_ACRONYMS = ("PaaS", "IaaS", "SaaS", "GmbH", "PhD", "MiB", "GiB", "DevOps", "FinOps", "iOS", "macOS", "WiFi")
 
 _TEMPLATES: dict[str, tuple[str, ...]] = {
     "place": (
@@ -171,6 +194,48 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
         "Plan {LETTER}: what do we do if the launch slips?",
         "Is blood type {LETTER} compatible with type {LETTER}?",
     ),
+    "lone capitalised word": (
+        "Kannst du die {NOUN} bis morgen fertig machen? Sie liegt im Ordner.",
+        "Wo finde ich die {NOUN}? Ich brauche sie für den Verein.",
+        "Bitte prüfe, ob die {NOUN} vollständig ist, und schreib mir eine kurze Antwort.",
+        "Wir haben {NOUN} und {NOUN} noch nicht bekommen. Was soll ich tun?",
+        "Formuliere eine höfliche Erinnerung wegen der {NOUN}.",
+        "Kun je de {DUTCH} vertalen naar het Engels?",
+        "We are closed in {CALENDAR}. Please write a short notice for the website.",
+        "Im {CALENDAR} ist das Büro geschlossen. Schreib bitte einen Aushang.",
+        "Quels sont les horaires en {CALENDAR} ?",
+        "Hasta {CALENDAR} no tenemos vacaciones.",
+        "{CALENDAR}: plan the team offsite agenda.",
+        "{OPENER} is the theme of my essay. Give me three opening lines.",
+        "{OPENER} prices went up again. Explain why in two sentences.",
+        "Update: the build passes now.\n{OPENER} question: how do I cache the wheels?",
+        "Edit: fixed the link.\nNote: the slides are in the shared drive.",
+        "Is {ACRONYM} worth it for a team of five?",
+        "Compare {ACRONYM} pricing with running our own servers.",
+        "Das ist z. B. bei der {NOUN} so. Wie formuliere ich das besser?",
+        "Siehe Abschnitt {LETTER}. Dort steht z. B. die {NOUN}.",
+    ),
+    "documentation value": (
+        "Why does {DOC_EMAIL} fail my e-mail validation regex?",
+        "In the docs, send a test message to {DOC_EMAIL} and check the logs.",
+        "Our firewall blocks {DOC_IP}. How do I whitelist it?",
+        "Allow the subnet {CIDR} in the security group.",
+        "The tutorial uses the key {DOC_KEY}. Where do I put mine?",
+        "Explain the IBAN check digits using {DOC_IBAN} as the example.",
+        "Checkout fails with card {DOC_CARD}, expiry 12/34, CVC 123. What is wrong with my integration?",
+        "Is {DOC_SSN} a valid SSN format for my form validator?",
+        "Fill the sample form for {PLACEHOLDER_NAME}, Musterstraße 1, 12345 Musterstadt.",
+        "Write a short scene where {FICTIONAL} explains the case to {FICTIONAL}.",
+        "Who is the best detective: {FICTIONAL} or {FICTIONAL}?",
+    ),
+    "code variable": (
+        "Why does this fail?\n\ndef sign(secret, payload):\n    mac = hmac.new(secret, payload, 'sha256')\n"
+        "    return {'signature': mac.hexdigest(), 'client_secret': secret}",
+        "Refactor this:\nconfig = {'token': token, 'password': password, 'api_key': api_key}",
+        "Is this safe?\nclient = Client(api_key=self.api_key, secret=settings.secret)",
+        "Review: headers = {'Authorization': auth_header}; body = {'refresh_token': refresh_token}",
+        "const opts = { password: opts.password, token: authToken };  // why is token undefined?",
+    ),
 }
 
 
@@ -199,12 +264,39 @@ def personal_counterparts(seed: int, count: int) -> list[Example]:
         ("Remind Paris Hilton-Baker about her dentist appointment on Tuesday.", "Paris Hilton-Baker"),
         ("Alice from accounting said her new address is 4 Elm Street, Leeds LS1 4AB.", "Alice"),
         ("Mrs. Newton, born 3 March 1957, asked about her pension.", "Newton"),
+        ("Im August hat Herr Brandt zweimal angerufen. Bitte ruf ihn zurück.", "Brandt"),
+        ("Liebe Zeynep, die Abrechnung ist fertig.", "Zeynep"),
     )
+    # A real value next to its documentation look-alike: the look-alike is dropped, the value must stay.
+    valued = (
+        ("Not user@example.com: my real address is lena.vogt@posteo.de, please update it.", "lena.vogt@posteo.de", "EMAIL"),
+        ("The docs use 203.0.113.9, but the failed logins came from 81.206.130.46.", "81.206.130.46", "IP_ADDRESS"),
+        ("Not the sample AKIAIOSFODNN7EXAMPLE: ours is AKIA2OGYBAH6QJTM4XZP, rotate it.", "AKIA2OGYBAH6QJTM4XZP", "CREDENTIAL"),
+        ("Subnet 10.8.0.0/22 is fine; the host 81.206.130.46/24 is my home router.", "81.206.130.46", "IP_ADDRESS"),
+        ("config = {'client_secret': secret}  # secret = 'Zr8u2mQx!pL4' in prod", "Zr8u2mQx!pL4", "CREDENTIAL"),
+    )  # fmt: skip
     examples = []
     for text, name in (rng.choice(templates) for _ in range(count)):
         start = text.index(name)
         examples.append(Example(text, (Gold("PERSON", start, start + len(name), "counterpart"),)))
+    for text, value, kind in (rng.choice(valued) for _ in range(max(1, count // 2))):
+        start = text.index(value)
+        examples.append(Example(text, (Gold(kind, start, start + len(value), "counterpart"),)))
     return examples
+
+
+_DOC_EMAILS = (
+    "user@example.com", "jane.doe@example.org", "noreply@mail.example.net", "ci-bot@build.test", "admin@site.example",
+    "bounce@nowhere.invalid",
+)  # fmt: skip
+_DOC_IPS = ("192.0.2.17", "198.51.100.23", "203.0.113.250", "10.20.30.40", "172.16.5.4", "192.168.0.1", "fd00::1")
+_CIDRS = ("10.0.0.0/8", "10.8.0.0/22", "172.16.0.0/12", "198.51.100.0/24", "81.206.128.0/20", "2001:db8::/32")
+_DOC_KEYS = ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "AKIAI44QH8DHBEXAMPLE")
+_DOC_IBANS = ("DE89 3704 0044 0532 0130 00", "GB82 WEST 1234 5698 7654 32", "FR14 2004 1010 0505 0001 3M02 606")
+_DOC_CARDS = ("4242 4242 4242 4242", "4111 1111 1111 1111", "5555 5555 5555 4444", "3782 822463 10005")
+_DOC_SSNS = ("078-05-1120", "000-12-3456", "666-45-6789", "912-34-5678", "123-00-4567", "123-45-0000")
+_PLACEHOLDER_NAMES = ("Max Mustermann", "Erika Mustermann", "John Doe", "Jane Doe", "Mario Rossi")
+_FICTIONAL = ("Sherlock Holmes", "Hercule Poirot", "Miss Marple", "Dr Watson", "James Bond", "Harry Potter")
 
 
 def _fill(template: str, rng: random.Random) -> str:
@@ -217,10 +309,24 @@ def _fill(template: str, rng: random.Random) -> str:
         "FIGURE": _FIGURES,
         "EPONYM": _EPONYMS,
         "FOREIGN": _EPONYM_FOREIGN,
+        "NOUN": _GERMAN_NOUNS,
+        "DUTCH": _DUTCH_NOUNS,
+        "CALENDAR": _CALENDAR,
+        "OPENER": _OPENERS,
+        "ACRONYM": _ACRONYMS,
+        "DOC_EMAIL": _DOC_EMAILS,
+        "DOC_IP": _DOC_IPS,
+        "CIDR": _CIDRS,
+        "DOC_KEY": _DOC_KEYS,
+        "DOC_IBAN": _DOC_IBANS,
+        "DOC_CARD": _DOC_CARDS,
+        "DOC_SSN": _DOC_SSNS,
+        "PLACEHOLDER_NAME": _PLACEHOLDER_NAMES,
+        "FICTIONAL": _FICTIONAL,
     }
 
     def value(match: re.Match[str]) -> str:
         slot = match.group(1)
         return fixed[slot] if slot in fixed else rng.choice(pools[slot])
 
-    return re.sub(r"\{([A-Z]+)\}", value, template)
+    return re.sub(r"\{([A-Z_]+)\}", value, template)

@@ -15,9 +15,8 @@ from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
 from inference.pii.context import cue_before, glued_before
 from inference.pii.findings import PiiFinding, PiiKind
+from inference.pii.reserved import is_public_address, is_reserved_email_domain, is_unissuable_ssn
 
-# Example domains are still reported: a prompt that pastes "jane@example.com" usually stands in for a real
-# address the user replaced by hand, and one simple rule is easier to trust than a list of exceptions.
 _EMAIL = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,63})@"
     r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*"
@@ -34,6 +33,8 @@ def find_emails(text: str) -> Iterator[PiiFinding]:
         # "git@github.com:org/repo.git" is an SSH remote, not a mailbox.
         if match.group().startswith("git@") and text.startswith(":", match.end()):
             continue
+        if is_reserved_email_domain(match.group().rsplit("@", 1)[1]):
+            continue  # "user@example.com", "ci@build.test": a documentation or test address reaches no one
         yield PiiFinding.at(PiiKind.EMAIL, text, match.start(), match.end(), 0.95)
 
 
@@ -73,6 +74,7 @@ _STRONG_PHONE_CUE = re.compile(
 # libphonenumber finds the area code unassigned (fictional 555 numbers are how people anonymise badly).
 _NANP_SHAPE = re.compile(r"(?:\+?1[ .\-]?)?(?:\(\d{3}\)[ ]?|\d{3}[.\-])\d{3}[.\-]\d{4}")
 _DATE_SHAPE = re.compile(r"\d{4}[.\-/]\d{1,2}[.\-/]\d{1,2}|\d{1,2}[.\-/]\d{1,2}[.\-/]\d{2,4}")
+_SSN_LAYOUT = re.compile(r"\d{3}-\d{2}-\d{4}")
 _IPV4_SHAPE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _EXTENSION = re.compile(r"[ ]?(?:x|ext\.?)[ ]?\d{1,6}$")
 # Regions an unprefixed number is tried in first: with a trunk "0" it is European, without one North
@@ -186,6 +188,8 @@ def _phones_in(text: str, start: int, end: int, taken: Sequence[PiiFinding]) -> 
         if any(t.start < match.end() and match.start() < t.end for t in taken):
             continue
         candidate = match.group().rstrip()
+        if _SSN_LAYOUT.fullmatch(candidate) and is_unissuable_ssn(candidate.replace("-", "")):
+            continue  # "078-05-1120", "666-12-3456": written as an SSN, and one that is never issued
         cued = cue_before(text, match.start(), _PHONE_CUE)
         score = _phone_score(candidate, cued, cued and cue_before(text, match.start(), _STRONG_PHONE_CUE))
         if score is not None:
@@ -196,10 +200,20 @@ _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|\d{1,3}(?:\.\d{1,3}){3})?(?![\w:])")
 
 
-def _reportable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    # Loopback and the unspecified address identify no one ("bind to 0.0.0.0", "curl localhost/127.0.0.1").
-    # Private ranges are kept: they map a tenant's network, which is not for the cloud tier either.
-    return not (address.is_loopback or address.is_unspecified)
+# A network written with its prefix length ("81.206.128.0/22") is a range, not a host: its host bits are zero
+# and the prefix is shorter than an address. "81.206.130.46/24" (an interface's address) is a host.
+_CIDR_SUFFIX = re.compile(r"/(\d{1,3})(?!\d)")
+
+
+def _network_written(text: str, end: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    suffix = _CIDR_SUFFIX.match(text, end)
+    if suffix is None or int(suffix.group(1)) >= address.max_prefixlen:
+        return False
+    try:
+        ipaddress.ip_network(f"{address}/{suffix.group(1)}", strict=True)
+    except ValueError:
+        return False  # host bits set, or no valid prefix length
+    return True
 
 
 def find_ip_addresses(text: str) -> Iterator[PiiFinding]:
@@ -210,7 +224,7 @@ def find_ip_addresses(text: str) -> Iterator[PiiFinding]:
             address4 = ipaddress.IPv4Address(match.group())
         except ValueError:
             continue
-        if _reportable(address4) and str(address4) != "255.255.255.255":
+        if is_public_address(address4) and not _network_written(text, match.end(), address4):
             yield PiiFinding.at(PiiKind.IP_ADDRESS, text, match.start(), match.end(), 0.9)
     if "::" not in text and text.count(":") < 7:
         return  # no IPv6 address can be here; skip the scan
@@ -222,5 +236,5 @@ def find_ip_addresses(text: str) -> Iterator[PiiFinding]:
             address6 = ipaddress.IPv6Address(value)
         except ValueError:
             continue
-        if _reportable(address6):
+        if is_public_address(address6) and not _network_written(text, match.end(), address6):
             yield PiiFinding.at(PiiKind.IP_ADDRESS, text, match.start(), match.end(), 0.9)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from inference.pii.context import glued_before, lowered
 from inference.pii.findings import PiiFinding, PiiKind
+from inference.pii.reserved import is_example_key
 
 # Keys whose prefix alone says what they are; the whole match is the secret.
 # (Literal-first, no leading \b, so that the regex engine skips ahead; the boundary is checked in Python.)
@@ -98,12 +99,34 @@ def _looks_secret(value: str, assigned: bool = False) -> bool:
         return False  # a placeholder, a word of prose, or code ("token = get_token()")
     if re.fullmatch(r"[A-Z][A-Z_]*", value):
         return False  # an environment variable's name or a placeholder: api_key=YOUR_API_KEY
+    if is_example_key(value) or _names_a_variable(value):
+        return False
     if assigned:
         return True  # "password: hunter" is a password whatever it looks like
     if any(c.isdigit() for c in value) or len(value) >= 16:
         return not value.isupper() or any(c.isdigit() for c in value)  # YOUR_API_KEY_HERE is a placeholder
     # A short all-letter value is a secret only when it mixes case or symbols ("hunter", "Tr0ub4dor").
     return any(not c.isalnum() for c in value) or (value != value.lower() and value != value.upper())
+
+
+# Code passes secrets around by name: "'client_secret': secret,", "token=self.token", "password=args.password".
+# Such a value is a variable: an identifier without digits that is an attribute path or is built from secret
+# words ("secret", "api_key", "authToken"). "hunter", "mypassword" or "Passw0rd" stay values.
+_IDENTIFIER = re.compile(r"[A-Za-z_]+(?:\.[A-Za-z_]+)*(?:\[[\"']?[A-Za-z_]+[\"']?\])?")
+_SECRET_PARTS = frozenset(
+    "secret secrets token tokens password passwd pwd pass passphrase key keys apikey credential credentials auth"
+    " bearer".split()
+)
+
+
+def _names_a_variable(value: str) -> bool:
+    core = value.rstrip(")]},")
+    if not _IDENTIFIER.fullmatch(core):
+        return False
+    if "." in core or "[" in core:
+        return True  # an attribute or an item: self.token, settings.secret, os.environ["KEY"]
+    parts = re.split(r"_+|(?<=[a-z])(?=[A-Z])", core)
+    return any(part.lower() in _SECRET_PARTS for part in parts)
 
 
 def _looks_generated(value: str) -> bool:
@@ -136,7 +159,7 @@ def _basic_credentials(value: str) -> bool:
 
 def find_credentials(text: str) -> Iterator[PiiFinding]:
     for match in _PREFIXED.finditer(text):
-        if not glued_before(text, match.start()):
+        if not glued_before(text, match.start()) and not is_example_key(match.group()):
             yield PiiFinding.at(PiiKind.CREDENTIAL, text, match.start(), match.end(), 0.95)
     if "PRIVATE KEY" in text:
         for match in _PRIVATE_KEY.finditer(text):
@@ -190,7 +213,7 @@ def _secrets_near_key_words(text: str, lower: str) -> Iterator[PiiFinding]:
             while end < len(text) and (text[end].isalnum() or text[end] in "+/=_-.~"):
                 end += 1  # the window cut the value short: take all of it
             value = text[match.start() : end].rstrip(".")
-            if _looks_generated(value):
+            if _looks_generated(value) and not is_example_key(value):
                 yield PiiFinding.at(PiiKind.CREDENTIAL, text, match.start(), match.start() + len(value), 0.85)
                 break
         searched_to = stop

@@ -15,6 +15,7 @@ from inference.pii.context import lowered
 from inference.pii.credentials import find_credentials
 from inference.pii.cued_names import find_cued_names
 from inference.pii.findings import KIND_PRIORITY, PiiFinding, PiiKind, PiiReport
+from inference.pii.lone_words import Prompt
 from inference.pii.names import NameModel
 from inference.pii.non_names import NonNames
 from inference.pii.normalise import normalise
@@ -62,10 +63,10 @@ class Detector:
 
     def _model_names(self, text: str, other_pii: bool) -> Iterator[PiiFinding]:
         # Only the model's guesses are checked: a name after "my name is" is a name whatever the word.
-        lower: str | None = None
+        prompt: Prompt | None = None
         for found in self._names.find(text):
-            lower = lowered(text) if lower is None else lower
-            if not self._non_names.overrules(text, found, self._names.gazetteer, other_pii, lower):
+            prompt = Prompt(text) if prompt is None else prompt
+            if not self._non_names.overrules(text, found, self._names.gazetteer, other_pii, prompt):
                 yield found
 
 

@@ -13,10 +13,12 @@ languages), recall per category and per variant (counting a finding of any kind)
 rate;
 clean_prompts: PII-free prompts of the name model's usual false alarms (``clean_set``: places, products, example
 names in teaching questions, capitalised sentence openers in five languages, historical figures, eponyms, one-letter
-tokens): clean rate overall and per category, and the share of personal counterparts (a placeholder-like or
-place-like name with personal details) still found;
+tokens, lone capitalised words such as German nouns and months, documentation values, secret variables in code):
+clean rate overall and per category, and the share of personal counterparts (a placeholder-like or place-like name
+with personal details, a real value next to its documentation look-alike) still found;
 obfuscation: the same for the obfuscation categories (``obfuscation_set``: e-mail words and numbers spelled
-out in seven languages, ids a clause after their cue) and their look-alikes (prices, counts, "Punkt", "at").
+out in seven languages, ids a clause after their cue, defanged IPs and e-mails) and their look-alikes (prices,
+counts, "Punkt", "at", bracketed dots in versions and documentation values).
 """
 
 from __future__ import annotations

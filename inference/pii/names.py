@@ -35,7 +35,7 @@ TITLES = frozenset(
     " signor signora dhr mevr".split()
 )
 # Lower-case particles that may sit inside a name ("Ludwig van Beethoven", "María de la Cruz").
-_PARTICLES = frozenset("van von de der den del della di da dos du la le ten ter zu y".split())
+NAME_PARTICLES = frozenset("van von de der den del della di da dos du la le ten ter zu y".split())
 
 
 class Token(NamedTuple):
@@ -199,7 +199,7 @@ def _continues_name(tokens: Sequence[Token], i: int, last: Token) -> bool:
         return False
     if token.text == "." and len(last.text) == 1 and token.start == last.end:
         return True
-    return token.text in _PARTICLES
+    return token.text in NAME_PARTICLES
 
 
 def _emit(text: str, span: list[tuple[Token, float]]) -> Iterator[PiiFinding]:

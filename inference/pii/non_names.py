@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.pii.context import lowered
 from inference.pii.errors import PiiModelError
 from inference.pii.findings import PiiFinding
+from inference.pii.lone_words import Prompt, is_lone_non_name
 from inference.pii.names import TITLES, Gazetteer
 
 NON_NAMES_PATH = Path(__file__).resolve().parent.parent / "assets" / "pii" / "non_names.json.gz"
@@ -101,22 +101,27 @@ class NonNames:
         return cls(frozenset(payload["places"]), frozenset(payload["products"]), frozenset(payload["eponyms"]))
 
     def overrules(
-        self, text: str, finding: PiiFinding, gazetteer: Gazetteer, other_pii: bool, lower: str | None = None
+        self, text: str, finding: PiiFinding, gazetteer: Gazetteer, other_pii: bool, prompt: Prompt | None = None
     ) -> bool:
         """Whether the name model's PERSON ``finding`` in ``text`` is no person.
 
         ``other_pii``: the prompt holds another kind of personal detail, which lifts every rule that depends on
         the reading of the prompt (places, products, example names); function words and eponyms always hold.
-        ``lower``: ``context.lowered(text)``, when the caller has it.
+        ``prompt``: ``Prompt(text)``, shared by the calls of one scan so that what is read from the whole text
+        (the lower-cased copy, the language) is worked out once.
         """
         words = _words(finding.text)
-        if all(len(w) == 1 or w in FUNCTION_WORDS for w in words) and not _initial(text, finding.end):
+        if all(len(w) == 1 or w in FUNCTION_WORDS for w in words) and not _initial(text, finding.end, gazetteer):
             return True
-        lower = lowered(text) if lower is None else lower
+        prompt = Prompt(text) if prompt is None else prompt
+        lower = prompt.lower
         if _is_eponym(lower, finding.start, finding.end, words):
             return True
         if other_pii or _titled(lower, finding.start):
             return False
+        lone = _lone_word(text, finding)
+        if lone is not None and is_lone_non_name(prompt, *lone, gazetteer):
+            return True
         key = " ".join(words)
         if key in _PLACEHOLDER_NAMES:
             return True
@@ -166,6 +171,26 @@ def _teaching(lower: str) -> bool:
     return _TEACHING.search(lower) is not None or ("alice" in lower and "bob" in lower)
 
 
-def _initial(text: str, end: int) -> bool:
-    # "J." of "Rafał J. Kloch": a letter with its full stop is an initial, kept for the name around it.
-    return text.startswith(".", end)
+def _initial(text: str, end: int, gazetteer: Gazetteer) -> bool:
+    # "J." of "Rafał J. Kloch": a letter with its full stop is an initial, kept for the name around it; but only
+    # when a capitalised word follows that is a known name or no common word ("z. B. ein Beispiel", "Abschnitt K.
+    # Dort steht ..." hold no initial).
+    if not text.startswith(".", end):
+        return False
+    after = _WORD.match(text[end + 1 : end + 40].lstrip(" \t"))
+    if after is None or not after.group()[0].isupper():
+        return False
+    word = after.group().lower()
+    return word in gazetteer.last_names or word in gazetteer.first_names or word not in gazetteer.common_words
+
+
+def _lone_word(text: str, finding: PiiFinding) -> tuple[int, int] | None:
+    """The span of the one word a finding comes down to once a leading article or pronoun is set aside ("Die
+    Stadtbibliothek" -> "Stadtbibliothek"), or None when it holds more than one word."""
+    spans = [(finding.start + m.start(), finding.start + m.end()) for m in _NAME_WORD.finditer(finding.text)]
+    while len(spans) > 1 and text[spans[0][0] : spans[0][1]].lower() in FUNCTION_WORDS:
+        spans.pop(0)
+    return spans[0] if len(spans) == 1 else None
+
+
+_NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-][^\W\d_]+)*")

@@ -1,7 +1,7 @@
 """Undo common obfuscations in a copy of the text, keeping a map from every copied character back to the original.
 
 People (and prompts pasted from chats) write ``john dot doe at example dot com``, ``jean point dupont arobase
-orange point fr``, ``john [at] example [dot] com``, ``five five five, one two three four`` or ``zéro six,
+orange point fr``, ``john [at] example [dot] com``, ``81[.]206[.]130[.]46``, ``five five five, one two three four`` or ``zéro six,
 cinquante et un, quatre-vingt-quinze, douze``; the recognisers only know the plain forms. The detector scans
 the normalised copy as well as the original and maps what it finds back through ``Normalised.original_span``,
 so a finding always points at the obfuscated characters the user actually wrote. Digits split by spaces,
@@ -33,7 +33,7 @@ _DOT_WORDS = r"dot|punto|ponto|point|punkt|punt"
 _OPEN, _CLOSE = r"[\[\(\{<]", r"[\]\)\}>]"
 _BRACKETED_AT = rf"[ \t]{{0,3}}{_OPEN}[ \t]?(?:{_AT_WORDS})[ \t]?{_CLOSE}[ \t]{{0,3}}"
 _SPACED_AT = rf"[ \t]{{1,3}}(?:{_DISTINCTIVE_AT})[ \t]{{1,3}}"
-_DOT_TOKEN = rf"[ \t]{{0,3}}{_OPEN}[ \t]?(?:{_DOT_WORDS})[ \t]?{_CLOSE}[ \t]{{0,3}}|[ \t]{{1,3}}(?:{_DOT_WORDS}|\.)[ \t]{{1,3}}|\."
+_DOT_TOKEN = rf"[ \t]{{0,3}}{_OPEN}[ \t]?(?:{_DOT_WORDS}|\.)[ \t]?{_CLOSE}[ \t]{{0,3}}|[ \t]{{1,3}}(?:{_DOT_WORDS}|\.)[ \t]{{1,3}}|\."
 # Bounded pieces (an address part of at most 64 characters, at most 8 dots a side) keep every pattern's
 # worst case linear in the text.
 _ATOM = r"[a-z0-9_%+\-]{1,64}+"
@@ -77,7 +77,7 @@ def _local_part_start(lower: str, at: int) -> int | None:
 # spelled address or a dot-word, and for the plain English "at", a literal-led pattern of the domain after it.
 _EMAIL_HINTS = (
     "dot", "punt", "punk", "pont", "point", "arob", "arrob", "klammeraffe", "chiocciol", "apenstaart", "apestaart",
-    "(at)", "[at]", "{at}", "<at>", "( at )", "[ at ]", " @ ",
+    "(at)", "[at]", "{at}", "<at>", "( at )", "[ at ]", " @ ", "[@]", "(@)", "[.]", "(.)", "{.}",
 )  # fmt: skip
 _PLAIN_AT_HINT = re.compile(rf" at [a-z0-9_%+\-]{{1,64}}(?:\.[a-z0-9\-]{{1,64}}){{0,8}}\.{_COMMON_TLD}(?![a-z0-9@])")
 
@@ -89,6 +89,22 @@ def _email_spans(lower: str) -> Iterator[tuple[int, int]]:
         start = _local_part_start(lower, match.start())
         if start is not None:
             yield start, match.end()
+
+
+# Defanged addresses ------------------------------------------------------------------------------------
+# Security write-ups "defang" indicators so that nothing is clickable: "81[.]206[.]130[.]46", "81(.)206(.)130(.)46",
+# "mail.example[.]org", "evil[dot]com". A bracketed dot glued between two letters or digits is a dot.
+_DEFANGED_DOT = re.compile(r"[\[({](?:\.|dot)[\])}]")
+_DEFANGED_HINTS = ("[.]", "(.)", "{.}", "[dot]", "(dot)", "{dot}")
+
+
+def _defanged_dots(lower: str) -> Iterator[tuple[int, int]]:
+    if not any(hint in lower for hint in _DEFANGED_HINTS):
+        return
+    for match in _DEFANGED_DOT.finditer(lower):
+        start, end = match.span()
+        if start and end < len(lower) and lower[start - 1].isalnum() and lower[end].isalnum():
+            yield start, end
 
 
 # Numbers written in words -------------------------------------------------------------------------------
@@ -281,9 +297,11 @@ def _write_email(original: str, lower: str, start: int, end: int, out: _Builder)
 
 
 def normalise(text: str) -> Normalised:
-    """Return ``text`` with numbers written in words and spelled-out e-mail addresses written plainly."""
+    """Return ``text`` with numbers written in words, spelled-out e-mail addresses and defanged dots written
+    plainly."""
     lower = lowered(text)
-    edits: list[tuple[int, int, list[_Piece] | None]] = [(s, e, None) for s, e in _email_spans(lower)]
+    edits: list[tuple[int, int, list[_Piece] | str | None]] = [(s, e, None) for s, e in _email_spans(lower)]
+    edits.extend((s, e, ".") for s, e in _defanged_dots(lower))
     if _has_number_words(lower):
         edits.extend(_number_replacements(text, lower))
     if not edits:
@@ -297,6 +315,8 @@ def normalise(text: str) -> Normalised:
         out.keep(text, position, start)
         if pieces is None:
             _write_email(text, lower, start, end, out)
+        elif isinstance(pieces, str):
+            out.replace(pieces, start, end)  # a defanged dot
         else:
             _write_number(text, pieces, out)
         position = end

@@ -1,7 +1,8 @@
 """Generated prompts for the obfuscation categories (dev only: needs Faker): e-mail addresses with the "@" and
 "." written as words in seven languages or in brackets, phone numbers spelled out digit by digit or in groups
 ("zéro six, cinquante et un, quatre-vingt-quinze, ...", "plus vier neun, eins sechs null, ..."), partly in
-digits, and national ids a clause away from their cue word; plus PII-free look-alikes (prices, quantities,
+digits, national ids a clause away from their cue word, and defanged IPs and e-mails ("81[.]206[.]130[.]46",
+"name[@]domain[.]com"); plus PII-free look-alikes (prices, quantities,
 counting, dates written in words; "at", "point", "Punkt", "punto" in prose). ``evaluate`` reports recall per
 category and variant and the look-alikes' clean rate.
 
@@ -11,6 +12,7 @@ The number speller here is written apart from ``number_words`` (and its tables w
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import string
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from faker import Faker
 from stdnum.de import idnr as de_idnr
 from stdnum.iso7064 import mod_11_10
 
+from inference.pii.reserved import is_public_address
 from inference.pii.synthetic import Example, Gold
 
 LANGUAGES = ("en", "fr", "de", "es", "it", "nl", "pt")
@@ -100,6 +103,14 @@ _EMAIL_CUES = {
     "nl": ("Mijn e-mailadres is {VALUE}.", "Mail me op {VALUE} aub."),
     "pt": ("Meu e-mail é {VALUE}.", "Manda para {VALUE} por favor."),
 }
+# Defanged indicators, as security write-ups and threat feeds write them (nothing clickable).
+_DEFANGED_DOTS = ("[.]", "(.)", "{.}", "[dot]", "(dot)")
+_DEFANGED_TEMPLATES = (
+    "IOC list from the incident: {VALUE} (first seen 03:12 UTC).",
+    "Block {VALUE} on the firewall, it hammered our login page all night.",
+    "The phishing mail came from {VALUE}; write a warning for staff.",
+    "Indicators:\n- {VALUE}\n- a dropper named invoice.pdf.exe",
+)
 # (template, scheme, variant): the id a clause or more after its cue, beyond the ordinary 48-character window.
 _GAPPED_IDS = (
     ("My SSN, the form split it into three boxes so I typed it like this: {VALUE}", "ssn", "SSN after a clause"),
@@ -140,6 +151,10 @@ _NEGATIVES = (
     "Steuer-ID? Keine Ahnung. Die Rechnung 2024-118 über 345,67 Euro kam gestern.",
     "meet me at home dot, the cafe at noon, or at the station point B",
     "Die Bestellung umfasst sechs, sieben, acht Kartons zu je zwölf Flaschen, insgesamt zweiundsiebzig.",
+    "We defang indicators by writing [.] for each dot; the template shows host[.]example and 192[.]0[.]2[.]1.",
+    "Section 4(.)2 of the runbook: rotate the logs, then restart (.) the service.",
+    "The lab network 10[.]0[.]0[.]0/8 and the gateway 192(.)168(.)1(.)1 are out of scope.",
+    "Match versions with the regex \\d+[.]\\d+[.]\\d+, e.g. 3[.]11[.]4.",
 )
 
 
@@ -278,6 +293,23 @@ class ObfuscationValues:
                 value = self.rng.choice((" ", "-", "  ")).join((ssn[:3], ssn[3:5], ssn[5:]))
         return template, value, variant
 
+    def defanged_ip(self) -> tuple[str, str, str]:
+        while True:
+            octets = [self.rng.randint(1, 223), *(self.rng.randint(0, 255) for _ in range(3))]
+            if is_public_address(ipaddress.IPv4Address(".".join(map(str, octets)))):
+                break
+        dot = self.rng.choice(_DEFANGED_DOTS)
+        template = self.rng.choice(_DEFANGED_TEMPLATES)
+        return template, dot.join(map(str, octets)), f"IPv4 {dot}"
+
+    def defanged_email(self) -> tuple[str, str, str]:
+        faker = self.fakers[self.rng.choice(LANGUAGES)]
+        local = "".join(c for c in faker.user_name().lower() if c.isascii() and (c.isalnum() or c in "._"))
+        dot = self.rng.choice(("[.]", "(.)", "[dot]"))
+        at = self.rng.choice(("@", "[@]", "(@)", "[at]"))
+        value = local + at + faker.free_email_domain().replace(".", dot)
+        return self.rng.choice(_DEFANGED_TEMPLATES), value, f"e-mail {at} {dot}"
+
     def _ssn(self) -> str:
         area = self.rng.choice([a for a in range(1, 900) if a != 666])
         return f"{area:03d}{self.rng.randint(1, 99):02d}{self.rng.randint(1, 9999):04d}"
@@ -302,6 +334,8 @@ def obfuscation_examples(seed: int, per_category: int) -> tuple[list[Example], l
         "spelled phone": ("PHONE", lambda: values.phone(values.rng.choice(LANGUAGES))),
         "worded email": ("EMAIL", lambda: values.email(values.rng.choice(LANGUAGES))),
         "gapped id": ("NATIONAL_ID", values.gapped_id),
+        "defanged": ("IP_ADDRESS", values.defanged_ip),
+        "defanged email": ("EMAIL", values.defanged_email),
     }
     positives = []
     for category, (kind, make) in makers.items():

@@ -80,7 +80,19 @@ PUBLIC_FIGURES: tuple[str, ...] = (
     "Jane Goodall", "Neil Armstrong", "Yuri Gagarin", "Buzz Aldrin", "Edwin Hubble", "Robert Koch",
 )  # fmt: skip
 
-_FULL_NAMES = frozenset(name.lower() for name in PUBLIC_FIGURES)
+# Well-known fictional characters: like a public figure, a character in a story is nobody's personal data. Kept
+# apart from PUBLIC_FIGURES, which the name model's gazetteer and the test set are built from.
+FICTIONAL_CHARACTERS: tuple[str, ...] = (
+    "Sherlock Holmes", "Dr Watson", "Dr. Watson", "Doctor Watson", "John Watson", "Mycroft Holmes",
+    "Professor Moriarty", "Hercule Poirot", "Miss Marple", "James Bond", "Harry Potter", "Hermione Granger",
+    "Ron Weasley", "Albus Dumbledore", "Lord Voldemort", "Frodo Baggins", "Bilbo Baggins", "Gandalf",
+    "Luke Skywalker", "Darth Vader", "Han Solo", "Indiana Jones", "Homer Simpson", "Bart Simpson",
+    "Mickey Mouse", "Donald Duck", "Don Quixote", "Sancho Panza", "Captain Ahab", "Atticus Finch", "Jay Gatsby",
+    "Elizabeth Bennet", "Mr Darcy", "Mr. Darcy", "Jane Eyre", "Tom Sawyer", "Huckleberry Finn", "Oliver Twist",
+    "Ebenezer Scrooge", "Bruce Wayne", "Clark Kent", "Peter Parker", "Tony Stark", "Lara Croft", "Forrest Gump",
+    "Pippi Longstocking", "Pippi Langstrumpf", "Romeo and Juliet", "Winnie the Pooh", "Dracula",
+)  # fmt: skip
+_FULL_NAMES = frozenset(name.lower() for name in (*PUBLIC_FIGURES, *FICTIONAL_CHARACTERS))
 # Surnames alone ("Obama said ...") only where the surname is distinctive: "Ms. Williams" or "Dr. Cook" is
 # far more often a private person than Serena Williams or Tim Cook. First names alone are never exempt.
 _SURNAMES = frozenset(
@@ -96,7 +108,7 @@ _SURNAMES = frozenset(
     " vivaldi brahms schubert haydn tchaikovsky debussy stravinsky handel feynman heisenberg planck schrödinger"
     " dirac fermi mendeleev pasteur copernicus kepler faraday rutherford oppenheimer euler gauss riemann fermat"
     " leibniz noether gödel hilbert ramanujan dijkstra knuth liskov edison archimedes euclid pythagoras"
-    " hippocrates gagarin".split()
+    " hippocrates gagarin poirot dumbledore voldemort skywalker gandalf scrooge quixote".split()
 )
 # Listed full names by each of their lower-cased words, to find a listed name around a fragment of it: the model
 # may report "Carl" and "Sagan" apart, or "Franklin D" without the rest.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import ipaddress
 import os
 import random
 import re
@@ -27,6 +28,7 @@ from stdnum.de import idnr as de_idnr
 from stdnum.iso7064 import mod_11_10
 
 from inference.pii.public_figures import PUBLIC_FIGURES
+from inference.pii.reserved import is_public_address
 
 GAZETTEER_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL")
 UNSEEN_LOCALES = ("sv_SE", "pl_PL", "cs_CZ", "pt_BR", "tr_TR")
@@ -195,7 +197,9 @@ class Values:
 
     # contact ----------------------------------------------------------------------------------------------
     def email(self) -> tuple[str, str | None, str]:
-        address: str = self._faker().email()
+        # Not Faker's default "safe" example.com/org/net addresses: those reserved domains are documentation, not
+        # someone's mailbox (see reserved.py); real-looking domains stand for the addresses people paste.
+        address: str = self._faker().email(safe=False)
         roll = self.rng.random()
         if roll < 0.6:
             return address, "EMAIL", "plain"
@@ -214,12 +218,17 @@ class Values:
         return self.fakers[locale].phone_number(), "PHONE", locale
 
     def ip_address(self) -> tuple[str, str | None, str]:
-        roll = self.rng.random()
-        if roll < 0.5:
+        # Public addresses only: private, loopback and documentation ranges locate no one (reserved.py); a
+        # private address is one of the PII-free look-alikes ({PRIVATEIP}).
+        if self.rng.random() < 0.7:
             return self.en.ipv4_public(), "IP_ADDRESS", "v4 public"
-        if roll < 0.7:
-            return self.en.ipv4_private(), "IP_ADDRESS", "v4 private"
-        return self.en.ipv6(), "IP_ADDRESS", "v6"
+        while True:
+            address: str = self.en.ipv6()  # random bits: about 1 in 90 falls in a unique-local or reserved range
+            if is_public_address(ipaddress.ip_address(address)):
+                return address, "IP_ADDRESS", "v6"
+
+    def private_ip(self) -> tuple[str, str | None, str]:
+        return self.en.ipv4_private(), None, ""
 
     # checksummed numbers ----------------------------------------------------------------------------------
     def credit_card(self) -> tuple[str, str | None, str]:
@@ -548,6 +557,7 @@ TEST_NEGATIVE_TEMPLATES = (
     "The password field must be at least 12 characters long.",
     "Set api_key=YOUR_API_KEY in the config file.",
     "Bind the server to 127.0.0.1 on port 8080.",
+    "The NAS at {PRIVATEIP} is unreachable from the office Wi-Fi.",
     "How many people attended the {PRODUCT} conference in {YEAR}?",
 )
 
@@ -596,6 +606,7 @@ def _fillers(values: Values, name_locales: tuple[str, ...], split: str) -> dict[
         "ORDER": values.order_number,
         "DATE": values.plain_date,
         "TESTCARD": values.test_card,
+        "PRIVATEIP": values.private_ip,
         "MONTH": lambda: (values.rng.choice(("January", "March", "May", "June", "August", "October")), None, ""),
         "DAYNUM": lambda: (str(values.rng.randint(1, 28)), None, ""),
     }  # fmt: skip

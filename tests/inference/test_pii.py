@@ -50,7 +50,7 @@ def test_report_of_clean_text_is_falsy_and_empty():
 
 
 def test_report_findings_point_into_the_text_and_kinds_compare_to_strings():
-    text = "Write to anna.berg@example.org or call +44 20 7946 0958."
+    text = "Write to anna.berg@mailbox.org or call +44 20 7946 0958."
     report = scan(text)
     assert report
     assert report.kinds == {"EMAIL", "PHONE"}
@@ -60,7 +60,7 @@ def test_report_findings_point_into_the_text_and_kinds_compare_to_strings():
 
 
 def test_findings_are_sorted_and_never_overlap():
-    report = scan("Card 4539 1488 0343 6467, IBAN DE89370400440532013000, mail a.b@c.de, SSN 536-22-8793.")
+    report = scan("Card 4539 1488 0343 6467, IBAN DE18370400440532013017, mail a.b@c.de, SSN 536-22-8793.")
     starts = [f.start for f in report.findings]
     assert starts == sorted(starts)
     for before, after in zip(report.findings, report.findings[1:], strict=False):
@@ -99,8 +99,18 @@ def test_email_is_found():
     ]
 
 
-def test_example_domain_email_in_a_docs_question_is_still_an_email():
-    assert texts_of("In the docs, why does user@example.com fail validation?", PiiKind.EMAIL) == ["user@example.com"]
+@pytest.mark.parametrize(
+    "address",
+    ["user@example.com", "jane.doe@example.org", "bot@mail.example.net", "ci@build.test", "a@site.example",
+     "x@nowhere.invalid"],
+)  # fmt: skip
+def test_email_at_a_reserved_domain_is_not_pii(address: str):
+    assert not scan(f"In the docs, why does {address} fail validation?")
+
+
+def test_real_address_next_to_a_reserved_one_is_still_an_email():
+    text = "Not user@example.com: my address is lena.vogt@posteo.de, and examples.com is a real domain: a@examples.com"
+    assert texts_of(text, PiiKind.EMAIL) == ["lena.vogt@posteo.de", "a@examples.com"]
 
 
 def test_ssh_remote_is_not_an_email():
@@ -190,8 +200,8 @@ def test_card_followed_by_its_cvv_is_found():
 
 
 def test_iban_is_found():
-    assert texts_of("Überweisung an DE89 3704 0044 0532 0130 00 bitte.", PiiKind.IBAN) == [
-        "DE89 3704 0044 0532 0130 00"
+    assert texts_of("Überweisung an DE18 3704 0044 0532 0130 17 bitte.", PiiKind.IBAN) == [
+        "DE18 3704 0044 0532 0130 17"
     ]
 
 
@@ -200,8 +210,8 @@ def test_iban_with_a_wrong_check_digit_is_not_found():
 
 
 def test_iban_running_into_the_next_word_keeps_its_own_length():
-    assert texts_of("FR14 2004 1010 0505 0001 3M02 606 BIC PSSTFRPPXXX", PiiKind.IBAN) == [
-        "FR14 2004 1010 0505 0001 3M02 606"
+    assert texts_of("FR34 2004 1000 0005 0001 3M02 646 BIC PSSTFRPPXXX", PiiKind.IBAN) == [
+        "FR34 2004 1000 0005 0001 3M02 646"
     ]
 
 
@@ -345,7 +355,7 @@ def test_a_date_without_a_birth_cue_is_not_pii():
     "secret",
     [
         "sk-proj-" + "a1B2c3D4e5" * 4,
-        "AKIAIOSFODNN7EXAMPLE",
+        "AKIA2OGYBAH6QJTM4XZP",
         "ghp_" + "x9Y8z7W6v5" * 4,
         "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
         "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
@@ -392,7 +402,7 @@ def _basic(user: str, password: str) -> str:
         ("jdbc:postgresql://db/app?user=svc&password=Xy7-Qq!9", "Xy7-Qq!9"),
         ("Server=db;User Id=sa;Pwd=Winter#2024;", "Winter#2024"),
         ("curl -u deploy:G00dP4ss https://ci.internal", "G00dP4ss"),
-        ("the aws secret is wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        ("the aws secret is k8Jd2LqP0vXz/9RtY3mN7bWc4HsA1eFgU6oIiZxQ", "k8Jd2LqP0vXz/9RtY3mN7bWc4HsA1eFgU6oIiZxQ"),
         ("signing key for staging: kQ9vX2mN8pL4tR7wZ1bC5dF3", "kQ9vX2mN8pL4tR7wZ1bC5dF3"),
         ("パスワードは Sakura2024! です", "Sakura2024!"),
         ("SLACK_HOOK=https://hooks.slack.com/services/T0001/B0002/AbCdEfGhIjKlMnOp", None),
@@ -433,7 +443,7 @@ def test_placeholders_and_prose_are_not_credentials(text: str):
 
 
 @pytest.mark.parametrize(
-    "address", ["203.0.113.42", "10.0.0.12", "2001:db8:85a3::8a2e:370:7334", "fe80::1ff:fe23:4567:890a"]
+    "address", ["81.206.130.46", "185.12.64.3", "2a00:1450:4001:82b::200e", "2606:4700:10::6816:1a3f"]
 )
 def test_ip_addresses_are_found(address: str):
     assert texts_of(f"Logins from {address} failed.", PiiKind.IP_ADDRESS) == [address]
@@ -606,6 +616,82 @@ def test_product_that_is_a_first_name_is_no_person_in_a_software_question():
     assert not scan("Julia throws an error after the update to 1.10.")
 
 
+# lone capitalised words (lone_words.py) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Die Stadtbibliothek hat am Montag zu. Kannst du den Rundbrief kürzen?",
+        "Bitte prüfe, ob die Nebenkostenabrechung vollständig ist.",
+        "Die Mitgliieder sollen bis Freitag zahlen.",
+        "Der Erlös geht an die Schule.",
+        "Kun je de Jaarverslag vertalen naar het Engels?",
+    ],
+)
+def test_german_and_dutch_nouns_are_not_names(text: str) -> None:
+    assert not scan(text)
+
+
+def test_german_prompt_keeps_a_first_name_and_a_greeted_name():
+    assert texts_of("Kannst du Anna fragen, ob die Abrechnung fertig ist?", PiiKind.PERSON) == ["Anna"]
+    assert texts_of("Liebe Zeynep, die Abrechnung ist fertig.", PiiKind.PERSON) == ["Zeynep"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Im August ist das Büro zu.", "We are closed in April.", "Quels sont les horaires en Juillet ?",
+     "Joyeux Noël à toute l'équipe !", "Plan the offsite for Easter."],
+)  # fmt: skip
+def test_months_weekdays_and_holidays_are_not_names(text: str) -> None:
+    assert not scan(text)
+
+
+def test_month_name_with_a_surname_is_still_a_name():
+    assert texts_of("April Kepner called about the invoice.", PiiKind.PERSON)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Water boils faster at altitude. Why?", "Edit: fixed the typo.\nSmall question: why is this slow?",
+     "Is SaaS cheaper than running our own servers?", "Das ist z. B. ein gutes Beispiel.",
+     "Siehe Abschnitt K. Dort steht die Vorlage.", "We spent the holidays in Ruzafa."],
+)  # fmt: skip
+def test_sentence_openers_acronyms_letters_and_places_are_not_names(text: str) -> None:
+    assert not scan(text)
+
+
+def test_name_particle_is_not_read_as_an_article():
+    assert texts_of("Prof. van der Brink moved the exam.", PiiKind.PERSON)
+    assert texts_of("Hello, I am Dean der Kijnder, and I need help.", PiiKind.PERSON)
+
+
+def test_bare_unknown_name_in_a_german_prompt_is_still_a_name():
+    # German nouns carry a determiner, a noun suffix or a compound's length; a bare name has none of these.
+    assert texts_of("Ich habe mit Jukka gesprochen, er kommt morgen.", PiiKind.PERSON) == ["Jukka"]
+
+
+# credentials in code -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "def sign(secret, payload):\n    return {'signature': mac(secret), 'client_secret': secret}",
+        "config = {'token': token, 'password': password, 'api_key': api_key}",
+        "client = Client(api_key=self.api_key, secret=settings.secret)",
+        "const opts = { password: opts.password, token: authToken };",
+    ],
+)
+def test_secret_variable_names_in_code_are_not_credentials(text: str) -> None:
+    assert "CREDENTIAL" not in kinds_of(text)
+
+
+def test_secret_value_in_the_same_code_is_still_a_credential():
+    text = "config = {'client_secret': secret}\nsecret = 'Zr8u2mQx!pL4'\npassword = hunter2"
+    assert texts_of(text, PiiKind.CREDENTIAL) == ["'Zr8u2mQx!pL4'", "hunter2"]
+
+
 # look-alikes -----------------------------------------------------------------------------------------
 
 
@@ -613,22 +699,85 @@ def test_well_known_test_card_in_a_testing_question_is_not_pii():
     assert not scan("Stripe test card 4242 4242 4242 4242 is declined in my sandbox, why?")
 
 
-def test_well_known_test_card_without_testing_context_is_pii():
-    assert texts_of("Please charge 4111111111111111, exp 04/27, for my order.", PiiKind.CREDIT_CARD) == [
-        "4111111111111111"
-    ]
+def test_well_known_test_card_is_not_pii_even_without_testing_context():
+    # Published test numbers are accepted by test systems only and issued to no one.
+    assert not scan("Please charge 4111111111111111, exp 04/27, for my order.")
+
+
+def test_real_card_next_to_a_test_card_is_still_a_card():
+    text = "Checkout works with 4242 4242 4242 4242 but my own card 4539 1488 0343 6467 is declined."
+    assert texts_of(text, PiiKind.CREDIT_CARD) == ["4539 1488 0343 6467"]
+
+
+# documentation values ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["192.0.2.17", "198.51.100.23", "203.0.113.250", "10.0.0.12", "172.16.5.4", "192.168.1.10", "169.254.10.1",
+     "100.64.3.2", "224.0.0.251", "2001:db8:85a3::8a2e:370:7334", "fe80::1ff:fe23:4567:890a", "fd00::1", "::1"],
+)  # fmt: skip
+def test_reserved_and_private_ip_addresses_are_not_pii(address: str):
+    assert not scan(f"Logins from {address} failed.")
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/22", "81.206.128.0/20", "198.51.100.0/24", "2a00:1450::/32"])
+def test_network_written_with_a_prefix_is_not_an_ip_address(network: str):
+    assert not scan(f"Allow {network} in the security group.")
+
+
+def test_public_host_next_to_a_network_is_still_an_ip_address():
+    text = "Allow 81.206.128.0/20; the scans came from 81.206.130.46 and my router is 81.206.131.7/24."
+    assert texts_of(text, PiiKind.IP_ADDRESS) == ["81.206.130.46", "81.206.131.7"]
+
+
+def test_vendor_example_keys_are_not_credentials():
+    text = "The AWS docs use AKIAIOSFODNN7EXAMPLE and secret key wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY."
+    assert not scan(text)
+
+
+def test_real_key_next_to_an_example_key_is_still_a_credential():
+    text = "Not AKIAIOSFODNN7EXAMPLE: ours is AKIA2OGYBAH6QJTM4XZP, please rotate it."
+    assert texts_of(text, PiiKind.CREDENTIAL) == ["AKIA2OGYBAH6QJTM4XZP"]
+
+
+def test_the_standards_example_ibans_are_not_pii():
+    assert not scan("Explain the check digits of DE89 3704 0044 0532 0130 00 and GB82 WEST 1234 5698 7654 32.")
+
+
+def test_real_iban_next_to_the_example_iban_is_still_an_iban():
+    text = "Like DE89 3704 0044 0532 0130 00, mine is DE18 3704 0044 0532 0130 17."
+    assert texts_of(text, PiiKind.IBAN) == ["DE18 3704 0044 0532 0130 17"]
+
+
+@pytest.mark.parametrize("ssn", ["078-05-1120", "000-12-3456", "666-45-6789", "912-34-5678", "123-00-4567"])
+def test_ssns_that_are_never_issued_are_not_pii(ssn: str):
+    assert not scan(f"Is SSN {ssn} a valid format for my form validator?")
+
+
+def test_issuable_ssn_next_to_the_voided_one_is_still_found():
+    text = "Not 078-05-1120, my SSN is 536-22-8793."
+    assert texts_of(text, PiiKind.NATIONAL_ID) == ["536-22-8793"]
+
+
+def test_fictional_characters_are_not_pii():
+    assert not scan("Write a scene where Sherlock Holmes and Dr Watson meet Hercule Poirot.")
+
+
+def test_fictional_character_next_to_a_real_person_keeps_the_person():
+    assert "PERSON" in kinds_of("Sherlock Holmes fans: Lena Vogt (lena.vogt@posteo.de) runs our club.")
 
 
 # obfuscations --------------------------------------------------------------------------------------------
 
 
 def test_spelled_out_email_is_found_at_its_original_span():
-    text = "write to john dot doe at example dot com today"
-    assert texts_of(text, PiiKind.EMAIL) == ["john dot doe at example dot com"]
+    text = "write to john dot doe at posteo dot de today"
+    assert texts_of(text, PiiKind.EMAIL) == ["john dot doe at posteo dot de"]
 
 
 def test_bracketed_email_is_found():
-    assert texts_of("mail: john [at] example [dot] com", PiiKind.EMAIL) == ["john [at] example [dot] com"]
+    assert texts_of("mail: john [at] posteo [dot] de", PiiKind.EMAIL) == ["john [at] posteo [dot] de"]
 
 
 def test_plain_at_between_words_is_not_an_email():
@@ -655,7 +804,7 @@ def test_spelled_out_phone_number_is_found():
 
 
 def test_iban_split_over_lines_is_found():
-    assert texts_of("IBAN: DE89 3704 0044\n0532 0130 00", PiiKind.IBAN) == ["DE89 3704 0044\n0532 0130 00"]
+    assert texts_of("IBAN: DE18 3704 0044\n0532 0130 17", PiiKind.IBAN) == ["DE18 3704 0044\n0532 0130 17"]
 
 
 def test_a_few_number_words_are_not_obfuscated_digits():
@@ -672,10 +821,10 @@ def test_a_few_number_words_are_not_obfuscated_digits():
         ("Mail an max.mustermann Klammeraffe web.de", "max.mustermann Klammeraffe web.de"),
         ("scrivi a mario punto rossi chiocciola libero punto it", "mario punto rossi chiocciola libero punto it"),
         ("mail naar jan punt jansen apenstaartje ziggo punt nl", "jan punt jansen apenstaartje ziggo punt nl"),
-        ("contact: john(at)example(dot)com", "john(at)example(dot)com"),
-        ("contact: john {at} example {dot} org", "john {at} example {dot} org"),
-        ("contact: jane.doe <at> mail.example.net", "jane.doe <at> mail.example.net"),
-        ("contact: jane AT example DOT com", "jane AT example DOT com"),
+        ("contact: john(at)webmail(dot)com", "john(at)webmail(dot)com"),
+        ("contact: john {at} webmail {dot} org", "john {at} webmail {dot} org"),
+        ("contact: jane.doe <at> mail.webmail.net", "jane.doe <at> mail.webmail.net"),
+        ("contact: jane AT webmail DOT com", "jane AT webmail DOT com"),
     ],
 )
 def test_email_words_of_other_languages_and_brackets_are_found(text: str, spelled: str):
@@ -786,11 +935,35 @@ def test_generated_obfuscations_in_every_language_are_found(category: str):
     assert missed == []
 
 
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("Block 81[.]206[.]130[.]46 now", "81[.]206[.]130[.]46"),
+        ("Block 81(.)206(.)130(.)46 now", "81(.)206(.)130(.)46"),
+        ("Block 81{.}206{.}130{.}46 now", "81{.}206{.}130{.}46"),
+        ("Block 81[dot]206[dot]130[dot]46 now", "81[dot]206[dot]130[dot]46"),
+    ],
+)
+def test_defanged_ip_address_is_found(text: str, value: str):
+    assert texts_of(text, PiiKind.IP_ADDRESS) == [value]
+
+
+@pytest.mark.parametrize(
+    "value", ["lena.vogt[at]posteo[dot]de", "lena.vogt@posteo[.]de", "lena[.]vogt[@]posteo[.]de", "lena(@)posteo(.)de"]
+)
+def test_defanged_email_is_found(value: str):
+    assert texts_of(f"The phishing mail came from {value} today.", PiiKind.EMAIL) == [value]
+
+
+def test_defanged_documentation_values_and_versions_stay_clean():
+    assert not scan("Section 4(.)2: the template shows host[.]example and 192[.]0[.]2[.]1; use 3[.]11.")
+
+
 # non-English prompts ---------------------------------------------------------------------------------------
 
 
 def test_german_prompt_with_contact_details():
-    text = "Hallo, ich bin Jürgen Weiß, Handy 0171 2345678, IBAN DE89370400440532013000."
+    text = "Hallo, ich bin Jürgen Weiß, Handy 0171 2345678, IBAN DE18370400440532013017."
     assert kinds_of(text) == {"PERSON", "PHONE", "IBAN"}
 
 
@@ -808,24 +981,24 @@ def test_spanish_prompt_with_dni_and_phone():
 
 
 def test_redact_replaces_findings_with_numbered_placeholders():
-    redaction = redact("Mail anna.berg@example.org and ben.ott@example.org, or call +44 20 7946 0958.")
+    redaction = redact("Mail anna.berg@mailbox.org and ben.ott@mailbox.org, or call +44 20 7946 0958.")
     assert redaction.text == "Mail <EMAIL_1> and <EMAIL_2>, or call <PHONE_1>."
     assert redaction.mapping == {
-        "<EMAIL_1>": "anna.berg@example.org",
-        "<EMAIL_2>": "ben.ott@example.org",
+        "<EMAIL_1>": "anna.berg@mailbox.org",
+        "<EMAIL_2>": "ben.ott@mailbox.org",
         "<PHONE_1>": "+44 20 7946 0958",
     }
 
 
 def test_redact_gives_a_repeated_value_the_same_placeholder():
-    redaction = redact("anna.berg@example.org wrote; reply to anna.berg@example.org")
+    redaction = redact("anna.berg@mailbox.org wrote; reply to anna.berg@mailbox.org")
     assert redaction.text == "<EMAIL_1> wrote; reply to <EMAIL_1>"
 
 
 def test_redact_skips_placeholder_numbers_the_text_already_uses():
-    redaction = redact("Template uses <EMAIL_1>; my address is anna.berg@example.org")
+    redaction = redact("Template uses <EMAIL_1>; my address is anna.berg@mailbox.org")
     assert redaction.text == "Template uses <EMAIL_1>; my address is <EMAIL_2>"
-    assert redaction.restore(redaction.text) == "Template uses <EMAIL_1>; my address is anna.berg@example.org"
+    assert redaction.restore(redaction.text) == "Template uses <EMAIL_1>; my address is anna.berg@mailbox.org"
 
 
 def test_redact_uses_a_given_report():
@@ -835,16 +1008,16 @@ def test_redact_uses_a_given_report():
 
 
 def test_restore_round_trips_the_redacted_text():
-    text = "I'm Laura Fischer, card 4539 1488 0343 6467, mail laura@fischer.de, IBAN DE89370400440532013000."
+    text = "I'm Laura Fischer, card 4539 1488 0343 6467, mail laura@fischer.de, IBAN DE18370400440532013017."
     redaction = redact(text)
     assert "Laura" not in redaction.text and "4539" not in redaction.text
     assert redaction.restore(redaction.text) == text
 
 
 def test_restore_puts_originals_into_a_reply_and_leaves_unknown_placeholders():
-    redaction = redact("My email is anna.berg@example.org")
+    redaction = redact("My email is anna.berg@mailbox.org")
     reply = "I will write to <EMAIL_1> and cc <EMAIL_9>."
-    assert redaction.restore(reply) == "I will write to anna.berg@example.org and cc <EMAIL_9>."
+    assert redaction.restore(reply) == "I will write to anna.berg@mailbox.org and cc <EMAIL_9>."
 
 
 def _stream(redaction: Redaction, chunks: list[str]) -> str:
