@@ -87,3 +87,21 @@ class CloudUpstreamForm(forms.Form):
     all_tenants = forms.BooleanField(required=False, label="Every tenant may use it")
     priority = forms.IntegerField(min_value=0, max_value=32767, initial=100, help_text="Lower is tried first.")
     note = forms.CharField(max_length=300, required=False)
+
+
+class RateLimitsForm(forms.Form):
+    """A tenant's or one key's rate limits, as owners and admins set them (empty: the level above's)."""
+
+    target = forms.CharField(widget=forms.HiddenInput)  # "tenant", or a key's id
+    max_streams = forms.IntegerField(
+        required=False, min_value=1, label="Streams at once", help_text="More wait their turn in the queue."
+    )
+    requests_per_minute = forms.IntegerField(
+        required=False, min_value=1, label="Requests per minute", help_text="Past it: 429 with Retry-After."
+    )
+    tokens_per_minute = forms.IntegerField(
+        required=False,
+        min_value=1,
+        label="Tokens per minute",
+        help_text="Prompt + max_tokens of each request, the unused part given back when it ends.",
+    )

@@ -1,4 +1,4 @@
-"""The console's URLs (included at ``/``): sign in and out, tenant switch, playground, API keys, usage, routing."""
+"""The console's URLs (included at ``/``): sign in and out, tenant switch, playground, API keys, usage, routing, limits."""
 
 from django.contrib.auth import views as auth_views
 from django.urls import path
@@ -20,4 +20,5 @@ urlpatterns = [
     path("keys/<int:pk>/revoke/", views.api_key_revoke, name="api-key-revoke"),
     path("usage/", views.usage, name="usage"),
     path("routing/", views.routing, name="routing"),
+    path("limits/", views.limits, name="limits"),
 ]

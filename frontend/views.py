@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -23,16 +24,18 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from frontend.forms import ApiKeyCreateForm, CloudUpstreamForm, RoutingPolicyForm
+from frontend.forms import ApiKeyCreateForm, CloudUpstreamForm, RateLimitsForm, RoutingPolicyForm
 from inference import selectors as inference_selectors
 from inference import services as inference_services
 from inference.engines import get_engines
 from inference.errors import InvalidRequest
+from inference.limits import Limits, default_limits
+from inference.queueing import scheduler
 from inference.routing import WEBSOCKET_PATH
 from inference.services import POLICY_FIELDS
 from tenants import errors as tenant_errors
 from tenants import selectors, services
-from tenants.models import ApiKey, Membership
+from tenants.models import ApiKey, Membership, Tenant
 from tenants.tiers import Tier
 
 SESSION_TENANT_KEY = "tandem_tenant_id"
@@ -183,6 +186,65 @@ def api_key_revoke(request: HttpRequest, membership: Membership, pk: int) -> Htt
         raise PermissionDenied(exc.message) from None
     messages.success(request, f"Revoked {key.prefix} ({key.name}). Requests with it now fail.")
     return redirect("frontend:api-keys")
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+@login_required
+@in_tenant
+def limits(request: HttpRequest, membership: Membership) -> HttpResponse:
+    """The tenant's and its keys' rate limits in force, the queue now, and (owners and admins) a form per level."""
+    tenant = membership.tenant
+    keys = list(selectors.api_keys_for_tenant(tenant=tenant).filter(revoked_at__isnull=True))
+    status = 200
+    posted = RateLimitsForm(request.POST) if request.method == "POST" else None
+    if posted is not None:
+        if not membership.can_manage:
+            raise PermissionDenied("only owners and admins can change rate limits")
+        target: Tenant | ApiKey | None = None
+        if posted.is_valid():
+            wanted = posted.cleaned_data["target"]
+            target = tenant if wanted == "tenant" else next((k for k in keys if str(k.pk) == wanted), None)
+            if target is None:
+                raise Http404("no such key in this tenant")
+            values = {name: posted.cleaned_data[name] for name in services.RATE_LIMIT_FIELDS}
+            try:
+                services.rate_limits_set(target=target, by=request.user, **values)
+            except tenant_errors.InvalidInput as exc:
+                posted.add_error(None, exc.message)
+            else:
+                messages.success(request, f"Rate limits of {target} saved; new requests use them at once.")
+                return redirect("frontend:limits")
+        status = 400
+    defaults = default_limits()
+    levels: list[tuple[str, str, Tenant | ApiKey, Limits | None]] = [
+        ("tenant", f"{tenant.name} (the tenant)", tenant, defaults)
+    ]
+    levels += [(str(k.pk), f"{k.name} ({k.prefix})", k, None) for k in keys]
+    rows = []
+    for target_id, label, obj, fallback in levels:
+        values = {name: getattr(obj, name) for name in services.RATE_LIMIT_FIELDS}
+        bound = posted if posted is not None and posted.data.get("target") == target_id else None
+        form = bound or RateLimitsForm(initial={"target": target_id, **values})
+        cells = [
+            (value, "") if value is not None else (getattr(fallback, name), "default") if fallback else (None, "")
+            for name, value in values.items()
+        ]
+        rows.append({"id": target_id, "label": label, "cells": cells, "form": form})
+    queue = [
+        {"pool": name, "running": pool.running_for(tenant.pk), "waiting": pool.waiting(tenant.pk)}
+        for name, pool in sorted(scheduler.pools().items())
+    ]
+    context = {"rows": rows, "defaults": defaults, "queue": queue, "queue_settings": _queue_settings()}
+    return _render(request, "frontend/limits.html", membership, context, status=status)
+
+
+def _queue_settings() -> dict:
+    return {
+        "interactive_deadline_s": settings.TANDEM_QUEUE_DEADLINE_S["interactive"],
+        "batch_deadline_s": settings.TANDEM_QUEUE_DEADLINE_S["batch"],
+        "max_queued_per_tenant": settings.TANDEM_MAX_QUEUED_PER_TENANT,
+    }
 
 
 @never_cache

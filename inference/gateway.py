@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from django.conf import settings
-
 from inference.admission import validate
 from inference.completion import (
     MINTED_ID_PREFIX,
@@ -35,6 +33,7 @@ from inference.completion import (
 from inference.engines import aget_engines, arequest_for
 from inference.errors import AuthenticationFailed, GatewayError
 from inference.holds import hold_worst_case, price_for
+from inference.limits import default_limits, limiter
 from inference.principals import (
     Principal,
     authenticate_api_key,
@@ -42,7 +41,7 @@ from inference.principals import (
     principal_for_api_key_id,
     principal_for_user,
 )
-from inference.queueing import scheduler
+from inference.queueing import Slot, scheduler
 from inference.redaction import serving_call
 from inference.router import decide
 from inference.runtime import db
@@ -103,15 +102,18 @@ async def start(
     if policy.escalation and route.tier is Tier.EDGE and served.logprobs is None:
         served = dataclasses.replace(served, logprobs=0)  # the edge answer's confidence is judged from them
     engine, request = await arequest_for(entry, route.tier, served, tenant_id)
-    pool_name, capacity = entry.pool(route.tier)
-    slot = await scheduler.pool(pool_name, capacity).acquire(
-        tenant_id, settings.TANDEM_MAX_STREAMS_PER_TENANT, call.latency_class, on_queued
-    )
+    rate_tokens = len(request.prompt_ids) + request.max_tokens  # held against tokens per minute; corrected at the end
+    await limiter.admit(principal, rate_tokens)
+    slot: Slot | None = None
     try:
+        slot = await _slot(principal, entry, route.tier, call.latency_class, on_queued)
         stream = GatewayStream(principal, call, entry, route, policy, redaction, signals.pii, slot)
     except BaseException:
-        slot.release()
+        if slot is not None:
+            slot.release()
+        limiter.give_back_soon(principal, rate_tokens)
         raise
+    stream.rate_tokens = rate_tokens
     try:
         stream.prompt_tokens = len(request.prompt_ids)
         stream.price = await price_for(model=entry.name, tier=route.tier.value)
@@ -132,6 +134,20 @@ async def start(
         await stream._settle("error")  # a no-op when the failure already settled it
         raise
     return stream
+
+
+async def _slot(principal: Principal, entry, tier: Tier, latency_class: str, on_queued) -> Slot:
+    """A slot on the engines ``tier`` runs on, waiting for one where they are busy (inference.queueing)."""
+    limits = principal.limits or default_limits()
+    own = principal.key_limits
+    key = None
+    if own is not None and own.max_streams is not None and principal.api_key_id is not None:
+        key = (principal.api_key_id, own.max_streams)
+    pool_name, capacity = entry.pool(tier)
+    assert limits.max_streams is not None
+    return await scheduler.pool(pool_name, capacity).acquire(
+        principal.tenant_id, limits.max_streams, latency_class, on_queued, key
+    )
 
 
 async def collect(stream: GatewayStream, *, ledger_written: bool = True) -> tuple[str, list[TokenDelta]]:

@@ -43,6 +43,7 @@ from inference import gateway, prompts
 from inference.engines import INLINE_TOKENIZE_CHARS, ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
+from inference.limits import limiter
 from inference.relay import KEEPALIVE, relay
 from inference.wire import parse_json
 from speculative.types import MAX_TOP_LOGPROBS
@@ -274,7 +275,9 @@ async def _principal(request: HttpRequest) -> Principal:
     scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not raw_key.strip():
         raise AuthenticationFailed("no API key: send it as 'Authorization: Bearer <key>'", code="missing_api_key")
-    return await gateway.authenticate_api_key(raw_key.strip())
+    principal = await gateway.authenticate_api_key(raw_key.strip())
+    request.tandem_principal = principal  # type: ignore[attr-defined]  # its rate limits go in the headers
+    return principal
 
 
 def error_response(err: GatewayError) -> JsonResponse:
@@ -329,6 +332,10 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
                 log.exception("request %s failed", request_id)
                 response = error_response(GatewayError(f"internal error; quote request id {request_id}"))
             response["x-request-id"] = request_id
+            principal = getattr(request, "tandem_principal", None)
+            if principal is not None:  # OpenAI's x-ratelimit-* headers: where the key's tenant stands now
+                for name, value in (await limiter.state(principal)).headers().items():
+                    response[name] = value
             return response
 
         return endpoint

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from django.utils import timezone
 
 from inference.errors import AuthenticationFailed, PermissionDenied
+from inference.limits import Limits, key_limits, tenant_limits
 from inference.runtime import db
 from tenants import errors as tenant_errors
 from tenants import selectors as tenant_selectors
@@ -30,6 +31,8 @@ class Principal:
     scopes: tuple[str, ...] = ()  # an API key's scopes; () = every scope
     role: str | None = None  # a console user's role in the tenant
     can_complete: bool = True  # False for roles that may only read (Membership.can_complete)
+    limits: Limits | None = None  # the tenant's rate limits (None: the platform's defaults)
+    key_limits: Limits | None = None  # an API key's own limits inside its tenant's (None: it has none)
 
     def may(self, scope: str) -> bool:
         return not self.scopes or scope in self.scopes
@@ -62,7 +65,14 @@ def _authenticate_api_key(raw_key: str) -> Principal:
 
 def _key_principal(key) -> Principal:
     """What an API key may do: act in its own tenant, for its creator, within its scopes."""
-    return Principal(tenant_id=key.tenant_id, user_id=key.created_by_id, api_key_id=key.pk, scopes=tuple(key.scopes))
+    return Principal(
+        tenant_id=key.tenant_id,
+        user_id=key.created_by_id,
+        api_key_id=key.pk,
+        scopes=tuple(key.scopes),
+        limits=tenant_limits(key.tenant),
+        key_limits=key_limits(key),
+    )
 
 
 async def principal_for_api_key_id(api_key_id: int, tenant_id: int) -> Principal:
@@ -73,7 +83,7 @@ async def principal_for_api_key_id(api_key_id: int, tenant_id: int) -> Principal
 def _principal_for_api_key_id(api_key_id: int, tenant_id: int) -> Principal:
     from tenants.models import ApiKey
 
-    key = ApiKey.objects.filter(pk=api_key_id, tenant_id=tenant_id).first()
+    key = ApiKey.objects.select_related("tenant").filter(pk=api_key_id, tenant_id=tenant_id).first()
     if key is None or not key.is_usable_at(timezone.now()):
         raise AuthenticationFailed("the API key of this job is no longer valid")
     return _key_principal(key)
@@ -102,4 +112,5 @@ def _principal_for_user(user, tenant_id: int | None) -> Principal:
         api_key_id=None,
         role=membership.role,
         can_complete=membership.can_complete,
+        limits=tenant_limits(membership.tenant),
     )

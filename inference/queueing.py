@@ -37,6 +37,7 @@ from django.conf import settings
 from inference.errors import Overloaded, RateLimited
 
 CLASS_RANK = {"interactive": 0, "batch": 1}
+Owners = tuple[tuple[str, int], ...]  # who a stream counts against, with their limits: its tenant, its key
 POSITION_EVERY_S = 1.0  # a waiter hears of its new place in the queue at most this often
 PACE_WEIGHT = 0.2  # the weight of the newest slot's hold time in the pool's running average
 
@@ -45,7 +46,7 @@ PACE_WEIGHT = 0.2  # the weight of the newest slot's hold time in the pool's run
 class _Waiter:
     key: tuple[int, float, int]  # (class rank, fair tag, arrival): the queue's order
     tenant_id: int
-    tenant_limit: int
+    owners: Owners
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     on_position: Callable[[int], None] | None
@@ -59,6 +60,7 @@ class Slot:
 
     pool: Pool
     tenant_id: int
+    owners: Owners
     waited_s: float = 0.0
     taken_at: float = field(default_factory=time.monotonic)
     _released: bool = False
@@ -77,7 +79,7 @@ class Pool:
         self.capacity = capacity
         self._lock = threading.Lock()
         self.running = 0
-        self._by_tenant: dict[int, int] = {}
+        self._by_owner: dict[str, int] = {}  # streams running per tenant ("t1") and per key with a limit ("k7")
         self._waiting: list[_Waiter] = []  # sorted by key
         self._waiting_by_tenant: dict[int, int] = {}
         self._tags: dict[int, float] = {}  # each tenant's last fair tag
@@ -92,7 +94,7 @@ class Pool:
 
     def running_for(self, tenant_id: int) -> int:
         with self._lock:
-            return self._by_tenant.get(tenant_id, 0)
+            return self._by_owner.get(f"t{tenant_id}", 0)
 
     def expected_wait_s(self, ahead: int) -> float:
         """How long the ``ahead``-th waiter can expect to wait at the pool's recent pace (0: unknown)."""
@@ -105,15 +107,20 @@ class Pool:
         tenant_limit: int,
         latency_class: str = "interactive",
         on_position: Callable[[int], None] | None = None,
+        key: tuple[int, int] | None = None,
     ) -> Slot:
-        """A slot now, or after waiting in the fair queue; raises RateLimited or Overloaded (with ``retry_after``)."""
+        """A slot now, or after waiting in the fair queue; raises RateLimited or Overloaded (with ``retry_after``).
+
+        ``tenant_limit`` bounds the tenant's streams at once, ``key`` = (API key id, its own limit) its key's.
+        """
         deadline_s = settings.TANDEM_QUEUE_DEADLINE_S[latency_class]
         loop = asyncio.get_running_loop()
+        owners: Owners = ((f"t{tenant_id}", tenant_limit),) + (((f"k{key[0]}", key[1]),) if key else ())
         with self._lock:
-            if not self._waiting and self._fits(tenant_id, tenant_limit):
-                self._take(tenant_id)
-                return Slot(self, tenant_id)
-            waiter = self._enqueue(tenant_id, tenant_limit, latency_class, deadline_s, loop, on_position)
+            if not self._waiting and self._fits(owners):
+                self._take(owners)
+                return Slot(self, tenant_id, owners)
+            waiter = self._enqueue(tenant_id, owners, latency_class, deadline_s, loop, on_position)
             # Slots may be free while every waiter's tenant is at its own limit: this one may go now.
             handed = self._hand_over()
         started = time.monotonic()
@@ -138,7 +145,7 @@ class Pool:
     def _enqueue(
         self,
         tenant_id: int,
-        tenant_limit: int,
+        owners: Owners,
         latency_class: str,
         deadline_s: float,
         loop: asyncio.AbstractEventLoop,
@@ -171,7 +178,7 @@ class Pool:
         waiter = _Waiter(
             (CLASS_RANK[latency_class], tag, next(self._arrivals)),
             tenant_id,
-            tenant_limit,
+            owners,
             loop,
             loop.create_future(),
             on_position,
@@ -185,11 +192,12 @@ class Pool:
             held = time.monotonic() - slot.taken_at
             self.hold_s = held if self.hold_s == 0.0 else (1 - PACE_WEIGHT) * self.hold_s + PACE_WEIGHT * held
             self.running -= 1
-            left = self._by_tenant[slot.tenant_id] - 1
-            if left:
-                self._by_tenant[slot.tenant_id] = left
-            else:
-                del self._by_tenant[slot.tenant_id]
+            for owner, _ in slot.owners:
+                left = self._by_owner[owner] - 1
+                if left:
+                    self._by_owner[owner] = left
+                else:
+                    del self._by_owner[owner]
             handed = self._hand_over()
         if handed:
             self._resolve_all(handed)
@@ -205,14 +213,14 @@ class Pool:
         i = 0
         while self.running < self.capacity and i < len(self._waiting):
             waiter = self._waiting[i]
-            if waiter.future.done() or not self._fits(waiter.tenant_id, waiter.tenant_limit):
+            if waiter.future.done() or not self._fits(waiter.owners):
                 i += 1
                 continue
             del self._waiting[i]
             self._unwait(waiter)
             self._virtual = max(self._virtual, waiter.key[1])
-            self._take(waiter.tenant_id)
-            handed.append((waiter, Slot(self, waiter.tenant_id)))
+            self._take(waiter.owners)
+            handed.append((waiter, Slot(self, waiter.tenant_id, waiter.owners)))
         return handed
 
     def _abandon(self, waiter: _Waiter) -> None:
@@ -225,12 +233,13 @@ class Pool:
         if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
             waiter.future.result().release()
 
-    def _fits(self, tenant_id: int, tenant_limit: int) -> bool:
-        return self.running < self.capacity and self._by_tenant.get(tenant_id, 0) < tenant_limit
+    def _fits(self, owners: Owners) -> bool:
+        return self.running < self.capacity and all(self._by_owner.get(o, 0) < limit for o, limit in owners)
 
-    def _take(self, tenant_id: int) -> None:
+    def _take(self, owners: Owners) -> None:
         self.running += 1
-        self._by_tenant[tenant_id] = self._by_tenant.get(tenant_id, 0) + 1
+        for owner, _ in owners:
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
 
     def _unwait(self, waiter: _Waiter) -> None:
         left = self._waiting_by_tenant[waiter.tenant_id] - 1

@@ -31,6 +31,7 @@ from inference.engines import Engine, ModelEntry, arequest_for
 from inference.errors import ContextTooLong, GatewayError, Overloaded, UpstreamFailed
 from inference.handoff import END, pump_on_loop, pump_on_thread
 from inference.holds import Hold, hold_more, price_in_pinned_book
+from inference.limits import limiter
 from inference.principals import Principal
 from inference.queueing import Slot
 from inference.redaction import Restoring, serving_call
@@ -115,6 +116,7 @@ class GatewayStream:
     ):
         self.principal, self.call, self.entry, self.route = principal, call, entry, route
         self.slot = slot  # its place on the engines (inference.queueing): given back when it settles
+        self.rate_tokens = 0  # held against its tenant's tokens per minute (inference.limits)
         self.policy = policy  # pinned: failovers and escalations of this request follow the same version
         self._redaction = redaction  # PII sent to the cloud as placeholders: put back in its answer
         self._pii = pii  # the prompt's PII scan: a later route onto the cloud redacts with it too
@@ -555,6 +557,9 @@ class GatewayStream:
                 self.slot.release()
             self._leave_tier()
         self.usage = charge.summary
+        if self.rate_tokens:  # tokens per minute: give back what was held for but not used
+            used = charge.summary.prompt_tokens + charge.summary.completion_tokens
+            limiter.give_back_soon(self.principal, self.rate_tokens - used)
         if charge.batched is not None:
             self._ledger = asyncio.wrap_future(charge.batched)
             if not settings.TANDEM_SETTLE_AFTER_REPLY:

@@ -55,6 +55,11 @@ class TenantAdmin(admin.ModelAdmin):
     readonly_fields = ["created_at"]
     inlines = [MembershipInline]
 
+    def save_model(self, request, obj: Tenant, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        values = {name: getattr(obj, name) for name in services.RATE_LIMIT_FIELDS}
+        services.rate_limits_set(target=obj, **values)  # checks them, and drops its keys from the caches
+
 
 @admin.register(Membership)
 class MembershipAdmin(admin.ModelAdmin):
@@ -74,8 +79,26 @@ class ApiKeyAdmin(ReadOnlyAdmin):
     search_fields = ["prefix", "name", "tenant__name", "tenant__slug"]
     list_select_related = ["tenant", "created_by"]
     # key_hash is left out: it is no secret, but it is of no use to a person either.
-    fields = ["prefix", "name", "tenant", "created_by", "scopes", "expires_at", "revoked_at", "last_used_at"]
+    fields = [
+        "prefix",
+        "name",
+        "tenant",
+        "created_by",
+        "scopes",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+        *services.RATE_LIMIT_FIELDS,
+    ]
+    readonly_fields = fields[:8]  # only the rate limits are edited here, and saved alone (rate_limits_set)
     actions = ["revoke"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("tenants.change_apikey")
+
+    def save_model(self, request, obj: ApiKey, form, change: bool) -> None:
+        values = {name: form.cleaned_data.get(name) for name in services.RATE_LIMIT_FIELDS}
+        services.rate_limits_set(target=obj, **values)  # writes the limits only: never a stale revoked_at
 
     @admin.display(description="state")
     def state(self, obj: ApiKey) -> str:

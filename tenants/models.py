@@ -35,7 +35,29 @@ def _choices_check(
     return models.CheckConstraint(condition=Q(**{f"{field}__in": values}), name=name)
 
 
-class Tenant(models.Model):
+class RateLimits(models.Model):
+    """How much one tenant, or one of its keys, may ask for: empty fields take the level above's value.
+
+    A key's empty field is its tenant's; a tenant's is the platform's default (settings
+    ``TANDEM_DEFAULT_*``). Enforced by ``inference.limits`` (requests and tokens per minute:
+    429 with ``Retry-After``) and ``inference.queueing`` (streams at once: more wait their turn).
+    """
+
+    max_streams = models.PositiveIntegerField(
+        null=True, blank=True, help_text="streams running at once (more wait in the queue); empty = the default"
+    )
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="empty = the default")
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="prompt + max_tokens of each request, corrected when it ends; empty = the default",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class Tenant(RateLimits):
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -88,8 +110,11 @@ class Membership(models.Model):
         return self.can_manage or (self.can_complete and api_key.created_by_id == self.user_id)
 
 
-class ApiKey(models.Model):
-    """A tenant's API key. Only its sha256 is stored; the full key is shown once, at creation."""
+class ApiKey(RateLimits):
+    """A tenant's API key. Only its sha256 is stored; the full key is shown once, at creation.
+
+    Its rate limits (empty: its tenant's) bound it within its tenant's own.
+    """
 
     class Scope(models.TextChoices):
         COMPLETIONS = "completions"

@@ -272,6 +272,54 @@ def api_key_revoke(*, api_key: ApiKey, by: User | None = None) -> ApiKey:
     return api_key
 
 
+RATE_LIMIT_FIELDS = ("max_streams", "requests_per_minute", "tokens_per_minute")
+
+
+@transaction.atomic
+def rate_limits_set(
+    *,
+    target: Tenant | ApiKey,
+    max_streams: int | None,
+    requests_per_minute: int | None,
+    tokens_per_minute: int | None,
+    by: User | None = None,
+) -> Tenant | ApiKey:
+    """Set a tenant's or one of its keys' rate limits (None: the level above's, see ``RateLimits``).
+
+    ``by`` must be an owner or admin of the tenant; ``None`` is for system callers (the
+    Django admin). Every value is a whole number of at least 1 (0 would stop the tenant:
+    revoke its keys for that). Requests already running keep the limits they started with;
+    new ones see the change in this process at once and in others within
+    ``TANDEM_API_KEY_CACHE_TTL_S``.
+    """
+    tenant_id = target.pk if isinstance(target, Tenant) else target.tenant_id
+    if by is not None and not _membership_of(by, tenant_id).can_manage:
+        raise errors.PermissionDenied("only owners and admins can change rate limits")
+    values = {
+        "max_streams": max_streams,
+        "requests_per_minute": requests_per_minute,
+        "tokens_per_minute": tokens_per_minute,
+    }
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1):
+            raise errors.InvalidInput(
+                f"{name.replace('_', ' ')} must be a whole number from 1, or empty, got {value!r}"
+            )
+    type(target).objects.filter(pk=target.pk).update(**values)
+    for name, value in values.items():
+        setattr(target, name, value)
+    if isinstance(target, ApiKey):
+        api_key_cache_forget(api_key=target)
+    else:
+        for key in ApiKey.objects.filter(tenant_id=target.pk):
+            api_key_cache_forget(api_key=key)  # a cached key carries its tenant's limits
+    logger.info(
+        "rate limits set",
+        extra={"tenant_id": tenant_id, "api_key": getattr(target, "prefix", None), **values},
+    )
+    return target
+
+
 class _ApiKeyCache:
     """Key rows by key hash, kept in this process for at most ``TANDEM_API_KEY_CACHE_TTL_S``.
 

@@ -32,7 +32,7 @@ def member(account, django_user_model, role: str):
     return user
 
 
-@pytest.mark.parametrize("name", ["playground", "api-keys", "usage", "routing"])
+@pytest.mark.parametrize("name", ["playground", "api-keys", "usage", "routing", "limits"])
 def test_every_page_but_sign_in_requires_a_signed_in_user(client, name):
     response = client.get(reverse(f"frontend:{name}"))
     assert response.status_code == 302 and response.url.startswith(reverse("frontend:login"))

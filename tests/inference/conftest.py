@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from inference.limits import limiter
 from inference.queueing import scheduler
 from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
 from tenants import selectors, services
@@ -19,6 +20,7 @@ def empty_caches():
     services.api_key_cache.forget()
     selectors.price_cache.forget()
     scheduler.reset()  # and no engine slot still held by another test's stream
+    limiter.reset()  # nor another test's rate-limit buckets
 
 
 # an engine a test releases token by token ----------------------------------------------------------

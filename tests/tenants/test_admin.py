@@ -37,8 +37,19 @@ def test_every_list_and_detail_page_renders(admin_client, settled, model):
     assert admin_client.get(_url(model, "change", obj.pk)).status_code == 200
 
 
-@pytest.mark.parametrize("model", [Reservation, UsageRecord, PriceBook, Price, ApiKey], ids=lambda m: m.__name__)
-def test_money_rows_and_keys_cannot_be_added_or_edited_by_hand(admin_client, settled, model):
+def test_keys_cannot_be_added_or_deleted_by_hand_and_a_change_saves_only_their_rate_limits(admin_client, settled):
+    assert admin_client.get(_url(ApiKey, "add")).status_code == 403
+    key = ApiKey.objects.first()
+    before = {f.name: getattr(key, f.name) for f in ApiKey._meta.fields}
+    response = admin_client.post(_url(ApiKey, "change", key.pk), {"name": "x", "revoked_at": "2020-01-01 00:00"})
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert {f.name: getattr(key, f.name) for f in ApiKey._meta.fields} == before  # empty limits were empty already
+    assert admin_client.post(_url(ApiKey, "delete", key.pk), {"post": "yes"}).status_code == 403
+
+
+@pytest.mark.parametrize("model", [Reservation, UsageRecord, PriceBook, Price], ids=lambda m: m.__name__)
+def test_money_rows_cannot_be_added_or_edited_by_hand(admin_client, settled, model):
     assert admin_client.get(_url(model, "add")).status_code == 403
     obj = model.objects.first()
     assert admin_client.post(_url(model, "change", obj.pk), {}).status_code == 403
