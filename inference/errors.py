@@ -66,6 +66,7 @@ class BudgetExceeded(GatewayError):
     status = 402
     type = "insufficient_quota"
     code = "budget_exceeded"
+    may_fit_later = False  # money other requests hold may come back (inference.holds waits for it briefly)
 
 
 class ModelNotFound(GatewayError):

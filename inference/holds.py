@@ -10,8 +10,12 @@ over to another tier before its first token is re-priced from the same book
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_UP, Decimal
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -26,6 +30,59 @@ from tenants.leases import LeaseHold, LeasePool
 
 if TYPE_CHECKING:
     from tenants.models import Price, Reservation
+
+
+class GpuPace:
+    """GPU milliseconds per token of this process's recent completions, per model and tier.
+
+    A hold prices GPU time at the slowest of the last ``PACE_SAMPLES`` completions plus
+    ``PACE_MARGIN``, not at the price's loose ceiling (100 ms a token in the demo book,
+    some 40 times what the demo pair takes): a tenant near its hard limit is then refused
+    only when what is left would not pay for the request. Until ``PACE_MIN_SAMPLES`` have
+    been seen, the ceiling holds.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], deque[Decimal]] = {}
+
+    def record(self, model: str, tier: str, gpu_ms: Decimal, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        with self._lock:
+            seen = self._seen.setdefault((model, tier), deque(maxlen=PACE_SAMPLES))
+            seen.append(gpu_ms / tokens)
+
+    def per_token(self, model: str, tier: str) -> Decimal | None:
+        """The GPU time per token a hold counts on, or None (too few seen: the price's ceiling)."""
+        if not settings.TANDEM_HOLD_GPU_FROM_PACE:
+            return None
+        with self._lock:
+            seen = self._seen.get((model, tier))
+            if seen is None or len(seen) < PACE_MIN_SAMPLES:
+                return None
+            slowest = max(seen)
+        return (slowest * PACE_MARGIN).quantize(Decimal("0.001"), ROUND_UP)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+
+PACE_SAMPLES = 512
+PACE_MIN_SAMPLES = 32
+PACE_MARGIN = Decimal("1.25")
+gpu_pace = GpuPace()
+
+
+def worst_case(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
+    """What a request on ``price`` holds: its worst case, GPU time at the measured pace (``GpuPace``)."""
+    return tenant_services.cost_estimate_max(
+        price=price,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        gpu_ms_per_token=gpu_pace.per_token(price.model, price.tier),
+    )
 
 
 @dataclass
@@ -78,7 +135,7 @@ async def hold_worst_case(
     while another request is opening this key's lease. Raises ``BudgetExceeded`` (402)
     or ``RequestIdConflict`` (409) and holds nothing when it cannot.
     """
-    amount = tenant_services.cost_estimate_max(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    amount = worst_case(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
     if settings.TANDEM_BUDGET_LEASES and request_id_fresh:
         tenant_id, api_key_id = principal.tenant_id, principal.api_key_id
         hold.lease_hold = leases.admit(tenant_id=tenant_id, api_key_id=api_key_id, amount=amount)
@@ -86,7 +143,32 @@ async def hold_worst_case(
             hold.lease_hold = await db(leases.open)(tenant_id=tenant_id, api_key_id=api_key_id, amount=amount)
         if hold.lease_hold is not None:
             return
-    hold.reservation = await db(_reserve)(principal, request_id, amount, price)
+    hold.reservation = await _reserve_waiting(principal, request_id, amount, price)
+
+
+async def _reserve_waiting(principal: Principal, request_id: str, amount: Decimal, price: Price) -> Reservation:
+    """A reservation; refused for a budget that in-flight requests hold, it waits (briefly) for them to settle.
+
+    Near a hard limit most of what is left may be held by requests still running, each
+    for its worst case; they settle for less and give the rest back. Refusing at once
+    would leave that money unspent, so the request retries, backing off, for up to
+    ``TANDEM_BUDGET_WAIT_S``; it is refused at once when even the end of every hold
+    would not leave room.
+    """
+    deadline = time.monotonic() + settings.TANDEM_BUDGET_WAIT_S
+    pause = BUDGET_RETRY_FIRST_S
+    while True:
+        try:
+            return await db(_reserve)(principal, request_id, amount, price)
+        except BudgetExceeded as refused:
+            if not refused.may_fit_later or time.monotonic() + pause > deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, BUDGET_RETRY_MAX_S)
+
+
+BUDGET_RETRY_FIRST_S = 0.02
+BUDGET_RETRY_MAX_S = 0.25
 
 
 def _reserve(principal: Principal, request_id: str, amount: Decimal, price: Price) -> Reservation:
@@ -102,7 +184,9 @@ def _reserve(principal: Principal, request_id: str, amount: Decimal, price: Pric
             tenant=tenant, api_key=key, amount=amount, request_id=request_id, price=price
         )
     except tenant_errors.BudgetExceeded as exc:
-        raise BudgetExceeded(str(exc)) from None
+        refused = BudgetExceeded(str(exc))
+        refused.may_fit_later = exc.may_fit_later
+        raise refused from None
     except tenant_errors.InvalidInput:  # the request id was used before (by any tenant)
         raise RequestIdConflict("this request id was already used; send a new X-Request-Id") from None
 

@@ -29,6 +29,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from inference.completion import UsageSummary
+from inference.holds import gpu_pace
 from inference.runtime import db_from_thread
 from tenants import services as tenant_services
 from tenants.leases import LeasePool
@@ -76,6 +77,9 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
     usages = [_leg_usage(stream, leg, index, *outcomes[index]) for index, leg in enumerate(legs)]
     priced = [(leg.price, usage) for leg, usage in zip(legs, usages, strict=True)]
     costs = tenant_services.settlement_costs(legs=priced, held=hold.amount) if legs else []
+    for usage in usages:  # the pace the next requests' holds count on
+        if usage.completion_tokens and usage.gpu_ms:
+            gpu_pace.record(usage.model, usage.route_tier, usage.gpu_ms, usage.prompt_tokens + usage.completion_tokens)
     summary = _summary(stream, outcome, usages, costs, now)
 
     write: Callable[[], None] | None = None

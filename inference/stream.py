@@ -30,7 +30,7 @@ from inference.completion import CompletionCall, TokenDelta, UsageSummary
 from inference.engines import Engine, ModelEntry, arequest_for
 from inference.errors import ContextTooLong, GatewayError, Overloaded, UpstreamFailed
 from inference.handoff import END, pump_on_loop, pump_on_thread
-from inference.holds import Hold, hold_more, price_in_pinned_book
+from inference.holds import Hold, hold_more, price_in_pinned_book, worst_case
 from inference.limits import limiter
 from inference.principals import Principal
 from inference.queueing import Slot
@@ -40,7 +40,6 @@ from inference.runtime import db
 from speculative import errors as core_errors
 from speculative.engine import CompletionRequest
 from speculative.types import CompletionStats, Provenance, TokenEvent
-from tenants import services as tenant_services
 from tenants.tiers import Tier
 
 if TYPE_CHECKING:
@@ -283,9 +282,7 @@ class GatewayStream:
         difference is asked for, from the same lease or reservation.
         """
         spent = sum((c.total for c in settlement.leg_costs(self, legs)), Decimal(0))
-        worst = tenant_services.cost_estimate_max(
-            price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens
-        )
+        worst = worst_case(price=price, prompt_tokens=len(request.prompt_ids), max_tokens=request.max_tokens)
         await hold_more(
             self.hold,
             leases=settlement.leases,
@@ -312,9 +309,7 @@ class GatewayStream:
         if price is None:
             return False
         prompt_tokens = len(request.prompt_ids)
-        worst = tenant_services.cost_estimate_max(
-            price=price, prompt_tokens=prompt_tokens, max_tokens=request.max_tokens
-        )
+        worst = worst_case(price=price, prompt_tokens=prompt_tokens, max_tokens=request.max_tokens)
         await hold_more(
             self.hold,
             leases=settlement.leases,

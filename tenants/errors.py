@@ -42,12 +42,23 @@ class PermissionDenied(TenantsError):
 class BudgetExceeded(TenantsError):
     """Reserving the request's worst-case cost would take a budget past its hard limit; nothing was reserved."""
 
-    def __init__(self, message: str, *, budget_id: int, limit: Decimal, left: Decimal, requested: Decimal):
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget_id: int,
+        limit: Decimal,
+        left: Decimal,
+        requested: Decimal,
+        may_fit_later: bool = False,
+    ):
         super().__init__(message)
         self.budget_id = budget_id
         self.limit = limit
         self.left = left
         self.requested = requested
+        # other requests hold money that, once they settle, may leave room for this one
+        self.may_fit_later = may_fit_later
 
 
 class PriceNotFound(TenantsError):

@@ -520,6 +520,7 @@ def _budget_refusal(budget: Budget, amount: Decimal) -> errors.BudgetExceeded | 
         limit=budget.hard_limit,
         left=left,
         requested=amount,
+        may_fit_later=budget.reserved > 0 and budget.hard_limit - budget.spent >= amount,
     )
 
 
@@ -714,20 +715,26 @@ def cost_compute(
     return CostBreakdown(**rounded)
 
 
-def cost_estimate_max(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
+def cost_estimate_max(
+    *, price: Price, prompt_tokens: int, max_tokens: int, gpu_ms_per_token: Decimal | None = None
+) -> Decimal:
     """The most a request can cost: what ``budget_reserve`` holds. ``cost_compute`` at the worst counts.
 
     Worst counts: ``max_tokens`` completion tokens, ``MAX_DRAFT_TOKENS`` drafted per
     completion token, and the GPU cap per token over prompt and completion. A settlement
     charges ``cost_compute`` at counts no higher than these (``usage_cost``), so it can
-    never cost more.
+    never cost more. ``gpu_ms_per_token`` (at most the price's cap) holds a tighter GPU
+    time instead, from what this model was measured to take: a settlement never charges
+    more than was held (``settlement_cost``), so a rare slower request is charged the held
+    amount, and a hard budget is still never passed.
     """
+    cap = price.max_gpu_ms_per_token if gpu_ms_per_token is None else min(gpu_ms_per_token, price.max_gpu_ms_per_token)
     return cost_compute(
         price=price,
         prompt_tokens=prompt_tokens,
         completion_tokens=max_tokens,
         drafted_tokens=Decimal(MAX_DRAFT_TOKENS * max_tokens),
-        gpu_ms=price.max_gpu_ms_per_token * (prompt_tokens + max_tokens),
+        gpu_ms=cap * (prompt_tokens + max_tokens),
     ).total
 
 

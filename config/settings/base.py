@@ -203,6 +203,10 @@ TANDEM_REQUESTS_PER_MINUTE = get_env("TANDEM_REQUESTS_PER_MINUTE", 3000, int)
 TANDEM_TOKENS_PER_MINUTE = get_env("TANDEM_TOKENS_PER_MINUTE", 2_000_000, int)  # prompt + max_tokens, corrected after
 # where the rate-limit buckets live: Redis (shared by every web process) or "" for this process's memory
 TANDEM_RATE_LIMIT_REDIS_URL = get_env("TANDEM_RATE_LIMIT_REDIS_URL", REDIS_URL)
+# holds price GPU time at the measured pace of recent completions (inference.holds.GpuPace), not the price's ceiling
+TANDEM_HOLD_GPU_FROM_PACE = get_env("TANDEM_HOLD_GPU_FROM_PACE", True, as_bool)
+# a request refused for budget while other requests' holds are in flight waits this long for them to settle
+TANDEM_BUDGET_WAIT_S = get_env("TANDEM_BUDGET_WAIT_S", 5.0, float)
 # requests waiting for an engine slot: in all (503 past it) and per tenant (429 past it)
 TANDEM_MAX_QUEUED = get_env("TANDEM_MAX_QUEUED", 2048, int)
 TANDEM_MAX_QUEUED_PER_TENANT = get_env("TANDEM_MAX_QUEUED_PER_TENANT", 1024, int)

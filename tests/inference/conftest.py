@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from inference.holds import gpu_pace
 from inference.limits import limiter
 from inference.queueing import scheduler
 from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
@@ -21,6 +22,7 @@ def empty_caches():
     selectors.price_cache.forget()
     scheduler.reset()  # and no engine slot still held by another test's stream
     limiter.reset()  # nor another test's rate-limit buckets
+    gpu_pace.reset()  # nor the GPU pace other tests' completions set for holds
 
 
 # an engine a test releases token by token ----------------------------------------------------------
