@@ -8,10 +8,10 @@ from contextlib import contextmanager
 
 import pytest
 
+from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
 from inference.holds import gpu_pace
 from inference.limits import limiter
 from inference.queueing import scheduler
-from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
 from tenants import selectors, services
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -152,12 +153,21 @@ async def test_a_budget_too_near_its_limit_for_a_lease_reserves_per_request_and_
     spent = (await budget_of(account)).spent
     assert spent == sum(s.usage.cost["total"] for s in served)
     # what is left is less than a worst case only if the three cost it all; else one more fits
+    deadline = time.monotonic() + 30  # each request spends money, so the refusal must come; never hang for it
+    more = 0
     while True:
+        if time.monotonic() > deadline:
+            budget = await budget_of(account)
+            pytest.fail(
+                f"no BudgetExceeded within 30 s: {more} more requests were admitted past the first 3 "
+                f"(spent {budget.spent}, reserved {budget.reserved}, hard limit {budget.hard_limit})"
+            )
         try:
             stream = await gateway.start(await principal(account), call())
         except BudgetExceeded:
             break
         await gateway.collect(stream)
+        more += 1
     budget = await budget_of(account)
     assert budget.spent + budget.reserved <= budget.hard_limit and budget.reserved == 0
 

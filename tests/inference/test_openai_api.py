@@ -247,9 +247,18 @@ async def test_official_client_raises_the_mid_stream_error_event(client):
     stream = await client.chat.completions.create(
         model="tandem-test-broken", messages=HELLO, max_tokens=30, stream=True
     )
-    with pytest.raises(openai.APIError, match="engine failed"):
+    with pytest.raises(openai.APIError, match="engine failed") as info:
         async for _ in stream:
             pass
+    # the server's error event, not a broken connection (APIConnectionError is an APIError too)
+    assert type(info.value) is openai.APIError and info.value.message == "the engine failed: RuntimeError"
+    assert info.value.body == {
+        "message": "the engine failed: RuntimeError",
+        "type": "server_error",
+        "param": None,
+        "code": "engine_error",
+    }
+    assert (info.value.type, info.value.code) == ("server_error", "engine_error")
 
 
 # SSE, byte by byte ------------------------------------------------------------------------------
@@ -553,7 +562,7 @@ async def test_nan_is_not_json_and_is_refused(account, http):
 @pytest.mark.parametrize("depth", [40, 5_000, 200_000])
 async def test_json_nested_past_any_request_is_a_400_not_a_500(budgeted, http, depth):
     nested = "[" * depth + "]" * depth
-    body = '{"model": "tandem-test", "messages": [{"role": "user", "content": "hi"}], "metadata": %s}' % nested
+    body = '{"model": "tandem-test", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + nested + "}"
     for path in ("/v1/chat/completions", "/v1/completions"):
         response = await http.post(path, content=body.encode(), headers=bearer(budgeted.raw_key))
         assert response.status_code == 400, response.text

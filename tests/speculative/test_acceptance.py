@@ -83,7 +83,20 @@ def test_recovered_token_is_never_a_token_the_draft_overweights():
         verdict = accept_sampling(torch.tensor([2]), q, p, gen)
         assert verdict.n_matches == 0  # p(2) = 0: always rejected
         assert verdict.verifier_token in (0, 1)
-        assert not (verdict.verifier_token == 1 and q[0, 1] >= p[0, 1])
+        assert q[0, verdict.verifier_token] < p[0, verdict.verifier_token]
+    # Tokens the verifier likes (p > 0) but the draft overweights (q >= p): token 1 (q == p)
+    # and token 2 (q > p, the drafted one). The residual is (0.4, 0, 0), so every recovered
+    # token is 0; recovering from p itself (a classic bug) would give 1 or 2 half the time.
+    p = torch.tensor([[0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]])
+    q = torch.tensor([[0.1, 0.3, 0.6]])
+    rejections = 0
+    for _ in range(200):
+        verdict = accept_sampling(torch.tensor([2]), q, p, gen)
+        if verdict.n_matches == 0:  # rejected: probability 1 - p(2)/q(2) = 2/3
+            rejections += 1
+            assert q[0, verdict.verifier_token] < p[0, verdict.verifier_token], verdict
+            assert verdict.verifier_token == 0
+    assert rejections > 100  # the rejection path really ran (about 133 of 200 expected)
 
 
 @settings(max_examples=50, deadline=None)

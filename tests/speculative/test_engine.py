@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -195,19 +195,78 @@ def test_seeded_sampling_is_reproducible(engines):
     assert a.token_ids == b.token_ids
 
 
-def _exact_two_token_distribution(model, prompt: list[int], temperature: float) -> np.ndarray:
-    """P(t1, t2 | prompt) of the verifier alone, by enumeration: (vocab, vocab)."""
+# Sampling is lossless: speculative output ~ the verifier alone -----------------------------------
+SAMPLED_VOCAB = 4  # 4 tokens of a 4-token vocabulary: 256 sequences, few enough to enumerate and fill
+SAMPLED_TOKENS = 4  # the whole completion: one round drafting 3 tokens, then whatever rounds remain
+SAMPLED_K = 3  # drafts at positions 0, 1, 2: acceptance, rejection and recovery at every one, and the bonus
+SAMPLED_RUNS = 1000
+# A correct engine fails a case with probability 1e-9 (what the threshold means; the seeds are
+# fixed, so the outcome itself is the same every run). At 1000 runs, 1e-9 still catches with
+# probability >= 0.99 any bias whose chi-square distance sum((b - p)^2 / p) from the verifier's
+# distribution is >= 0.10 (top-k: 16 cells, 15 degrees of freedom) to 0.15 (plain and top-p:
+# 64 and 67 cells after pooling), from the noncentral chi-square with lambda = 1000 * distance;
+# for scale, moving 0.1 of probability from a sequence of 0.2 to one of 0.1 is 0.15. Measured
+# with these seeds, three classic acceptance bugs patched into the verifier give p-values of
+# (plain, top-k, top-p):
+#   recovered token drawn from p instead of norm(max(0, p - q)):  7e-9, 5e-64, 9e-57
+#   bonus token drawn from p[k - 1] instead of p[k]:              2e-15, 5e-101, 3e-39
+#   every position's ratio taken against q[0] (a later-position bug): 7e-20, 6e-60, 5e-38
+# so each is caught by at least two cases (the plain case alone misses the first at 1e-9); the
+# bonus bug (top-k, top-p) and the q[0] bug (top-k) also emit sequences the verifier gives
+# probability 0, which fails at once (asserted separately).
+SAMPLED_P_THRESHOLD = 1e-9
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matrices: torch's second thread only contends with the other processes (twice as fast alone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _warped_by_hand(logits: torch.Tensor, params: SamplingParams) -> np.ndarray:
+    """softmax(logits / T), cut to the top_k tokens, then to the smallest head covering top_p, renormalised.
+
+    Written apart from ``speculative.sampling.warp`` so that the reference does not share its bugs.
+    logits  # (rows, vocab) -> (rows, vocab) float64
+    """
+    out = np.zeros(tuple(logits.shape))
+    for row, scores in enumerate(logits.double().numpy() / params.temperature):
+        order = np.argsort(-scores, kind="stable")
+        kept = order[: params.top_k] if params.top_k else order
+        probs = np.exp(scores[kept] - scores[kept].max())
+        probs /= probs.sum()
+        if params.top_p < 1.0:
+            covered_before = np.cumsum(probs) - probs  # the mass of the tokens ranked above each one
+            head = covered_before < params.top_p
+            kept, probs = kept[head], probs[head] / probs[head].sum()
+        out[row, kept] = probs
+    return out
+
+
+def _exact_sequence_distribution(model, prompt: list[int], params: SamplingParams, length: int) -> np.ndarray:
+    """P(t1 .. t_length | prompt) of the verifier alone, by enumeration: (vocab ** length,), t1 most significant."""
+    joint = np.ones(1)
+    prefixes: list[tuple[int, ...]] = [()]
     with torch.no_grad():
-        p1 = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1] / temperature, -1)
-        vocab = p1.numel()
-        rows = torch.tensor([[*prompt, t] for t in range(vocab)])
-        p2 = torch.softmax(model(input_ids=rows).logits[:, -1] / temperature, -1)
-    return (p1.unsqueeze(1) * p2).double().numpy()
+        for _ in range(length):
+            rows = torch.tensor([[*prompt, *prefix] for prefix in prefixes])
+            probs = _warped_by_hand(model(input_ids=rows).logits[:, -1], params)  # (len(prefixes), vocab)
+            joint = (joint[:, None] * probs).reshape(-1)
+            prefixes = [(*prefix, t) for prefix in prefixes for t in range(probs.shape[1])]
+    return joint
 
 
-def test_sampled_output_follows_the_verifier_distribution():
-    """Chi-square on a 6-token vocabulary: speculative samples of (t1, t2) ~ verifier alone."""
-    vocab, runs, temperature = 6, 1500, 1.0
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(1.0), SamplingParams(1.0, top_k=2), SamplingParams(1.0, top_p=0.8)],
+    ids=["temperature", "top_k", "top_p"],
+)
+def test_sampled_output_follows_the_verifier_distribution(params, one_torch_thread):
+    """Chi-square over whole 4-token completions drafted 3 at a time: speculative samples ~ verifier alone."""
+    vocab, runs = SAMPLED_VOCAB, SAMPLED_RUNS
     verifier_model = tiny_llama(vocab=vocab, hidden=32, layers=1, seed=1)
     draft_model = tiny_llama(vocab=vocab, hidden=32, layers=1, seed=2)  # disagrees often
     engine = SpeculativeEngine(
@@ -216,23 +275,31 @@ def test_sampled_output_follows_the_verifier_distribution():
         TransformersDraft("d", model=draft_model, device="cpu"),
     )
     prompt = [1, 2, 3]
-    counts: Counter[tuple[int, int]] = Counter()
-    accepted = 0
-    for seed in range(runs):
-        completion = engine.generate(prompt, max_tokens=2, sampling=SamplingParams(temperature, seed=seed), k=2)
-        counts[tuple(completion.token_ids)] += 1
-        accepted += completion.stats.accepted
-    engine.close()
-    assert accepted > 0  # the draft was really used
-    exact = _exact_two_token_distribution(verifier_model, prompt, temperature).reshape(-1)
-    observed = np.array([counts[(i // vocab, i % vocab)] for i in range(vocab * vocab)], dtype=float)
-    # pool rare cells so every expected count is at least 5 (chi-square's usual condition)
+    observed = np.zeros(vocab**SAMPLED_TOKENS)
+    first_round_matches = np.zeros(SAMPLED_K + 1, dtype=int)  # runs whose first round accepted n drafts
+    try:
+        for seed in range(runs):
+            sampling = dataclasses.replace(params, seed=seed)
+            completion = engine.generate(prompt, max_tokens=SAMPLED_TOKENS, sampling=sampling, k=SAMPLED_K)
+            assert len(completion.token_ids) == SAMPLED_TOKENS and completion.stats.draft_lengths[0] == SAMPLED_K
+            observed[int(np.ravel_multi_index(completion.token_ids, (vocab,) * SAMPLED_TOKENS))] += 1
+            # the first round emits its n accepted drafts, then the verifier's token (recovered or bonus)
+            first_round_matches[completion.stats.provenance.index(Provenance.VERIFIER)] += 1
+    finally:
+        engine.close()
+    # every drafted position was both rejected and accepted often, and all three drafts were too
+    assert (first_round_matches >= runs // 30).all(), first_round_matches
+    exact = _exact_sequence_distribution(verifier_model, prompt, params, SAMPLED_TOKENS)
+    # a sequence the verifier never samples (past top-k or top-p) is never emitted
+    assert observed[exact == 0].sum() == 0, np.flatnonzero((exact == 0) & (observed > 0))
+    # pool rare sequences so every expected count is at least 5 (chi-square's usual condition)
     order = np.argsort(exact)
     keep = order[exact[order] * runs >= 5]
-    pooled = order[exact[order] * runs < 5]
-    obs = np.append(observed[keep], observed[pooled].sum())
-    exp = np.append(exact[keep], exact[pooled].sum()) * runs
-    assert chisquare(obs, exp / exp.sum() * obs.sum()).pvalue > 1e-3
+    pooled = order[(exact[order] > 0) & (exact[order] * runs < 5)]
+    obs, exp = observed[keep], exact[keep] * runs
+    if pooled.size:
+        obs, exp = np.append(obs, observed[pooled].sum()), np.append(exp, exact[pooled].sum() * runs)
+    assert chisquare(obs, exp / exp.sum() * obs.sum()).pvalue > SAMPLED_P_THRESHOLD
 
 
 def test_token_cost_shares_add_up_to_the_completions_verifier_time(engines):

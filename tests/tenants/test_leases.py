@@ -177,10 +177,19 @@ def test_settled_charges_are_written_in_one_batch_when_due(tenant, price, pool, 
             tenant_id=tenant.pk, api_key_id=None, amount=held
         )
         futures.append(pool.settle(hold, charge(price, f"r{i}", held)))
-    pool.tick()
-    assert not UsageRecord.objects.exists()  # not due yet
+    with django_assert_num_queries(0):  # not due yet: the charges wait in memory, no query at all
+        pool.tick()
+    assert not UsageRecord.objects.exists()
     clock[0] += 0.3
-    pool.tick()
+    # Due: the five charges go in one batch, one transaction of a fixed number of statements
+    # whatever the batch's size: SAVEPOINT x2 (the flush's atomic and budget_lease_settle's,
+    # inside the test's transaction), lock the lease, lock its budget, UPDATE the budget,
+    # UPDATE the lease, one INSERT of all five ledger rows (one executemany), RELEASE x2.
+    # Written row by row it would be 13; settled request by request, 5 transactions.
+    with django_assert_num_queries(9) as captured:
+        pool.tick()
+    inserts = [q["sql"] for q in captured.captured_queries if "INSERT" in q["sql"]]
+    assert len(inserts) == 1 and 'INTO "tenants_usagerecord"' in inserts[0], inserts
     assert all(f.done() for f in futures) and UsageRecord.objects.count() == 5
     assert budget(tenant).spent == sum(UsageRecord.objects.values_list("cost_total", flat=True))
 
