@@ -9,7 +9,7 @@ CLOUD_PORT ?= 8001
 # PostgreSQL for the concurrency tests (select_for_update only really locks there)
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: install run test lint bench bench-platform train-pair browser
+.PHONY: install run test lint bench bench-platform load train-pair browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,11 +53,26 @@ test: lint browser
 		DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m postgres; \
 	else echo "SKIPPED: PostgreSQL tests (no server at $(PG_URL))"; fi
 
+# Fuzz a running server's OpenAI-compatible API against its OpenAPI schema (GET /v1/openapi.json): prints the
+# figures as JSON, fails on any 5xx or schema violation. `make run` prints the demo key:
+#   make fuzz KEY=tdm_... [PORT=8000] [FUZZ_CASES=10000] [FUZZ_MODEL=tandem-demo] [FUZZ_MAX_TOKENS=4]
+FUZZ_CASES ?= 10000
+FUZZ_MODEL ?= tandem-demo
+FUZZ_MAX_TOKENS ?= 4
+.PHONY: fuzz
+fuzz: $(STAMP)
+	@test -n "$(KEY)" || { echo "make fuzz KEY=<API key> (make run prints the demo's)"; exit 2; }
+	$(PY) -m inference.fuzz_api --base-url http://$(HOST):$(PORT) --key $(KEY) --cases $(FUZZ_CASES) \
+		--model $(FUZZ_MODEL) --max-tokens $(FUZZ_MAX_TOKENS)
+
 bench: $(STAMP)
 	$(PY) -m speculative.bench
 
 bench-platform: $(STAMP)
 	$(PY) -m inference.bench
+
+load: $(STAMP)
+	$(PY) -m inference.bench_load
 
 train-pair: $(STAMP)
 	$(PY) -m speculative.train_pair

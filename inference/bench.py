@@ -17,7 +17,10 @@ JSON framing and the socket. Reported against calling the same engine directly:
 - requests/s and latency of the non-streaming API with several clients at once;
 - floors: a websocket ping and a ``GET /v1/models`` round trip, which do no completion,
   so the part of a request's overhead that is the web stack and the client shows apart
-  from the gateway's own work (auth, reservation, settlement, ledger).
+  from the gateway's own work (auth, reservation, settlement, ledger);
+- burst: three tenants send 4x the engines' capacity at once (``inference.bench_load.burst``):
+  every request answered or refused with ``Retry-After``, and each tenant's share of the
+  tokens while all three wait.
 
 Client and server share this machine's cores, so the figures include the client's own
 work; a second machine would show less.
@@ -201,7 +204,13 @@ SERVERS = {
 }
 
 
-def start_server(var: Path, kind: str = "platform", database_url: str = "") -> tuple[subprocess.Popen, str, str]:
+def start_server(
+    var: Path,
+    kind: str = "platform",
+    database_url: str = "",
+    engines: str = "inference.bench.bench_engines",
+    models: str = f"{MODEL},{PACED_MODEL}",
+) -> tuple[subprocess.Popen, str, str]:
     env = {
         # production's defaults where the test settings differ (the environment may override them)
         "TANDEM_SETTLE_AFTER_REPLY": "1",
@@ -213,13 +222,12 @@ def start_server(var: Path, kind: str = "platform", database_url: str = "") -> t
         "TANDEM_VAR_DIR": str(var),
         "DATABASE_URL": database_url or f"sqlite:///{var / 'bench.sqlite3'}",
         "TANDEM_LOG_LEVEL": "WARNING",
-        "TANDEM_MAX_STREAMS_PER_TENANT": "64",
-        "TANDEM_ENGINES": "inference.bench.bench_engines",
+        "TANDEM_ENGINES": engines,
     }
     run = [sys.executable, "manage.py"]
     subprocess.run([*run, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
     boot = subprocess.run(
-        [*run, "tandem_demo", "--models", f"{MODEL},{PACED_MODEL}"],
+        [*run, "tandem_demo", "--models", models],
         cwd=REPO,
         env=env,
         check=True,
@@ -235,7 +243,7 @@ def start_server(var: Path, kind: str = "platform", database_url: str = "") -> t
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(var / "server.log").open("wb"),  # its warnings and errors, for a run that goes wrong
     )
     for _ in range(300):
         try:
@@ -276,6 +284,11 @@ async def measure(base: str, key: str, args) -> dict:
         "floors": await floors(base, key, args.requests),
         "non_streaming": await non_streaming_load(base, key, args.clients, args.seconds, 16),
     }
+    if args.burst_keys:
+        from inference.bench_load import burst
+
+        capacity = 64  # the trivial engine's slots (inference.engines.DEFAULT_LOCAL_SLOTS)
+        report["burst"] = await burst(base, args.burst_keys, PACED_MODEL, capacity, 4, 300)
     return report
 
 
@@ -288,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--server", choices=sorted(SERVERS), default="platform")
     parser.add_argument("--database-url", default="", help="the server's DATABASE_URL (default: a fresh SQLite file)")
+    parser.add_argument("--no-burst", action="store_true", help="skip the 3-tenant burst of 4x capacity")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
@@ -297,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     with tempfile.TemporaryDirectory() as tmp:
         server, base, key = start_server(Path(tmp), args.server, args.database_url)
+        args.burst_keys = None
+        if not args.no_burst:
+            from inference.bench_load import tenant_keys
+
+            database_url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.sqlite3'}"
+            args.burst_keys = tenant_keys(Path(tmp), database_url, f"{MODEL},{PACED_MODEL}")
         try:
             report = {
                 "machine": {"cpu_count": os.cpu_count()},
