@@ -61,6 +61,10 @@ class RoutingPolicyForm(forms.Form):
     edge_max_output_tokens = forms.IntegerField(min_value=1, label="Edge: most output tokens")
     edge_max_prompt_tokens = forms.IntegerField(min_value=1, label="Edge: longest prompt (tokens)")
     edge_max_streams = forms.IntegerField(min_value=1, label="Edge: streams before interactive requests spill up")
+    at_capacity = forms.ChoiceField(
+        choices=[("wait", "wait for a slot"), ("spill", "spill to another allowed tier")],
+        label="When the tier's engines are all busy",
+    )
     escalation = forms.BooleanField(required=False, label="Escalate low-confidence edge answers")
     escalation_min_mean_logprob = forms.FloatField(max_value=0, label="Escalate below mean log-probability")
     escalation_max_low_share = forms.FloatField(

@@ -43,7 +43,7 @@ from inference.principals import (
 )
 from inference.queueing import Slot, scheduler
 from inference.redaction import serving_call
-from inference.router import decide
+from inference.router import decide, spill
 from inference.runtime import db
 from inference.selectors import routing_policy_cached, routing_policy_for
 from inference.settlement import leases, ledger_writes_flush
@@ -94,6 +94,8 @@ async def start(
     policy = routing_policy_cached(tenant_id=tenant_id) or await db(routing_policy_for)(tenant_id=tenant_id)
     signals = await assess(call, policy, entry.tokenizer, entry.serves(Tier.CLOUD, tenant_id))
     route = decide(entry, signals, policy, tenant_id)
+    if policy.at_capacity == "spill" and _busy(entry, route.tier):
+        route = spill(entry, route, lambda tier: _busy(entry, tier), tenant_id, policy) or route
     redacted = serving_call(call, route.redact, signals.pii)
     if redacted is None:  # PII that cannot be cut out cleanly stays off the cloud
         route = decide(entry, signals, dataclasses.replace(policy, pii_action="keep_off_cloud"), tenant_id)
@@ -134,6 +136,11 @@ async def start(
         await stream._settle("error")  # a no-op when the failure already settled it
         raise
     return stream
+
+
+def _busy(entry, tier: Tier) -> bool:
+    """Whether ``tier``'s engines have no free slot for a new request now."""
+    return scheduler.pool(*entry.pool(tier)).busy()
 
 
 async def _slot(principal: Principal, entry, tier: Tier, latency_class: str, on_queued) -> Slot:

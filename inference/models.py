@@ -137,6 +137,13 @@ class RoutingPolicy(models.Model):
     edge_max_streams = models.PositiveIntegerField(
         default=16, help_text="edge streams in flight from which interactive requests spill up (batch ones wait)"
     )
+    at_capacity = models.CharField(
+        max_length=8,
+        choices=[("wait", "wait for a slot"), ("spill", "spill to another allowed tier")],
+        default="wait",
+        help_text="when the engines of the chosen tier are all busy: wait in the fair queue, or go to another "
+        "allowed tier (never the cloud for personal data the policy keeps off it) that has a free slot",
+    )
     escalation = models.BooleanField(
         default=False, help_text="send an edge answer up a tier when its own confidence is low (both legs are charged)"
     )

@@ -96,6 +96,11 @@ class Pool:
         with self._lock:
             return self._by_owner.get(f"t{tenant_id}", 0)
 
+    def busy(self) -> bool:
+        """Whether a new request would wait: every slot taken, or others already waiting."""
+        with self._lock:
+            return self.running >= self.capacity or bool(self._waiting)
+
     def expected_wait_s(self, ahead: int) -> float:
         """How long the ``ahead``-th waiter can expect to wait at the pool's recent pace (0: unknown)."""
         return self.hold_s * (ahead + 1) / max(1, self.capacity)

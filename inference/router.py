@@ -20,7 +20,7 @@ ledger. A route is *degraded* when a failure put it below the tier the policy ch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +94,7 @@ class Policy:
     edge_max_output_tokens: int = 1024
     edge_max_prompt_tokens: int = 4096
     edge_max_streams: int = 16
+    at_capacity: str = "wait"  # or "spill": the chosen tier's engines all busy, another allowed tier takes it
     escalation: bool = False
     escalation_min_mean_logprob: float = -2.5
     escalation_max_low_share: float = 0.3
@@ -114,6 +115,7 @@ class Policy:
             edge_max_output_tokens=row.edge_max_output_tokens,
             edge_max_prompt_tokens=row.edge_max_prompt_tokens,
             edge_max_streams=row.edge_max_streams,
+            at_capacity=row.at_capacity,
             escalation=row.escalation,
             escalation_min_mean_logprob=row.escalation_min_mean_logprob,
             escalation_max_low_share=row.escalation_max_low_share,
@@ -244,6 +246,26 @@ def fail_over(
         if _may_take(entry, policy, route, tier, tenant_id):
             redact = tier is Tier.CLOUD and bool(route.signals.get("pii"))
             return Route(tier, DOWN_REASON[route.tier], policy.version, chosen, route.signals, redact)
+    return None
+
+
+def spill(
+    entry: ModelEntry,
+    route: Route,
+    busy: Callable[[Tier], bool],
+    tenant_id: int | None = None,
+    policy: Policy = BUILTIN_POLICY,
+) -> Route | None:
+    """Another tier for ``route``'s request when its own engines are all ``busy`` (a policy with ``at_capacity`` spill).
+
+    The first tier of the policy's failover order that may take the request (the same
+    constraints as a failover: allowed, up, PII kept off the cloud) and is not busy
+    itself; None when there is none, and the request waits its turn instead.
+    """
+    for tier in policy.failover[route.tier]:
+        if tier is not route.tier and not busy(tier) and _may_take(entry, policy, route, tier, tenant_id):
+            redact = tier is Tier.CLOUD and bool(route.signals.get("pii"))
+            return Route(tier, "at_capacity", policy.version, route.tier, route.signals, redact)
     return None
 
 

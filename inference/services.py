@@ -82,6 +82,7 @@ POLICY_FIELDS = (
     "edge_max_output_tokens",
     "edge_max_prompt_tokens",
     "edge_max_streams",
+    "at_capacity",
     "escalation",
     "escalation_min_mean_logprob",
     "escalation_max_low_share",

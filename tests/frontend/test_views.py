@@ -201,6 +201,7 @@ POLICY_FORM = {
     "edge_max_output_tokens": "512",
     "edge_max_prompt_tokens": "2048",
     "edge_max_streams": "8",
+    "at_capacity": "wait",
     "escalation_min_mean_logprob": "-2.5",
     "escalation_max_low_share": "0.3",
     "escalation_hold_tokens": "16",

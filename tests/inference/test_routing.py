@@ -273,3 +273,63 @@ async def test_without_a_cloud_for_the_tenant_the_prompt_is_not_scanned_and_the_
     await gateway.collect(stream)
     row = await UsageRecord.objects.aget(request_id=stream.request_id)
     assert row.route_signals["pii_unscanned"] is True and "pii" not in row.route_signals
+
+
+# engines at capacity: wait (the default) or spill -------------------------------------------------------
+async def hold_every_local_slot() -> list:
+    """Every slot of ``tandem-test``'s edge and speculative engines, taken by another tenant's streams."""
+    from inference.engines import get_engines
+    from inference.queueing import scheduler
+
+    pool = scheduler.pool(*get_engines().get("tandem-test").pool(Tier.SPECULATIVE))
+    return [await pool.acquire(10_000, pool.capacity) for _ in range(pool.capacity)]
+
+
+async def test_a_spill_policy_sends_a_request_whose_engines_are_all_busy_to_a_free_tier(standin, account):
+    await publish(account.tenant, at_capacity="spill")
+    await sync_to_async(register)(standin.base_url)
+    held = await hold_every_local_slot()
+    try:
+        stream = await gateway.start(await principal(account), call(max_tokens=4, temperature=0.0))
+        await gateway.collect(stream)
+    finally:
+        for slot in held:
+            slot.release()
+    assert stream.route.tier is Tier.CLOUD and stream.route.reason == "at_capacity"
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert (row.route_tier, row.route_reason) == ("cloud", "at_capacity")
+
+
+async def test_a_spill_never_takes_personal_data_to_the_cloud_it_waits_instead(standin, account):
+    import asyncio
+
+    await publish(account.tenant, at_capacity="spill")
+    await sync_to_async(register)(standin.base_url)
+    held = await hold_every_local_slot()
+    waiting = asyncio.ensure_future(
+        gateway.start(await principal(account), call(prompt=f"Write to {EMAIL} about the invoice.", max_tokens=4))
+    )
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # no tier that may take it is free: it waits its turn
+    held.pop().release()
+    stream = await asyncio.wait_for(waiting, 10)
+    await gateway.collect(stream)
+    for slot in held:
+        slot.release()
+    assert stream.route.tier is not Tier.CLOUD and stream.route.reason != "at_capacity"
+
+
+async def test_by_default_a_request_whose_engines_are_busy_waits_for_them(standin, account):
+    import asyncio
+
+    await sync_to_async(register)(standin.base_url)
+    held = await hold_every_local_slot()
+    waiting = asyncio.ensure_future(gateway.start(await principal(account), call(max_tokens=4)))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    held.pop().release()
+    stream = await asyncio.wait_for(waiting, 10)
+    await gateway.collect(stream)
+    for slot in held:
+        slot.release()
+    assert stream.route.tier is Tier.SPECULATIVE and stream.route.reason != "at_capacity"
