@@ -65,6 +65,11 @@ class RoutingPolicyForm(forms.Form):
         choices=[("wait", "wait for a slot"), ("spill", "spill to another allowed tier")],
         label="When the tier's engines are all busy",
     )
+    cache_ttl_s = forms.IntegerField(
+        min_value=0, label="Exact cache: keep answers (s)", help_text="0 turns the result cache off."
+    )
+    cache_sampled = forms.BooleanField(required=False, label="Cache sampled requests too")
+    cache_pii = forms.BooleanField(required=False, label="Cache requests with personal data")
     escalation = forms.BooleanField(required=False, label="Escalate low-confidence edge answers")
     escalation_min_mean_logprob = forms.FloatField(max_value=0, label="Escalate below mean log-probability")
     escalation_max_low_share = forms.FloatField(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -27,6 +28,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from frontend.forms import ApiKeyCreateForm, CloudUpstreamForm, RateLimitsForm, RoutingPolicyForm
 from inference import selectors as inference_selectors
 from inference import services as inference_services
+from inference.cache import exact_cache
 from inference.engines import get_engines
 from inference.errors import InvalidRequest
 from inference.limits import Limits, default_limits
@@ -255,6 +257,12 @@ def routing(request: HttpRequest, membership: Membership) -> HttpResponse:
     """The tenant's routing policy in force, its versions, and (owners and admins) a form that publishes the next one."""
     if request.method == "POST" and "upstream" in request.POST:
         return _upstream_register(request, membership)
+    if request.method == "POST" and "forget_cache" in request.POST:
+        if not membership.can_manage:
+            raise PermissionDenied("only owners and admins forget the tenant's cached answers")
+        forgotten = async_to_sync(exact_cache.forget_tenant)(membership.tenant_id)
+        messages.success(request, f"Forgot {forgotten} cached answer(s): the next identical requests are generated.")
+        return redirect("frontend:routing")
     policy = inference_selectors.routing_policy_for(tenant_id=membership.tenant_id)
     initial = {name: getattr(policy, name, None) for name in POLICY_FIELDS}
     initial["allowed_tiers"] = sorted(t.value for t in policy.allowed)

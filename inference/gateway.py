@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable
 
 from inference.admission import validate
+from inference.cache import CACHED_TIERS, ReplayEngine, cache_key, cacheable, exact_cache
 from inference.completion import (
     MINTED_ID_PREFIX,
     CompletionCall,
@@ -30,7 +31,7 @@ from inference.completion import (
     UsageSummary,
     new_request_id,
 )
-from inference.engines import aget_engines, arequest_for
+from inference.engines import Engine, aget_engines, arequest_for
 from inference.errors import AuthenticationFailed, GatewayError
 from inference.holds import hold_worst_case, price_for
 from inference.limits import default_limits, limiter
@@ -43,7 +44,7 @@ from inference.principals import (
 )
 from inference.queueing import Slot, scheduler
 from inference.redaction import serving_call
-from inference.router import decide, spill
+from inference.router import Route, decide, spill
 from inference.runtime import db
 from inference.selectors import routing_policy_cached, routing_policy_for
 from inference.settlement import leases, ledger_writes_flush
@@ -103,12 +104,22 @@ async def start(
     served, redaction = redacted
     if policy.escalation and route.tier is Tier.EDGE and served.logprobs is None:
         served = dataclasses.replace(served, logprobs=0)  # the edge answer's confidence is judged from them
-    engine, request = await arequest_for(entry, route.tier, served, tenant_id)
+    key = hit = None
+    if _may_cache(call, route, policy, signals):
+        key = cache_key(tenant_id, call, entry, policy)
+        hit = await exact_cache.get(key)
+    if hit is not None:  # the same request answered moments ago: replayed, no engine, at the cache rate
+        route = Route(Tier(hit.tier), "exact_cache", policy.version, None, route.signals)
+        _, request = await arequest_for(entry, route.tier, call, tenant_id)
+        engine: Engine = ReplayEngine(hit, entry.tokenizer, entry.context_length)
+    else:
+        engine, request = await arequest_for(entry, route.tier, served, tenant_id)
     rate_tokens = len(request.prompt_ids) + request.max_tokens  # held against tokens per minute; corrected at the end
     await limiter.admit(principal, rate_tokens)
     slot: Slot | None = None
     try:
-        slot = await _slot(principal, entry, route.tier, call.latency_class, on_queued)
+        if hit is None:  # a replay takes no engine slot
+            slot = await _slot(principal, entry, route.tier, call.latency_class, on_queued)
         stream = GatewayStream(principal, call, entry, route, policy, redaction, signals.pii, slot)
     except BaseException:
         if slot is not None:
@@ -116,6 +127,7 @@ async def start(
         limiter.give_back_soon(principal, rate_tokens)
         raise
     stream.rate_tokens = rate_tokens
+    stream.use_cache(key, hit)
     try:
         stream.prompt_tokens = len(request.prompt_ids)
         stream.price = await price_for(model=entry.name, tier=route.tier.value)
@@ -128,6 +140,7 @@ async def start(
             price=stream.price,
             prompt_tokens=stream.prompt_tokens,
             max_tokens=request.max_tokens,
+            replay=hit is not None,
         )
         stream.launch(engine, request)
         await stream.first()  # fails over to another tier when this one fails before its first token
@@ -136,6 +149,15 @@ async def start(
         await stream._settle("error")  # a no-op when the failure already settled it
         raise
     return stream
+
+
+def _may_cache(call: CompletionCall, route, policy, signals) -> bool:
+    """Whether this request may be answered from (and its answer stored in) the exact result cache."""
+    if route.tier not in CACHED_TIERS or route.redact:
+        return False
+    if policy.escalation and route.tier is Tier.EDGE:
+        return False  # an edge answer is judged (and maybe sent up) as it is generated
+    return cacheable(call, policy, bool(signals.pii_kinds))
 
 
 def _busy(entry, tier: Tier) -> bool:

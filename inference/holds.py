@@ -125,8 +125,11 @@ async def hold_worst_case(
     price: Price,
     prompt_tokens: int,
     max_tokens: int,
+    replay: bool = False,
 ) -> None:
     """Hold the worst case on ``hold``: against this process's budget lease when it can, else a reservation.
+
+    ``replay``: the answer comes from the result cache, whose worst case is its tokens at the cache rate.
 
     The lease path needs no database round trip (the price is cached, admission is in
     memory). A reservation is made when leases are off, when the client chose the
@@ -135,7 +138,10 @@ async def hold_worst_case(
     while another request is opening this key's lease. Raises ``BudgetExceeded`` (402)
     or ``RequestIdConflict`` (409) and holds nothing when it cannot.
     """
-    amount = worst_case(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    if replay:
+        amount = tenant_services.cache_cost_max(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    else:
+        amount = worst_case(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
     if settings.TANDEM_BUDGET_LEASES and request_id_fresh:
         tenant_id, api_key_id = principal.tenant_id, principal.api_key_id
         hold.lease_hold = leases.admit(tenant_id=tenant_id, api_key_id=api_key_id, amount=amount)

@@ -144,6 +144,15 @@ class RoutingPolicy(models.Model):
         help_text="when the engines of the chosen tier are all busy: wait in the fair queue, or go to another "
         "allowed tier (never the cloud for personal data the policy keeps off it) that has a free slot",
     )
+    cache_ttl_s = models.PositiveIntegerField(
+        default=3600,
+        help_text="exact result cache: identical greedy requests replay the stored answer at the cache price for this "
+        "many seconds (the entries' retention); 0 turns it off",
+    )
+    cache_sampled = models.BooleanField(default=False, help_text="cache sampled requests too, not only greedy ones")
+    cache_pii = models.BooleanField(
+        default=False, help_text="cache requests in which the router found personal data (off: never stored)"
+    )
     escalation = models.BooleanField(
         default=False, help_text="send an edge answer up a tier when its own confidence is low (both legs are charged)"
     )

@@ -95,6 +95,9 @@ class Policy:
     edge_max_prompt_tokens: int = 4096
     edge_max_streams: int = 16
     at_capacity: str = "wait"  # or "spill": the chosen tier's engines all busy, another allowed tier takes it
+    cache_ttl_s: int = 3600  # exact result cache: how long an answer is kept (0: off); inference.cache
+    cache_sampled: bool = False  # cache sampled requests too (greedy ones only by default)
+    cache_pii: bool = False  # cache requests in which the router found personal data
     escalation: bool = False
     escalation_min_mean_logprob: float = -2.5
     escalation_max_low_share: float = 0.3
@@ -116,6 +119,9 @@ class Policy:
             edge_max_prompt_tokens=row.edge_max_prompt_tokens,
             edge_max_streams=row.edge_max_streams,
             at_capacity=row.at_capacity,
+            cache_ttl_s=row.cache_ttl_s,
+            cache_sampled=row.cache_sampled,
+            cache_pii=row.cache_pii,
             escalation=row.escalation,
             escalation_min_mean_logprob=row.escalation_min_mean_logprob,
             escalation_max_low_share=row.escalation_max_low_share,

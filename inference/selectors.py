@@ -13,7 +13,7 @@ from inference.router import Policy
 
 def builtin_policy() -> Policy:
     """What a tenant gets when neither it nor the platform has published a policy."""
-    return Policy(difficulty_routing=settings.TANDEM_ROUTE_BY_DIFFICULTY)
+    return Policy(difficulty_routing=settings.TANDEM_ROUTE_BY_DIFFICULTY, cache_ttl_s=settings.TANDEM_CACHE_TTL_S)
 
 
 class _PolicyCache:

@@ -159,7 +159,25 @@ def _leg_usage(stream: GatewayStream, leg: Leg, index: int, outcome: str, error:
         escalation=leg.escalation,
         route_signals=dict(route.signals),
         upstream=getattr(stats, "upstream", "") or "",
+        source=stream.source,
+        replayed_cost=_replayed_cost(stream, leg.price, prompt_tokens, completion_tokens),
     )
+
+
+def _replayed_cost(stream: GatewayStream, price, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
+    """What generating the replayed part of a cached answer again would cost (its saving is the difference)."""
+    answer = stream.replayed
+    if answer is None or price is None:
+        return None
+    share = Decimal(completion_tokens) / Decimal(max(len(answer.token_ids), 1))
+    gpu_cap = price.max_gpu_ms_per_token * (prompt_tokens + completion_tokens)
+    return tenant_services.cost_compute(
+        price=price,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        drafted_tokens=(Decimal(answer.drafted_tokens) * share).quantize(Decimal("0.001")),
+        gpu_ms=min((Decimal(answer.gpu_ms) * share).quantize(Decimal("0.001")), gpu_cap),
+    ).total
 
 
 def _summary(

@@ -25,6 +25,7 @@ from django.conf import settings
 
 from inference import settlement
 from inference.breakers import BreakerState
+from inference.cache import CACHED_TIERS, CachedAnswer, exact_cache
 from inference.cloud import CloudEngine, CloudRequest
 from inference.completion import CompletionCall, TokenDelta, UsageSummary
 from inference.engines import Engine, ModelEntry, arequest_for
@@ -95,6 +96,9 @@ class Leg:
     escalation: bool = False  # its output was held back and replaced by a higher tier's
 
 
+_storing: set[asyncio.Future] = set()  # answers on their way into the result cache
+
+
 class GatewayStream:
     """An admitted, paid-for completion in flight. Iterate for :class:`TokenDelta`; ``usage`` at the end.
 
@@ -116,6 +120,10 @@ class GatewayStream:
         self.principal, self.call, self.entry, self.route = principal, call, entry, route
         self.slot = slot  # its place on the engines (inference.queueing): given back when it settles
         self.rate_tokens = 0  # held against its tenant's tokens per minute (inference.limits)
+        self.source = "generation"  # or "exact_cache": a replay of a stored answer (inference.cache)
+        self.replayed: CachedAnswer | None = None
+        self._cache_key: str | None = None  # where its answer is stored once generated
+        self._recorded: list[tuple[int, str]] | None = None  # its tokens, as they go out, for the cache
         self.policy = policy  # pinned: failovers and escalations of this request follow the same version
         self._redaction = redaction  # PII sent to the cloud as placeholders: put back in its answer
         self._pii = pii  # the prompt's PII scan: a later route onto the cloud redacts with it too
@@ -147,6 +155,45 @@ class GatewayStream:
         self._in_tier: Tier | None = None  # the tier this stream is counted on in ``entry.in_flight``
 
     # set-up, from gateway.start() -----------------------------------------------------------
+    def use_cache(self, key: str | None, hit: CachedAnswer | None) -> None:
+        """Replay ``hit``; or, with a ``key`` and no hit, store this answer under it once generated."""
+        if hit is not None:
+            self.source, self.replayed = "exact_cache", hit
+        elif key is not None:
+            self._cache_key, self._recorded = key, []
+
+    def _store_answer(self, outcome: str) -> None:
+        """A generated answer that may be replayed: one leg, completed, on a cached tier."""
+        if self._recorded is None or self._cache_key is None or outcome != "completed" or self.legs_done:
+            return
+        stats = self.completion_stats()
+        finish = getattr(stats, "finish_reason", None)
+        if self.route.tier not in CACHED_TIERS or finish is None or not self._recorded:
+            return
+        ids, provenance = zip(*self._recorded, strict=True)
+        answer = CachedAnswer(
+            tier=self.route.tier.value,
+            token_ids=tuple(ids),
+            provenance=tuple(provenance),
+            drafted_tokens=str(self.tally.drafted),
+            gpu_ms=str(self.tally.gpu_ms),
+            finish_reason=finish.value,
+            created=time.time(),
+        )
+        unscanned = bool(self.route.signals.get("pii_unscanned")) and not self.policy.cache_pii
+        task = asyncio.ensure_future(self._store(self._cache_key, answer, unscanned))
+        _storing.add(task)
+        task.add_done_callback(_storing.discard)
+
+    async def _store(self, key: str, answer: CachedAnswer, scan_first: bool) -> None:
+        # A prompt the router did not scan for personal data (no cloud could serve it) is scanned
+        # now, off the reply's path: one with personal data is never kept unless the policy opts in.
+        from inference.pii import scan  # loaded on first use, as the router's checks do
+
+        if scan_first and (await asyncio.to_thread(scan, self.call.prompt)).findings:
+            return
+        await exact_cache.put(key, answer, self.policy.cache_ttl_s)
+
     def launch(self, engine: Engine, request: CompletionRequest | CloudRequest) -> None:
         """Start ``engine`` on ``request``; its events arrive on this stream's queue."""
         breaker = self.entry.breaker(self.route.tier)
@@ -385,6 +432,8 @@ class GatewayStream:
             self.first_token_at = now
         tally.count(event)
         self.delivered += 1
+        if self._recorded is not None:
+            self._recorded.append((event.token_id, event.provenance.value))
         route = None
         if self._announce_route:
             self._announce_route = False
@@ -552,6 +601,7 @@ class GatewayStream:
                 self.slot.release()
             self._leave_tier()
         self.usage = charge.summary
+        self._store_answer(outcome)
         if self.rate_tokens:  # tokens per minute: give back what was held for but not used
             used = charge.summary.prompt_tokens + charge.summary.completion_tokens
             limiter.give_back_soon(self.principal, self.rate_tokens - used)

@@ -180,6 +180,7 @@ class PriceInline(admin.TabularInline):
         "draft_per_mtok",
         "gpu_per_hour",
         "max_gpu_ms_per_token",
+        "cache_per_mtok",
     ]
     readonly_fields = fields
 
@@ -218,6 +219,7 @@ class PriceAdmin(ReadOnlyAdmin):
         "draft_per_mtok",
         "gpu_per_hour",
         "max_gpu_ms_per_token",
+        "cache_per_mtok",
     ]
     list_filter = ["tier", "book__is_active", "book"]
     search_fields = ["model"]
@@ -250,12 +252,14 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "tenant",
         "model",
         "route_tier",
+        "source",
         "outcome",
         "prompt_tokens",
         "completion_tokens",
         "cost_total",
+        "saving",
     ]
-    list_filter = ["route_tier", "outcome", "finish_reason", "price_book"]
+    list_filter = ["route_tier", "source", "outcome", "finish_reason", "price_book"]
     search_fields = ["request_id", "tenant__name", "tenant__slug", "model", "api_key__prefix"]
     list_select_related = ["tenant"]
     date_hierarchy = "created_at"

@@ -248,6 +248,9 @@ class Price(models.Model):
     # The most verifier GPU time one token may be charged: bounds the worst case a
     # reservation holds, and caps what a settlement charges, so the two always agree.
     max_gpu_ms_per_token = _money(default=0)
+    # An answer replayed from a cache (exact or semantic) instead of generated on this tier:
+    # per million prompt and completion tokens, nothing for drafts or GPU time.
+    cache_per_mtok = _money(default=0)
 
     class Meta:
         ordering = ["book", "model", "tier"]
@@ -258,7 +261,8 @@ class Price(models.Model):
                 & Q(completion_per_mtok__gte=0)
                 & Q(draft_per_mtok__gte=0)
                 & Q(gpu_per_hour__gte=0)
-                & Q(max_gpu_ms_per_token__gte=0),
+                & Q(max_gpu_ms_per_token__gte=0)
+                & Q(cache_per_mtok__gte=0),
                 name="price_rates_nonnegative",
             ),
             _choices_check("tier", TIER_VALUES, "price_tier_valid"),
@@ -346,6 +350,12 @@ class BudgetLease(models.Model):
         return f"lease {self.pk}: {self.charged} of {self.amount} {self.status}"
 
 
+class UsageSource(models.TextChoices):
+    GENERATION = "generation"
+    EXACT_CACHE = "exact_cache"
+    SEMANTIC_CACHE = "semantic_cache"
+
+
 class UsageOutcome(models.TextChoices):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
@@ -387,6 +397,13 @@ class UsageRecord(models.Model):
         help_text="this leg's answer was held back and replaced by a higher tier's (its cost is escalation cost)",
     )
     route_tier = models.CharField(max_length=16, choices=TIER_CHOICES)
+    source = models.CharField(
+        max_length=16,
+        choices=UsageSource.choices,
+        default=UsageSource.GENERATION,
+        help_text="generated, or replayed from a cache (then route_tier is the tier whose answer it replays)",
+    )
+    saving = _money(default=0)  # a replay: what generating it again would have cost, less what it was charged
     route_reason = models.CharField(max_length=200, blank=True)
     policy_version = models.CharField(max_length=64, blank=True)
     route_signals = models.JSONField(default=dict, blank=True, help_text="what the routing policy decided from")

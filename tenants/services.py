@@ -45,6 +45,7 @@ from tenants.models import (
     Reservation,
     Tenant,
     UsageRecord,
+    UsageSource,
 )
 from tenants.tiers import TIER_VALUES, Tier
 
@@ -76,7 +77,14 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 # Which cost bucket a tier's own token charges go to.
 _TIER_BUCKET = {Tier.EDGE: "edge", Tier.SPECULATIVE: "verifier", Tier.CLOUD: "cloud"}
 _PRICE_REQUIRED = ("model", "tier", "prompt_per_mtok", "completion_per_mtok")
-_PRICE_RATES = ("prompt_per_mtok", "completion_per_mtok", "draft_per_mtok", "gpu_per_hour", "max_gpu_ms_per_token")
+_PRICE_RATES = (
+    "prompt_per_mtok",
+    "completion_per_mtok",
+    "draft_per_mtok",
+    "gpu_per_hour",
+    "max_gpu_ms_per_token",
+    "cache_per_mtok",
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,10 @@ class Usage:
     escalation: bool = False
     route_signals: Mapping[str, Any] = field(default_factory=dict)
     upstream: str = ""
+    # "generation", or a cache's ("exact_cache"): a replay is charged the tier's cache rate;
+    # ``replayed_cost`` is what the answer it replays cost to generate (its saving is the difference)
+    source: str = "generation"
+    replayed_cost: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -738,12 +750,49 @@ def cost_estimate_max(
     ).total
 
 
+@dataclass(frozen=True)
+class _CacheRates:
+    """A price as a replay from a cache pays it: the cache rate for prompt and completion tokens, nothing else."""
+
+    model: str
+    tier: str
+    prompt_per_mtok: Decimal
+    completion_per_mtok: Decimal
+    draft_per_mtok: Decimal = Decimal(0)
+    gpu_per_hour: Decimal = Decimal(0)
+    max_gpu_ms_per_token: Decimal = Decimal(0)
+
+    @classmethod
+    def of(cls, price: Price) -> _CacheRates:
+        return cls(price.model, price.tier, price.cache_per_mtok, price.cache_per_mtok)
+
+
+def cache_cost_max(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
+    """The most a replay from a cache can cost (what it holds): its tokens at the tier's cache rate."""
+    return cost_compute(
+        price=_CacheRates.of(price),  # type: ignore[arg-type]  # read for its rates only
+        prompt_tokens=prompt_tokens,
+        completion_tokens=max_tokens,
+        drafted_tokens=Decimal(0),
+        gpu_ms=Decimal(0),
+    ).total
+
+
 def usage_cost(*, price: Price, usage: Usage) -> CostBreakdown:
     """What a settlement charges for ``usage``: ``cost_compute`` with GPU time capped.
 
     GPU time is charged up to ``max_gpu_ms_per_token`` per prompt and completion token,
     the same cap ``cost_estimate_max`` reserved for; the ledger keeps the measured time.
+    A replay from a cache pays the tier's cache rate for its tokens and nothing else.
     """
+    if usage.source != UsageSource.GENERATION:
+        return cost_compute(
+            price=_CacheRates.of(price),  # type: ignore[arg-type]  # read for its rates only
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            drafted_tokens=Decimal(0),
+            gpu_ms=Decimal(0),
+        )
     drafted = _as_count(usage.drafted_tokens, "drafted_tokens").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
     gpu = _as_count(usage.gpu_ms, "gpu_ms").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
     gpu_cap = price.max_gpu_ms_per_token * (usage.prompt_tokens + usage.completion_tokens)
@@ -1186,6 +1235,8 @@ def _usage_fields(usage: Usage, price: Price, cost: CostBreakdown) -> dict[str, 
         user_id=usage.user_id,
         tags=dict(usage.tags),
         leg_of=usage.leg_of or usage.request_id,
+        source=usage.source,
+        saving=max(usage.replayed_cost - cost.total, Decimal(0)) if usage.replayed_cost is not None else Decimal(0),
         leg=usage.leg,
         escalation=usage.escalation,
         route_tier=usage.route_tier,

@@ -12,6 +12,9 @@ model pair shipped in ``speculative/assets/demo``. Scale-out by environment only
     TANDEM_DRAFT         draft GGUF path (default: the demo draft)
     TANDEM_VERIFIER_URLS comma-separated verifier servers (python -m speculative.serve); empty: in-process
     TANDEM_ENGINES       dotted path of the engine factory (default: inference.engines.load_default_engines)
+    TANDEM_HTTPS         the site is served over HTTPS: Secure cookies, http->https redirect, HSTS
+                         (default: off here, for ``make run`` on plain http; on in production).
+                         Its finer knobs and the sign-in throttle's: config/settings/security.py
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import dj_database_url
 
 from config.env import as_bool, as_list, get_env
+from config.settings.security import signin_throttle, transport_security
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(get_env("TANDEM_VAR_DIR", str(BASE_DIR / "var")))
@@ -44,6 +48,17 @@ SECRET_KEY = _secret_key()
 DEBUG = get_env("TANDEM_DEBUG", False, as_bool)
 ALLOWED_HOSTS = get_env("TANDEM_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"], as_list)
 CSRF_TRUSTED_ORIGINS = get_env("TANDEM_CSRF_TRUSTED_ORIGINS", [], as_list)
+
+# Security headers on every response, over http too (SecurityMiddleware, XFrameOptionsMiddleware)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+# Secure cookies, the https redirect and HSTS follow TANDEM_HTTPS (off here: make run serves plain http)
+globals().update(transport_security(https_default=False))
+# Failed sign-ins are counted per username and per client address (frontend.signin), in the cache
+globals().update(signin_throttle())
 
 INSTALLED_APPS = [
     "daphne",  # runserver serves ASGI (websockets) too
@@ -116,6 +131,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Every sign-in (the console's and the admin's) passes the throttle, which refuses a
+# username or client address with too many recent failures before checking the password.
+AUTHENTICATION_BACKENDS = ["frontend.signin.ThrottledModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
@@ -207,6 +225,10 @@ TANDEM_RATE_LIMIT_REDIS_URL = get_env("TANDEM_RATE_LIMIT_REDIS_URL", REDIS_URL)
 TANDEM_HOLD_GPU_FROM_PACE = get_env("TANDEM_HOLD_GPU_FROM_PACE", True, as_bool)
 # a request refused for budget while other requests' holds are in flight waits this long for them to settle
 TANDEM_BUDGET_WAIT_S = get_env("TANDEM_BUDGET_WAIT_S", 5.0, float)
+# the exact result cache (inference.cache): the builtin policy's retention (0: off), where entries live, how many here
+TANDEM_CACHE_TTL_S = get_env("TANDEM_CACHE_TTL_S", 3600, int)
+TANDEM_CACHE_REDIS_URL = get_env("TANDEM_CACHE_REDIS_URL", REDIS_URL)
+TANDEM_CACHE_MAX_ENTRIES = get_env("TANDEM_CACHE_MAX_ENTRIES", 10_000, int)
 # requests waiting for an engine slot: in all (503 past it) and per tenant (429 past it)
 TANDEM_MAX_QUEUED = get_env("TANDEM_MAX_QUEUED", 2048, int)
 TANDEM_MAX_QUEUED_PER_TENANT = get_env("TANDEM_MAX_QUEUED_PER_TENANT", 1024, int)

@@ -28,3 +28,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
 # read fresh for every request (tests publish and expect the next request to see it).
 TANDEM_ROUTE_BY_DIFFICULTY = get_env("TANDEM_ROUTE_BY_DIFFICULTY", False, as_bool)
 TANDEM_POLICY_CACHE_TTL_S = get_env("TANDEM_POLICY_CACHE_TTL_S", 0.0, float)
+# The exact result cache is off in the builtin policy: the platform tests repeat identical requests and expect
+# each to be generated; the cache tests turn it on (a published policy has it on by default).
+TANDEM_CACHE_TTL_S = get_env("TANDEM_CACHE_TTL_S", 0, int)

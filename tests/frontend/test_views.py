@@ -202,6 +202,7 @@ POLICY_FORM = {
     "edge_max_prompt_tokens": "2048",
     "edge_max_streams": "8",
     "at_capacity": "wait",
+    "cache_ttl_s": "3600",
     "escalation_min_mean_logprob": "-2.5",
     "escalation_max_low_share": "0.3",
     "escalation_hold_tokens": "16",
@@ -275,3 +276,24 @@ def test_an_operator_registers_a_cloud_upstream_from_the_console(client, account
 def test_a_tenant_owner_who_is_not_an_operator_may_not_register_upstreams(signed_in):
     assert b"Register a cloud upstream" not in signed_in.get(reverse("frontend:routing")).content
     assert signed_in.post(reverse("frontend:routing"), UPSTREAM_FORM).status_code == 403
+
+
+def test_an_owner_forgets_the_tenants_cached_answers_and_a_member_may_not(
+    signed_in, account, client, django_user_model
+):
+    from asgiref.sync import async_to_sync
+
+    from inference.cache import CachedAnswer, exact_cache
+
+    answer = CachedAnswer("edge", (1,), ("edge",), "0", "0", "stop", 0.0)
+    async_to_sync(exact_cache.local.put)(f"tandem:cache:v1:t{account.tenant.pk}:x", answer.to_json(), 60)
+    async_to_sync(exact_cache.local.put)("tandem:cache:v1:t999999:y", answer.to_json(), 60)
+    page = signed_in.get(reverse("frontend:routing")).content.decode()
+    assert "Forget cached answers" in page and "Result cache" in page
+    response = signed_in.post(reverse("frontend:routing"), {"forget_cache": "1"}, follow=True)
+    assert "Forgot 1 cached answer" in response.content.decode()
+    assert list(exact_cache.local._entries) == ["tandem:cache:v1:t999999:y"]  # another tenant's stays
+    viewer = member(account, django_user_model, "member")
+    client.force_login(viewer)
+    assert client.post(reverse("frontend:routing"), {"forget_cache": "1"}).status_code == 403
+    exact_cache.reset()

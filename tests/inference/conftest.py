@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from inference.cache import exact_cache
 from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
 from inference.holds import gpu_pace
 from inference.limits import limiter
@@ -23,6 +24,7 @@ def empty_caches():
     scheduler.reset()  # and no engine slot still held by another test's stream
     limiter.reset()  # nor another test's rate-limit buckets
     gpu_pace.reset()  # nor the GPU pace other tests' completions set for holds
+    exact_cache.reset()  # nor another test's cached answers
 
 
 # an engine a test releases token by token ----------------------------------------------------------

@@ -21,14 +21,27 @@ from tenants.models import Membership, PriceBook
 DEMO_TIERS = ("edge", "speculative", "cloud")
 # demo prices, in dollars: per million tokens, per GPU hour; the GPU ceiling bounds a reservation
 DEMO_RATES = {
-    "edge": {"prompt_per_mtok": "0.02", "completion_per_mtok": "0.05", "draft_per_mtok": "0", "gpu_per_hour": "0"},
+    "edge": {
+        "prompt_per_mtok": "0.02",
+        "completion_per_mtok": "0.05",
+        "draft_per_mtok": "0",
+        "gpu_per_hour": "0",
+        "cache_per_mtok": "0.005",
+    },
     "speculative": {
         "prompt_per_mtok": "0.10",
         "completion_per_mtok": "0.40",
         "draft_per_mtok": "0.01",
         "gpu_per_hour": "2.50",
+        "cache_per_mtok": "0.01",
     },
-    "cloud": {"prompt_per_mtok": "0.50", "completion_per_mtok": "1.50", "draft_per_mtok": "0", "gpu_per_hour": "0"},
+    "cloud": {
+        "prompt_per_mtok": "0.50",
+        "completion_per_mtok": "1.50",
+        "draft_per_mtok": "0",
+        "gpu_per_hour": "0",
+        "cache_per_mtok": "0.05",
+    },
 }
 MAX_GPU_MS_PER_TOKEN = "100"
 DEMO_MONTHLY_LIMIT = Decimal("10.00")
@@ -130,5 +143,13 @@ def _rates(tier: str) -> dict[str, Decimal]:
 
 
 def _price_dict(price) -> dict:
-    fields = ("model", "tier", "prompt_per_mtok", "completion_per_mtok", "draft_per_mtok", "gpu_per_hour")
+    fields = (
+        "model",
+        "tier",
+        "prompt_per_mtok",
+        "completion_per_mtok",
+        "draft_per_mtok",
+        "gpu_per_hour",
+        "cache_per_mtok",
+    )
     return {f: getattr(price, f) for f in (*fields, "max_gpu_ms_per_token")}
