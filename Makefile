@@ -62,7 +62,7 @@ FUZZ_MAX_TOKENS ?= 4
 .PHONY: fuzz
 fuzz: $(STAMP)
 	@test -n "$(KEY)" || { echo "make fuzz KEY=<API key> (make run prints the demo's)"; exit 2; }
-	$(PY) -m inference.fuzz_api --base-url http://$(HOST):$(PORT) --key $(KEY) --cases $(FUZZ_CASES) \
+	@$(PY) -m inference.fuzz_api --base-url http://$(HOST):$(PORT) --key $(KEY) --cases $(FUZZ_CASES) \
 		--model $(FUZZ_MODEL) --max-tokens $(FUZZ_MAX_TOKENS)
 
 bench: $(STAMP)

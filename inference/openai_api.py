@@ -343,6 +343,17 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
     return decorate
 
 
+@openai_endpoint("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+async def not_found(request: HttpRequest, request_id: str) -> HttpResponse:
+    """A path under /v1/ that no endpoint serves: OpenAI's error body with a 404."""
+    raise NotFound(f"no endpoint at {request.path!r}; the API serves /v1/chat/completions, /v1/completions, /v1/models")
+
+
+class NotFound(InvalidRequest):
+    status = 404
+    code = "unknown_url"
+
+
 # completions --------------------------------------------------------------------------------
 @openai_endpoint("POST")
 async def chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:

@@ -1,8 +1,8 @@
 """The OpenAI-compatible API, included at /v1/ (see :mod:`inference.openai_api`)."""
 
-from django.urls import path
+from django.urls import path, re_path
 
-from inference import openai_api
+from inference import openai_api, openapi
 
 app_name = "openai"
 urlpatterns = [
@@ -11,4 +11,7 @@ urlpatterns = [
     path("models", openai_api.models_list, name="models"),
     # model ids may hold a slash ("org/name"), as OpenAI's fine-tune ids and hub ids do
     path("models/<path:model_id>", openai_api.model_detail, name="model"),
+    path("openapi.json", openapi.openapi_json, name="openapi"),
+    # anything else under /v1/ (a path no route matches, a model id with a line break): OpenAI's 404, not HTML
+    re_path(r"(?s)^.*$", openai_api.not_found, name="not-found"),
 ]

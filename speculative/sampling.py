@@ -30,7 +30,10 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     returns # (..., vocab) float32, each row sums to 1
     """
     assert not params.greedy, "greedy decoding uses argmax, not probabilities"
-    scores = logits.float() / params.temperature
+    # Shifted so the top score is 0 before dividing (softmax is shift-invariant): a temperature as
+    # small as 1e-40 then sends the others to -inf instead of every score to inf (a NaN softmax).
+    scores = logits.float()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k and params.top_k < scores.size(-1):
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -39,6 +42,7 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
         # drop a token when the tokens ranked above it already cover top_p; keep the first
         drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+        drop_sorted[..., 0] = False  # the top token always stays (a top_p so small it rounds to 0 kept none)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return torch.softmax(scores, dim=-1)

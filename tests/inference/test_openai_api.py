@@ -925,3 +925,10 @@ async def test_a_client_that_leaves_while_queued_leaves_the_queue_and_is_charged
     assert not await UsageRecord.objects.filter(request_id=headers["x-request-id"]).aexists()
     gated.gate.release(100)
     await asyncio.wait_for(first, 10)
+
+
+@pytest.mark.parametrize("path", ["/v1/nothing", "/v1/models/a%0Ab", "/v1/chat/completions/extra"])
+async def test_a_path_no_endpoint_serves_is_openais_404_not_html(account, http, path):
+    response = await http.get(path, headers=bearer(account.raw_key))
+    assert response.status_code == 404 and response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]["code"] in ("unknown_url", "model_not_found") and response.headers["x-request-id"]

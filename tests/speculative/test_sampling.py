@@ -33,6 +33,24 @@ def test_top_p_keeps_the_smallest_set_covering_p():
 @pytest.mark.parametrize(
     "params",
     [
+        SamplingParams(temperature=1e-40),
+        SamplingParams(temperature=1.0, top_p=1e-50),
+        SamplingParams(temperature=1e-30, top_p=1e-45),
+    ],
+    ids=["tiny temperature", "tiny top_p", "both"],
+)
+def test_extreme_but_valid_sampling_keeps_the_top_token_and_never_yields_nan(params):
+    # found by fuzzing the API: 1e-40 overflowed every score to inf (a NaN softmax), a top_p that
+    # rounds to 0 dropped every token; torch.multinomial then raised and the client got a 502
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-3]])
+    probs = warp(logits, params)
+    assert not torch.isnan(probs).any() and probs[0, 1] == 1.0
+    assert int(torch.multinomial(probs[0], 1).item()) == 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
         SamplingParams(temperature=-0.1),
         SamplingParams(temperature=float("nan")),
         SamplingParams(temperature=1.0, top_k=-1),
