@@ -18,6 +18,8 @@ JSON framing and the socket. Reported against calling the same engine directly:
 - floors: a websocket ping and a ``GET /v1/models`` round trip, which do no completion,
   so the part of a request's overhead that is the web stack and the client shows apart
   from the gateway's own work (auth, reservation, settlement, ledger);
+- exact_cache: the same greedy request over and over from a tenant whose policy turns the
+  result cache on: what a replayed answer costs beside ``GET /v1/models``;
 - burst: three tenants send 4x the engines' capacity at once (``inference.bench_load.burst``):
   every request answered or refused with ``Retry-After``, and each tenant's share of the
   tokens while all three wait.
@@ -285,6 +287,11 @@ async def measure(base: str, key: str, args) -> dict:
         "floors": await floors(base, key, args.requests),
         "non_streaming": await non_streaming_load(base, key, args.clients, args.seconds, 16),
     }
+    if args.cache_key:
+        from inference.bench_load import cache_hits
+
+        floor = report["floors"]["http_get_models"]["p50_ms"]
+        report["exact_cache"] = await cache_hits(base, args.cache_key, MODEL, args.requests, floor)
     if args.burst_keys:
         from inference.bench_load import burst
 
@@ -312,12 +319,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     with tempfile.TemporaryDirectory() as tmp:
         server, base, key = start_server(Path(tmp), args.server, args.database_url)
-        args.burst_keys = None
-        if not args.no_burst:
-            from inference.bench_load import tenant_keys
+        args.burst_keys = args.cache_key = None
+        from inference.bench_load import cache_on, tenant_keys
 
-            database_url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.sqlite3'}"
+        database_url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.sqlite3'}"
+        if not args.no_burst:
             args.burst_keys = tenant_keys(Path(tmp), database_url, f"{MODEL},{PACED_MODEL}")
+        # the cache is off in the builtin policy here (the other figures are of generations): one tenant turns it on
+        args.cache_key = tenant_keys(Path(tmp), database_url, f"{MODEL},{PACED_MODEL}", ("cache",))["cache"]
+        cache_on(Path(tmp), database_url, "tenant-cache")
         try:
             report = {
                 "machine": {"cpu_count": os.cpu_count()},

@@ -240,16 +240,13 @@ async def burst(base: str, keys: dict[str, str], model: str, capacity: int, fact
     }
 
 
-def tenant_keys(var: Path, env_database_url: str, models: str) -> dict[str, str]:
-    """Three more tenants (users ``tenant-a``..``-c``) with a key each, through ``manage.py tandem_demo``."""
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "TANDEM_VAR_DIR": str(var),
-        "DATABASE_URL": env_database_url,
-    }
+def tenant_keys(
+    var: Path, env_database_url: str, models: str, names: tuple[str, ...] = ("a", "b", "c")
+) -> dict[str, str]:
+    """More tenants (users ``tenant-<name>``) with a key each, through ``manage.py tandem_demo``."""
+    env = server_env(var, env_database_url)
     keys = {}
-    for tenant in ("a", "b", "c"):
+    for tenant in names:
         out = subprocess.run(
             [sys.executable, "manage.py", "tandem_demo", "--username", f"tenant-{tenant}", "--models", models],
             cwd=REPO,
@@ -260,6 +257,53 @@ def tenant_keys(var: Path, env_database_url: str, models: str) -> dict[str, str]
         ).stdout
         keys[tenant] = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("API key"))
     return keys
+
+
+def server_env(var: Path, database_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "TANDEM_VAR_DIR": str(var),
+        "DATABASE_URL": database_url,
+    }
+
+
+def cache_on(var: Path, database_url: str, username: str) -> None:
+    """Publish a routing policy with the exact result cache on for ``username``'s tenant (the server's database)."""
+    code = (
+        "from tenants.models import Membership; from inference.services import routing_policy_publish; "
+        f"m = Membership.objects.get(user__username={username!r}); "
+        "routing_policy_publish(tenant=m.tenant, cache_ttl_s=3600, difficulty_routing=False, note='bench: cache on')"
+    )
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=REPO,
+        env=server_env(var, database_url),
+        check=True,
+        capture_output=True,
+    )
+
+
+async def cache_hits(base: str, key: str, model: str, requests: int, floor_p50_ms: float) -> dict:
+    """The same greedy non-streaming request again and again: the first generates, the rest replay it."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Cache me."}], "max_tokens": 32, "temperature": 0}
+    times: list[float] = []
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for _ in range(requests + 1):
+            started = time.perf_counter()
+            response = await client.post("/v1/chat/completions", json=body)
+            times.append((time.perf_counter() - started) * 1e3)
+            assert response.status_code == 200, response.text
+        route = response.json()["tandem"]["route"]
+    assert route["reason"] == "exact_cache", route
+    hits = times[1:]
+    return {
+        "requests": requests,
+        "first_generated_ms": round(times[0], 3),
+        "hit": {"p50_ms": round(percentile(hits, 50), 3), "p99_ms": round(percentile(hits, 99), 3)},
+        # beside a request that does no completion at all (GET /v1/models): what serving a hit adds
+        "hit_added_over_get_models_p50_ms": round(percentile(hits, 50) - floor_p50_ms, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
