@@ -23,6 +23,9 @@ def check_sampling(params: SamplingParams) -> None:
         raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
 
 
+ARGMAX_BELOW_TEMPERATURE = 1e-20  # a temperature this small samples the top token with probability 1
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities after temperature, top-k and top-p.
 
@@ -30,9 +33,14 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     returns # (..., vocab) float32, each row sums to 1
     """
     assert not params.greedy, "greedy decoding uses argmax, not probabilities"
-    # Shifted so the top score is 0 before dividing (softmax is shift-invariant): a temperature as
-    # small as 1e-40 then sends the others to -inf instead of every score to inf (a NaN softmax).
     scores = logits.float()
+    if params.temperature < ARGMAX_BELOW_TEMPERATURE:
+        # float32 cannot divide by it (below ~1e-38 it rounds to 0: a NaN softmax); at such a
+        # temperature the distribution is the argmax to the last bit anyway
+        top = scores.argmax(dim=-1, keepdim=True)
+        return torch.zeros_like(scores).scatter_(-1, top, 1.0)
+    # Shifted so the top score is 0 before dividing (softmax is shift-invariant): a small temperature
+    # then sends the others to -inf instead of every score to inf (a NaN softmax).
     scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k and params.top_k < scores.size(-1):
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]

@@ -932,3 +932,4 @@ async def test_a_path_no_endpoint_serves_is_openais_404_not_html(account, http, 
     response = await http.get(path, headers=bearer(account.raw_key))
     assert response.status_code == 404 and response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["code"] in ("unknown_url", "model_not_found") and response.headers["x-request-id"]
+    assert "x-ratelimit-remaining-requests" in response.headers
