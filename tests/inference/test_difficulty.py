@@ -171,3 +171,88 @@ def test_word_ngrams_add_buckets_and_are_stable_across_processes():
     code = f"from inference.difficulty.ngrams import ngram_buckets; print(ngram_buckets({prompt!r})[0].tolist())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert other.strip() == str(with_words.tolist())  # no per-process hash salt
+
+
+# Instruction / payload split and personal-data masking (2026-12-01, second update) -------------------
+def test_a_pasted_block_after_a_colon_line_is_payload():
+    from inference.difficulty.payload import split_prompt
+
+    paste = "Hi team, the printer on the third floor is broken again.\nPlease use the one on the second floor."
+    split = split_prompt(f"Fix the typos in this text:\n\n{paste}")
+    assert split.instruction == "Fix the typos in this text:"
+    assert split.payload == paste
+
+
+def test_fenced_code_and_long_quotes_are_payload_short_quotes_are_not():
+    from inference.difficulty.payload import split_prompt
+
+    split = split_prompt("What does this print?\n```python\nprint(sum(range(10)))\n```")
+    assert "print(sum" in split.payload and "print(sum" not in split.instruction
+    split = split_prompt('Summarise in one sentence: "The library closes early on Friday for staff training."')
+    assert split.payload == "The library closes early on Friday for staff training."
+    assert "library" not in split.instruction
+    for prompt in ("Translate 'hello' into German.", "Is 221 prime?", "It's John's car, isn't it?"):
+        assert split_prompt(prompt).instruction == prompt and split_prompt(prompt).payload == ""
+
+
+def test_a_long_paste_with_the_request_last_keeps_the_request_as_instruction():
+    from inference.difficulty.payload import split_prompt
+
+    body = "\n\n".join(["We drove to the coast and stayed at a small campsite near the lighthouse. " * 5] * 3)
+    split = split_prompt(body + "\n\nCan you summarise the above in two sentences?")
+    assert split.instruction == "Can you summarise the above in two sentences?"
+    assert split.payload.startswith("We drove")
+
+
+def test_personal_data_is_masked_to_class_words():
+    from inference.difficulty.payload import mask_personal_data
+
+    masked = mask_personal_data(
+        "Call Anna on +49 151 2345 6789 or anna.k@example.com, IBAN DE89 3704 0044 0532 0130 00."
+    )
+    assert "phonenum" in masked and "emailaddr" in masked and "ibancode" in masked
+    assert not any(c.isdigit() for c in masked.replace("DE", ""))
+    assert mask_personal_data("Is 221 prime? Solve 3x^2 - 7x + 2 = 0.") == "Is 221 prime? Solve 3x^2 - 7x + 2 = 0."
+
+
+def test_a_routine_instruction_over_a_long_paste_reads_like_the_instruction(model):
+    """The pasted body no longer dominates: a long paste behind "fix the typos" stays off the cloud."""
+    paste = (
+        "Dear all, the quarterly review moved to Thursday. Please bring your figures, the slides from last "
+        "time and any questions about the new travel policy. Lunch will be provided in the big meeting room. "
+    ) * 12
+    assert model.classify(f"Fix the typos in this email:\n\n{paste}").label_with(model.thresholds) != HARD_FRONTIER
+
+
+def test_serving_reads_prompts_as_training_does():
+    from inference.difficulty.classifier import ASSET_DIR
+    from inference.difficulty.payload import PAYLOAD_WEIGHT, read_prompt
+
+    head = classifier_module.Head.load(ASSET_DIR / classifier_module.HEAD_FILE)
+    assert head.payload_weight == pytest.approx(PAYLOAD_WEIGHT)
+    reading = read_prompt("Reformat this phone number: 02079460958")
+    assert "phonenum" in reading.instruction and reading.payload == ""
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a." * 8000 + "@",
+        "«" * 16000,
+        "„" * 16000,
+        "“" * 16000,
+        "「" * 16000,
+        '"' * 16000,
+        ":\n" * 8000,
+        "1 " * 8000 + "x",
+    ],
+)
+def test_reading_a_pathological_prompt_stays_fast(prompt):
+    """The masking and splitting regexes must stay linear: a quadratic scan of 16,000 characters takes ~0.5 s."""
+    import time
+
+    from inference.difficulty.payload import read_prompt
+
+    started = time.perf_counter()
+    read_prompt(prompt)
+    assert time.perf_counter() - started < 0.1
