@@ -23,7 +23,6 @@ from :class:`~inference.errors.GatewayError` in one place, :func:`error_response
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -346,10 +345,8 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
 
 @openai_endpoint("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 async def not_found(request: HttpRequest, request_id: str) -> HttpResponse:
-    """A path under /v1/ that no endpoint serves: OpenAI's error body with a 404 (and, for a good key, its limits)."""
-    if request.headers.get("Authorization"):
-        with contextlib.suppress(GatewayError):  # a bad key still gets the 404: the path is what is wrong
-            await _principal(request)
+    """A path under /v1/ that no endpoint serves: as every endpoint, a key first (401), then OpenAI's 404."""
+    await _principal(request)
     raise NotFound(f"no endpoint at {request.path!r}; the API serves /v1/chat/completions, /v1/completions, /v1/models")
 
 

@@ -933,3 +933,5 @@ async def test_a_path_no_endpoint_serves_is_openais_404_not_html(account, http, 
     assert response.status_code == 404 and response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["code"] in ("unknown_url", "model_not_found") and response.headers["x-request-id"]
     assert "x-ratelimit-remaining-requests" in response.headers
+    anonymous = await http.get(path)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "missing_api_key"
