@@ -12,6 +12,9 @@ speculative tier generated in one leg that completed (a cloud answer, a failover
 escalation are not stored). Entries live ``cache_ttl_s`` of the policy (its retention;
 0 turns the cache off), and a tenant's owner can forget them all (``forget_tenant``).
 
+Identical requests in flight at once share one generation (``InFlight``): the followers wait
+for the leader's answer and replay it at the cache rate (route reason ``collapsed``).
+
 A hit streams like a generation (``ReplayEngine``: the stored tokens through the same stop
 and length rules), takes no engine slot, and is charged the tier's cache rate from the
 price book (``Price.cache_per_mtok``); its ledger row says ``source="exact_cache"``, the tier
@@ -25,6 +28,7 @@ per tenant: one tenant's request can never read another's entry.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -228,6 +232,51 @@ class ExactCache:
 
 
 exact_cache = ExactCache()
+
+
+class InFlight:
+    """Request collapsing: the cacheable requests generating now, by cache key (this process).
+
+    The first request with a key leads: it generates. An identical one arriving while it
+    does follows: it waits for the leader's answer to be stored, then replays it at the
+    cache rate (one generation for all of them). A leader that ends without storing (an
+    error, a cancel, personal data found) releases its followers, which then generate.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._leaders: dict[str, concurrent.futures.Future] = {}
+
+    def lead_or_follow(self, key: str) -> tuple[concurrent.futures.Future, bool]:
+        """The key's future, and whether the caller leads (it must ``done`` it) or follows (it awaits it)."""
+        with self._lock:
+            leader = self._leaders.get(key)
+            if leader is not None:
+                return leader, False
+            leader = self._leaders[key] = concurrent.futures.Future()
+            return leader, True
+
+    def done(self, key: str, leader: concurrent.futures.Future) -> None:
+        """The leader's answer is stored (or will not be): its followers go on."""
+        with self._lock:
+            if self._leaders.get(key) is leader:
+                del self._leaders[key]
+        if not leader.done():
+            leader.set_result(None)
+
+    def leading(self) -> int:
+        with self._lock:
+            return len(self._leaders)
+
+    def reset(self) -> None:
+        with self._lock:
+            leaders, self._leaders = list(self._leaders.values()), {}
+        for leader in leaders:
+            if not leader.done():
+                leader.set_result(None)
+
+
+in_flight = InFlight()
 
 
 # replaying ----------------------------------------------------------------------------------------------

@@ -19,11 +19,15 @@ nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
+from django.conf import settings
+
 from inference.admission import validate
-from inference.cache import CACHED_TIERS, ReplayEngine, cache_key, cacheable, exact_cache
+from inference.cache import CACHED_TIERS, ReplayEngine, cache_key, cacheable, exact_cache, in_flight
 from inference.completion import (
     MINTED_ID_PREFIX,
     CompletionCall,
@@ -104,12 +108,21 @@ async def start(
     served, redaction = redacted
     if policy.escalation and route.tier is Tier.EDGE and served.logprobs is None:
         served = dataclasses.replace(served, logprobs=0)  # the edge answer's confidence is judged from them
-    key = hit = None
+    key = hit = leader = None
+    reason = "exact_cache"
     if _may_cache(call, route, policy, signals):
         key = cache_key(tenant_id, call, entry, policy)
         hit = await exact_cache.get(key)
+        if hit is None:
+            leader, leads = in_flight.lead_or_follow(key)
+            if not leads:  # the same request is generating now: wait for its answer instead of generating it again
+                await _follow(leader, call.latency_class)
+                hit, leader, reason = await exact_cache.get(key), None, "collapsed"
+                if hit is None:  # its leader stored nothing (failed, cancelled, personal data): generate after all
+                    leader, leads = in_flight.lead_or_follow(key)
+                    leader = leader if leads else None
     if hit is not None:  # the same request answered moments ago: replayed, no engine, at the cache rate
-        route = Route(Tier(hit.tier), "exact_cache", policy.version, None, route.signals)
+        route = Route(Tier(hit.tier), reason, policy.version, None, route.signals)
         _, request = await arequest_for(entry, route.tier, call, tenant_id)
         engine: Engine = ReplayEngine(hit, entry.tokenizer, entry.context_length)
     else:
@@ -125,9 +138,11 @@ async def start(
         if slot is not None:
             slot.release()
         limiter.give_back_soon(principal, rate_tokens)
+        if leader is not None and key is not None:
+            in_flight.done(key, leader)
         raise
     stream.rate_tokens = rate_tokens
-    stream.use_cache(key, hit)
+    stream.use_cache(key, hit, leader)
     try:
         stream.prompt_tokens = len(request.prompt_ids)
         stream.price = await price_for(model=entry.name, tier=route.tier.value)
@@ -149,6 +164,14 @@ async def start(
         await stream._settle("error")  # a no-op when the failure already settled it
         raise
     return stream
+
+
+async def _follow(leader, latency_class: str) -> None:
+    """Wait for a leader's answer (at most the class's queue deadline: then generate after all)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.shield(asyncio.wrap_future(leader)), settings.TANDEM_QUEUE_DEADLINE_S[latency_class]
+        )
 
 
 def _may_cache(call: CompletionCall, route, policy, signals) -> bool:

@@ -344,7 +344,7 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
 
 
 @openai_endpoint("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
-async def not_found(request: HttpRequest, request_id: str) -> HttpResponse:
+async def not_found(request: HttpRequest, request_id: str, rest: str = "") -> HttpResponse:
     """A path under /v1/ that no endpoint serves: as every endpoint, a key first (401), then OpenAI's 404."""
     await _principal(request)
     raise NotFound(f"no endpoint at {request.path!r}; the API serves /v1/chat/completions, /v1/completions, /v1/models")

@@ -25,7 +25,7 @@ from django.conf import settings
 
 from inference import settlement
 from inference.breakers import BreakerState
-from inference.cache import CACHED_TIERS, CachedAnswer, exact_cache
+from inference.cache import CACHED_TIERS, CachedAnswer, exact_cache, in_flight
 from inference.cloud import CloudEngine, CloudRequest
 from inference.completion import CompletionCall, TokenDelta, UsageSummary
 from inference.engines import Engine, ModelEntry, arequest_for
@@ -124,6 +124,7 @@ class GatewayStream:
         self.replayed: CachedAnswer | None = None
         self._cache_key: str | None = None  # where its answer is stored once generated
         self._recorded: list[tuple[int, str]] | None = None  # its tokens, as they go out, for the cache
+        self._leader = None  # identical requests wait on this until its answer is stored (inference.cache.InFlight)
         self.policy = policy  # pinned: failovers and escalations of this request follow the same version
         self._redaction = redaction  # PII sent to the cloud as placeholders: put back in its answer
         self._pii = pii  # the prompt's PII scan: a later route onto the cloud redacts with it too
@@ -155,21 +156,24 @@ class GatewayStream:
         self._in_tier: Tier | None = None  # the tier this stream is counted on in ``entry.in_flight``
 
     # set-up, from gateway.start() -----------------------------------------------------------
-    def use_cache(self, key: str | None, hit: CachedAnswer | None) -> None:
-        """Replay ``hit``; or, with a ``key`` and no hit, store this answer under it once generated."""
+    def use_cache(self, key: str | None, hit: CachedAnswer | None, leader=None) -> None:
+        """Replay ``hit``; or, with a ``key`` and no hit, store this answer under it once generated.
+
+        ``leader``: identical requests arriving meanwhile wait for this one's answer (``in_flight``).
+        """
         if hit is not None:
             self.source, self.replayed = "exact_cache", hit
         elif key is not None:
-            self._cache_key, self._recorded = key, []
+            self._cache_key, self._recorded, self._leader = key, [], leader
 
     def _store_answer(self, outcome: str) -> None:
-        """A generated answer that may be replayed: one leg, completed, on a cached tier."""
-        if self._recorded is None or self._cache_key is None or outcome != "completed" or self.legs_done:
+        """A generated answer that may be replayed: one leg, completed, on a cached tier. Followers go on after."""
+        if not self._keep_answer(outcome):
+            self._release_followers()
             return
-        stats = self.completion_stats()
-        finish = getattr(stats, "finish_reason", None)
-        if self.route.tier not in CACHED_TIERS or finish is None or not self._recorded:
-            return
+        assert self._recorded is not None and self._cache_key is not None
+        finish = getattr(self.completion_stats(), "finish_reason", None)
+        assert finish is not None
         ids, provenance = zip(*self._recorded, strict=True)
         answer = CachedAnswer(
             tier=self.route.tier.value,
@@ -185,14 +189,28 @@ class GatewayStream:
         _storing.add(task)
         task.add_done_callback(_storing.discard)
 
+    def _keep_answer(self, outcome: str) -> bool:
+        if self._recorded is None or self._cache_key is None or outcome != "completed" or self.legs_done:
+            return False
+        finish = getattr(self.completion_stats(), "finish_reason", None)
+        return self.route.tier in CACHED_TIERS and finish is not None and bool(self._recorded)
+
+    def _release_followers(self) -> None:
+        if self._leader is not None and self._cache_key is not None:
+            in_flight.done(self._cache_key, self._leader)
+            self._leader = None
+
     async def _store(self, key: str, answer: CachedAnswer, scan_first: bool) -> None:
         # A prompt the router did not scan for personal data (no cloud could serve it) is scanned
         # now, off the reply's path: one with personal data is never kept unless the policy opts in.
         from inference.pii import scan  # loaded on first use, as the router's checks do
 
-        if scan_first and (await asyncio.to_thread(scan, self.call.prompt)).findings:
-            return
-        await exact_cache.put(key, answer, self.policy.cache_ttl_s)
+        try:
+            if scan_first and (await asyncio.to_thread(scan, self.call.prompt)).findings:
+                return
+            await exact_cache.put(key, answer, self.policy.cache_ttl_s)
+        finally:
+            self._release_followers()
 
     def launch(self, engine: Engine, request: CompletionRequest | CloudRequest) -> None:
         """Start ``engine`` on ``request``; its events arrive on this stream's queue."""
@@ -596,6 +614,9 @@ class GatewayStream:
     async def _settle_once(self, outcome: str, error: str) -> None:
         try:
             charge = settlement.charge(self, outcome, error)
+        except BaseException:
+            self._release_followers()  # nothing will be stored: identical requests waiting for it generate
+            raise
         finally:
             if self.slot is not None:
                 self.slot.release()

@@ -13,5 +13,6 @@ urlpatterns = [
     path("models/<path:model_id>", openai_api.model_detail, name="model"),
     path("openapi.json", openapi.openapi_json, name="openapi"),
     # anything else under /v1/ (a path no route matches, a model id with a line break): OpenAI's 404, not HTML
-    re_path(r"(?s)^.*$", openai_api.not_found, name="not-found"),
+    # ([\s\S] and not (?s): Django must be able to reverse every pattern, and cannot reverse inline flags)
+    re_path(r"^(?P<rest>[\s\S]*)$", openai_api.not_found, name="not-found"),
 ]

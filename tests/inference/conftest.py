@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from inference.cache import exact_cache
+from inference.cache import exact_cache, in_flight
 from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
 from inference.holds import gpu_pace
 from inference.limits import limiter
@@ -25,6 +25,7 @@ def empty_caches():
     limiter.reset()  # nor another test's rate-limit buckets
     gpu_pace.reset()  # nor the GPU pace other tests' completions set for holds
     exact_cache.reset()  # nor another test's cached answers
+    in_flight.reset()  # nor its requests in flight, for collapsing
 
 
 # an engine a test releases token by token ----------------------------------------------------------

@@ -209,3 +209,47 @@ async def test_entries_are_shared_through_redis(cached, settings, url):
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+# request collapsing ---------------------------------------------------------------------------------------
+async def test_identical_requests_in_flight_at_once_share_one_generation(cached):
+    from inference.cache import in_flight
+    from tests.inference.conftest import GatedEngine, serving_gated
+
+    with serving_gated(GatedEngine(free_tokens=1)) as engine:
+        principal = await gateway.authenticate_api_key(cached.raw_key)
+        leading = asyncio.ensure_future(gateway.start(principal, call()))
+        followers = [asyncio.ensure_future(gateway.start(principal, call())) for _ in range(3)]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if leading.done():
+                break
+        assert in_flight.leading() == 1 and not any(f.done() for f in followers)  # they wait for its answer
+        engine.gate.release(100)
+        leader = await leading
+        text, _ = await gateway.collect(leader)
+        for follower in followers:
+            stream = await asyncio.wait_for(follower, 5)
+            assert (await gateway.collect(stream))[0] == text and stream.route.reason == "collapsed"
+    rows = [r async for r in UsageRecord.objects.order_by("id")]
+    assert [r.source for r in rows] == ["generation"] + ["exact_cache"] * 3
+    assert all(r.route_reason == "collapsed" and r.saving > 0 for r in rows[1:])
+    assert in_flight.leading() == 0
+
+
+async def test_followers_of_a_leader_that_fails_generate_their_own(cached):
+    from inference.cache import in_flight
+    from tests.inference.conftest import GatedEngine, serving_gated
+
+    with serving_gated(GatedEngine(free_tokens=1)) as engine:
+        principal = await gateway.authenticate_api_key(cached.raw_key)
+        leader = await gateway.start(principal, call())
+        follower = asyncio.ensure_future(gateway.start(principal, call()))
+        await asyncio.sleep(0.05)
+        assert not follower.done()
+        await leader.aclose()  # its client went away: nothing is stored
+        engine.gate.release(100)
+        stream = await asyncio.wait_for(follower, 5)
+        await gateway.collect(stream)
+    assert stream.route.reason != "collapsed" and (await row(stream)).source == "generation"
+    assert in_flight.leading() == 0
