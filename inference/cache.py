@@ -27,7 +27,6 @@ per tenant: one tenant's request can never read another's entry.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import hashlib
 import json
@@ -37,9 +36,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from django.conf import settings
 
+from inference.redis_clients import redis_client
 from speculative.engine import CompletionRequest, TokenStream, build_request
 from speculative.types import Provenance, TokenEvent
 from tenants.tiers import Tier
@@ -145,16 +146,9 @@ class RedisStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._clients: dict[asyncio.AbstractEventLoop, object] = {}
 
-    def _client(self):
-        import redis.asyncio as aioredis
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = aioredis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        return client
+    def _client(self) -> Any:
+        return redis_client(self.url)
 
     async def get(self, key: str) -> str | None:
         value = await self._client().get(key)  # type: ignore[attr-defined]

@@ -23,10 +23,12 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 
 from inference.errors import GatewayError, InvalidRequest, RateLimited
+from inference.redis_clients import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -169,16 +171,9 @@ class RedisBuckets:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._clients: dict[asyncio.AbstractEventLoop, object] = {}
 
-    def _client(self):
-        import redis.asyncio as aioredis
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = aioredis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        return client
+    def _client(self) -> Any:
+        return redis_client(self.url)
 
     async def run(self, entries: list[tuple[str, int, float]], now: float, take: bool) -> tuple[bool, list[float]]:
         client = self._client()
