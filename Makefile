@@ -9,7 +9,7 @@ CLOUD_PORT ?= 8001
 # PostgreSQL for the concurrency tests (select_for_update only really locks there)
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: install run test lint bench bench-platform load train-pair browser
+.PHONY: install run test lint bench bench-platform load faults train-pair browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -73,6 +73,9 @@ bench-platform: $(STAMP)
 
 load: $(STAMP)
 	$(PY) -m inference.bench_load
+
+faults: $(STAMP)
+	$(PY) -m inference.faults
 
 train-pair: $(STAMP)
 	$(PY) -m speculative.train_pair

@@ -15,6 +15,7 @@ live-server tests and the platform benchmark all start it through here.
 from __future__ import annotations
 
 import argparse
+import signal
 
 import uvicorn
 
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info", help="uvicorn's: info logs every request")
     args = parser.parse_args(argv)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler
+    # that was there before it started. Left at the default, that kills the process, and no
+    # atexit handler runs: the budget leases this process holds (and the ledger rows pending
+    # in their batches) would wait for the stale-hold task. This handler makes it a normal exit.
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     uvicorn.run(
         APPLICATION,
         host=args.host,
@@ -37,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         lifespan="off",  # Channels' router speaks http and websocket only
         log_level=args.log_level,
     )
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

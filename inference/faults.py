@@ -1,0 +1,223 @@
+"""Faults with real processes (``make faults``, ``python -m inference.faults``): what the books say afterwards.
+
+Each scenario runs a real server (``config.serve``, one process, the trivial engine paced
+so that streams last a few seconds) on loopback and prints one JSON object:
+
+- ``web_killed``: streams running, the web process is killed with SIGKILL mid-stream and
+  started again on the same database. The money the dead process held (its budget
+  lease, or reservations) is held until the stale-hold task gives it back
+  (``tenants.tasks.release_stale_reservations``, run here at once instead of after
+  ``TANDEM_RESERVATION_TTL_S``); then nothing is held, nothing was charged twice, and
+  the restarted server answers with an exact ledger. What the killed streams had
+  delivered is reported: it is never charged (a process settles a stream in memory when
+  it ends; one killed mid-stream leaves only its hold).
+- ``redis_down``: ``REDIS_URL`` points at a port where nothing listens (the rate limits
+  and the result cache then count in the process, and say so in the log): every request
+  through the API and the websocket is answered and the ledger is exact.
+
+The verifier killed mid-stream (SIGKILL of ``speculative.serve``) is a test:
+``tests/inference/test_demo_pair_platform.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+
+from inference.bench import PACED_MODEL, REPO
+from inference.bench_load import ledger_check, server_env, sse_stream, ws_stream
+
+STREAM_TOKENS = 2000  # a paced stream of this many tokens lasts a few seconds
+
+
+def start(var: Path, database_url: str, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {
+        **server_env(var, database_url),
+        "TANDEM_SETTLE_AFTER_REPLY": "1",
+        "TANDEM_BUDGET_LEASES": "1",
+        "TANDEM_API_KEY_CACHE_TTL_S": "5",
+        "TANDEM_LOG_LEVEL": "WARNING",
+        "TANDEM_ENGINES": "inference.bench.bench_engines",
+        **(extra_env or {}),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "config.serve", "--port", str(port), "--log-level", "warning"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(var / f"server-{port}-{int(time.time())}.log").open("wb"),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=0.5)
+            return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("the server did not start")
+
+
+def prepare(var: Path, database_url: str) -> str:
+    """The database, the demo tenant and its key (``manage.py migrate`` and ``tandem_demo``)."""
+    env = server_env(var, database_url)
+    run = [sys.executable, "manage.py"]
+    subprocess.run([*run, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
+    out = subprocess.run(
+        [*run, "tandem_demo", "--models", PACED_MODEL], cwd=REPO, env=env, check=True, capture_output=True, text=True
+    ).stdout
+    return next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("API key"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def books(tenant_slug: str = "demo") -> dict:
+    from tenants.models import Budget, Reservation, UsageRecord
+
+    budgets = list(Budget.objects.filter(tenant__slug=tenant_slug))
+    return {
+        "reserved": str(sum((b.reserved for b in budgets), Decimal(0))),
+        "spent": str(sum((b.spent for b in budgets), Decimal(0))),
+        "rows": UsageRecord.objects.filter(tenant__slug=tenant_slug).count(),
+        "rows_cost": str(sum((r.cost_total for r in UsageRecord.objects.filter(tenant__slug=tenant_slug)), Decimal(0))),
+        "reservations_held": Reservation.objects.filter(status="held").count(),
+    }
+
+
+async def web_killed(var: Path, database_url: str, key: str, streams: int) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start(var, database_url, port)
+    received: list[dict] = []
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        started = time.perf_counter()
+        tasks = [
+            asyncio.ensure_future(sse_stream(client, key, PACED_MODEL, STREAM_TOKENS, started, "killed"))
+            for _ in range(streams)
+        ]
+        await asyncio.sleep(1.0)  # every stream has tokens by now, none has finished
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        received = list(await asyncio.gather(*tasks))
+    held_after_kill = await asyncio.to_thread(books)
+    # the same database, a new process: the dead one's hold is given back by the stale-hold task
+    from django.utils import timezone
+
+    from tenants.services import reservations_release_stale
+
+    restarted = start(var, database_url, port)
+    try:
+        released = await asyncio.to_thread(lambda: reservations_release_stale(older_than=timezone.now()))
+        after_release = await asyncio.to_thread(books)
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            again = await asyncio.gather(
+                *(sse_stream(client, key, PACED_MODEL, 32, time.perf_counter(), "after") for _ in range(8))
+            )
+        ledger = await asyncio.to_thread(ledger_check, list(again))
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=30)
+    final = await asyncio.to_thread(books)
+    return {
+        "streams_killed": streams,
+        "tokens_delivered_before_the_kill": sum(r["tokens"] for r in received),
+        "clients_saw": sorted({r["error"] or "ended" for r in received}),
+        "held_after_the_kill": held_after_kill,
+        "holds_released_by_the_stale_task": released,
+        "after_release": after_release,
+        "after_restart": {
+            "answered": sum(r["error"] is None for r in again),
+            "ledger": ledger,
+        },
+        "final": final,
+        "ok": (
+            Decimal(after_release["reserved"]) == 0
+            and Decimal(final["spent"]) == Decimal(final["rows_cost"])
+            and Decimal(final["reserved"]) == 0  # the restarted server, stopped with SIGTERM, gave its lease back
+            and ledger["mismatched"] == 0
+            and all(r["error"] is None for r in again)
+        ),
+    }
+
+
+async def redis_down(var: Path, database_url: str, key: str, requests: int) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    server = start(var, database_url, port, {"TANDEM_RATE_LIMIT_REDIS_URL": dead, "TANDEM_CACHE_REDIS_URL": dead})
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            started = time.perf_counter()
+            jobs = [sse_stream(client, key, PACED_MODEL, 32, started, "sse") for _ in range(requests)]
+            jobs += [ws_stream(base, key, PACED_MODEL, 32, started, "ws") for _ in range(requests)]
+            results = list(await asyncio.gather(*jobs))
+            plain = await client.post(
+                "/v1/chat/completions",
+                json={"model": PACED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        ledger = await asyncio.to_thread(ledger_check, results)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    logs = "".join(p.read_text(errors="replace") for p in var.glob(f"server-{port}-*.log"))
+    return {
+        "redis": dead,
+        "streams": len(results),
+        "answered": sum(r["error"] is None for r in results),
+        "errors": sorted({r["error"] for r in results if r["error"]}),
+        "non_streaming_status": plain.status_code,
+        "rate_limit_headers": "x-ratelimit-remaining-requests" in plain.headers,
+        "ledger": ledger,
+        "fell_back_and_said_so": "Redis unreachable" in logs,
+        "ok": all(r["error"] is None for r in results) and plain.status_code == 200 and ledger["mismatched"] == 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Faults with real processes; prints what the books say after each.")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--database-url", default="", help="the server's DATABASE_URL (default: a fresh SQLite file)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        var = Path(tmp)
+        database_url = args.database_url or f"sqlite:///{var / 'faults.sqlite3'}"
+        os.environ["DATABASE_URL"] = database_url
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
+        import django
+
+        django.setup()
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        key = prepare(var, database_url)
+        report = {
+            "web_killed": asyncio.run(web_killed(var, database_url, key, args.streams)),
+            "redis_down": asyncio.run(redis_down(var, database_url, key, args.streams)),
+        }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    sys.exit(0 if all(r["ok"] for r in report.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
