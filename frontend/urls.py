@@ -4,16 +4,13 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from frontend import views
+from frontend.signin import SignInView
 
 app_name = "frontend"
 
 urlpatterns = [
     path("", views.playground, name="playground"),
-    path(
-        "signin/",
-        auth_views.LoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
-        name="login",
-    ),
+    path("signin/", SignInView.as_view(), name="login"),  # throttled: frontend.signin
     path("signout/", auth_views.LogoutView.as_view(), name="logout"),
     path("tenant/", views.tenant_switch, name="tenant-switch"),
     path("keys/", views.api_keys, name="api-keys"),
