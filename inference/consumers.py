@@ -66,7 +66,14 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from inference import gateway
-from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, RateLimited
+from inference.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    PermissionDenied,
+    RateLimited,
+    unexpected,
+)
 from inference.relay import KEEPALIVE, relay
 from inference.wire import parse_json
 
@@ -224,11 +231,10 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
                 await self._send_error(item.id, exc)
                 return
             await self._relay(item, item.stream)
-        except Exception:
+        except Exception as exc:
             log.exception("request %s: the websocket stream failed", item.call.request_id)
             usage = item.stream.usage if item.stream is not None else None
-            error = GatewayError(f"internal error; quote request id {item.call.request_id} when reporting it")
-            await self._send_error(item.id, error, usage)
+            await self._send_error(item.id, unexpected(exc, item.call.request_id), usage)
         finally:
             self.live.pop(item.id, None)
             if item.stream is not None and item.stream.usage is None:  # this task died (or was cancelled)

@@ -95,3 +95,17 @@ class UpstreamFailed(GatewayError):
     status = 502
     type = "server_error"
     code = "engine_error"
+
+
+def unexpected(exc: BaseException, request_id: str) -> GatewayError:
+    """What an adapter answers for an exception nothing else caught: 503 when the database is unreachable
+    (restarting, failing over: retrying helps), else a 500 that names the request id."""
+    from django.db import InterfaceError, OperationalError
+
+    if isinstance(exc, OperationalError | InterfaceError):
+        return Overloaded(
+            f"the platform's database is unavailable; retry shortly (request id {request_id})",
+            code="database_unavailable",
+            retry_after=2,
+        )
+    return GatewayError(f"internal error; quote request id {request_id} when reporting it")

@@ -89,6 +89,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fresh(fn, *args):
+    """``fn(*args)`` on a new database connection (the server's database may have restarted meanwhile)."""
+    from django.db import connection
+
+    connection.close()
+    if hasattr(connection, "close_pool"):  # a pooled connection may be one the restart cut
+        connection.close_pool()
+    return fn(*args)
+
+
 def books(tenant_slug: str = "demo") -> dict:
     from tenants.models import Budget, Reservation, UsageRecord
 
@@ -192,10 +202,66 @@ async def redis_down(var: Path, database_url: str, key: str, requests: int) -> d
     }
 
 
+async def postgres_restarted(var: Path, database_url: str, key: str, streams: int, restart: str) -> dict:
+    """PostgreSQL restarted (``restart``, a shell command) while streams run and new requests arrive."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start(var, database_url, port)
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            started = time.perf_counter()
+            running = [
+                asyncio.ensure_future(sse_stream(client, key, PACED_MODEL, STREAM_TOKENS, started, "running"))
+                for _ in range(streams)
+            ]
+            await asyncio.sleep(0.5)
+            restarting = asyncio.ensure_future(asyncio.to_thread(subprocess.run, restart, shell=True, check=True))
+            arriving = []
+            for _ in range(10):  # new requests during and just after the restart
+                arriving.append(
+                    asyncio.ensure_future(sse_stream(client, key, PACED_MODEL, 16, time.perf_counter(), "arriving"))
+                )
+                await asyncio.sleep(0.3)
+            await restarting
+            results = list(await asyncio.gather(*running, *arriving))
+            await asyncio.sleep(2.0)  # the lease batches behind the replies
+            after = list(
+                await asyncio.gather(
+                    *(sse_stream(client, key, PACED_MODEL, 16, time.perf_counter(), "after") for _ in range(8))
+                )
+            )
+        ledger = await asyncio.to_thread(fresh, ledger_check, [*results, *after])
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    final = await asyncio.to_thread(fresh, books)
+    logs = "".join(p.read_text(errors="replace") for p in var.glob(f"server-{port}-*.log"))
+    return {
+        "running_streams": {
+            "answered": sum(r["error"] is None for r in results if r["tag"] == "running"),
+            "errors": sorted({r["error"] for r in results if r["tag"] == "running" and r["error"]}),
+        },
+        "arriving_during_restart": {
+            "answered": sum(r["error"] is None for r in results if r["tag"] == "arriving"),
+            "errors": sorted({r["error"] for r in results if r["tag"] == "arriving" and r["error"]}),
+        },
+        "after_restart_answered": sum(r["error"] is None for r in after),
+        "ledger": ledger,
+        "final": final,
+        "server_errors_logged": logs.count(" ERROR "),
+        "ok": ledger["mismatched"] == 0 and Decimal(final["reserved"]) == 0 and all(r["error"] is None for r in after),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Faults with real processes; prints what the books say after each.")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--database-url", default="", help="the server's DATABASE_URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--restart-postgres",
+        default="",
+        help="with a PostgreSQL --database-url: the shell command that restarts it (adds the postgres_restarted run)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
             "web_killed": asyncio.run(web_killed(var, database_url, key, args.streams)),
             "redis_down": asyncio.run(redis_down(var, database_url, key, args.streams)),
         }
+        if args.restart_postgres:
+            report["postgres_restarted"] = asyncio.run(
+                postgres_restarted(var, database_url, key, args.streams, args.restart_postgres)
+            )
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -41,7 +41,7 @@ from rest_framework.settings import api_settings
 
 from inference import gateway, prompts
 from inference.engines import INLINE_TOKENIZE_CHARS, ModelEntry, aget_engines
-from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
+from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, unexpected
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
 from inference.limits import limiter
 from inference.relay import KEEPALIVE, relay
@@ -328,9 +328,9 @@ def openai_endpoint(*methods: str) -> Callable[[View], View]:
                 response = error_response(err)
                 if isinstance(err, MethodNotAllowed):
                     response["Allow"] = ", ".join(methods)
-            except Exception:  # noqa: BLE001 - the adapter's edge: logged with its traceback, answered in OpenAI's shape
+            except Exception as exc:  # noqa: BLE001 - the adapter's edge: logged with its traceback, answered in OpenAI's shape
                 log.exception("request %s failed", request_id)
-                response = error_response(GatewayError(f"internal error; quote request id {request_id}"))
+                response = error_response(unexpected(exc, request_id))
             response["x-request-id"] = request_id
             principal = getattr(request, "tandem_principal", None)
             if principal is not None:  # OpenAI's x-ratelimit-* headers: where the key's tenant stands now

@@ -31,6 +31,7 @@ from django.utils import timezone
 from inference.completion import UsageSummary
 from inference.holds import gpu_pace
 from inference.runtime import db_from_thread
+from tenants import errors as tenant_errors
 from tenants import services as tenant_services
 from tenants.leases import LeasePool
 from tenants.tiers import Tier
@@ -253,8 +254,35 @@ def _settle_write(
 _ledger_writes: set[asyncio.Future] = set()
 
 
-def ledger_write(request_id: str, write: Awaitable[None]) -> asyncio.Future:
-    future = asyncio.ensure_future(write)
+LEDGER_RETRY_S = 60.0  # a ledger write the database refused (restarting, failing over) is tried again this long
+
+
+async def _write_retrying(request_id: str, write: Callable[[], Awaitable[None]]) -> None:
+    """``write()``, tried again while the database cannot be reached (a restart): the row is not lost.
+
+    A write whose commit went through before the connection broke is found settled on the
+    next try (``AlreadySettled``): done, never charged twice.
+    """
+    from django.db import InterfaceError, OperationalError
+
+    deadline = time.monotonic() + LEDGER_RETRY_S
+    pause = 0.1
+    while True:
+        try:
+            await write()
+            return
+        except tenant_errors.AlreadySettled:
+            return
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("request %s: the ledger write failed (%s); trying again in %.1f s", request_id, exc, pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+def ledger_write(request_id: str, write: Callable[[], Awaitable[None]]) -> asyncio.Future:
+    future = asyncio.ensure_future(_write_retrying(request_id, write))
     _ledger_writes.add(future)
 
     def done(f: asyncio.Future) -> None:

@@ -634,7 +634,7 @@ class GatewayStream:
             return
         if charge.write is None:
             return
-        self._ledger = settlement.ledger_write(self.request_id, db(charge.write)())
+        self._ledger = settlement.ledger_write(self.request_id, db(charge.write))
         if not settings.TANDEM_SETTLE_AFTER_REPLY:
             await asyncio.shield(self._ledger)
 

@@ -935,3 +935,15 @@ async def test_a_path_no_endpoint_serves_is_openais_404_not_html(account, http, 
     assert "x-ratelimit-remaining-requests" in response.headers
     anonymous = await http.get(path)
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "missing_api_key"
+
+
+async def test_a_database_that_cannot_be_reached_is_a_503_with_retry_after_not_a_500(account, http, monkeypatch):
+    from django.db import OperationalError
+
+    async def unreachable(*args, **kwargs):
+        raise OperationalError("terminating connection due to administrator command")
+
+    monkeypatch.setattr(gateway, "start", unreachable)  # as a PostgreSQL restart looks mid-request
+    response = await post_chat(http, account.raw_key, max_tokens=4)
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["code"] == "database_unavailable"

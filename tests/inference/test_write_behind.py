@@ -228,3 +228,33 @@ async def test_a_failed_ledger_write_is_logged_as_an_error_and_the_reservation_s
     )
     assert await Reservation.objects.filter(status="held").acount() == 1  # never freed as if paid
     assert await UsageRecord.objects.acount() == 0
+
+
+async def test_a_ledger_write_the_database_refuses_is_tried_again_until_it_goes_through(monkeypatch):
+    from django.db import OperationalError
+
+    from inference import settlement
+    from tenants import errors as tenant_errors
+
+    monkeypatch.setattr(settlement, "LEDGER_RETRY_S", 5.0)
+    calls = []
+
+    async def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("terminating connection due to administrator command")
+
+    await settlement.ledger_write("req-retry", flaky)
+    assert len(calls) == 3
+
+    async def committed_before_the_break() -> None:  # the retry finds it settled: done, not charged twice
+        raise tenant_errors.AlreadySettled("already settled")
+
+    await settlement.ledger_write("req-settled", committed_before_the_break)
+
+    async def down() -> None:
+        raise OperationalError("could not connect")
+
+    monkeypatch.setattr(settlement, "LEDGER_RETRY_S", 0.3)
+    with pytest.raises(OperationalError):
+        await settlement.ledger_write("req-down", down)
