@@ -207,14 +207,9 @@ SERVERS = {
 }
 
 
-def start_server(
-    var: Path,
-    kind: str = "platform",
-    database_url: str = "",
-    engines: str = "inference.bench.bench_engines",
-    models: str = f"{MODEL},{PACED_MODEL}",
-) -> tuple[subprocess.Popen, str, str]:
-    env = {
+def server_env(var: Path, database_url: str = "", engines: str = "inference.bench.bench_engines") -> dict[str, str]:
+    """The environment of a benchmark's server process (and of the ``manage.py`` commands that set it up)."""
+    return {
         # production's defaults where the test settings differ (the environment may override them)
         "TANDEM_SETTLE_AFTER_REPLY": "1",
         "TANDEM_API_KEY_CACHE_TTL_S": "5",
@@ -227,20 +222,48 @@ def start_server(
         "TANDEM_LOG_LEVEL": "WARNING",
         "TANDEM_ENGINES": engines,
     }
-    run = [sys.executable, "manage.py"]
-    subprocess.run([*run, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
-    boot = subprocess.run(
-        [*run, "tandem_demo", "--models", models],
+
+
+def demo_key(env: dict[str, str], models: str, username: str = "demo") -> str:
+    """``manage.py tandem_demo``: the user's tenant (made on first use) priced for ``models``; a new API key of it."""
+    out = subprocess.run(
+        [sys.executable, "manage.py", "tandem_demo", "--username", username, "--models", models],
         cwd=REPO,
         env=env,
         check=True,
         capture_output=True,
         text=True,
-    )
-    key = next(line.split()[-1] for line in boot.stdout.splitlines() if line.strip().startswith("API key"))
+    ).stdout
+    return next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("API key"))
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """Print a benchmark's JSON report (and write it to ``out``)."""
+    text = json.dumps(report, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
+def start_server(
+    var: Path,
+    kind: str = "platform",
+    database_url: str = "",
+    engines: str = "inference.bench.bench_engines",
+    models: str = f"{MODEL},{PACED_MODEL}",
+) -> tuple[subprocess.Popen, str, str]:
+    env = server_env(var, database_url, engines)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True
+    )
+    key = demo_key(env, models)
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, *(arg.format(port=port) for arg in SERVERS[kind])],
         cwd=REPO,
@@ -339,10 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             server.terminate()
             server.wait(timeout=10)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import websockets
 
-from inference.bench import REPO, percentile, start_server
+from inference.bench import REPO, demo_key, emit, percentile, server_env, start_server
 
 PROMPT = "Tell me about the sea."
 
@@ -245,27 +245,7 @@ def tenant_keys(
 ) -> dict[str, str]:
     """More tenants (users ``tenant-<name>``) with a key each, through ``manage.py tandem_demo``."""
     env = server_env(var, env_database_url)
-    keys = {}
-    for tenant in names:
-        out = subprocess.run(
-            [sys.executable, "manage.py", "tandem_demo", "--username", f"tenant-{tenant}", "--models", models],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        keys[tenant] = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("API key"))
-    return keys
-
-
-def server_env(var: Path, database_url: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "TANDEM_VAR_DIR": str(var),
-        "DATABASE_URL": database_url,
-    }
+    return {name: demo_key(env, models, f"tenant-{name}") for name in names}
 
 
 def cache_on(var: Path, database_url: str, username: str) -> None:
@@ -350,10 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             server.wait(timeout=30)
             errors = [line for line in (var / "server.log").read_text().splitlines() if "ERROR" in line]
             report["server_errors"] = {"count": len(errors), "first": errors[:3]}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

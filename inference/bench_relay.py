@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from inference.bench import MODEL, PROMPT, REPO, summary
+from inference.bench import MODEL, PROMPT, REPO, emit, summary
 
 CHUNKS = 32  # the upstream's answer: one chunk (one token) each
 ANSWER = tuple(f" w{i}" for i in range(CHUNKS))
@@ -597,11 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--litellm-python", default="", help="the python of a virtualenv with litellm[proxy]")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    report = benchmark(args)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(benchmark(args), args.out)
 
 
 if __name__ == "__main__":

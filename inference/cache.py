@@ -40,7 +40,7 @@ from typing import Any
 
 from django.conf import settings
 
-from inference.redis_clients import redis_client
+from inference.redis_clients import RedisFallback, redis_client
 from speculative.engine import CompletionRequest, TokenStream, build_request
 from speculative.types import Provenance, TokenEvent
 from tenants.tiers import Tier
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "tandem:cache:v1"
 CACHED_TIERS = (Tier.EDGE, Tier.SPECULATIVE)
-REDIS_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -171,26 +170,22 @@ class ExactCache:
     def __init__(self) -> None:
         self.local = LocalStore()
         self._redis: RedisStore | None = None
-        self._redis_down_until = 0.0
+        self._fallback = RedisFallback("result cache", "this process's memory")
 
     def _store(self) -> LocalStore | RedisStore:
-        url = settings.TANDEM_CACHE_REDIS_URL
-        if not url or time.monotonic() < self._redis_down_until:
+        url = self._fallback.url(settings.TANDEM_CACHE_REDIS_URL)
+        if url is None:
             return self.local
         if self._redis is None or self._redis.url != url:
             self._redis = RedisStore(url)
         return self._redis
-
-    def _down(self, exc: Exception) -> None:
-        self._redis_down_until = time.monotonic() + REDIS_RETRY_S
-        log.warning("result cache: Redis unreachable (%s); this process's memory for %.0f s", exc, REDIS_RETRY_S)
 
     async def get(self, key: str) -> CachedAnswer | None:
         store = self._store()
         try:
             value = await store.get(key)
         except Exception as exc:  # noqa: BLE001 - a cache that cannot be read is a miss, never a failed request
-            self._down(exc)
+            self._fallback.failed(exc)
             return None
         if value is None:
             return None
@@ -205,7 +200,7 @@ class ExactCache:
         try:
             await store.put(key, answer.to_json(), ttl_s)
         except Exception as exc:  # noqa: BLE001 - not storing an answer loses nothing but a later hit
-            self._down(exc)
+            self._fallback.failed(exc)
 
     async def forget_tenant(self, tenant_id: int) -> int:
         """Drop every entry of the tenant (in Redis and in this process); how many there were."""
@@ -216,7 +211,7 @@ class ExactCache:
             try:
                 count += await store.forget(prefix)
             except Exception as exc:  # noqa: BLE001
-                self._down(exc)
+                self._fallback.failed(exc)
                 raise
         return count
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -36,22 +35,14 @@ from pathlib import Path
 
 import httpx
 
-from inference.bench import PACED_MODEL, REPO
-from inference.bench_load import ledger_check, server_env, sse_stream, ws_stream
+from inference.bench import PACED_MODEL, REPO, demo_key, emit, free_port, server_env
+from inference.bench_load import ledger_check, sse_stream, ws_stream
 
 STREAM_TOKENS = 2000  # a paced stream of this many tokens lasts a few seconds
 
 
 def start(var: Path, database_url: str, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {
-        **server_env(var, database_url),
-        "TANDEM_SETTLE_AFTER_REPLY": "1",
-        "TANDEM_BUDGET_LEASES": "1",
-        "TANDEM_API_KEY_CACHE_TTL_S": "5",
-        "TANDEM_LOG_LEVEL": "WARNING",
-        "TANDEM_ENGINES": "inference.bench.bench_engines",
-        **(extra_env or {}),
-    }
+    env = {**server_env(var, database_url), **(extra_env or {})}
     server = subprocess.Popen(
         [sys.executable, "-m", "config.serve", "--port", str(port), "--log-level", "warning"],
         cwd=REPO,
@@ -73,20 +64,10 @@ def start(var: Path, database_url: str, port: int, extra_env: dict[str, str] | N
 def prepare(var: Path, database_url: str) -> str:
     """The database, the demo tenant and its key (``manage.py migrate`` and ``tandem_demo``)."""
     env = server_env(var, database_url)
-    run = [sys.executable, "manage.py"]
-    subprocess.run([*run, "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
-    out = subprocess.run(
-        [*run, "tandem_demo", "--models", PACED_MODEL], cwd=REPO, env=env, check=True, capture_output=True, text=True
-    ).stdout
-    return next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("API key"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True
+    )
+    return demo_key(env, PACED_MODEL)
 
 
 def fresh(fn, *args):
@@ -282,10 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             report["postgres_restarted"] = asyncio.run(
                 postgres_restarted(var, database_url, key, args.streams, args.restart_postgres)
             )
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
     sys.exit(0 if all(r["ok"] for r in report.values()) else 1)
 
 

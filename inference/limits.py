@@ -28,11 +28,10 @@ from typing import Any
 from django.conf import settings
 
 from inference.errors import GatewayError, InvalidRequest, RateLimited
-from inference.redis_clients import redis_client
+from inference.redis_clients import RedisFallback, redis_client
 
 log = logging.getLogger(__name__)
 
-REDIS_RETRY_S = 5.0  # after a Redis failure, this process counts alone this long before trying again
 REDIS_KEY_TTL_S = 120  # a bucket untouched this long is full again: Redis may forget it
 
 
@@ -191,12 +190,12 @@ class Limiter:
     def __init__(self) -> None:
         self.local = LocalBuckets()
         self._redis: RedisBuckets | None = None
-        self._redis_down_until = 0.0
+        self._fallback = RedisFallback("rate limits", "counting in this process")
         self._pending: set[asyncio.Future] = set()  # give-backs on their way to Redis
 
     def _shared(self) -> RedisBuckets | None:
-        url = settings.TANDEM_RATE_LIMIT_REDIS_URL
-        if not url or time.monotonic() < self._redis_down_until:
+        url = self._fallback.url(settings.TANDEM_RATE_LIMIT_REDIS_URL)
+        if url is None:
             return None
         if self._redis is None or self._redis.url != url:
             self._redis = RedisBuckets(url)
@@ -209,10 +208,7 @@ class Limiter:
             try:
                 return await shared.run(entries, now, take)
             except Exception as exc:  # noqa: BLE001 - an unreachable Redis must not stop traffic
-                self._redis_down_until = time.monotonic() + REDIS_RETRY_S
-                log.warning(
-                    "rate limits: Redis unreachable (%s); counting in this process for %.0f s", exc, REDIS_RETRY_S
-                )
+                self._fallback.failed(exc)
         if take:
             return self.local.take(entries, now)
         self.local.give(entries, now)

@@ -171,13 +171,12 @@ def _replayed_cost(stream: GatewayStream, price, prompt_tokens: int, completion_
     if answer is None or price is None:
         return None
     share = Decimal(completion_tokens) / Decimal(max(len(answer.token_ids), 1))
-    gpu_cap = price.max_gpu_ms_per_token * (prompt_tokens + completion_tokens)
-    return tenant_services.cost_compute(
+    return tenant_services.generation_cost(
         price=price,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        drafted_tokens=(Decimal(answer.drafted_tokens) * share).quantize(Decimal("0.001")),
-        gpu_ms=min((Decimal(answer.gpu_ms) * share).quantize(Decimal("0.001")), gpu_cap),
+        drafted_tokens=Decimal(answer.drafted_tokens) * share,
+        gpu_ms=Decimal(answer.gpu_ms) * share,
     ).total
 
 

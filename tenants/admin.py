@@ -172,16 +172,7 @@ class PriceInline(admin.TabularInline):
     model = Price
     extra = 0
     can_delete = False
-    fields = [
-        "model",
-        "tier",
-        "prompt_per_mtok",
-        "completion_per_mtok",
-        "draft_per_mtok",
-        "gpu_per_hour",
-        "max_gpu_ms_per_token",
-        "cache_per_mtok",
-    ]
+    fields = ["model", "tier", *services.PRICE_RATES]
     readonly_fields = fields
 
     def has_add_permission(self, request, obj=None) -> bool:
@@ -210,17 +201,7 @@ class PriceBookAdmin(ReadOnlyAdmin):
 
 @admin.register(Price)
 class PriceAdmin(ReadOnlyAdmin):
-    list_display = [
-        "model",
-        "tier",
-        "book",
-        "prompt_per_mtok",
-        "completion_per_mtok",
-        "draft_per_mtok",
-        "gpu_per_hour",
-        "max_gpu_ms_per_token",
-        "cache_per_mtok",
-    ]
+    list_display = ["model", "tier", "book", *services.PRICE_RATES]
     list_filter = ["tier", "book__is_active", "book"]
     search_fields = ["model"]
     list_select_related = ["book"]

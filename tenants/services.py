@@ -77,7 +77,7 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 # Which cost bucket a tier's own token charges go to.
 _TIER_BUCKET = {Tier.EDGE: "edge", Tier.SPECULATIVE: "verifier", Tier.CLOUD: "cloud"}
 _PRICE_REQUIRED = ("model", "tier", "prompt_per_mtok", "completion_per_mtok")
-_PRICE_RATES = (
+PRICE_RATES = (
     "prompt_per_mtok",
     "completion_per_mtok",
     "draft_per_mtok",
@@ -767,41 +767,53 @@ class _CacheRates:
         return cls(price.model, price.tier, price.cache_per_mtok, price.cache_per_mtok)
 
 
-def cache_cost_max(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
-    """The most a replay from a cache can cost (what it holds): its tokens at the tier's cache rate."""
+def cache_cost(*, price: Price, prompt_tokens: int, completion_tokens: int) -> CostBreakdown:
+    """A replay from a cache: its tokens at the tier's cache rate, nothing for drafts or GPU time."""
     return cost_compute(
         price=_CacheRates.of(price),  # type: ignore[arg-type]  # read for its rates only
         prompt_tokens=prompt_tokens,
-        completion_tokens=max_tokens,
+        completion_tokens=completion_tokens,
         drafted_tokens=Decimal(0),
         gpu_ms=Decimal(0),
-    ).total
+    )
 
 
-def usage_cost(*, price: Price, usage: Usage) -> CostBreakdown:
-    """What a settlement charges for ``usage``: ``cost_compute`` with GPU time capped.
+def cache_cost_max(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
+    """The most a replay from a cache can cost (what it holds): ``max_tokens`` at the tier's cache rate."""
+    return cache_cost(price=price, prompt_tokens=prompt_tokens, completion_tokens=max_tokens).total
+
+
+def generation_cost(
+    *, price: Price, prompt_tokens: int, completion_tokens: int, drafted_tokens: Decimal, gpu_ms: Decimal
+) -> CostBreakdown:
+    """What generating these counts costs: ``cost_compute`` with GPU time capped.
 
     GPU time is charged up to ``max_gpu_ms_per_token`` per prompt and completion token,
     the same cap ``cost_estimate_max`` reserved for; the ledger keeps the measured time.
-    A replay from a cache pays the tier's cache rate for its tokens and nothing else.
     """
-    if usage.source != UsageSource.GENERATION:
-        return cost_compute(
-            price=_CacheRates.of(price),  # type: ignore[arg-type]  # read for its rates only
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            drafted_tokens=Decimal(0),
-            gpu_ms=Decimal(0),
-        )
-    drafted = _as_count(usage.drafted_tokens, "drafted_tokens").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
-    gpu = _as_count(usage.gpu_ms, "gpu_ms").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
-    gpu_cap = price.max_gpu_ms_per_token * (usage.prompt_tokens + usage.completion_tokens)
+    drafted = _as_count(drafted_tokens, "drafted_tokens").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
+    gpu = _as_count(gpu_ms, "gpu_ms").quantize(COUNT_QUANTUM, ROUND_HALF_UP)
+    gpu_cap = price.max_gpu_ms_per_token * (prompt_tokens + completion_tokens)
     return cost_compute(
+        price=price,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        drafted_tokens=drafted,
+        gpu_ms=min(gpu, gpu_cap),
+    )
+
+
+def usage_cost(*, price: Price, usage: Usage) -> CostBreakdown:
+    """What a settlement charges for ``usage``: its generation (``generation_cost``), or a cache's replay of one
+    (``cache_cost``)."""
+    if usage.source != UsageSource.GENERATION:
+        return cache_cost(price=price, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+    return generation_cost(
         price=price,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
-        drafted_tokens=drafted,
-        gpu_ms=min(gpu, gpu_cap),
+        drafted_tokens=usage.drafted_tokens,
+        gpu_ms=usage.gpu_ms,
     )
 
 
@@ -916,17 +928,18 @@ def price_book_amend(*, prices: list[dict], note: str = "") -> PriceBook | None:
     if all((old := current.get((r["model"], r["tier"]))) and all(getattr(old, k) == r[k] for k in r) for r in rows):
         return None
     replaced = {(r["model"], r["tier"]) for r in rows}
-    keep = [
-        {"model": p.model, "tier": p.tier, **{rate: getattr(p, rate) for rate in _PRICE_RATES}}
-        for key, p in current.items()
-        if key not in replaced
-    ]
+    keep = [price_as_dict(p) for key, p in current.items() if key not in replaced]
     latest = PriceBook.objects.aggregate(latest=Max("version"))["latest"] or 0
     return price_book_publish(version=latest + 1, prices=keep + rows, note=note)
 
 
+def price_as_dict(price: Price) -> dict[str, Any]:
+    """A published price as ``price_book_publish`` takes it (to carry it into the next book)."""
+    return {"model": price.model, "tier": price.tier, **{rate: getattr(price, rate) for rate in PRICE_RATES}}
+
+
 def _price_row(entry: dict) -> dict[str, Any]:
-    unknown = set(entry) - set(_PRICE_REQUIRED) - set(_PRICE_RATES)
+    unknown = set(entry) - set(_PRICE_REQUIRED) - set(PRICE_RATES)
     if unknown:
         # A misspelt rate would otherwise default to 0: a model served for free.
         raise errors.InvalidInput(f"unknown price fields {sorted(unknown)}")
@@ -938,7 +951,7 @@ def _price_row(entry: dict) -> dict[str, Any]:
     if not isinstance(entry["model"], str) or not entry["model"]:
         raise errors.InvalidInput("a price needs a model name")
     row: dict[str, Any] = {"model": entry["model"], "tier": entry["tier"]}
-    for rate in _PRICE_RATES:
+    for rate in PRICE_RATES:
         value = _as_money(entry.get(rate, 0), f"{entry['model']}/{entry['tier']} {rate}")
         assert value is not None
         if value != value.quantize(MONEY_QUANTUM):

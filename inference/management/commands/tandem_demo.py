@@ -109,7 +109,9 @@ class Command(BaseCommand):
         if not missing:
             return
         active = PriceBook.objects.filter(is_active=True).first()
-        keep = [] if active is None else [_price_dict(p) for p in active.prices.all() if p.model not in missing]
+        keep = (
+            [] if active is None else [services.price_as_dict(p) for p in active.prices.all() if p.model not in missing]
+        )
         prices = keep + [
             {"model": name, "tier": tier, "max_gpu_ms_per_token": Decimal(MAX_GPU_MS_PER_TOKEN), **_rates(tier)}
             for name in missing
@@ -140,16 +142,3 @@ class Command(BaseCommand):
 
 def _rates(tier: str) -> dict[str, Decimal]:
     return {k: Decimal(v) for k, v in DEMO_RATES[tier].items()}
-
-
-def _price_dict(price) -> dict:
-    fields = (
-        "model",
-        "tier",
-        "prompt_per_mtok",
-        "completion_per_mtok",
-        "draft_per_mtok",
-        "gpu_per_hour",
-        "cache_per_mtok",
-    )
-    return {f: getattr(price, f) for f in (*fields, "max_gpu_ms_per_token")}
