@@ -231,14 +231,14 @@ class Limiter:
     async def give_back(self, principal, tokens: int) -> None:
         """Tokens held at admission that the request did not use."""
         if tokens > 0:
-            await self._run([e for e in _entries(principal, 0, tokens) if e[0].endswith(":tpm")], take=False)
+            await self._run(_token_entries(principal, tokens), take=False)
 
     def give_back_soon(self, principal, tokens: int) -> None:
         """``give_back`` from synchronous code on the event loop (settlement): at once here, soon in Redis."""
         if tokens <= 0:
             return
         if self._shared() is None:
-            self.local.give([e for e in _entries(principal, 0, tokens) if e[0].endswith(":tpm")], time.time())
+            self.local.give(_token_entries(principal, tokens), time.time())
             return
         task = asyncio.ensure_future(self.give_back(principal, tokens))
         self._pending.add(task)
@@ -261,6 +261,11 @@ def _entries(principal, requests: int, tokens: int) -> list[tuple[str, int, floa
         if limits.tokens_per_minute is not None:
             entries.append((f"tandem:rl:{owner}:tpm", limits.tokens_per_minute, float(tokens)))
     return entries
+
+
+def _token_entries(principal, tokens: int) -> list[tuple[str, int, float]]:
+    """The principal's tokens-per-minute buckets only, with ``tokens`` to give back to each."""
+    return [e for e in _entries(principal, 0, tokens) if e[0].endswith(":tpm")]
 
 
 def _state(entries: list[tuple[str, int, float]], levels: list[float]) -> RateState:

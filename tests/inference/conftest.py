@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import pytest
+import pytest_asyncio
 
 from inference.cache import exact_cache, in_flight
 from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialEngine, set_engines, trivial_entry
@@ -70,3 +72,24 @@ def serving_gated(engine: GatedEngine, *others: ModelEntry) -> Iterator[GatedEng
     finally:
         engine.gate.release(10_000)  # let engine threads of stopped streams see the cancel and end
         set_engines(previous)
+
+
+# Redis, where a test needs the shared store ----------------------------------------------------------
+REDIS_TEST_URL = os.environ.get("TANDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest_asyncio.fixture
+async def redis_db() -> AsyncIterator[tuple[str, object]]:
+    """(url, client) of an emptied Redis database, emptied again after the test; skips where none answers."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_TEST_URL, socket_connect_timeout=0.5)
+    try:
+        await client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach it is a reason to skip, said in the report
+        await client.aclose()
+        pytest.skip(f"needs Redis at {REDIS_TEST_URL} (TANDEM_TEST_REDIS_URL): {exc}")
+    await client.flushdb()
+    yield REDIS_TEST_URL, client
+    await client.flushdb()
+    await client.aclose()

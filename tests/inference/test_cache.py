@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from decimal import Decimal
 
 import pytest
@@ -185,30 +184,18 @@ async def test_a_cancelled_replay_is_charged_for_what_it_sent(cached):
     assert replayed.source == "exact_cache" and replayed.saving > 0
 
 
-@pytest.mark.parametrize("url", [os.environ.get("TANDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")])
-async def test_entries_are_shared_through_redis(cached, settings, url):
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(url, socket_connect_timeout=0.5)
-    try:
-        await client.ping()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"needs Redis at {url} (TANDEM_TEST_REDIS_URL): {exc}")
-    await client.flushdb()
+async def test_entries_are_shared_through_redis(cached, settings, redis_db):
+    url, client = redis_db
     settings.TANDEM_CACHE_REDIS_URL = url
-    try:
-        await run(cached)
-        exact_cache.reset()  # another process: nothing in its memory
-        other = ExactCache()
-        keys = [k async for k in client.scan_iter(match="tandem:cache:v1:*")]
-        assert len(keys) == 1 and f":t{cached.tenant.pk}:" in keys[0].decode()
-        assert await other.get(keys[0].decode()) is not None
-        _, hit = await run(cached)
-        assert hit.route.reason == "exact_cache"
-        assert await exact_cache.forget_tenant(cached.tenant.pk) == 1
-    finally:
-        await client.flushdb()
-        await client.aclose()
+    await run(cached)
+    exact_cache.reset()  # another process: nothing in its memory
+    other = ExactCache()
+    keys = [k async for k in client.scan_iter(match="tandem:cache:v1:*")]
+    assert len(keys) == 1 and f":t{cached.tenant.pk}:" in keys[0].decode()
+    assert await other.get(keys[0].decode()) is not None
+    _, hit = await run(cached)
+    assert hit.route.reason == "exact_cache"
+    assert await exact_cache.forget_tenant(cached.tenant.pk) == 1
 
 
 # request collapsing ---------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -18,7 +17,6 @@ from inference.principals import Principal
 from tenants.models import ApiKey, Tenant, UsageRecord
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-REDIS_URL = os.environ.get("TANDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 # the buckets on their own ----------------------------------------------------------------------
@@ -97,20 +95,10 @@ async def test_a_keys_own_limits_bind_inside_its_tenants():
 
 
 # shared through Redis ------------------------------------------------------------------------------
-@pytest_asyncio.fixture
-async def redis_url(settings) -> AsyncIterator[str]:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=0.5)
-    try:
-        await client.ping()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"needs Redis at {REDIS_URL} (TANDEM_TEST_REDIS_URL): {exc}")
-    await client.flushdb()
-    settings.TANDEM_RATE_LIMIT_REDIS_URL = REDIS_URL
-    yield REDIS_URL
-    await client.flushdb()
-    await client.aclose()
+@pytest.fixture
+def redis_url(redis_db, settings) -> str:
+    settings.TANDEM_RATE_LIMIT_REDIS_URL = redis_db[0]
+    return redis_db[0]
 
 
 @pytest.mark.asyncio
