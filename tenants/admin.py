@@ -5,20 +5,26 @@ read-only, budget limits are saved through ``services.budget_set`` (which locks 
 so an edit never overwrites counters a request moved meanwhile), and API keys are
 created only through ``services.api_key_create`` (the console), since the admin must
 never show or accept a raw key. Keys are revoked here through ``services.api_key_revoke``.
+Invites and the audit log are read-only here: invites are made, revoked and accepted in
+the console (the token is shown or mailed once), and audit events are never changed.
 """
 
 from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from tenants import services
+from tenants import errors, services
 from tenants.models import (
     ApiKey,
+    AuditEvent,
     Budget,
     BudgetLease,
+    Invite,
     Membership,
     Price,
     PriceBook,
@@ -42,9 +48,18 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 class MembershipInline(admin.TabularInline):
+    """Shown, not edited: memberships change through their own admin page (or the console's team page), where
+    the services keep the last owner and write the audit log."""
+
     model = Membership
     extra = 0
-    raw_id_fields = ["user"]
+    fields = ["user", "role", "created_at"]
+    readonly_fields = fields
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Tenant)
@@ -61,13 +76,56 @@ class TenantAdmin(admin.ModelAdmin):
         services.rate_limits_set(target=obj, **values)  # checks them, and drops its keys from the caches
 
 
+class MembershipForm(forms.ModelForm):
+    class Meta:
+        model = Membership
+        fields = ["user", "tenant", "role"]
+
+    def clean(self):
+        cleaned = super().clean()
+        # The instance still holds the stored role here (the form copies its values in after clean()).
+        stored = self.instance
+        if stored.pk and stored.role == Membership.Role.OWNER and cleaned.get("role") != Membership.Role.OWNER:
+            others = Membership.objects.filter(tenant_id=stored.tenant_id, role=Membership.Role.OWNER)
+            if not others.exclude(pk=stored.pk).exists():
+                raise forms.ValidationError("A tenant keeps at least one owner: make someone else an owner first.")
+        return cleaned
+
+
 @admin.register(Membership)
 class MembershipAdmin(admin.ModelAdmin):
+    """Memberships are added, changed and removed through the services, which keep the last owner and audit it all
+    (as the system: Django's own log entry says which staff user)."""
+
+    form = MembershipForm
     list_display = ["user", "tenant", "role", "created_at"]
     list_filter = ["role"]
     search_fields = ["user__username", "user__email", "tenant__name", "tenant__slug"]
     raw_id_fields = ["user", "tenant"]
     list_select_related = ["user", "tenant"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["user", "tenant", "created_at"] if obj is not None else ["created_at"]
+
+    def save_model(self, request, obj: Membership, form, change: bool) -> None:
+        try:
+            if change:
+                services.membership_role_set(membership=obj, role=obj.role, by=None)
+            else:
+                obj.pk = services.membership_create(tenant=obj.tenant, user=obj.user, role=obj.role).pk
+        except errors.InvalidInput as exc:
+            raise PermissionDenied(exc.message) from None
+
+    def delete_model(self, request, obj: Membership) -> None:
+        try:
+            services.membership_remove(membership=obj, by=None)
+        except errors.InvalidInput as exc:
+            raise PermissionDenied(exc.message) from None
+
+    def delete_queryset(self, request, queryset) -> None:
+        with transaction.atomic():  # all or none: a batch that would remove a tenant's last owner removes nobody
+            for membership in queryset:
+                self.delete_model(request, membership)
 
 
 @admin.register(ApiKey)
@@ -244,3 +302,47 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     search_fields = ["request_id", "tenant__name", "tenant__slug", "model", "api_key__prefix"]
     list_select_related = ["tenant"]
     date_hierarchy = "created_at"
+
+
+@admin.register(Invite)
+class InviteAdmin(ReadOnlyAdmin):
+    # token_hash is left out: of no use to a person, and the token itself is never stored.
+    list_display = ["email", "tenant", "role", "invited_by", "created_at", "expires_at", "accepted_at", "revoked_at"]
+    list_filter = ["role", ("accepted_at", admin.EmptyFieldListFilter), ("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["email", "tenant__name", "tenant__slug"]
+    list_select_related = ["tenant", "invited_by"]
+    fields = [
+        "tenant",
+        "email",
+        "role",
+        "invited_by",
+        "created_at",
+        "expires_at",
+        "accepted_at",
+        "accepted_by",
+        "revoked_at",
+    ]
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    """The audit log, read-only: events are append-only (the model refuses updates and deletes too)."""
+
+    list_display = ["created_at", "tenant", "actor_label", "actor_kind", "action", "object_type", "object_id"]
+    list_filter = ["action", "actor_kind", ("tenant", admin.EmptyFieldListFilter)]
+    search_fields = ["actor_label", "action", "object_type", "object_id", "tenant__name", "tenant__slug"]
+    list_select_related = ["tenant"]
+    date_hierarchy = "created_at"
+    fields = [
+        "created_at",
+        "tenant",
+        "actor_kind",
+        "actor_label",
+        "actor_user",
+        "actor_api_key",
+        "action",
+        "object_type",
+        "object_id",
+        "changes",
+    ]
+    readonly_fields = fields

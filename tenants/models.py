@@ -1,4 +1,5 @@
-"""Tenants' data and the invariants the database keeps for it: memberships, API keys, budgets, prices, the ledger.
+"""Tenants' data and the invariants the database keeps for it: memberships, invites, API keys, budgets, prices, the
+ledger, the audit log.
 
 Writes go through ``tenants.services``, reads through ``tenants.selectors``; models hold
 data, constraints and small facts about one row. Money is ``Decimal`` in
@@ -9,12 +10,14 @@ of a decimal; PostgreSQL keeps them exactly.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, date, datetime
 
 from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
+from django.utils import timezone
 
 from tenants.tiers import TIER_CHOICES, TIER_VALUES
 
@@ -457,3 +460,152 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id}: {self.cost_total}"
+
+
+class Invite(models.Model):
+    """An invitation to join a tenant with a role: a one-time link whose token only the invitee holds.
+
+    Only the token's sha256 is stored (the link is shown or mailed once, at creation), so
+    a copy of the database cannot be used to join anyone's tenant. An invite is pending
+    until it is accepted, revoked or past ``expires_at``; accepting it is a one-time act
+    (``services.invite_accept`` locks the row and checks ``accepted_at``).
+    """
+
+    Role = MembershipRole
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="invites")
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=Role.choices)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [_choices_check("role", MembershipRole, "invite_role_valid")]
+
+    def __str__(self) -> str:
+        return f"invite of {self.email} to {self.tenant} ({self.role})"
+
+    @staticmethod
+    def hash_token(raw_token: str) -> str:
+        # sha256, not a password hash: the token is 256 random bits, so nothing can guess
+        # it, and the hash must be a unique index to find the invite by.
+        return hashlib.sha256(raw_token.encode()).hexdigest()
+
+    def state_at(self, now: datetime) -> str:
+        """``accepted``, ``revoked``, ``expired`` or ``pending``."""
+        if self.accepted_at is not None:
+            return "accepted"
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if now >= self.expires_at else "pending"
+
+
+class AuditActorKind(models.TextChoices):
+    USER = "user"
+    API_KEY = "api_key"
+    SYSTEM = "system"
+
+
+class AuditAction(models.TextChoices):
+    """What an audit event records: ``<entity>.<verb>``, one per service that changes configuration or people."""
+
+    API_KEY_CREATE = "api_key.create"
+    API_KEY_REVOKE = "api_key.revoke"
+    BUDGET_SET = "budget.set"
+    LIMITS_SET = "limits.set"
+    PRICE_BOOK_PUBLISH = "price_book.publish"
+    POLICY_PUBLISH = "policy.publish"
+    UPSTREAM_REGISTER = "upstream.register"
+    MEMBER_ADD = "member.add"
+    MEMBER_INVITE = "member.invite"
+    MEMBER_ROLE = "member.role"
+    MEMBER_REMOVE = "member.remove"
+    INVITE_REVOKE = "invite.revoke"
+    INVITE_ACCEPT = "invite.accept"
+
+
+class AuditLogImmutable(Exception):
+    """Something tried to change or delete an audit event."""
+
+
+class AuditEventQuerySet(models.QuerySet):
+    """Events are only ever inserted: bulk updates and deletes are refused as ``save`` and ``delete`` are."""
+
+    def update(self, **kwargs):
+        raise AuditLogImmutable("audit events are append-only: they cannot be updated")
+
+    def delete(self):
+        raise AuditLogImmutable("audit events are append-only: they cannot be deleted")
+
+
+class AuditEvent(models.Model):
+    """One change to a tenant's (or the platform's) configuration: who, what, on which object, what changed, when.
+
+    Append-only: written by the services inside the transaction of the change they
+    record (``services.audit_event_record``), never updated, never deleted (``save`` of
+    a stored row, ``delete`` and the queryset's ``update``/``delete`` raise). ``changes``
+    holds ``{"field": {"before": ..., "after": ...}}`` for the fields changed and never a
+    secret (no raw key, token or password; the services choose the fields). The actor is
+    kept twice: a reference (which may be gone one day) and ``actor_label``, the name it
+    had then. References are PROTECT so that history is never deleted along with them
+    (users are deactivated, not deleted, once they have acted).
+    """
+
+    ActorKind = AuditActorKind
+    Action = AuditAction
+
+    tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.PROTECT, related_name="+", help_text="empty: platform-wide"
+    )
+    actor_kind = models.CharField(max_length=16, choices=ActorKind.choices)
+    actor_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    actor_api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    actor_label = models.CharField(max_length=200)
+    action = models.CharField(max_length=64, choices=AuditAction.choices)
+    object_type = models.CharField(max_length=64)
+    object_id = models.CharField(max_length=64, blank=True)
+    changes = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = AuditEventQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["tenant", "created_at"], name="audit_tenant_created"),
+            models.Index(fields=["action", "created_at"], name="audit_action_created"),
+        ]
+        constraints = [
+            _choices_check("actor_kind", AuditActorKind, "audit_actor_kind_valid"),
+            models.CheckConstraint(
+                condition=(Q(actor_kind=AuditActorKind.USER) & Q(actor_user__isnull=False))
+                | (Q(actor_kind=AuditActorKind.API_KEY) & Q(actor_api_key__isnull=False))
+                | Q(actor_kind=AuditActorKind.SYSTEM),
+                name="audit_actor_matches_kind",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.action} {self.object_type}:{self.object_id}"
+        )
+
+    def save(self, *args, **kwargs) -> None:
+        if not self._state.adding:
+            raise AuditLogImmutable("audit events are append-only: they cannot be updated")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AuditLogImmutable("audit events are append-only: they cannot be deleted")

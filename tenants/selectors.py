@@ -1,4 +1,5 @@
-"""Reads of the tenants app: prices, memberships, keys, the ledger and budgets, always scoped to one tenant or user.
+"""Reads of the tenants app: prices, memberships and invites, keys, the ledger, budgets and the audit log, always
+scoped to one tenant or user (the operators' audit log aside: every tenant's, for staff only).
 
 Selectors never write. A budget whose period has ended but that no request has touched
 since is shown as the new period would start (nothing spent yet), without saving it.
@@ -13,11 +14,12 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.db import models
 from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
 from tenants import errors
-from tenants.models import ApiKey, Budget, Membership, Price, Tenant, UsageRecord
+from tenants.models import ApiKey, AuditEvent, Budget, Invite, Membership, Price, Tenant, UsageRecord
 from tenants.tiers import TIER_VALUES
 
 if TYPE_CHECKING:
@@ -179,3 +181,66 @@ def budget_status(*, tenant: Tenant) -> list[dict[str, Any]]:
             }
         )
     return status
+
+
+def memberships_of_tenant(*, tenant: Tenant) -> QuerySet[Membership]:
+    """The tenant's team: every membership with its user, owners first, then by username."""
+    rank = {role: index for index, role in enumerate(Membership.Role.values)}
+    rows = Membership.objects.filter(tenant=tenant).select_related("user")
+    return rows.order_by(
+        models.Case(*(models.When(role=r, then=models.Value(i)) for r, i in rank.items())), "user__username"
+    )
+
+
+def invites_pending(*, tenant: Tenant) -> QuerySet[Invite]:
+    """The tenant's invites that can still be accepted (not used, revoked or expired), newest first."""
+    return Invite.objects.filter(
+        tenant=tenant, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+    ).select_related("invited_by")
+
+
+def invite_by_token(*, raw_token: str) -> Invite | None:
+    """The invite a link's token belongs to, whatever its state (the page says why it cannot be used); else None."""
+    if not isinstance(raw_token, str) or not 0 < len(raw_token) <= 100:
+        return None
+    return Invite.objects.select_related("tenant").filter(token_hash=Invite.hash_token(raw_token)).first()
+
+
+def audit_events_for_tenant(*, tenant: Tenant, action: str = "", actor: str = "") -> QuerySet[AuditEvent]:
+    """The tenant's audit events, newest first, optionally of one action and one actor (its label)."""
+    return _audit_filtered(AuditEvent.objects.filter(tenant=tenant), action=action, actor=actor)
+
+
+def audit_actors_for_tenant(*, tenant: Tenant) -> list[str]:
+    """Who appears in the tenant's audit log (actor labels), for the page's filter."""
+    labels = AuditEvent.objects.filter(tenant=tenant).values_list("actor_label", flat=True)
+    return sorted(set(labels))
+
+
+def tenants_all() -> QuerySet[Tenant]:
+    """Every tenant by name: for operators (staff) only, e.g. the filter of every tenant's audit log."""
+    return Tenant.objects.order_by("name", "pk")
+
+
+AUDIT_PLATFORM = "platform"  # the operators' filter value for platform-wide events (no tenant)
+
+
+def audit_events_all(*, tenant: str = "", action: str = "", actor: str = "") -> QuerySet[AuditEvent]:
+    """Every tenant's audit events and the platform's, newest first: for operators (staff) only.
+
+    ``tenant`` is a tenant's id, ``AUDIT_PLATFORM`` for platform-wide events, or "" for all.
+    """
+    rows = AuditEvent.objects.all()
+    if tenant == AUDIT_PLATFORM:
+        rows = rows.filter(tenant__isnull=True)
+    elif tenant:
+        rows = rows.filter(tenant_id=int(tenant)) if tenant.isdigit() else rows.none()
+    return _audit_filtered(rows, action=action, actor=actor)
+
+
+def _audit_filtered(rows: QuerySet[AuditEvent], *, action: str, actor: str) -> QuerySet[AuditEvent]:
+    if action:
+        rows = rows.filter(action=action)
+    if actor:
+        rows = rows.filter(actor_label=actor)
+    return rows.select_related("tenant").order_by("-created_at", "-id")

@@ -1,4 +1,5 @@
-"""Writes of the tenants app: tenants and memberships, API keys, budgets, price books, and the money path.
+"""Writes of the tenants app: tenants, the team (invites, roles), API keys, budgets, price books, the audit log, and
+the money path.
 
 The money path, as the gateway runs it for every request::
 
@@ -24,11 +25,12 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, ROUND_UP, Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import Max, Model
 from django.utils import timezone
@@ -37,8 +39,10 @@ from django.utils.text import slugify
 from tenants import errors, selectors
 from tenants.models import (
     ApiKey,
+    AuditEvent,
     Budget,
     BudgetLease,
+    Invite,
     Membership,
     Price,
     PriceBook,
@@ -151,6 +155,85 @@ class CostBreakdown:
         return [self.edge, self.verifier, self.cloud]
 
 
+# --- the audit log ----------------------------------------------------------------------
+#
+# Every service below that changes a tenant's configuration or people (and the price book,
+# and inference's policies and upstreams) records one ``AuditEvent`` in its own
+# transaction: the change and its record commit or roll back together, whichever adapter
+# (console, API, admin, management command) called the service.
+
+# Field names that must never reach an event: the services choose what they record, and
+# this is the check that a slip (a raw key, a token, a password) fails loudly instead.
+_AUDIT_SECRET_NAME = re.compile(r"password|secret|raw_key|key_hash|token_hash|(^|_)token$", re.IGNORECASE)
+
+
+def _audit_value(value: Any) -> Any:
+    """A field's value as JSON keeps it, exactly: money as a decimal string, times in ISO 8601, rows by id."""
+    if isinstance(value, Decimal):
+        return _fmt(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Model):
+        return value.pk
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_audit_value(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    if isinstance(value, Mapping):
+        return {str(k): _audit_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def audit_changes(*, before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"field": {"before": ..., "after": ...}}`` for each field of ``after`` whose value differs from ``before``'s.
+
+    A field missing from ``before`` (a new row) has ``before`` None.
+    """
+    changes = {}
+    for name, value in after.items():
+        old, new = _audit_value(before.get(name)), _audit_value(value)
+        if old != new:
+            changes[name] = {"before": old, "after": new}
+    return changes
+
+
+@transaction.atomic
+def audit_event_record(
+    *,
+    action: str,
+    by: User | ApiKey | None,
+    tenant: Tenant | None,
+    obj: Model,
+    changes: Mapping[str, Any],
+) -> AuditEvent:
+    """Append one event: ``by`` (a user, an API key, or None for the system) did ``action`` to ``obj`` in ``tenant``.
+
+    Call it inside the transaction of the change it records. ``tenant`` None is a
+    platform-wide change (the price book, the default routing policy, an upstream).
+    """
+    if action not in AuditEvent.Action.values:
+        raise errors.InvalidInput(f"unknown audit action {action!r}")
+    leaked = [name for name in changes if _AUDIT_SECRET_NAME.search(name)]
+    if leaked:
+        raise errors.InvalidInput(f"audit events never hold secrets: {leaked}")
+    event = AuditEvent(
+        tenant=tenant,
+        action=action,
+        object_type=obj._meta.label_lower,
+        object_id=str(obj.pk),
+        changes=_audit_value(dict(changes)),
+    )
+    if isinstance(by, ApiKey):
+        event.actor_kind, event.actor_api_key, event.actor_label = AuditEvent.ActorKind.API_KEY, by, by.prefix
+    elif by is not None:
+        event.actor_kind, event.actor_user, event.actor_label = AuditEvent.ActorKind.USER, by, by.get_username()
+    else:
+        event.actor_kind, event.actor_label = AuditEvent.ActorKind.SYSTEM, "system"
+    event.save()
+    return event
+
+
 # --- tenants and memberships ------------------------------------------------------------
 
 
@@ -186,16 +269,30 @@ def tenant_create(*, name: str, owner: User, slug: str | None = None) -> Tenant:
 
 
 @transaction.atomic
-def membership_create(*, tenant: Tenant, user: User, role: str) -> Membership:
+def membership_create(*, tenant: Tenant, user: User, role: str, by: User | None = None) -> Membership:
+    """Add ``user`` to ``tenant`` directly (people join through invites; this is for the admin and commands).
+
+    ``by`` must be an owner or admin (an owner to add an owner); ``None`` is for system callers.
+    """
     if role not in Membership.Role.values:
         raise errors.InvalidInput(f"unknown role {role!r}: one of {', '.join(Membership.Role.values)}")
+    if by is not None:
+        _team_permission(_membership_of(by, tenant.pk), touches_owner=role == Membership.Role.OWNER)
     if Membership.objects.filter(tenant=tenant, user=user).exists():
         raise errors.InvalidInput(f"{user} is already a member of {tenant}")
     try:
         with transaction.atomic():
-            return Membership.objects.create(tenant=tenant, user=user, role=role)
+            membership = Membership.objects.create(tenant=tenant, user=user, role=role)
     except IntegrityError:
         raise errors.InvalidInput(f"{user} is already a member of {tenant}") from None
+    audit_event_record(
+        action=AuditEvent.Action.MEMBER_ADD,
+        by=by,
+        tenant=tenant,
+        obj=membership,
+        changes=audit_changes(before={}, after={"user": user.get_username(), "role": role}),
+    )
+    return membership
 
 
 def _membership_of(user: User, tenant_id: int) -> Membership:
@@ -203,6 +300,212 @@ def _membership_of(user: User, tenant_id: int) -> Membership:
         return Membership.objects.get(user=user, tenant_id=tenant_id)
     except Membership.DoesNotExist:
         raise errors.NotAMember() from None
+
+
+# --- the team: invites, roles, removals ---------------------------------------------------
+#
+# Who may do what: owners and admins invite, change roles and remove members; only an
+# owner makes, unmakes or removes an owner; anyone may leave; and a tenant always keeps at
+# least one owner. Every change locks the tenant's row first, so two concurrent demotions
+# of its last two owners cannot both see another owner left.
+
+INVITE_TTL = timedelta(days=7)
+
+
+def _tenant_lock(tenant_id: int) -> Tenant:
+    return Tenant.objects.select_for_update().get(pk=tenant_id)
+
+
+def _team_permission(by: Membership, *, touches_owner: bool) -> None:
+    if not by.can_manage:
+        raise errors.PermissionDenied("only owners and admins manage the team")
+    if touches_owner and by.role != Membership.Role.OWNER:
+        raise errors.PermissionDenied("only an owner can make, change or remove an owner")
+
+
+def _last_owner_check(membership: Membership) -> None:
+    if membership.role != Membership.Role.OWNER:
+        return
+    if (
+        not Membership.objects.filter(tenant_id=membership.tenant_id, role=Membership.Role.OWNER)
+        .exclude(pk=membership.pk)
+        .exists()
+    ):
+        raise errors.InvalidInput("a tenant keeps at least one owner: make someone else an owner first")
+
+
+@transaction.atomic
+def invite_create(*, tenant: Tenant, email: str, role: str, by: User) -> tuple[Invite, str]:
+    """An invite of ``email`` to ``tenant`` as ``role``, and its one-time token: returned now, never stored.
+
+    The caller turns the token into the link it shows or mails; only its hash is kept.
+    """
+    _tenant_lock(tenant.pk)
+    if role not in Membership.Role.values:
+        raise errors.InvalidInput(f"unknown role {role!r}: one of {', '.join(Membership.Role.values)}")
+    _team_permission(_membership_of(by, tenant.pk), touches_owner=role == Membership.Role.OWNER)
+    email = (email or "").strip()
+    if not email or "@" not in email or len(email) > 254:
+        raise errors.InvalidInput("an invite needs an email address")
+    if Membership.objects.filter(tenant=tenant, user__email__iexact=email).exists():
+        raise errors.InvalidInput(f"{email} is already a member of {tenant}")
+    now = timezone.now()
+    pending = Invite.objects.filter(
+        tenant=tenant, email__iexact=email, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=now
+    )
+    if pending.exists():
+        raise errors.InvalidInput(f"{email} already has a pending invite: revoke it to send a new one")
+    raw_token = secrets.token_urlsafe(32)
+    invite = Invite.objects.create(
+        tenant=tenant,
+        email=email,
+        role=role,
+        token_hash=Invite.hash_token(raw_token),
+        invited_by=by,
+        expires_at=now + INVITE_TTL,
+    )
+    audit_event_record(
+        action=AuditEvent.Action.MEMBER_INVITE,
+        by=by,
+        tenant=tenant,
+        obj=invite,
+        changes=audit_changes(before={}, after={"email": email, "role": role, "expires_at": invite.expires_at}),
+    )
+    return invite, raw_token
+
+
+@transaction.atomic
+def invite_revoke(*, invite: Invite, by: User) -> Invite:
+    """Revoke a pending invite: its link stops working. Revoking one no longer pending changes nothing."""
+    _tenant_lock(invite.tenant_id)
+    _team_permission(_membership_of(by, invite.tenant_id), touches_owner=invite.role == Membership.Role.OWNER)
+    locked = Invite.objects.select_for_update().get(pk=invite.pk)
+    if locked.state_at(timezone.now()) == "pending":
+        locked.revoked_at = timezone.now()
+        locked.save(update_fields=["revoked_at"])
+        audit_event_record(
+            action=AuditEvent.Action.INVITE_REVOKE,
+            by=by,
+            tenant=locked.tenant,
+            obj=locked,
+            changes=audit_changes(before={"revoked_at": None}, after={"revoked_at": locked.revoked_at}),
+        )
+    return locked
+
+
+def _invite_lock_pending(raw_token: str) -> Invite:
+    """The invite whose link holds ``raw_token``, locked (its tenant first), if still pending; else ``InvalidInput``.
+
+    The tenant's row is locked before the invite's, the order every team service takes, so
+    an acceptance and a revocation of one invite queue instead of deadlocking.
+    """
+    if not isinstance(raw_token, str) or not 0 < len(raw_token) <= 100:
+        raise errors.InvalidInput("this invite link is not valid")
+    found = Invite.objects.filter(token_hash=Invite.hash_token(raw_token)).values_list("pk", "tenant_id").first()
+    if found is None:
+        raise errors.InvalidInput("this invite link is not valid")
+    _tenant_lock(found[1])
+    invite = Invite.objects.select_for_update(of=("self",)).select_related("tenant").get(pk=found[0])
+    state = invite.state_at(timezone.now())
+    if state != "pending":
+        # Told to whoever holds the link, who already knows the invite exists.
+        raise errors.InvalidInput(f"this invite was {'used' if state == 'accepted' else state}: ask for a new one")
+    return invite
+
+
+@transaction.atomic
+def invite_accept(*, raw_token: str, user: User) -> Membership:
+    """``user`` joins the invite's tenant with its role; the invite is used up. Once: a second use is refused."""
+    invite = _invite_lock_pending(raw_token)
+    if Membership.objects.filter(tenant_id=invite.tenant_id, user_id=user.pk).exists():
+        raise errors.InvalidInput(f"you are already a member of {invite.tenant}")
+    membership = Membership.objects.create(tenant_id=invite.tenant_id, user=user, role=invite.role)
+    invite.accepted_at = timezone.now()
+    invite.accepted_by = user
+    invite.save(update_fields=["accepted_at", "accepted_by"])
+    audit_event_record(
+        action=AuditEvent.Action.INVITE_ACCEPT,
+        by=user,
+        tenant=invite.tenant,
+        obj=invite,
+        changes=audit_changes(
+            before={}, after={"email": invite.email, "role": invite.role, "user": user.get_username()}
+        ),
+    )
+    return membership
+
+
+@transaction.atomic
+def invite_accept_signup(*, raw_token: str, username: str, password: str) -> Membership:
+    """A new account (with the invite's email) that joins the invite's tenant: both or neither.
+
+    The password is checked by the caller's form (Django's validators); it is stored
+    hashed by ``create_user`` and recorded nowhere else.
+    """
+    invite = _invite_lock_pending(raw_token)  # refuse a used link before creating anyone
+    user_model = get_user_model()
+    username = (username or "").strip()
+    if not username:
+        raise errors.InvalidInput("an account needs a username")
+    if user_model.objects.filter(username__iexact=username).exists():
+        raise errors.InvalidInput("that username is taken")
+    user = user_model.objects.create_user(username=username, email=invite.email, password=password)
+    return invite_accept(raw_token=raw_token, user=user)
+
+
+@transaction.atomic
+def membership_role_set(*, membership: Membership, role: str, by: User | None) -> Membership:
+    """Change a member's role: owners and admins may, only an owner to or from owner, never the last owner's.
+
+    ``by`` None is a system caller (the Django admin): no role check, but the last owner stays one.
+    """
+    if role not in Membership.Role.values:
+        raise errors.InvalidInput(f"unknown role {role!r}: one of {', '.join(Membership.Role.values)}")
+    _tenant_lock(membership.tenant_id)
+    locked = Membership.objects.select_for_update(of=("self",)).select_related("user", "tenant").get(pk=membership.pk)
+    owner = Membership.Role.OWNER
+    if by is not None:
+        _team_permission(_membership_of(by, locked.tenant_id), touches_owner=owner in (locked.role, role))
+    if role == locked.role:
+        return locked
+    if role != owner:
+        _last_owner_check(locked)
+    before = locked.role
+    locked.role = role
+    locked.save(update_fields=["role"])
+    audit_event_record(
+        action=AuditEvent.Action.MEMBER_ROLE,
+        by=by,
+        tenant=locked.tenant,
+        obj=locked,
+        changes={"user": {"before": locked.user.get_username(), "after": locked.user.get_username()}}
+        | audit_changes(before={"role": before}, after={"role": role}),
+    )
+    membership.role = role
+    return locked
+
+
+@transaction.atomic
+def membership_remove(*, membership: Membership, by: User | None) -> None:
+    """Remove a member from the tenant (or, ``by`` themselves, leave it); never its last owner.
+
+    ``by`` None is a system caller (the Django admin): no role check, but the last owner stays.
+    """
+    _tenant_lock(membership.tenant_id)
+    locked = Membership.objects.select_for_update(of=("self",)).select_related("user", "tenant").get(pk=membership.pk)
+    if by is not None and locked.user_id != by.pk:  # leaving needs no permission; removing someone else does
+        _team_permission(_membership_of(by, locked.tenant_id), touches_owner=locked.role == Membership.Role.OWNER)
+    _last_owner_check(locked)
+    audit_event_record(
+        action=AuditEvent.Action.MEMBER_REMOVE,
+        by=by,
+        tenant=locked.tenant,
+        obj=locked,
+        changes=audit_changes(
+            before={"user": locked.user.get_username(), "role": locked.role}, after={"user": None, "role": None}
+        ),
+    )
+    locked.delete()
 
 
 # --- API keys ---------------------------------------------------------------------------
@@ -260,6 +563,15 @@ def api_key_create(
             if not ApiKey.objects.filter(prefix=prefix).exists():
                 raise
             continue
+        # The prefix is no secret (it names the key in lists and logs); the key and its hash stay out.
+        fields = {"name": name, "prefix": prefix, "scopes": scopes, "expires_at": expires_at}
+        audit_event_record(
+            action=AuditEvent.Action.API_KEY_CREATE,
+            by=created_by,
+            tenant=tenant,
+            obj=api_key,
+            changes=audit_changes(before={}, after=fields),
+        )
         return api_key, raw_key
     raise RuntimeError("five API key prefixes in a row were taken: the random source is broken")
 
@@ -280,6 +592,14 @@ def api_key_revoke(*, api_key: ApiKey, by: User | None = None) -> ApiKey:
         # Explicitly, though post_save does it too: the key stops in this process now.
         api_key_cache_forget(api_key=locked)
         logger.info("api key revoked", extra={"api_key": locked.prefix, "tenant_id": locked.tenant_id})
+        audit_event_record(
+            action=AuditEvent.Action.API_KEY_REVOKE,
+            by=by,
+            tenant=locked.tenant,
+            obj=locked,
+            changes={"prefix": {"before": locked.prefix, "after": locked.prefix}}
+            | audit_changes(before={"revoked_at": None}, after={"revoked_at": locked.revoked_at}),
+        )
     api_key.revoked_at = locked.revoked_at
     return api_key
 
@@ -317,7 +637,18 @@ def rate_limits_set(
             raise errors.InvalidInput(
                 f"{name.replace('_', ' ')} must be a whole number from 1, or empty, got {value!r}"
             )
-    type(target).objects.filter(pk=target.pk).update(**values)
+    model = type(target)
+    before = model.objects.select_for_update().filter(pk=target.pk).values(*RATE_LIMIT_FIELDS).get()
+    model.objects.filter(pk=target.pk).update(**values)
+    changes = audit_changes(before=before, after=values)
+    if changes:  # the admin saves a tenant's limits with every edit of it: record real changes only
+        audit_event_record(
+            action=AuditEvent.Action.LIMITS_SET,
+            by=by,
+            tenant=target if isinstance(target, Tenant) else target.tenant,
+            obj=target,
+            changes=changes,
+        )
     for name, value in values.items():
         setattr(target, name, value)
     if isinstance(target, ApiKey):
@@ -476,8 +807,15 @@ def budget_set(
     hard_limit: Decimal | None,
     soft_limit: Decimal | None,
     api_key: ApiKey | None = None,
+    by: User | None = None,
 ) -> Budget:
-    """Create or change the tenant's (or one key's) budget for ``period``. Only the limits change: counters stay."""
+    """Create or change the tenant's (or one key's) budget for ``period``. Only the limits change: counters stay.
+
+    ``by`` must be an owner or admin of the tenant; ``None`` is for system callers (the
+    Django admin, management commands).
+    """
+    if by is not None and not _membership_of(by, tenant.pk).can_manage:
+        raise errors.PermissionDenied("only owners and admins can set budgets")
     if period not in Budget.Period.values:
         raise errors.InvalidInput(f"unknown period {period!r}: one of {', '.join(Budget.Period.values)}")
     if api_key is not None and api_key.tenant_id != tenant.pk:
@@ -488,12 +826,19 @@ def budget_set(
         raise errors.InvalidInput(f"the soft limit ({_fmt(soft)}) is above the hard limit ({_fmt(hard)})")
     # Only the limits are written (update_fields), so counters a concurrent request moved
     # are never overwritten; the row lock orders this change with the money paths.
-    budget, _ = Budget.objects.select_for_update().get_or_create(
+    budget, created = Budget.objects.select_for_update().get_or_create(
         tenant=tenant,
         api_key=api_key,
         period=period,
         defaults={"period_start": Budget(period=period).current_period_start(timezone.now())},
     )
+    before: dict[str, Any] = {} if created else {"hard_limit": budget.hard_limit, "soft_limit": budget.soft_limit}
+    after: dict[str, Any] = {"hard_limit": hard, "soft_limit": soft}
+    if created:
+        after = {"period": period, "api_key": api_key.prefix if api_key is not None else None, **after}
+    changes = audit_changes(before=before, after=after)
+    if changes:
+        audit_event_record(action=AuditEvent.Action.BUDGET_SET, by=by, tenant=tenant, obj=budget, changes=changes)
     budget.hard_limit = hard
     budget.soft_limit = soft
     budget.save(update_fields=["hard_limit", "soft_limit"])
@@ -879,13 +1224,14 @@ def _price_for_settlement(reservation: Reservation, usage: Usage, price: Price |
 
 
 @transaction.atomic
-def price_book_publish(*, version: int, prices: list[dict], note: str = "") -> PriceBook:
+def price_book_publish(*, version: int, prices: list[dict], note: str = "", by: User | None = None) -> PriceBook:
     """A new price book with ``prices``, made the only active one, in one step (readers see the old or the new).
 
     Each price is a dict with ``model``, ``tier``, ``prompt_per_mtok``,
     ``completion_per_mtok`` and optionally ``draft_per_mtok``, ``gpu_per_hour``,
     ``max_gpu_ms_per_token`` (default 0); rates are Decimals, ints or decimal strings.
-    Versions only go up: a book is never edited, a new one replaces it.
+    Versions only go up: a book is never edited, a new one replaces it. ``by`` is who
+    published it, for the audit log (None: the system); callers check that it is an operator.
     """
     if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
         raise errors.InvalidInput(f"a price book version is a positive int, got {version!r}")
@@ -901,13 +1247,24 @@ def price_book_publish(*, version: int, prices: list[dict], note: str = "") -> P
 
     # Locking the active book serializes publishers; the partial unique constraint on
     # is_active is what guarantees there is never more than one active book.
-    PriceBook.objects.select_for_update().filter(is_active=True).update(is_active=False)
+    previous = PriceBook.objects.select_for_update().filter(is_active=True).first()
+    PriceBook.objects.filter(is_active=True).update(is_active=False)
     try:
         with transaction.atomic():
             book = PriceBook.objects.create(version=version, note=note, is_active=True)
     except IntegrityError:
         raise errors.InvalidInput(f"price book v{version} was published concurrently; publish again") from None
     Price.objects.bulk_create([Price(book=book, **row) for row in rows])
+    audit_event_record(
+        action=AuditEvent.Action.PRICE_BOOK_PUBLISH,
+        by=by,
+        tenant=None,
+        obj=book,
+        changes=audit_changes(
+            before={} if previous is None else {"version": previous.version, "prices": previous.prices.count()},
+            after={"version": version, "prices": len(rows), "note": note},
+        ),
+    )
     # This process sees the new book at once (and again once it commits, so a lookup that
     # raced the publish cannot keep the old one); other processes within their cache TTL.
     selectors.price_cache.forget()
@@ -917,7 +1274,7 @@ def price_book_publish(*, version: int, prices: list[dict], note: str = "") -> P
 
 
 @transaction.atomic
-def price_book_amend(*, prices: list[dict], note: str = "") -> PriceBook | None:
+def price_book_amend(*, prices: list[dict], note: str = "", by: User | None = None) -> PriceBook | None:
     """Publish the next book: the active book's prices, with ``prices`` added or replacing theirs (same model and tier).
 
     Returns None, publishing nothing, when every price given is already active as given.
@@ -930,7 +1287,7 @@ def price_book_amend(*, prices: list[dict], note: str = "") -> PriceBook | None:
     replaced = {(r["model"], r["tier"]) for r in rows}
     keep = [price_as_dict(p) for key, p in current.items() if key not in replaced]
     latest = PriceBook.objects.aggregate(latest=Max("version"))["latest"] or 0
-    return price_book_publish(version=latest + 1, prices=keep + rows, note=note)
+    return price_book_publish(version=latest + 1, prices=keep + rows, note=note, by=by)
 
 
 def price_as_dict(price: Price) -> dict[str, Any]:
