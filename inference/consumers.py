@@ -65,7 +65,7 @@ from typing import Any
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from inference import gateway
+from inference import gateway, metrics
 from inference.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -179,7 +179,8 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         if not isinstance(content, dict):
             await self._send_error(None, InvalidRequest("a frame must be a JSON object"))
             return
-        handler = {"start": self.on_start, "cancel": self.on_cancel, "ping": self.on_ping}.get(content.get("type"))
+        handlers = {"start": self.on_start, "cancel": self.on_cancel, "ping": self.on_ping}
+        handler = handlers.get(str(content.get("type")))
         if handler is None:
             error = InvalidRequest(
                 f"unknown frame type {content.get('type')!r}; expected start, cancel or ping", param="type"
@@ -197,6 +198,7 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         except InvalidRequest as exc:
             await self._send_error(_frame_id(content), exc)
             return
+        error: GatewayError
         if stream_id in self.live:
             error = InvalidRequest(f"a stream with id {stream_id!r} is still running on this connection", param="id")
             await self._send_error(stream_id, error)
@@ -305,6 +307,7 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
     async def _send_error(
         self, stream_id: str | None, error: GatewayError, usage: gateway.UsageSummary | None = None
     ) -> None:
+        metrics.count_error(error)
         frame: dict[str, Any] = {
             "type": "error",
             "id": stream_id,

@@ -39,7 +39,7 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
-from inference import gateway, prompts
+from inference import gateway, metrics, prompts
 from inference.engines import INLINE_TOKENIZE_CHARS, ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, unexpected
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
@@ -282,6 +282,7 @@ async def _principal(request: HttpRequest) -> Principal:
 
 def error_response(err: GatewayError) -> JsonResponse:
     """The one mapping from the platform's errors to OpenAI's error body and status."""
+    metrics.count_error(err)
     response = JsonResponse({"error": err.as_dict()}, status=err.status)
     if err.status == 401:
         response["WWW-Authenticate"] = "Bearer"
@@ -645,6 +646,7 @@ async def _queued_sse_events(
         try:
             stream = starting.result()
         except GatewayError as err:
+            metrics.count_error(err)
             yield _sse({"error": err.as_dict(), "retry_after": err.retry_after})
             return
         relayed = True
@@ -693,6 +695,7 @@ async def _sse_events(stream: GatewayStream, chunks: _Chunks) -> AsyncGenerator[
             tail.append(_sse(chunks.usage(stream.usage)))
         yield b"".join([*tail, SSE_DONE])
     except GatewayError as err:
+        metrics.count_error(err)
         yield _sse({"error": err.as_dict()})
 
 
