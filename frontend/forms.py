@@ -7,7 +7,7 @@ from datetime import UTC, datetime, time
 from django import forms
 from django.utils import timezone
 
-from inference.models import PiiAction
+from inference.models import SEMANTIC_THRESHOLD_DEFAULT, PiiAction
 from tenants.models import ApiKey
 from tenants.tiers import TIER_CHOICES
 
@@ -70,6 +70,23 @@ class RoutingPolicyForm(forms.Form):
     )
     cache_sampled = forms.BooleanField(required=False, label="Cache sampled requests too")
     cache_pii = forms.BooleanField(required=False, label="Cache requests with personal data")
+    semantic_cache = forms.BooleanField(
+        required=False,
+        label="Semantic cache",
+        help_text="Replay the answer of a prompt close in meaning (same model, sampling and tenant).",
+    )
+    semantic_threshold = forms.FloatField(
+        required=False,
+        min_value=0.5,
+        max_value=1,
+        label="Semantic cache: similarity needed",
+        help_text="Cosine, 0.5-1 (empty: the default). Prompts must also share their content words and numbers.",
+    )
+
+    def clean_semantic_threshold(self) -> float:
+        value = self.cleaned_data.get("semantic_threshold")
+        return SEMANTIC_THRESHOLD_DEFAULT if value is None else value
+
     escalation = forms.BooleanField(required=False, label="Escalate low-confidence edge answers")
     escalation_min_mean_logprob = forms.FloatField(max_value=0, label="Escalate below mean log-probability")
     escalation_max_low_share = forms.FloatField(

@@ -85,14 +85,20 @@ def cacheable(call, policy, pii: bool) -> bool:
 
 def cache_key(tenant_id: int, call, entry, policy) -> str:
     """The tenant's key for ``call``: everything that decides its answer, hashed."""
-    material = [
+    material = [*key_material(call, entry, policy), call.prompt]
+    digest = hashlib.sha256(json.dumps(material, ensure_ascii=False).encode()).hexdigest()
+    return f"{KEY_PREFIX}:t{tenant_id}:{digest}"
+
+
+def key_material(call, entry, policy) -> list:
+    """Everything but the prompt that decides ``call``'s answer (the semantic cache's bucket is this)."""
+    return [
         entry.name,
         entry.verifier_version,
         entry.draft_version,
         type(entry.speculative).__name__,
         type(entry.edge).__name__,
         policy.version,
-        call.prompt,
         call.max_tokens,
         repr(call.temperature),
         repr(call.top_p),
@@ -101,8 +107,6 @@ def cache_key(tenant_id: int, call, entry, policy) -> str:
         list(call.stop),
         call.requested_tier,
     ]
-    digest = hashlib.sha256(json.dumps(material, ensure_ascii=False).encode()).hexdigest()
-    return f"{KEY_PREFIX}:t{tenant_id}:{digest}"
 
 
 # storage --------------------------------------------------------------------------------------------
@@ -160,7 +164,8 @@ class RedisStore:
         client = self._client()
         count = 0
         async for key in client.scan_iter(match=f"{prefix}*", count=500):  # type: ignore[attr-defined]
-            count += await client.delete(key)  # type: ignore[attr-defined]
+            deleted = await client.delete(key)  # type: ignore[attr-defined]
+            count += deleted if b":sem:" not in key else 0  # a semantic index over entries is not an entry
         return count
 
 
@@ -203,9 +208,12 @@ class ExactCache:
             self._fallback.failed(exc)
 
     async def forget_tenant(self, tenant_id: int) -> int:
-        """Drop every entry of the tenant (in Redis and in this process); how many there were."""
+        """Drop every entry of the tenant, and the semantic index over them (in Redis and in this process); how many there were."""
+        from inference.semantic_cache import semantic_cache  # its buckets live under the same prefix
+
         prefix = f"{KEY_PREFIX}:t{tenant_id}:"
         count = await self.local.forget(prefix)
+        await semantic_cache.local.forget(prefix)
         store = self._store()
         if store is not self.local:
             try:

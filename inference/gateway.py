@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable
 
 from django.conf import settings
 
 from inference.admission import validate
-from inference.cache import CACHED_TIERS, ReplayEngine, cache_key, cacheable, exact_cache, in_flight
+from inference.cache import CACHED_TIERS, ReplayEngine, cache_key, cacheable, exact_cache, in_flight, key_material
 from inference.completion import (
     MINTED_ID_PREFIX,
     CompletionCall,
@@ -51,10 +52,13 @@ from inference.redaction import serving_call
 from inference.router import Route, decide, spill
 from inference.runtime import db
 from inference.selectors import routing_policy_cached, routing_policy_for
+from inference.semantic_cache import SemanticLookup, content_words, semantic_cache
 from inference.settlement import leases, ledger_writes_flush
 from inference.signals import assess
 from inference.stream import MAX_DELTAS_AT_ONCE, GatewayStream
 from tenants.tiers import Tier
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AuthenticationFailed",
@@ -108,11 +112,16 @@ async def start(
     served, redaction = redacted
     if policy.escalation and route.tier is Tier.EDGE and served.logprobs is None:
         served = dataclasses.replace(served, logprobs=0)  # the edge answer's confidence is judged from them
-    key = hit = leader = None
+    key = hit = leader = semantic = None
     reason = "exact_cache"
     if _may_cache(call, route, policy, signals):
         key = cache_key(tenant_id, call, entry, policy)
         hit = await exact_cache.get(key)
+        if hit is None and policy.semantic_cache:  # a request close enough in meaning, answered before?
+            semantic = await _semantic_lookup(tenant_id, call, entry, policy)
+            if semantic is not None and semantic.match is not None:
+                hit = await exact_cache.get(semantic.match.key)
+                reason = "semantic_cache" if hit is not None else reason
         if hit is None:
             leader, leads = in_flight.lead_or_follow(key)
             if not leads:  # the same request is generating now: wait for its answer instead of generating it again
@@ -122,7 +131,10 @@ async def start(
                     leader, leads = in_flight.lead_or_follow(key)
                     leader = leader if leads else None
     if hit is not None:  # the same request answered moments ago: replayed, no engine, at the cache rate
-        route = Route(Tier(hit.tier), reason, policy.version, None, route.signals)
+        signals_seen = dict(route.signals)
+        if reason == "semantic_cache" and semantic is not None and semantic.match is not None:
+            signals_seen["similarity"] = round(semantic.match.similarity, 4)
+        route = Route(Tier(hit.tier), reason, policy.version, None, signals_seen)
         _, request = await arequest_for(entry, route.tier, call, tenant_id)
         engine: Engine = ReplayEngine(hit, entry.tokenizer, entry.context_length)
     else:
@@ -142,7 +154,7 @@ async def start(
             in_flight.done(key, leader)
         raise
     stream.rate_tokens = rate_tokens
-    stream.use_cache(key, hit, leader)
+    stream.use_cache(key, hit, leader, semantic if hit is None else None, reason)
     try:
         stream.prompt_tokens = len(request.prompt_ids)
         stream.price = await price_for(model=entry.name, tier=route.tier.value)
@@ -172,6 +184,18 @@ async def _follow(leader, latency_class: str) -> None:
         await asyncio.wait_for(
             asyncio.shield(asyncio.wrap_future(leader)), settings.TANDEM_QUEUE_DEADLINE_S[latency_class]
         )
+
+
+async def _semantic_lookup(tenant_id: int, call: CompletionCall, entry, policy) -> SemanticLookup | None:
+    """The prompt's embedding, its bucket, and the nearest stored prompt at or above the policy's threshold."""
+    try:
+        vector = await asyncio.to_thread(semantic_cache.embedder.embed, call.prompt)
+        bucket = semantic_cache.bucket(key_material(call, entry, policy), tenant_id, call.prompt)
+        lookup = SemanticLookup(bucket, vector, content_words(call.prompt))
+    except Exception:  # noqa: BLE001 - no embedding is a miss (logged), never a failed request
+        log.exception("semantic cache: the prompt could not be embedded; answered without it")
+        return None
+    return dataclasses.replace(lookup, match=await semantic_cache.nearest(lookup, policy.semantic_threshold))
 
 
 def _may_cache(call: CompletionCall, route, policy, signals) -> bool:

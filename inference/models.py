@@ -1,7 +1,7 @@
 """The inference side's data besides the ledger: SLO samples, cloud upstreams and routing policies."""
 
 from django.conf import settings
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
 
@@ -17,6 +17,12 @@ class SloSample(models.Model):
     e2e_ms = models.FloatField()
     tokens = models.PositiveIntegerField()
     outcome = models.CharField(max_length=16)
+    latency_class = models.CharField(max_length=16, default="interactive", help_text="interactive or batch")
+    source = models.CharField(
+        max_length=16, default="generation", help_text="generation, exact_cache or semantic_cache"
+    )
+    fallback = models.BooleanField(default=False, help_text="a tier failed and another took over (or escalated)")
+    queued_ms = models.FloatField(default=0, help_text="how long it waited in the fair queue for an engine slot")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
@@ -27,6 +33,10 @@ class SloSample(models.Model):
 
 
 ENV_VAR_NAME = r"^[A-Z_][A-Z0-9_]*$"
+# The semantic cache's similarity a policy asks for unless it says otherwise: no near miss of
+# inference/assets/semantic/pairs.jsonl reaches a match at any threshold from 0.7 with the word
+# guard, and 0.8 leaves a margin (python -m inference.semantic_eval; README).
+SEMANTIC_THRESHOLD_DEFAULT = 0.8
 
 
 class CloudUpstream(models.Model):
@@ -152,6 +162,16 @@ class RoutingPolicy(models.Model):
     cache_sampled = models.BooleanField(default=False, help_text="cache sampled requests too, not only greedy ones")
     cache_pii = models.BooleanField(
         default=False, help_text="cache requests in which the router found personal data (off: never stored)"
+    )
+    semantic_cache = models.BooleanField(
+        default=False,
+        help_text="semantic result cache: a request close enough in meaning to one answered before (same model, "
+        "sampling and tenant) replays that answer at the cache price",
+    )
+    semantic_threshold = models.FloatField(
+        default=SEMANTIC_THRESHOLD_DEFAULT,
+        validators=[MinValueValidator(0.5), MaxValueValidator(1.0)],
+        help_text="how close in meaning (cosine similarity of the prompts' embeddings, 0.5-1) a stored prompt must be",
     )
     escalation = models.BooleanField(
         default=False, help_text="send an edge answer up a tier when its own confidence is low (both legs are charged)"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from inference.engines import ModelEntry
 from inference.errors import InvalidRequest, Overloaded
+from inference.models import SEMANTIC_THRESHOLD_DEFAULT
 from tenants.tiers import Tier
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ class Policy:
     cache_ttl_s: int = 3600  # exact result cache: how long an answer is kept (0: off); inference.cache
     cache_sampled: bool = False  # cache sampled requests too (greedy ones only by default)
     cache_pii: bool = False  # cache requests in which the router found personal data
+    semantic_cache: bool = False  # replay the answer of a prompt close in meaning (inference.semantic_cache)
+    semantic_threshold: float = SEMANTIC_THRESHOLD_DEFAULT  # cosine similarity a stored prompt needs
     escalation: bool = False
     escalation_min_mean_logprob: float = -2.5
     escalation_max_low_share: float = 0.3
@@ -122,6 +125,8 @@ class Policy:
             cache_ttl_s=row.cache_ttl_s,
             cache_sampled=row.cache_sampled,
             cache_pii=row.cache_pii,
+            semantic_cache=row.semantic_cache,
+            semantic_threshold=row.semantic_threshold,
             escalation=row.escalation,
             escalation_min_mean_logprob=row.escalation_min_mean_logprob,
             escalation_max_low_share=row.escalation_max_low_share,

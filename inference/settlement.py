@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from django.db import transaction
 from django.utils import timezone
 
+from inference import metrics
 from inference.completion import UsageSummary
 from inference.holds import gpu_pace
 from inference.runtime import db_from_thread
@@ -92,21 +93,11 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
         else:
             assert hold.reservation is not None
             write = functools.partial(tenant_services.reservation_release, reservation=hold.reservation)
+        if outcome == "error" and error:  # its tiers failed before a first token (``_fail``; a cancel has no error)
+            write = _with_failure_sample(write, _slo_sample(stream, now, outcome))
     else:
-        first = stream.first_token_at
-        delivered = stream.delivered
-        inter_token_ms = (now - first) * 1e3 / (delivered - 1) if first and delivered > 1 else None
-        slo = {
-            "request_id": stream.request_id,
-            "tenant_id": stream.principal.tenant_id,
-            "model": stream.entry.name,
-            "route_tier": stream.route.tier.value,
-            "ttft_ms": (first - stream.started) * 1e3 if first is not None else None,
-            "inter_token_ms": inter_token_ms,
-            "e2e_ms": (now - stream.started) * 1e3,
-            "tokens": delivered,
-            "outcome": outcome,
-        }
+        slo = _slo_sample(stream, now, outcome)
+        metrics.observe_settled(slo, summary)  # never raises: a failing metric does not fail the request
         if hold.lease_hold is not None:
             # Counted against the lease now; written with the lease's next batch.
             charges, left = [], hold.lease_hold.amount
@@ -246,6 +237,41 @@ def _settle_write(
                 total,
             )
         SloSample.objects.create(**slo)
+
+
+def _slo_sample(stream: GatewayStream, now: float, outcome: str) -> dict:
+    """The request's SLO sample (one that failed before its first token has no TTFT and no tokens)."""
+    first = stream.first_token_at
+    delivered = stream.delivered
+    return {
+        "request_id": stream.request_id,
+        "tenant_id": stream.principal.tenant_id,
+        "model": stream.entry.name,
+        "route_tier": stream.route.tier.value,
+        "ttft_ms": (first - stream.started) * 1e3 if first is not None else None,
+        "inter_token_ms": (now - first) * 1e3 / (delivered - 1) if first and delivered > 1 else None,
+        "e2e_ms": (now - stream.started) * 1e3,
+        "tokens": delivered,
+        "outcome": outcome,
+        "latency_class": stream.call.latency_class,
+        "source": stream.source,
+        "fallback": stream.failed_over,
+        "queued_ms": stream.slot.waited_s * 1e3 if stream.slot is not None else 0.0,
+    }
+
+
+def _with_failure_sample(write: Callable[[], None] | None, sample: dict) -> Callable[[], None]:
+    """``write`` (the release of the held money, if any) and the failure's SLO sample, in one commit."""
+
+    def both() -> None:
+        from inference.models import SloSample
+
+        with transaction.atomic():
+            if write is not None:
+                write()
+            SloSample.objects.create(**sample)
+
+    return both
 
 
 # Ledger writes still in flight (write-behind): referenced here so none is garbage-collected

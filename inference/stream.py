@@ -38,6 +38,7 @@ from inference.queueing import Slot
 from inference.redaction import Restoring, serving_call
 from inference.router import BUILTIN_POLICY, Policy, Route, escalate, fail_over
 from inference.runtime import db
+from inference.semantic_cache import SemanticLookup, semantic_cache
 from speculative import errors as core_errors
 from speculative.engine import CompletionRequest
 from speculative.types import CompletionStats, Provenance, TokenEvent
@@ -120,11 +121,12 @@ class GatewayStream:
         self.principal, self.call, self.entry, self.route = principal, call, entry, route
         self.slot = slot  # its place on the engines (inference.queueing): given back when it settles
         self.rate_tokens = 0  # held against its tenant's tokens per minute (inference.limits)
-        self.source = "generation"  # or "exact_cache": a replay of a stored answer (inference.cache)
+        self.source = "generation"  # or "exact_cache" / "semantic_cache": a replay of a stored answer (inference.cache)
         self.replayed: CachedAnswer | None = None
         self._cache_key: str | None = None  # where its answer is stored once generated
         self._recorded: list[tuple[int, str]] | None = None  # its tokens, as they go out, for the cache
         self._leader = None  # identical requests wait on this until its answer is stored (inference.cache.InFlight)
+        self._semantic: SemanticLookup | None = None  # where its answer is indexed by meaning once stored
         self.policy = policy  # pinned: failovers and escalations of this request follow the same version
         self._redaction = redaction  # PII sent to the cloud as placeholders: put back in its answer
         self._pii = pii  # the prompt's PII scan: a later route onto the cloud redacts with it too
@@ -155,16 +157,33 @@ class GatewayStream:
         self._probe = False  # this request holds its tier's half-open probe
         self._in_tier: Tier | None = None  # the tier this stream is counted on in ``entry.in_flight``
 
+    @property
+    def failed_over(self) -> bool:
+        """Whether another tier took over from the one it started on (a failover or an escalation)."""
+        return len(self._tried) > 1
+
     # set-up, from gateway.start() -----------------------------------------------------------
-    def use_cache(self, key: str | None, hit: CachedAnswer | None, leader=None) -> None:
+    def use_cache(
+        self,
+        key: str | None,
+        hit: CachedAnswer | None,
+        leader=None,
+        semantic: SemanticLookup | None = None,
+        reason: str = "exact_cache",
+    ) -> None:
         """Replay ``hit``; or, with a ``key`` and no hit, store this answer under it once generated.
 
         ``leader``: identical requests arriving meanwhile wait for this one's answer (``in_flight``).
+        ``semantic``: where the answer is indexed by meaning too (the policy opted in). ``reason``:
+        how the hit was found (a semantic match is recorded as such; a collapsed follower's and an
+        exact hit's source is the exact cache).
         """
         if hit is not None:
-            self.source, self.replayed = "exact_cache", hit
+            source = "semantic_cache" if reason == "semantic_cache" else "exact_cache"
+            self.source, self.replayed = source, hit
         elif key is not None:
             self._cache_key, self._recorded, self._leader = key, [], leader
+            self._semantic = semantic
 
     def _store_answer(self, outcome: str) -> None:
         """A generated answer that may be replayed: one leg, completed, on a cached tier. Followers go on after."""
@@ -209,6 +228,8 @@ class GatewayStream:
             if scan_first and (await asyncio.to_thread(scan, self.call.prompt)).findings:
                 return
             await exact_cache.put(key, answer, self.policy.cache_ttl_s)
+            if self._semantic is not None:
+                await semantic_cache.add(self._semantic, key, self.policy.cache_ttl_s)
         finally:
             self._release_followers()
 

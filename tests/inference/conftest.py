@@ -15,6 +15,7 @@ from inference.engines import EngineSet, ModelEntry, TrivialCompletion, TrivialE
 from inference.holds import gpu_pace
 from inference.limits import limiter
 from inference.queueing import scheduler
+from inference.semantic_cache import semantic_cache
 from tenants import selectors, services
 
 
@@ -27,6 +28,7 @@ def empty_caches():
     limiter.reset()  # nor another test's rate-limit buckets
     gpu_pace.reset()  # nor the GPU pace other tests' completions set for holds
     exact_cache.reset()  # nor another test's cached answers
+    semantic_cache.reset()  # nor its prompts indexed by meaning
     in_flight.reset()  # nor its requests in flight, for collapsing
 
 
