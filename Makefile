@@ -41,8 +41,8 @@ run: $(STAMP)
 		$(PY) -m config.serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check speculative config tenants inference frontend tests
-	$(VENV)/bin/ruff format --check speculative config tenants inference frontend tests
+	$(VENV)/bin/ruff check speculative config tenants inference slo dashboards frontend tests
+	$(VENV)/bin/ruff format --check speculative config tenants inference slo dashboards frontend tests
 	$(VENV)/bin/mypy
 
 # The whole suite on SQLite, then the PostgreSQL-only tests against PG_URL when a server
@@ -70,6 +70,12 @@ bench: $(STAMP)
 
 bench-platform: $(STAMP)
 	$(PY) -m inference.bench
+
+# The dashboards' pages (cost page, CSV, API, /slo/) over 1,000,000 seeded ledger rows: JSON page times. SQLite in a
+# file of its own under var/, or PostgreSQL: make bench-dashboards DATABASE_URL=postgres://...
+.PHONY: bench-dashboards
+bench-dashboards: $(STAMP)
+	$(PY) -m dashboards.bench_pages
 
 load: $(STAMP)
 	$(PY) -m inference.bench_load

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views
+from frontend import costs, passwords, slo, team, views
 from frontend.signin import SignInView
 
 app_name = "frontend"
@@ -18,4 +18,22 @@ urlpatterns = [
     path("usage/", views.usage, name="usage"),
     path("routing/", views.routing, name="routing"),
     path("limits/", views.limits, name="limits"),
+    path("costs/", costs.costs, name="costs"),
+    path("costs/export.csv", costs.costs_csv, name="costs-csv"),
+    path("slo/", slo.dashboard, name="slo"),
+    path("slo/objective/", slo.objective_save, name="slo-objective"),
+    path("slo/objective/reset/", slo.objective_reset, name="slo-objective-reset"),
+    path("slo/webhook/", slo.webhook_save, name="slo-webhook"),
+    path("team/", team.team, name="team"),
+    path("team/members/<int:pk>/role/", team.member_role, name="member-role"),
+    path("team/members/<int:pk>/remove/", team.member_remove, name="member-remove"),
+    path("team/invites/<int:pk>/revoke/", team.invite_revoke, name="invite-revoke"),
+    path("invite/<str:token>/", team.invite_accept, name="invite-accept"),
+    path("audit/", team.audit, name="audit"),
+    path("operator/audit/", team.operator_audit, name="operator-audit"),
+    path("password/change/", passwords.PasswordChange.as_view(), name="password-change"),
+    path("password/reset/", passwords.PasswordReset.as_view(), name="password-reset"),
+    path("password/reset/sent/", passwords.PasswordResetDone.as_view(), name="password-reset-done"),
+    path("password/reset/<uidb64>/<token>/", passwords.PasswordResetConfirm.as_view(), name="password-reset-confirm"),
+    path("password/reset/complete/", passwords.PasswordResetComplete.as_view(), name="password-reset-complete"),
 ]

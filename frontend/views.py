@@ -301,7 +301,7 @@ def _upstream_register(request: HttpRequest, membership: Membership) -> HttpResp
     form = CloudUpstreamForm(request.POST)
     if form.is_valid():
         try:
-            upstream = inference_services.cloud_upstream_register(**form.cleaned_data)
+            upstream = inference_services.cloud_upstream_register(by=request.user, **form.cleaned_data)
         except InvalidRequest as exc:
             form.add_error(exc.param if exc.param in form.fields else None, exc.message)
         else:

@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from inference.errors import InvalidRequest
-from inference.models import CloudUpstream, RoutingPolicy
+from inference.models import SEMANTIC_THRESHOLD_DEFAULT, CloudUpstream, RoutingPolicy
 from tenants import errors as tenant_errors
 from tenants import services as tenant_services
 from tenants.models import Tenant
@@ -37,13 +37,15 @@ def cloud_upstream_register(
     api_key_env: str = "",
     tenants: Iterable[Tenant] = (),
     all_tenants: bool = False,
+    by=None,
     **options,
 ) -> CloudUpstream:
     """Register (or update, by ``name``) an upstream serving ``model``'s cloud tier, and price that tier.
 
     ``options`` are the row's other fields (timeouts, priority, tokenizer, note, ...). The
     prices go into a new price book version (``price_book_amend``) only when they differ
-    from the active ones. Invalid values raise ``InvalidRequest`` naming the field.
+    from the active ones. Invalid values raise ``InvalidRequest`` naming the field. ``by``
+    (the operator, None: the system) is recorded in the audit log.
     """
     upstream = CloudUpstream.objects.filter(name=name).first() or CloudUpstream(name=name)
     fields = dict(
@@ -54,11 +56,23 @@ def cloud_upstream_register(
         all_tenants=all_tenants,
         **options,
     )
+    before = {f: getattr(upstream, f) for f in fields} if upstream.pk else {}
+    if upstream.pk:
+        before["tenants"] = sorted(upstream.tenants.values_list("pk", flat=True))
     for field, value in fields.items():
         setattr(upstream, field, value)
     _full_clean(upstream)
     upstream.save()
-    upstream.tenants.set(list(tenants))
+    tenants = list(tenants)
+    upstream.tenants.set(tenants)
+    after = fields | {"tenants": sorted(t.pk for t in tenants)}
+    tenant_services.audit_event_record(
+        action="upstream.register",
+        by=by,
+        tenant=None,  # platform-wide: operators register upstreams, for one tenant or many
+        obj=upstream,
+        changes=tenant_services.audit_changes(before=before, after=after),
+    )
     cloud_price = {
         "model": model,
         "tier": Tier.CLOUD.value,
@@ -66,7 +80,7 @@ def cloud_upstream_register(
         "completion_per_mtok": completion_per_mtok,
     }
     try:
-        tenant_services.price_book_amend(prices=[cloud_price], note=f"cloud upstream {name}")
+        tenant_services.price_book_amend(prices=[cloud_price], note=f"cloud upstream {name}", by=by)
     except tenant_errors.InvalidInput as exc:
         raise InvalidRequest(f"the cloud tier's price: {exc}") from None
     return upstream
@@ -86,6 +100,8 @@ POLICY_FIELDS = (
     "cache_ttl_s",
     "cache_sampled",
     "cache_pii",
+    "semantic_cache",
+    "semantic_threshold",
     "escalation",
     "escalation_min_mean_logprob",
     "escalation_max_low_share",
@@ -125,6 +141,15 @@ def routing_policy_publish(*, tenant: Tenant | None, created_by=None, **fields) 
     policy = RoutingPolicy(tenant=tenant, version=latest + 1, is_active=True, created_by=created_by, **values)
     _full_clean(policy)
     policy.save()
+    tenant_services.audit_event_record(
+        action="policy.publish",
+        by=created_by,
+        tenant=tenant,
+        obj=policy,
+        changes=tenant_services.audit_changes(
+            before=base | {"version": latest}, after=values | {"version": policy.version}
+        ),
+    )
     policy_cache.forget()
     transaction.on_commit(policy_cache.forget)
     return policy
@@ -140,6 +165,11 @@ def policy_validate(values: dict) -> None:
         value = values.get(name)
         if value is not None and not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
             raise InvalidRequest(f"{name} must be a probability between 0 and 1, or empty", param=name)
+    similarity = values.get("semantic_threshold", SEMANTIC_THRESHOLD_DEFAULT)
+    if not (isinstance(similarity, int | float) and 0.5 <= similarity <= 1.0):
+        raise InvalidRequest(
+            "semantic_threshold must be a cosine similarity between 0.5 and 1", param="semantic_threshold"
+        )
     share = values.get("escalation_max_low_share", 0.3)
     if not 0.0 <= share <= 1.0:
         raise InvalidRequest("escalation_max_low_share must be between 0 and 1", param="escalation_max_low_share")

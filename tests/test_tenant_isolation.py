@@ -42,6 +42,8 @@ from django.forms.models import model_to_dict
 from django.test import Client
 from django.test.utils import setup_databases, teardown_databases
 from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
 
 from config.asgi import application
 from inference.consumers import CompletionConsumer
@@ -51,7 +53,18 @@ from inference.queueing import scheduler
 from inference.routing import websocket_urlpatterns
 from inference.services import cloud_upstream_register, routing_policy_publish
 from tenants import selectors, services
-from tenants.models import ApiKey, Budget, Membership, Price, PriceBook, Reservation, Tenant, UsageRecord
+from tenants.models import (
+    ApiKey,
+    AuditEvent,
+    Budget,
+    Invite,
+    Membership,
+    Price,
+    PriceBook,
+    Reservation,
+    Tenant,
+    UsageRecord,
+)
 from tenants.services import api_key_create, budget_set, price_book_publish, rate_limits_set
 from tests.conftest import TEST_MODELS, TEST_RATES, TIERS, make_account
 from tests.inference.conftest import GatedEngine, serving_gated
@@ -60,6 +73,10 @@ from tests.inference.conftest import GatedEngine, serving_gated
 REFUSED = {401, 403, 404, 405}
 # pages anyone may load: they show no tenant's data (asserted like every other page)
 PUBLIC = {"frontend:login", "frontend:logout", "admin:login", "admin:logout", "admin:jsi18n", "openai:openapi"}
+# Read with an API key or a console session alike (dashboards.apis): A's key and A's member get A's own numbers
+# (nothing of B's: checked for every route), anyone else is refused.
+KEY_OR_SESSION = {"dashboards:cost"}
+PUBLIC |= {"frontend:password-reset", "frontend:password-reset-done", "frontend:password-reset-complete"}
 TIMEOUT = 5
 
 
@@ -278,9 +295,28 @@ def b_config_unchanged(world, django_db_blocker) -> Iterator[World]:
 
 # filling path parameters with B's objects ----------------------------------------------------------------
 Fill = Callable[[World], object]
+
+
+def _b_invite(world: World) -> Invite:
+    """A pending invite of B's (made on first use: B's world has none of its own)."""
+    invite = Invite.objects.filter(tenant=world.b_tenant).first()
+    if invite is None:
+        invite, _ = services.invite_create(
+            tenant=world.b_tenant, email="invitee@globex.invalid", role="member", by=world.b_user
+        )
+    return invite
+
+
 # (route name, parameter) -> B's value. A new URL with a parameter not listed here fails the test.
 PATH_PARAMETERS: dict[tuple[str, str], Fill] = {
     ("frontend:api-key-revoke", "pk"): lambda w: w.b_key.pk,
+    ("frontend:member-role", "pk"): lambda w: Membership.objects.get(tenant=w.b_tenant, user=w.b_user).pk,
+    ("frontend:member-remove", "pk"): lambda w: Membership.objects.get(tenant=w.b_tenant, user=w.b_user).pk,
+    ("frontend:invite-revoke", "pk"): lambda w: _b_invite(w).pk,
+    # what A could know of B's invite is its stored hash at most: that is not the link's token
+    ("frontend:invite-accept", "token"): lambda w: _b_invite(w).token_hash,
+    ("frontend:password-reset-confirm", "uidb64"): lambda w: urlsafe_base64_encode(force_bytes(w.b_user.pk)),
+    ("frontend:password-reset-confirm", "token"): lambda w: "set-password",  # Django's step 2, without B's session
     ("openai:model", "model_id"): lambda w: w.b_upstream.upstream_model,
     ("openai:not-found", "rest"): lambda w: f"upstreams/{w.b_upstream.name}",  # the API's catch-all 404
     ("admin:view_on_site", "content_type_id"): lambda w: ContentType.objects.get_for_model(Tenant).pk,
@@ -302,9 +338,15 @@ ADMIN_OBJECTS: dict[str, Fill] = {
     "tenants.reservation": lambda w: Reservation.objects.filter(tenant=w.b_tenant).latest("pk").pk,
     "tenants.budgetlease": lambda w: 10**9,  # B holds none (leases are off in tests): an id that is no one's
     "tenants.usagerecord": lambda w: UsageRecord.objects.filter(tenant=w.b_tenant).latest("pk").pk,
+    "tenants.invite": lambda w: _b_invite(w).pk,
+    "tenants.auditevent": lambda w: AuditEvent.objects.filter(tenant=w.b_tenant).latest("pk").pk,
     "inference.slosample": lambda w: SloSample.objects.filter(tenant=w.b_tenant).latest("pk").pk,
     "inference.cloudupstream": lambda w: w.b_upstream.pk,
     "inference.routingpolicy": lambda w: w.b_policy.pk,
+    # B sets no objective or webhook and fires no alert: ids that are no one's
+    "slo.sloobjective": lambda w: 10**9,
+    "slo.alert": lambda w: 10**9,
+    "slo.alertwebhook": lambda w: 10**9,
 }
 ADMIN_MODEL_ROUTE = re.compile(r"^admin/(?P<app>\w+)/(?P<model>\w+)/<path:object_id>/")
 
@@ -446,6 +488,9 @@ def test_no_url_gives_tenant_a_anything_of_tenant_b(route: Route, b_unchanged: W
                 pass
             elif route.admin:  # A's member is not staff; the others are not signed in
                 assert_refused(label, response, "/admin/login/")
+            elif route.name in KEY_OR_SESSION:
+                if who == "anonymous" or method == "POST":
+                    assert_refused(label, response, None)
             elif route.api and who != "a_key":
                 assert_refused(label, response, None)
             elif not route.api and who != "a_member":

@@ -72,6 +72,8 @@ INSTALLED_APPS = [
     "channels",
     "tenants",
     "inference",
+    "dashboards",  # rollups of the ledger, the cost report (frontend -> dashboards -> inference, tenants)
+    "slo",  # SLO objectives, rollups of SLO samples, burn-rate alerts (frontend -> slo -> inference, tenants)
     "frontend",
 ]
 
@@ -141,6 +143,14 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "frontend:login"
 LOGIN_REDIRECT_URL = "frontend:playground"
 LOGOUT_REDIRECT_URL = "frontend:login"
+# Mail (team invites, password resets): no mail server by default, and the console then says so and shows
+# invite links itself instead of pretending to send them.
+EMAIL_HOST = get_env("TANDEM_EMAIL_HOST", "")
+EMAIL_PORT = get_env("TANDEM_EMAIL_PORT", 587, int)
+EMAIL_HOST_USER = get_env("TANDEM_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = get_env("TANDEM_EMAIL_PASSWORD", "")
+EMAIL_USE_TLS = get_env("TANDEM_EMAIL_TLS", True, as_bool)
+DEFAULT_FROM_EMAIL = get_env("TANDEM_EMAIL_FROM", "tandem@localhost")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -183,6 +193,9 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ALWAYS_EAGER = get_env("TANDEM_CELERY_EAGER", False, as_bool)
 CELERY_BEAT_SCHEDULE = {
     "release-stale-reservations": {"task": "tenants.release_stale_reservations", "schedule": 300.0},
+    "slo-rollups": {"task": "slo.rollups_compute", "schedule": 60.0},
+    "cost-rollups": {"task": "dashboards.rollups_refresh", "schedule": 300.0},
+    "slo-alerts": {"task": "slo.alerts_evaluate", "schedule": 60.0},
 }
 
 REST_FRAMEWORK = {
@@ -231,6 +244,9 @@ TANDEM_BUDGET_WAIT_S = get_env("TANDEM_BUDGET_WAIT_S", 5.0, float)
 TANDEM_CACHE_TTL_S = get_env("TANDEM_CACHE_TTL_S", 3600, int)
 TANDEM_CACHE_REDIS_URL = get_env("TANDEM_CACHE_REDIS_URL", REDIS_URL)
 TANDEM_CACHE_MAX_ENTRIES = get_env("TANDEM_CACHE_MAX_ENTRIES", 10_000, int)
+# the semantic cache (inference.semantic_cache, opt-in per policy): prompts indexed per bucket, embedding threads
+TANDEM_SEMANTIC_CACHE_MAX_PER_BUCKET = get_env("TANDEM_SEMANTIC_CACHE_MAX_PER_BUCKET", 2048, int)
+TANDEM_SEMANTIC_CACHE_THREADS = get_env("TANDEM_SEMANTIC_CACHE_THREADS", 1, int)
 # requests waiting for an engine slot: in all (503 past it) and per tenant (429 past it)
 TANDEM_MAX_QUEUED = get_env("TANDEM_MAX_QUEUED", 2048, int)
 TANDEM_MAX_QUEUED_PER_TENANT = get_env("TANDEM_MAX_QUEUED_PER_TENANT", 1024, int)
@@ -263,3 +279,12 @@ TANDEM_LEASE_TTL_S = get_env("TANDEM_LEASE_TTL_S", 30.0, float)  # then it takes
 TANDEM_LEASE_IDLE_S = get_env("TANDEM_LEASE_IDLE_S", 10.0, float)  # returned after this long without a request
 TANDEM_LEASE_BATCH = get_env("TANDEM_LEASE_BATCH", 64, int)  # ledger rows written per batch, at most
 TANDEM_LEASE_FLUSH_S = get_env("TANDEM_LEASE_FLUSH_S", 0.25, float)  # a settled request's row waits at most this
+# /metrics (inference.metrics): staff sessions, or a scraper sending "Authorization: Bearer <this>"; empty = no token access
+TANDEM_METRICS_TOKEN = get_env("TANDEM_METRICS_TOKEN", "")
+# SLOs: a 5-minute bucket is rolled up once this long has passed after its end (see slo.services)
+TANDEM_SLO_ROLLUP_MARGIN_S = get_env("TANDEM_SLO_ROLLUP_MARGIN_S", 120, int)
+TANDEM_ALERT_WEBHOOK_URL = get_env("TANDEM_ALERT_WEBHOOK_URL", "")  # alerts of tenants with no webhook of their own
+# Cost rollups (dashboards.services): an hour is rolled up once this long has passed after its end (the longest a
+# ledger transaction takes, plus clock skew), and each run rebuilds the last few hours (late rows past the margin)
+TANDEM_ROLLUP_MARGIN_S = get_env("TANDEM_ROLLUP_MARGIN_S", 300, int)
+TANDEM_ROLLUP_RECOMPUTE_HOURS = get_env("TANDEM_ROLLUP_RECOMPUTE_HOURS", 3, int)
