@@ -7,11 +7,13 @@ Under ``config.settings.test`` the engines are the trivial ones (``tandem-test``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -69,6 +71,35 @@ def other_account(db, price_book, django_user_model) -> Account:
     return make_account("globex", django_user_model)
 
 
+@contextlib.contextmanager
+def serving(var: Path, env: dict[str, str]) -> Iterator[str]:
+    """``python -m config.serve`` on a free port with ``env`` (its log in ``var``): its base URL, until the block ends."""
+    port = _free_port()
+    with (var / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "config.serve", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    pytest.fail(f"the server did not start: {(var / 'server.log').read_text()}")
+                time.sleep(0.1)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,29 +139,8 @@ def platform_server(tmp_path_factory) -> LiveServer:
         text=True,
     )
     api_key = next(line.split()[-1] for line in boot.stdout.splitlines() if line.strip().startswith("API key"))
-    port = _free_port()
-    log = (var / "server.log").open("w")
-    server = subprocess.Popen(
-        [python, "-m", "config.serve", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the server did not start: {(var / 'server.log').read_text()}")
-            time.sleep(0.1)
-    yield LiveServer(f"http://127.0.0.1:{port}", "demo", "live-pass-123456", api_key)
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
+    with serving(var, env) as url:
+        yield LiveServer(url, "demo", "live-pass-123456", api_key)
 
 
 # the cloud tier's real upstream ------------------------------------------------------------------

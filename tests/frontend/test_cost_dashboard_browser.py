@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_MODELS, _free_port
+from tests.conftest import REPO, TEST_MODELS, serving
 
 pytestmark = pytest.mark.browser
 
@@ -64,25 +62,8 @@ def seeded_server(tmp_path_factory) -> Iterator[tuple[str, dict]]:
         [python, "manage.py", "shell", "-c", SET_UP], cwd=REPO, env=env, check=True, capture_output=True, text=True
     )
     sums = json.loads(done.stdout.strip().splitlines()[-1])
-    port = _free_port()
-    log = (var / "server.log").open("w")
-    server = subprocess.Popen(
-        [python, "-m", "config.serve", "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the server did not start: {(var / 'server.log').read_text()}")
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", sums
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
+    with serving(var, env) as url:
+        yield url, sums
 
 
 # A canvas is drawn on when any pixel is not fully transparent.

@@ -7,17 +7,15 @@ Saves a screenshot to ``docs/screenshots/slo-dashboard.png``.
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_MODELS, _free_port
+from tests.conftest import REPO, TEST_MODELS, serving
 from tests.frontend.test_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
 
 pytestmark = pytest.mark.browser
@@ -47,24 +45,8 @@ def seeded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     manage("migrate", "--noinput")
     manage("tandem_demo", "--password", PASSWORD, "--models", ",".join(TEST_MODELS))
     manage("slo_seed", "--tenant", "demo", "--samples", "20000", "--days", "8", "--failure-share", "0.01", "--rollup")
-    port = _free_port()
-    with (var / "server.log").open("w") as log:
-        server = subprocess.Popen(
-            [python, "-m", "config.serve", "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    server.kill()
-                    pytest.fail(f"the server did not start: {(var / 'server.log').read_text()}")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}", database
-        server.terminate()
-        server.wait(timeout=10)
+    with serving(var, env) as url:
+        yield url, database
 
 
 def raw_ttft(database: Path) -> tuple[int, int]:
