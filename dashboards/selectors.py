@@ -419,6 +419,20 @@ def split_labels(split: str, values: set[str], tenant: TenantScope) -> dict[str,
 # --- acceptance and savings -----------------------------------------------------------------------
 
 
+def acceptance_by_hour(*, tenant: TenantScope, start: datetime, end: datetime) -> dict[datetime, float | None]:
+    """Each hour's speculative acceptance rate in ``[start, end)``: accepted / drafted tokens (None: nothing drafted)."""
+    drafted: dict[datetime, int] = defaultdict(int)
+    accepted: dict[datetime, int] = defaultdict(int)
+    cells = cost_cells(tenant=tenant, start=start, end=end, granularity="hour", dimension=Dimension.MODEL)
+    for (bucket, _model, _tier, _source), sums in cells.items():
+        drafted[bucket] += sums[_I["drafted_milli"]]
+        accepted[bucket] += sums[_I["accepted_tokens"]]
+    return {
+        bucket: round(accepted[bucket] * 10**MILLI / drafted[bucket], 4) if drafted[bucket] else None
+        for bucket in buckets_between(start, end, "hour")
+    }
+
+
 def acceptance_of(model_cells: ReportCells) -> dict[str, Any]:
     """The speculative tier's acceptance and the verifier time its drafts saved.
 

@@ -7,6 +7,8 @@ their current tenant's page; owners and admins edit its objectives and webhook; 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -18,6 +20,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
+from dashboards.selectors import acceptance_by_hour
 from frontend.views import _no_tenant, _render, current_membership
 from slo import errors as slo_errors
 from slo import selectors, services
@@ -88,12 +91,17 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     chart_days = chart_days if chart_days in CHART_DAYS else 7
     now = timezone.now()
     data = selectors.dashboard(tenant_id=tenant.pk, now=now, latency_class=latency_class, chart_days=chart_days)
+    # the speculative acceptance rate, hour by hour over the same hours, from the ledger's rollups (every class)
+    start = selectors.floor_time(now - timedelta(days=chart_days), selectors.HOUR) + timedelta(hours=1)
+    hours = [start + timedelta(hours=i) for i in range(len(data["series"]["labels"]))]
+    rates = acceptance_by_hour(tenant=tenant.pk, start=start, end=now)
+    series = {**data["series"], "acceptance": [rates.get(hour) for hour in hours]}
     webhook = AlertWebhook.objects.filter(tenant=tenant).first()
     context = {
         "shown_tenant": tenant,
         "now": now,
         "cards": data["objectives"],
-        "series": data["series"],
+        "series": series,
         "latency_class": latency_class,
         "classes": LatencyClass.values,
         "chart_days": chart_days,

@@ -48,6 +48,7 @@ class Counts:
     fallback_successes: int = 0
     exact_cache: int = 0
     semantic_cache: int = 0
+    queued_ms: int = 0  # time spent waiting for a slot, summed (ms): over a window's length, its mean queue depth
     # how many samples each histogram counts (its total; the histogram's own counts are <= edge)
     n: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EDGES, 0))
     hist: dict[str, list[int]] = field(default_factory=_zeros)
@@ -69,6 +70,7 @@ class Counts:
             self.fallback_successes += outcome == COMPLETED_OUTCOME
         self.exact_cache += source == "exact_cache"
         self.semantic_cache += source == "semantic_cache"
+        self.queued_ms += round(queued_ms or 0.0)
         self._observe("ttft", ttft_ms)
         self._observe("itl", inter_token_ms)
         self._observe("e2e", e2e_ms if outcome == COMPLETED_OUTCOME else None)
@@ -90,12 +92,20 @@ class Counts:
         self.fallback_successes += other.fallback_successes
         self.exact_cache += other.exact_cache
         self.semantic_cache += other.semantic_cache
+        self.queued_ms += other.queued_ms
         for metric in EDGES:
             self.n[metric] += other.n[metric]
             mine, theirs = self.hist[metric], other.hist[metric]
             for i, value in enumerate(theirs):
                 mine[i] += value
         return self
+
+    def mean_waiting(self, window_ms: float) -> float:
+        """How many requests waited for a slot at once, on average over a window (Little's law: total wait / length).
+
+        Counted by when requests ended, so a wait that straddles the window's start counts whole in it.
+        """
+        return self.queued_ms / window_ms
 
     @property
     def waited(self) -> int:
@@ -131,7 +141,7 @@ class Counts:
         return _from_vector([int(v or 0) for v in values])
 
 
-SCALARS = ("requests", "failures", "fallbacks", "fallback_successes", "exact_cache", "semantic_cache")
+SCALARS = ("requests", "failures", "fallbacks", "fallback_successes", "exact_cache", "semantic_cache", "queued_ms")
 # A rollup row's columns: the scalars, each histogram's n, then each histogram's count <= each edge.
 # Columns (not JSON) so that the database adds rollups up: a 28-day window is one SUM query.
 COLUMNS: tuple[str, ...] = (

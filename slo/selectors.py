@@ -324,6 +324,7 @@ def series(*, tenant_id: int, now: datetime, days: int, latency_class: str) -> d
         },
         "tier_failure_rate": {tier: [share(c.failures, c.requests) for c in tiers[tier]] for tier in TIERS},
         "queue": {
+            "requests waiting (mean)": [round(c.mean_waiting(HOUR * 1e3), 3) for c in cells],
             "waited share": [share(c.waited, c.n["queued"]) for c in cells],
             "queued p95 ms": [finite(c.percentile("queued", 0.95)) for c in cells],
         },

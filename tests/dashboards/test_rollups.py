@@ -196,3 +196,17 @@ def test_the_periodic_task_rolls_up(ledger):
 
     done = rollups_refresh.delay().get()
     assert done["hours"] > 0 and CostRollup.objects.exists()
+
+
+def test_the_hourly_acceptance_rate_is_accepted_over_drafted_tokens_of_the_raw_rows(ledger, account):
+    services.rollups_refresh(now=NOW)
+    start, end = NOW - timedelta(hours=30), NOW
+    rates = selectors.acceptance_by_hour(tenant=account.tenant.pk, start=start, end=end)
+    mine = [r for r in ledger if r["tenant_id"] == account.tenant.pk and start <= r["created_at"] < end]
+    assert mine, "the range holds rows"
+    for hour, rate in rates.items():
+        rows = [r for r in mine if hour <= r["created_at"] < hour + timedelta(hours=1)]
+        drafted = sum(r["drafted_tokens"] for r in rows)
+        want = round(float(sum(r["accepted_tokens"] for r in rows) / drafted), 4) if drafted else None
+        assert rate == want, hour
+    assert any(rate is not None for rate in rates.values())

@@ -136,6 +136,7 @@ def test_the_page_reads_a_bounded_number_of_queries_whatever_the_traffic(
     services.rollups_compute(now=now, rebuild=True)
     client.force_login(account.user)
     # sums in the database: a few queries per source of each window, never one per sample or per bucket
-    with django_assert_max_num_queries(40):
+    # (the acceptance chart reads the ledger's rollups and open hours too: a few more, as constant)
+    with django_assert_max_num_queries(48):
         response = client.get(reverse("frontend:slo"), {"days": "28"})
     assert response.status_code == 200

@@ -78,7 +78,7 @@ def test_the_slo_page_draws_its_charts_and_shows_the_attainment_the_raw_samples_
         row = page.locator('#objectives tr[data-class="interactive"][data-kind="ttft"]')
         assert (int(row.get_attribute("data-good")), int(row.get_attribute("data-total"))) == (good, counted)
         assert row.locator("td.attainment").inner_text() == f"{good / counted:.6f}"
-        for chart in ("attainment", "latency", "route-mix", "tier-health", "queue"):
+        for chart in ("attainment", "latency", "acceptance", "route-mix", "tier-health", "queue"):
             page.wait_for_function(
                 """id => {
                     const c = document.getElementById(id);

@@ -35,6 +35,7 @@ def raw_counts(queryset) -> dict:
         "fallback_successes": queryset.filter(fallback=True, outcome="completed").count(),
         "exact_cache": queryset.filter(source="exact_cache").count(),
         "semantic_cache": queryset.filter(source="semantic_cache").count(),
+        "queued_ms": sum(round(ms) for ms in queryset.values_list("queued_ms", flat=True)),
     }
     for metric, (column, scope) in HIST_SCOPE.items():
         scoped = queryset.filter(scope)
@@ -46,7 +47,15 @@ def raw_counts(queryset) -> dict:
 def as_raw(counts: Counts) -> dict:
     out = {
         name: getattr(counts, name)
-        for name in ("requests", "failures", "fallbacks", "fallback_successes", "exact_cache", "semantic_cache")
+        for name in (
+            "requests",
+            "failures",
+            "fallbacks",
+            "fallback_successes",
+            "exact_cache",
+            "semantic_cache",
+            "queued_ms",
+        )
     }
     for metric in EDGES:
         out[f"n_{metric}"] = counts.n[metric]
@@ -143,3 +152,11 @@ def test_samples_inserted_late_with_an_earlier_time_are_rolled_up_at_the_next_ru
         raw.filter(created_at__lt=marks[FIVE_MINUTES])
     )
     assert as_raw(rollup_counts(HOUR, tenant=account.tenant)) == raw_counts(raw.filter(created_at__lt=marks[HOUR]))
+
+
+def test_the_mean_queue_depth_is_the_total_wait_over_the_window():
+    counts = Counts()
+    for queued_ms in (1_800_000.0, 1_800_000.0, 0.0):  # two requests waited half an hour each, one not at all
+        counts.add_sample("completed", False, "generation", 10.0, 5.0, 100.0, queued_ms)
+    assert counts.queued_ms == 3_600_000 and counts.mean_waiting(HOUR * 1e3) == 1.0
+    assert Counts.from_columns(counts.as_columns().values()).queued_ms == counts.queued_ms

@@ -46,10 +46,15 @@
     stack: set.label.endsWith("_cache") ? "source" : "tier",
   })), { x: { stacked: true, ticks: { maxTicksLimit: 8 } }, y: { stacked: true, beginAtZero: true } });
   chart("chart-tier-health", "line", datasets(series.tier_failure_rate), share);
+  chart("chart-acceptance", "line", datasets({ acceptance: series.acceptance }), {
+    y: { min: 0, max: 1, title: { display: true, text: "accepted / drafted" } },
+  });
   const queue = datasets(series.queue);
-  queue[1].yAxisID = "ms";
+  queue[1].yAxisID = "share";
+  queue[2].yAxisID = "ms";
   chart("chart-queue", "line", queue, {
-    y: { min: 0, max: 1, title: { display: true, text: "share waited" } },
+    y: { beginAtZero: true, title: { display: true, text: "requests waiting" } },
+    share: { min: 0, max: 1, display: false },
     ms: { position: "right", beginAtZero: true, grid: { drawOnChartArea: false }, title: { display: true, text: "ms" } },
   });
 })();
