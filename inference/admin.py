@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import models, transaction
 
 from inference.errors import InvalidRequest
 from inference.models import CloudUpstream, RoutingPolicy, SloSample
@@ -69,14 +69,26 @@ class CloudUpstreamAdmin(admin.ModelAdmin):
     filter_horizontal = ("tenants",)
 
     def save_model(self, request, obj, form, change) -> None:
-        super().save_model(request, obj, form, change)
-        price = {
-            "model": obj.model,
-            "tier": Tier.CLOUD.value,
-            "prompt_per_mtok": form.cleaned_data["prompt_per_mtok"],
-            "completion_per_mtok": form.cleaned_data["completion_per_mtok"],
-        }
-        tenant_services.price_book_amend(prices=[price], note=f"cloud upstream {obj.name} (admin)")
+        # the admin's own save, then the same audit event and price as cloud_upstream_register, by this operator
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            changed = [name for name in form.changed_data if name in form.cleaned_data and name != "tenants"]
+            after = {name: form.cleaned_data[name] for name in changed}
+            before = {name: form.initial.get(name) for name in after} if change else {}
+            tenant_services.audit_event_record(
+                action="upstream.register",
+                by=request.user,
+                tenant=None,
+                obj=obj,
+                changes=tenant_services.audit_changes(before=before, after=after),
+            )
+            price = {
+                "model": obj.model,
+                "tier": Tier.CLOUD.value,
+                "prompt_per_mtok": form.cleaned_data["prompt_per_mtok"],
+                "completion_per_mtok": form.cleaned_data["completion_per_mtok"],
+            }
+            tenant_services.price_book_amend(prices=[price], note=f"cloud upstream {obj.name} (admin)", by=request.user)
 
 
 class RoutingPolicyForm(forms.ModelForm):

@@ -259,3 +259,30 @@ def test_the_admin_changes_roles_through_the_services_and_keeps_the_last_owner(a
         == 302
     )
     assert only_event("member.remove").changes["user"]["before"] == "acme-owner"
+
+
+def test_an_upstream_registered_in_the_admin_is_recorded_as_its_operator(admin_client, admin_user):
+    url = reverse("admin:inference_cloudupstream_add")
+    form = {
+        "name": "acme-cloud",
+        "model": "tandem-test",
+        "base_url": "https://cloud.example.com/v1",
+        "api_key_env": "ACME_CLOUD_KEY",
+        "upstream_model": "big-model",
+        "connect_timeout_s": "3",
+        "first_token_timeout_s": "30",
+        "idle_timeout_s": "30",
+        "priority": "100",
+        "enabled": "on",
+        "all_tenants": "on",
+        "prompt_per_mtok": "1.00",
+        "completion_per_mtok": "3.00",
+    }
+    response = admin_client.post(url, form)
+    errors = response.context["adminform"].form.errors if response.status_code == 200 else None
+    assert response.status_code == 302, errors
+    event = only_event("upstream.register")
+    assert event.actor_kind == "user" and event.actor_user_id == admin_user.pk
+    assert event.changes["base_url"]["after"] == "https://cloud.example.com/v1"
+    price_event = AuditEvent.objects.filter(action="price_book.publish").latest("pk")
+    assert price_event.actor_user_id == admin_user.pk
