@@ -423,8 +423,8 @@ def acceptance_by_hour(*, tenant: TenantScope, start: datetime, end: datetime) -
     """Each hour's speculative acceptance rate in ``[start, end)``: accepted / drafted tokens (None: nothing drafted)."""
     drafted: dict[datetime, int] = defaultdict(int)
     accepted: dict[datetime, int] = defaultdict(int)
-    cells = cost_cells(tenant=tenant, start=start, end=end, granularity="hour", dimension=Dimension.MODEL)
-    for (bucket, _model, _tier, _source), sums in cells.items():
+    cells = cost_cells(tenant=tenant, start=start, end=end, granularity="hour", dimension=Dimension.TOTAL)
+    for (bucket, _all, _tier, _source), sums in cells.items():
         drafted[bucket] += sums[_I["drafted_milli"]]
         accepted[bucket] += sums[_I["accepted_tokens"]]
     return {
