@@ -7,8 +7,6 @@ their current tenant's page; owners and admins edit its objectives and webhook; 
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -92,9 +90,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     data = selectors.dashboard(tenant_id=tenant.pk, now=now, latency_class=latency_class, chart_days=chart_days)
     # the speculative acceptance rate, hour by hour over the same hours, from the ledger's rollups (every class)
-    start = selectors.floor_time(now - timedelta(days=chart_days), selectors.HOUR) + timedelta(hours=1)
-    hours = [start + timedelta(hours=i) for i in range(len(data["series"]["labels"]))]
-    rates = acceptance_by_hour(tenant=tenant.pk, start=start, end=now)
+    hours = selectors.chart_hours(now=now, days=chart_days)
+    rates = acceptance_by_hour(tenant=tenant.pk, start=hours[0], end=now)
     series = {**data["series"], "acceptance": [rates.get(hour) for hour in hours]}
     webhook = AlertWebhook.objects.filter(tenant=tenant).first()
     context = {

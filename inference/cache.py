@@ -41,6 +41,7 @@ from typing import Any
 from django.conf import settings
 
 from inference.redis_clients import RedisFallback, redis_client
+from inference.semantic_cache import semantic_cache
 from speculative.engine import CompletionRequest, TokenStream, build_request
 from speculative.types import Provenance, TokenEvent
 from tenants.tiers import Tier
@@ -209,11 +210,9 @@ class ExactCache:
 
     async def forget_tenant(self, tenant_id: int) -> int:
         """Drop every entry of the tenant, and the semantic index over them (in Redis and in this process); how many there were."""
-        from inference.semantic_cache import semantic_cache  # its buckets live under the same prefix
-
         prefix = f"{KEY_PREFIX}:t{tenant_id}:"
         count = await self.local.forget(prefix)
-        await semantic_cache.local.forget(prefix)
+        await semantic_cache.local.forget(prefix)  # its buckets live under the same prefix (Redis: the scan below)
         store = self._store()
         if store is not self.local:
             try:

@@ -281,10 +281,16 @@ def _span_label(span: timedelta) -> str:
     return f"{minutes // 60} h" if minutes >= 60 else f"{minutes} min"
 
 
+def chart_hours(*, now: datetime, days: int) -> list[datetime]:
+    """The hours the charts show: the last ``days`` days' whole hours, up to the one ``now`` is in."""
+    start = floor_time(now - timedelta(days=days), HOUR) + timedelta(hours=1)
+    return [start + timedelta(hours=i) for i in range(int((now - start).total_seconds() // HOUR) + 1)]
+
+
 def series(*, tenant_id: int, now: datetime, days: int, latency_class: str) -> dict[str, Any]:
     """Hourly series of one class for the charts: latency percentiles, attainment, route mix, tier health, queue."""
-    start = floor_time(now - timedelta(days=days), HOUR) + timedelta(hours=1)
-    hours = [start + timedelta(hours=i) for i in range(int((now - start).total_seconds() // HOUR) + 1)]
+    hours = chart_hours(now=now, days=days)
+    start = hours[0]
     found = counts_by(
         tenant_id=tenant_id, since=start, now=now, fine=False, hourly=True, by_tier=False, latency_class=latency_class
     )
