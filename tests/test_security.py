@@ -247,7 +247,9 @@ def test_no_api_key_or_password_ever_reaches_a_log_record(client, account, caplo
     selectors.price_cache.forget()
     scheduler.reset()
     limiter.reset()
-    secret_part = account.raw_key.rsplit("_", 1)[-1]  # the part after the (loggable) prefix
+    # the 43 characters after the (loggable) "tdm_<8 hex>_" prefix; they may hold "_" themselves, so no rsplit
+    secret_part = account.raw_key.split("_", 2)[2]
+    assert len(secret_part) == 43
     wrong_key = account.raw_key[:-4] + ("AAAA" if not account.raw_key.endswith("AAAA") else "BBBB")
     wrong_password = "hunter2-wrong-" + secrets.token_hex(8)
     _all_loggers_at_debug(caplog)
