@@ -15,6 +15,7 @@ live-server tests and the platform benchmark all start it through here.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 
 import uvicorn
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     # atexit handler runs: the budget leases this process holds (and the ledger rows pending
     # in their batches) would wait for the stale-hold task. This handler makes it a normal exit.
     signal.signal(signal.SIGTERM, _exit_after_shutdown)
+    _recover_in_background()
     uvicorn.run(
         APPLICATION,
         host=args.host,
@@ -43,6 +45,17 @@ def main(argv: list[str] | None = None) -> None:
         lifespan="off",  # Channels' router speaks http and websocket only
         log_level=args.log_level,
     )
+
+
+def _recover_in_background() -> None:
+    """Charge what earlier processes on this host died owing (their settlement journals), beside the start-up."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    django.setup()
+    from inference.journal import recover_in_background
+
+    recover_in_background()
 
 
 def _exit_after_shutdown(signum: int, frame: object) -> None:

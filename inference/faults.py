@@ -6,11 +6,12 @@ so that streams last a few seconds) on loopback and prints one JSON object:
 - ``web_killed``: streams running, the web process is killed with SIGKILL mid-stream and
   started again on the same database. The money the dead process held (its budget
   lease, or reservations) is held until the stale-hold task gives it back
-  (``tenants.tasks.release_stale_reservations``, run here at once instead of after
-  ``TANDEM_RESERVATION_TTL_S``); then nothing is held, nothing was charged twice, and
-  the restarted server answers with an exact ledger. What the killed streams had
-  delivered is reported: it is never charged (a process settles a stream in memory when
-  it ends; one killed mid-stream leaves only its hold).
+  (``inference.settle_dead_processes``, run here at once instead of on its schedule):
+  first the dead process's settlement journal (``inference.journal``) is read, and each
+  killed stream is charged for exactly the tokens its client had received; then the
+  holds left are given back. Nothing is held, nothing was charged twice, every killed
+  stream's ledger equals what its client received, and the restarted server answers
+  with an exact ledger.
 - ``redis_down``: ``REDIS_URL`` points at a port where nothing listens (the rate limits
   and the result cache then count in the process, and say so in the log): every request
   through the API and the websocket is answered and the ledger is exact.
@@ -109,14 +110,18 @@ async def web_killed(var: Path, database_url: str, key: str, streams: int) -> di
         server.wait()
         received = list(await asyncio.gather(*tasks))
     held_after_kill = await asyncio.to_thread(books)
-    # the same database, a new process: the dead one's hold is given back by the stale-hold task
+    # The stale-hold sweep (inference.settle_dead_processes, run here at once instead of on its schedule):
+    # the dead process's journal first (what its clients received is charged), then the holds left go back.
     from django.utils import timezone
 
+    from inference.journal import recover
     from tenants.services import reservations_release_stale
 
-    restarted = start(var, database_url, port)
+    recovered = await asyncio.to_thread(recover, var / "journal")
+    released = await asyncio.to_thread(lambda: reservations_release_stale(older_than=timezone.now()))
+    killed_ledger = await asyncio.to_thread(killed_check, received)
+    restarted = start(var, database_url, port)  # the same database, a new process
     try:
-        released = await asyncio.to_thread(lambda: reservations_release_stale(older_than=timezone.now()))
         after_release = await asyncio.to_thread(books)
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             again = await asyncio.gather(
@@ -132,6 +137,8 @@ async def web_killed(var: Path, database_url: str, key: str, streams: int) -> di
         "tokens_delivered_before_the_kill": sum(r["tokens"] for r in received),
         "clients_saw": sorted({r["error"] or "ended" for r in received}),
         "held_after_the_kill": held_after_kill,
+        "charged_from_the_journal": {k: v for k, v in recovered.as_dict().items() if k != "request_ids"},
+        "killed_streams_ledger": killed_ledger,
         "holds_released_by_the_stale_task": released,
         "after_release": after_release,
         "after_restart": {
@@ -144,8 +151,31 @@ async def web_killed(var: Path, database_url: str, key: str, streams: int) -> di
             and Decimal(final["spent"]) == Decimal(final["rows_cost"])
             and Decimal(final["reserved"]) == 0  # the restarted server, stopped with SIGTERM, gave its lease back
             and ledger["mismatched"] == 0
+            and killed_ledger["mismatched"] == 0
             and all(r["error"] is None for r in again)
         ),
+    }
+
+
+def killed_check(received: list[dict]) -> dict:
+    """Each killed stream's ledger rows against what its client had received before the kill."""
+    from tenants.models import UsageRecord
+
+    ids = [r["request_id"] for r in received if r.get("request_id")]
+    tokens: dict[str, int] = dict.fromkeys(ids, 0)
+    for row in UsageRecord.objects.filter(leg_of__in=ids):
+        tokens[row.leg_of] += row.completion_tokens
+    mismatched = [
+        {"request_id": r["request_id"], "client_tokens": r["tokens"], "ledger_tokens": tokens[r["request_id"]]}
+        for r in received
+        if r.get("request_id") and tokens[r["request_id"]] != r["tokens"]
+    ]
+    return {
+        "streams": len(ids),
+        "client_tokens": sum(r["tokens"] for r in received),
+        "ledger_tokens": sum(tokens.values()),
+        "mismatched": len(mismatched),
+        "examples": mismatched[:5],
     }
 
 

@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Final
 
+from inference import settlement
 from inference.completion import TokenDelta
 from inference.stream import GatewayStream
 
@@ -54,6 +55,9 @@ async def relay(
                 except StopAsyncIteration:
                     return
             yield batch
+            # Sent (the adapter asks for more only once its write is done): on disk now, so that a
+            # process killed from here on is still charged for it (inference.journal).
+            settlement.journal.delivered(stream)
             # A batch at hand is taken without suspending, so let a disconnect or a cancel
             # frame in between writes.
             await asyncio.sleep(0)

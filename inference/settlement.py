@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from inference import metrics
 from inference.completion import UsageSummary
 from inference.holds import gpu_pace
+from inference.journal import Journal
 from inference.runtime import db_from_thread
 from tenants import errors as tenant_errors
 from tenants import services as tenant_services
@@ -76,7 +78,7 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
         if current.tally.delivered or outcome == "completed":
             legs.append(current)
             outcomes.append((outcome, error))
-    usages = [_leg_usage(stream, leg, index, *outcomes[index]) for index, leg in enumerate(legs)]
+    usages = [leg_usage(stream, leg, index, *outcomes[index]) for index, leg in enumerate(legs)]
     priced = [(leg.price, usage) for leg, usage in zip(legs, usages, strict=True)]
     costs = tenant_services.settlement_costs(legs=priced, held=hold.amount) if legs else []
     for usage in usages:  # the pace the next requests' holds count on
@@ -94,16 +96,17 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
             assert hold.reservation is not None
             write = functools.partial(tenant_services.reservation_release, reservation=hold.reservation)
         if outcome == "error" and error:  # its tiers failed before a first token (``_fail``; a cancel has no error)
-            write = _with_failure_sample(write, _slo_sample(stream, now, outcome))
+            write = _with_failure_sample(write, slo_sample(stream, now, outcome))
     else:
-        slo = _slo_sample(stream, now, outcome)
+        slo = slo_sample(stream, now, outcome)
         metrics.observe_settled(slo, summary)  # never raises: a failing metric does not fail the request
-        if hold.lease_hold is not None:
-            # Counted against the lease now; written with the lease's next batch.
-            charges, left = [], hold.lease_hold.amount
-            for (price, usage), cost in zip(priced, costs, strict=True):
-                charges.append(tenant_services.LeaseCharge(usage=usage, price=price, held=left))
-                left -= cost.total
+        charges, left = [], hold.amount
+        for (price, usage), cost in zip(priced, costs, strict=True):
+            charges.append(tenant_services.LeaseCharge(usage=usage, price=price, held=left))
+            left -= cost.total
+        # On disk before it is counted: a process that dies before the row is written is charged by the journal.
+        journal.settling(stream, charges, slo)
+        if hold.lease_hold is not None:  # counted against the lease now; written with the lease's next batch
             return Charge(summary, None, leases.settle(hold.lease_hold, charges, slo))
         assert hold.reservation is not None
         total = sum((cost.total for cost in costs), Decimal(0))
@@ -113,12 +116,12 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
 
 def leg_costs(stream: GatewayStream, legs: list[Leg]) -> list[tenant_services.CostBreakdown]:
     """What ``legs`` (ended with their own outcomes) cost so far, against what the stream holds."""
-    usages = [_leg_usage(stream, leg, index, leg.outcome or "cancelled", leg.error) for index, leg in enumerate(legs)]
+    usages = [leg_usage(stream, leg, index, leg.outcome or "cancelled", leg.error) for index, leg in enumerate(legs)]
     priced = [(leg.price, usage) for leg, usage in zip(legs, usages, strict=True)]
     return tenant_services.settlement_costs(legs=priced, held=stream.hold.amount)
 
 
-def _leg_usage(stream: GatewayStream, leg: Leg, index: int, outcome: str, error: str) -> tenant_services.Usage:
+def leg_usage(stream: GatewayStream, leg: Leg, index: int, outcome: str, error: str) -> tenant_services.Usage:
     from inference.stream import leg_token_counts
 
     tally, route, entry = leg.tally, leg.route, stream.entry
@@ -239,7 +242,7 @@ def _settle_write(
         SloSample.objects.create(**slo)
 
 
-def _slo_sample(stream: GatewayStream, now: float, outcome: str) -> dict:
+def slo_sample(stream: GatewayStream, now: float, outcome: str) -> dict:
     """The request's SLO sample (one that failed before its first token has no TTFT and no tokens)."""
     first = stream.first_token_at
     delivered = stream.delivered
@@ -340,8 +343,10 @@ def _slo_samples_write(samples: list[dict]) -> None:
     tenant_services.rows_insert(model=SloSample, rows=[{**sample, "created_at": now} for sample in samples])
 
 
-# This process's budget leases: their DB work runs where the rest of the gateway's does.
-leases = LeasePool(run_db=db_from_thread, on_flush=_slo_samples_write)
+# This process's settlement journal (the charges a dead process still owes) and budget leases,
+# whose DB work runs where the rest of the gateway's does.
+journal = Journal(settings.TANDEM_JOURNAL_DIR)
+leases = LeasePool(run_db=db_from_thread, on_flush=_slo_samples_write, on_open=journal.lease_opened)
 
 
 @atexit.register

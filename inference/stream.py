@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -32,6 +33,7 @@ from inference.engines import Engine, ModelEntry, arequest_for
 from inference.errors import ContextTooLong, GatewayError, Overloaded, UpstreamFailed
 from inference.handoff import END, pump_on_loop, pump_on_thread
 from inference.holds import Hold, hold_more, price_in_pinned_book, worst_case
+from inference.journal import JournalState
 from inference.limits import limiter
 from inference.principals import Principal
 from inference.queueing import Slot
@@ -156,6 +158,7 @@ class GatewayStream:
         self._ledger: asyncio.Future | None = None  # the ledger write, once scheduled
         self._probe = False  # this request holds its tier's half-open probe
         self._in_tier: Tier | None = None  # the tier this stream is counted on in ``entry.in_flight``
+        self.journaled: JournalState | None = None  # what the settlement journal has of it (inference.journal)
 
     @property
     def failed_over(self) -> bool:
@@ -648,16 +651,24 @@ class GatewayStream:
             used = charge.summary.prompt_tokens + charge.summary.completion_tokens
             limiter.give_back_soon(self.principal, self.rate_tokens - used)
         if charge.batched is not None:
+            charge.batched.add_done_callback(self._journal_end)
             self._ledger = asyncio.wrap_future(charge.batched)
             if not settings.TANDEM_SETTLE_AFTER_REPLY:
                 settlement.leases.flush_soon()
                 await asyncio.shield(self._ledger)
             return
         if charge.write is None:
+            settlement.journal.ended(self.request_id)
             return
         self._ledger = settlement.ledger_write(self.request_id, db(charge.write))
+        self._ledger.add_done_callback(self._journal_end)
         if not settings.TANDEM_SETTLE_AFTER_REPLY:
             await asyncio.shield(self._ledger)
+
+    def _journal_end(self, written: asyncio.Future | concurrent.futures.Future) -> None:
+        """Its ledger rows are committed: the journal owes nothing for it (a failed write stays owed there)."""
+        if not written.cancelled() and written.exception() is None:
+            settlement.journal.ended(self.request_id)
 
     async def settled(self) -> None:
         """Wait until the ledger holds this stream's charge; raises if writing it failed."""

@@ -41,3 +41,19 @@ def _call_fields(call: dict) -> dict:
     if "stop" in fields:
         fields["stop"] = tuple(fields["stop"])
     return fields
+
+
+@shared_task(name="inference.settle_dead_processes")
+def settle_dead_processes() -> dict:
+    """The stale-hold sweep: charge what dead processes' clients received (their journals), then give back the rest.
+
+    In this order: a hold given back first could no longer be charged for what its
+    request had delivered.
+    """
+    from django.conf import settings
+
+    from inference import journal, settlement
+    from tenants.tasks import release_stale_reservations
+
+    recovered = journal.recover(settings.TANDEM_JOURNAL_DIR, skip=[settlement.journal.path])
+    return {"journal": recovered.as_dict(), "released": release_stale_reservations()}

@@ -99,11 +99,15 @@ class LeasePool:
         *,
         run_db: Callable[[Callable[[], T]], T] | None = None,
         on_flush: Callable[[list[Any]], None] | None = None,
+        on_open: Callable[[Any], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         keeper: bool = True,
     ) -> None:
         self._run_db: Callable[[Callable[[], Any]], Any] = run_db or (lambda fn: fn())
         self._on_flush = on_flush
+        self._on_open = (
+            on_open  # told each new lease's id (the gateway's journal: a dead process's leases close at once)
+        )
         self._clock = clock
         self._lock = threading.Lock()
         self._active: dict[LeaseKey, _Lease] = {}
@@ -171,6 +175,8 @@ class LeasePool:
             with self._lock:
                 self._refused[key] = now
             return None
+        if self._on_open is not None:
+            self._on_open(row.pk)
         now = self._clock()
         lease = _Lease(row=row, amount=row.amount, opened_at=now, committed=Decimal(0), last_used=now)
         with self._lock:

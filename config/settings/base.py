@@ -192,7 +192,8 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ALWAYS_EAGER = get_env("TANDEM_CELERY_EAGER", False, as_bool)
 CELERY_BEAT_SCHEDULE = {
-    "release-stale-reservations": {"task": "tenants.release_stale_reservations", "schedule": 300.0},
+    # what dead web processes' journals say their clients received is charged, then the holds left are given back
+    "release-stale-reservations": {"task": "inference.settle_dead_processes", "schedule": 300.0},
     "slo-rollups": {"task": "slo.rollups_compute", "schedule": 60.0},
     "cost-rollups": {"task": "dashboards.rollups_refresh", "schedule": 300.0},
     "slo-alerts": {"task": "slo.alerts_evaluate", "schedule": 60.0},
@@ -265,6 +266,9 @@ TANDEM_RESERVATION_TTL_S = get_env("TANDEM_RESERVATION_TTL_S", 3600, int)
 # write-behind: a stream's final frame (its usage and exact cost, worked out in memory)
 # goes out before its ledger row is written; a failed write is logged as an error
 TANDEM_SETTLE_AFTER_REPLY = get_env("TANDEM_SETTLE_AFTER_REPLY", True, as_bool)
+# each web process's settlement journal (inference.journal): what its requests delivered and owe until
+# the ledger has it, so a process killed mid-stream is still charged exactly; per host, on local disk
+TANDEM_JOURNAL_DIR = Path(get_env("TANDEM_JOURNAL_DIR", str(VAR_DIR / "journal")))
 # in-process caches: a key revoked or a price book published in ANOTHER process is seen
 # here within this many seconds (in this process, at once); expiry is checked on every use
 TANDEM_API_KEY_CACHE_TTL_S = get_env("TANDEM_API_KEY_CACHE_TTL_S", 5.0, float)
