@@ -52,6 +52,7 @@ from inference.redaction import serving_call
 from inference.router import Route, decide, spill
 from inference.runtime import db
 from inference.selectors import routing_policy_cached, routing_policy_for
+from inference.shared_streams import shared_streams
 from inference.semantic_cache import SemanticLookup, content_words, semantic_cache
 from inference.settlement import leases, ledger_writes_flush
 from inference.signals import assess
@@ -221,9 +222,22 @@ async def _slot(principal: Principal, entry, tier: Tier, latency_class: str, on_
         key = (principal.api_key_id, own.max_streams)
     pool_name, capacity = entry.pool(tier)
     assert limits.max_streams is not None
-    return await scheduler.pool(pool_name, capacity).acquire(
-        principal.tenant_id, limits.max_streams, latency_class, on_queued, key
+    # Across processes first (Redis): a request waiting for its tenant's streams elsewhere to end holds no slot here.
+    owners = [(f"t{principal.tenant_id}", limits.max_streams)] + ([(f"k{key[0]}", key[1])] if key else [])
+    claim = await shared_streams.claim(
+        owners, settings.TANDEM_QUEUE_DEADLINE_S[latency_class], (lambda: on_queued(1)) if on_queued else None
     )
+    try:
+        slot = await scheduler.pool(pool_name, capacity).acquire(
+            principal.tenant_id, limits.max_streams, latency_class, on_queued, key
+        )
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+    if claim is not None:
+        slot.also = claim.release
+    return slot
 
 
 async def collect(stream: GatewayStream, *, ledger_written: bool = True) -> tuple[str, list[TokenDelta]]:

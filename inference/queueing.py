@@ -63,12 +63,15 @@ class Slot:
     owners: Owners
     waited_s: float = 0.0
     taken_at: float = field(default_factory=time.monotonic)
+    also: Callable[[], None] | None = None  # given back with it: its claim on the streams shared through Redis
     _released: bool = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self.pool.release(self)
+            if self.also is not None:
+                self.also()
 
 
 class Pool:
