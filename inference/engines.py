@@ -265,8 +265,11 @@ def load_default_engines() -> EngineSet:
     verifier, draft, tokenizer = load_pair(verifier_path, draft_path)
     if settings.TANDEM_VERIFIER_URLS:
         from speculative.remote import RemoteVerifier
+        from speculative.verifier_pool import VerifierPool
 
-        verifier = RemoteVerifier(settings.TANDEM_VERIFIER_URLS[0])
+        # several verifier servers: each session on the least loaded that is up (speculative.verifier_pool)
+        remotes = [RemoteVerifier(url) for url in settings.TANDEM_VERIFIER_URLS]
+        verifier = remotes[0] if len(remotes) == 1 else VerifierPool(remotes)
     speculative = SpeculativeEngine(verifier, tokenizer, draft)
     edge = EdgeEngine(draft, tokenizer, tokenizer.eos_token_id)
     entry = ModelEntry(
