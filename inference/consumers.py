@@ -9,7 +9,7 @@ Protocol: JSON text frames, one object each.
 
 client -> server::
 
-    {"type": "start", "id": "<client id>", "model": "tandem-demo", "prompt": "...",
+    {"type": "start", "id": "<client id>", "model": "tandem-demo", "prompt": "..." | "messages": [...],
      "max_tokens": 64, "temperature": 0, "top_p": 1, "top_k": 0, "seed": null,
      "stop": [], "tags": {}, "tier": null, "logprobs": null, "tenant": <tenant id; console sessions only>}
     {"type": "cancel", "id": "<client id>"}
@@ -30,8 +30,10 @@ server -> client::
      "usage": {...} | null}                            usage when the failure came mid-stream
     {"type": "ping"}                                   keep-alive while a stream waits for tokens
 
-Only ``model`` and ``prompt`` are required in ``start``; the other fields take the defaults
-shown. ``tier`` asks for a tier (``edge``, ``speculative``, ``cloud``); the tenant's
+``model`` and one of ``prompt`` (text the model continues) and ``messages`` (a chat, as the
+OpenAI chat API takes it: ``[{"role": "system" | "user" | "assistant", "content": "..."}]``,
+rendered through the model's chat template) are required in ``start``; the other fields
+take the defaults shown. ``tier`` asks for a tier (``edge``, ``speculative``, ``cloud``); the tenant's
 routing policy allows it or refuses it (``invalid_request``, param ``tier``). On the cloud
 tier a "token" of a delta frame is a chunk of the upstream's text, and the usage counts
 what the upstream reported (or that text in its model's tokens). Up to ``MAX_STREAMS_PER_CONNECTION`` streams run at once on one connection, each
@@ -56,6 +58,7 @@ key always acts in its own tenant, and a ``tenant`` naming another is refused (4
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from contextlib import aclosing
@@ -65,7 +68,8 @@ from typing import Any
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from inference import gateway, metrics
+from inference import gateway, metrics, prompts
+from inference.engines import aget_engines
 from inference.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -92,6 +96,7 @@ _START_FIELDS = frozenset(
         "id",
         "model",
         "prompt",
+        "messages",
         "max_tokens",
         "temperature",
         "top_p",
@@ -228,6 +233,8 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         try:
             try:
                 principal = await self._principal(item.tenant_id)
+                if item.call.messages:
+                    item.call = await _rendered(item.call)
                 item.stream = await gateway.start(principal, item.call, functools.partial(self._queued, item))
             except GatewayError as exc:  # refused before any output: nothing was charged
                 await self._send_error(item.id, exc)
@@ -361,6 +368,13 @@ def _frame_id(content: Any) -> str | None:
 
 
 # parsing a start frame -------------------------------------------------------------------------
+async def _rendered(call: gateway.CompletionCall) -> gateway.CompletionCall:
+    """A chat's call with its prompt: the messages through the model's chat template (as the chat API does)."""
+    entry = (await aget_engines()).get(call.model)  # ModelNotFound: an error frame, nothing charged
+    messages = [prompts.Message(m["role"], m["content"]) for m in call.messages]
+    return dataclasses.replace(call, prompt=await prompts.achat_prompt(entry.tokenizer, messages))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -377,10 +391,20 @@ def _parse_start(content: dict) -> tuple[str, gateway.CompletionCall, int | None
     stream_id = content.get("id")
     if not isinstance(stream_id, str) or not 0 < len(stream_id) <= MAX_ID_CHARS:
         raise InvalidRequest(f"id must be a string of 1 to {MAX_ID_CHARS} characters", param="id")
-    for name in ("model", "prompt"):
-        if not isinstance(content.get(name), str):
-            raise InvalidRequest(f"{name} must be a string", param=name)
-    kwargs: dict[str, Any] = {"model": content["model"], "prompt": content["prompt"]}
+    if not isinstance(content.get("model"), str):
+        raise InvalidRequest("model must be a string", param="model")
+    kwargs: dict[str, Any] = {"model": content["model"]}
+    if ("prompt" in content) == ("messages" in content):
+        raise InvalidRequest("a start frame takes a prompt or messages (a chat), exactly one of them", param="prompt")
+    if "messages" in content:
+        # validated here (a bad chat starts nothing); rendered through the model's template when the stream starts
+        messages = prompts.messages_parse(content["messages"])
+        kwargs["messages"] = tuple({"role": m.role, "content": m.content} for m in messages)
+        kwargs["prompt"] = ""
+    elif isinstance(content["prompt"], str):
+        kwargs["prompt"] = content["prompt"]
+    else:
+        raise InvalidRequest("prompt must be a string", param="prompt")
     for name, check, what in (
         ("max_tokens", _is_int, "an integer"),
         ("top_k", _is_int, "an integer"),

@@ -40,7 +40,7 @@ from rest_framework import serializers
 from rest_framework.settings import api_settings
 
 from inference import gateway, metrics, prompts
-from inference.engines import INLINE_TOKENIZE_CHARS, ModelEntry, aget_engines
+from inference.engines import ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, unexpected
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
 from inference.limits import limiter
@@ -363,10 +363,7 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     data = _validated(ChatCompletionInputSerializer, _json_body(request))
     messages = prompts.messages_parse(data["messages"])
     entry = (await aget_engines()).get(data["model"])
-    if sum(len(m.content) for m in messages) <= INLINE_TOKENIZE_CHARS:
-        prompt = prompts.chat_prompt(entry.tokenizer, messages)  # a short chat renders in microseconds: no thread hop
-    else:
-        prompt = await asyncio.to_thread(prompts.chat_prompt, entry.tokenizer, messages)
+    prompt = await prompts.achat_prompt(entry.tokenizer, messages)
     max_tokens = data["max_completion_tokens"] or data["max_tokens"]
     data["messages"] = tuple({"role": m.role, "content": m.content} for m in messages)
     data["logprobs"] = (data["top_logprobs"] or 0) if data["logprobs"] else None

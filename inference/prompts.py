@@ -19,6 +19,7 @@ the plain template below, one ``Role: content`` line per message, ending with th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,6 +91,17 @@ def chat_prompt(tokenizer: object, messages: Sequence[Message]) -> str:
         except TemplateError as exc:  # e.g. "roles must alternate user/assistant": the client can fix it
             raise InvalidRequest(f"the model's chat template refused these messages: {exc}", param="messages") from None
     return plain_prompt(messages)
+
+
+# A chat this short renders in microseconds: on the event loop, no thread hop (longer: on a thread).
+INLINE_RENDER_CHARS = 2048
+
+
+async def achat_prompt(tokenizer: object, messages: Sequence[Message]) -> str:
+    """``chat_prompt`` for the event loop: a long chat is rendered on a thread, never on the loop."""
+    if sum(len(m.content) for m in messages) <= INLINE_RENDER_CHARS:
+        return chat_prompt(tokenizer, messages)
+    return await asyncio.to_thread(chat_prompt, tokenizer, messages)
 
 
 def plain_prompt(messages: Sequence[Message]) -> str:

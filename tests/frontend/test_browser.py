@@ -97,3 +97,22 @@ def test_a_tier_asked_for_in_the_playground_is_served_and_its_reason_shown(page)
     assert page.locator("#route-tier").inner_text() == "tier: edge"
     assert page.locator("#route-reason").inner_text().startswith("requested")
     assert page.locator("#degraded").is_hidden()
+
+
+def test_chat_mode_keeps_the_conversation_and_sends_all_of_it_each_turn(page):
+    assert page.get_by_label("Mode", exact=True).input_value() == "chat"  # the default
+    run_prompt(page, "tandem-test", "Hello there.", 8)
+    assert page.locator("#status").inner_text() == "done"
+    first_answer = page.locator("#output").inner_text()
+    first_prompt_tokens = int(page.locator("#cost-note").inner_text().split(" prompt")[0])
+    assert page.get_by_label("Prompt").input_value() == ""  # ready for the next message
+    run_prompt(page, "tandem-test", "And then?", 8)
+    turns = page.locator("#history li")
+    assert turns.count() == 3  # you, the first answer, you; the second answer is in the output below
+    assert turns.nth(0).inner_text() == "You Hello there."
+    assert turns.nth(1).inner_text() == f"Assistant {first_answer}"
+    # the second turn sent the whole conversation, rendered through the chat template
+    second_prompt_tokens = int(page.locator("#cost-note").inner_text().split(" prompt")[0])
+    assert second_prompt_tokens > first_prompt_tokens + len(first_answer)
+    page.get_by_role("button", name="New chat").click()
+    assert page.locator("#history").is_hidden() and page.get_by_role("button", name="New chat").is_hidden()

@@ -12,9 +12,9 @@ from django.conf import settings
 from django.test import AsyncClient
 
 from config.asgi import application
-from inference import gateway
+from inference import gateway, prompts
 from inference.consumers import MAX_STREAMS_PER_CONNECTION
-from inference.engines import trivial_entry
+from inference.engines import aget_engines, trivial_entry
 from tenants.models import Reservation, UsageRecord
 from tenants.services import api_key_revoke, membership_create
 from tests.inference.conftest import GatedEngine, serving_gated
@@ -56,6 +56,11 @@ async def receive(ws: WebsocketCommunicator) -> dict:
 
 def start(stream_id: str = "s1", **fields) -> dict:
     return {"type": "start", "id": stream_id, "model": "tandem-test", "prompt": "Hello there", **fields}
+
+
+def chat_start(messages: list, **fields) -> dict:
+    """A start frame that carries a chat instead of a prompt."""
+    return {k: v for k, v in start(**fields).items() if k != "prompt"} | {"messages": messages}
 
 
 def tokens_of(frame: dict) -> list[dict]:
@@ -317,6 +322,9 @@ async def test_an_engine_failure_sends_an_error_frame_with_the_usage_of_what_was
         (json.dumps(start(model="no-such-model")), "model_not_found", "model"),
         (json.dumps(start(prompt="x" * 40_000)), "context_length_exceeded", "prompt"),
         (json.dumps({"type": "cancel", "id": "never-started"}), "invalid_request", "id"),
+        (json.dumps(start(messages=[{"role": "user", "content": "Hi"}])), "invalid_request", "prompt"),
+        (json.dumps(chat_start([])), "invalid_request", "messages"),
+        (json.dumps(chat_start([{"role": "robot", "content": "Hi"}])), "invalid_request", "messages[0].role"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 24 else None,
 )
@@ -426,6 +434,25 @@ async def test_a_handover_mid_stream_is_announced_by_a_route_frame_before_the_ne
         "speculative",
         "edge",
     ]
+
+
+async def test_a_start_frame_may_carry_a_chat_rendered_through_the_models_template(account):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is Tandem?"},
+    ]
+    ws = await key_socket(account)
+    await ws.send_json_to(chat_start(messages, max_tokens=4))
+    _, tokens, done = await run_to_end(ws, "s1")
+    await ws.disconnect()
+    tokenizer = (await aget_engines()).get("tandem-test").tokenizer
+    rendered = prompts.chat_prompt(tokenizer, [prompts.Message(**m) for m in messages])
+    assert "What is Tandem?" in rendered and rendered != messages[-1]["content"]
+    assert done["usage"]["prompt_tokens"] == len(tokenizer.encode(rendered)) and len(tokens) == 4
+    row = await UsageRecord.objects.aget(request_id=done["usage"]["request_id"])
+    assert row.prompt_tokens == done["usage"]["prompt_tokens"]  # charged for the whole conversation
 
 
 async def test_a_start_frame_may_ask_for_each_tokens_logprobs(account):

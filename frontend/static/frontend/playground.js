@@ -24,7 +24,8 @@
   let socket = null;
   let opening = null;
   let runCounter = 0;
-  let run = null; // the run in progress: {id, startedAt, firstAt, tokens, drafted, pending: [], frame}
+  let run = null; // the run in progress: {id, startedAt, firstAt, tokens, drafted, pending: [], frame, user}
+  const history = []; // chat mode: the conversation so far, [{role, content}], each answer as the client received it
 
   // connection ---------------------------------------------------------------------------------
   function connect() {
@@ -131,11 +132,17 @@
       type: "start",
       id,
       model: $("model").value,
-      prompt: $("prompt").value,
       max_tokens: Number.parseInt($("max-tokens").value, 10),
       temperature: Number.parseFloat($("temperature").value),
       tenant,
     };
+    if ($("mode").value === "chat") {
+      run.user = $("prompt").value;
+      message.messages = [...history, { role: "user", content: run.user }];
+      renderHistory(run.user);
+    } else {
+      message.prompt = $("prompt").value;
+    }
     if ($("tier").value) message.tier = $("tier").value; // empty: the routing policy decides
     try {
       (await connect()).send(JSON.stringify(message));
@@ -154,6 +161,14 @@
   function finish(usage, error) {
     if (run.frame) cancelAnimationFrame(run.frame);
     flush();
+    if (run.user !== undefined) {
+      if (run.tokens > 0) {
+        // the turn joins the conversation with the answer as it was received (a stopped one too)
+        history.push({ role: "user", content: run.user }, { role: "assistant", content: output.textContent });
+        $("prompt").value = "";
+      }
+      renderHistory();
+    }
     if (usage) {
       $("stat-tokens").textContent = String(usage.completion_tokens);
       $("stat-tps").textContent = usage.tokens_per_s ? usage.tokens_per_s.toFixed(1) : "–";
@@ -177,6 +192,7 @@
     if (run) {
       if (run.frame) cancelAnimationFrame(run.frame);
       flush();
+      if (run.user !== undefined) renderHistory(); // the message was not answered: it leaves the list
       setStatus("error");
       endRun();
     }
@@ -203,6 +219,32 @@
     for (const id of ["stat-tokens", "stat-tps", "stat-share", "stat-acceptance", "stat-ttft", "stat-request"]) {
       $(id).textContent = "–";
     }
+  }
+
+  // Earlier turns are listed above the output, which holds the answer being streamed (or the last one):
+  // while a run streams, every turn so far and the message just sent; after it, all but its answer.
+  function renderHistory(pending) {
+    const turns = pending === undefined ? history.slice(0, -1) : [...history, { role: "user", content: pending }];
+    const list = $("history");
+    list.replaceChildren(
+      ...turns.map((turn) => {
+        const item = document.createElement("li");
+        item.className = `turn turn-${turn.role}`;
+        const who = document.createElement("strong");
+        who.textContent = turn.role === "user" ? "You" : "Assistant";
+        item.append(who, document.createTextNode(` ${turn.content}`));
+        return item;
+      }),
+    );
+    list.hidden = turns.length === 0;
+    $("new-chat").hidden = history.length === 0;
+  }
+
+  function newChat() {
+    history.length = 0;
+    renderHistory();
+    if (!run) reset();
+    $("prompt").focus();
   }
 
   function showCost(usage) {
@@ -273,6 +315,8 @@
     });
   });
   stopButton.addEventListener("click", stop);
+  $("new-chat").addEventListener("click", newChat);
+  $("mode").addEventListener("change", newChat); // a conversation belongs to one mode
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
   });
