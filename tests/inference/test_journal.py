@@ -69,35 +69,41 @@ async def journaled(journal: Journal, request_id: str, tokens: int) -> None:
     raise AssertionError(f"the journal never showed {tokens} tokens sent")
 
 
+async def streaming(account, journal: Journal, gated: GatedEngine, tokens: int):
+    """A websocket stream whose client has received ``tokens`` tokens, journaled: (the socket, its request id)."""
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=20))
+    gated.gate.release(tokens)
+    request_id = (await receive(ws))["request_id"]
+    await receive_tokens(ws, tokens)
+    await journaled(journal, request_id, tokens)
+    return ws, request_id
+
+
 async def test_a_stream_cut_by_a_dead_process_is_charged_for_what_its_client_received(
     account, journal, gated, settings
 ):
     settings.TANDEM_RESERVATION_TTL_S = 0  # the stale-hold sweep would give the hold back at once
-    ws = await key_socket(account)
-    await ws.send_json_to(start(max_tokens=20))
-    gated.gate.release(7)
-    started = await receive(ws)
-    await receive_tokens(ws, 7)
-    await journaled(journal, started["request_id"], 7)
+    ws, request_id = await streaming(account, journal, gated, 7)
     die(journal)
 
     # the sweep reads the dead process's journal before it gives holds back: charged, not released
     figures = await sync_to_async(tasks.settle_dead_processes)()
     assert figures["journal"]["charged"] == 1 and figures["journal"]["files"] == 1
-    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    row = await UsageRecord.objects.aget(request_id=request_id)
     assert row.completion_tokens == 7 and row.outcome == "error" and row.cost_total > 0
-    reservation = await Reservation.objects.aget(request_id=started["request_id"])
+    reservation = await Reservation.objects.aget(request_id=request_id)
     assert reservation.status == "settled"
     budget = await Budget.objects.filter(tenant=account.tenant).afirst()
     assert budget is None or (budget.reserved == 0 and budget.spent == row.cost_total)
-    sample = await SloSample.objects.aget(request_id=started["request_id"])
+    sample = await SloSample.objects.aget(request_id=request_id)
     assert sample.tokens == 7 and sample.outcome == "error"
 
     # the process was not really dead: its own settlement now finds the request charged and charges nothing more
     await ws.disconnect()
     await gateway.ledger_writes_flush()
-    assert await UsageRecord.objects.filter(leg_of=started["request_id"]).acount() == 1
-    assert (await UsageRecord.objects.aget(request_id=started["request_id"])).cost_total == row.cost_total
+    assert await UsageRecord.objects.filter(leg_of=request_id).acount() == 1
+    assert (await UsageRecord.objects.aget(request_id=request_id)).cost_total == row.cost_total
 
 
 async def test_a_lease_charge_settled_in_memory_but_not_written_is_written_by_the_recovery(
@@ -132,31 +138,21 @@ async def test_a_lease_charge_settled_in_memory_but_not_written_is_written_by_th
 
 
 async def test_a_living_process_journal_is_left_alone(account, journal, gated):
-    ws = await key_socket(account)
-    await ws.send_json_to(start(max_tokens=20))
-    gated.gate.release(3)
-    started = await receive(ws)
-    await receive_tokens(ws, 3)
-    await journaled(journal, started["request_id"], 3)
+    ws, request_id = await streaming(account, journal, gated, 3)
     figures = await sync_to_async(recover)(journal.directory)  # its lock is held: the process lives
     assert figures.files == 0 and figures.charged == 0 and journal.path.exists()
     await ws.disconnect()
     await gateway.ledger_writes_flush()
-    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    row = await UsageRecord.objects.aget(request_id=request_id)
     assert row.completion_tokens == 3  # settled by its own process, once
     assert journal.open_requests() == 0
 
 
 async def test_recovering_one_journal_twice_charges_once_and_a_torn_last_line_is_ignored(account, journal, gated):
-    ws = await key_socket(account)
-    await ws.send_json_to(start(max_tokens=20))
-    gated.gate.release(4)
-    started = await receive(ws)
-    await receive_tokens(ws, 4)
-    await journaled(journal, started["request_id"], 4)
+    ws, request_id = await streaming(account, journal, gated, 4)
     path = die(journal)
     with path.open("a") as file:
-        file.write('{"op":"n","id":"' + started["request_id"] + '","leg":0,"n":')  # the writer died mid-line
+        file.write('{"op":"n","id":"' + request_id + '","leg":0,"n":')  # the writer died mid-line
     copy = path.with_suffix(".copy")
     shutil.copy(path, copy)
 
@@ -164,7 +160,7 @@ async def test_recovering_one_journal_twice_charges_once_and_a_torn_last_line_is
     copy.rename(path)  # the same file again, as a second recovery that opened it before the first deleted it
     second = await sync_to_async(recover)(journal.directory)
     assert (first.charged, second.charged, second.already_written) == (1, 0, 1)
-    row = await UsageRecord.objects.aget(request_id=started["request_id"])
+    row = await UsageRecord.objects.aget(request_id=request_id)
     assert row.completion_tokens == 4
     assert await UsageRecord.objects.acount() == 1
     await ws.disconnect()
