@@ -44,6 +44,10 @@ _CARD_SCORE = 0.95
 _IBAN_SCORE = 0.95
 _ID_SCORE = 0.9
 _CUED_ID_SCORE = 0.85
+# A number after the cue that names its own scheme ("身份证", "BSN", "PESEL"), which that scheme validates, is
+# that id even where its digits also pass Luhn (an 18-digit Chinese id starting with 3 reads as a card number):
+# above the card's score, so the id wins the span. After a generic cue ("ID number") the card still wins.
+_NAMED_ID_SCORE = 0.96
 _NIR_SCORE = 0.96
 _PASSPORT_SCORE = 0.85
 
@@ -299,7 +303,10 @@ def _cued_ids(text: str, after: int, schemes: tuple[str, ...]) -> Iterator[PiiFi
             for length in scheme.lengths:
                 read = _read_compact(text, start, length)
                 if read is not None and scheme.validator.is_valid(read[0]):
-                    yield PiiFinding.at(PiiKind.NATIONAL_ID, text, start, read[1], _CUED_ID_SCORE)
+                    named = schemes is not _CHECKED
+                    yield PiiFinding.at(
+                        PiiKind.NATIONAL_ID, text, start, read[1], _NAMED_ID_SCORE if named else _CUED_ID_SCORE
+                    )
                     return
 
 
