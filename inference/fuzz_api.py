@@ -30,6 +30,7 @@ import copy
 import functools
 import json
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -197,8 +198,9 @@ def _wrong_methods(schema: Any, target: Target, report: Report) -> None:
     for operation in operations:
         figures = report.endpoints.setdefault(f"{operation.method.upper()} {operation.path}", EndpointFigures())
         for method in sorted(WRONG_METHODS - served[operation.path]):
+            names = re.findall(r"{(\w+)}", operation.path)  # a model that exists; other ids (files, batches) none
             case = operation.Case(
-                path_parameters={"model_id": target.model} if "{model_id}" in operation.path else None
+                path_parameters={n: target.model if n == "model_id" else f"no-such-{n}" for n in names} or None
             )
             case.method = method
             headers = {"Authorization": f"Bearer {target.key}"}

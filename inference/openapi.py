@@ -510,6 +510,8 @@ def _model_operation(*, operation_id: str, summary: str, response: str, not_foun
 @functools.cache
 def openapi_schema() -> dict:
     """The whole ``/v1/`` API as an OpenAPI 3.1 document (built once; callers get it as is: do not mutate)."""
+    from batches.openapi import batch_paths, batch_schemas  # the batch app's endpoints, served under /v1/ too
+
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -567,9 +569,10 @@ def openapi_schema() -> dict:
                     },
                 }
             },
+            **batch_paths(),
         },
         "components": {
-            "schemas": _components(),
+            "schemas": _components() | batch_schemas(),
             "headers": _header_components(),
             "parameters": {
                 "XRequestId": {

@@ -156,6 +156,7 @@ def leg_usage(stream: GatewayStream, leg: Leg, index: int, outcome: str, error: 
         upstream=getattr(stats, "upstream", "") or "",
         source=stream.source,
         replayed_cost=_replayed_cost(stream, leg.price, prompt_tokens, completion_tokens),
+        latency_class=stream.call.latency_class,
     )
 
 

@@ -254,6 +254,9 @@ class Price(models.Model):
     # An answer replayed from a cache (exact or semantic) instead of generated on this tier:
     # per million prompt and completion tokens, nothing for drafts or GPU time.
     cache_per_mtok = _money(default=0)
+    # A batch job's request (latency class "batch") is charged this percentage less, every bucket
+    # (tenants.services.batch_discounted): it waits its turn, so it may fill the engines' idle time.
+    batch_discount = _money(default=0)
 
     class Meta:
         ordering = ["book", "model", "tier"]
@@ -267,6 +270,9 @@ class Price(models.Model):
                 & Q(max_gpu_ms_per_token__gte=0)
                 & Q(cache_per_mtok__gte=0),
                 name="price_rates_nonnegative",
+            ),
+            models.CheckConstraint(
+                condition=Q(batch_discount__gte=0) & Q(batch_discount__lte=100), name="price_batch_discount_percent"
             ),
             _choices_check("tier", TIER_VALUES, "price_tier_valid"),
         ]
@@ -532,6 +538,16 @@ class AuditAction(models.TextChoices):
     MEMBER_REMOVE = "member.remove"
     INVITE_REVOKE = "invite.revoke"
     INVITE_ACCEPT = "invite.accept"
+    # the model registry (registry.services): versions, tenants' pins, rollouts and each of their steps
+    MODEL_VERSION_REGISTER = "model_version.register"
+    MODEL_PIN_SET = "model_pin.set"
+    ROLLOUT_START = "rollout.start"
+    ROLLOUT_STEP = "rollout.step"
+    ROLLOUT_PROMOTE = "rollout.promote"
+    ROLLOUT_ROLLBACK = "rollout.rollback"
+    ROLLOUT_PAUSE = "rollout.pause"
+    ROLLOUT_RESUME = "rollout.resume"
+    ROLLOUT_FAIL = "rollout.fail"
 
 
 class AuditLogImmutable(Exception):

@@ -88,6 +88,7 @@ PRICE_RATES = (
     "gpu_per_hour",
     "max_gpu_ms_per_token",
     "cache_per_mtok",
+    "batch_discount",  # a percentage, not a rate: what a batch job's request is charged less (batch_discounted)
 )
 
 
@@ -124,6 +125,7 @@ class Usage:
     # ``replayed_cost`` is what the answer it replays cost to generate (its saving is the difference)
     source: str = "generation"
     replayed_cost: Decimal | None = None
+    latency_class: str = "interactive"  # "batch": a batch job's line (priced at the book's batch discount)
 
 
 @dataclass(frozen=True)
@@ -1150,16 +1152,34 @@ def generation_cost(
 
 def usage_cost(*, price: Price, usage: Usage) -> CostBreakdown:
     """What a settlement charges for ``usage``: its generation (``generation_cost``), or a cache's replay of one
-    (``cache_cost``)."""
+    (``cache_cost``); a batch job's at the price's batch discount (``batch_discounted``)."""
     if usage.source != UsageSource.GENERATION:
-        return cache_cost(price=price, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
-    return generation_cost(
-        price=price,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        drafted_tokens=usage.drafted_tokens,
-        gpu_ms=usage.gpu_ms,
-    )
+        cost = cache_cost(price=price, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+    else:
+        cost = generation_cost(
+            price=price,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            drafted_tokens=usage.drafted_tokens,
+            gpu_ms=usage.gpu_ms,
+        )
+    return batch_discounted(cost, price) if usage.latency_class == "batch" else cost
+
+
+def batch_discounted(cost: CostBreakdown, price: Price) -> CostBreakdown:
+    """THE batch discount: every bucket times (1 - ``price.batch_discount`` / 100), rounded half up to 1e-9.
+
+    Never more than ``cost`` (the discount is 0 to 100 percent), so what a request's hold
+    covers at the full price still bounds what it is charged, and a hard budget holds.
+    """
+    discount = getattr(price, "batch_discount", Decimal(0)) or Decimal(0)  # a cache's rates carry none
+    if not discount:
+        return cost
+    with localcontext() as ctx:
+        ctx.prec = _COST_PRECISION
+        keep = (Decimal(100) - discount) / Decimal(100)
+        edge, verifier, cloud = ((b * keep).quantize(MONEY_QUANTUM, ROUND_HALF_UP) for b in cost._buckets())
+    return CostBreakdown(edge=edge, verifier=verifier, cloud=cloud)
 
 
 def settlement_cost(*, price: Price, usage: Usage, held: Decimal) -> CostBreakdown:
@@ -1314,6 +1334,8 @@ def _price_row(entry: dict) -> dict[str, Any]:
         if value != value.quantize(MONEY_QUANTUM):
             raise errors.InvalidInput(f"{rate} has more than 9 decimal places: {value}")
         row[rate] = value
+    if row["batch_discount"] > 100:
+        raise errors.InvalidInput(f"{entry['model']}/{entry['tier']}: batch_discount is a percentage, 0 to 100")
     if row["gpu_per_hour"] > 0 and row["max_gpu_ms_per_token"] == 0:
         # A GPU rate with no cap would charge nothing for GPU time, ever.
         raise errors.InvalidInput(f"{entry['model']}/{entry['tier']}: a GPU rate needs max_gpu_ms_per_token > 0")

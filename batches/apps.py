@@ -1,0 +1,27 @@
+from django.apps import AppConfig
+
+
+class BatchesConfig(AppConfig):
+    default_auto_field = "django.db.models.BigAutoField"
+    name = "batches"
+    verbose_name = "Batch jobs"
+
+    def ready(self) -> None:
+        from celery.signals import worker_ready
+        from django.db.models.signals import post_save
+
+        from batches.runner import record_with_charge
+        from tenants.models import UsageRecord
+
+        worker_ready.connect(_resume_after_start, weak=False)
+        # a batch line's answer commits with its ledger row (batches.runner.record_with_charge)
+        post_save.connect(record_with_charge, sender=UsageRecord, weak=False, dispatch_uid="batches.record_with_charge")
+
+
+def _resume_after_start(**_: object) -> None:
+    """A worker that starts (after a crash, say) resumes the batches whose runner died, once they are silent long enough."""
+    from django.conf import settings
+
+    from batches.tasks import batches_resume_stalled
+
+    batches_resume_stalled.apply_async(countdown=settings.TANDEM_BATCH_STALE_S + 1)
