@@ -8,7 +8,11 @@ on this machine with the same prompts, so ratios are side by side:
   with ``assistant_model=`` (assisted generation, batch size 1 only) on the same pair;
 - 1, 4 and 16 concurrent sessions: aggregate tokens/s of speculative decoding against
   the same verifier batching plain decoding across the sessions;
-- an emulated network round trip of 0, 20 and 80 ms between the draft and the verifier.
+- an emulated network round trip of 0, 20 and 80 ms between the draft and the verifier;
+
+each for every verifier backend (``--backends``: torch on the checkpoint, llama.cpp on the
+shipped Q8_0 GGUF; HF's own ``generate()`` only beside torch), and how often the llama.cpp
+backend's plain greedy output equals torch's on the prompts (``greedy_agreement_with_torch``).
 
 Not a test: figures depend on the machine. The README's performance section quotes it.
 """
@@ -30,7 +34,14 @@ import torch
 
 from speculative.controller import GOVERNOR_CAPS
 from speculative.engine import SpeculativeEngine
-from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER, load_pair, load_tokenizer
+from speculative.pair import (
+    DEMO_DRAFT_GGUF,
+    DEMO_DRAFT_HF,
+    DEMO_VERIFIER,
+    DEMO_VERIFIER_GGUF,
+    load_pair,
+    load_tokenizer,
+)
 from speculative.types import SamplingParams
 from speculative.verifier import Verifier, VerifyRequest, VerifyResult, attention_backends
 
@@ -208,9 +219,90 @@ def hf_generate(verifier_model, draft_model, tokenizer, max_tokens: int, repeats
     return results
 
 
+def backend_agreement(reference: SpeculativeEngine, others: dict[str, SpeculativeEngine], max_tokens: int) -> dict:
+    """How often each other backend's plain greedy decoding equals the reference's, prompt by prompt.
+
+    Different backends (torch in fp32 on the bf16 checkpoint, llama.cpp on an f32 or a quantised
+    GGUF) round differently, so a near-tie may flip: each is lossless against its own plain
+    decoding, and this says how close the backends are to one another.
+    """
+    expected = {p: reference.generate(p, max_tokens=max_tokens).token_ids for p in PROMPTS}
+    report = {}
+    for name, engine in others.items():
+        identical, first_divergence = 0, []
+        for prompt, want in expected.items():
+            got = engine.generate(prompt, max_tokens=max_tokens).token_ids
+            if got == want:
+                identical += 1
+            else:
+                first_divergence.append(
+                    next(
+                        (i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y), min(len(got), len(want))
+                    )
+                )
+        report[name] = {"prompts": len(PROMPTS), "identical": identical, "first_divergence_at": first_divergence}
+    return report
+
+
+def bench_backend(args: argparse.Namespace, verifier_path: str) -> tuple[dict, SpeculativeEngine]:
+    """Every figure for one verifier backend; returns the report and its plain engine (left open)."""
+    verifier, draft, tokenizer = load_pair(
+        verifier_path, args.draft, device=args.device, draft_threads=args.draft_threads
+    )
+    spec = SpeculativeEngine(verifier, tokenizer, draft)
+    plain = SpeculativeEngine(verifier, tokenizer, None)
+    run_sessions(spec, 2, 16)  # warm up both paths (allocations, llama.cpp contexts)
+    run_sessions(plain, 2, 16)
+    torch_model = getattr(verifier, "model", None)  # the torch backend's; llama.cpp has none
+
+    report: dict = {
+        "verifier": verifier_path,
+        "device": str(getattr(verifier, "device", "cpu")),
+        "threads": getattr(verifier, "n_threads", torch.get_num_threads()),
+    }
+    sessions = [int(x) for x in args.sessions.split(",")]
+    by_sessions = [compare(spec, plain, n, args.max_tokens, args.repeats) for n in sessions]
+    report["concurrency"] = by_sessions
+    single = next((r for r in by_sessions if r["sessions"] == 1), None)
+
+    report["greedy_vs_verifier_only"] = greedy_agreement(spec, plain, args.max_tokens)
+
+    if torch_model is not None and args.draft_hf and Path(args.draft_hf).exists():
+        from transformers import AutoModelForCausalLM
+
+        draft_hf = AutoModelForCausalLM.from_pretrained(args.draft_hf, dtype=torch_model.dtype)
+        draft_hf = draft_hf.to(torch_model.device).eval()
+        hf = hf_generate(torch_model, draft_hf, load_tokenizer(verifier_path), args.max_tokens, args.repeats)
+        report["hf"] = hf
+        if single:
+            report["speedup_vs_hf_assisted"] = round(single["speculative_tokens_per_s"] / hf["hf_assisted"], 3)
+            report["speedup_vs_hf_verifier_only"] = round(
+                single["speculative_tokens_per_s"] / hf["hf_verifier_only"], 3
+            )
+
+    rtt_rows = []
+    for rtt in [float(x) for x in args.rtts.split(",") if x]:
+        remote = DelayedVerifier(verifier, rtt)
+        spec_r = SpeculativeEngine(remote, tokenizer, draft)
+        plain_r = SpeculativeEngine(remote, tokenizer, None)
+        row = compare(spec_r, plain_r, 1, args.max_tokens, max(1, args.repeats // 2))
+        row["rtt_ms"] = rtt
+        rtt_rows.append(row)
+        spec_r.close()
+        plain_r.close()
+    report["network"] = rtt_rows
+    if single:
+        report["single_session_speedup"] = single["speedup"]
+    report["min_speedup_anywhere"] = min(r["speedup"] for r in by_sessions + rtt_rows)
+    spec.close()
+    return report, plain
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Benchmark Tandem's speculative decoding.")
-    parser.add_argument("--verifier", default=str(DEMO_VERIFIER))
+    parser.add_argument("--verifier", default=str(DEMO_VERIFIER), help="the torch backend's checkpoint")
+    parser.add_argument("--verifier-gguf", default=str(DEMO_VERIFIER_GGUF), help="the llama.cpp backend's GGUF")
+    parser.add_argument("--backends", default="torch,llama.cpp", help="verifier backends to measure, in turn")
     parser.add_argument("--draft", default=str(DEMO_DRAFT_GGUF))
     parser.add_argument("--draft-hf", default=str(DEMO_DRAFT_HF), help="the same draft for HF assisted generation")
     parser.add_argument("--device", default=None)
@@ -226,60 +318,28 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    verifier, draft, tokenizer = load_pair(
-        args.verifier, args.draft, device=args.device, draft_threads=args.draft_threads
-    )
-    spec = SpeculativeEngine(verifier, tokenizer, draft)
-    plain = SpeculativeEngine(verifier, tokenizer, None)
-    run_sessions(spec, 2, 16)  # warm up both paths (allocations, llama.cpp contexts)
-    run_sessions(plain, 2, 16)
-
+    paths = {"torch": args.verifier, "llama.cpp": args.verifier_gguf}
+    backends = [b for b in args.backends.split(",") if b]
+    if unknown := [b for b in backends if b not in paths]:
+        raise SystemExit(f"unknown backend(s) {unknown}: choose from {sorted(paths)}")
     report: dict = {
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "device": str(verifier.device),
             "processor": host_platform.processor() or host_platform.machine(),
         },
-        "pair": {"verifier": args.verifier, "draft": args.draft},
+        "pair": {"draft": args.draft},
         "max_tokens": args.max_tokens,
+        "backends": {},
     }
-    sessions = [int(x) for x in args.sessions.split(",")]
-    by_sessions = [compare(spec, plain, n, args.max_tokens, args.repeats) for n in sessions]
-    report["concurrency"] = by_sessions
-    single = next((r for r in by_sessions if r["sessions"] == 1), None)
-
-    report["greedy_vs_verifier_only"] = greedy_agreement(spec, plain, args.max_tokens)
-
-    if args.draft_hf and Path(args.draft_hf).exists():
-        from transformers import AutoModelForCausalLM
-
-        draft_hf = AutoModelForCausalLM.from_pretrained(args.draft_hf, dtype=verifier.model.dtype)
-        draft_hf = draft_hf.to(verifier.device).eval()
-        hf = hf_generate(verifier.model, draft_hf, load_tokenizer(args.verifier), args.max_tokens, args.repeats)
-        report["hf"] = hf
-        if single:
-            report["speedup_vs_hf_assisted"] = round(single["speculative_tokens_per_s"] / hf["hf_assisted"], 3)
-            report["speedup_vs_hf_verifier_only"] = round(
-                single["speculative_tokens_per_s"] / hf["hf_verifier_only"], 3
-            )
-
-    rtt_rows = []
-    for rtt in [float(x) for x in args.rtts.split(",")]:
-        remote = DelayedVerifier(verifier, rtt)
-        spec_r = SpeculativeEngine(remote, tokenizer, draft)
-        plain_r = SpeculativeEngine(remote, tokenizer, None)
-        row = compare(spec_r, plain_r, 1, args.max_tokens, max(1, args.repeats // 2))
-        row["rtt_ms"] = rtt
-        rtt_rows.append(row)
-        spec_r.close()
-        plain_r.close()
-    report["network"] = rtt_rows
-    if single:
-        report["single_session_speedup"] = single["speedup"]
-    report["min_speedup_anywhere"] = min(r["speedup"] for r in by_sessions + rtt_rows)
-    spec.close()
-    plain.close()
+    plains: dict[str, SpeculativeEngine] = {}
+    for backend in backends:
+        report["backends"][backend], plains[backend] = bench_backend(args, paths[backend])
+    if "torch" in plains and len(plains) > 1:
+        others = {f"{b} ({Path(paths[b]).name})": e for b, e in plains.items() if b != "torch"}
+        report["greedy_agreement_with_torch"] = backend_agreement(plains["torch"], others, args.max_tokens)
+    for engine in plains.values():
+        engine.close()
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -6,13 +6,21 @@ the llama architecture's hyper-parameters, the tokenizer as llama.cpp's ``gpt2``
 q/k projections are permuted the way llama.cpp's own converter does, because HF stores
 rotary halves split ("rotate_half") while GGUF expects them interleaved.
 
-Usage: ``python -m speculative.gguf_export HF_DIR OUT.gguf``.
+It converts verifiers too (the llama.cpp verifier backend runs the same files), and
+``--type`` re-encodes the f32 file with llama.cpp's own quantiser (``llama_model_quantize``):
+``f16``, ``bf16`` or ``q8_0``. The demo's shipped verifier GGUF is
+``python -m speculative.gguf_export speculative/assets/demo/verifier
+speculative/assets/demo/verifier-q8_0.gguf --type q8_0``; its f32 (49 MB, too large for
+the repository) is the same command without ``--type``.
+
+Usage: ``python -m speculative.gguf_export HF_DIR OUT.gguf [--type f32|f16|bf16|q8_0]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +53,20 @@ def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
     rows = weight.shape[0]
     assert rows % (2 * n_head) == 0, f"{rows} rows do not split into {n_head} rotary heads"
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _pre_tokenizer(hf_dir: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: ``gpt-2`` for a byte-level BPE split by GPT-2's regex.
+
+    llama.cpp's ``default`` splits punctuation first ("Django's" -> "Django", "'", "s"),
+    where GPT-2's regex keeps "'s" whole: a prompt tokenized by llama.cpp (llama-server)
+    would then differ from the same prompt tokenized by transformers.
+    """
+    spec = json.loads((hf_dir / "tokenizer.json").read_text())
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return "default"
 
 
 def _tokenizer_vocab(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
@@ -109,7 +131,7 @@ def export_gguf(hf_dir: Path, out_path: Path) -> Path:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_vocab_size(config.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(_pre_tokenizer(hf_dir))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -139,6 +161,36 @@ def export_gguf(hf_dir: Path, out_path: Path) -> Path:
     return out_path
 
 
+# llama.cpp's file types (llama.h: LLAMA_FTYPE_*) for --type
+GGUF_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+
+
+def quantize_gguf(src: Path, out_path: Path, gguf_type: str) -> Path:
+    """Re-encode the f32 GGUF ``src`` as ``gguf_type`` with llama.cpp's quantiser."""
+    import llama_cpp
+
+    if gguf_type not in GGUF_TYPES:
+        raise ModelLoadError(f"unknown GGUF type {gguf_type!r}: one of {', '.join(GGUF_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_TYPES[gguf_type]
+    params.nthread = 1
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(out_path).encode(), params)
+    if status != 0:
+        raise ModelLoadError(f"llama.cpp could not quantise {src} to {gguf_type} (status {status})")
+    return out_path
+
+
+def export_gguf_as(hf_dir: Path, out_path: Path, gguf_type: str = "f32") -> Path:
+    """Write ``out_path`` from ``hf_dir`` in ``gguf_type`` (via an f32 file when quantising)."""
+    if gguf_type == "f32":
+        return export_gguf(hf_dir, out_path)
+    if gguf_type not in GGUF_TYPES:
+        raise ModelLoadError(f"unknown GGUF type {gguf_type!r}: one of {', '.join(GGUF_TYPES)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = export_gguf(hf_dir, Path(tmp) / "f32.gguf")
+        return quantize_gguf(f32, out_path, gguf_type)
+
+
 def _rope_theta(config: object) -> float:
     theta = getattr(config, "rope_theta", None)
     if theta is None:  # transformers 5 keeps it in rope_parameters
@@ -151,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--type", choices=sorted(GGUF_TYPES), default="f32", help="weights' encoding (default f32)")
     args = parser.parse_args(argv)
-    export_gguf(args.hf_dir, args.out)
+    export_gguf_as(args.hf_dir, args.out, args.type)
 
 
 if __name__ == "__main__":

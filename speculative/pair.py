@@ -3,7 +3,12 @@
 A draft token id is only meaningful to the verifier if both read ids through the same
 tokenizer. ``check_vocabularies`` compares them token by token at load time, so a
 mismatched pair fails loudly instead of streaming garbage. The shipped demo pair lives
-in ``speculative/assets/demo`` (``DEMO_VERIFIER``, ``DEMO_DRAFT_GGUF``, ``DEMO_DRAFT_HF``).
+in ``speculative/assets/demo`` (``DEMO_VERIFIER``, ``DEMO_DRAFT_GGUF``, ``DEMO_DRAFT_HF``), its
+verifier also as a GGUF (``DEMO_VERIFIER_GGUF``, Q8_0) for the llama.cpp backend.
+
+The verifier's backend follows from its file: a ``.gguf`` runs on llama.cpp
+(:class:`~speculative.verifier_llama.LlamaCppVerifier`), a transformers checkpoint on torch.
+``default_verifier_path`` picks the demo's: the checkpoint on torch (the GGUF backend is opt-in).
 """
 
 from __future__ import annotations
@@ -17,6 +22,25 @@ DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 DEMO_VERIFIER = DEMO_DIR / "verifier"
 DEMO_DRAFT_GGUF = DEMO_DIR / "draft.gguf"
 DEMO_DRAFT_HF = DEMO_DIR / "draft-hf"
+DEMO_VERIFIER_GGUF = DEMO_DIR / "verifier-q8_0.gguf"  # python -m speculative.gguf_export --type q8_0
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A GGUF file runs on llama.cpp; anything else is a transformers checkpoint (folder or hub id)."""
+    return str(path).endswith(".gguf")
+
+
+def default_verifier_path(device: str | None = None) -> Path:
+    """The demo verifier served by default: the checkpoint, on torch (a CPU or CUDA).
+
+    The GGUF on the llama.cpp backend is opt-in (``TANDEM_VERIFIER=.../verifier-q8_0.gguf``):
+    llama.cpp's batched decode is not batch-invariant (a prompt's greedy output alone and
+    beside 15 others differed in 1 to 2 of 16 prompts, 2026-12-02), so on it Tandem's
+    output would depend on what else runs at the same time: not lossless under concurrency.
+    ``device`` is kept for callers that name one; both devices serve the checkpoint.
+    """
+    del device
+    return DEMO_VERIFIER
 
 
 def load_tokenizer(path: str | Path):
@@ -59,17 +83,28 @@ def load_pair(
     *,
     device: str | None = None,
     draft_threads: int = 1,
+    tokenizer_path: str | Path | None = None,
+    verifier_threads: int | None = None,
 ):
     """Load (verifier, draft or None, tokenizer), checking that the vocabularies agree.
 
-    A ``draft_path`` ending in ``.gguf`` loads llama.cpp; a directory loads transformers.
+    A path ending in ``.gguf`` loads llama.cpp (draft or verifier); a directory loads
+    transformers. A GGUF verifier reads its text through ``tokenizer_path`` (default: the
+    demo verifier's tokenizer), checked token by token against the GGUF's own vocabulary.
     """
     from speculative.draft_hf import TransformersDraft
     from speculative.draft_llama import LlamaCppDraft
     from speculative.verifier import TransformersVerifier
+    from speculative.verifier_llama import LlamaCppVerifier
 
-    tokenizer = load_tokenizer(verifier_path)
-    verifier = TransformersVerifier(verifier_path, device=device)
+    verifier: TransformersVerifier | LlamaCppVerifier
+    if is_gguf(verifier_path):
+        tokenizer = load_tokenizer(tokenizer_path or DEMO_VERIFIER)
+        verifier = LlamaCppVerifier(verifier_path, n_threads=verifier_threads)
+        check_vocabularies(tokenizer_tokens(tokenizer), verifier.tokens(), draft_name=str(verifier_path))
+    else:
+        tokenizer = load_tokenizer(tokenizer_path or verifier_path)
+        verifier = TransformersVerifier(verifier_path, device=device)
     draft: LlamaCppDraft | TransformersDraft | None = None
     if draft_path is not None:
         if str(draft_path).endswith(".gguf"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER, load_pair
+from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER, DEMO_VERIFIER_GGUF, load_pair
 
 
 class ByteTokenizer:
@@ -52,6 +52,22 @@ def demo_pair():
     if not DEMO_DRAFT_GGUF.exists():
         pytest.fail("the shipped demo pair is missing: rebuild it with python -m speculative.train_pair")
     return load_pair(DEMO_VERIFIER, DEMO_DRAFT_GGUF)
+
+
+@pytest.fixture(scope="session")
+def demo_pair_llama():
+    """(verifier, llama.cpp draft, tokenizer) with the demo verifier's GGUF on the llama.cpp backend."""
+    if not DEMO_VERIFIER_GGUF.exists():
+        pytest.fail("the demo verifier's GGUF is missing: see python -m speculative.gguf_export --help")
+    # one llama.cpp thread: ggml's threads spin at barriers, and on a shared 2-core runner a
+    # second one waits out other processes' time slices (measured: 10x slower steps)
+    return load_pair(DEMO_VERIFIER_GGUF, DEMO_DRAFT_GGUF, verifier_threads=1)
+
+
+@pytest.fixture(scope="session", params=["torch", "llama.cpp"])
+def demo_pair_any(request):
+    """The demo pair on each verifier backend in turn: tests that take it run on both."""
+    return request.getfixturevalue("demo_pair" if request.param == "torch" else "demo_pair_llama")
 
 
 @pytest.fixture(scope="session")

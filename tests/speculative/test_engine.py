@@ -27,8 +27,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engines(demo_pair):
-    verifier, draft, tokenizer = demo_pair
+def engines(demo_pair_any):
+    """(speculative, plain) engines on one verifier backend; every test taking them runs on both."""
+    verifier, draft, tokenizer = demo_pair_any
     spec = SpeculativeEngine(verifier, tokenizer, draft)
     plain = SpeculativeEngine(verifier, tokenizer, None)
     yield spec, plain
@@ -181,6 +182,7 @@ def test_closing_a_stream_releases_its_sessions(engines):
 )
 def test_bad_requests_are_clear_errors_and_open_nothing(engines, kwargs, error):
     spec, _ = engines
+    kwargs = dict(kwargs)  # the case's dict is shared by both backends' runs
     prompt = kwargs.pop("prompt")
     with pytest.raises(error):
         spec.stream(prompt, **kwargs)

@@ -1,0 +1,390 @@
+"""The verifier on llama.cpp: a GGUF model checking many sessions' drafts in one decode.
+
+The second implementation of :class:`~speculative.verifier.Verifier`, for CPUs (and any
+device llama.cpp runs on), through llama-cpp-python's low-level API as the draft does.
+Each session owns a sequence id of one shared context with a unified KV cache. A verify
+step puts every session's ``[pending, x1..xk]`` into one ``llama_batch`` (each token tagged
+with its session's sequence id and absolute position, every position asking for logits),
+runs ``llama_decode`` once, and judges each session's rows next to the logits with the
+same acceptance rules as the torch backend (``speculative.acceptance``). Keeping the
+accepted prefix and dropping a rejected tail is ``llama_memory_seq_rm`` from the kept
+length on; the next step then continues exactly as a fresh evaluation of the kept prefix.
+
+Sessions that open together are prefilled together (one decode for every queued prompt,
+chunked to the batch size); closed sessions hand their sequence id back for reuse.
+Lossless here means equal to this backend's own plain decoding of the same GGUF: the
+backend and the quantisation are part of the model version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speculative.acceptance import accept_greedy, accept_sampling
+from speculative.errors import (
+    ContextOverflowError,
+    InvalidRequestError,
+    ModelLoadError,
+    SessionNotFoundError,
+    SpeculativeError,
+    VerifierBusyError,
+)
+from speculative.logprobs import check_logprobs, token_logprobs, truncate_top
+from speculative.sampling import check_sampling, warp
+from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
+from speculative.verifier import VerifyRequest, VerifyResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SESSIONS = 32  # sequences of the shared context (llama.cpp allows up to 256)
+DEFAULT_BATCH_TOKENS = 512  # positions one llama_decode takes; larger steps run as several
+
+
+def default_threads() -> int:
+    """llama.cpp's own default: every core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@dataclass
+class _Prefill:
+    """A session waiting to be opened: filled in by whichever thread runs the batched prefill."""
+
+    session_id: str
+    prompt: list[int]
+    params: SamplingParams
+    done: bool = False
+    cpu_ms: float = 0.0
+    error: BaseException | None = None
+
+
+@dataclass
+class _Session:
+    seq: int  # its sequence id in the shared context
+    length: int  # positions 0 .. length-1 of the sequence hold committed tokens
+    pending: int  # the last committed token, not yet in the cache
+    params: SamplingParams
+    generator: torch.Generator
+    round: int = -1
+    last: Verdict | None = None
+
+
+@dataclass
+class _Row:
+    """Tokens of one sequence to evaluate from position ``n_past``; ``first`` is where its logits start."""
+
+    seq: int
+    tokens: list[int]
+    n_past: int
+    logits: bool
+    first: int = -1  # index of its first output row in the step's logits
+
+
+class LlamaCppVerifier:
+    """A GGUF causal LM as verifier on llama.cpp; sessions are sequences of one shared context."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_threads: int | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    ):
+        import llama_cpp
+        from llama_cpp import _internals as internals
+        from llama_cpp._logger import set_verbose
+
+        self.model_path = str(model_path)
+        if not Path(model_path).is_file() or not self.model_path.endswith(".gguf"):
+            raise ModelLoadError(f"verifier model {self.model_path!r} is not a .gguf file")
+        if not 1 <= max_sessions <= 256:
+            raise ModelLoadError(f"max_sessions must lie in [1, 256] (llama.cpp's sequence limit), got {max_sessions}")
+        llama_cpp.llama_backend_init()
+        set_verbose(False)
+        try:
+            self._model = internals.LlamaModel(
+                path_model=self.model_path, params=llama_cpp.llama_model_default_params(), verbose=False
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"llama.cpp cannot load {self.model_path!r}: {exc}") from exc
+        self.vocab_size: int = self._model.n_vocab()
+        self.context_length: int = self._model.n_ctx_train()
+        eos = self._model.token_eos()
+        self.eos_token_id: int | None = eos if eos >= 0 else None
+        self.max_sessions = max_sessions
+        self.n_threads = n_threads or default_threads()
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = max_sessions
+        params.kv_unified = True  # one pool of cells: a long session may use what short ones leave
+        # every session's full context plus one round's draft in flight
+        params.n_ctx = (self.context_length + MAX_DRAFT_TOKENS + 1) * max_sessions
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_threads = params.n_threads_batch = self.n_threads
+        try:
+            self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"llama.cpp cannot make a context for {self.model_path!r}: {exc}") from exc
+        self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
+        self._batch_tokens = batch_tokens
+        self._llama_get_logits = llama_cpp.llama_get_logits
+        self._sessions: dict[str, _Session] = {}
+        self._free = list(range(max_sessions - 1, -1, -1))  # low ids first
+        self._lock = threading.Lock()  # one decode at a time: llama.cpp contexts are not thread-safe
+        self._prefill_lock = threading.Lock()  # guards the queue of sessions waiting to open
+        self._prefills: deque[_Prefill] = deque()
+        self.decodes = 0  # llama_decode calls so far
+
+    def tokens(self) -> list[str]:
+        """The verifier's vocabulary, by id, as llama.cpp read it from the GGUF."""
+        return [self._model.token_get_text(i) for i in range(self.vocab_size)]
+
+    # sessions -------------------------------------------------------------------------
+    def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
+        check_sampling(params)
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        if len(prompt) >= self.context_length:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} tokens; the verifier's context holds {self.context_length}"
+            )
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        ticket = _Prefill(session_id, prompt, params)
+        with self._prefill_lock:
+            self._prefills.append(ticket)
+        # whoever holds the lock next prefills every session queued by then, in one decode
+        while not ticket.done:
+            with self._lock:
+                if not ticket.done:
+                    self._prefill_queued()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.cpu_ms
+
+    def _prefill_queued(self) -> None:
+        """Open every queued session and prefill their prompts together (under ``self._lock``).
+
+        A session that cannot open (its id is taken, every sequence is in use) fails alone;
+        a decode that fails fails every session it carried and frees their sequences.
+        """
+        with self._prefill_lock:
+            batch, self._prefills = list(self._prefills), deque()
+        opened: list[tuple[_Prefill, _Session]] = []
+        for ticket in batch:
+            if ticket.session_id in self._sessions or any(t.session_id == ticket.session_id for t, _ in opened):
+                ticket.error = InvalidRequestError(f"session {ticket.session_id!r} is already open")
+            elif not self._free:
+                ticket.error = VerifierBusyError(f"the verifier holds its maximum of {self.max_sessions} sessions")
+            else:
+                generator = torch.Generator().manual_seed(ticket.params.seed)
+                session = _Session(self._free.pop(), 0, ticket.prompt[-1], ticket.params, generator)
+                opened.append((ticket, session))
+        try:
+            self._prefill(opened)
+        except BaseException as exc:
+            for ticket, session in opened:
+                self._release(session.seq)
+                ticket.error = exc
+            opened = []
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for ticket, session in opened:
+                self._sessions[ticket.session_id] = session
+            for ticket in batch:
+                ticket.done = True
+
+    def _prefill(self, opened: list[tuple[_Prefill, _Session]]) -> None:
+        """Every prompt but its last token (the session's pending token) into the cache, no logits.
+
+        Each session is billed its positions' share of the decodes' time.
+        """
+        rows = [_Row(s.seq, t.prompt[:-1], 0, logits=False) for t, s in opened if len(t.prompt) > 1]
+        if not rows:
+            return
+        started = time.perf_counter()
+        self._decode(rows)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        positions = sum(len(r.tokens) for r in rows)
+        for ticket, session in opened:
+            session.length = len(ticket.prompt) - 1
+            ticket.cpu_ms = decode_ms * session.length / positions
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is not None:
+                self._release(session.seq)
+
+    def _release(self, seq: int) -> None:
+        self._ctx.kv_cache_seq_rm(seq, 0, -1)
+        self._free.append(seq)
+        self._free.sort(reverse=True)  # reuse low ids first
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    # verification ---------------------------------------------------------------------
+    def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        started = time.perf_counter()
+        with self._lock:
+            sessions = [self._session(r.session_id) for r in requests]
+            if len({id(s) for s in sessions}) < len(sessions):
+                raise InvalidRequestError("a session may appear only once per verify call")
+            verdicts: list[Verdict | None] = [None] * len(requests)
+            todo: list[int] = []
+            for i, (req, s) in enumerate(zip(requests, sessions, strict=True)):
+                if req.round < s.round:
+                    raise InvalidRequestError(f"round {req.round} of {req.session_id!r} is stale (now {s.round})")
+                if req.round == s.round and s.last is not None:
+                    verdicts[i] = s.last  # a retried round: answer it again, change nothing
+                else:
+                    self._check_request(req, s)
+                    todo.append(i)
+            if todo:
+                for i, verdict in zip(
+                    todo, self._verify_rows([requests[i] for i in todo], [sessions[i] for i in todo]), strict=True
+                ):
+                    verdicts[i] = verdict
+        assert all(v is not None for v in verdicts)
+        return VerifyResult(verdicts=verdicts, verify_ms=(time.perf_counter() - started) * 1e3)  # type: ignore[arg-type]
+
+    def _verify_rows(self, requests: list[VerifyRequest], sessions: list[_Session]) -> list[Verdict]:
+        """One decode over every session's ``[pending, x1..xk]``, then each session judged and rolled back."""
+        rows = [
+            _Row(s.seq, [s.pending, *r.tokens], s.length, logits=True) for r, s in zip(requests, sessions, strict=True)
+        ]
+        try:
+            logits = self._decode(rows)  # (sum of k_i + 1, vocab), row r's positions from rows[r].first
+        except BaseException:
+            for s in sessions:  # whatever part of the step ran, the sequences hold only what is committed
+                self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)
+            raise
+        argmax = logits.argmax(-1)  # (positions,)
+        verdicts = []
+        for row, req, s in zip(rows, requests, sessions, strict=True):
+            span = slice(row.first, row.first + len(row.tokens))
+            verdict = self._judge(s, req, logits[span], argmax[span])
+            s.length += 1 + verdict.n_matches  # the pending token and the accepted draft stay
+            self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail goes
+            s.pending = verdict.verifier_token
+            s.round, s.last = req.round, verdict
+            verdicts.append(verdict)
+        if any(r.logprobs is not None for r in requests):
+            self._add_logprobs(logits, rows, requests, sessions)
+            verdicts = [s.last for s in sessions]  # type: ignore[misc]
+        return verdicts
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFoundError(f"no open verifier session {session_id!r}") from None
+
+    def _check_request(self, req: VerifyRequest, s: _Session) -> None:
+        k = len(req.tokens)
+        if k > MAX_DRAFT_TOKENS:
+            raise InvalidRequestError(f"at most {MAX_DRAFT_TOKENS} draft tokens per round, got {k}")
+        if s.length + 1 + k > self.context_length:
+            raise ContextOverflowError(f"session {req.session_id!r} would exceed the context of {self.context_length}")
+        if any(not 0 <= t < self.vocab_size for t in req.tokens):
+            raise InvalidRequestError(f"draft token ids must lie in [0, {self.vocab_size})")
+        if not s.params.greedy and k and (req.q is None or req.q.shape != (k, self.vocab_size)):
+            raise InvalidRequestError(f"sampling needs q of shape ({k}, {self.vocab_size})")
+        check_logprobs(req.logprobs)
+
+    def _judge(self, s: _Session, req: VerifyRequest, logits: np.ndarray, argmax: np.ndarray) -> Verdict:
+        """The acceptance rule. logits  # (k + 1, vocab) float32; argmax  # (k + 1,)"""
+        draft = torch.tensor(req.tokens, dtype=torch.long)
+        if s.params.greedy:
+            return accept_greedy(draft, torch.from_numpy(argmax.astype(np.int64)))
+        k = len(req.tokens)
+        p = warp(torch.from_numpy(logits), s.params)
+        q = torch.from_numpy(np.asarray(req.q, dtype=np.float32)) if k else torch.zeros(0, p.size(-1))
+        return accept_sampling(draft, q, p, s.generator)
+
+    def _add_logprobs(
+        self, logits: np.ndarray, rows: list[_Row], requests: list[VerifyRequest], sessions: list[_Session]
+    ) -> None:
+        """Each emitted token's logprob under the verifier, on the verdicts of the sessions that asked.
+
+        logits  # (positions, vocab); emitted token j of a row was scored at its position j
+        """
+        index: list[int] = []
+        tokens: list[int] = []
+        asked = [(row, r, s) for row, r, s in zip(rows, requests, sessions, strict=True) if r.logprobs is not None]
+        for row, req, s in asked:
+            assert s.last is not None
+            emitted = s.last.emitted_tokens(req.tokens)
+            index += range(row.first, row.first + len(emitted))
+            tokens += emitted
+        top_n = max(req.logprobs or 0 for _, req, _ in asked)
+        entries = iter(token_logprobs(torch.from_numpy(logits[index]), torch.tensor(tokens, dtype=torch.long), top_n))
+        for _, req, s in asked:
+            assert s.last is not None and req.logprobs is not None
+            lps = tuple(truncate_top(next(entries), req.logprobs) for _ in range(s.last.n_matches + 1))
+            s.last = dataclasses.replace(s.last, logprobs=lps)
+
+    # llama.cpp ------------------------------------------------------------------------
+    def _decode(self, rows: list[_Row]) -> np.ndarray:
+        """Evaluate every row's tokens at its positions, in as few decodes as fit the batch.
+
+        returns  # (positions of the rows with ``logits=True``, vocab) float32, in row order;
+        sets each such row's ``first``. Rows without logits (prefill) add no output rows.
+        """
+        b = self._batch.batch
+        chunks: list[np.ndarray] = []
+        n_out = 0
+        b.n_tokens = 0
+        for row in rows:
+            if row.logits:
+                row.first = n_out
+                n_out += len(row.tokens)
+            for offset, token in enumerate(row.tokens):
+                if b.n_tokens == self._batch_tokens:
+                    chunks.append(self._flush())
+                i = b.n_tokens
+                b.token[i] = token
+                b.pos[i] = row.n_past + offset
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = row.seq
+                b.logits[i] = row.logits
+                b.n_tokens += 1
+        chunks.append(self._flush())
+        out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        assert out.shape == (n_out, self.vocab_size), (out.shape, n_out)
+        return out
+
+    def _flush(self) -> np.ndarray:
+        """Decode the tokens in the batch; return a copy of their logits (outputs in batch order)."""
+        b = self._batch.batch
+        n_out = sum(1 for i in range(b.n_tokens) if b.logits[i])
+        if b.n_tokens:
+            rc = self._decode_batch()
+            if rc != 0:
+                raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
+        b.n_tokens = 0
+        if not n_out:
+            return np.empty((0, self.vocab_size), dtype=np.float32)
+        # llama_get_logits holds the outputs contiguously, in the order their tokens sat in the batch
+        ptr = self._llama_get_logits(self._ctx.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.vocab_size)).copy()
+
+    def _decode_batch(self) -> int:
+        import llama_cpp
+
+        self.decodes += 1
+        return int(llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch))

@@ -1,0 +1,213 @@
+"""The llama.cpp verifier backend: batched verify, rollback, slot reuse, batched prefill, bad input."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from speculative.errors import InvalidRequestError, ModelLoadError, SessionNotFoundError, VerifierBusyError
+from speculative.pair import DEMO_VERIFIER_GGUF
+from speculative.types import SamplingParams
+from speculative.verifier import VerifyRequest
+from speculative.verifier_llama import LlamaCppVerifier
+
+GREEDY = SamplingParams()
+PROMPTS = ["The Django ORM", "Middleware is a framework of hooks", "def get_queryset(self):"]
+
+
+@pytest.fixture(scope="module")
+def llama(demo_pair_llama):
+    verifier, _, tokenizer = demo_pair_llama
+    return verifier, tokenizer
+
+
+def _plain(verifier: LlamaCppVerifier, prompt: list[int], n: int) -> list[int]:
+    """n tokens of plain greedy decoding: k = 0 rounds."""
+    sid = uuid.uuid4().hex
+    verifier.open_session(sid, prompt, GREEDY)
+    try:
+        return [verifier.verify([VerifyRequest(sid, (), None, r)]).verdicts[0].verifier_token for r in range(n)]
+    finally:
+        verifier.close_session(sid)
+
+
+def test_a_draft_equal_to_plain_decoding_is_accepted_whole_with_the_next_token_as_bonus(llama):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    expected = _plain(verifier, prompt, 6)
+    verifier.open_session("whole", prompt, GREEDY)
+    try:
+        verdict = verifier.verify([VerifyRequest("whole", tuple(expected[:5]), None, 0)]).verdicts[0]
+    finally:
+        verifier.close_session("whole")
+    assert (verdict.n_matches, verdict.verifier_token) == (5, expected[5])
+
+
+def test_a_rejected_tail_is_rolled_back_so_the_next_rounds_continue_as_plain_decoding(llama):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+    expected = _plain(verifier, prompt, 8)
+    wrong = (expected[0], expected[1], (expected[2] + 1) % verifier.vocab_size, 7, 9)
+    verifier.open_session("tail", prompt, GREEDY)
+    try:
+        first = verifier.verify([VerifyRequest("tail", wrong, None, 0)]).verdicts[0]
+        rest = [verifier.verify([VerifyRequest("tail", (), None, r)]).verdicts[0].verifier_token for r in range(1, 6)]
+    finally:
+        verifier.close_session("tail")
+    assert (first.n_matches, first.verifier_token) == (2, expected[2])
+    assert rest == expected[3:8]
+
+
+def test_many_sessions_verified_in_one_decode_each_get_their_own_plain_decoding(llama):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected = [_plain(verifier, p, 7) for p in prompts]
+    for i, p in enumerate(prompts):
+        verifier.open_session(f"b{i}", p, GREEDY)
+    try:
+        before = verifier.decodes
+        drafts = [tuple(expected[0][:3]), tuple(expected[1][:1]) + (5, 5), ()]  # accepted, cut short, plain
+        result = verifier.verify([VerifyRequest(f"b{i}", d, None, 0) for i, d in enumerate(drafts)])
+        assert verifier.decodes == before + 1
+        got = [v.emitted_tokens(d) for v, d in zip(result.verdicts, drafts, strict=True)]
+        assert got == [tuple(expected[0][:4]), tuple(expected[1][:2]), tuple(expected[2][:1])]
+        # and each sequence continues from exactly what it kept
+        nxt = verifier.verify([VerifyRequest(f"b{i}", (), None, 1) for i in range(3)]).verdicts
+        assert [v.verifier_token for v in nxt] == [expected[0][4], expected[1][2], expected[2][1]]
+    finally:
+        for i in range(3):
+            verifier.close_session(f"b{i}")
+
+
+def test_sessions_opening_together_are_prefilled_in_one_decode(llama):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected = [_plain(verifier, p, 3) for p in prompts]
+    start = threading.Barrier(len(prompts))
+    decodes_before = verifier.decodes
+    errors: list[BaseException] = []
+
+    def open_one(i: int) -> None:
+        start.wait(timeout=30)
+        try:
+            verifier.open_session(f"p{i}", prompts[i], GREEDY)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with verifier._lock:  # hold the decode lock so all three queue up behind it
+        threads = [threading.Thread(target=open_one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        deadline = threading.Event()
+        for _ in range(600):  # poll until every ticket is queued (no sleep on a fixed guess)
+            if len(verifier._prefills) == len(prompts):
+                break
+            deadline.wait(0.01)
+        assert len(verifier._prefills) == len(prompts)
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert not errors
+        assert verifier.decodes == decodes_before + 1
+        tokens = verifier.verify([VerifyRequest(f"p{i}", (), None, 0) for i in range(3)]).verdicts
+        assert [v.verifier_token for v in tokens] == [e[0] for e in expected]
+    finally:
+        for i in range(3):
+            verifier.close_session(f"p{i}")
+
+
+def test_a_closed_sessions_sequence_is_reused_clean_and_a_full_verifier_refuses_more():
+    verifier = LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=2, n_threads=1)
+    prompt = [5, 6, 7, 8]
+    expected = _plain(verifier, prompt, 4)
+    verifier.open_session("a", prompt, GREEDY)
+    verifier.open_session("b", [9, 10, 11], GREEDY)
+    with pytest.raises(VerifierBusyError):
+        verifier.open_session("c", prompt, GREEDY)
+    verifier.verify([VerifyRequest("a", (1, 2, 3), None, 0)])
+    verifier.close_session("a")
+    verifier.open_session("again", prompt, GREEDY)  # takes the sequence "a" left
+    got = [verifier.verify([VerifyRequest("again", (), None, r)]).verdicts[0].verifier_token for r in range(4)]
+    assert got == expected
+    assert verifier.open_sessions == 2
+
+
+def test_a_retried_round_gets_the_same_verdict_and_a_stale_one_is_refused(llama):
+    verifier, tokenizer = llama
+    verifier.open_session("retry", tokenizer.encode(PROMPTS[2], add_special_tokens=False), GREEDY)
+    try:
+        first = verifier.verify([VerifyRequest("retry", (3, 4), None, 0)]).verdicts[0]
+        again = verifier.verify([VerifyRequest("retry", (3, 4), None, 0)]).verdicts[0]
+        verifier.verify([VerifyRequest("retry", (), None, 1)])
+        with pytest.raises(InvalidRequestError, match="stale"):
+            verifier.verify([VerifyRequest("retry", (), None, 0)])
+    finally:
+        verifier.close_session("retry")
+    assert again == first
+
+
+@pytest.mark.parametrize(
+    ("tokens", "q", "params", "match"),
+    [
+        ((1,) * 17, None, GREEDY, "at most"),
+        ((10**6,), None, GREEDY, "must lie in"),
+        ((1, 2), None, SamplingParams(temperature=0.7), "sampling needs q"),
+    ],
+)
+def test_a_bad_round_is_a_clear_error_and_changes_nothing(llama, tokens, q, params, match):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    expected = _plain(verifier, prompt, 1)
+    verifier.open_session("bad", prompt, params)
+    try:
+        with pytest.raises(InvalidRequestError, match=match):
+            verifier.verify([VerifyRequest("bad", tokens, q, 0)])
+        if params.greedy:  # the session is untouched: its round 0 still gives plain decoding's token
+            assert verifier.verify([VerifyRequest("bad", (), None, 0)]).verdicts[0].verifier_token == expected[0]
+    finally:
+        verifier.close_session("bad")
+
+
+def test_unknown_sessions_and_files_are_clear_errors(llama, tmp_path):
+    verifier, _ = llama
+    with pytest.raises(SessionNotFoundError):
+        verifier.verify([VerifyRequest("nobody", (), None, 0)])
+    with pytest.raises(ModelLoadError):
+        LlamaCppVerifier(tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError):
+        LlamaCppVerifier(tmp_path / "junk.gguf")
+
+
+def test_logprobs_of_a_verified_round_equal_those_of_plain_decoding_at_the_same_positions(llama):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    expected = _plain(verifier, prompt, 4)
+    verifier.open_session("lp-plain", prompt, GREEDY)
+    verifier.open_session("lp-spec", prompt, GREEDY)
+    try:
+        plain = [verifier.verify([VerifyRequest("lp-plain", (), None, r, 3)]).verdicts[0] for r in range(3)]
+        spec = verifier.verify([VerifyRequest("lp-spec", tuple(expected[:2]), None, 0, 3)]).verdicts[0]
+    finally:
+        verifier.close_session("lp-plain")
+        verifier.close_session("lp-spec")
+    assert spec.n_matches == 2 and spec.logprobs is not None and len(spec.logprobs) == 3
+    for mine, theirs in zip(spec.logprobs, (v.logprobs[0] for v in plain if v.logprobs), strict=True):
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+        assert [t for t, _ in mine.top] == [t for t, _ in theirs.top] and len(mine.top) == 3
+
+
+def test_a_step_larger_than_the_batch_runs_as_several_decodes_with_the_same_verdicts(llama):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected = [_plain(verifier, p, 6) for p in prompts]
+    small = LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=3, n_threads=1, batch_tokens=4)
+    for i, p in enumerate(prompts):
+        small.open_session(f"s{i}", p, GREEDY)  # prompts of 4 to 9 tokens: prefill in chunks of 4
+    drafts = [tuple(e[:4]) for e in expected]  # 3 rows of 5 positions: rows split across decodes
+    before = small.decodes
+    verdicts = small.verify([VerifyRequest(f"s{i}", d, None, 0) for i, d in enumerate(drafts)]).verdicts
+    assert small.decodes - before == 4  # ceil(15 / 4)
+    assert [(v.n_matches, v.verifier_token) for v in verdicts] == [(4, e[4]) for e in expected]
