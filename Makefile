@@ -32,7 +32,8 @@ browser:
 # credentials, then serves http://$(HOST):$(PORT)/
 run: $(STAMP)
 	@$(PY) manage.py migrate --noinput -v 0
-	@$(PY) -m celery -A config.celery_app --quiet worker --beat --schedule var/celerybeat-schedule --pool=solo \
+	@$(PY) manage.py registry_sync >/dev/null && $(PY) manage.py beat_schedule_seed
+	@$(PY) -m celery -A config.celery_app --quiet worker --beat --scheduler registry.beat_schedule:SeededDatabaseScheduler --pool=solo \
 		--loglevel=error & celery=$$!; \
 		$(PY) -m inference.standin --host 127.0.0.1 --port $(CLOUD_PORT) >var/cloud-standin.log 2>&1 & standin=$$!; \
 		trap 'kill $$celery $$standin 2>/dev/null' EXIT INT TERM; \
@@ -41,14 +42,17 @@ run: $(STAMP)
 		$(PY) -m config.serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check speculative config tenants inference slo dashboards frontend tests
-	$(VENV)/bin/ruff format --check speculative config tenants inference slo dashboards frontend tests
+	$(VENV)/bin/ruff check speculative config tenants inference slo dashboards batches registry frontend tests
+	$(VENV)/bin/ruff format --check speculative config tenants inference slo dashboards batches registry frontend tests
 	$(VENV)/bin/mypy
 
 # The whole suite on SQLite, then the PostgreSQL-only tests against PG_URL when a server
 # answers there (they skip, saying so, when none does).
+# Two test processes (pytest-xdist), a file's tests in one of them: each has its own test database and Redis
+# database (tests/inference/conftest.py: worker_redis_url). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 	@if $(PY) -c "import psycopg,sys; psycopg.connect('$(PG_URL)', connect_timeout=3).close()" 2>/dev/null; then \
 		DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m postgres; \
 	else echo "SKIPPED: PostgreSQL tests (no server at $(PG_URL))"; fi
@@ -68,6 +72,12 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m speculative.bench
 
+# Tandem's server against llama.cpp's llama-server (built once from the pinned llama-cpp-python's
+# vendored source, cached under the var dir): same pair, same client; see the README's performance section
+.PHONY: bench-peer
+bench-peer: $(STAMP)
+	$(PY) -m speculative.bench_peer --out docs/bench/$$(date -u +%Y-%m-%d)-peer-cpu-2core.json
+
 bench-platform: $(STAMP)
 	$(PY) -m inference.bench
 
@@ -82,6 +92,21 @@ load: $(STAMP)
 
 faults: $(STAMP)
 	$(PY) -m inference.faults
+
+# Batch jobs through a real Celery worker (Redis at 127.0.0.1:6379/10 when one answers, else the filesystem
+# broker): 100 requests, the worker SIGKILLed halfway and restarted; JSON figures, non-zero exit on a failed check.
+# And batch throughput against the same requests one by one through the API, on the demo pair.
+.PHONY: batch-proof bench-batches
+batch-proof: $(STAMP)
+	$(PY) -m batches.proof
+
+bench-batches: $(STAMP)
+	$(PY) -m batches.bench
+
+# Two rollouts of real drafts on the demo pair with live traffic (registry/demo_rollout.py): JSON figures
+.PHONY: demo-rollout
+demo-rollout: $(STAMP)
+	$(PY) -m registry.demo_rollout
 
 train-pair: $(STAMP)
 	$(PY) -m speculative.train_pair

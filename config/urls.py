@@ -7,6 +7,7 @@ from inference.metrics import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("v1/", include("batches.urls")),  # files and batch jobs (batches.apis), before the API's catch-all
     path("v1/", include("inference.urls")),
     path("api/dashboards/", include("dashboards.urls")),  # the cost report as JSON (dashboards.apis)
     path("metrics", metrics_view, name="metrics"),  # Prometheus, for operators and scrapers (inference.metrics)

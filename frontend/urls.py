@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import costs, passwords, slo, team, views
+from frontend import batches, costs, model_versions, passwords, slo, team, views
 from frontend.signin import SignInView
 
 app_name = "frontend"
@@ -18,6 +18,9 @@ urlpatterns = [
     path("usage/", views.usage, name="usage"),
     path("routing/", views.routing, name="routing"),
     path("limits/", views.limits, name="limits"),
+    path("batches/", batches.batches_page, name="batches"),
+    path("batches/progress.json", batches.batches_progress, name="batches-progress"),
+    path("batches/files/<str:file_id>/", batches.batch_file, name="batch-file"),
     path("costs/", costs.costs, name="costs"),
     path("costs/export.csv", costs.costs_csv, name="costs-csv"),
     path("slo/", slo.dashboard, name="slo"),
@@ -30,6 +33,10 @@ urlpatterns = [
     path("team/invites/<int:pk>/revoke/", team.invite_revoke, name="invite-revoke"),
     path("invite/<str:token>/", team.invite_accept, name="invite-accept"),
     path("audit/", team.audit, name="audit"),
+    path("models/", model_versions.models_page, name="models"),
+    path("models/pin/", model_versions.model_pin, name="model-pin"),
+    path("models/rollouts/", model_versions.rollout_create, name="rollout-create"),
+    path("models/rollouts/decide/", model_versions.rollout_action, name="rollout-action"),
     path("operator/audit/", team.operator_audit, name="operator-audit"),
     path("password/change/", passwords.PasswordChange.as_view(), name="password-change"),
     path("password/reset/", passwords.PasswordReset.as_view(), name="password-reset"),

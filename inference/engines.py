@@ -13,6 +13,7 @@ platform's own tests and overhead benchmark, which needs no model and no thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -52,6 +53,15 @@ class LocalEngine(Protocol):
 Engine = LocalEngine | CloudEngine
 
 
+@dataclass(frozen=True)
+class DraftEngines:
+    """Another draft version of a model, loaded beside the one its entry started with."""
+
+    version: str
+    speculative: LocalEngine
+    edge: LocalEngine | None
+
+
 @dataclass
 class ModelEntry:
     """One public model id and its engine on each tier it is served on, with a breaker per remote tier.
@@ -72,11 +82,34 @@ class ModelEntry:
     local_slots: int = DEFAULT_LOCAL_SLOTS  # streams its edge and speculative tiers run at once (they share the draft)
     created: int = field(default_factory=lambda: int(time.time()))
     breakers: dict[Tier, CircuitBreaker] = field(default_factory=dict)
+    # other draft versions loaded beside this one (registry: rollouts' candidates, tenants' pins)
+    drafts: dict[str, DraftEngines] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # The cloud engine keeps a breaker per upstream itself (inference.cloud).
         self.breakers.setdefault(Tier.SPECULATIVE, CircuitBreaker(f"{self.name}/verifier"))
         self._in_flight = dict.fromkeys(Tier, 0)  # streams running on each tier (changed on the event loop)
+        self._variants: dict[str, ModelEntry] = {}
+
+    def add_draft(self, version: str, speculative: LocalEngine, edge: LocalEngine | None) -> None:
+        """Serve draft ``version`` too (its engines share this entry's verifier); ``with_draft`` picks it."""
+        self.drafts[version] = DraftEngines(version, speculative, edge)
+        self._variants.pop(version, None)
+
+    def with_draft(self, version: str) -> ModelEntry:
+        """This model served by draft ``version``: the same entry (slots, breakers, in-flight counts, cloud
+        engine) with that draft's engines and version, so the ledger records the draft that served."""
+        if version == self.draft_version:
+            return self
+        variant = self._variants.get(version)
+        if variant is None:
+            loaded = self.drafts[version]
+            variant = dataclasses.replace(
+                self, speculative=loaded.speculative, edge=loaded.edge, draft_version=version, drafts={}
+            )
+            variant._in_flight = self._in_flight  # one count per model and tier, whichever draft serves
+            self._variants[version] = variant
+        return variant
 
     def in_flight(self, tier: Tier) -> int:
         """Streams of this model running on ``tier`` in this process: its queue depth, for routing."""
@@ -214,6 +247,11 @@ async def aget_engines() -> EngineSet:
     return await asyncio.to_thread(get_engines)
 
 
+def loaded_engines() -> EngineSet | None:
+    """The process's engine set if it is loaded already (never loads it: a worker serves nothing)."""
+    return _engines
+
+
 def warm_engines_in_background() -> None:
     """Start loading the engines (and the router's checks) now, so the first request does not wait for them."""
 
@@ -230,6 +268,41 @@ def warm_engines_in_background() -> None:
             log.exception("loading the router's checks failed")
 
     threading.Thread(target=load, name="engines-warmup", daemon=True).start()
+
+
+class DraftChooser(Protocol):
+    """Which draft version serves a new session (the registry's: current, canary candidate or tenant pin)."""
+
+    def stale(self) -> bool: ...
+
+    def refresh(self) -> None: ...  # ORM work: reads the plan, loads drafts it names
+
+    def choose(self, entry: ModelEntry, tenant_id: int | None) -> str | None: ...
+
+
+_draft_chooser: DraftChooser | None = None
+
+
+def set_draft_chooser(chooser: DraftChooser | None) -> DraftChooser | None:
+    """Install the chooser ``serving_entry`` asks (the registry app does, once); return the previous one."""
+    global _draft_chooser
+    previous, _draft_chooser = _draft_chooser, chooser
+    return previous
+
+
+def draft_chooser() -> DraftChooser | None:
+    return _draft_chooser
+
+
+def serving_entry(entry: ModelEntry, tenant_id: int | None) -> ModelEntry:
+    """The entry a new session of ``tenant_id`` is served by: ``entry`` with the draft the chooser picks,
+    where that draft is loaded here (otherwise ``entry`` as it is). A session keeps the entry, and so
+    the engines, it started with: a promotion or a rollback never moves a stream in flight."""
+    chooser = _draft_chooser
+    version = chooser.choose(entry, tenant_id) if chooser is not None else None
+    if version is None or (version != entry.draft_version and version not in entry.drafts):
+        return entry
+    return entry.with_draft(version)
 
 
 def set_engines(engines: EngineSet | None) -> EngineSet | None:
@@ -258,11 +331,14 @@ def load_default_engines() -> EngineSet:
     """The demo pair (or TANDEM_VERIFIER / TANDEM_DRAFT / TANDEM_VERIFIER_URLS) as model ``tandem-demo``."""
     from speculative.edge import EdgeEngine
     from speculative.engine import SpeculativeEngine
-    from speculative.pair import DEMO_DRAFT_GGUF, DEMO_VERIFIER, load_pair
+    from speculative.pair import DEMO_DRAFT_GGUF, default_verifier_path, load_pair
 
-    verifier_path = settings.TANDEM_VERIFIER or str(DEMO_VERIFIER)
+    # the backend follows the file: a GGUF on llama.cpp (opt-in: not batch-invariant), a checkpoint on torch
+    verifier_path = settings.TANDEM_VERIFIER or str(default_verifier_path())
     draft_path = settings.TANDEM_DRAFT or str(DEMO_DRAFT_GGUF)
-    verifier, draft, tokenizer = load_pair(verifier_path, draft_path)
+    verifier, draft, tokenizer = load_pair(
+        verifier_path, draft_path, verifier_threads=settings.TANDEM_VERIFIER_THREADS or None
+    )
     if settings.TANDEM_VERIFIER_URLS:
         from speculative.remote import RemoteVerifier
         from speculative.verifier_pool import VerifierPool

@@ -36,7 +36,7 @@ from inference.completion import (
     UsageSummary,
     new_request_id,
 )
-from inference.engines import Engine, aget_engines, arequest_for
+from inference.engines import Engine, aget_engines, arequest_for, draft_chooser, serving_entry
 from inference.errors import AuthenticationFailed, GatewayError
 from inference.holds import hold_worst_case, price_for
 from inference.limits import default_limits, limiter
@@ -52,9 +52,9 @@ from inference.redaction import serving_call
 from inference.router import Route, decide, spill
 from inference.runtime import db
 from inference.selectors import routing_policy_cached, routing_policy_for
-from inference.shared_streams import shared_streams
 from inference.semantic_cache import SemanticLookup, content_words, semantic_cache
 from inference.settlement import leases, ledger_writes_flush
+from inference.shared_streams import shared_streams
 from inference.signals import assess
 from inference.stream import MAX_DELTAS_AT_ONCE, GatewayStream
 from tenants.tiers import Tier
@@ -101,6 +101,10 @@ async def start(
     if engines.upstreams is not None and engines.upstreams.stale():
         await db(engines.upstreams.refresh)()
     tenant_id = principal.tenant_id
+    chooser = draft_chooser()
+    if chooser is not None and chooser.stale():
+        await db(chooser.refresh)()
+    entry = serving_entry(entry, tenant_id)  # its draft version: current, a canary's candidate or the tenant's pin
     policy = routing_policy_cached(tenant_id=tenant_id) or await db(routing_policy_for)(tenant_id=tenant_id)
     signals = await assess(call, policy, entry.tokenizer, entry.serves(Tier.CLOUD, tenant_id))
     route = decide(entry, signals, policy, tenant_id)

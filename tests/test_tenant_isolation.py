@@ -45,6 +45,8 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 
+from batches import services as batch_services
+from batches.models import Batch, BatchFile
 from config.asgi import application
 from inference.consumers import CompletionConsumer
 from inference.limits import limiter
@@ -150,6 +152,8 @@ class World:
             "upstreams": CloudUpstream.objects.filter(tenants=b),
             "users": User.objects.filter(memberships__tenant=b),
             "group": Group.objects.filter(pk=self.b_group.pk),
+            "batches": Batch.objects.filter(tenant=b),
+            "batch_files": BatchFile.objects.filter(tenant=b),
         }
         state = {name: sorted(repr(model_to_dict(row)) for row in qs) for name, qs in rows.items()}
         keys = ApiKey.objects.filter(tenant=b).order_by("pk")
@@ -213,6 +217,7 @@ def build_world() -> World:
     for request_id in request_ids:
         _completion(b.raw_key, request_id)
     assert UsageRecord.objects.filter(tenant=b_tenant, request_id__in=request_ids).count() == 2
+    batch_file = _b_batch(b_tenant, b_key, tag)
     marks = (
         b_tenant.name,
         b_tenant.slug,
@@ -228,6 +233,7 @@ def build_world() -> World:
         upstream.base_url,
         upstream.note,
         group.name,
+        batch_file,
     )
     assert not any("acme" in mark.lower() for mark in marks)  # B's marks must not match A's own pages
     return World(
@@ -246,6 +252,29 @@ def build_world() -> World:
         b_request_ids=request_ids,
         marks=[mark.lower() for mark in marks],
     )
+
+
+def _b_batch(b_tenant: Tenant, b_key: ApiKey, tag: str) -> str:
+    """A batch of B's (not run) and its input file; returns the file's name, one of B's marks."""
+    line = {
+        "custom_id": "q1",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "tandem-test", "prompt": "x"},
+    }
+    name = f"globex-batch-{tag}.jsonl"
+    upload = batch_services.file_upload(
+        tenant_id=b_tenant.pk, filename=name, content=json.dumps(line).encode(), purpose="batch"
+    )
+    batch_services.batch_create(
+        tenant_id=b_tenant.pk,
+        api_key_id=b_key.pk,
+        input_file_id=upload.public_id,
+        endpoint="/v1/completions",
+        completion_window="24h",
+        metadata=None,
+    )
+    return name
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +348,11 @@ PATH_PARAMETERS: dict[tuple[str, str], Fill] = {
     ("frontend:password-reset-confirm", "token"): lambda w: "set-password",  # Django's step 2, without B's session
     ("openai:model", "model_id"): lambda w: w.b_upstream.upstream_model,
     ("openai:not-found", "rest"): lambda w: f"upstreams/{w.b_upstream.name}",  # the API's catch-all 404
+    ("frontend:batch-file", "file_id"): lambda w: BatchFile.objects.filter(tenant=w.b_tenant).latest("pk").public_id,
+    ("batches:file", "file_id"): lambda w: BatchFile.objects.filter(tenant=w.b_tenant).latest("pk").public_id,
+    ("batches:file-content", "file_id"): lambda w: BatchFile.objects.filter(tenant=w.b_tenant).latest("pk").public_id,
+    ("batches:batch", "batch_id"): lambda w: Batch.objects.get(tenant=w.b_tenant).public_id,
+    ("batches:batch-cancel", "batch_id"): lambda w: Batch.objects.get(tenant=w.b_tenant).public_id,
     ("admin:view_on_site", "content_type_id"): lambda w: ContentType.objects.get_for_model(Tenant).pk,
     ("admin:view_on_site", "object_id"): lambda w: w.b_tenant.pk,
     ("admin:auth_user_password_change", "id"): lambda w: w.b_user.pk,
@@ -347,6 +381,12 @@ ADMIN_OBJECTS: dict[str, Fill] = {
     "slo.sloobjective": lambda w: 10**9,
     "slo.alert": lambda w: 10**9,
     "slo.alertwebhook": lambda w: 10**9,
+    # beat's schedule (django-celery-beat) is the platform's, no tenant's: ids that are no one's
+    "django_celery_beat.periodictask": lambda w: 10**9,
+    "django_celery_beat.intervalschedule": lambda w: 10**9,
+    "django_celery_beat.crontabschedule": lambda w: 10**9,
+    "django_celery_beat.solarschedule": lambda w: 10**9,
+    "django_celery_beat.clockedschedule": lambda w: 10**9,
 }
 ADMIN_MODEL_ROUTE = re.compile(r"^admin/(?P<app>\w+)/(?P<model>\w+)/<path:object_id>/")
 

@@ -11,6 +11,7 @@ model pair shipped in ``speculative/assets/demo``. Scale-out by environment only
     TANDEM_VERIFIER      verifier path or hub id (default: the demo verifier)
     TANDEM_DRAFT         draft GGUF path (default: the demo draft)
     TANDEM_VERIFIER_URLS comma-separated verifier servers (python -m speculative.serve); empty: in-process
+    TANDEM_VERIFIER_THREADS llama.cpp threads of a GGUF verifier (default 0: every core)
     TANDEM_ENGINES       dotted path of the engine factory (default: inference.engines.load_default_engines)
     TANDEM_HTTPS         the site is served over HTTPS: Secure cookies, http->https redirect, HSTS
                          (default: off here, for ``make run`` on plain http; on in production).
@@ -19,6 +20,7 @@ model pair shipped in ``speculative/assets/demo``. Scale-out by environment only
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -74,6 +76,9 @@ INSTALLED_APPS = [
     "inference",
     "dashboards",  # rollups of the ledger, the cost report (frontend -> dashboards -> inference, tenants)
     "slo",  # SLO objectives, rollups of SLO samples, burn-rate alerts (frontend -> slo -> inference, tenants)
+    "batches",  # OpenAI-compatible batch jobs on Celery (batches -> inference, tenants)
+    "registry",  # model versions, rollouts, tenants' pins (registry -> inference, tenants)
+    "django_celery_beat",  # beat's schedule in the database, where an operator changes it (registry.beat_schedule)
     "frontend",
 ]
 
@@ -164,7 +169,24 @@ TANDEM_SERVE_STATIC = get_env("TANDEM_SERVE_STATIC", True, as_bool)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    # batch input, output and error files (batches.storage): a folder under the var dir, or any
+    # backend by setting, e.g. TANDEM_BATCH_STORAGE_BACKEND=storages.backends.s3.S3Storage with
+    # TANDEM_BATCH_STORAGE_OPTIONS='{"bucket_name": "...", "endpoint_url": "..."}' (django-storages)
+    "batches": {
+        "BACKEND": get_env("TANDEM_BATCH_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage"),
+        "OPTIONS": json.loads(
+            get_env("TANDEM_BATCH_STORAGE_OPTIONS", json.dumps({"location": str(VAR_DIR / "batches")}))
+        ),
+    },
 }
+# batch jobs (batches): file limits (OpenAI's: 50,000 requests, 200 MB), lines run at once per batch,
+# and how long a batch's runner may be silent before another worker takes the batch over
+TANDEM_BATCH_MAX_FILE_BYTES = get_env("TANDEM_BATCH_MAX_FILE_BYTES", 200 * 1024 * 1024, int)
+TANDEM_BATCH_MAX_LINES = get_env("TANDEM_BATCH_MAX_LINES", 50_000, int)
+TANDEM_BATCH_CONCURRENCY = get_env("TANDEM_BATCH_CONCURRENCY", 8, int)
+TANDEM_BATCH_STALE_S = get_env("TANDEM_BATCH_STALE_S", 15.0, float)
+# batch files (their prompts and answers) and ended batches' lines are deleted this long after they were made
+TANDEM_BATCH_RETENTION_DAYS = get_env("TANDEM_BATCH_RETENTION_DAYS", 30, int)
 
 REDIS_URL = get_env("REDIS_URL", "")
 if REDIS_URL:
@@ -197,7 +219,15 @@ CELERY_BEAT_SCHEDULE = {
     "slo-rollups": {"task": "slo.rollups_compute", "schedule": 60.0},
     "cost-rollups": {"task": "dashboards.rollups_refresh", "schedule": 300.0},
     "slo-alerts": {"task": "slo.alerts_evaluate", "schedule": 60.0},
+    "batches-resume-stalled": {"task": "batches.resume_stalled", "schedule": 60.0},  # batches whose worker died
+    "batches-retention": {"task": "batches.retention_apply", "schedule": 3600.0},  # files and lines past retention
+    "registry-canaries": {"task": "registry.canaries_check", "schedule": 30.0},  # promote or roll back canaries
 }
+# The schedule above seeds beat's database schedule (django-celery-beat) once per entry, never overwriting what an
+# operator changed there (admin: Periodic tasks): registry.beat_schedule, `manage.py beat_schedule_seed` (make run).
+CELERY_BEAT_SCHEDULER = "registry.beat_schedule:SeededDatabaseScheduler"
+# how stale a process's copy of the registry's draft plans (current draft, canary share, tenants' pins) may be
+TANDEM_REGISTRY_PLAN_TTL_S = get_env("TANDEM_REGISTRY_PLAN_TTL_S", 5.0, float)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
@@ -222,6 +252,8 @@ TANDEM_ENGINES = get_env("TANDEM_ENGINES", "inference.engines.load_default_engin
 TANDEM_VERIFIER = get_env("TANDEM_VERIFIER", "")  # "" = the shipped demo verifier
 TANDEM_DRAFT = get_env("TANDEM_DRAFT", "")  # "" = the shipped demo draft
 TANDEM_VERIFIER_URLS = get_env("TANDEM_VERIFIER_URLS", [], as_list)
+# llama.cpp threads of a GGUF verifier; 0 = every core (llama.cpp's default)
+TANDEM_VERIFIER_THREADS = get_env("TANDEM_VERIFIER_THREADS", 0, int)
 # the cloud tier: every served model may also run on the CloudUpstream rows registered for it
 TANDEM_CLOUD = get_env("TANDEM_CLOUD", True, as_bool)
 TANDEM_UPSTREAMS_TTL_S = get_env("TANDEM_UPSTREAMS_TTL_S", 5.0, float)  # how stale this process's upstream list may be

@@ -77,7 +77,14 @@ def serving_gated(engine: GatedEngine, *others: ModelEntry) -> Iterator[GatedEng
 
 
 # Redis, where a test needs the shared store ----------------------------------------------------------
-REDIS_TEST_URL = os.environ.get("TANDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+def worker_redis_url(database: int) -> str:
+    """``database`` on the local Redis, one lower for each pytest-xdist worker after the first (gw1: ``database - 1``),
+    so that parallel workers never empty each other's keys."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return f"redis://127.0.0.1:6379/{database - int(worker.removeprefix('gw') or 0)}"
+
+
+REDIS_TEST_URL = os.environ.get("TANDEM_TEST_REDIS_URL", worker_redis_url(15))
 
 
 @pytest_asyncio.fixture

@@ -28,7 +28,7 @@ from inference.engines import EngineSet, file_version, load_default_engines, set
 from inference.prompts import Message, chat_prompt
 from speculative.edge import EdgeEngine
 from speculative.engine import SpeculativeEngine
-from speculative.pair import DEMO_DRAFT_GGUF, DEMO_VERIFIER, load_pair
+from speculative.pair import DEMO_DRAFT_GGUF, default_verifier_path, load_pair
 from speculative.remote import RemoteVerifier
 from tenants.models import UsageRecord
 from tenants.tiers import Tier
@@ -54,7 +54,8 @@ SERVER_START_S = 90  # torch, transformers and the verifier load in a fresh inte
 # the pair, loaded once; the engines as load_default_engines builds them -------------------------
 class DemoPair:
     def __init__(self) -> None:
-        self.verifier, self.draft, self.tokenizer = load_pair(DEMO_VERIFIER, DEMO_DRAFT_GGUF)
+        # the verifier load_default_engines picks on this machine (llama.cpp's GGUF on a CPU)
+        self.verifier, self.draft, self.tokenizer = load_pair(default_verifier_path(), DEMO_DRAFT_GGUF)
         self.plain = SpeculativeEngine(self.verifier, self.tokenizer, None)  # the verifier decoding alone
         self.edge = EdgeEngine(self.draft, self.tokenizer, self.tokenizer.eos_token_id)  # the draft alone
 
@@ -117,7 +118,8 @@ def assert_ledger_row_is_what_the_client_got(row: UsageRecord, usage: dict, tier
     assert row.accepted_tokens == usage["accepted_tokens"] and row.drafted_tokens == Decimal(usage["drafted_tokens"])
     assert row.gpu_ms == Decimal(usage["gpu_ms"]) > 0  # the verifier really ran
     assert row.cost_total == Decimal(usage["cost"]["total"]) > 0
-    assert row.verifier_version == file_version(DEMO_VERIFIER) and row.draft_version == file_version(DEMO_DRAFT_GGUF)
+    assert row.verifier_version == file_version(default_verifier_path())
+    assert row.draft_version == file_version(DEMO_DRAFT_GGUF)
 
 
 # the OpenAI API ------------------------------------------------------------------------------------

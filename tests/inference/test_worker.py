@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.inference.conftest import worker_redis_url
+
 REPO = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("TANDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_URL = os.environ.get("TANDEM_TEST_REDIS_URL", worker_redis_url(15))
 
 SCRIPT = """
 import django, json, sys
