@@ -20,6 +20,12 @@ from pathlib import Path
 
 import pytest
 
+# make test runs two pytest-xdist workers on two cores: each computes on one thread (torch's, OpenMP's, and
+# the servers and workers its tests start inherit it), so two workers never fight over four threads
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODELS = ("tandem-test", "tandem-test-broken")
 TIERS = ("edge", "speculative", "cloud")
