@@ -78,6 +78,23 @@ class VerifyResult:
     network_ms: float = 0.0  # time spent between the caller and the verifier
 
 
+def checked_prompt(
+    prompt_ids: Sequence[int], params: SamplingParams, context_length: int, vocab_size: int
+) -> list[int]:
+    """A session's prompt as ints, refused before any work when it or its sampling cannot be served (every backend)."""
+    check_sampling(params)
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty")
+    if len(prompt) >= context_length:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt)} tokens; the verifier's context holds {context_length}"
+        )
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab_size})")
+    return prompt
+
+
 class Verifier(Protocol):
     """What the engine needs from a verifier, local or remote."""
 
@@ -240,16 +257,7 @@ class TransformersVerifier:
 
     # sessions -------------------------------------------------------------------------
     def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
-        check_sampling(params)
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty")
-        if len(prompt) >= self.context_length:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens; the verifier's context holds {self.context_length}"
-            )
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        prompt = checked_prompt(prompt_ids, params, self.context_length, self.vocab_size)
         ticket = _Prefill(session_id, prompt, params)
         with self._prefill_lock:
             self._prefills.append(ticket)

@@ -41,9 +41,9 @@ from speculative.errors import (
     VerifierBusyError,
 )
 from speculative.logprobs import check_logprobs, token_logprobs, truncate_top
-from speculative.sampling import check_sampling, warp
+from speculative.sampling import warp
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
-from speculative.verifier import VerifyRequest, VerifyResult
+from speculative.verifier import VerifyRequest, VerifyResult, checked_prompt
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,7 @@ class LlamaCppVerifier:
 
     # sessions -------------------------------------------------------------------------
     def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
-        check_sampling(params)
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty")
-        if len(prompt) >= self.context_length:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens; the verifier's context holds {self.context_length}"
-            )
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        prompt = checked_prompt(prompt_ids, params, self.context_length, self.vocab_size)
         ticket = _Prefill(session_id, prompt, params)
         with self._prefill_lock:
             self._prefills.append(ticket)
