@@ -218,6 +218,7 @@ def server_env(var: Path, database_url: str = "", engines: str = "inference.benc
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "TANDEM_VAR_DIR": str(var),
+        "TANDEM_JOURNAL_DIR": str(var / "journal"),  # where make faults reads a killed server's journal
         "DATABASE_URL": database_url or f"sqlite:///{var / 'bench.sqlite3'}",
         "TANDEM_LOG_LEVEL": "WARNING",
         "TANDEM_ENGINES": engines,

@@ -296,6 +296,10 @@ def _settle_entry(entry: _Entry) -> str:
     if UsageRecord.objects.filter(request_id=legs[0][1].request_id).exists():
         return "already_written"
     prices = Price.objects.in_bulk([price for price, _ in legs])
+    if any(price not in prices for price, _ in legs):
+        # a database that is not the one this journal was written against (reset, or another deployment's)
+        log.warning("journal: request %s names a price this database lacks; dropped", entry.request_id)
+        return "hold_gone"
     priced = [(prices[price], usage) for price, usage in legs]
     try:
         with transaction.atomic():

@@ -1,5 +1,8 @@
 """Tests: fast password hashing, eager Celery, a trivial engine unless a test asks for the real pair."""
 
+import tempfile
+from pathlib import Path
+
 from config.env import as_bool, get_env
 from config.settings.base import *  # noqa: F403
 
@@ -31,3 +34,9 @@ TANDEM_POLICY_CACHE_TTL_S = get_env("TANDEM_POLICY_CACHE_TTL_S", 0.0, float)
 # The exact result cache is off in the builtin policy: the platform tests repeat identical requests and expect
 # each to be generated; the cache tests turn it on (a published policy has it on by default).
 TANDEM_CACHE_TTL_S = get_env("TANDEM_CACHE_TTL_S", 0, int)
+
+# Each test process journals to a folder of its own, never the var dir's: streams a test leaves unsettled must
+# not be found (and charged) by the next `make run`'s recovery, against another database.
+# (A server the benchmarks or `make faults` start names its own, beside its var dir: server_env.)
+if not get_env("TANDEM_JOURNAL_DIR", ""):
+    TANDEM_JOURNAL_DIR = Path(tempfile.mkdtemp(prefix="tandem-test-journal-"))
