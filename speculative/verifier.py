@@ -95,6 +95,22 @@ def checked_prompt(
     return prompt
 
 
+def checked_round(
+    req: VerifyRequest, length: int, params: SamplingParams, context_length: int, vocab_size: int
+) -> None:
+    """Refuse a session's round (at ``length`` tokens so far) before any work when no backend could verify it."""
+    k = len(req.tokens)
+    if k > MAX_DRAFT_TOKENS:
+        raise InvalidRequestError(f"at most {MAX_DRAFT_TOKENS} draft tokens per round, got {k}")
+    if length + 1 + k > context_length:
+        raise ContextOverflowError(f"session {req.session_id!r} would exceed the context of {context_length}")
+    if any(not 0 <= t < vocab_size for t in req.tokens):
+        raise InvalidRequestError(f"draft token ids must lie in [0, {vocab_size})")
+    if not params.greedy and k and (req.q is None or req.q.shape != (k, vocab_size)):
+        raise InvalidRequestError(f"sampling needs q of shape ({k}, {vocab_size})")
+    check_logprobs(req.logprobs)
+
+
 class Verifier(Protocol):
     """What the engine needs from a verifier, local or remote."""
 
@@ -391,16 +407,7 @@ class TransformersVerifier:
             raise SessionNotFoundError(f"no open verifier session {session_id!r}") from None
 
     def _check_request(self, req: VerifyRequest, s: _Session) -> None:
-        k = len(req.tokens)
-        if k > MAX_DRAFT_TOKENS:
-            raise InvalidRequestError(f"at most {MAX_DRAFT_TOKENS} draft tokens per round, got {k}")
-        if s.length + 1 + k > self.context_length:
-            raise ContextOverflowError(f"session {req.session_id!r} would exceed the context of {self.context_length}")
-        if any(not 0 <= t < self.vocab_size for t in req.tokens):
-            raise InvalidRequestError(f"draft token ids must lie in [0, {self.vocab_size})")
-        if not s.params.greedy and k and (req.q is None or req.q.shape != (k, self.vocab_size)):
-            raise InvalidRequestError(f"sampling needs q of shape ({k}, {self.vocab_size})")
-        check_logprobs(req.logprobs)
+        checked_round(req, s.length, s.params, self.context_length, self.vocab_size)
 
     def _decide(self, s: _Session, req: VerifyRequest, logits: torch.Tensor, argmax: torch.Tensor) -> Verdict:
         """Judge the round, then keep what it accepted."""

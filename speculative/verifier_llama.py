@@ -33,17 +33,16 @@ import torch
 
 from speculative.acceptance import accept_greedy, accept_sampling
 from speculative.errors import (
-    ContextOverflowError,
     InvalidRequestError,
     ModelLoadError,
     SessionNotFoundError,
     SpeculativeError,
     VerifierBusyError,
 )
-from speculative.logprobs import check_logprobs, token_logprobs, truncate_top
+from speculative.logprobs import token_logprobs, truncate_top
 from speculative.sampling import warp
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
-from speculative.verifier import VerifyRequest, VerifyResult, checked_prompt
+from speculative.verifier import VerifyRequest, VerifyResult, checked_prompt, checked_round
 
 log = logging.getLogger(__name__)
 
@@ -286,16 +285,7 @@ class LlamaCppVerifier:
             raise SessionNotFoundError(f"no open verifier session {session_id!r}") from None
 
     def _check_request(self, req: VerifyRequest, s: _Session) -> None:
-        k = len(req.tokens)
-        if k > MAX_DRAFT_TOKENS:
-            raise InvalidRequestError(f"at most {MAX_DRAFT_TOKENS} draft tokens per round, got {k}")
-        if s.length + 1 + k > self.context_length:
-            raise ContextOverflowError(f"session {req.session_id!r} would exceed the context of {self.context_length}")
-        if any(not 0 <= t < self.vocab_size for t in req.tokens):
-            raise InvalidRequestError(f"draft token ids must lie in [0, {self.vocab_size})")
-        if not s.params.greedy and k and (req.q is None or req.q.shape != (k, self.vocab_size)):
-            raise InvalidRequestError(f"sampling needs q of shape ({k}, {self.vocab_size})")
-        check_logprobs(req.logprobs)
+        checked_round(req, s.length, s.params, self.context_length, self.vocab_size)
 
     def _judge(self, s: _Session, req: VerifyRequest, logits: np.ndarray, argmax: np.ndarray) -> Verdict:
         """The acceptance rule. logits  # (k + 1, vocab) float32; argmax  # (k + 1,)"""
