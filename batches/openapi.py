@@ -158,6 +158,19 @@ def batch_paths() -> dict[str, dict]:
     }
 
 
+def _list_of(item: str) -> dict:
+    """OpenAI's list object (``batches.apis._page``) of ``item`` objects."""
+    return _object(
+        {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref(item)},
+            "first_id": {"anyOf": [STRING, NULL]},
+            "last_id": {"anyOf": [STRING, NULL]},
+            "has_more": {"type": "boolean"},
+        }
+    )
+
+
 def batch_schemas() -> dict[str, dict]:
     timestamp = {"anyOf": [INTEGER, NULL]}
     counts = _object({"total": INTEGER, "completed": INTEGER, "failed": INTEGER})
@@ -199,26 +212,10 @@ def batch_schemas() -> dict[str, dict]:
                 "status_details": NULL,
             }
         ),
-        "FileList": _object(
-            {
-                "object": {"const": "list"},
-                "data": {"type": "array", "items": _ref("File")},
-                "first_id": {"anyOf": [STRING, NULL]},
-                "last_id": {"anyOf": [STRING, NULL]},
-                "has_more": {"type": "boolean"},
-            }
-        ),
+        "FileList": _list_of("File"),
         "FileDeleted": _object({"id": STRING, "object": {"const": "file"}, "deleted": {"const": True}}),
         "Batch": batch,
-        "BatchList": _object(
-            {
-                "object": {"const": "list"},
-                "data": {"type": "array", "items": _ref("Batch")},
-                "first_id": {"anyOf": [STRING, NULL]},
-                "last_id": {"anyOf": [STRING, NULL]},
-                "has_more": {"type": "boolean"},
-            }
-        ),
+        "BatchList": _list_of("Batch"),
         "BatchCreateRequest": _object(
             {
                 "input_file_id": {"type": "string", "minLength": 1, "maxLength": 64},
