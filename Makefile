@@ -11,10 +11,25 @@ PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
 .PHONY: install run test lint bench bench-platform load faults train-pair browser
 
+# llama.cpp (inside llama-cpp-python, built from source) is compiled for a named x86-64 level, not
+# for this CPU: a native build on a CPU with AMX ran Q4_1 weights (SmolLM2, the cloud stand-in)
+# through AMX kernels that crash with SIGSEGV where the VM does not enable AMX (2026-12-02), and
+# pip's cache would hand a native wheel to an older CPU. The wheel is built once per flag set into
+# $(LLAMA_WHEELS) and reused. Other architectures build natively (LLAMA_CMAKE_ARGS empty).
+LLAMA_CPP_PIN := $(shell sed -n 's/.*"llama-cpp-python\[server\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+LLAMA_WHEELS ?= $(HOME)/.cache/tandem/wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-12)
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PIN)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir \
+		-w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_PIN)"
+	$(PY) -m pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PIN)-*.whl
+	$(PY) -m pip install --quiet --find-links $(LLAMA_WHEELS) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -76,7 +91,7 @@ bench: $(STAMP)
 # vendored source, cached under the var dir): same pair, same client; see the README's performance section
 .PHONY: bench-peer
 bench-peer: $(STAMP)
-	$(PY) -m speculative.bench_peer --out docs/bench/$$(date -u +%Y-%m-%d)-peer-cpu-2core.json
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m speculative.bench_peer --out docs/bench/$$(date -u +%Y-%m-%d)-peer-cpu-2core.json
 
 bench-platform: $(STAMP)
 	$(PY) -m inference.bench

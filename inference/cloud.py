@@ -16,8 +16,10 @@ chat goes upstream as its messages, rendered by the upstream's own template.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import weakref
@@ -28,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from inference.breakers import CircuitBreaker
+from inference.completion import NamedLogprob
 from inference.errors import InvalidRequest, UpstreamFailed
 from inference.model_tokenizers import counts_with, gguf_tokenizer
 from speculative.errors import InvalidRequestError
@@ -173,6 +176,14 @@ class CloudRequest:
     upstreams: tuple[Upstream, ...]
     continuation: str = ""  # the answer so far, when this tier takes over mid-stream
     stream: bool = True  # False: the client waits for the whole answer, so the upstream is asked for it whole
+    logprobs: int | None = None  # asked for: each token's logprob and this many alternatives, named upstream
+
+
+@dataclass(frozen=True)
+class CloudTokenEvent(TokenEvent):
+    """A chunk of an upstream's text, with its tokens' logprobs when the request asked for them."""
+
+    named: tuple[NamedLogprob, ...] = ()
 
 
 @dataclass
@@ -212,6 +223,7 @@ class CloudEngine:
         tenant_id: int | None = None,
         continuation: str = "",
         stream: bool = True,
+        logprobs: int | None = None,
     ) -> CloudRequest:
         check_sampling(sampling)
         if max_tokens < 1:
@@ -231,7 +243,17 @@ class CloudEngine:
             text = tokenizer.render_chat(messages) + continuation
         ids = tuple(tokenizer.encode(text, add_special_tokens=False))
         return CloudRequest(
-            ids, prompt, tuple(messages), max_tokens, sampling, tuple(stop), tenant_id, upstreams, continuation, stream
+            ids,
+            prompt,
+            tuple(messages),
+            max_tokens,
+            sampling,
+            tuple(stop),
+            tenant_id,
+            upstreams,
+            continuation,
+            stream,
+            logprobs,
         )
 
     def can_continue(self, request: CloudRequest) -> bool:
@@ -379,7 +401,19 @@ class CloudCompletion:
         text = _choice_text(choice, chat, "message")
         self._take_finish(choice)
         if text:
-            yield TokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD)
+            yield self._event(text, choice, chat)
+
+    def _event(self, text: str, choice: dict, chat: bool) -> TokenEvent:
+        if self.request.logprobs is None:
+            return TokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD)
+        # at most the alternatives asked for: some upstreams send one where 0 were asked for
+        top = self.request.logprobs
+        named = tuple(
+            n if len(n.top) <= top else dataclasses.replace(n, top=n.top[:top])
+            for n in _named_logprobs(choice.get("logprobs"), chat)
+        )
+        logprob = sum(n.logprob for n in named) if named else None
+        return CloudTokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD, logprob=logprob, named=named)
 
     def _take_usage(self, body: dict) -> None:
         usage = body.get("usage")
@@ -412,6 +446,14 @@ class CloudCompletion:
         if request.stop:
             body["stop"] = list(request.stop)
         partial = request.continuation
+        chat, body = self._endpoint(upstream, body, partial)
+        if request.logprobs is not None:  # the chat API's names, else the legacy completions' count
+            body |= {"logprobs": True, "top_logprobs": request.logprobs} if chat else {"logprobs": request.logprobs}
+        return chat, body
+
+    def _endpoint(self, upstream: Upstream, body: dict[str, Any], partial: str) -> tuple[bool, dict[str, Any]]:
+        """The chat endpoint for a conversation, else completions; ``body`` gets the prompt or messages."""
+        request = self.request
         if not request.messages:
             body["prompt"] = request.prompt + partial
             return False, body
@@ -449,7 +491,7 @@ class CloudCompletion:
                 text = _choice_text(choice, chat)
                 self._take_finish(choice)
                 if text:
-                    yield TokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD)
+                    yield self._event(text, choice, chat)
 
 
 async def _lines_of(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
@@ -476,6 +518,53 @@ def _continues(upstream: Upstream, chat: bool) -> bool:
     if not chat or upstream.continues_final_message:
         return True
     return bool(upstream.tokenizer) and gguf_tokenizer(upstream.tokenizer).template is not None
+
+
+def _named_logprobs(raw: Any, chat: bool) -> tuple[NamedLogprob, ...]:
+    """The tokens' logprobs in a choice's ``logprobs``: the chat API's ``content`` list, else the legacy lists.
+
+    What is malformed (a missing or non-numeric logprob) is left out rather than failing an
+    answer the client is already reading: its text is what it paid for.
+    """
+    if not isinstance(raw, dict):
+        return ()
+    if chat:
+        entries = raw.get("content")
+        if not isinstance(entries, list):
+            return ()
+        return tuple(
+            NamedLogprob(e["token"], float(e["logprob"]), _alternatives(e.get("top_logprobs")))
+            for e in entries
+            if isinstance(e, dict) and isinstance(e.get("token"), str) and _is_number(e.get("logprob"))
+        )
+    tokens, logprobs, tops = raw.get("tokens"), raw.get("token_logprobs"), raw.get("top_logprobs")
+    if not isinstance(tokens, list) or not isinstance(logprobs, list):
+        return ()
+    tops = tops if isinstance(tops, list) else []
+    return tuple(
+        NamedLogprob(token, float(lp), _alternatives(tops[i] if i < len(tops) else None))
+        for i, (token, lp) in enumerate(zip(tokens, logprobs, strict=False))
+        if isinstance(token, str) and _is_number(lp)
+    )
+
+
+def _alternatives(raw: Any) -> tuple[tuple[str, float], ...]:
+    """A token's alternatives, highest first: a list of ``{token, logprob}`` (chat) or a ``{token: logprob}`` map."""
+    if isinstance(raw, dict):
+        pairs = [(t, lp) for t, lp in raw.items() if _is_number(lp)]
+    elif isinstance(raw, list):
+        pairs = [
+            (e["token"], e["logprob"])
+            for e in raw
+            if isinstance(e, dict) and isinstance(e.get("token"), str) and _is_number(e.get("logprob"))
+        ]
+    else:
+        return ()
+    return tuple(sorted(((str(t), float(lp)) for t, lp in pairs), key=lambda p: -p[1]))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _choice_text(choice: Any, chat: bool, part: str = "delta") -> str:

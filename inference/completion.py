@@ -66,6 +66,15 @@ class CompletionCall:
 
 
 @dataclass(frozen=True)
+class NamedLogprob:
+    """One upstream token's logprob and its alternatives, named as the upstream names them (it sends no ids)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (token, logprob), highest first
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     index: int
     text: str
@@ -74,6 +83,8 @@ class TokenDelta:
     route: Route | None = None  # set on the first token of a leg that took over mid-stream: the new route
     logprob: float | None = None  # when the call asked for logprobs: under the serving model
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), highest first
+    # a cloud chunk's tokens, named by the upstream (``logprob`` is then their sum: the chunk's)
+    named_logprobs: tuple[NamedLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

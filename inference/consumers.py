@@ -20,7 +20,10 @@ server -> client::
     {"type": "started", "id", "request_id", "model", "route": {"tier", "reason", "degraded", "policy_version"}}
     {"type": "delta", "id", "index", "text", "tokens": [{"token_id", "text", "provenance"}, ...]}
                                                        with logprobs asked for, each token also has
-                                                       "logprob" and "top_logprobs": [{"token_id", "logprob"}]
+                                                       "logprob" and "top_logprobs": [{"token_id", "logprob"}];
+                                                       a cloud chunk (token_id -1) has its text's "logprob" and
+                                                       "logprobs": [{"token", "logprob", "top_logprobs":
+                                                       [{"token", "logprob"}]}], as its upstream named them
                                                        provenance: "drafted" | "verifier" | "edge" | "cloud"
     {"type": "route", "id", "index", "route": {...}}   another tier took over mid-stream (its tier failed):
                                                        from token ``index`` on, the text comes from ``route``
@@ -344,7 +347,17 @@ def _token(delta: gateway.TokenDelta) -> dict:
     token: dict = {"token_id": delta.token_id, "text": delta.text, "provenance": delta.provenance.value}
     if delta.logprob is not None:
         token["logprob"] = delta.logprob
-        token["top_logprobs"] = [{"token_id": i, "logprob": lp} for i, lp in delta.top_logprobs]
+        if delta.named_logprobs:  # an upstream's tokens: no ids here, named as it sent them
+            token["logprobs"] = [
+                {
+                    "token": n.token,
+                    "logprob": n.logprob,
+                    "top_logprobs": [{"token": t, "logprob": lp} for t, lp in n.top],
+                }
+                for n in delta.named_logprobs
+            ]
+        else:
+            token["top_logprobs"] = [{"token_id": i, "logprob": lp} for i, lp in delta.top_logprobs]
     return token
 
 

@@ -177,6 +177,7 @@ def request_for(
                 tenant_id=tenant_id,
                 continuation=call.continue_from,
                 stream=call.stream,
+                logprobs=call.logprobs,
             )
         else:
             prompt = call.prompt + call.continue_from

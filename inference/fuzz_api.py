@@ -80,10 +80,10 @@ EXAMPLES_KEPT = 5  # failing requests kept per endpoint and kind, for the report
 BODY_CHARS = 600  # of a request's or response's body, this much goes in the report
 # A schema-valid body may still be refused at run time: too long for the context or the
 # tenant's tokens a minute, PII the policy refuses, a tier the policy does not allow, a chat
-# the model's template refuses, logprobs from a request routed to the cloud tier.
+# the model's template refuses, logprobs of a redacted prompt asked of the cloud tier.
 RUNTIME_400_CODES = frozenset({"context_length_exceeded", "tokens_exceed_limit", "pii_detected"})
 RUNTIME_400_PARAMS = frozenset({"tier"})
-RUNTIME_400_MESSAGES = ("chat template", "does not return logprobs")
+RUNTIME_400_MESSAGES = ("chat template", "not served by the cloud tier")
 
 
 @dataclass

@@ -40,6 +40,7 @@ from rest_framework import serializers
 from rest_framework.settings import api_settings
 
 from inference import gateway, metrics, prompts
+from inference.completion import NamedLogprob
 from inference.engines import ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, unexpected
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
@@ -550,25 +551,21 @@ class _Chunks:
         """OpenAI's logprobs object for these tokens (chat: ``content``; completions: the legacy lists)."""
         if not self._logprobs:
             return None
+        named = [n for d in deltas for n in self._named(d)]
         if self.chat:
-            return {"content": [self._entry(d) for d in deltas], "refusal": None}
+            return {"content": [_entry(n) for n in named], "refusal": None}
         return {
-            "tokens": [d.text for d in deltas],
-            "token_logprobs": [d.logprob for d in deltas],
-            "top_logprobs": [{self._token(i): lp for i, lp in d.top_logprobs} for d in deltas],
+            "tokens": [n.token for n in named],
+            "token_logprobs": [n.logprob for n in named],
+            "top_logprobs": [dict(n.top) for n in named],
             "text_offset": None,
         }
 
-    def _entry(self, delta: TokenDelta) -> dict:
-        return {
-            "token": delta.text,
-            "logprob": delta.logprob,
-            "bytes": list(delta.text.encode()),
-            "top_logprobs": [
-                {"token": (t := self._token(i)), "logprob": lp, "bytes": list(t.encode())}
-                for i, lp in delta.top_logprobs
-            ],
-        }
+    def _named(self, delta: TokenDelta) -> tuple[NamedLogprob, ...]:
+        """The delta's tokens with their alternatives named: a cloud chunk's as its upstream named them."""
+        if delta.named_logprobs or delta.logprob is None:
+            return delta.named_logprobs
+        return (NamedLogprob(delta.text, delta.logprob, tuple((self._token(i), lp) for i, lp in delta.top_logprobs)),)
 
     def _token(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id]) if self._tokenizer is not None else str(token_id)
@@ -581,6 +578,16 @@ class _Chunks:
         if self.include_usage:
             chunk["usage"] = None  # as OpenAI does: every chunk before the usage chunk says "not yet"
         return chunk
+
+
+def _entry(named: NamedLogprob) -> dict:
+    """One token of the chat API's ``logprobs.content``."""
+    return {
+        "token": named.token,
+        "logprob": named.logprob,
+        "bytes": list(named.token.encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in named.top],
+    }
 
 
 def _sse(obj: dict) -> bytes:

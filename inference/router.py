@@ -184,11 +184,16 @@ def decide(
         if policy.pii_action == "keep_off_cloud" and Tier.CLOUD in candidates:
             candidates.remove(Tier.CLOUD)
             pii_reason = "pii"
-    # logprobs come from a model's own logits: the tiers that run here have them, an upstream relays none
-    if signals.logprobs and Tier.CLOUD in candidates:
+    # logprobs name the tokens the serving model read and wrote: an upstream that read placeholders for
+    # the personal data would name tokens the client never sees, so a redacted prompt's logprobs stay here
+    if signals.logprobs and signals.pii_kinds and Tier.CLOUD in candidates:
         candidates.remove(Tier.CLOUD)
         if signals.requested_tier == Tier.CLOUD.value:
-            raise InvalidRequest("the cloud tier does not return logprobs; ask for another tier", param="logprobs")
+            raise InvalidRequest(
+                "logprobs of a prompt with personal data are not served by the cloud tier (it reads the prompt "
+                "redacted); ask for another tier or without logprobs",
+                param="logprobs",
+            )
     # 3. a tier the client asked for
     requested = _requested(policy, signals.requested_tier)
     if requested is not None:
@@ -284,14 +289,14 @@ def _may_take(entry: ModelEntry, policy: Policy, route: Route, tier: Tier, tenan
     """Whether ``tier`` may take over ``route``'s request: the policy allows it, and it is up.
 
     The cloud never takes a prompt whose PII the policy keeps off it, one never scanned for
-    PII (no cloud could serve it when it started), nor a request for logprobs (an upstream
-    relays none), whatever brings the request there.
+    PII (no cloud could serve it when it started), nor a redacted one's request for logprobs
+    (the upstream would name placeholder tokens), whatever brings the request there.
     """
     if tier not in policy.allowed:
         return False
     if tier is Tier.CLOUD and (
         (route.signals.get("pii") and policy.pii_action != "redact_then_cloud")
-        or route.signals.get("logprobs")
+        or (route.signals.get("logprobs") and route.signals.get("pii"))
         or route.signals.get("pii_unscanned")
     ):
         return False
@@ -304,7 +309,7 @@ def escalate(
     """The tier a low-confidence answer goes up to from ``route``'s (edge -> speculative, else cloud); None if none may.
 
     The same constraints as any route: the policy's tiers, PII kept off the cloud, a
-    request for logprobs off the cloud, and health.
+    redacted prompt's request for logprobs off the cloud, and health.
     """
     for tier in sorted(Tier, key=TIER_RANK.__getitem__):
         if TIER_RANK[tier] > TIER_RANK[route.tier] and _may_take(entry, policy, route, tier, tenant_id):

@@ -38,7 +38,7 @@ class Signals:
     prompt_tokens: int = 0
     max_tokens: int = 0
     latency_class: str = INTERACTIVE
-    logprobs: bool = False  # the client asked for log-probabilities (the cloud tier relays none)
+    logprobs: bool = False  # the client asked for log-probabilities (a cloud upstream names its own tokens)
     pii_scanned: bool = True  # False: no scan ran (no cloud could serve the request), so no cloud may
     check_ms: float = 0.0  # what the PII scan and the classifier cost this request
 

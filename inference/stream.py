@@ -27,7 +27,7 @@ from django.conf import settings
 from inference import settlement
 from inference.breakers import BreakerState
 from inference.cache import CACHED_TIERS, CachedAnswer, exact_cache, in_flight
-from inference.cloud import CloudEngine, CloudRequest
+from inference.cloud import CloudEngine, CloudRequest, CloudTokenEvent
 from inference.completion import CompletionCall, TokenDelta, UsageSummary
 from inference.engines import Engine, ModelEntry, arequest_for
 from inference.errors import ContextTooLong, GatewayError, Overloaded, UpstreamFailed
@@ -490,6 +490,7 @@ class GatewayStream:
             route,
             event.logprob,
             event.top_logprobs,
+            event.named if isinstance(event, CloudTokenEvent) else (),
         )
 
     def delivered_text(self) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -73,7 +74,11 @@ def llama_server_binary(cache: Path, explicit: str | None = None) -> Path:
             raise SystemExit(f"llama-server {named!r} does not exist")
         return path
     release = version(LLAMA_CPP_PACKAGE)
-    build = cache / f"build-{release}"
+    # the flags Tandem's own llama.cpp was built with (the Makefile passes them): the same kernels on both sides
+    flags = os.environ.get("CMAKE_ARGS", "").split()
+    build = cache / (
+        f"build-{release}-" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12] if flags else f"build-{release}"
+    )
     binary = build / "bin" / "llama-server"
     if binary.is_file():
         return binary
@@ -92,6 +97,7 @@ def llama_server_binary(cache: Path, explicit: str | None = None) -> Path:
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_OPENSSL=OFF",
         "-DBUILD_SHARED_LIBS=OFF",
+        *flags,
     ]
     if shutil.which("ninja"):
         cmake += ["-G", "Ninja"]

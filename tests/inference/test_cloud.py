@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -292,3 +293,94 @@ async def test_a_client_that_waits_for_the_whole_answer_gets_it_asked_for_whole_
         "length",
         6,
     )
+
+
+async def test_logprobs_asked_of_the_cloud_are_the_upstreams_own_named_as_it_names_its_tokens(upstream, account):
+    stream = await gateway.start(await principal(account), call(temperature=0.0, logprobs=2))
+    text, deltas = await gateway.collect(stream)
+    assert stream.route.tier is Tier.CLOUD and text
+    named = [n for d in deltas for n in d.named_logprobs]
+    # every token the upstream sent, its logprob a probability's log, its alternatives the two likeliest
+    assert "".join(n.token for n in named) == text and len(named) == 6
+    assert all(n.logprob <= 0 and len(n.top) == 2 and n.top[0][1] >= n.top[1][1] for n in named)
+    # a chosen token among its alternatives has the same logprob there (llama.cpp's server penalises
+    # repeats after the logprobs are taken, so the chosen token is not always the likeliest)
+    assert all(dict(n.top).get(n.token, n.logprob) == pytest.approx(n.logprob) for n in named)
+    assert sum(n.top[0][0] == n.token for n in named) >= len(named) // 2
+    assert all(d.logprob == pytest.approx(sum(n.logprob for n in d.named_logprobs)) for d in deltas)
+    chat = await gateway.start(
+        await principal(account),
+        call(prompt="User: Say hello.\n", messages=({"role": "user", "content": "Say hello."},), logprobs=0),
+    )
+    chat_text, chat_deltas = await gateway.collect(chat)
+    chat_named = [n for d in chat_deltas for n in d.named_logprobs]
+    assert "".join(n.token for n in chat_named) == chat_text and all(n.top == () for n in chat_named)
+
+
+async def test_without_logprobs_asked_the_cloud_is_not_asked_for_them(upstream, account):
+    stream = await gateway.start(await principal(account), call(seed=7))
+    _, deltas = await gateway.collect(stream)
+    assert all(d.logprob is None and d.named_logprobs == () for d in deltas)
+
+
+async def test_a_chat_taken_over_by_an_upstream_that_continues_a_final_message_gets_it_as_messages(account):
+    """vLLM-style native continuation: the partial answer as the last assistant message, no template here."""
+    from aiohttp import web
+
+    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
+    from speculative.errors import VerifierUnavailableError
+
+    bodies: list[dict] = []
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in (" is", " a", " platform."):
+            chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        usage = {"choices": [], "usage": {"prompt_tokens": 21, "completion_tokens": 3}}
+        for last in (done, usage):
+            await response.write(f"data: {json.dumps(last)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    flaky = TrivialEngine(fail_after=6, fail_as=VerifierUnavailableError("connection reset"))
+    entry = ModelEntry(
+        name="tandem-test",
+        speculative=flaky,
+        edge=None,
+        verifier_version="v@1",
+        draft_version="d@1",
+        context_length=4096,
+        tokenizer=flaky.tokenizer,
+    )
+    previous = set_engines(EngineSet([entry], cloud=True))
+    try:
+        await sync_to_async(register)(f"http://127.0.0.1:{port}/v1", name="native", continues_final_message=True)
+        messages = ({"role": "user", "content": "Tell me about Tandem."},)
+        chat = call(
+            prompt="User: Tell me about Tandem.\nAssistant:", messages=messages, requested_tier=None, max_tokens=12
+        )
+        stream = await gateway.start(await principal(account), chat)
+        deltas = [d async for d in stream]
+        await stream.settled()
+    finally:
+        set_engines(previous)
+        await runner.cleanup()
+    text = "".join(d.text for d in deltas)
+    assert text == "Tandem is a platform." and deltas[6].route.tier is Tier.CLOUD
+    (body,) = bodies
+    assert body["messages"] == [*messages, {"role": "assistant", "content": "Tandem"}]
+    assert (body["continue_final_message"], body["add_generation_prompt"], body["stream"]) == (True, False, True)
+    rows = [r async for r in UsageRecord.objects.filter(leg_of=stream.request_id).order_by("leg")]
+    assert [(r.route_tier, r.upstream) for r in rows] == [("speculative", ""), ("cloud", "native")]
+    # the upstream's own usage is what the cloud leg is charged
+    assert (rows[1].prompt_tokens, rows[1].completion_tokens, rows[1].finish_reason) == (21, 3, "stop")

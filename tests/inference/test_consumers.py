@@ -464,6 +464,25 @@ async def test_a_start_frame_may_ask_for_each_tokens_logprobs(account):
     assert all(len(t["top_logprobs"]) == 1 and t["top_logprobs"][0]["token_id"] == t["token_id"] for t in tokens)
 
 
+async def test_a_cloud_chunks_logprobs_go_out_named_as_its_upstream_named_them():
+    from inference.completion import NamedLogprob, TokenDelta
+    from inference.consumers import _token
+    from speculative.types import Provenance
+
+    named = (NamedLogprob(" Par", -0.25, ((" Par", -0.25), (" Lon", -2.0))), NamedLogprob("is", -0.5))
+    token = _token(TokenDelta(0, " Paris", -1, Provenance.CLOUD, None, -0.75, (), named))
+    assert (token["token_id"], token["logprob"], token["provenance"]) == (-1, -0.75, "cloud")
+    assert token["logprobs"] == [
+        {
+            "token": " Par",
+            "logprob": -0.25,
+            "top_logprobs": [{"token": " Par", "logprob": -0.25}, {"token": " Lon", "logprob": -2.0}],
+        },
+        {"token": "is", "logprob": -0.5, "top_logprobs": []},
+    ]
+    assert "top_logprobs" not in token
+
+
 async def test_a_stream_that_waits_for_a_slot_gets_a_queued_frame_then_runs(account, gated, settings):
     settings.TANDEM_MAX_STREAMS_PER_TENANT = 1
     ws = await key_socket(account)

@@ -947,3 +947,24 @@ async def test_a_database_that_cannot_be_reached_is_a_503_with_retry_after_not_a
     response = await post_chat(http, account.raw_key, max_tokens=4)
     assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
     assert response.json()["error"]["code"] == "database_unavailable"
+
+
+@pytest.mark.parametrize("chat", [True, False])
+async def test_a_cloud_chunks_logprobs_are_served_as_its_upstream_named_its_tokens(chat):
+    from types import SimpleNamespace
+
+    from inference.completion import NamedLogprob, TokenDelta
+    from inference.openai_api import _Chunks
+    from speculative.types import Provenance
+
+    stream = SimpleNamespace(call=SimpleNamespace(logprobs=1), request_id="r", created=0, model=MODEL)
+    chunks = _Chunks(stream, chat=chat, include_usage=False, tokenizer=None)
+    named = (NamedLogprob(" Par", -0.25, ((" Par", -0.25),)), NamedLogprob("is", -0.5, (("is", -0.5),)))
+    delta = TokenDelta(0, " Paris", -1, Provenance.CLOUD, None, -0.75, (), named)
+    logprobs = chunks.delta(delta)["choices"][0]["logprobs"]
+    if chat:
+        assert [(e["token"], e["logprob"]) for e in logprobs["content"]] == [(" Par", -0.25), ("is", -0.5)]
+        assert logprobs["content"][1]["top_logprobs"] == [{"token": "is", "logprob": -0.5, "bytes": [105, 115]}]
+    else:
+        assert (logprobs["tokens"], logprobs["token_logprobs"]) == ([" Par", "is"], [-0.25, -0.5])
+        assert logprobs["top_logprobs"] == [{" Par": -0.25}, {"is": -0.5}]

@@ -189,12 +189,26 @@ def test_failover_never_takes_pii_to_the_cloud():
     assert fail_over(e, first, 1, tried=frozenset({Tier.SPECULATIVE, Tier.EDGE})) is None
 
 
-def test_a_request_for_logprobs_stays_on_the_tiers_that_have_logits():
+def test_a_request_for_logprobs_goes_to_the_cloud_which_relays_its_upstreams():
     route = decide(entry(cloud=BOTH), signals(difficulty="hard_frontier", logprobs=True), tenant_id=1)
-    assert route.tier is Tier.SPECULATIVE
+    assert route.tier is Tier.CLOUD
+    route = decide(entry(cloud=BOTH), signals(requested_tier="cloud", logprobs=True), tenant_id=1)
+    assert (route.tier, route.reason) == (Tier.CLOUD, "requested")
+
+
+def test_a_redacted_prompts_logprobs_stay_off_the_cloud_which_would_name_placeholder_tokens():
+    policy = Policy(pii_action="redact_then_cloud")
+    hard = signals(difficulty="hard_frontier", pii_kinds=("EMAIL",), logprobs=True)
+    route = decide(entry(cloud=BOTH), hard, policy, tenant_id=1)
+    assert route.tier is Tier.SPECULATIVE and not route.redact
     with pytest.raises(InvalidRequest) as info:
-        decide(entry(cloud=BOTH), signals(requested_tier="cloud", logprobs=True), tenant_id=1)
+        decide(entry(cloud=BOTH), signals(requested_tier="cloud", pii_kinds=("EMAIL",), logprobs=True), policy, 1)
     assert info.value.param == "logprobs"
+    down = Route(Tier.SPECULATIVE, "hard_frontier", signals={"pii": ["EMAIL"], "logprobs": True})
+    assert fail_over(entry(cloud=BOTH), down, 1, policy, tried=frozenset({Tier.SPECULATIVE, Tier.EDGE})) is None
+    without_logprobs = Route(Tier.SPECULATIVE, "hard_frontier", signals={"pii": ["EMAIL"]})
+    taken = fail_over(entry(cloud=BOTH), without_logprobs, 1, policy, tried=frozenset({Tier.SPECULATIVE, Tier.EDGE}))
+    assert taken is not None and (taken.tier, taken.redact) == (Tier.CLOUD, True)
 
 
 def test_a_prompt_never_scanned_for_pii_never_goes_to_the_cloud():
