@@ -107,6 +107,12 @@ def context_features(tokens: Sequence[Token], i: int, text: str, gazetteer: Gaze
         features.append("prev_cap")
         if prev.text.lower() in gazetteer.first_names:
             features.append("prev_first")
+    # A lower-case particle between two capitalised words ("Dean der Kijnder", "Jan de Vries", "Banco de España"):
+    # the model weighs the pattern from the training names that have one, apart from prev_cap and next_cap.
+    if prev2 is not None and prev is not None and prev.text in NAME_PARTICLES and is_capitalised(prev2.text):
+        features.append("cap_particle_before")
+    if nxt is not None and nxt.text in NAME_PARTICLES and i + 2 < len(tokens) and is_capitalised(tokens[i + 2].text):
+        features.append("cap_particle_after")
     if nxt is not None and is_capitalised(nxt.text):
         features.append("next_cap")
         if nxt.text.lower() in gazetteer.last_names:

@@ -1,29 +1,45 @@
 """Train the person-name model and write ``inference/assets/pii/names.json.gz`` (dev only: needs Faker, scikit-learn, wordfreq).
 
-    python -m inference.pii.train_names
+    python -m inference.pii.train_names            # retrain and write the shipped model
+    python -m inference.pii.train_names --check    # exit 1 if the shipped model is not what this would train
 
 Gazetteers are Faker's first- and last-name lists for the gazetteer locales; the classifier is an L2
 logistic regression over ``names.token_features`` of every capitalised token in generated training
 sentences (``synthetic.training_examples``), labelled 1 inside a gold PERSON span. Only weights that matter
 are kept, rounded, so the asset stays small and the runtime needs neither scikit-learn nor numpy.
-Deterministic: the same seed gives byte-identical output.
+Deterministic: the same seed gives byte-identical output. The model records its provenance (a hash of the
+training data and of this file, and the versions of the libraries that made it); ``--check`` recomputes it without
+fitting (a few seconds), so that a change to the training inputs without a retrain fails the tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
+import importlib.metadata
 import json
 import logging
 import random
+import re
+import sys
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import wordfreq
 from sklearn.feature_extraction import DictVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from inference.pii.names import MODEL_FORMAT, MODEL_PATH, Gazetteer, is_capitalised, token_features, tokenise
+from inference.pii.names import (
+    MODEL_FORMAT,
+    MODEL_PATH,
+    NAME_PARTICLES,
+    Gazetteer,
+    is_capitalised,
+    token_features,
+    tokenise,
+)
 from inference.pii.public_figures import PUBLIC_FIGURES
 from inference.pii.synthetic import (
     GAZETTEER_LOCALES,
@@ -72,17 +88,50 @@ TECH_WORDS = (
 ).split()
 
 
+# The libraries whose data or arithmetic the model depends on: Faker's name lists, wordfreq's word lists, the fit.
+TRAINING_LIBRARIES = ("faker", "wordfreq", "scikit-learn", "numpy", "scipy")
+
+# A listed figure's name is read as "First [Middle ...] Last" only where it has that shape: a lower-case word other
+# than a name particle makes it an epithet ("Alexander the Great", "Joan of Arc", "Wright brothers"), a regnal
+# number or an initial is no name ("Henry VIII", "Malcolm X", "John F. Kennedy"), and a title opens it without
+# being a first name ("Pope Francis", "Mother Teresa", "Lady Gaga").
+_FIGURE_TITLES = frozenset("pope queen king mother saint lady dalai".split())
+_REGNAL_NUMBER = re.compile(r"[IVXLC]+")
+# A famous first or last name stays a common word when it is one of a language's most frequent words: "che" and
+# "ho" (Italian "that", "I have"), "Mann" (German "man"), "may", "page" are far more often the word than the
+# figure (Che Guevara, Ho Chi Minh, Thomas Mann, Theresa May, Larry Page).
+KEEP_COMMON_RANK = 1_000
+
+
+def figure_names(figures: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """Lower-cased (first names, last names) of the listed figures whose names are "First [Middle ...] Last"."""
+    first: set[str] = set()
+    last: set[str] = set()
+    for figure in figures:
+        words = figure.split()
+        if any(word.islower() and word not in NAME_PARTICLES for word in words):
+            continue
+        names = [
+            w.lower() for w in words if w[0].isupper() and len(w.rstrip(".")) > 1 and not _REGNAL_NUMBER.fullmatch(w)
+        ]
+        if names and names[0] in _FIGURE_TITLES:
+            names = names[1:]
+        if len(names) >= 2:
+            first.add(names[0])
+            last.add(names[-1])
+    return frozenset(first), frozenset(last)
+
+
 def build_gazetteer(locales: tuple[str, ...] = GAZETTEER_LOCALES) -> Gazetteer:
     first, last = faker_names(locales)
-    # Famous people's names are frequent words ("obama", "elon"); they belong in the name lists, or a
-    # public figure's name next to their private details would go unseen.
-    famous = [name.lower().split() for name in PUBLIC_FIGURES if " " in name]
-    first |= {parts[0] for parts in famous}
-    last |= {parts[-1] for parts in famous}
+    # Famous people's names are frequent words ("obama", "elon"); they belong in the name lists, or a public
+    # figure's name next to their private details would go unseen.
+    famous_first, famous_last = figure_names(PUBLIC_FIGURES)
+    frequent = {w for lang in COMMON_WORDS for w in wordfreq.top_n_list(lang, KEEP_COMMON_RANK)}
     common = {w for lang, n in COMMON_WORDS.items() for w in wordfreq.top_n_list(lang, n) if w.isalpha() and len(w) > 1}
     common.update(w.lower() for w in TECH_WORDS)
-    common -= {part for parts in famous for part in parts}
-    return Gazetteer(first, last, frozenset(common))
+    common -= (famous_first | famous_last) - frequent
+    return Gazetteer(first | famous_first, last | famous_last, frozenset(common))
 
 
 def labelled_tokens(
@@ -102,9 +151,33 @@ def labelled_tokens(
     return rows, labels
 
 
-def train(seed: int = TRAIN_SEED, sentences: int = TRAIN_SENTENCES) -> dict[str, object]:
+def training_inputs(
+    seed: int = TRAIN_SEED, sentences: int = TRAIN_SENTENCES
+) -> tuple[Gazetteer, list[list[str]], list[int]]:
+    """The gazetteer and the labelled feature rows the fit sees: everything but the fit itself."""
     gazetteer = build_gazetteer()
     rows, labels = labelled_tokens(training_examples(seed, sentences), gazetteer, random.Random(seed))
+    return gazetteer, rows, labels
+
+
+def provenance(gazetteer: Gazetteer, rows: list[list[str]], labels: list[int]) -> dict[str, object]:
+    """What a model was made from: a hash of its training data (gazetteers, feature rows, labels) and of this file
+    (the hyperparameters and the fit), and the libraries' versions: equal provenance, the same bytes (measured)."""
+    data = hashlib.sha256()
+    for part in (sorted(gazetteer.first_names), sorted(gazetteer.last_names), sorted(gazetteer.common_words)):
+        data.update(json.dumps(part, ensure_ascii=False).encode("utf-8"))
+    for row, label in zip(rows, labels, strict=True):
+        data.update(json.dumps([label, row], ensure_ascii=False).encode("utf-8"))
+    return {
+        "training_data_sha256": data.hexdigest(),
+        "trainer_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "libraries": {name: importlib.metadata.version(name) for name in TRAINING_LIBRARIES},
+    }
+
+
+def train(seed: int = TRAIN_SEED, sentences: int = TRAIN_SENTENCES) -> dict[str, object]:
+    gazetteer, rows, labels = training_inputs(seed, sentences)
+    made_from = provenance(gazetteer, rows, labels)
     counts = Counter(feature for row in rows for feature in row)
     rows = [[f for f in row if counts[f] >= MIN_FEATURE_COUNT] for row in rows]
     vectoriser = DictVectorizer()
@@ -121,6 +194,7 @@ def train(seed: int = TRAIN_SEED, sentences: int = TRAIN_SENTENCES) -> dict[str,
         "format": MODEL_FORMAT,
         "about": "person-name token classifier; rebuild with python -m inference.pii.train_names",
         "seed": seed,
+        "provenance": made_from,
         "threshold": THRESHOLD,
         "first_names": sorted(gazetteer.first_names),
         "last_names": sorted(gazetteer.last_names),
@@ -129,12 +203,32 @@ def train(seed: int = TRAIN_SEED, sentences: int = TRAIN_SENTENCES) -> dict[str,
     }
 
 
+def stale_provenance(path: Path = MODEL_PATH) -> list[str]:
+    """The provenance fields in which the model at ``path`` differs from what training would use now (empty: it
+    is what ``train()`` would write). Reads the model and builds the training data; does not fit."""
+    shipped = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8")).get("provenance") or {}
+    if shipped.get("trainer_sha256") != hashlib.sha256(Path(__file__).read_bytes()).hexdigest():
+        return ["trainer_sha256"]  # the training data may not even be built the same way: retrain
+    current = provenance(*training_inputs())
+    return [key for key, value in current.items() if shipped.get(key) != value]
+
+
 def main() -> None:
     reexec_with_fixed_hash_seed("inference.pii.train_names")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=MODEL_PATH)
+    parser.add_argument(
+        "--check", action="store_true", help="compare the model at --out with what training would use now; no fit"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.check:
+        stale = stale_provenance(args.out)
+        if stale:
+            log.error("%s is stale (%s differ): retrain with python -m inference.pii.train_names", args.out, stale)
+            sys.exit(1)
+        log.info("%s is what python -m inference.pii.train_names builds", args.out)
+        return
     payload = train()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")

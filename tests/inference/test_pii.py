@@ -4,6 +4,10 @@ redaction and (streamed) restoration, the normaliser's offset map. Plain tests: 
 from __future__ import annotations
 
 import base64
+import gzip
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,9 +30,10 @@ from inference.pii import (
     scan,
 )
 from inference.pii.checksummed import luhn_valid
-from inference.pii.names import NameModel
+from inference.pii.names import MODEL_PATH, NameModel
 from inference.pii.normalise import normalise
 from inference.pii.obfuscation_set import obfuscation_examples
+from inference.pii.train_names import figure_names
 
 
 def kinds_of(text: str) -> set[str]:
@@ -88,6 +93,31 @@ def test_missing_name_model_raises_the_package_error(tmp_path: Path):
 def test_a_detector_can_be_built_with_its_own_model():
     detector = Detector(NameModel.load())
     assert detector.scan("Call me at +1 415 555 0132").kinds == {"PHONE"}
+
+
+def test_shipped_name_model_is_what_its_training_command_builds():
+    # The model records what it was trained from (training_data_sha256: gazetteers, feature rows and labels;
+    # trainer_sha256: train_names.py; the libraries' versions). `train_names --check` rebuilds the training data
+    # without fitting (a few seconds, under PYTHONHASHSEED=0 as training runs) and compares: a change to the name
+    # lists, the public figures, the training templates, the features or the trainer fails here until the model
+    # is retrained with `python -m inference.pii.train_names`.
+    recorded = json.loads(gzip.decompress(MODEL_PATH.read_bytes())).get("provenance", {})
+    assert set(recorded) == {"training_data_sha256", "trainer_sha256", "libraries"}, "model without provenance"
+    check = subprocess.run(
+        [sys.executable, "-m", "inference.pii.train_names", "--check"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_public_figures_add_only_their_first_and_last_names_to_the_name_lists():
+    first, last = figure_names(
+        ("John F. Kennedy", "Ludwig van Beethoven", "Alexander the Great", "Henry VIII", "Pope Francis", "Malcolm X")
+    )
+    assert (first, last) == ({"john", "ludwig"}, {"kennedy", "beethoven"})
 
 
 # each kind -------------------------------------------------------------------------------------------
