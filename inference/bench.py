@@ -238,6 +238,36 @@ def demo_key(env: dict[str, str], models: str, username: str = "demo") -> str:
     return next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("API key"))
 
 
+def prepare_database(
+    env: dict[str, str], models: str, usernames: Sequence[str] = ("demo",), cache_users: Sequence[str] = ()
+) -> dict[str, str]:
+    """Migrate, make each user's tenant priced for ``models`` with an API key, turn the result cache on for
+    ``cache_users``: one Django process (each start-up costs seconds), not one a step. ``{username: key}``."""
+    code = (
+        "import json; from io import StringIO; from django.core.management import call_command\n"
+        "from tenants.models import Membership; from inference.services import routing_policy_publish\n"
+        "call_command('migrate', interactive=False, verbosity=0)\n"
+        "keys = {}\n"
+        f"for name in {list(usernames)!r}:\n"
+        "    out = StringIO()\n"
+        f"    call_command('tandem_demo', username=name, models={models!r}, stdout=out)\n"
+        "    keys[name] = next(l.split()[-1] for l in out.getvalue().splitlines() if l.strip().startswith('API key'))\n"
+        f"for name in {list(cache_users)!r}:\n"
+        "    m = Membership.objects.get(user__username=name)\n"
+        "    routing_policy_publish(tenant=m.tenant, cache_ttl_s=3600, difficulty_routing=False, note='bench: cache on')\n"
+        "print(json.dumps(keys))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -258,12 +288,12 @@ def start_server(
     database_url: str = "",
     engines: str = "inference.bench.bench_engines",
     models: str = f"{MODEL},{PACED_MODEL}",
-) -> tuple[subprocess.Popen, str, str]:
+    usernames: Sequence[str] = ("demo",),
+    cache_users: Sequence[str] = (),
+) -> tuple[subprocess.Popen, str, dict[str, str]]:
+    """The server on a fresh port, its database migrated; each of ``usernames``' API keys (see ``prepare_database``)."""
     env = server_env(var, database_url, engines)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True
-    )
-    key = demo_key(env, models)
+    keys = prepare_database(env, models, usernames, cache_users)
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, *(arg.format(port=port) for arg in SERVERS[kind])],
@@ -278,7 +308,7 @@ def start_server(
             break
         except OSError:
             time.sleep(0.1)
-    return server, f"http://127.0.0.1:{port}", key
+    return server, f"http://127.0.0.1:{port}", keys
 
 
 def overhead(path: Timings, direct: dict) -> dict:
@@ -320,7 +350,7 @@ async def measure(base: str, key: str, args) -> dict:
         from inference.bench_load import burst
 
         capacity = 64  # the trivial engine's slots (inference.engines.DEFAULT_LOCAL_SLOTS)
-        report["burst"] = await burst(base, args.burst_keys, PACED_MODEL, capacity, 4, 300)
+        report["burst"] = await burst(base, args.burst_keys, PACED_MODEL, capacity, 4, args.burst_tokens)
     return report
 
 
@@ -334,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", choices=sorted(SERVERS), default="platform")
     parser.add_argument("--database-url", default="", help="the server's DATABASE_URL (default: a fresh SQLite file)")
     parser.add_argument("--no-burst", action="store_true", help="skip the 3-tenant burst of 4x capacity")
+    parser.add_argument("--burst-tokens", type=int, default=300, help="tokens each of the burst's streams asks for")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
@@ -342,16 +373,15 @@ def main(argv: list[str] | None = None) -> None:
     django.setup()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     with tempfile.TemporaryDirectory() as tmp:
-        server, base, key = start_server(Path(tmp), args.server, args.database_url)
-        args.burst_keys = args.cache_key = None
-        from inference.bench_load import cache_on, tenant_keys
-
-        database_url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.sqlite3'}"
-        if not args.no_burst:
-            args.burst_keys = tenant_keys(Path(tmp), database_url, f"{MODEL},{PACED_MODEL}")
-        # the cache is off in the builtin policy here (the other figures are of generations): one tenant turns it on
-        args.cache_key = tenant_keys(Path(tmp), database_url, f"{MODEL},{PACED_MODEL}", ("cache",))["cache"]
-        cache_on(Path(tmp), database_url, "tenant-cache")
+        # the burst's three tenants; the cache is off in the builtin policy here (the other figures are of
+        # generations): one more tenant turns it on
+        burst = () if args.no_burst else ("tenant-a", "tenant-b", "tenant-c")
+        users = ("demo", *burst, "tenant-cache")
+        server, base, keys = start_server(
+            Path(tmp), args.server, args.database_url, usernames=users, cache_users=users[-1:]
+        )
+        key, args.cache_key = keys["demo"], keys["tenant-cache"]
+        args.burst_keys = {name[-1]: keys[name] for name in burst} or None
         try:
             report = {
                 "machine": {"cpu_count": os.cpu_count()},

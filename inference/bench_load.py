@@ -25,8 +25,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -36,7 +34,7 @@ from pathlib import Path
 import httpx
 import websockets
 
-from inference.bench import REPO, demo_key, emit, percentile, server_env, start_server
+from inference.bench import demo_key, emit, percentile, server_env, start_server
 
 PROMPT = "Tell me about the sea."
 
@@ -248,22 +246,6 @@ def tenant_keys(
     return {name: demo_key(env, models, f"tenant-{name}") for name in names}
 
 
-def cache_on(var: Path, database_url: str, username: str) -> None:
-    """Publish a routing policy with the exact result cache on for ``username``'s tenant (the server's database)."""
-    code = (
-        "from tenants.models import Membership; from inference.services import routing_policy_publish; "
-        f"m = Membership.objects.get(user__username={username!r}); "
-        "routing_policy_publish(tenant=m.tenant, cache_ttl_s=3600, difficulty_routing=False, note='bench: cache on')"
-    )
-    subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=REPO,
-        env=server_env(var, database_url),
-        check=True,
-        capture_output=True,
-    )
-
-
 async def cache_hits(base: str, key: str, model: str, requests: int, floor_p50_ms: float) -> dict:
     """The same greedy non-streaming request again and again: the first generates, the rest replay it."""
     body = {"model": model, "messages": [{"role": "user", "content": "Cache me."}], "max_tokens": 32, "temperature": 0}
@@ -309,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
 
         django.setup()
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        server, base, key = start_server(var, database_url=database_url, engines=args.engines, models=args.model)
+        server, base, keys = start_server(var, database_url=database_url, engines=args.engines, models=args.model)
+        key = keys["demo"]
         report: dict = {
             "machine": {"cpu_count": os.cpu_count()},
             "server": f"config.serve, 1 process, {'PostgreSQL' if args.database_url else 'SQLite'}, {args.engines}",

@@ -42,7 +42,7 @@ from django.conf import settings
 
 from inference.redis_clients import RedisFallback, redis_client
 from inference.semantic_cache import semantic_cache
-from speculative.engine import CompletionRequest, TokenStream, build_request
+from speculative.completion import CompletionRequest, TokenStream, build_request
 from speculative.types import Provenance, TokenEvent
 from tenants.tiers import Tier
 

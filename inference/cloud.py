@@ -34,8 +34,7 @@ from inference.completion import NamedLogprob
 from inference.errors import InvalidRequest, UpstreamFailed
 from inference.model_tokenizers import counts_with, gguf_tokenizer
 from speculative.errors import InvalidRequestError
-from speculative.sampling import check_sampling
-from speculative.types import FinishReason, Provenance, SamplingParams, TokenEvent
+from speculative.types import FinishReason, Provenance, SamplingParams, TokenEvent, check_sampling
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from django.utils.module_loading import import_string
 from inference.breakers import CircuitBreaker
 from inference.cloud import CloudEngine, CloudRequest, UpstreamDirectory
 from inference.errors import ContextTooLong, InvalidRequest, ModelNotFound
-from speculative.engine import CompletionRequest, TokenStream, build_request
+from speculative.completion import CompletionRequest, TokenStream, build_request
 from speculative.errors import ContextOverflowError, InvalidRequestError
 from speculative.types import SamplingParams, TokenEvent
 from tenants.tiers import Tier

@@ -42,7 +42,7 @@ from inference.router import BUILTIN_POLICY, Policy, Route, escalate, fail_over
 from inference.runtime import db
 from inference.semantic_cache import SemanticLookup, semantic_cache
 from speculative import errors as core_errors
-from speculative.engine import CompletionRequest
+from speculative.completion import CompletionRequest
 from speculative.types import CompletionStats, Provenance, TokenEvent
 from tenants.tiers import Tier
 

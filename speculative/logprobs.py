@@ -12,19 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from speculative.errors import InvalidRequestError
-from speculative.types import MAX_TOP_LOGPROBS, MIN_LOGPROB, TokenLogprob
+# check_logprobs lives with the types (no torch), re-exported here
+from speculative.types import MAX_TOP_LOGPROBS, MIN_LOGPROB, TokenLogprob, check_logprobs  # noqa: F401
 
 # token ids travel through the one host copy as float64, exact below 2**53
 _MAX_EXACT_ID = 2**53
-
-
-def check_logprobs(logprobs: int | None) -> None:
-    """None: none computed; 0: the chosen token's only; 1..MAX_TOP_LOGPROBS: also the top N."""
-    if logprobs is None:
-        return
-    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-        raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, got {logprobs!r}")
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> list[TokenLogprob]:

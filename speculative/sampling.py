@@ -9,19 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from speculative.errors import InvalidRequestError
-from speculative.types import SamplingParams
-
-
-def check_sampling(params: SamplingParams) -> None:
-    """Refuse values that have no meaning, before any work is done."""
-    if params.temperature < 0 or params.temperature != params.temperature:
-        raise InvalidRequestError(f"temperature must be >= 0, got {params.temperature}")
-    if params.top_k < 0:
-        raise InvalidRequestError(f"top_k must be >= 0, got {params.top_k}")
-    if not 0.0 < params.top_p <= 1.0:
-        raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
-
+# check_sampling lives with SamplingParams (no torch, so the cloud tier checks without importing it)
+from speculative.types import SamplingParams, check_sampling  # noqa: F401
 
 ARGMAX_BELOW_TEMPERATURE = 1e-20  # a temperature this small samples the top token with probability 1
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from speculative.errors import InvalidRequestError
+
 MAX_DRAFT_TOKENS = 16  # the controller never proposes more per round
 MAX_TOP_LOGPROBS = 20  # the most alternatives a request may ask for per token (OpenAI's limit)
 # the floor of a reported log-probability: a token the model rules out (a -inf logit) is
@@ -36,6 +38,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def check_sampling(params: SamplingParams) -> None:
+    """Refuse values that have no meaning, before any work is done."""
+    if params.temperature < 0 or params.temperature != params.temperature:
+        raise InvalidRequestError(f"temperature must be >= 0, got {params.temperature}")
+    if params.top_k < 0:
+        raise InvalidRequestError(f"top_k must be >= 0, got {params.top_k}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
 
 
 @dataclass(frozen=True)
@@ -166,3 +178,11 @@ class CompletionStats:
             "finish_reason": self.finish_reason.value if self.finish_reason else None,
             "provenance": [p.value for p in self.provenance],
         }
+
+
+def check_logprobs(logprobs: int | None) -> None:
+    """None: none computed; 0: the chosen token's only; 1..MAX_TOP_LOGPROBS: also the top N."""
+    if logprobs is None:
+        return
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, got {logprobs!r}")

@@ -1,0 +1,210 @@
+"""A completion request and the token stream every tier's completion is (torch-free).
+
+``build_request`` validates and tokenises a request; :class:`TokenStream` turns a
+backend's emitted token ids into :class:`TokenEvent` s with the same stop conditions
+(EOS, stop strings, ``max_tokens``) and cost shares for every tier. Kept apart from
+:mod:`speculative.engine` so that the platform's modules that only name requests and
+streams (its engine registry, cache, gateway) do not import torch: a Django process
+that serves no model starts seconds sooner.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from speculative.errors import ContextOverflowError, InvalidRequestError, SpeculativeError
+from speculative.types import (
+    MAX_DRAFT_TOKENS,
+    CompletionStats,
+    FinishReason,
+    Provenance,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+    check_logprobs,
+    check_sampling,
+)
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 64
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    k: int | None = None  # pin the draft length; None lets the controller choose
+    # None: no log-probabilities (nothing computed); 0: each token's own; N: also the top N
+    # alternatives (N <= MAX_TOP_LOGPROBS). See TokenEvent and TokenLogprob.
+    logprobs: int | None = None
+
+
+def build_request(
+    tokenizer: Tokenizer,
+    context_length: int,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 64,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    k: int | None = None,
+    logprobs: int | None = None,
+) -> CompletionRequest:
+    """Validate and tokenise a completion request (raises InvalidRequestError early)."""
+    sampling = sampling or SamplingParams()
+    check_sampling(sampling)
+    ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise InvalidRequestError("the prompt is empty")
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+    if k is not None and not 0 <= k <= MAX_DRAFT_TOKENS:
+        raise InvalidRequestError(f"k must be in [0, {MAX_DRAFT_TOKENS}], got {k}")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise InvalidRequestError("stop strings must be non-empty strings")
+    check_logprobs(logprobs)
+    if len(ids) + max_tokens > context_length:
+        raise ContextOverflowError(
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"context of {context_length} tokens"
+        )
+    return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k, logprobs)
+
+
+class _TextTracker:
+    """Turns emitted token ids into text deltas, holding back what might start a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self.ids: list[int] = []
+        self.text = ""  # the completion text so far (cut at a stop string when one is found)
+        self._flushed = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text safe to emit now, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False  # an incomplete UTF-8 sequence: wait for the next byte token
+        self.text = text
+        for stop in self._stop:
+            idx = text.find(stop, max(0, self._flushed - len(stop)))
+            if idx != -1:
+                self.text = text[:idx]
+                return self._flush(idx), True
+        hold = max((_overlap(text, s) for s in self._stop), default=0)
+        return self._flush(len(text) - hold), False
+
+    def _flush(self, upto: int) -> str:
+        """Release text up to ``upto`` (never backwards, never past the text)."""
+        upto = min(max(upto, self._flushed), len(self.text))
+        delta, self._flushed = self.text[self._flushed : upto], upto
+        return delta
+
+    def finish(self) -> str:
+        """The held-back tail, released when the completion ends without a stop string."""
+        return self._flush(len(self.text))
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+class TokenStream:
+    """An in-flight completion: iterate for tokens; ``stats`` and ``text`` when done.
+
+    Subclasses produce the tokens (``_run``); this class turns them into events and
+    enforces the stop conditions the same way for every tier.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_id: int | None, request: CompletionRequest):
+        self.request = request
+        self.stats = CompletionStats(prompt_tokens=len(request.prompt_ids))
+        self.session_id = uuid.uuid4().hex
+        self._eos_token_id = eos_token_id
+        self._tracker = _TextTracker(tokenizer, request.stop)
+        self._unbilled_gpu_ms = 0.0  # verifier time not yet carried by an emitted token
+        self._events = self._run()
+
+    @property
+    def text(self) -> str:
+        return self._tracker.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._tracker.ids)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop generating (a client went away); what was emitted stays counted."""
+        self._events.close()
+
+    def _run(self) -> Generator[TokenEvent, None, None]:
+        raise NotImplementedError
+        yield  # pragma: no cover - makes this a generator for type checkers
+
+    def _emit(
+        self,
+        emitted: tuple[int, ...],
+        n_matches: int,
+        gpu_ms: float = 0.0,
+        drafted: int = 0,
+        provenance: Provenance | None = None,
+        logprobs: Sequence[TokenLogprob] | None = None,
+    ) -> Generator[TokenEvent, None, None]:
+        """Yield a round's tokens, stopping at EOS, a stop string or max_tokens.
+
+        The round's verifier time is shared evenly by the tokens it emits; each accepted
+        draft token carries one drafted token and the verifier's token the rejected ones
+        (see :class:`TokenEvent`); tokens past a stop condition are never emitted or charged.
+        ``logprobs`` (one per emitted token) must be given when the request asked for them.
+        """
+        stats, req = self.stats, self.request
+        if req.logprobs is not None and (logprobs is None or len(logprobs) != len(emitted)):
+            # a backend that ignored the request: never stream tokens that silently lack them
+            raise SpeculativeError(
+                f"logprobs were requested but the model returned {'none' if logprobs is None else len(logprobs)} "
+                f"for {len(emitted)} tokens"
+            )
+        gpu_each = gpu_ms / len(emitted)
+        for i, token in enumerate(emitted):
+            source = provenance or (Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER)
+            token_gpu_ms, self._unbilled_gpu_ms = gpu_each + self._unbilled_gpu_ms, 0.0
+            # an accepted draft token carries itself; the verifier's token the drafts it rejected
+            token_drafted = 1.0 if i < n_matches else float(drafted - n_matches)
+            stats.completion_tokens += 1
+            stats.provenance.append(source)
+            lp = logprobs[i] if logprobs is not None and req.logprobs is not None else None
+            logprob, top = (lp.logprob, lp.top) if lp is not None else (None, ())
+            if token == self._eos_token_id:
+                # EOS ends the text: release what was held back for a stop string
+                stats.finish_reason = FinishReason.STOP
+                yield TokenEvent(token, self._tracker.finish(), source, token_gpu_ms, token_drafted, logprob, top)
+                return
+            delta, hit_stop = self._tracker.push(token)
+            if hit_stop:
+                stats.finish_reason = FinishReason.STOP
+            elif stats.completion_tokens >= req.max_tokens:
+                stats.finish_reason = FinishReason.LENGTH
+                delta += self._tracker.finish()
+            yield TokenEvent(token, delta, source, token_gpu_ms, token_drafted, logprob, top)
+            if stats.finish_reason is not None:
+                return
