@@ -211,3 +211,34 @@ def test_a_step_larger_than_the_batch_runs_as_several_decodes_with_the_same_verd
     verdicts = small.verify([VerifyRequest(f"s{i}", d, None, 0) for i, d in enumerate(drafts)]).verdicts
     assert small.decodes - before == 4  # ceil(15 / 4)
     assert [(v.n_matches, v.verifier_token) for v in verdicts] == [(4, e[4]) for e in expected]
+
+
+def test_a_sessions_verdicts_do_not_depend_on_the_drafts_batched_beside_it(llama):
+    """Batch invariance: 16 sessions' four-token drafts in one decode give each its plain decoding alone.
+
+    With one KV pool for all sequences (kv_unified) a session's cells interleave with the
+    others' and flash attention sums them in another order: 5 of these 16 prompts' greedy
+    outputs changed within 48 tokens. A KV stream per sequence keeps them equal.
+    """
+    verifier, tokenizer = llama
+    topics = ["ORM", "admin", "forms", "views", "templates", "signals", "caching", "sessions"]
+    prompts = [
+        tokenizer.encode(f"{opening} {t}", add_special_tokens=False) for t in topics for opening in ("The", "Use")
+    ]
+    n = 40
+    alone = [_plain(verifier, p, n) for p in prompts]
+    got: list[list[int]] = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        verifier.open_session(f"inv{i}", p, GREEDY)
+    try:
+        for r in range(n):
+            live = [i for i in range(len(prompts)) if len(got[i]) < n]
+            if not live:
+                break
+            requests = [VerifyRequest(f"inv{i}", tuple(alone[i][len(got[i]) : len(got[i]) + 4]), None, r) for i in live]
+            for i, req, verdict in zip(live, requests, verifier.verify(requests).verdicts, strict=True):
+                got[i].extend(verdict.emitted_tokens(req.tokens))
+    finally:
+        for i in range(len(prompts)):
+            verifier.close_session(f"inv{i}")
+    assert [g[:n] for g in got] == alone
