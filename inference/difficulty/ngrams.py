@@ -29,6 +29,9 @@ _BIGRAM_SEED = np.uint64(0xC2B2AE35)
 _WORD = re.compile(r"\w+")
 
 
+SORT_BELOW = 32768  # n-grams: below this many, np.unique's sort; above, a bincount over the 65,536 buckets
+
+
 def normalise(prompt: str) -> str:
     """Lower-case, whitespace collapsed, padded with one space so that word starts and ends are n-grams."""
     return " " + " ".join(prompt.lower().split()) + " "
@@ -66,7 +69,13 @@ def ngram_buckets(prompt: str, words: bool = True, seed: int = 0) -> tuple[np.nd
     if not any(len(h) for h in hashes):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     buckets = ((np.concatenate(hashes) * _MIX) >> np.uint64(64 - BUCKET_BITS)).astype(np.intp)
-    # bincount over the fixed bucket range: linear time, and three times faster than np.unique's sort
+    if len(buckets) < SORT_BELOW:
+        # sorting the n-grams beats scanning all 65,536 buckets for the non-zero ones below ~40,000
+        # n-grams (measured: 500 of them 10 against 128 us, 16,000 140 against 274 us; 64,000 782
+        # against 455 us); the same ids and counts. A 25-character prompt: 0.27 -> 0.14 ms a classification
+        ids, counts = np.unique(buckets, return_counts=True)
+        return ids, counts
+    # bincount over the fixed bucket range: linear time, the faster for the longest prompts
     all_counts = np.bincount(buckets, minlength=BUCKETS)
     ids = np.flatnonzero(all_counts)
     return ids, all_counts[ids]
