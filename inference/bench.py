@@ -225,16 +225,17 @@ def server_env(var: Path, database_url: str = "", engines: str = "inference.benc
     }
 
 
+def manage(env: dict[str, str], *args: str) -> str:
+    """``manage.py ARGS`` in the server's environment; its standard output."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=REPO, env=env, check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
 def demo_key(env: dict[str, str], models: str, username: str = "demo") -> str:
     """``manage.py tandem_demo``: the user's tenant (made on first use) priced for ``models``; a new API key of it."""
-    out = subprocess.run(
-        [sys.executable, "manage.py", "tandem_demo", "--username", username, "--models", models],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = manage(env, "tandem_demo", "--username", username, "--models", models)
     return next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("API key"))
 
 
@@ -257,14 +258,7 @@ def prepare_database(
         "    routing_policy_publish(tenant=m.tenant, cache_ttl_s=3600, difficulty_routing=False, note='bench: cache on')\n"
         "print(json.dumps(keys))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = manage(env, "shell", "-c", code)
     return json.loads(out.strip().splitlines()[-1])
 
 

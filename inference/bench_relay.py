@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from inference.bench import MODEL, PROMPT, REPO, emit, summary
+from inference.bench import MODEL, PROMPT, REPO, emit, manage, summary
 
 CHUNKS = 32  # the upstream's answer: one chunk (one token) each
 ANSWER = tuple(f" w{i}" for i in range(CHUNKS))
@@ -283,13 +283,6 @@ def platform_env(var: Path) -> dict[str, str]:
         "TANDEM_ENGINES": "inference.bench_relay.relay_engines",
         "TANDEM_CLOUD": "1",
     }
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=REPO, env=env, check=True, capture_output=True, text=True
-    )
-    return done.stdout
 
 
 def platform_server(var: Path, upstream: str, stack: ExitStack) -> tuple[str, str, dict[str, str]]:

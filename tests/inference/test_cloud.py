@@ -74,6 +74,25 @@ def breakers_closed():
     directory._breakers.clear()
 
 
+def serve_a_verifier_that_fails_after_6_tokens():
+    """This process serves ``tandem-test`` with a speculative tier that fails after 6 tokens, nothing below it
+    (so the cloud takes over), and a cloud tier; returns the engines it replaced."""
+    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
+    from speculative.errors import VerifierUnavailableError
+
+    flaky = TrivialEngine(fail_after=6, fail_as=VerifierUnavailableError("connection reset"))
+    entry = ModelEntry(
+        name="tandem-test",
+        speculative=flaky,
+        edge=None,
+        verifier_version="v@1",
+        draft_version="d@1",
+        context_length=4096,
+        tokenizer=flaky.tokenizer,
+    )
+    return set_engines(EngineSet([entry], cloud=True))
+
+
 async def principal(account):
     return await gateway.authenticate_api_key(account.raw_key)
 
@@ -240,20 +259,9 @@ async def test_a_handover_to_a_dearer_tier_the_budget_cannot_hold_ends_with_a_bu
 async def test_a_chat_handed_to_the_cloud_mid_stream_continues_the_partial_answer_in_the_models_template(
     standin, account
 ):
-    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
-    from speculative.errors import VerifierUnavailableError
+    from inference.engines import set_engines
 
-    flaky = TrivialEngine(fail_after=6, fail_as=VerifierUnavailableError("connection reset"))
-    entry = ModelEntry(
-        name="tandem-test",
-        speculative=flaky,
-        edge=None,  # nothing below the verifier: the cloud takes over
-        verifier_version="v@1",
-        draft_version="d@1",
-        context_length=4096,
-        tokenizer=flaky.tokenizer,
-    )
-    previous = set_engines(EngineSet([entry], cloud=True))
+    previous = serve_a_verifier_that_fails_after_6_tokens()
     try:
         await sync_to_async(register)(standin.base_url)
         messages = ({"role": "user", "content": "Tell me about Tandem."},)
@@ -327,9 +335,6 @@ async def test_a_chat_taken_over_by_an_upstream_that_continues_a_final_message_g
     """vLLM-style native continuation: the partial answer as the last assistant message, no template here."""
     from aiohttp import web
 
-    from inference.engines import EngineSet, ModelEntry, TrivialEngine, set_engines
-    from speculative.errors import VerifierUnavailableError
-
     bodies: list[dict] = []
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -352,17 +357,9 @@ async def test_a_chat_taken_over_by_an_upstream_that_continues_a_final_message_g
     await runner.setup()
     port = _free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    flaky = TrivialEngine(fail_after=6, fail_as=VerifierUnavailableError("connection reset"))
-    entry = ModelEntry(
-        name="tandem-test",
-        speculative=flaky,
-        edge=None,
-        verifier_version="v@1",
-        draft_version="d@1",
-        context_length=4096,
-        tokenizer=flaky.tokenizer,
-    )
-    previous = set_engines(EngineSet([entry], cloud=True))
+    from inference.engines import set_engines
+
+    previous = serve_a_verifier_that_fails_after_6_tokens()
     try:
         await sync_to_async(register)(f"http://127.0.0.1:{port}/v1", name="native", continues_final_message=True)
         messages = ({"role": "user", "content": "Tell me about Tandem."},)
