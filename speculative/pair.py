@@ -53,8 +53,9 @@ def default_verifier_path(device: str | None = None) -> Path:
 
     The GGUF on the llama.cpp backend is opt-in (``TANDEM_VERIFIER=.../verifier-q8_0.gguf``).
     It is batch-invariant since it keeps a KV stream per session (``verifier_llama``), but
-    Tandem's round does not pay off on it yet: speculative ran at 0.43x its plain decoding at
-    one session and 0.96x at 16 (2026-12-02, README), against 2.96x and 1.47x on torch.
+    Tandem's round does not pay off on it reliably yet: speculative ran at 0.43x-1.04x its plain
+    decoding at one session and 0.96x-1.55x at 16 in two runs (2026-12-02, README), against
+    2.85x-2.96x and 1.40x-1.47x on torch.
     ``device`` is kept for callers that name one; both devices serve the checkpoint.
     """
     del device
