@@ -67,6 +67,12 @@ _PLACEHOLDER_NAMES = frozenset(
 )
 # The cast of cryptography and programming examples, and first names used as a form's sample user.
 # Only names that are rare outside examples: "Victor", "Max" or "John" alone are as often a colleague.
+# Names of identity documents (the passport and ID cues' words): a capitalised one is never a person
+_DOCUMENT_WORD = re.compile(
+    r"passports?|reisepass|passnummer|passeport|pasaporte|passaporto|paspoort|personalausweis|ausweis|"
+    r"ausweisnummer|idkaart|identiteitskaart|rijbewijs|führerschein|fuhrerschein",
+    re.IGNORECASE,
+)
 _CAST = frozenset("alice bob carol charlie dave eve mallory trent peggy".split())
 _CAST_SPANS = frozenset({"john smith", "jane smith", "max", "erika", "john", "jane"})
 # A teaching or programming example: the example cast is not people here.
@@ -117,6 +123,8 @@ class NonNames:
         lower = prompt.lower
         if _is_eponym(lower, finding.start, finding.end, words):
             return True
+        if len(words) == 1 and _DOCUMENT_WORD.fullmatch(words[0]):
+            return True  # "Reisepass: 33VT15715": the document's name, capitalised before its number
         if other_pii or _titled(lower, finding.start):
             return False
         lone = _lone_word(text, finding)

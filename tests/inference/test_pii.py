@@ -1235,3 +1235,15 @@ def test_a_passports_machine_readable_zone_is_found_by_its_shape_with_or_without
 def test_shift_operators_and_angle_brackets_in_code_are_not_a_machine_readable_zone():
     code = 'if (a << b) { print("P<<x"); }\nmask = FLAGS << 2 | Q<<3; template<class T> P<T> p;'
     assert not [f for f in scan(code).findings if f.kind in ("PASSPORT", "PERSON")]
+
+
+def test_an_identity_documents_name_before_its_number_is_no_person_even_beside_other_pii():
+    from inference.pii.findings import PiiFinding
+    from inference.pii.non_names import NonNames
+
+    text = "Reisepass: 33VT15715\nKontakt: jan.novak@example.org"
+    guess = PiiFinding.at(PiiKind.PERSON, text, 0, 9, 0.8)  # as the name model read it, 19 times in the evaluation
+    gazetteer = NameModel.load().gazetteer
+    assert NonNames.load().overrules(text, guess, gazetteer, other_pii=True)
+    assert "Reisepass" not in texts_of(text, PiiKind.PERSON)
+    assert texts_of("Reisepass von Jan Novak: 33VT15715", PiiKind.PERSON) == ["Jan Novak"]
