@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from inference.completion import CompletionCall
+from inference.model_tokenizers import counts_with
 from tenants.tiers import Tier
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def check(call: CompletionCall, policy: Policy, tokenizer: Any, cloud_served: bo
     keeps a later failover from taking it to a cloud upstream registered meanwhile.
     """
     started = time.perf_counter()
-    prompt_tokens = len(tokenizer.encode(call.prompt, add_special_tokens=False))
+    prompt_tokens = counts_with(tokenizer, call.prompt)
     text = text_of(call)
     report = None
     scanned = needs_pii_scan(policy, cloud_served)
