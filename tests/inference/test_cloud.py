@@ -93,6 +93,27 @@ def serve_a_verifier_that_fails_after_6_tokens():
     return set_engines(EngineSet([entry], cloud=True))
 
 
+TANDEM_CHAT = ({"role": "user", "content": "Tell me about Tandem."},)
+
+
+async def a_chat_taken_over_mid_stream(account, base_url: str, **upstream):
+    """A chat whose verifier fails after 6 tokens, the upstream at ``base_url`` taking over: (stream, deltas)."""
+    from inference.engines import set_engines
+
+    previous = serve_a_verifier_that_fails_after_6_tokens()
+    try:
+        await sync_to_async(register)(base_url, **upstream)
+        chat = call(
+            prompt="User: Tell me about Tandem.\nAssistant:", messages=TANDEM_CHAT, requested_tier=None, max_tokens=12
+        )
+        stream = await gateway.start(await principal(account), chat)
+        deltas = [d async for d in stream]
+        await stream.settled()
+    finally:
+        set_engines(previous)
+    return stream, deltas
+
+
 async def principal(account):
     return await gateway.authenticate_api_key(account.raw_key)
 
@@ -259,20 +280,8 @@ async def test_a_handover_to_a_dearer_tier_the_budget_cannot_hold_ends_with_a_bu
 async def test_a_chat_handed_to_the_cloud_mid_stream_continues_the_partial_answer_in_the_models_template(
     standin, account
 ):
-    from inference.engines import set_engines
-
-    previous = serve_a_verifier_that_fails_after_6_tokens()
-    try:
-        await sync_to_async(register)(standin.base_url)
-        messages = ({"role": "user", "content": "Tell me about Tandem."},)
-        chat = call(
-            prompt="User: Tell me about Tandem.\nAssistant:", messages=messages, requested_tier=None, max_tokens=12
-        )
-        stream = await gateway.start(await principal(account), chat)
-        deltas = [d async for d in stream]
-        await stream.settled()
-    finally:
-        set_engines(previous)
+    stream, deltas = await a_chat_taken_over_mid_stream(account, standin.base_url)
+    messages = TANDEM_CHAT
     assert "".join(d.text for d in deltas[:6]) == "Tandem" and deltas[6].route.tier is Tier.CLOUD
     assert all(d.provenance is Provenance.CLOUD for d in deltas[6:]) and [d.index for d in deltas] == list(
         range(len(deltas))
@@ -357,21 +366,14 @@ async def test_a_chat_taken_over_by_an_upstream_that_continues_a_final_message_g
     await runner.setup()
     port = _free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    from inference.engines import set_engines
-
-    previous = serve_a_verifier_that_fails_after_6_tokens()
     try:
-        await sync_to_async(register)(f"http://127.0.0.1:{port}/v1", name="native", continues_final_message=True)
-        messages = ({"role": "user", "content": "Tell me about Tandem."},)
-        chat = call(
-            prompt="User: Tell me about Tandem.\nAssistant:", messages=messages, requested_tier=None, max_tokens=12
+        base_url = f"http://127.0.0.1:{port}/v1"
+        stream, deltas = await a_chat_taken_over_mid_stream(
+            account, base_url, name="native", continues_final_message=True
         )
-        stream = await gateway.start(await principal(account), chat)
-        deltas = [d async for d in stream]
-        await stream.settled()
     finally:
-        set_engines(previous)
         await runner.cleanup()
+    messages = TANDEM_CHAT
     text = "".join(d.text for d in deltas)
     assert text == "Tandem is a platform." and deltas[6].route.tier is Tier.CLOUD
     (body,) = bodies
