@@ -23,11 +23,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -127,16 +127,79 @@ class Verifier(Protocol):
     def close_session(self, session_id: str) -> None: ...
 
 
+S = TypeVar("S")  # a backend's session
+
+
 @dataclass
-class _Prefill:
+class PrefillTicket:
     """A session waiting to be opened: filled in by whichever thread runs the batched prefill."""
 
     session_id: str
     prompt: list[int]
     params: SamplingParams
     done: bool = False
-    gpu_ms: float = 0.0
+    prefill_ms: float = 0.0  # its share of the prefill's verifier time
     error: BaseException | None = None
+
+
+def open_when_prefilled(
+    ticket: PrefillTicket,
+    queue: deque[PrefillTicket],
+    queue_lock: threading.Lock,
+    lock: threading.Lock,
+    prefill_queued: Callable[[], None],
+) -> float:
+    """Queue ``ticket``, then wait until a batched prefill has opened it (or failed it); its prefill ms.
+
+    Whoever holds ``lock`` next prefills every session queued by then (``prefill_queued``, both
+    backends): sessions that open while a step runs (a burst of requests) share the next prefill.
+    """
+    with queue_lock:
+        queue.append(ticket)
+    while not ticket.done:
+        with lock:
+            if not ticket.done:
+                prefill_queued()
+    if ticket.error is not None:
+        raise ticket.error
+    return ticket.prefill_ms
+
+
+def open_batch(
+    batch: Sequence[PrefillTicket],
+    sessions: dict[str, S],
+    max_sessions: int,
+    new_session: Callable[[PrefillTicket], S],
+    release: Callable[[S], None],
+    prefill: Callable[[list[tuple[PrefillTicket, S]]], None],
+) -> None:
+    """Open ``batch``'s sessions and prefill their prompts together (under the verifier's lock).
+
+    A session that cannot open (its id is taken, the verifier holds ``max_sessions``) fails
+    alone; a prefill that fails fails every session it carried and ``release`` frees them.
+    """
+    opened: list[tuple[PrefillTicket, S]] = []
+    for ticket in batch:
+        if ticket.session_id in sessions or any(t.session_id == ticket.session_id for t, _ in opened):
+            ticket.error = InvalidRequestError(f"session {ticket.session_id!r} is already open")
+        elif len(sessions) + len(opened) >= max_sessions:
+            ticket.error = VerifierBusyError(f"the verifier holds its maximum of {max_sessions} sessions")
+        else:
+            opened.append((ticket, new_session(ticket)))
+    try:
+        prefill(opened)
+    except BaseException as exc:
+        for ticket, session in opened:
+            release(session)
+            ticket.error = exc
+        opened = []
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        for ticket, session in opened:
+            sessions[ticket.session_id] = session
+        for ticket in batch:
+            ticket.done = True
 
 
 @dataclass
@@ -267,34 +330,23 @@ class TransformersVerifier:
         self._next_slot = 0
         self._lock = threading.Lock()  # one forward at a time; sessions open/close around it
         self._prefill_lock = threading.Lock()  # guards the queue of sessions waiting to open
-        self._prefills: deque[_Prefill] = deque()
+        self._prefills: deque[PrefillTicket] = deque()
         # a model that can skip the logits of positions nobody reads (prefill) is told to
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     # sessions -------------------------------------------------------------------------
     def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
         prompt = checked_prompt(prompt_ids, params, self.context_length, self.vocab_size)
-        ticket = _Prefill(session_id, prompt, params)
-        with self._prefill_lock:
-            self._prefills.append(ticket)
-        # Whoever holds the lock next prefills every session queued by then, in one forward:
-        # sessions that open while a forward runs (a burst of requests) share the next one.
-        while not ticket.done:
-            with self._lock:
-                if not ticket.done:
-                    self._prefill_queued()
-        if ticket.error is not None:
-            raise ticket.error
-        return ticket.gpu_ms
+        ticket = PrefillTicket(session_id, prompt, params)
+        return open_when_prefilled(ticket, self._prefills, self._prefill_lock, self._lock, self._prefill_queued)
 
     def _prefill_queued(self) -> None:
         """Open the queued sessions (as many as fit one forward) and prefill their prompts together.
 
-        Runs under ``self._lock``. A session that cannot open (its id is taken, the verifier
-        is full) fails alone; a forward that fails fails every session it carried.
+        Runs under ``self._lock`` (``open_batch``).
         """
         with self._prefill_lock:
-            batch: list[_Prefill] = []
+            batch: list[PrefillTicket] = []
             longest = 0  # the longest prompt in the batch: every row is padded to it
             while self._prefills:
                 with_next = max(longest, len(self._prefills[0].prompt))
@@ -302,36 +354,23 @@ class TransformersVerifier:
                     break
                 longest = with_next
                 batch.append(self._prefills.popleft())
-        opened: list[tuple[_Prefill, _Session]] = []
-        for ticket in batch:
-            if ticket.session_id in self._sessions or any(t.session_id == ticket.session_id for t, _ in opened):
-                ticket.error = InvalidRequestError(f"session {ticket.session_id!r} is already open")
-            elif len(self._sessions) + len(opened) >= self.max_sessions:
-                ticket.error = VerifierBusyError(f"the verifier holds its maximum of {self.max_sessions} sessions")
-            else:
-                slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
-                generator = torch.Generator().manual_seed(ticket.params.seed)
-                session = _Session(
-                    slot=slot, length=0, pending=ticket.prompt[-1], params=ticket.params, generator=generator
-                )
-                self._slot_owner[slot] = session
-                opened.append((ticket, session))
-        try:
-            self._prefill(opened)
-        except BaseException as exc:
-            for ticket, session in opened:
-                self._release_slot(session.slot)
-                ticket.error = exc
-            opened = []
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for ticket, session in opened:
-                self._sessions[ticket.session_id] = session
-            for ticket in batch:
-                ticket.done = True
+        open_batch(
+            batch,
+            self._sessions,
+            self.max_sessions,
+            self._new_session,
+            lambda s: self._release_slot(s.slot),
+            self._prefill,
+        )
 
-    def _prefill(self, opened: list[tuple[_Prefill, _Session]]) -> None:
+    def _new_session(self, ticket: PrefillTicket) -> _Session:
+        slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
+        generator = torch.Generator().manual_seed(ticket.params.seed)
+        session = _Session(slot=slot, length=0, pending=ticket.prompt[-1], params=ticket.params, generator=generator)
+        self._slot_owner[slot] = session
+        return session
+
+    def _prefill(self, opened: list[tuple[PrefillTicket, _Session]]) -> None:
         """One forward over every prompt but its last token (that one is the session's pending token).
 
         Each session is billed its positions' share of the forward's time.
@@ -346,7 +385,7 @@ class TransformersVerifier:
         for ids, session in rows:
             session.length = len(ids)
         for ticket, session in opened:
-            ticket.gpu_ms = forward_ms * session.length / positions
+            ticket.prefill_ms = forward_ms * session.length / positions
 
     def _take_new_slot(self) -> int:
         slot = self._next_slot

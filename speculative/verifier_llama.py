@@ -37,12 +37,19 @@ from speculative.errors import (
     ModelLoadError,
     SessionNotFoundError,
     SpeculativeError,
-    VerifierBusyError,
 )
 from speculative.logprobs import token_logprobs, truncate_top
 from speculative.sampling import warp
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
-from speculative.verifier import VerifyRequest, VerifyResult, checked_prompt, checked_round
+from speculative.verifier import (
+    PrefillTicket,
+    VerifyRequest,
+    VerifyResult,
+    checked_prompt,
+    checked_round,
+    open_batch,
+    open_when_prefilled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +60,6 @@ DEFAULT_BATCH_TOKENS = 512  # positions one llama_decode takes; larger steps run
 def default_threads() -> int:
     """llama.cpp's own default: every core this process may use."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-@dataclass
-class _Prefill:
-    """A session waiting to be opened: filled in by whichever thread runs the batched prefill."""
-
-    session_id: str
-    prompt: list[int]
-    params: SamplingParams
-    done: bool = False
-    cpu_ms: float = 0.0
-    error: BaseException | None = None
 
 
 @dataclass
@@ -145,7 +140,7 @@ class LlamaCppVerifier:
         self._free = list(range(max_sessions - 1, -1, -1))  # low ids first
         self._lock = threading.Lock()  # one decode at a time: llama.cpp contexts are not thread-safe
         self._prefill_lock = threading.Lock()  # guards the queue of sessions waiting to open
-        self._prefills: deque[_Prefill] = deque()
+        self._prefills: deque[PrefillTicket] = deque()
         self.decodes = 0  # llama_decode calls so far
 
     def tokens(self) -> list[str]:
@@ -155,52 +150,22 @@ class LlamaCppVerifier:
     # sessions -------------------------------------------------------------------------
     def open_session(self, session_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> float:
         prompt = checked_prompt(prompt_ids, params, self.context_length, self.vocab_size)
-        ticket = _Prefill(session_id, prompt, params)
-        with self._prefill_lock:
-            self._prefills.append(ticket)
-        # whoever holds the lock next prefills every session queued by then, in one decode
-        while not ticket.done:
-            with self._lock:
-                if not ticket.done:
-                    self._prefill_queued()
-        if ticket.error is not None:
-            raise ticket.error
-        return ticket.cpu_ms
+        ticket = PrefillTicket(session_id, prompt, params)
+        return open_when_prefilled(ticket, self._prefills, self._prefill_lock, self._lock, self._prefill_queued)
 
     def _prefill_queued(self) -> None:
-        """Open every queued session and prefill their prompts together (under ``self._lock``).
-
-        A session that cannot open (its id is taken, every sequence is in use) fails alone;
-        a decode that fails fails every session it carried and frees their sequences.
-        """
+        """Open every queued session and prefill their prompts together (under ``self._lock``; ``open_batch``)."""
         with self._prefill_lock:
             batch, self._prefills = list(self._prefills), deque()
-        opened: list[tuple[_Prefill, _Session]] = []
-        for ticket in batch:
-            if ticket.session_id in self._sessions or any(t.session_id == ticket.session_id for t, _ in opened):
-                ticket.error = InvalidRequestError(f"session {ticket.session_id!r} is already open")
-            elif not self._free:
-                ticket.error = VerifierBusyError(f"the verifier holds its maximum of {self.max_sessions} sessions")
-            else:
-                generator = torch.Generator().manual_seed(ticket.params.seed)
-                session = _Session(self._free.pop(), 0, ticket.prompt[-1], ticket.params, generator)
-                opened.append((ticket, session))
-        try:
-            self._prefill(opened)
-        except BaseException as exc:
-            for ticket, session in opened:
-                self._release(session.seq)
-                ticket.error = exc
-            opened = []
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for ticket, session in opened:
-                self._sessions[ticket.session_id] = session
-            for ticket in batch:
-                ticket.done = True
+        open_batch(
+            batch, self._sessions, self.max_sessions, self._new_session, lambda s: self._release(s.seq), self._prefill
+        )
 
-    def _prefill(self, opened: list[tuple[_Prefill, _Session]]) -> None:
+    def _new_session(self, ticket: PrefillTicket) -> _Session:
+        generator = torch.Generator().manual_seed(ticket.params.seed)
+        return _Session(self._free.pop(), 0, ticket.prompt[-1], ticket.params, generator)
+
+    def _prefill(self, opened: list[tuple[PrefillTicket, _Session]]) -> None:
         """Every prompt but its last token (the session's pending token) into the cache, no logits.
 
         Each session is billed its positions' share of the decodes' time.
@@ -214,7 +179,7 @@ class LlamaCppVerifier:
         positions = sum(len(r.tokens) for r in rows)
         for ticket, session in opened:
             session.length = len(ticket.prompt) - 1
-            ticket.cpu_ms = decode_ms * session.length / positions
+            ticket.prefill_ms = decode_ms * session.length / positions
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
