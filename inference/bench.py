@@ -240,10 +240,15 @@ def demo_key(env: dict[str, str], models: str, username: str = "demo") -> str:
 
 
 def prepare_database(
-    env: dict[str, str], models: str, usernames: Sequence[str] = ("demo",), cache_users: Sequence[str] = ()
+    env: dict[str, str],
+    models: str,
+    usernames: Sequence[str] = ("demo",),
+    cache_users: Sequence[str] = (),
+    password: str | None = None,
 ) -> dict[str, str]:
-    """Migrate, make each user's tenant priced for ``models`` with an API key, turn the result cache on for
-    ``cache_users``: one Django process (each start-up costs seconds), not one a step. ``{username: key}``."""
+    """Migrate, make each user's tenant priced for ``models`` with an API key (and ``password``: default a
+    random one), turn the result cache on for ``cache_users``: one Django process (each start-up costs
+    seconds), not one a step. ``{username: key}``."""
     code = (
         "import json; from io import StringIO; from django.core.management import call_command\n"
         "from tenants.models import Membership; from inference.services import routing_policy_publish\n"
@@ -251,7 +256,7 @@ def prepare_database(
         "keys = {}\n"
         f"for name in {list(usernames)!r}:\n"
         "    out = StringIO()\n"
-        f"    call_command('tandem_demo', username=name, models={models!r}, stdout=out)\n"
+        f"    call_command('tandem_demo', username=name, models={models!r}, password={password!r}, stdout=out)\n"
         "    keys[name] = next(l.split()[-1] for l in out.getvalue().splitlines() if l.strip().startswith('API key'))\n"
         f"for name in {list(cache_users)!r}:\n"
         "    m = Membership.objects.get(user__username=name)\n"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from inference.bench import PACED_MODEL, REPO, demo_key, emit, free_port, server_env
+from inference.bench import PACED_MODEL, REPO, emit, free_port, prepare_database, server_env
 from inference.bench_load import ledger_check, sse_stream, ws_stream
 
 STREAM_TOKENS = 2000  # a paced stream of this many tokens lasts a few seconds
@@ -64,11 +64,7 @@ def start(var: Path, database_url: str, port: int, extra_env: dict[str, str] | N
 
 def prepare(var: Path, database_url: str) -> str:
     """The database, the demo tenant and its key (``manage.py migrate`` and ``tandem_demo``)."""
-    env = server_env(var, database_url)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True
-    )
-    return demo_key(env, PACED_MODEL)
+    return prepare_database(server_env(var, database_url), PACED_MODEL)["demo"]
 
 
 def fresh(fn, *args):

@@ -106,6 +106,46 @@ def serving(var: Path, env: dict[str, str]) -> Iterator[str]:
             server.wait(timeout=10)
 
 
+def worker_env(tmp_path: Path, database: Path, **extra: str) -> dict[str, str]:
+    """The environment of a real Celery worker (and its manage.py set-up) on the SQLite file ``database``."""
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "TANDEM_CELERY_EAGER": "0",
+        "TANDEM_VAR_DIR": str(tmp_path),
+        "DATABASE_URL": f"sqlite:///{database}",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def celery_worker(env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A real Celery worker (one process, the solo pool) in ``env``, stopped when the block ends."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config.celery_app", "worker", "--pool=solo", "--loglevel=warning"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield worker
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
+
+
+def redis_unreachable(url: str) -> str | None:
+    """Why there is no Redis at ``url`` (None when it answers a ping)."""
+    try:
+        import redis
+
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "no Redis here": say which
+        return f"no Redis at {url} ({type(exc).__name__})"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,17 +174,9 @@ def platform_server(tmp_path_factory) -> LiveServer:
         "TANDEM_VAR_DIR": str(var),
         "DATABASE_URL": f"sqlite:///{var / 'live.sqlite3'}",
     }
-    python = sys.executable
-    subprocess.run([python, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
-    boot = subprocess.run(
-        [python, "manage.py", "tandem_demo", "--password", "live-pass-123456", "--models", ",".join(TEST_MODELS)],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    api_key = next(line.split()[-1] for line in boot.stdout.splitlines() if line.strip().startswith("API key"))
+    from inference.bench import prepare_database
+
+    api_key = prepare_database(env, ",".join(TEST_MODELS), password="live-pass-123456")["demo"]
     with serving(var, env) as url:
         yield LiveServer(url, "demo", "live-pass-123456", api_key)
 

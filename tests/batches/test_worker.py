@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,19 +17,15 @@ from celery import Celery
 from django.db import connection
 
 from tests.batches.test_runs import make_batch
+from tests.conftest import celery_worker, redis_unreachable, worker_env
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TANDEM_TEST_BATCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 def _redis_down() -> str | None:
-    try:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Redis here": say which
-        return f"no Redis at {REDIS_URL} ({type(exc).__name__}); make batch-proof runs where one answers"
+    why = redis_unreachable(REDIS_URL)
+    return None if why is None else f"{why}; make batch-proof runs where one answers"
 
 
 def _database_copy(target: Path) -> None:
@@ -62,28 +56,10 @@ def test_a_worker_on_redis_runs_a_batch_and_charges_each_line_once(account, tmp_
     batch = make_batch(account, 4)
     database = tmp_path / "worker.sqlite3"
     _database_copy(database)
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "TANDEM_CELERY_EAGER": "0",
-        "TANDEM_VAR_DIR": str(tmp_path),
-        "DATABASE_URL": f"sqlite:///{database}",
-        "REDIS_URL": REDIS_URL,
-    }
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config.celery_app", "worker", "--pool=solo", "--loglevel=warning"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with celery_worker(worker_env(tmp_path, database, REDIS_URL=REDIS_URL)) as worker:
         Celery(broker=REDIS_URL).send_task("batches.run", args=[batch.pk])
         deadline = time.monotonic() + 120
         while (row := _batch_row(database, batch.pk))[0] != "completed":
             assert time.monotonic() < deadline and worker.poll() is None, row
             time.sleep(0.1)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=20)
     assert row == ("completed", 4, 0, 4)
