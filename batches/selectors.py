@@ -31,13 +31,7 @@ def files_list(*, tenant_id: int, purpose: str | None = None, after: str | None 
     files = BatchFile.objects.filter(tenant_id=tenant_id, deleted_at__isnull=True)
     if purpose:
         files = files.filter(purpose=purpose)
-    if after:
-        cursor = BatchFile.objects.filter(tenant_id=tenant_id, public_id=after).values_list("pk", flat=True).first()
-        if cursor is None:
-            raise BatchObjectNotFound(f"no file {after!r}", param="after")
-        files = files.filter(pk__lt=cursor)
-    page = list(files.order_by("-pk")[: limit + 1])
-    return page[:limit], len(page) > limit
+    return _page(files, tenant_id=tenant_id, after=after, limit=limit, kind="file")
 
 
 def batch_get(*, tenant_id: int, batch_id: str) -> Batch:
@@ -53,12 +47,19 @@ def batch_get(*, tenant_id: int, batch_id: str) -> Batch:
 def batches_list(*, tenant_id: int, after: str | None = None, limit: int = 20) -> tuple[list[Batch], bool]:
     """The tenant's batches, newest first, after the batch ``after`` (OpenAI's cursor); and whether more follow."""
     batches = Batch.objects.select_related("input_file", "output_file", "error_file").filter(tenant_id=tenant_id)
+    return _page(batches, tenant_id=tenant_id, after=after, limit=limit, kind="batch")
+
+
+def _page(objects, *, tenant_id: int, after: str | None, limit: int, kind: str):
+    """``objects`` newest first after the tenant's object ``after`` (OpenAI's cursor), ``limit`` of them; and whether
+    more follow. An ``after`` that names none of the tenant's objects of that kind is a 404 naming ``after``."""
     if after:
-        cursor = Batch.objects.filter(tenant_id=tenant_id, public_id=after).values_list("pk", flat=True).first()
+        model = objects.model
+        cursor = model.objects.filter(tenant_id=tenant_id, public_id=after).values_list("pk", flat=True).first()
         if cursor is None:
-            raise BatchObjectNotFound(f"no batch {after!r}", param="after")
-        batches = batches.filter(pk__lt=cursor)
-    page = list(batches.order_by("-pk")[: limit + 1])
+            raise BatchObjectNotFound(f"no {kind} {after!r}", param="after")
+        objects = objects.filter(pk__lt=cursor)
+    page = list(objects.order_by("-pk")[: limit + 1])
     return page[:limit], len(page) > limit
 
 
