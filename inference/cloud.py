@@ -19,7 +19,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import weakref
@@ -30,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from inference.breakers import CircuitBreaker
+from inference.cloud_logprobs import named_logprobs
 from inference.completion import NamedLogprob
 from inference.errors import InvalidRequest, UpstreamFailed
 from inference.model_tokenizers import counts_with, gguf_tokenizer
@@ -409,7 +409,7 @@ class CloudCompletion:
         top = self.request.logprobs
         named = tuple(
             n if len(n.top) <= top else dataclasses.replace(n, top=n.top[:top])
-            for n in _named_logprobs(choice.get("logprobs"), chat)
+            for n in named_logprobs(choice.get("logprobs"), chat)
         )
         logprob = sum(n.logprob for n in named) if named else None
         return CloudTokenEvent(CLOUD_TOKEN_ID, text, Provenance.CLOUD, logprob=logprob, named=named)
@@ -517,53 +517,6 @@ def _continues(upstream: Upstream, chat: bool) -> bool:
     if not chat or upstream.continues_final_message:
         return True
     return bool(upstream.tokenizer) and gguf_tokenizer(upstream.tokenizer).template is not None
-
-
-def _named_logprobs(raw: Any, chat: bool) -> tuple[NamedLogprob, ...]:
-    """The tokens' logprobs in a choice's ``logprobs``: the chat API's ``content`` list, else the legacy lists.
-
-    What is malformed (a missing or non-numeric logprob) is left out rather than failing an
-    answer the client is already reading: its text is what it paid for.
-    """
-    if not isinstance(raw, dict):
-        return ()
-    if chat:
-        entries = raw.get("content")
-        if not isinstance(entries, list):
-            return ()
-        return tuple(
-            NamedLogprob(e["token"], float(e["logprob"]), _alternatives(e.get("top_logprobs")))
-            for e in entries
-            if isinstance(e, dict) and isinstance(e.get("token"), str) and _is_number(e.get("logprob"))
-        )
-    tokens, logprobs, tops = raw.get("tokens"), raw.get("token_logprobs"), raw.get("top_logprobs")
-    if not isinstance(tokens, list) or not isinstance(logprobs, list):
-        return ()
-    tops = tops if isinstance(tops, list) else []
-    return tuple(
-        NamedLogprob(token, float(lp), _alternatives(tops[i] if i < len(tops) else None))
-        for i, (token, lp) in enumerate(zip(tokens, logprobs, strict=False))
-        if isinstance(token, str) and _is_number(lp)
-    )
-
-
-def _alternatives(raw: Any) -> tuple[tuple[str, float], ...]:
-    """A token's alternatives, highest first: a list of ``{token, logprob}`` (chat) or a ``{token: logprob}`` map."""
-    if isinstance(raw, dict):
-        pairs = [(t, lp) for t, lp in raw.items() if _is_number(lp)]
-    elif isinstance(raw, list):
-        pairs = [
-            (e["token"], e["logprob"])
-            for e in raw
-            if isinstance(e, dict) and isinstance(e.get("token"), str) and _is_number(e.get("logprob"))
-        ]
-    else:
-        return ()
-    return tuple(sorted(((str(t), float(lp)) for t, lp in pairs), key=lambda p: -p[1]))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _choice_text(choice: Any, chat: bool, part: str = "delta") -> str:
