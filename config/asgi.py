@@ -18,17 +18,16 @@ from inference.engines import warm_engines_in_background  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
 from inference.ws_origin import browser_origin_validator  # noqa: E402
 
-application = ProtocolTypeRouter(
+site = ProtocolTypeRouter(
     {
         # static files straight from the apps' folders, asynchronously (a sync-only static
         # middleware such as WhiteNoise's would push every request through two thread hops)
-        "http": by_path(
-            ApiASGIHandler(),  # /v1/: bearer keys only, so no session/CSRF/messages middleware
-            ASGIStaticFilesHandler(django_asgi_app) if settings.TANDEM_SERVE_STATIC else django_asgi_app,
-        ),
+        "http": ASGIStaticFilesHandler(django_asgi_app) if settings.TANDEM_SERVE_STATIC else django_asgi_app,
         "websocket": browser_origin_validator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+# /v1/ (bearer keys only, so no session/CSRF/messages middleware) goes straight to its handler
+application = by_path(ApiASGIHandler(), site)
 warm_engines_in_background()  # a server is starting: load the weights before the first request
 
 # Everything imported so far lives as long as the process: move it out of the collector's
