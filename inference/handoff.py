@@ -1,9 +1,11 @@
 """Engine events from a worker thread to the event loop: one wake-up of the loop per burst of tokens.
 
-A blocking engine (the speculative and edge engines run their rounds on a thread)
-is pumped by ``pump_on_thread``; an async one (a cloud upstream's stream) by
-``pump_on_loop``. Both put each event on the stream's asyncio queue, then ``END`` (or
-the exception that stopped the engine), and stop early once ``cancel`` is set.
+A blocking engine is pumped by ``pump_on_thread``: a speculative completion (it has
+``drive``) is handed to its verify scheduler, whose thread delivers each round's tokens
+here with no thread of its own per stream; any other (the edge engine) runs on a stream
+thread. An async one (a cloud upstream's stream) is pumped by ``pump_on_loop``. All put
+each event on the stream's asyncio queue, then ``END`` (or the exception that stopped the
+engine), and stop early once ``cancel`` is set.
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ class _Handoff:
 
 
 def pump_on_thread(completion: Iterator, queue: asyncio.Queue, cancel: threading.Event, name: str) -> None:
-    """Run a blocking ``completion`` on a stream thread, handing each event to ``queue`` (call on the loop)."""
+    """Run a blocking ``completion`` (driven, or on a stream thread), handing each event to ``queue`` (call on the loop)."""
     handoff = _Handoff(queue, asyncio.get_running_loop(), cancel)
+    drive = getattr(completion, "drive", None)
+    if drive is not None:
+        drive(_driven_sink(completion, handoff, cancel))
+        return
 
     def pump() -> None:
         threading.current_thread().name = name
@@ -69,6 +75,22 @@ def pump_on_thread(completion: Iterator, queue: asyncio.Queue, cancel: threading
                 close()  # releases the engine's sessions (draft sequence, verifier slot)
 
     stream_threads.run(pump)
+
+
+def _driven_sink(completion: object, handoff: _Handoff, cancel: threading.Event):
+    """What a driven completion's rounds hand their events to (on the scheduler's thread)."""
+
+    def sink(item: object) -> None:
+        if item is None:  # the completion ended
+            handoff.put(END)
+        elif isinstance(item, BaseException):
+            handoff.put(item)
+        elif cancel.is_set():
+            completion.cancel()  # type: ignore[attr-defined]  # stops at its next round; END follows
+        else:
+            handoff.put(item)
+
+    return sink
 
 
 def pump_on_loop(completion: AsyncIterator, queue: asyncio.Queue, cancel: threading.Event) -> asyncio.Task:

@@ -600,6 +600,9 @@ class GatewayStream:
         self._cancel.set()
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
+        stop_driven = getattr(self._completion, "cancel", None)  # a driven completion: at its next round
+        if stop_driven is not None:
+            stop_driven()
         if self._probe:  # stopped before its tier answered: the probe gave no verdict
             breaker = self.entry.breaker(self.route.tier)
             if breaker is not None:

@@ -168,7 +168,8 @@ async def _demo(var: Path) -> dict:
     entry = engines.get("tandem-demo")
     speculative = entry.speculative
     assert isinstance(speculative, SpeculativeEngine)
-    reference = SpeculativeEngine(speculative.verifier, speculative.tokenizer, None)  # the verifier alone
+    # the verifier alone, on the serving engine's scheduler: one thread calls the model (SpeculativeEngine)
+    reference = SpeculativeEngine(speculative.verifier, speculative.tokenizer, None, scheduler=speculative.scheduler)
 
     def accounts() -> str:
         rates = {"prompt_per_mtok": "0.5", "completion_per_mtok": "1.5", "draft_per_mtok": "0.1", "gpu_per_hour": "2"}

@@ -594,12 +594,14 @@ def evaluate_drafts(verifier_source: str, drafts: dict[str, str]) -> dict[str, d
     from speculative.draft_llama import LlamaCppDraft
     from speculative.engine import SpeculativeEngine
     from speculative.pair import load_pair
+    from speculative.scheduler import VerifyScheduler
 
     verifier, _, tokenizer = load_pair(verifier_source, None)  # its backend follows the file, as at start-up
     results: dict[str, dict] = {}
-    for label, path in drafts.items():
-        engine = SpeculativeEngine(verifier, tokenizer, LlamaCppDraft(path, max_sessions=1))
-        try:
+    scheduler = VerifyScheduler(verifier)  # every draft's engine on one: one thread calls the model (SpeculativeEngine)
+    try:
+        for label, path in drafts.items():
+            engine = SpeculativeEngine(verifier, tokenizer, LlamaCppDraft(path, max_sessions=1), scheduler=scheduler)
             engine.generate(EVAL_PROMPTS[0], max_tokens=8, k=EVAL_K)  # warm-up: first-call costs out of the figures
             proposed = accepted = tokens = 0
             seconds = 0.0
@@ -612,14 +614,14 @@ def evaluate_drafts(verifier_source: str, drafts: dict[str, str]) -> dict[str, d
                 accepted += done.stats.accepted
                 tokens += done.stats.completion_tokens
                 texts.append(done.text)
-        finally:
-            engine.close()
-        results[label] = {
-            "acceptance": round(accepted / proposed, 4) if proposed else 0.0,
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
-            "tokens": tokens,
-            "texts": texts,
-        }
+            results[label] = {
+                "acceptance": round(accepted / proposed, 4) if proposed else 0.0,
+                "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+                "tokens": tokens,
+                "texts": texts,
+            }
+    finally:
+        scheduler.close()
     return results
 
 

@@ -98,19 +98,6 @@ def load_draft(entry: ModelEntry, version: str, source: str) -> bool:
         log.exception("registry: draft %s (%s) cannot serve %s here", version, source, entry.name)
         return False
     engine = SpeculativeEngine(base.verifier, base.tokenizer, draft, scheduler=base.scheduler)
-    _chain_before_answer(base, engine)
     entry.add_draft(version, engine, EdgeEngine(draft, base.tokenizer, base.eos_token_id))
     log.info("registry: %s now also serves draft %s", entry.name, version)
     return True
-
-
-def _chain_before_answer(base, engine) -> None:
-    """The shared scheduler marks every verified session as drafting again: the new engine's sessions too."""
-    previous = base.scheduler.before_answer
-
-    def both(requests) -> None:
-        if previous is not None:
-            previous(requests)
-        engine._mark_drafting(requests)
-
-    base.scheduler.before_answer = both

@@ -250,7 +250,7 @@ def bench_backend(args: argparse.Namespace, verifier_path: str) -> tuple[dict, S
         verifier_path, args.draft, device=args.device, draft_threads=args.draft_threads
     )
     spec = SpeculativeEngine(verifier, tokenizer, draft)
-    plain = SpeculativeEngine(verifier, tokenizer, None)
+    plain = SpeculativeEngine(verifier, tokenizer, None, scheduler=spec.scheduler)  # one thread calls the model
     run_sessions(spec, 2, 16)  # warm up both paths (allocations, llama.cpp contexts)
     run_sessions(plain, 2, 16)
     torch_model = getattr(verifier, "model", None)  # the torch backend's; llama.cpp has none
@@ -284,7 +284,7 @@ def bench_backend(args: argparse.Namespace, verifier_path: str) -> tuple[dict, S
     for rtt in [float(x) for x in args.rtts.split(",") if x]:
         remote = DelayedVerifier(verifier, rtt)
         spec_r = SpeculativeEngine(remote, tokenizer, draft)
-        plain_r = SpeculativeEngine(remote, tokenizer, None)
+        plain_r = SpeculativeEngine(remote, tokenizer, None, scheduler=spec_r.scheduler)
         row = compare(spec_r, plain_r, 1, args.max_tokens, max(1, args.repeats // 2))
         row["rtt_ms"] = rtt
         rtt_rows.append(row)

@@ -242,7 +242,7 @@ def cost_side(args, acceptance: float) -> dict:
         report["floors"] = forward_floors(model, device)
     report["verify_step_ms"] = verify_grid(verifier, vocab_used)
     spec = SpeculativeEngine(verifier, tokenizer, draft)
-    plain = SpeculativeEngine(verifier, tokenizer, None)
+    plain = SpeculativeEngine(verifier, tokenizer, None, scheduler=spec.scheduler)  # one thread calls the model
     bench.run_sessions(spec, 2, 16)
     bench.run_sessions(plain, 2, 16)
     sessions = [int(x) for x in args.sessions.split(",")]

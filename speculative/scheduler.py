@@ -1,11 +1,20 @@
 """Cross-session verify batching: many sessions' rounds in one verifier forward pass.
 
-Sessions submit their round and wait on a future. A worker thread takes the first
-waiting round, then gathers more for at most ``window_ms``, and stops waiting early as
-soon as every session that has joined is in the batch (so a lone session never waits).
-Sessions join and leave between steps: continuous batching. A batch that fails is
-retried one round at a time, so one bad request fails alone; a retried round is safe
-because the verifier answers a repeated round number with the verdict it already gave.
+A worker thread takes the first waiting round, then gathers more for at most
+``window_ms``, and stops waiting early as soon as every session that has joined is in
+the batch (so a lone session never waits). Sessions join and leave between steps:
+continuous batching. A batch that fails is retried one round at a time, so one bad
+request fails alone; a retried round is safe because the verifier answers a repeated
+round number with the verdict it already gave.
+
+Two kinds of sessions submit rounds. A *driven* one (``submit_driven``: every
+completion of :class:`~speculative.engine.SpeculativeEngine`) is advanced by this
+worker itself right after its batch: it takes its verdict, hands its tokens to its
+consumer, drafts, and its next round is in the next batch at once. No thread wakes per
+round, so a round's time is the forward pass plus each session's own bookkeeping; with
+sessions on threads of their own (measured on the demo pair's llama.cpp verifier, 16
+sessions) the GIL hand-offs of 16 threads waking and resubmitting cost more than the
+forward. A plain ``submit`` returns a future (the remote verifier's server, tests).
 """
 
 from __future__ import annotations
@@ -15,13 +24,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from speculative.controller import SpeculationGovernor, cost_line
 from speculative.errors import SpeculativeError
-from speculative.types import Verdict
+from speculative.types import SamplingParams, Verdict
 from speculative.verifier import Verifier, VerifyRequest
 
 log = logging.getLogger(__name__)
@@ -71,12 +81,37 @@ class BatchCostModel:
         return self._line
 
 
+class Opening(Protocol):
+    """A driven session's first step: its verifier session to open (``speculative.engine.OpenOrder``)."""
+
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def prompt_ids(self) -> Sequence[int]: ...
+    @property
+    def params(self) -> SamplingParams: ...
+
+
+class DrivenSession(Protocol):
+    """A session the worker advances itself (:class:`speculative.engine.DrivenRounds`)."""
+
+    def step(self, result: Any = None, error: BaseException | None = None) -> VerifyRequest | Opening | None:
+        """Take the answer to its last step (or its failure); return its next step, or None once it ended."""
+        ...
+
+
+Answer = Future[RoundResult] | DrivenSession
+Item = tuple[VerifyRequest | None, Answer]  # None: a driven session to start
+Round = tuple[VerifyRequest, Answer]
+
+
 class VerifyScheduler:
     def __init__(self, verifier: Verifier, *, window_ms: float = DEFAULT_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH):
         self.verifier = verifier
         self.window_s = window_ms / 1e3
         self.max_batch = max_batch
-        self._queue: queue.Queue[tuple[VerifyRequest, Future[RoundResult]] | None] = queue.Queue()
+        self._queue: queue.Queue[Item | None] = queue.Queue()
+        self._next: deque[Round] = deque()  # driven sessions' next rounds (the worker's own thread only)
         self._active = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -84,9 +119,6 @@ class VerifyScheduler:
         self.rounds = 0
         self.cost = BatchCostModel()
         self.governor = SpeculationGovernor()
-        # called with a batch's requests just before their sessions are answered, so the
-        # engine can mark them all as drafting at once (keeps batched drafting in lockstep)
-        self.before_answer: Callable[[list[VerifyRequest]], None] | None = None
         self._worker = threading.Thread(target=self._run, name="verify-scheduler", daemon=True)
         self._worker.start()
 
@@ -106,15 +138,22 @@ class VerifyScheduler:
             self._queue.put((request, future))
         return future
 
+    def start_driven(self, session: DrivenSession) -> None:
+        """Hand a driven session to this worker: it opens it (with others starting then), then runs its rounds."""
+        if self._closed:
+            _answer(session, error=SpeculativeError("the verify scheduler is closed"))
+        else:
+            self._queue.put((None, session))
+
     def close(self) -> None:
         self._closed = True
         self._queue.put(None)
         self._worker.join(timeout=5)
 
-    def _gather(
-        self, first: tuple[VerifyRequest, Future[RoundResult]]
-    ) -> list[tuple[VerifyRequest, Future[RoundResult]]]:
-        batch = [first]
+    def _gather(self, first: Item) -> list[Round]:
+        batch: list[Item] = [first]
+        while self._next and len(batch) < self.max_batch:
+            batch.append(self._next.popleft())
         deadline = time.perf_counter() + self.window_s
         while len(batch) < self.max_batch:
             with self._lock:
@@ -131,23 +170,79 @@ class VerifyScheduler:
                 self._queue.put(None)  # let the run loop see the close
                 break
             batch.append(item)
-        return batch
+        starting = [answer for request, answer in batch if request is None]
+        rounds: list[Round] = [(request, answer) for request, answer in batch if request is not None]
+        if starting:
+            assert all(not isinstance(s, Future) for s in starting)
+            rounds += self._open([s for s in starting if not isinstance(s, Future)])
+        return rounds
+
+    def _open(self, starting: list[DrivenSession]) -> list[Round]:
+        """Open starting sessions with one batched prefill; their first rounds (a session that failed is told)."""
+        openings: list[tuple[DrivenSession, Opening]] = []
+        rounds: list[Round] = []
+        for session in starting:
+            first = _answer(session)  # runs it up to its opening
+            if isinstance(first, VerifyRequest):  # (a session that opens nothing)
+                rounds.append((first, session))
+            elif first is not None:
+                openings.append((session, first))
+        if not openings:
+            return rounds
+        results = self._open_sessions([o for _, o in openings])
+        for (session, _), result in zip(openings, results, strict=True):
+            error = result if isinstance(result, BaseException) else None
+            following = _answer(session, None if error else result, error)
+            if isinstance(following, VerifyRequest):
+                rounds.append((following, session))
+            elif following is not None:
+                _answer(session, error=SpeculativeError("a completion asked to open its session twice"))
+        return rounds
+
+    def _open_sessions(self, openings: list[Opening]) -> list[float | BaseException]:
+        many = getattr(self.verifier, "open_many", None)
+        items = [(o.session_id, o.prompt_ids, o.params) for o in openings]
+        if many is not None:
+            try:
+                return list(many(items))
+            except Exception as exc:  # noqa: BLE001 - every opening hears of it
+                return [exc] * len(items)
+        results: list[float | BaseException] = []
+        for item in items:
+            try:
+                results.append(self.verifier.open_session(*item))
+            except Exception as exc:  # noqa: BLE001 - this opening fails alone
+                results.append(exc)
+        return results
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            first = self._next.popleft() if self._next else self._queue.get()
             if first is None:
-                return
+                break
             batch = self._gather(first)
+            if not batch:  # only openings, all failed (their consumers were told)
+                continue
             try:
                 self._verify(batch)
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
                 log.exception("verify step failed")
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                for _, answer in batch:
+                    if not isinstance(answer, Future) or not answer.done():
+                        self._continue(answer, error=exc)
+        # closed: every round still waiting hears so (a driven session's consumer would wait forever)
+        closed = SpeculativeError("the verify scheduler is closed")
+        while self._next:
+            _answer(self._next.popleft()[1], error=closed)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _answer(item[1], error=closed)
 
-    def _verify(self, batch: list[tuple[VerifyRequest, Future[RoundResult]]]) -> None:
+    def _verify(self, batch: list[Round]) -> None:
         try:
             result = self.verifier.verify([req for req, _ in batch])
         except Exception as exc:  # noqa: BLE001 - every waiting session must hear of it
@@ -155,20 +250,46 @@ class VerifyScheduler:
                 for item in batch:
                     self._verify([item])
                 return
-            batch[0][1].set_exception(exc)
+            self._continue(batch[0][1], error=exc)
             return
-        if self.before_answer is not None:
-            try:
-                self.before_answer([req for req, _ in batch])
-            except Exception:  # noqa: BLE001 - a hook must never keep a session waiting
-                log.exception("before_answer hook failed")
         batch_tokens = sum(1 + len(req.tokens) for req, _ in batch)
-        # answer the sessions first: bookkeeping below must never keep one waiting
-        for (_, future), verdict in zip(batch, result.verdicts, strict=True):
-            future.set_result(RoundResult(verdict, result.verify_ms, result.network_ms, len(batch), batch_tokens))
+        results = [
+            RoundResult(verdict, result.verify_ms, result.network_ms, len(batch), batch_tokens)
+            for verdict in result.verdicts
+        ]
+        # sessions waiting on a future first: the bookkeeping and driven sessions below must not keep them
+        for (_, answer), round_result in zip(batch, results, strict=True):
+            if isinstance(answer, Future):
+                answer.set_result(round_result)
         self.batches += 1
         self.rounds += len(batch)
-        self.cost.record(batch_tokens, result.verify_ms)
+        self.cost.record(batch_tokens, result.verify_ms)  # before the driven sessions pick their next k
         self.governor.on_batch(
             emitted=sum(1 + v.n_matches for v in result.verdicts), active=self._active, now=time.perf_counter()
         )
+        for (_, answer), round_result in zip(batch, results, strict=True):
+            if not isinstance(answer, Future):
+                self._continue(answer, round_result)
+
+    def _continue(self, answer: Answer, result: Any = None, error: BaseException | None = None) -> None:
+        """Answer a round; a driven session's next round goes straight into the next batch."""
+        following = _answer(answer, result, error)
+        if isinstance(following, VerifyRequest):
+            assert not isinstance(answer, Future)
+            self._next.append((following, answer))
+        elif following is not None:
+            _answer(answer, error=SpeculativeError("a completion asked to open its session twice"))
+
+
+def _answer(answer: Answer, result: Any = None, error: BaseException | None = None) -> VerifyRequest | Opening | None:
+    if isinstance(answer, Future):
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+        return None
+    try:
+        return answer.step(result, error)
+    except BaseException:  # noqa: BLE001 - a session's bug must not stop the worker (step reports its own errors)
+        log.exception("a driven session failed outside its completion")
+        return None

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -154,15 +154,58 @@ def open_when_prefilled(
     Whoever holds ``lock`` next prefills every session queued by then (``prefill_queued``, both
     backends): sessions that open while a step runs (a burst of requests) share the next prefill.
     """
+    (result,) = open_all([ticket], queue, queue_lock, lock, prefill_queued)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def open_all(
+    tickets: Sequence[PrefillTicket],
+    queue: deque[PrefillTicket],
+    queue_lock: threading.Lock,
+    lock: threading.Lock,
+    prefill_queued: Callable[[], None],
+) -> list[float | BaseException]:
+    """``open_when_prefilled`` for several sessions at once: queued together, so they share prefills.
+
+    Each gets its prefill ms, or the error that kept it from opening (the others open regardless).
+    """
     with queue_lock:
-        queue.append(ticket)
-    while not ticket.done:
-        with lock:
-            if not ticket.done:
-                prefill_queued()
-    if ticket.error is not None:
-        raise ticket.error
-    return ticket.prefill_ms
+        for ticket in tickets:
+            queue.append(ticket)
+    for ticket in tickets:
+        while not ticket.done:
+            with lock:
+                if not ticket.done:
+                    prefill_queued()
+    return [ticket.error if ticket.error is not None else ticket.prefill_ms for ticket in tickets]
+
+
+def open_tickets(
+    openings: Sequence[tuple[str, Sequence[int], SamplingParams]], context_length: int, vocab_size: int
+) -> tuple[list[PrefillTicket], list[float | BaseException | None]]:
+    """Tickets for the openings whose prompts are valid; a result list with the invalid ones' errors filled in."""
+    tickets: list[PrefillTicket] = []
+    results: list[float | BaseException | None] = []
+    for session_id, prompt_ids, params in openings:
+        try:
+            prompt = checked_prompt(prompt_ids, params, context_length, vocab_size)
+        except Exception as exc:  # noqa: BLE001 - this opening fails alone
+            results.append(exc)
+            continue
+        tickets.append(PrefillTicket(session_id, prompt, params))
+        results.append(None)
+    return tickets, results
+
+
+def open_together(
+    backend: Any, openings: Sequence[tuple[str, Sequence[int], SamplingParams]]
+) -> list[float | BaseException]:
+    """A backend's ``open_many``: valid openings queued together, each result in the openings' order."""
+    tickets, results = open_tickets(openings, backend.context_length, backend.vocab_size)
+    opened = iter(open_all(tickets, backend._prefills, backend._prefill_lock, backend._lock, backend._prefill_queued))
+    return [next(opened) if result is None else result for result in results]
 
 
 def open_batch(
@@ -339,6 +382,10 @@ class TransformersVerifier:
         prompt = checked_prompt(prompt_ids, params, self.context_length, self.vocab_size)
         ticket = PrefillTicket(session_id, prompt, params)
         return open_when_prefilled(ticket, self._prefills, self._prefill_lock, self._lock, self._prefill_queued)
+
+    def open_many(self, openings: Sequence[tuple[str, Sequence[int], SamplingParams]]) -> list[float | BaseException]:
+        """Open several sessions with shared prefills; each one's prefill ms or its error."""
+        return open_together(self, openings)
 
     def _prefill_queued(self) -> None:
         """Open the queued sessions (as many as fit one forward) and prefill their prompts together.

@@ -48,6 +48,7 @@ from speculative.verifier import (
     checked_prompt,
     checked_round,
     open_batch,
+    open_together,
     open_when_prefilled,
 )
 
@@ -152,6 +153,10 @@ class LlamaCppVerifier:
         prompt = checked_prompt(prompt_ids, params, self.context_length, self.vocab_size)
         ticket = PrefillTicket(session_id, prompt, params)
         return open_when_prefilled(ticket, self._prefills, self._prefill_lock, self._lock, self._prefill_queued)
+
+    def open_many(self, openings: Sequence[tuple[str, Sequence[int], SamplingParams]]) -> list[float | BaseException]:
+        """Open several sessions with shared prefills; each one's prefill ms or its error."""
+        return open_together(self, openings)
 
     def _prefill_queued(self) -> None:
         """Open every queued session and prefill their prompts together (under ``self._lock``; ``open_batch``)."""

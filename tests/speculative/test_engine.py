@@ -328,7 +328,10 @@ def test_a_stream_cut_off_mid_round_carries_only_the_delivered_tokens_shares(eng
     for n in range(1, len(delivered) + 1):
         accepted = sum(e.provenance is Provenance.DRAFTED for e in delivered[:n])
         assert sum(e.drafted for e in delivered[:n]) >= accepted
-    assert len(delivered) == 7 and completion.stats.completion_tokens == 7
+    # the scheduler's thread drives the rounds, ahead of a slow consumer (as a server's does): the stats
+    # count what was generated up to the close, at least what was delivered, never past max_tokens
+    assert len(delivered) == 7 and 7 <= completion.stats.completion_tokens <= 40
+    assert spec.verifier.open_sessions == 0  # and close() returned with its sessions released
 
 
 def test_edge_engine_decodes_with_the_draft_alone_exactly_as_hf_greedy_does(demo_paths, demo_pair):
