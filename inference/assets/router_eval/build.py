@@ -102,6 +102,17 @@ def fr_rib_key(bank: str, branch: str, account: str) -> str:
     return f"{97 - (89 * int(bank) + 15 * int(branch) + 3 * int(account)) % 97:02d}"
 
 
+def pl_sort_code_check(seven: str) -> str:
+    """Check digit of a Polish bank settlement number (weights 3,9,7,1,3,9,7)."""
+    total = sum(int(c) * w for c, w in zip(seven, (3, 9, 7, 1, 3, 9, 7), strict=True))
+    return str((10 - total % 10) % 10)
+
+
+def pl_pesel_check(ten: str) -> str:
+    total = sum(int(c) * w for c, w in zip(ten, (1, 3, 7, 9, 1, 3, 7, 9, 1, 3), strict=True))
+    return str((10 - total % 10) % 10)
+
+
 def kvnr_check(letter: str, eight: str) -> str:
     digits = f"{ord(letter) - 64:02d}" + eight
     total = 0
@@ -215,6 +226,12 @@ NAMES = {
         ["de Vries", "Jansen", "van Dijk", "Bakker", "Visser", "Smit"],
     ),
     "ja": (["美咲", "由美", "彩"], ["健太", "翔", "大輔"], ["佐藤", "鈴木", "高橋", "田中", "渡辺", "伊藤"]),
+    # added with the 2026-12-02 extension; the family names are the same for women and men
+    "pl": (
+        ["Agnieszka", "Katarzyna", "Magdalena", "Joanna"],
+        ["Tomasz", "Paweł", "Krzysztof", "Marcin"],
+        ["Nowak", "Wójcik", "Kaczmarek", "Mazur", "Krawczyk", "Zając", "Wróbel", "Pawlak"],
+    ),
 }
 EMAIL_DOMAINS = {
     "en": ["gmail.com", "outlook.com", "yahoo.com", "icloud.com", "hotmail.co.uk", "proton.me"],
@@ -225,6 +242,7 @@ EMAIL_DOMAINS = {
     "pt": ["sapo.pt", "gmail.com"],
     "nl": ["ziggo.nl", "kpnmail.nl", "gmail.com"],
     "ja": ["gmail.com", "yahoo.co.jp"],
+    "pl": ["wp.pl", "onet.pl", "gmail.com", "interia.pl"],
 }
 JA_ROMAJI = {
     "美咲": "misaki",
@@ -447,9 +465,16 @@ class Filler:
             y, m, d = self.r.randint(*years), self.r.randint(1, 12), self.r.randint(1, 28)
             if slot is not None:
                 self.slots[key] = (y, m, d)
-        style = style or {"de": "de", "fr": "fr", "es": "fr", "it": "fr", "pt": "fr", "nl": "nl", "ja": "ja"}.get(
-            self.lang, self.r.choice(["en_long", "us"])
-        )
+        style = style or {
+            "de": "de",
+            "fr": "fr",
+            "es": "fr",
+            "it": "fr",
+            "pt": "fr",
+            "nl": "nl",
+            "ja": "ja",
+            "pl": "de",
+        }.get(self.lang, self.r.choice(["en_long", "us"]))
         months = [
             "January",
             "February",
@@ -556,6 +581,8 @@ class Filler:
             raw = f"06-{r.randint(1, 6)}{dg(7)}"
         elif cc == "jp":
             raw = f"0{r.choice('789')}0-{dg(4)}-{dg(4)}"
+        elif cc == "pl":
+            raw = f"+48 {r.choice('5678')}{dg(2)} {dg(3)} {dg(3)}"
         else:
             raise KeyError(cc)
         if slot is not None:
@@ -655,6 +682,9 @@ class Filler:
             bban = r.choice(["NWBK", "BARC", "LOYD", "HBUK", "MIDL"]) + dg(6) + dg(8)
         elif cc == "NL":
             bban = r.choice(["ABNA", "INGB", "RABO", "SNSB"]) + dg(10)
+        elif cc == "PL":
+            sort7 = dg(7)
+            bban = sort7 + pl_sort_code_check(sort7) + dg(16)
         else:
             raise KeyError(cc)
         iban = iban_make(cc, bban)
@@ -774,6 +804,13 @@ class Filler:
         c = 11 - sum(x * w for x, w in zip(d, range(9, 1, -1), strict=True)) % 11
         c = 0 if c >= 10 else c
         return self.rec("national_id", "".join(map(str, d)) + str(c), subtype="pt_nif")
+
+    def pl_pesel(self) -> str:
+        """PESEL: birth date (month + 20 for 2000s), serial, sex digit, check digit."""
+        y, m, d = self.r.randint(1950, 2005), self.r.randint(1, 12), self.r.randint(1, 28)
+        mm = m + (20 if y >= 2000 else 0)
+        ten = f"{y % 100:02d}{mm:02d}{d:02d}" + self.digits(4)
+        return self.rec("national_id", ten + pl_pesel_check(ten), subtype="pl_pesel")
 
     def passport(self, cc: str) -> str:
         if cc == "us":  # 9 digits (older books) or letter + 8 digits (next generation)
@@ -989,6 +1026,7 @@ class Filler:
             "es_nie": self.es_nie,
             "nl_bsn": self.nl_bsn,
             "pt_nif": self.pt_nif,
+            "pl_pesel": self.pl_pesel,
             "db_url": self.db_url,
             "basic_auth": self.basic_auth,
         }
@@ -3362,6 +3400,917 @@ def outage_log(rng: random.Random) -> list[str]:
         )
     lines.sort(key=lambda x: x[0])
     return [f"2025-03-14T{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}Z {m}" for s, m in lines]
+
+
+# ==================== extension 2026-12-02: everyday routine traffic ====================
+# Real chat traffic is mostly routine, so 170 everyday prompts were appended here (after
+# every original item, so tre-0001..tre-0378 and their values are unchanged).
+EXT_NOTE = "Everyday request added on 2026-12-02 so the mix is closer to real chat traffic."
+
+STOCK_EN = [
+    "Ceramic mug 350 ml",
+    "Bamboo cutting board",
+    "Glass jar with lid",
+    "Linen tea towel",
+    "Stainless steel kettle",
+    "Cotton tote bag",
+    "Wooden spoon set",
+    "Enamel pie dish",
+    "Cast iron skillet 26 cm",
+    "Beeswax food wrap",
+    "Herb scissors",
+    "Oven mitt pair",
+    "Salad spinner",
+    "Measuring cups",
+    "Silicone spatula",
+    "Pepper mill",
+    "Butter dish",
+    "Bread bin",
+    "Citrus press",
+    "Dish brush",
+]
+
+ORDERS_EN = [
+    "Paperback notebook A5",
+    "Gel pens (pack of 10)",
+    "Desk lamp",
+    "USB-C cable 2 m",
+    "Laptop stand",
+    "Sticky notes",
+    "Wireless mouse",
+    "Monitor cleaning kit",
+    "Cable ties",
+    "Desk organiser",
+    "Whiteboard markers",
+    "Mouse pad",
+    "Stapler",
+    "Printer paper (500 sheets)",
+]
+
+
+def csv_rows(rng: random.Random, header: str, make_row, lo: int, hi: int) -> str:
+    """A CSV header plus generated rows until the text is between lo and hi characters."""
+    lines = [header]
+    while len("\n".join(lines)) < lo:
+        lines.append(make_row(rng))
+    text = "\n".join(lines)
+    assert len(text) <= hi, len(text)
+    return text
+
+
+def _stock_row(rng: random.Random) -> str:
+    sku = f"KT-{rng.randint(1000, 9999)}"
+    return f"{sku},{rng.choice(STOCK_EN)},{rng.randint(0, 140)},{rng.randint(3, 89)}.{rng.choice(['00', '50', '95', '99'])}"
+
+
+def _order_row(rng: random.Random) -> str:
+    day = f"2026-11-{rng.randint(1, 28):02d}"
+    return f"{day},ORD-{rng.randint(20000, 99999)},{rng.choice(ORDERS_EN)},{rng.randint(1, 6)},shipped"
+
+
+CHAT_LOG_EN = [
+    "ops: morning all, quick heads-up that the team lunch moves from Thursday to Friday",
+    "design: Friday works for me, same place?",
+    "ops: yes, the noodle bar on the corner, table booked for 12:30",
+    "backend: can we make it 12:45? I have a call until half past",
+    "ops: I'll ask them, they were flexible last time",
+    "frontend: I'm in, but I need to leave by 13:30 for the dentist",
+    "design: does anyone know if they have vegetarian options now?",
+    "backend: they do, the tofu ramen is actually good",
+    "ops: booked for 12:45, ten people, they said it's fine",
+    "qa: sorry just catching up, count me in too",
+    "ops: that makes eleven, I'll update the booking",
+    "frontend: should we bring the leaving card for Sam's farewell?",
+    "design: good idea, I have it in my drawer, it still needs a few signatures",
+    "qa: I'll sign it this afternoon",
+    "backend: me too, where is your desk again, third floor?",
+    "design: third floor by the window, next to the big plant",
+    "ops: also the budget this time is 20 per person, the rest is on us",
+    "frontend: fair enough",
+    "qa: will there be a vote on dessert or is that too ambitious",
+    "ops: let's not push our luck",
+    "design: ha, ok. see you all Friday",
+    "backend: reminder set",
+    "ops: I'll post the address in here on Friday morning in case anyone goes straight from home",
+    "qa: thanks for organising!",
+    "frontend: thanks, looking forward to it",
+    "ops: one more thing, it might rain, so bring an umbrella, it's a ten-minute walk",
+]
+
+
+def chat_log(rng: random.Random, lines: list[str], lo: int, hi: int) -> str:
+    out, t = [], 9 * 60 + rng.randint(0, 20)
+    for line in lines:
+        t += rng.randint(1, 6)
+        out.append(f"[{t // 60:02d}:{t % 60:02d}] {line}")
+        if len("\n".join(out)) >= lo:
+            break
+    text = "\n".join(out)
+    assert lo <= len(text) <= hi, len(text)
+    return text
+
+
+RECIPE_HTML = """<article class="recipe">
+  <h1>Lemon and Poppy Seed Muffins</h1>
+  <p class="intro">These muffins are light, tangy and ready in about half an hour. They keep well for
+  two days in a tin and freeze nicely, so it is worth making a full batch.</p>
+  <h2>Ingredients (makes 12)</h2>
+  <ul>
+    <li>250 g plain flour</li>
+    <li>2 tsp baking powder</li>
+    <li>1/2 tsp bicarbonate of soda</li>
+    <li>150 g caster sugar</li>
+    <li>2 tbsp poppy seeds</li>
+    <li>Zest of 2 lemons and the juice of 1</li>
+    <li>2 eggs</li>
+    <li>120 ml milk</li>
+    <li>120 g plain yoghurt</li>
+    <li>90 g butter, melted and cooled</li>
+  </ul>
+  <h2>Method</h2>
+  <ol>
+    <li>Heat the oven to 190&nbsp;&deg;C (170&nbsp;&deg;C fan) and line a 12-hole muffin tin with paper cases.</li>
+    <li>In a large bowl, mix the flour, baking powder, bicarbonate of soda, sugar, poppy seeds and lemon zest.</li>
+    <li>In a jug, whisk the eggs, milk, yoghurt, lemon juice and melted butter until smooth.</li>
+    <li>Pour the wet ingredients into the dry ones and stir <em>just</em> until combined; a few lumps are fine.</li>
+    <li>Divide the batter between the cases, filling each about three-quarters full.</li>
+    <li>Bake for 18&ndash;20 minutes, until risen and golden and a skewer comes out clean.</li>
+    <li>Leave in the tin for 5 minutes, then move to a wire rack to cool.</li>
+  </ol>
+  <h2>Optional glaze</h2>
+  <p>Mix 100 g icing sugar with 1&ndash;2 tbsp lemon juice and drizzle over the cooled muffins.</p>
+  <p class="tip"><strong>Tip:</strong> do not overmix the batter, or the muffins will be tough.</p>
+</article>"""
+
+TERMINE_DE = [
+    "Zahnarzt, Kontrolle",
+    "Elternabend Klasse 3b",
+    "Friseur",
+    "Autowerkstatt, Reifenwechsel",
+    "Chorprobe",
+    "Yoga im Gemeindehaus",
+    "Steuerberater, Unterlagen abgeben",
+    "Geburtstag Tante Gisela",
+    "Schornsteinfeger kommt",
+    "Fußballtraining Kinder",
+    "Bürgeramt, Personalausweis abholen",
+    "Tierarzt, Impfung Katze",
+    "Sperrmüll rausstellen",
+    "Kinoabend",
+    "Hausversammlung",
+    "Physiotherapie",
+]
+
+
+def _termin_line(rng: random.Random) -> str:
+    return (
+        f"{rng.randint(1, 28)}.{rng.randint(1, 12)}. um {rng.randint(8, 19)}"
+        f"{rng.choice([' Uhr', ':30 Uhr', ':15 Uhr'])} - {rng.choice(TERMINE_DE)}"
+    )
+
+
+MOIS_FR = [
+    "janvier",
+    "février",
+    "mars",
+    "avril",
+    "mai",
+    "juin",
+    "juillet",
+    "août",
+    "septembre",
+    "octobre",
+    "novembre",
+    "décembre",
+]
+EVENEMENTS_FR = [
+    "réunion de parents",
+    "vide-grenier",
+    "collecte des encombrants",
+    "match de l'équipe junior",
+    "dîner de l'association",
+    "sortie au musée",
+    "fête du quartier",
+    "atelier de couture",
+    "permanence de la mairie",
+    "concert de la chorale",
+]
+
+
+def _date_line_fr(rng: random.Random) -> str:
+    y, m, d = rng.randint(2025, 2027), rng.randint(1, 12), rng.randint(1, 28)
+    style = rng.randrange(3)
+    date = [f"{d}/{m}/{y}", f"{d} {MOIS_FR[m - 1]} {y}", f"{d:02d}.{m:02d}.{str(y)[2:]}"][style]
+    return f"{rng.choice(EVENEMENTS_FR)} : {date}"
+
+
+AVISO_GIMNASIO_ES = [
+    "Estimados socios: a partir del lunes 12 de enero entran en vigor las nuevas normas de uso del gimnasio. Os pedimos que las leáis con calma y que las respetéis para que todos podamos entrenar a gusto.",
+    "El horario de apertura será de 6:30 a 22:30 de lunes a viernes, y de 8:00 a 20:00 los sábados, domingos y festivos. La sala de musculación cerrará media hora antes para poder limpiarla.",
+    "Es obligatorio usar una toalla en todas las máquinas y limpiar el equipo con el pulverizador después de cada uso. Encontraréis papel y desinfectante junto a cada columna.",
+    "Las clases colectivas se reservan a través de la aplicación con un máximo de cuarenta y ocho horas de antelación. Si no podéis asistir, cancelad la reserva para que otra persona pueda ocupar la plaza.",
+    "Las taquillas son de uso diario. Cualquier candado que siga puesto después del cierre se retirará y las pertenencias se guardarán en recepción durante una semana.",
+    "No se permite entrar en la sala con calzado de calle ni comer en las zonas de entrenamiento. Las bebidas deben llevarse en botellas cerradas.",
+    "Los menores de dieciséis años solo pueden entrenar acompañados de un adulto y en la franja de 17:00 a 20:00.",
+    "La piscina climatizada mantiene su horario actual. Recordad que el gorro es obligatorio y que antes de entrar en el agua hay que pasar por la ducha. Los carriles rápidos están reservados para quienes nadan de forma continua.",
+    "Durante el mes de febrero se cambiará el suelo de la sala de ciclo indoor. Mientras duren las obras, las clases de ciclo se darán en la sala dos, junto a los vestuarios.",
+    "Hemos instalado un nuevo sistema de acceso con código QR. Cada socio puede descargar su código en la aplicación; la tarjeta de plástico seguirá funcionando hasta el 31 de marzo.",
+    "Si queréis invitar a un amigo, cada socio dispone de dos pases gratuitos al trimestre. El invitado tiene que ser mayor de edad y registrarse en recepción con su documento.",
+    "Para cualquier duda o sugerencia podéis dirigiros a recepción o dejar una nota en el buzón de la entrada. Muchas gracias por vuestra colaboración y ¡a entrenar!",
+]
+
+GITA_SCOLASTICA_IT = [
+    "Gentili famiglie, vi informiamo che martedì 14 aprile le classi quarte parteciperanno a una gita di un giorno al parco naturale del lago.",
+    "La partenza è prevista alle ore 7:45 dal piazzale davanti alla scuola; vi chiediamo di essere puntuali perché il pullman non potrà aspettare. Il rientro è previsto intorno alle 18:00 nello stesso luogo.",
+    "Durante la mattinata i ragazzi faranno una passeggiata guidata lungo il sentiero del bosco con una guida del parco, che spiegherà come riconoscere gli alberi e gli uccelli della zona.",
+    "Il pranzo sarà al sacco: ogni alunno dovrà portare un panino, un frutto e una borraccia d'acqua. Vi chiediamo di evitare bevande gassate e confezioni di vetro.",
+    "Nel pomeriggio è prevista una visita al piccolo museo del parco e, se il tempo lo permette, un laboratorio all'aperto sulla raccolta delle foglie.",
+    "Si consiglia un abbigliamento comodo, scarpe da ginnastica o da trekking, un cappellino e una giacca impermeabile leggera.",
+    "Gli alunni che soffrono di allergie o che devono prendere medicine durante la giornata devono segnalarlo per iscritto ai docenti almeno una settimana prima della partenza.",
+    "I cellulari potranno essere usati solo durante il viaggio e nella pausa pranzo. Per comunicazioni urgenti le famiglie possono contattare la segreteria della scuola, che sarà in contatto con gli accompagnatori.",
+    "In caso di pioggia forte la gita sarà rinviata al martedì successivo; la decisione verrà comunicata entro le ore 18:00 del giorno prima tramite il registro elettronico.",
+    "Ricordiamo infine che il comportamento durante le uscite didattiche fa parte della valutazione e che i ragazzi dovranno seguire sempre le indicazioni degli insegnanti e della guida.",
+    "La quota di partecipazione è di 18 euro e comprende il viaggio in pullman, la guida e l'ingresso al museo. La quota va consegnata ai docenti entro venerdì 3 aprile insieme all'autorizzazione firmata.",
+    "Per qualsiasi domanda potete rivolgervi ai docenti di classe durante l'orario di ricevimento. Grazie per la collaborazione.",
+]
+
+TAREFAS_PT = [
+    "lavar a loiça do jantar",
+    "regar as plantas da varanda",
+    "levar o lixo reciclável",
+    "comprar pão e leite",
+    "pagar a conta da luz",
+    "marcar consulta no dentista",
+    "devolver os livros à biblioteca",
+    "arrumar o quarto das crianças",
+    "aspirar a sala",
+    "trocar os lençóis",
+    "levar o carro à inspeção",
+    "ligar à avó",
+    "passar a ferro as camisas",
+    "limpar o frigorífico",
+    "responder aos emails da escola",
+    "ir buscar a encomenda aos correios",
+    "cortar a relva",
+    "fazer a lista de compras da semana",
+]
+
+DIAS_PT = ["segunda-feira", "terça-feira", "quarta-feira", "quinta-feira", "sexta-feira", "sábado", "domingo"]
+
+
+def _tarefas_line(rng: random.Random) -> str:
+    return f"{rng.choice(DIAS_PT)}: {', '.join(rng.sample(TAREFAS_PT, 3))}"
+
+
+NIEUWSBRIEF_NL = [
+    "Beste buurtbewoners, de zomer is voorbij en dat betekent dat onze buurtvereniging weer volop activiteiten organiseert. In deze nieuwsbrief leest u wat er de komende maanden op het programma staat.",
+    "Op zaterdag 10 oktober houden we de jaarlijkse opruimdag. We verzamelen om tien uur bij het speelveld aan de Lindelaan. Handschoenen, grijpers en vuilniszakken worden door de gemeente geleverd. Na afloop is er soep en koffie in het buurthuis.",
+    "De moestuin achter het buurthuis heeft dit jaar een mooie oogst opgeleverd. Er zijn nog twee tuinbakken vrij voor volgend seizoen. Wie interesse heeft, kan zich melden bij de balie van het buurthuis.",
+    "Vanaf november is er elke woensdagmiddag een taalcafé voor nieuwe buurtbewoners die hun Nederlands willen oefenen. Vrijwilligers die een uurtje willen meepraten zijn van harte welkom.",
+    "De verlichting op het fietspad langs de vaart is na onze melding eindelijk gerepareerd. Dank aan iedereen die de petitie heeft getekend.",
+    "In het buurthuis is sinds kort een ruilkast geplaatst. U kunt er boeken, spelletjes en kleine huishoudelijke spullen in zetten en er gratis iets uit meenemen. Graag alleen schone en complete spullen.",
+    "De gemeente gaat in het voorjaar de stoepen in de Berkenstraat en de Wilgenstraat vernieuwen. Tijdens de werkzaamheden kunt u niet voor de deur parkeren; er komen tijdelijke plekken op het parkeerterrein bij de sporthal.",
+    "Elke eerste zaterdag van de maand is er een repaircafé. Vrijwilligers repareren dan gratis kapotte lampen, fietsen, kleding en kleine apparaten. U betaalt alleen voor eventuele onderdelen.",
+    "We zoeken nog mensen die willen helpen met het rondbrengen van deze nieuwsbrief. Het gaat om ongeveer een uur werk, vier keer per jaar. Meld u aan bij de balie als u een straat wilt overnemen.",
+    "Op 5 december komt Sinterklaas langs in het buurthuis. Kinderen tot en met acht jaar kunnen zich tot 20 november aanmelden. Er is ruimte voor maximaal veertig kinderen.",
+    "Tot slot: de contributie voor volgend jaar blijft gelijk, tien euro per huishouden. Het bestuur bedankt alle vrijwilligers voor hun inzet en wenst iedereen een fijn najaar.",
+]
+
+BIBLIOTEKA_PL = [
+    "Drodzy czytelnicy, informujemy, że od poniedziałka 2 marca biblioteka miejska wprowadza nowe godziny otwarcia oraz kilka zmian w zasadach wypożyczania książek.",
+    "Wypożyczalnia dla dorosłych będzie czynna od poniedziałku do piątku w godzinach od 9:00 do 19:00, a w soboty od 9:00 do 14:00. Oddział dla dzieci będzie otwarty od 10:00 do 18:00.",
+    "Jednorazowo można wypożyczyć do ośmiu książek na okres jednego miesiąca. Termin zwrotu można przedłużyć dwa razy przez internet albo telefonicznie, o ile na książkę nie czeka inny czytelnik.",
+    "Nowości wydawnicze można rezerwować w katalogu internetowym. Zarezerwowane książki czekają na odbiór przez pięć dni roboczych.",
+    "W czytelni na pierwszym piętrze są dostępne komputery z dostępem do internetu oraz bezpłatna sieć bezprzewodowa. Prosimy o zachowanie ciszy i niespożywanie posiłków przy stanowiskach.",
+    "W każdą środę o 17:00 zapraszamy dzieci na głośne czytanie bajek, a w ostatni czwartek miesiąca odbywa się spotkanie dyskusyjnego klubu książki dla dorosłych.",
+    "Książki można zwracać także poza godzinami otwarcia. Przy wejściu głównym stoi wrzutnia, która jest opróżniana każdego dnia rano. Prosimy nie wrzucać do niej płyt ani gier planszowych.",
+    "Czytelnicy, którzy nie oddadzą książek w terminie, zapłacą karę w wysokości dwudziestu groszy za każdy dzień zwłoki. Przypomnienie o zbliżającym się terminie zwrotu wysyłamy pocztą elektroniczną na trzy dni przed końcem wypożyczenia.",
+    "Od kwietnia w bibliotece będzie można również wypożyczać audiobooki oraz czytniki książek elektronicznych. Szczegóły podamy na naszej stronie internetowej.",
+    "Seniorzy, którzy mają trudności z dotarciem do biblioteki, mogą skorzystać z bezpłatnej usługi dostarczania książek do domu. Wystarczy zgłosić się w wypożyczalni.",
+    "Dziękujemy za cierpliwość w czasie remontu i zapraszamy do odwiedzania naszej biblioteki.",
+]
+
+ZAKUPY_PL = [
+    "mleko",
+    "chleb razowy",
+    "masło",
+    "jajka",
+    "ser żółty",
+    "pomidory",
+    "ogórki",
+    "ziemniaki",
+    "cebula",
+    "jabłka",
+    "banany",
+    "makaron",
+    "ryż",
+    "kawa",
+    "herbata",
+    "cukier",
+    "mąka",
+    "jogurt naturalny",
+    "szynka",
+    "płyn do naczyń",
+    "papier toaletowy",
+    "sok pomarańczowy",
+    "marchew",
+    "kapusta",
+    "śmietana",
+    "kiełbasa",
+    "woda mineralna",
+    "olej",
+    "sól",
+    "czekolada",
+]
+
+
+def _zakupy_line(rng: random.Random) -> str:
+    return f"{rng.choice(ZAKUPY_PL)} - {rng.randint(1, 4)} {rng.choice(['szt.', 'opak.', 'kg'])}"
+
+
+def lines_until(rng: random.Random, make_line, lo: int, hi: int) -> str:
+    lines: list[str] = []
+    while len("\n".join(lines)) < lo:
+        lines.append(make_line(rng))
+    text = "\n".join(lines)
+    assert len(text) <= hi, len(text)
+    return text
+
+
+# ---- routine, no PII ----
+R("chat", "Morning! Before my coffee kicks in: if yesterday was Sunday, what day is it today?", notes=EXT_NOTE)
+R("chat", "Thank you so much, you saved my afternoon 🙏", notes=EXT_NOTE)
+R("chat", "I just accepted a new job offer! Say something nice to celebrate.", notes=EXT_NOTE)
+R("chat", "Suggest a board game for four adults that takes less than an hour.", notes=EXT_NOTE)
+R("chat", "What's a good short answer to 'how was your weekend?' when it was really quiet?", notes=EXT_NOTE)
+R("factual_qa", "Quick check for my kid's homework: do spiders have six legs or eight?", notes=EXT_NOTE)
+R("translation", "Translate 'I'm allergic to peanuts' into Portuguese.", notes=EXT_NOTE)
+R("translation", "Translate to Polish: 'Good morning, how are you?'", notes=EXT_NOTE)
+R("rewriting", "Fix the typos: 'Teh meeting is definately on wendsday at noon.'", notes=EXT_NOTE)
+R("rewriting", "Make this less blunt: 'No, we can't do that by Friday.'", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Say this in plain English: 'Please be advised that the aforementioned parcel has been dispatched.'",
+    notes=EXT_NOTE,
+)
+R("rewriting", "Convert this list to one comma-separated line:\n- red\n- amber\n- green", notes=EXT_NOTE)
+R("rewriting", "Write these dates as YYYY-MM-DD: July 9, 2024; 1st Dec 2023; 03/04/2025 (US style).", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Make a markdown table with columns Day and Task: Mon laundry, Tue gym, Wed groceries, Thu nothing, Fri cinema",
+    notes=EXT_NOTE,
+)
+R("creative_writing", "Write a two-sentence email telling my team the printer on floor 2 works again.", notes=EXT_NOTE)
+R("creative_writing", "Write a short caption for a photo of my dog running on the beach.", notes=EXT_NOTE)
+R("coding", "How do I count the lines in a file from the shell?", notes=EXT_NOTE)
+R("coding", "Python: how do I turn the string '42' into an integer?", notes=EXT_NOTE)
+R("coding", "Give me a regex that matches a five-digit US ZIP code.", notes=EXT_NOTE)
+R("coding", "git: how do I undo my last commit but keep the changes in my working tree?", notes=EXT_NOTE)
+R("coding", "In Excel, which formula adds up cells A1 to A10?", notes=EXT_NOTE)
+R("math", "How many kilometres is 10 miles?", notes=EXT_NOTE)
+R(
+    "math",
+    "We ordered a pizza cut into 8 slices and I ate 3 of them. What fraction of the pizza is still there?",
+    notes=EXT_NOTE,
+)
+R(
+    "summarising",
+    "Summarise in one sentence: 'From next month the gym opens at 6 am instead of 7 am on weekdays. Weekend hours stay the same. Members who want early access to the pool should book a slot in the app.'",
+    notes=EXT_NOTE,
+)
+R(
+    "extraction",
+    "What's the deadline here? 'Please submit your timesheet no later than Friday, 14 March.'",
+    notes=EXT_NOTE,
+)
+R("extraction", "Extract the flight number: 'Your flight LH 1234 to Munich departs from gate B12.'", notes=EXT_NOTE)
+R("classification", "Positive, negative or neutral? 'The hotel was fine, nothing special.'", notes=EXT_NOTE)
+R(
+    "classification",
+    "Spam or not spam? 'Congratulations!!! You have WON a free cruise, click here to claim now'",
+    notes=EXT_NOTE,
+)
+R("creative_writing", "Two-line rhyme for a card congratulating my sister on her new flat.", notes=EXT_NOTE)
+R("creative_writing", "Write a one-sentence bedtime story about a sleepy turtle.", notes=EXT_NOTE)
+
+R("chat", "Na, alles klar bei dir? Erzähl mir einen kurzen Witz.", "de", notes=EXT_NOTE)
+R("factual_qa", "Wie hoch ist die Zugspitze ungefähr?", "de", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Korrigiere die Rechtschreibung: 'Ich hab gestern einen Brief an meine Oma geschrieben, aber vergesen ihn abzuschiken.'",
+    "de",
+    notes=EXT_NOTE,
+)
+R("translation", "Übersetze ins Französische: 'Wo kann man hier Fahrräder mieten?'", "de", notes=EXT_NOTE)
+R("math", "Wie viele Sekunden hat eine Stunde?", "de", notes=EXT_NOTE)
+R("creative_writing", "Schreib einen Zweizeiler zum 60. Geburtstag meines Onkels.", "de", notes=EXT_NOTE)
+R(
+    "classification",
+    "Ist diese Bewertung positiv oder negativ? 'Lieferung kam zwei Wochen zu spät und die Ware war beschädigt.'",
+    "de",
+    notes=EXT_NOTE,
+)
+R(
+    "extraction",
+    "Welches Datum steht in diesem Satz? 'Die Jahreshauptversammlung findet am 21. März 2026 im Vereinsheim statt.'",
+    "de",
+    notes=EXT_NOTE,
+)
+
+R("chat", "Coucou ! Tu as une idée de dessert rapide avec des pommes ?", "fr", notes=EXT_NOTE)
+R("factual_qa", "Combien y a-t-il de jours en février cette année, 2026 ?", "fr", notes=EXT_NOTE)
+R("rewriting", "Rends ce message plus poli : « Envoie-moi le devis avant ce soir. »", "fr", notes=EXT_NOTE)
+R("translation", "Traduis en espagnol : « Le magasin est fermé le dimanche. »", "fr", notes=EXT_NOTE)
+R("math", "Combien font 45 % de 200 ?", "fr", notes=EXT_NOTE)
+R(
+    "summarising",
+    "Résume en une phrase : « La piscine municipale fermera pour travaux du 3 au 24 juillet. Les abonnements seront prolongés d'autant. Pendant la fermeture, les nageurs pourront utiliser le bassin de la commune voisine au tarif habituel. »",
+    "fr",
+    notes=EXT_NOTE,
+)
+R("creative_writing", "Écris un message d'anniversaire de deux lignes pour ma grand-mère.", "fr", notes=EXT_NOTE)
+R("coding", "En JavaScript, comment mettre une chaîne en majuscules ?", "fr", notes=EXT_NOTE)
+
+R("chat", "¡Hola! ¿Me cuentas un dato curioso sobre los pingüinos?", "es", notes=EXT_NOTE)
+R("factual_qa", "¿En qué continente está Egipto?", "es", notes=EXT_NOTE)
+R("rewriting", "Corrige las faltas: 'Mañana boy a ir al medico porque me duele la cavesa.'", "es", notes=EXT_NOTE)
+R("translation", "Traduce al francés: 'Necesito una habitación para dos noches.'", "es", notes=EXT_NOTE)
+R("math", "¿Cuántos gramos son 3,5 kilos?", "es", notes=EXT_NOTE)
+R(
+    "extraction",
+    "Saca la fecha de esta frase: 'La entrega está prevista para el 7 de mayo de 2026.'",
+    "es",
+    notes=EXT_NOTE,
+)
+R("creative_writing", "Escribe un mensaje corto para felicitar a mi compañero por su jubilación.", "es", notes=EXT_NOTE)
+R("rewriting", "Conviértelo en una lista con viñetas: pan, leche, tomates, aceite y jabón.", "es", notes=EXT_NOTE)
+
+R("chat", "Buonasera! Mi consigli un libro leggero da leggere in spiaggia?", "it", notes=EXT_NOTE)
+R("factual_qa", "Mi ricordi come si chiama il fiume più lungo che attraversa l'Italia?", "it", notes=EXT_NOTE)
+R("translation", "Traduci in tedesco: 'A che ora chiude la farmacia?'", "it", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Correggi gli errori: 'Ieri sono andato al mare con i miei amici e abbiamo mangiato un gelato bouno.'",
+    "it",
+    notes=EXT_NOTE,
+)
+R("math", "Quanto fa 15 per 12?", "it", notes=EXT_NOTE)
+R(
+    "summarising",
+    "Riassumi in una frase: 'Da lunedì la linea 4 dell'autobus cambierà percorso per lavori in via Roma. Le fermate di piazza Garibaldi e via Manzoni saranno sospese per tre settimane. Ci sarà una navetta sostitutiva ogni 15 minuti.'",
+    "it",
+    notes=EXT_NOTE,
+)
+R("creative_writing", "Scrivi un augurio di due righe per il matrimonio di due amici.", "it", notes=EXT_NOTE)
+R(
+    "classification",
+    "Questa recensione è positiva o negativa? 'Pizza fredda e consegna in ritardo di un'ora. Mai più.'",
+    "it",
+    notes=EXT_NOTE,
+)
+
+R("chat", "Olá! Sugere-me um nome giro para um peixinho dourado.", "pt", notes=EXT_NOTE)
+R("translation", "Traduz para inglês: 'A reunião foi adiada para a próxima semana.'", "pt", notes=EXT_NOTE)
+R("rewriting", "Corrige os erros: 'Eu fui no mercado e comprei trez laranjas.'", "pt", notes=EXT_NOTE)
+R("math", "Quanto é 30% de 150?", "pt", notes=EXT_NOTE)
+R("coding", "Como vejo a versão do Node.js no terminal?", "pt", notes=EXT_NOTE)
+R("creative_writing", "Escreve uma mensagem curta de boas-vindas para um novo colega de equipa.", "pt", notes=EXT_NOTE)
+R("extraction", "Qual é o preço nesta frase? 'O bilhete de comboio custa 12,40 euros.'", "pt", notes=EXT_NOTE)
+
+R("chat", "Hoi! Heb je een leuk idee voor een regenachtige zondagmiddag?", "nl", notes=EXT_NOTE)
+R("factual_qa", "Welke stad is de hoofdstad van België, Brussel of Antwerpen?", "nl", notes=EXT_NOTE)
+R("translation", "Vertaal naar het Duits: 'Ik heb een tafel gereserveerd voor vier personen.'", "nl", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Verbeter de spelfouten: 'Ik hep gisteren de hond uitgelaten en toen begon het te regenen.'",
+    "nl",
+    notes=EXT_NOTE,
+)
+R("math", "Hoeveel is 64 gedeeld door 8?", "nl", notes=EXT_NOTE)
+R(
+    "classification",
+    "Is deze recensie positief of negatief? 'Snelle levering en het product werkt prima.'",
+    "nl",
+    notes=EXT_NOTE,
+)
+R("creative_writing", "Schrijf een kort verjaardagsrijmpje voor mijn collega.", "nl", notes=EXT_NOTE)
+
+R("chat", "Cześć! Jak się masz? Opowiedz mi krótki dowcip.", "pl", notes=EXT_NOTE)
+R("factual_qa", "Ile województw ma Polska?", "pl", notes=EXT_NOTE)
+R("translation", "Przetłumacz na angielski: 'Gdzie jest najbliższa apteka?'", "pl", notes=EXT_NOTE)
+R("rewriting", "Popraw błędy: 'Wczoraj poszedłem do skelpu i kupiłem chleb i mleko.'", "pl", notes=EXT_NOTE)
+R("math", "Ile to jest 25% z 80?", "pl", notes=EXT_NOTE)
+R(
+    "summarising",
+    "Streść w jednym zdaniu: 'W sobotę biblioteka miejska będzie otwarta krócej, do godziny 13. W niedzielę pozostanie zamknięta. Od poniedziałku wracają normalne godziny otwarcia.'",
+    "pl",
+    notes=EXT_NOTE,
+)
+R("creative_writing", "Napisz krótkie życzenia imieninowe dla koleżanki z pracy.", "pl", notes=EXT_NOTE)
+R("coding", "Jak w bashu wyświetlić bieżący katalog?", "pl", notes=EXT_NOTE)
+R(
+    "extraction",
+    "Wypisz datę z tego zdania: 'Spotkanie odbędzie się 3 czerwca 2026 roku o 10:00.'",
+    "pl",
+    notes=EXT_NOTE,
+)
+
+R("chat", "こんにちは！週末に気軽に始められる趣味を三つ教えてください。", "ja", notes=EXT_NOTE)
+R("factual_qa", "富士山は日本で一番高い山ですか？高さも教えてください。", "ja", notes=EXT_NOTE)
+R("translation", "次の英文を日本語に訳してください：'The store opens at 10 am.'", "ja", notes=EXT_NOTE)
+R("math", "1時間半は何分ですか？", "ja", notes=EXT_NOTE)
+R("rewriting", "次の文を丁寧語に直してください：「明日は行けない。」", "ja", notes=EXT_NOTE)
+R("creative_writing", "友だちの誕生日に送る短いお祝いメッセージを書いてください。", "ja", notes=EXT_NOTE)
+R("classification", "このレビューは肯定的ですか、否定的ですか？「すぐに壊れました。残念です。」", "ja", notes=EXT_NOTE)
+R("coding", "Pythonで文字列の長さを調べるにはどうすればいいですか？", "ja", notes=EXT_NOTE)
+
+# ---- routine look-alikes (not PII) ----
+R(
+    "factual_qa",
+    "Ist 'Max Mustermann' ein echter Name oder nur ein Platzhalter?",
+    "de",
+    notes="Max Mustermann is the German placeholder name, asked about as such.",
+    adv=LOOK,
+)
+R(
+    "factual_qa",
+    "Dlaczego w przykładowych formularzach zawsze pojawia się 'Jan Kowalski'?",
+    "pl",
+    notes="Jan Kowalski is the Polish placeholder name, not a person.",
+    adv=LOOK,
+)
+R(
+    "coding",
+    r"Does test.user@example.org match the regex ^[^@\s]+@[^@\s]+\.[^@\s]+$ ?",
+    notes="RFC 2606 documentation address in a regex question.",
+    adv=LOOK,
+)
+R(
+    "factual_qa",
+    "What is 8.8.8.8 and who runs it?",
+    notes="Google's public DNS resolver; a well-known service address, identifies no person.",
+    adv=LOOK,
+)
+R(
+    "factual_qa",
+    "Le numéro 112 fonctionne-t-il partout en Europe ?",
+    "fr",
+    notes="The European emergency number; a phone-number look-alike that belongs to no one.",
+    adv=LOOK,
+)
+R(
+    "rewriting",
+    "Put a space after every four characters in the standard example IBAN DE89370400440532013000.",
+    notes="The IBAN standard's published example, used as a placeholder.",
+    adv=LOOK,
+)
+R(
+    "factual_qa",
+    "Chi era Giuseppe Garibaldi, in una frase?",
+    "it",
+    notes="Historical public figure.",
+    adv=LOOK,
+)
+
+# ---- long but routine (no PII) ----
+R(
+    "rewriting",
+    lambda f: (
+        "Turn this CSV into a markdown table, same columns and order:\n\n"
+        + csv_rows(f.r, "sku,item,in_stock,price_eur", _stock_row, 1500, 3000)
+    ),
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "rewriting",
+    lambda f: (
+        "Remove the timestamps from this chat export and keep the rest exactly as it is:\n\n"
+        + chat_log(f.r, CHAT_LOG_EN, 1500, 3000)
+    ),
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "rewriting",
+    "Strip the HTML tags from this recipe and give me plain text with the lists kept as lines:\n\n" + RECIPE_HTML,
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "rewriting",
+    lambda f: (
+        "Mach aus dieser Terminliste eine Tabelle mit den Spalten Datum, Uhrzeit und Termin:\n\n"
+        + lines_until(f.r, _termin_line, 1500, 3000)
+    ),
+    "de",
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "rewriting",
+    lambda f: (
+        "Réécris toutes les dates de cette liste au format AAAA-MM-JJ, sans rien changer d'autre :\n\n"
+        + lines_until(f.r, _date_line_fr, 1500, 3000)
+    ),
+    "fr",
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "translation",
+    lambda f: "Traduce al inglés este aviso del gimnasio:\n\n" + pick_until(f.r, AVISO_GIMNASIO_ES, 1500, 3000),
+    "es",
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "rewriting",
+    lambda f: (
+        "Correggi solo i refusi in questa circolare, senza cambiare il testo:\n\n"
+        + add_typos(pick_until(f.r, GITA_SCOLASTICA_IT, 1500, 3000), f.r)
+    ),
+    "it",
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "rewriting",
+    lambda f: (
+        "Transforma este plano numa lista numerada, uma entrada por linha, pela mesma ordem:\n\n"
+        + lines_until(f.r, _tarefas_line, 1500, 3000)
+    ),
+    "pt",
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "summarising",
+    lambda f: (
+        "Vat deze nieuwsbrief samen in drie korte opsommingstekens:\n\n" + pick_until(f.r, NIEUWSBRIEF_NL, 1500, 3000)
+    ),
+    "nl",
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+R(
+    "rewriting",
+    lambda f: (
+        "Popraw tylko literówki w tym ogłoszeniu:\n\n" + add_typos(pick_until(f.r, BIBLIOTEKA_PL, 1500, 3000), f.r)
+    ),
+    "pl",
+    notes=LR_NOTE,
+    adv=LONGROUTINE,
+)
+
+# ---- routine, with PII ----
+R(
+    "creative_writing",
+    "Write a two-line birthday message for my colleague ⟦name_f#a⟧; she turns 40 on Friday.",
+    notes=EXT_NOTE,
+)
+R(
+    "rewriting",
+    "Fix the grammar: 'Hi, me and ⟦name#a⟧ was wondering if we can pick up the keys at ⟦address_uk⟧ tomorow.'",
+    notes=EXT_NOTE,
+)
+R(
+    "chat",
+    "Reply in one friendly sentence: 'Hey, it's ⟦name⟧ from the running club, still on for Sunday?'",
+    notes=EXT_NOTE,
+)
+R("rewriting", "Write this phone number in E.164 format: ⟦phone_us⟧", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Make this shorter: 'Dear Sir or Madam, my name is ⟦name#a⟧ and I am writing to you today in order to let you know that I have moved house. My new address is ⟦address_us⟧. I would be grateful if you could update your records accordingly. Kind regards.'",
+    notes=EXT_NOTE,
+)
+R(
+    "rewriting",
+    "Put these into CSV with the header name,email:\n⟦name#a⟧ ⟦email#a⟧\n⟦name#b⟧ ⟦email#b⟧\n⟦name#c⟧ ⟦email#c⟧",
+    notes=EXT_NOTE,
+)
+R("rewriting", "Mask all but the last four digits of my card: ⟦card⟧", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Write this as a short sticky note for the fridge: garage door app login is ⟦email#a⟧, password ⟦password_weak⟧.",
+    notes=EXT_NOTE,
+)
+R(
+    "coding",
+    "What's the curl option to send this as a bearer token to https://api.example.net/v1/me? ⟦openai_key⟧",
+    notes=EXT_NOTE,
+)
+R("rewriting", "Write my date of birth ⟦dob_us⟧ as YYYY-MM-DD.", notes=EXT_NOTE)
+R(
+    "classification",
+    "Is this ticket about billing, delivery or account access? 'Hello, I'm ⟦name#a⟧, I can't log in since I changed my email to ⟦email#a⟧.'",
+    notes=EXT_NOTE,
+)
+R(
+    "rewriting",
+    "Fill in this line with my details: 'Traveller: ___, Passport no.: ___'. I'm ⟦name#a⟧, passport ⟦passport_uk⟧.",
+    notes=EXT_NOTE,
+)
+R(
+    "creative_writing",
+    "Write a short text to my plumber ⟦name_m⟧ asking if he can come on Thursday morning; we're at ⟦address_us⟧.",
+    notes=EXT_NOTE,
+)
+R("coding", "Write a hosts-file line that maps nas.home to my home server's public IP, ⟦ip⟧.", notes=EXT_NOTE)
+R(
+    "translation",
+    "Translate to French: 'My National Insurance number is ⟦nino⟧ and I start work on 2 June.'",
+    notes=EXT_NOTE,
+)
+R("coding", "Turn this into a JSON object: name=⟦name#a⟧, phone=⟦phone_uk⟧, dob=⟦dob#a⟧", notes=EXT_NOTE)
+R("classification", "Is this a UK or a US phone number: ⟦phone_uk⟧?", notes=EXT_NOTE)
+R("rewriting", "Fix the typo in my email signature: '⟦name#a⟧ | Sales Asistant | ⟦phone_us⟧'", notes=EXT_NOTE)
+R("rewriting", "Write my SSN ⟦ssn⟧ without the dashes, the form only takes digits.", notes=EXT_NOTE)
+R(
+    "creative_writing",
+    "Write a two-sentence message to my landlord ⟦name⟧ saying the May rent went to IBAN ⟦iban_gb⟧ this morning.",
+    notes=EXT_NOTE,
+)
+R("coding", "Write this as a YAML line under the key slack_token: ⟦slack_token⟧", notes=EXT_NOTE)
+
+R(
+    "creative_writing",
+    "Schreib eine kurze SMS an ⟦name_m#a⟧: Das Paket liegt bei mir, er kann es ab 18 Uhr abholen. Meine Adresse: ⟦address_de⟧.",
+    "de",
+    notes=EXT_NOTE,
+)
+R("rewriting", "Schreib diese Handynummer ohne Leerzeichen: ⟦phone_de⟧", "de", notes=EXT_NOTE)
+R(
+    "translation",
+    "Übersetze ins Englische: 'Meine Krankenversichertennummer lautet ⟦de_kvnr⟧, mein Geburtsdatum ist der ⟦dob⟧.'",
+    "de",
+    notes=EXT_NOTE,
+)
+R("rewriting", "Formuliere das höflicher: 'Überweis mir endlich die 50 Euro auf ⟦iban_de⟧!'", "de", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Korrigiere die Tippfehler: 'Sehr geehrte Frau ⟦name_f#a⟧, anbei meine Steur-ID ⟦de_taxid⟧ für die Lohnabrechung. Mit freundlichen Grüßen'",
+    "de",
+    notes=EXT_NOTE,
+)
+R(
+    "extraction",
+    "Welche E-Mail-Adresse steht in diesem Text? 'Rückfragen bitte an ⟦email_de⟧ oder telefonisch am Vormittag.'",
+    "de",
+    notes=EXT_NOTE,
+)
+
+R(
+    "creative_writing",
+    "Écris un court message pour prévenir ⟦name_f⟧ que j'aurai dix minutes de retard.",
+    "fr",
+    notes=EXT_NOTE,
+)
+R("rewriting", "Mets cette adresse sur trois lignes pour une enveloppe : ⟦name⟧, ⟦address_fr⟧", "fr", notes=EXT_NOTE)
+R(
+    "translation",
+    "Traduis en anglais : « Mon passeport numéro ⟦passport_fr⟧ expire en mars, je dois le renouveler. »",
+    "fr",
+    notes=EXT_NOTE,
+)
+R(
+    "creative_writing",
+    "Rédige une phrase aimable pour demander à ⟦name⟧ de me rembourser les 45 € du concert sur mon compte ⟦iban_fr⟧.",
+    "fr",
+    notes=EXT_NOTE,
+)
+
+R("creative_writing", "Escribe un mensaje corto a ⟦name_m⟧ para recordarle la cena del sábado.", "es", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Corrige: 'mi correo es ⟦email⟧ y mi telefono ⟦phone_es⟧, llamame cuando puedas'",
+    "es",
+    notes=EXT_NOTE,
+)
+R("translation", "Traduce al inglés: 'Mi NIE es ⟦es_nie⟧ y vivo en ⟦address_es⟧.'", "es", notes=EXT_NOTE)
+R(
+    "rewriting",
+    "Pon esta fecha de nacimiento en formato AAAA-MM-DD: ⟦dobchild⟧ (es la de mi hija ⟦name_f⟧).",
+    "es",
+    notes=EXT_NOTE,
+)
+
+R("translation", "Traduci in inglese: 'Il tecnico mi ha chiesto l'indirizzo IP di casa: è ⟦ip⟧.'", "it", notes=EXT_NOTE)
+R(
+    "translation",
+    "Traduci in inglese: 'Il mio numero di cellulare è ⟦phone_it⟧, chiamami dopo le sei.'",
+    "it",
+    notes=EXT_NOTE,
+)
+R(
+    "rewriting",
+    "Metti questi contatti in una tabella con colonne nome ed email: ⟦name#a⟧ ⟦email#a⟧; ⟦name#b⟧ ⟦email#b⟧.",
+    "it",
+    notes=EXT_NOTE,
+)
+R(
+    "rewriting",
+    "Correggi gli errori: 'Vorrei pagare con la carta ⟦card⟧, scadensa 04/29, grazzie.'",
+    "it",
+    notes=EXT_NOTE,
+)
+
+R("creative_writing", "Escreve uma mensagem curta para ⟦name⟧ a confirmar o jantar de sexta.", "pt", notes=EXT_NOTE)
+R("translation", "Traduz para inglês: 'O meu NIF é ⟦pt_nif⟧ e a morada está no recibo.'", "pt", notes=EXT_NOTE)
+R("rewriting", "Corrige: 'manda a fatura para ⟦email⟧ porfavor, obrigado'", "pt", notes=EXT_NOTE)
+
+R(
+    "translation",
+    "Vertaal naar het Engels: 'Het wifi-wachtwoord van het vakantiehuis is ⟦password⟧.'",
+    "nl",
+    notes=EXT_NOTE,
+)
+R(
+    "rewriting",
+    "Zet dit in een nette lijst: naam ⟦name#a⟧, geboren ⟦dob#a⟧, BSN ⟦nl_bsn⟧",
+    "nl",
+    notes=EXT_NOTE,
+)
+R("translation", "Vertaal naar het Engels: 'Mijn telefoonnummer is ⟦phone_nl⟧, bel gerust.'", "nl", notes=EXT_NOTE)
+
+R("creative_writing", "Napisz krótkiego SMS-a, że spóźnię się 15 minut. Adresatka: ⟦name_f⟧.", "pl", notes=EXT_NOTE)
+R("translation", "Przetłumacz na angielski: 'Mój numer PESEL to ⟦pl_pesel⟧.'", "pl", notes=EXT_NOTE)
+R("rewriting", "Popraw błędy: 'Prosze o zwrot pieniedzy na konto ⟦iban_pl⟧, dziekuje.'", "pl", notes=EXT_NOTE)
+R("rewriting", "Zapisz ten numer telefonu bez spacji: ⟦phone_pl⟧", "pl", notes=EXT_NOTE)
+
+R("creative_writing", "⟦name⟧さんへの短いお礼のメッセージを書いてください。", "ja", notes=EXT_NOTE)
+R("translation", "次の文を英語に訳してください：「私のメールアドレスは⟦email⟧です。」", "ja", notes=EXT_NOTE)
+
+# ---- obfuscated PII, routine ----
+R("rewriting", "Write my email address normally, please: ⟦email_bracket#a⟧", notes="Email with [at]/[dot].", adv=OBF)
+R(
+    "rewriting",
+    "Togli gli spazi da questo numero di cellulare: ⟦phone_spaced_it⟧",
+    "it",
+    notes="Italian mobile number with every character spaced.",
+    adv=OBF,
+)
+R(
+    "rewriting",
+    "Regroup my card number in fours for the form: ⟦card_odd_dashes⟧",
+    notes="Card number with irregular dash-separated groups.",
+    adv=OBF,
+)
+R(
+    "rewriting",
+    "Remets mon numéro de sécu au format habituel avec des espaces : ⟦fr_nir_dotted⟧",
+    "fr",
+    notes="French NIR written with dots.",
+    adv=OBF,
+)
+R(
+    "rewriting",
+    "Zet mijn IBAN netjes in groepen van vier: ⟦iban_nl_lower⟧",
+    "nl",
+    notes="Dutch IBAN lower-case without spaces.",
+    adv=OBF,
+)
+R(
+    "rewriting",
+    "Write this as digits: ⟦phone_words_us_en⟧. It's my landlord's cell.",
+    notes="US phone number spelled out digit by digit.",
+    adv=OBF,
+)
+
+# ---- long context with one personal value near the end, routine ----
+R(
+    "rewriting",
+    lambda f: (
+        "Convert this order export to JSON lines, one object per row:\n\n"
+        + csv_rows(f.r, "date,order,item,qty,status", _order_row, 1500, 2600)
+        + f.fill('\n2026-11-29,ORD-31877,Desk lamp,1,"on hold - ship to ⟦name⟧, ⟦address_us⟧"')
+    ),
+    notes=LC_NOTE,
+    adv=LONGPII,
+)
+R(
+    "rewriting",
+    lambda f: (
+        "Posortuj tę listę zakupów alfabetycznie:\n\n"
+        + lines_until(f.r, _zakupy_line, 1500, 2600)
+        + f.fill("\n\nPS. Za zakupy oddaj mi na konto ⟦iban_pl⟧.")
+    ),
+    "pl",
+    notes=LC_NOTE,
+    adv=LONGPII,
+)
+R(
+    "translation",
+    lambda f: (
+        "Vertaal deze nieuwsbrief naar het Engels:\n\n"
+        + pick_until(f.r, NIEUWSBRIEF_NL, 1500, 2700)
+        + f.fill("\n\nVragen over de opruimdag? Mail ⟦email_nl⟧ of bel ⟦phone_nl⟧.")
+    ),
+    "nl",
+    notes=LC_NOTE,
+    adv=LONGPII,
+)
 
 
 # --------------------------------------------------------------------------------------
