@@ -260,6 +260,8 @@ def tandem_server(work: Path, verifier: Path, draft: Path, threads: int) -> Iter
 # the client -------------------------------------------------------------------------------
 async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> tuple[str, int, float]:
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if server.name == "tandem":  # the verifier's own output, as the peers serve (not a routing decision)
+        body["tier"] = "speculative"
     headers = {"Authorization": f"Bearer {server.key}"} if server.key else {}
     started = time.perf_counter()
     response = await client.post(f"{server.base}/v1/completions", json=body, headers=headers)
