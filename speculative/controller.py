@@ -7,29 +7,40 @@ drafts k tokens emits on average
 
 tokens (the accepted prefix plus the verifier's token), and costs
 
-    T(k) = k * t_draft + rtt + t_verify(k)
+    T(k) = t_round + k * t_draft + rtt + t_verify(k)      (t_round only when k > 0)
 
 So k* = argmax_k E[tokens](k) / T(k). A slow link (large rtt) makes longer drafts pay;
 poor agreement (small a) makes them waste, down to k = 0: plain verifier decoding. The
 controller estimates every term per session from what it measures: ``a`` as an
-exponentially weighted ratio of accepted to tried draft tokens, ``t_draft`` per token,
-and ``rtt``. ``t_verify`` comes from the scheduler's batch cost line (verify ms against
+exponentially weighted ratio of accepted to tried draft tokens, the draft's cost as a
+line in k over the k values it drafted (``t_round``: what a drafting round costs before
+its first token, catching up on the tokens the verifier committed; ``t_draft`` per
+token), and ``rtt``. Pricing every drafted token at its round's average made short drafts
+look cheap: on the demo pair on llama.cpp a 1-token draft costs about what a whole verify
+step does. ``t_verify`` comes from the scheduler's batch cost line (verify ms against
 tokens in the batch): when ``n`` sessions share a forward and each drafts k, the batch
 holds about n * (k + 1) tokens, so t_verify(k) = intercept + slope * n * (k + 1). Until
 that line exists it falls back to a line in k over this session's own rounds. At k = 0
 it still probes a short draft now and then, so it notices when agreement comes back.
+
+A session starts from what the engine's finished sessions measured (``ControllerPrior``:
+their acceptance, draft and verify costs), with little weight, so it adapts to its own
+prompt within a few rounds instead of guessing k = 4 and learning from scratch.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from speculative.types import MAX_DRAFT_TOKENS
 
 EWMA_DECAY = 0.8  # weight of the past in every running estimate
 PRIOR_ACCEPTANCE = 0.6
 PRIOR_WEIGHT = 2.0  # pseudo-counts behind the prior acceptance rate
+PRIOR_SEED_WEIGHT = 4.0  # pseudo-counts behind what earlier sessions measured (ControllerPrior)
 PROBE_EVERY = 16  # rounds at k = 0 between two probing rounds
 PROBE_K = 2
 MIN_ROUND_MS = 1e-3  # the least a round is taken to cost when every measured cost rounds to zero
@@ -42,13 +53,21 @@ def expected_tokens(a: float, k: int) -> float:
     return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def best_k(a: float, t_draft: float, rtt: float, t_verify_0: float, t_verify_slope: float, k_max: int) -> int:
-    """The k in [0, k_max] with the most expected tokens per unit time."""
+def best_k(
+    a: float,
+    t_draft: float,
+    rtt: float,
+    t_verify_0: float,
+    t_verify_slope: float,
+    k_max: int,
+    t_round: float = 0.0,
+) -> int:
+    """The k in [0, k_max] with the most expected tokens per unit time (``t_round``: a drafting round's fixed cost)."""
 
     def rate(k: int) -> float:
         # a fitted line can clamp to zero cost (a fast verifier, noisy timings, no network):
         # a floor keeps the comparison defined, and then the longer k still wins on tokens
-        seconds = k * t_draft + rtt + t_verify_0 + t_verify_slope * k
+        seconds = (t_round if k else 0.0) + k * t_draft + rtt + t_verify_0 + t_verify_slope * k
         return expected_tokens(a, k) / max(seconds, MIN_ROUND_MS)
 
     return max(range(k_max + 1), key=rate)
@@ -82,7 +101,20 @@ class DraftLengthController:
     t_draft: float | None = None  # per drafted token
     rtt: float | None = None
     verify_by_k: dict[int, float] = field(default_factory=dict)
+    draft_by_k: dict[int, float] = field(default_factory=dict)  # a drafting round's ms, by its k
     _rounds_at_zero: int = 0
+
+    @classmethod
+    def starting_from(cls, prior: ControllerPrior | None, **kwargs: Any) -> DraftLengthController:
+        """A session's controller, seeded with what the engine's earlier sessions measured."""
+        controller = cls(**kwargs)
+        if prior is not None and prior.tried > 0:
+            scale = min(1.0, PRIOR_SEED_WEIGHT / prior.tried)  # their acceptance, as a few pseudo-counts
+            controller.accepted, controller.tried = prior.accepted * scale, prior.tried * scale
+            controller.t_draft, controller.rtt = prior.t_draft, prior.rtt
+            controller.verify_by_k = dict(prior.verify_by_k)
+            controller.draft_by_k = dict(prior.draft_by_k)
+        return controller
 
     @property
     def acceptance(self) -> float:
@@ -93,14 +125,15 @@ class DraftLengthController:
         if self.fixed_k is not None:
             return self.fixed_k
         if self.t_draft is None or not self.verify_by_k:
-            return min(4, self.k_max)  # nothing measured yet: a moderate first guess
+            return min(4, self.k_max)  # nothing measured yet, here or by earlier sessions: a moderate first guess
         if batch_cost is not None:
             intercept, per_token = batch_cost
             # n sessions each feeding k + 1 tokens: t = intercept + per_token * n * (k + 1)
             intercept, slope = intercept + per_token * batch_size, per_token * batch_size
         else:
             intercept, slope = self._verify_line()
-        k = best_k(self.acceptance, self.t_draft, self.rtt or 0.0, intercept, slope, self.k_max)
+        t_round, t_draft = self._draft_line()
+        k = best_k(self.acceptance, t_draft, self.rtt or 0.0, intercept, slope, self.k_max, t_round)
         if k == 0:
             self._rounds_at_zero += 1
             if self._rounds_at_zero % PROBE_EVERY == 0:
@@ -116,8 +149,17 @@ class DraftLengthController:
             self.accepted = EWMA_DECAY * self.accepted + n_matches
             self.tried = EWMA_DECAY * self.tried + n_matches + (1 if n_matches < k else 0)
             self.t_draft = _ewma(self.t_draft, draft_ms / k)
+            self.draft_by_k[k] = _ewma(self.draft_by_k.get(k), draft_ms)
         self.rtt = _ewma(self.rtt, network_ms)
         self.verify_by_k[k] = _ewma(self.verify_by_k.get(k), verify_ms)
+
+    def _draft_line(self) -> tuple[float, float]:
+        """(ms a drafting round costs before its first token, ms per drafted token), over the k values drafted."""
+        points = sorted(self.draft_by_k.items())
+        if len(points) < 2:
+            assert self.t_draft is not None
+            return 0.0, self.t_draft  # one k seen: its round's average per token
+        return cost_line(points)
 
     def _verify_line(self) -> tuple[float, float]:
         """Least-squares t_verify(k) = intercept + slope * k over the k values seen."""
@@ -127,6 +169,33 @@ class DraftLengthController:
             slope = 0.05 * t  # assume each extra position costs 5%: small next to a forward
             return max(0.0, t - slope * k), slope
         return cost_line(points)
+
+
+class ControllerPrior:
+    """What an engine's finished sessions measured, for the next sessions to start from (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.accepted = 0.0
+        self.tried = 0.0
+        self.t_draft: float | None = None
+        self.rtt: float | None = None
+        self.verify_by_k: dict[int, float] = {}
+        self.draft_by_k: dict[int, float] = {}
+
+    def fold(self, controller: DraftLengthController) -> None:
+        """A session ended: fold its estimates in (a pinned k teaches nothing about the best k)."""
+        if controller.fixed_k is not None or controller.t_draft is None:
+            return
+        with self._lock:
+            self.accepted = EWMA_DECAY * self.accepted + controller.accepted
+            self.tried = EWMA_DECAY * self.tried + controller.tried
+            self.t_draft = _ewma(self.t_draft, controller.t_draft)
+            if controller.rtt is not None:
+                self.rtt = _ewma(self.rtt, controller.rtt)
+            for mine, theirs in ((self.verify_by_k, controller.verify_by_k), (self.draft_by_k, controller.draft_by_k)):
+                for k, ms in theirs.items():
+                    mine[k] = _ewma(mine.get(k), ms)
 
 
 LOAD_BUCKETS = (1, 2, 4, 8, 16, 32)  # concurrency levels measured apart

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from speculative.completion import CompletionRequest, Tokenizer, TokenStream, build_request
-from speculative.controller import DraftLengthController
+from speculative.controller import ControllerPrior, DraftLengthController
 from speculative.draft import DraftModel, DraftSession
 from speculative.errors import SpeculativeError
 from speculative.scheduler import RoundResult, VerifyScheduler
@@ -121,9 +121,11 @@ class Completion(TokenStream):
             if draft is not None:
                 draft.close()
             raise
+        controller = DraftLengthController.starting_from(
+            engine.controller_prior, fixed_k=req.k if draft is not None else 0
+        )
         engine.scheduler.join()
         try:
-            controller = DraftLengthController(fixed_k=req.k if draft is not None else 0)
             batch_size = 1
             for round_no in itertools.count():
                 k = self._next_k(controller, batch_size) if draft is not None else 0
@@ -157,6 +159,8 @@ class Completion(TokenStream):
                 if self.stats.finish_reason is not None:
                     return
         finally:
+            if draft is not None:
+                engine.controller_prior.fold(controller)
             engine.scheduler.leave()
             try:
                 engine.verifier.close_session(self.session_id)
@@ -209,6 +213,7 @@ class SpeculativeEngine:
         self.draft = draft
         self.tokenizer = tokenizer
         self.scheduler = scheduler or VerifyScheduler(verifier)
+        self.controller_prior = ControllerPrior()  # what its finished sessions measured, for the next ones
         self.eos_token_id = verifier.eos_token_id
         self.context_length = min(verifier.context_length, draft.context_length if draft else verifier.context_length)
 

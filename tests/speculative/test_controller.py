@@ -9,6 +9,7 @@ from speculative.controller import (
     EPOCH_MIN_BATCHES,
     GOVERNOR_CAPS,
     PROBE_EVERY,
+    ControllerPrior,
     DraftLengthController,
     SpeculationGovernor,
     best_k,
@@ -37,6 +38,38 @@ def test_a_round_that_measured_no_cost_at_all_still_gets_a_k():
 
 def test_poor_agreement_falls_back_to_plain_decoding():
     assert best_k(a=0.05, t_draft=2.0, rtt=0.0, t_verify_0=10.0, t_verify_slope=1.0, k_max=16) == 0
+
+
+def test_a_drafting_rounds_fixed_cost_makes_short_drafts_dear():
+    # the demo pair on llama.cpp: a 1-token draft costs about a whole verify step, so drafting
+    # does not pay although most draft tokens are accepted; priced per token alone it looked cheap
+    args = dict(a=0.8, rtt=0.0, t_verify_0=0.9, t_verify_slope=0.1, k_max=8)
+    assert best_k(t_draft=0.3, **args) > 0
+    assert best_k(t_draft=0.25, t_round=1.8, **args) == 0
+
+
+def test_the_draft_cost_line_separates_a_rounds_fixed_cost_from_its_tokens():
+    controller = DraftLengthController()
+    for k, draft_ms in ((4, 2.8), (2, 2.3), (4, 2.8), (2, 2.3)):
+        controller.record(k=k, n_matches=k, draft_ms=draft_ms, verify_ms=1.0 + 0.3 * k, network_ms=0.0)
+    t_round, t_token = controller._draft_line()
+    assert t_round == pytest.approx(1.8, abs=0.05) and t_token == pytest.approx(0.25, abs=0.02)
+
+
+def test_a_new_session_starts_from_what_the_engines_finished_sessions_measured():
+    prior = ControllerPrior()
+    assert DraftLengthController.starting_from(prior).next_k() == 4  # nothing measured anywhere: the first guess
+    finished = DraftLengthController()
+    for k, draft_ms in ((4, 2.9), (2, 2.3)) * 4:  # drafting costs almost a verify step, whatever k
+        finished.record(k=k, n_matches=k - 1, draft_ms=draft_ms, verify_ms=0.9 + 0.7 * k, network_ms=0.0)
+    prior.fold(finished)
+    fresh = DraftLengthController.starting_from(prior)
+    assert fresh.next_k() == 0  # its first round already knows drafting does not pay here
+    assert fresh.tried <= 4.0 + 1e-9  # but it holds that lightly: a few rounds of its own outweigh it
+    pinned = DraftLengthController(fixed_k=3)
+    pinned.record(k=3, n_matches=3, draft_ms=0.1, verify_ms=1.0, network_ms=0.0)
+    prior.fold(pinned)  # a pinned k's session teaches nothing
+    assert DraftLengthController.starting_from(prior).next_k() == 0
 
 
 def _feed(controller: DraftLengthController, accept_all: bool, rounds: int) -> list[int]:
