@@ -260,7 +260,10 @@ class GatewayStream:
         }
         local = engine.stream(request.prompt_ids, **kwargs)
         self._completion = local
-        pump_on_thread(local, self._queue, self._cancel, f"stream-{self.request_id}")
+        # a client that takes the answer whole is sent nothing before the end: no need to wake the loop per token
+        # (unless an escalation judges the answer as it comes: it reads the tokens, and may end the leg early)
+        lazy = not self.call.stream and not self._may_escalate()
+        pump_on_thread(local, self._queue, self._cancel, f"stream-{self.request_id}", lazy=lazy)
 
     def _leave_tier(self) -> None:
         """This stream no longer runs on the tier it was counted on (queue depth, for routing)."""

@@ -15,6 +15,8 @@ exactly as p, whatever q is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from speculative.sampling import sample
@@ -29,6 +31,14 @@ def accept_greedy(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> Ve
     assert target_argmax.shape == (k + 1,), f"{tuple(target_argmax.shape)} != ({k + 1},)"
     mismatch = (draft_tokens != target_argmax[:k]).nonzero()
     n_matches = int(mismatch[0, 0]) if mismatch.numel() else k
+    return Verdict(n_matches=n_matches, verifier_token=int(target_argmax[n_matches]))
+
+
+def accept_greedy_ids(draft_tokens: Sequence[int], target_argmax: Sequence[int]) -> Verdict:
+    """``accept_greedy`` on plain ids: the same verdict without a tensor (llama.cpp's verifier, a few ids a row)."""
+    k = len(draft_tokens)
+    assert len(target_argmax) == k + 1, f"{len(target_argmax)} != {k + 1}"
+    n_matches = next((i for i, (d, t) in enumerate(zip(draft_tokens, target_argmax, strict=False)) if d != t), k)
     return Verdict(n_matches=n_matches, verifier_token=int(target_argmax[n_matches]))
 
 

@@ -41,7 +41,8 @@ EWMA_DECAY = 0.8  # weight of the past in every running estimate
 PRIOR_ACCEPTANCE = 0.6
 PRIOR_WEIGHT = 2.0  # pseudo-counts behind the prior acceptance rate
 PRIOR_SEED_WEIGHT = 4.0  # pseudo-counts behind what earlier sessions measured (ControllerPrior)
-PROBE_EVERY = 16  # rounds at k = 0 between two probing rounds
+PROBE_EVERY = 16  # rounds at k = 0 before the first probing round; the gap doubles after each probe that
+PROBE_EVERY_MAX = 256  # changed nothing, up to this (a probe costs a drafting round where drafting does not pay)
 PROBE_K = 2
 MIN_ROUND_MS = 1e-3  # the least a round is taken to cost when every measured cost rounds to zero
 
@@ -103,6 +104,7 @@ class DraftLengthController:
     verify_by_k: dict[int, float] = field(default_factory=dict)
     draft_by_k: dict[int, float] = field(default_factory=dict)  # a drafting round's ms, by its k
     _rounds_at_zero: int = 0
+    _probe_every: int = PROBE_EVERY
 
     @classmethod
     def starting_from(cls, prior: ControllerPrior | None, **kwargs: Any) -> DraftLengthController:
@@ -114,6 +116,7 @@ class DraftLengthController:
             controller.t_draft, controller.rtt = prior.t_draft, prior.rtt
             controller.verify_by_k = dict(prior.verify_by_k)
             controller.draft_by_k = dict(prior.draft_by_k)
+            controller._probe_every = prior.probe_every  # probes that kept failing before stay rare
         return controller
 
     @property
@@ -136,10 +139,12 @@ class DraftLengthController:
         k = best_k(self.acceptance, t_draft, self.rtt or 0.0, intercept, slope, self.k_max, t_round)
         if k == 0:
             self._rounds_at_zero += 1
-            if self._rounds_at_zero % PROBE_EVERY == 0:
+            if self._rounds_at_zero >= self._probe_every:
+                self._rounds_at_zero = 0
+                self._probe_every = min(2 * self._probe_every, PROBE_EVERY_MAX)
                 return min(PROBE_K, self.k_max)
         else:
-            self._rounds_at_zero = 0
+            self._rounds_at_zero, self._probe_every = 0, PROBE_EVERY
         return k
 
     def record(self, *, k: int, n_matches: int, draft_ms: float, verify_ms: float, network_ms: float) -> None:
@@ -182,6 +187,7 @@ class ControllerPrior:
         self.rtt: float | None = None
         self.verify_by_k: dict[int, float] = {}
         self.draft_by_k: dict[int, float] = {}
+        self.probe_every = PROBE_EVERY
 
     def fold(self, controller: DraftLengthController) -> None:
         """A session ended: fold its estimates in (a pinned k teaches nothing about the best k)."""
@@ -193,6 +199,7 @@ class ControllerPrior:
             self.t_draft = _ewma(self.t_draft, controller.t_draft)
             if controller.rtt is not None:
                 self.rtt = _ewma(self.rtt, controller.rtt)
+            self.probe_every = controller._probe_every
             for mine, theirs in ((self.verify_by_k, controller.verify_by_k), (self.draft_by_k, controller.draft_by_k)):
                 for k, ms in theirs.items():
                     mine[k] = _ewma(mine.get(k), ms)

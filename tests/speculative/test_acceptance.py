@@ -109,3 +109,14 @@ def test_sampling_verdict_is_well_formed(k, seed):
     verdict = accept_sampling(draft, q, p, gen)
     assert 0 <= verdict.n_matches <= k
     assert 0 <= verdict.verifier_token < 5
+
+
+def test_the_plain_id_greedy_rule_gives_the_tensor_rules_verdict():
+    from speculative.acceptance import accept_greedy_ids
+
+    rng = torch.Generator().manual_seed(5)
+    for k in (0, 1, 2, 4, 8):
+        for _ in range(50):
+            draft = torch.randint(0, 3, (k,), generator=rng)  # a 3-token vocabulary: many matches, some misses
+            argmax = torch.randint(0, 3, (k + 1,), generator=rng)
+            assert accept_greedy_ids(draft.tolist(), argmax.tolist()) == accept_greedy(draft, argmax)

@@ -66,6 +66,9 @@ def test_a_new_session_starts_from_what_the_engines_finished_sessions_measured()
     fresh = DraftLengthController.starting_from(prior)
     assert fresh.next_k() == 0  # its first round already knows drafting does not pay here
     assert fresh.tried <= 4.0 + 1e-9  # but it holds that lightly: a few rounds of its own outweigh it
+    finished._probe_every = 4 * PROBE_EVERY  # its probes kept failing
+    prior.fold(finished)
+    assert DraftLengthController.starting_from(prior)._probe_every == 4 * PROBE_EVERY  # so the next one probes rarely
     pinned = DraftLengthController(fixed_k=3)
     pinned.record(k=3, n_matches=3, draft_ms=0.1, verify_ms=1.0, network_ms=0.0)
     prior.fold(pinned)  # a pinned k's session teaches nothing
@@ -89,6 +92,16 @@ def test_controller_drops_to_zero_when_drafts_are_always_rejected_and_keeps_prob
     tail = ks[-3 * PROBE_EVERY :]
     assert tail.count(0) >= len(tail) - 4  # mostly plain decoding
     assert any(k > 0 for k in tail)  # but it still probes
+
+
+def test_probes_that_keep_failing_come_less_often():
+    # where drafting does not pay, each probe is a drafting round lost: the gap between probes doubles
+    controller = DraftLengthController()
+    ks = _feed(controller, accept_all=False, rounds=400)
+    settled = next(i for i, k in enumerate(ks) if k == 0)
+    probes = [i for i, k in enumerate(ks) if k > 0 and i > settled]
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert len(gaps) >= 2 and gaps == sorted(gaps) and gaps[-1] >= 4 * PROBE_EVERY
 
 
 def test_controller_grows_k_when_drafts_are_always_accepted():

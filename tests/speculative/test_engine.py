@@ -31,7 +31,7 @@ def engines(demo_pair_any):
     """(speculative, plain) engines on one verifier backend; every test taking them runs on both."""
     verifier, draft, tokenizer = demo_pair_any
     spec = SpeculativeEngine(verifier, tokenizer, draft)
-    plain = SpeculativeEngine(verifier, tokenizer, None)
+    plain = SpeculativeEngine(verifier, tokenizer, None, scheduler=spec.scheduler)  # one thread calls the model
     yield spec, plain
     spec.close()
     plain.close()
@@ -45,7 +45,9 @@ def test_greedy_speculative_output_equals_verifier_decoding(engines, k):
         reference = plain.generate(prompt, max_tokens=48)
         assert fast.token_ids == reference.token_ids, prompt
         assert fast.text == reference.text
-        assert fast.stats.proposed > 0
+        # a pinned k drafts every round; left to the controller, a backend where drafting does not pay
+        # (the demo pair on llama.cpp, once its finished sessions have measured that) may not draft at all
+        assert fast.stats.proposed > 0 or k is None
 
 
 def test_concurrent_sessions_joining_mid_batch_stay_lossless(engines):
