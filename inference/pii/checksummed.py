@@ -27,6 +27,7 @@ from stdnum.it import codicefiscale as it_codicefiscale
 from stdnum.kr import rrn as kr_rrn
 from stdnum.nl import bsn as nl_bsn
 from stdnum.pl import pesel as pl_pesel
+from stdnum.pt import nif as pt_nif
 from stdnum.us import ssn as us_ssn
 
 from inference.pii.context import CONTEXT_WINDOW, cue_before, glued_before, is_word_at, lowered
@@ -175,6 +176,15 @@ class _RicValidator:
         return cn_ric.calc_check_digit(number) == number[-1]
 
 
+class _PtNifValidator:
+    """Portuguese tax number (NIF): python-stdnum's mod-11 check digit, for a person's number only. The first
+    digits say who holds it: 1, 2 and 3 a resident person, 45 a non-resident one; 5-9 a company, a public body,
+    an estate, a fund or a condominium, which is no one's personal data."""
+
+    def is_valid(self, number: str) -> bool:
+        return number.startswith(("1", "2", "3", "45")) and pt_nif.is_valid(number)
+
+
 class _Scheme(NamedTuple):
     lengths: tuple[int, ...]  # characters of the compact number
     digits_only: bool  # whether a candidate must start with a digit (letters may still follow: "2A", "X")
@@ -195,6 +205,7 @@ _SCHEMES: dict[str, _Scheme] = {
     "rrn": _Scheme((13,), True, kr_rrn),
     "cpf": _Scheme((11,), True, br_cpf),
     "pesel": _Scheme((11,), True, pl_pesel),
+    "ptnif": _Scheme((9,), True, _PtNifValidator()),
 }
 # Schemes with a real check digit: a generic cue ("ID number", "identity number") tries all of them.
 _CHECKED = ("nir", "dni", "nie", "cf", "ric", "rrn", "cpf", "pesel", "idnr", "bsn")
@@ -204,7 +215,10 @@ _ID_CUES: dict[tuple[str, ...], tuple[str, ...]] = {  # cue words (lower case) -
     ("steuer-id", "steuer id", "steuerid", "steueridentifikationsnummer", "identifikationsnummer", "idnr",
      "tax id", "steuernummer"): ("idnr",),
     ("sécurité sociale", "securite sociale", "sécu", "n° ss", "nir", "insee"): ("nir",),
-    ("dni", "nif", "documento nacional", "nie", "número de identidad", "numero de identidad"): ("dni", "nie"),
+    ("dni", "documento nacional", "nie", "número de identidad", "numero de identidad"): ("dni", "nie"),
+    # "NIF" is Spain's tax number (a person's is the DNI or NIE) and Portugal's (nine digits): the check decides.
+    ("nif",): ("dni", "nie", "ptnif"),
+    ("contribuinte", "identificação fiscal", "identificacao fiscal"): ("ptnif",),
     ("codice fiscale", "cod. fisc", "cod fisc", "cf"): ("cf",),
     ("national insurance", "nino", "ni number", "ni no", "ni-nr"): ("nino",),
     ("身份证", "身份證", "公民身份号码", "resident identity"): ("ric",),

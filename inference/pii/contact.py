@@ -17,18 +17,29 @@ from inference.pii.context import cue_before, glued_before
 from inference.pii.findings import PiiFinding, PiiKind
 from inference.pii.reserved import is_public_address, is_reserved_email_domain, is_unissuable_ssn
 
+# Han, kana and Hangul: scripts that put no space around an address or a number ("メールはyumi@gmail.comです").
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+# A letter, digit or underscore of any other script: touching one, a value is part of a longer token.
+_GLUE = rf"[^\W{_CJK}]"
 _EMAIL = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,63})@"
     r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*"
-    r"\.[A-Za-z]{2,24}(?![\w\-@]|\.\w)"
+    rf"\.[A-Za-z]{{2,24}}(?!{_GLUE}|[\-@]|\.{_GLUE})"
 )
+
+
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+
+
+def _is_cjk(char: str) -> bool:
+    return _CJK_CHAR.match(char) is not None
 
 
 def find_emails(text: str) -> Iterator[PiiFinding]:
     if "@" not in text:
         return
     for match in _EMAIL.finditer(text):
-        if glued_before(text, match.start(), ".%+-"):
+        if glued_before(text, match.start(), ".%+-") and not _is_cjk(text[match.start() - 1]):
             continue
         # "git@github.com:org/repo.git" is an SSH remote, not a mailbox.
         if match.group().startswith("git@") and text.startswith(":", match.end()):
@@ -41,8 +52,7 @@ def find_emails(text: str) -> Iterator[PiiFinding]:
 # Phone numbers in two steps: a cheap pattern that opens with a character class finds digit stretches,
 # then the precise one runs inside each stretch only. A number may touch CJK or Hangul characters (those
 # scripts put no space around it: "電話番号は080-1234-5678です"); touching a Latin, Cyrillic or Greek letter or
-# digit, it is part of a code.
-_GLUE = r"[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
+# digit (``_GLUE``), it is part of a code.
 _PHONE_STRETCH = re.compile(r"[+(\d][\d()+.\-/ \t\r\nextEXT]{6,}")
 _PHONE = re.compile(
     rf"(?<![+.\-/:])(?<!{_GLUE})"

@@ -58,6 +58,7 @@ _CLI_USER = re.compile(r"(?:^|[ \t])(?:-u|--user)[ \t]+[\"']?[^\s:\"']+:(?P<valu
 _SECRET_NAME = (
     r"(?:password|passwd|pwd|pass(?:phrase|code)?|passwort|kennwort|mot de passe|contrase[ñn]a|clave"
     r"|wachtwoord|senha|haslo|l[öo]senord|salasana|sifre|parola"
+    r"|wlan[_\-. ]?schlüssel|wi-?fi[_\-. ]?key|wpa2?[_\-. ]?key|clé wi-?fi|clé wpa|chiave wi-?fi"
     r"|api[_\-. ]?key|apikey|secret(?:[_\-. ]?key)?|client[_\-. ]?secret|access[_\-. ]?(?:key|token)"
     r"|auth[_\-. ]?token|refresh[_\-. ]?token|token|private[_\-. ]?key|aws_secret_access_key"
     r"|subscription[_\-. ]?key|account[_\-. ]?key|shared[_\-. ]?access[_\-. ]?key|signing[_\-. ]?key"
@@ -70,10 +71,19 @@ _SECRET_NAME_OTHER_SCRIPTS = r"(?:hasło|şifre|пароль|パスワード|密
 # Matched on the lower-cased text (see context.lowered); the value is then read from the original.
 # Besides the ASCII operators: the full-width colon and the topic particles of "パスワードは", "비밀번호는".
 _ASSIGNMENT = (
-    r"[\"']?[ \t]*(?P<op>:|=|=>|:=|：|は|는|은|是|\bis\b|\bist\b|\best\b|\bes\b|\bé\b)[ \t]*"
+    r"[\"']?[ \t]*(?P<op>:|=|=>|:=|：|は|는|은|是|\bis\b|\bist\b|\blautet\b|\best\b|\bes\b|\bé\b|\bè\b)[ \t]*"
     r"(?P<value>\"[^\"\n]{3,200}\"|'[^'\n]{3,200}'|[^\s\"',;]{3,200})"
 )
-_ASSIGNED = re.compile(_SECRET_NAME + _ASSIGNMENT)
+# Prose names whose secret it is between the name and the verb: "the password for the guest network is ...",
+# "het wifi-wachtwoord van het vakantiehuis is ...", "das Passwort vom Router lautet ...", "le mot de passe du
+# wifi est ...". A preposition, then at most four short words on the same line; only a verb may follow them
+# (see _COPULAS), never ":" or "=" ("password for your account: must be ..." is a form's instruction).
+_QUALIFIER = (
+    r"(?P<qual>[ \t]+(?:for|of|on|at|für|fürs|von|vom|zum|zur|des|der|du|de|pour|del|para|per|della|dello|di"
+    r"|van|voor|do|da|dos|das)[ \t]+[^\s.,;:!?=\"'<>]{1,30}(?:[ \t]+[^\s.,;:!?=\"'<>]{1,30}){0,3}?)?"
+)
+_COPULAS = frozenset("is ist lautet est es é è".split())
+_ASSIGNED = re.compile(_SECRET_NAME + _QUALIFIER + _ASSIGNMENT)
 _ASSIGNED_OTHER_SCRIPTS = re.compile(_SECRET_NAME_OTHER_SCRIPTS + _ASSIGNMENT)
 # A generated-looking string near a secret word, with no operator between ("the signing key for prod
 # vtNG_PW3N...", "webhook secret -> ..."): at least 20 characters mixing upper case, lower case and digits,
@@ -94,7 +104,10 @@ _PROSE_WORDS = frozenset(
 
 
 def _looks_secret(value: str, assigned: bool = False) -> bool:
+    # A sentence's full stop is no part of a word of prose: "the password is required." ends with "required".
     value = value.strip("\"'")
+    if value.rstrip(".!?") and value.rstrip(".!?").isalpha():
+        value = value.rstrip(".!?")
     if _PLACEHOLDER.match(value) or value.lower() in _PROSE_WORDS or "(" in value:
         return False  # a placeholder, a word of prose, or code ("token = get_token()")
     if re.fullmatch(r"[A-Z][A-Z_]*", value):
@@ -174,8 +187,12 @@ def find_credentials(text: str) -> Iterator[PiiFinding]:
     for match in assignments:
         if match.start() and text[match.start() - 1].isalnum():
             continue  # "bypass: x" is not "pass: x"
+        qualified = match.groupdict().get("qual") is not None
+        if qualified and match.group("op") not in _COPULAS:
+            continue
         value = text[match.start("value") : match.end("value")]
-        if _looks_secret(value, assigned=match.group("op") in (":", "=", "=>", ":=")):
+        operator = not qualified and match.group("op") in (":", "=", "=>", ":=")
+        if _looks_secret(value, assigned=operator):
             yield PiiFinding.at(PiiKind.CREDENTIAL, text, match.start("value"), match.end("value"), 0.85)
     yield from _secrets_near_key_words(text, lower)
     if "://" not in text:

@@ -54,6 +54,15 @@ _PERSON_CUES = frozenset(
     " gracias llamo caro cara ciao gentile grazie chiamo beste hoi dank heet olá prezado prezada obrigado"
     " chamo cc from von".split()
 )
+# Greetings and thanks that open a message on their own ("Cześć! Jak się masz?", "Olá! Sugere-me ..."): the
+# model reads a capitalised word before "!" as an addressed name. One that is also a first name ("Ola", "Dag")
+# stays a name (see is_lone_non_name).
+GREETINGS = frozenset(
+    "hello hi hey hiya howdy hallo servus moin grüezi grüß tschüss bonjour bonsoir salut coucou hola buenas buenos"
+    " ciao buongiorno buonasera salve hoi goedemorgen goedemiddag goedenavond olá oi bom boa cześć witaj witam"
+    " siema dzień ahoj hej hei hallå merhaba selam danke merci gracias grazie obrigado obrigada bedankt dziękuję"
+    " dzięki tack".split()
+)
 _GERMAN_DETERMINERS = frozenset(
     "der die das den dem des ein eine einen einem einer eines kein keine keinen keinem keiner mein meine meinen"
     " meinem meiner dein deine deinen deinem deiner sein seine seinen seinem seiner ihr ihre ihren ihrem ihrer"
@@ -129,6 +138,8 @@ def is_lone_non_name(prompt: Prompt, start: int, end: int, gazetteer: Gazetteer)
         return False  # "Dear Zeynep", "Hallo Mitra", "thanks Oskar", "from Aino"
     if key in CALENDAR_WORDS:
         return True
+    if key in GREETINGS and key not in gazetteer.first_names:
+        return True  # "Cześć!", "Olá!": the message's greeting, not whom it greets
     if (
         before
         and before[-1] in _PLACE_PREFIXES

@@ -61,9 +61,12 @@ _EPONYM_BEFORE = re.compile(
     r"|théorème|loi|formule|équation|algorithme|teorema|ley|fórmula|ecuación|algoritmo|legge|formula|equazione)"
     r"[ \t]+(?:of|von|des|der|de|du|di|del|dello|della)[ \t]+(?:la[ \t]+)?\Z"
 )
+# Each language's stock name for a sample person on forms and in documentation (as "John Doe" is in English).
 _PLACEHOLDER_NAMES = frozenset(
     "john doe|jane doe|john roe|jane roe|richard roe|joe bloggs|fred bloggs|max mustermann|erika mustermann"
-    "|mustermann|jean dupont|jeanne dupont|juan pérez|fulano de tal|mario rossi|john q. public".split("|")
+    "|mustermann|jean dupont|jeanne dupont|juan pérez|fulano de tal|mario rossi|john q. public"
+    "|jan kowalski|anna kowalska|jan novák|jan jansen|jan modaal|ola nordmann|kari nordmann"
+    "|matti meikäläinen|maija meikäläinen".split("|")
 )
 # The cast of cryptography and programming examples, and first names used as a form's sample user.
 # Only names that are rare outside examples: "Victor", "Max" or "John" alone are as often a colleague.

@@ -5,7 +5,8 @@ Faker and pycountry).
 
 Places: country names in the languages Faker writes them in and pycountry's names, states and regions of
 Faker's address providers, the real city lists Faker ships for de, nl and pl, and a hand list of world cities,
-rivers, mountains and regions (a multi-word place is written with ``_``). Products: a hand list of software, languages and brands that are also words or
+rivers, mountains and regions (a multi-word place is written with ``_``), and the countries' own names for
+themselves that those lists lack ("Polska", "Sverige"). Products: a hand list of software, languages and brands that are also words or
 names. Eponyms: surnames that prompts mostly meet inside a law, theorem or unit.
 """
 
@@ -50,6 +51,12 @@ burgundy alsace lombardy sicily sardinia corsica crete cyprus scotland wales eng
 cornwall yorkshire flanders wallonia silicon_valley california texas florida alaska hawaii virginia georgia
 carolina ontario quebec british_columbia
 """.split()
+# Countries as their own people write them, where neither pycountry nor the address locales do ("Ile województw
+# ma Polska?"); pycountry and Faker already give "Deutschland", "España", "Italia", "Nederland", "Österreich".
+_ENDONYMS = """
+polska polsko sverige norge noreg danmark suomi ísland eesti latvija lietuva česko česká_republika slovensko
+slovenija hrvatska srbija magyarország românia bălgarija shqipëria éire cymru alba
+""".split()
 _PRODUCTS = """
 python django flask fastapi pandas numpy scipy matplotlib seaborn pytorch tensorflow keras jupyter
 kubernetes docker terraform ansible jenkins gitlab github bitbucket jira confluence trello asana notion figma
@@ -74,7 +81,7 @@ curie mendeleev lavoisier chatelier gay-lussac torricelli venturi
 
 
 def _places() -> set[str]:
-    places = {word.replace("_", " ") for word in _WORLD}
+    places = {word.replace("_", " ") for word in (*_WORLD, *_ENDONYMS)}
     for country in pycountry.countries:
         for attribute in ("name", "common_name"):
             value = getattr(country, attribute, None)

@@ -1,6 +1,7 @@
 """Values that look like PII but are reserved or published as documentation examples, so they belong to no one:
-e-mail domains reserved by RFC 2606/6761, IP addresses outside the public internet, the example keys, IBANs and
-card numbers that vendors and standards print, and US Social Security numbers that can never be issued.
+e-mail domains reserved by RFC 2606/6761, IP addresses outside the public internet and the public DNS resolvers'
+service addresses, the example keys, IBANs and card numbers that vendors and standards print, and US Social
+Security numbers that can never be issued.
 
 Structural rules first (a reserved domain, an address range, an SSN's never-issued area), then a short allow-list
 of exact published values. A value that merely resembles these (another key, another IBAN) is still reported:
@@ -57,6 +58,28 @@ TEST_CARD_NUMBERS = frozenset(
     }
 )
 
+# The service addresses of the public DNS resolvers (Google, Cloudflare, Quad9, OpenDNS), anycast from many
+# sites: "set your DNS to 8.8.8.8" names a public service, as "example.com" does, and locates no one.
+PUBLIC_RESOLVERS = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "8.8.8.8",
+        "8.8.4.4",
+        "1.1.1.1",
+        "1.0.0.1",
+        "9.9.9.9",
+        "149.112.112.112",
+        "208.67.222.222",
+        "208.67.220.220",
+        "2001:4860:4860::8888",
+        "2001:4860:4860::8844",
+        "2606:4700:4700::1111",
+        "2606:4700:4700::1001",
+        "2620:fe::fe",
+        "2620:fe::9",
+    )
+)
+
 # Published SSNs that were voided: the "Woolworth wallet" number and two from advertisements.
 _VOIDED_SSNS = frozenset({"078051120", "457555462", "219099999"})
 
@@ -74,11 +97,12 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
 
     Not: private (RFC 1918, unique local), shared (CGNAT), loopback, link-local, unspecified, multicast,
     broadcast and the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32):
-    ``ipaddress`` marks all of these as not global. An IPv4 address mapped into IPv6 is judged as IPv4.
+    ``ipaddress`` marks all of these as not global. Nor the public resolvers (``PUBLIC_RESOLVERS``). An IPv4
+    address mapped into IPv6 is judged as IPv4.
     """
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
+    return address.is_global and not address.is_multicast and address not in PUBLIC_RESOLVERS
 
 
 def is_example_key(value: str) -> bool:

@@ -1186,6 +1186,9 @@ def test_normalised_email_maps_back_to_exactly_the_spelled_out_text(before: str,
         "plus double " * 5_000,
         "deux et " * 5_000,
         "SSN " + "x " * 10_000,
+        "my colleague " * 4_000 + "Anna",
+        "password for the " * 3_000 + "is x1",
+        "メールは" * 3_000 + "a@b.com",
     ],
     ids=[
         "digits-then-letter",
@@ -1214,6 +1217,9 @@ def test_normalised_email_maps_back_to_exactly_the_spelled_out_text(before: str,
         "plus-double",
         "joiners",
         "ssn-then-words",
+        "relative-chain",
+        "password-qualifiers",
+        "cjk-before-email",
     ],  # fmt: skip
 )
 def test_pathological_input_is_scanned_in_linear_time(text: str):
@@ -1247,3 +1253,161 @@ def test_an_identity_documents_name_before_its_number_is_no_person_even_beside_o
     assert NonNames.load().overrules(text, guess, gazetteer, other_pii=True)
     assert "Reisepass" not in texts_of(text, PiiKind.PERSON)
     assert texts_of("Reisepass von Jan Novak: 33VT15715", PiiKind.PERSON) == ["Jan Novak"]
+
+
+# the extended router set (2026-12-02) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("次の文を英語に訳してください：「私のメールアドレスはyumi.suzuki@gmail.comです。」", "yumi.suzuki@gmail.com"),
+        ("我的邮箱是wang.wei@qq.com，谢谢", "wang.wei@qq.com"),
+        ("제 이메일은minjun.kim@naver.com입니다", "minjun.kim@naver.com"),
+    ],
+)
+def test_email_touching_cjk_text_is_found(text: str, address: str):
+    # Han, kana and Hangul put no space around an address, as around a phone number.
+    assert texts_of(text, PiiKind.EMAIL) == [address]
+
+
+@pytest.mark.parametrize(
+    "text", ["Traduz: 'O meu NIF é 238559467 e a morada está no recibo.'", "Número de contribuinte: 238 559 467"]
+)
+def test_portuguese_tax_number_after_its_cue_is_a_national_id(text: str):
+    assert [t.replace(" ", "") for t in texts_of(text, PiiKind.NATIONAL_ID)] == ["238559467"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "O meu NIF é 238559468.",  # check digit wrong
+        "O NIF da empresa é 501442600.",  # valid, but a company's number (5...): no one's personal data
+    ],
+)
+def test_portuguese_tax_number_failing_its_check_or_of_a_company_is_not_pii(text: str):
+    assert not scan(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("Vertaal: 'Het wifi-wachtwoord van het vakantiehuis is Nordwind&56MV3pt7?.'", "Nordwind&56MV3pt7?"),
+        ("The password for the guest network is Tr0ub4dor&3", "Tr0ub4dor&3"),
+        ("Das Passwort vom Router lautet Sommer2024!", "Sommer2024!"),
+        ("Le mot de passe du wifi est Soleil#42", "Soleil#42"),
+        ("La password del wifi è Ciao1234x", "Ciao1234x"),
+        ("WLAN-Schlüssel: Kx9mP2vLq", "Kx9mP2vLq"),
+    ],
+)
+def test_password_with_whose_it_is_between_the_word_and_the_verb_is_a_credential(text: str, secret: str):
+    (found,) = texts_of(text, PiiKind.CREDENTIAL)
+    assert found.startswith(secret)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The password for the account is required.",
+        "The password is required.",
+        "the password for your account: must be 8 characters",
+        "the password of the user is stored as a hash",
+    ],
+)
+def test_prose_about_a_password_is_not_a_credential(text: str):
+    assert not scan(text)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "9.9.9.9", "2606:4700:4700::1111"])
+def test_public_dns_resolvers_are_no_ones_address(address: str):
+    assert not scan(f"What is {address} and who runs it?")
+    assert texts_of(f"Set DNS to {address}; my home IP is 81.206.130.46", PiiKind.IP_ADDRESS) == ["81.206.130.46"]
+
+
+def test_an_address_next_to_a_resolver_is_still_an_ip_address():
+    assert texts_of("ping 8.8.8.9", PiiKind.IP_ADDRESS) == ["8.8.8.9"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Dlaczego w przykładowych formularzach zawsze pojawia się 'Jan Kowalski'?",
+        "In het voorbeeldformulier staat Jan Jansen als aanvrager.",
+    ],
+)
+def test_placeholder_names_of_other_languages_are_not_pii(text: str):
+    assert not scan(text)
+
+
+def test_placeholder_name_with_personal_details_is_pii():
+    text = "Jan Kowalski, tel. 601 234 567, jan.kowalski@wp.pl"
+    assert texts_of(text, PiiKind.PERSON) == ["Jan Kowalski"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Cześć! Jak się masz? Opowiedz mi krótki dowcip.", "Olá! Sugere-me um nome giro para um peixinho dourado."],
+)
+def test_a_greeting_opening_a_message_is_no_name(text: str):
+    assert not scan(text)
+
+
+def test_a_name_after_a_greeting_is_still_a_name():
+    assert texts_of("Cześć! Anna Nowak pyta o termin.", PiiKind.PERSON) == ["Anna Nowak"]
+
+
+@pytest.mark.parametrize("text", ["Ile województw ma Polska?", "Hur många län har Sverige?"])
+def test_a_country_written_in_its_own_language_is_no_name(text: str):
+    assert not scan(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("Write a birthday message for my colleague Aisha Sutherland; she turns 40.", "Aisha Sutherland"),
+        ("Schreib meiner Kollegin Aisha Sutherland eine kurze Nachricht.", "Aisha Sutherland"),
+        ("Mi hermana Lucía Fernández llega mañana.", "Lucía Fernández"),
+        ("O meu colega Tiago Rodrigues chega amanhã.", "Tiago Rodrigues"),
+    ],
+)
+def test_a_name_after_a_relative_or_workmate_is_found(text: str, name: str):
+    assert name in texts_of(text, PiiKind.PERSON)
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [("My colleague Jan de Vries will call.", "Jan de Vries"), ("my colleague John F. Quimby said", "John F. Quimby")],
+)
+def test_a_name_after_a_relative_is_read_whole_across_particles_and_initials(text: str, name: str):
+    from inference.pii.cued_names import find_cued_names
+
+    gazetteer = NameModel.load().gazetteer
+    assert [f.text for f in find_cued_names(text, gazetteer)] == [name]
+    assert texts_of(text, PiiKind.PERSON) == [name]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Ask my friend Python.", "My colleague said hi.", "Tell my boss Monday works.", "Is this my colleague? No."],
+)
+def test_a_relative_word_before_no_name_finds_nothing(text: str):
+    assert not texts_of(text, PiiKind.PERSON)
+
+
+@pytest.mark.parametrize(
+    ("text", "name"), [("伊藤 美咲さんへの短いお礼", "伊藤 美咲"), ("山田 太郎様へのご案内", "山田 太郎")]
+)
+def test_japanese_full_name_before_an_honorific_is_found(text: str, name: str):
+    assert texts_of(text, PiiKind.PERSON) == [name]
+
+
+@pytest.mark.parametrize("text", ["お客様へのメールを書いて", "皆さん、こんにちは", "店長さんに聞いてください"])
+def test_japanese_roles_with_an_honorific_are_no_names(text: str):
+    assert not scan(text)
+
+
+def test_national_figure_in_a_public_role_is_not_pii_but_is_with_personal_details():
+    assert not scan("Chi era Giuseppe Garibaldi, in una frase?")
+    assert not scan("Garibaldi sbarcò a Marsala nel 1860.")
+    tied = "Giuseppe Garibaldi, email g.garibaldi@gmail.com"
+    assert texts_of(tied, PiiKind.PERSON) == ["Giuseppe Garibaldi"]
