@@ -288,14 +288,12 @@ def bench_backend(args: argparse.Namespace, verifier_path: str) -> tuple[dict, S
         row = compare(spec_r, plain_r, 1, args.max_tokens, max(1, args.repeats // 2))
         row["rtt_ms"] = rtt
         rtt_rows.append(row)
-        spec_r.close()
-        plain_r.close()
+        spec_r.close()  # and plain_r's: they share a scheduler
     report["network"] = rtt_rows
     if single:
         report["single_session_speedup"] = single["speedup"]
     report["min_speedup_anywhere"] = min(r["speedup"] for r in by_sessions + rtt_rows)
-    spec.close()
-    return report, plain
+    return report, plain  # spec's scheduler is plain's too: closed with it
 
 
 def main(argv: list[str] | None = None) -> dict:
