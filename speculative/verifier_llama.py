@@ -39,18 +39,10 @@ from speculative.errors import (
     SpeculativeError,
 )
 from speculative.logprobs import token_logprobs, truncate_top
+from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
 from speculative.sampling import warp
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
-from speculative.verifier import (
-    PrefillTicket,
-    VerifyRequest,
-    VerifyResult,
-    checked_prompt,
-    checked_round,
-    open_batch,
-    open_together,
-    open_when_prefilled,
-)
+from speculative.verifier import VerifyRequest, VerifyResult, checked_round
 
 log = logging.getLogger(__name__)
 
