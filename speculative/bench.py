@@ -24,6 +24,9 @@ import json
 import logging
 import os
 import platform as host_platform  # the stdlib module; Tandem's own platform/ is not a package
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -330,9 +333,15 @@ def main(argv: list[str] | None = None) -> dict:
         "max_tokens": args.max_tokens,
         "backends": {},
     }
-    plains: dict[str, SpeculativeEngine] = {}
-    for backend in backends:
-        report["backends"][backend], plains[backend] = bench_backend(args, paths[backend])
+    if len(backends) > 1:
+        # Each backend timed in a process of its own, as it is served: one backend's threads (torch's
+        # and llama.cpp's OpenMP teams) left in the process slowed the next one's by up to 2x.
+        for backend in backends:
+            report["backends"][backend] = _bench_in_subprocess(argv or sys.argv[1:], backend)
+        plains = {b: _plain_engine(args, paths[b]) for b in backends}  # agreement only: not timed
+    else:
+        report["backends"][backends[0]], plain = bench_backend(args, paths[backends[0]])
+        plains = {backends[0]: plain}
     if "torch" in plains and len(plains) > 1:
         others = {f"{b} ({Path(paths[b]).name})": e for b, e in plains.items() if b != "torch"}
         report["greedy_agreement_with_torch"] = backend_agreement(plains["torch"], others, args.max_tokens)
@@ -343,6 +352,26 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.write_text(text + "\n")
     print(text)
     return report
+
+
+def _bench_in_subprocess(argv: list[str], backend: str) -> dict:
+    """This benchmark for one backend, in a fresh Python process; its report for that backend."""
+    args = [a for a in argv]
+    for flag in ("--out", "--backends"):  # dropped with their values: the child's are set here
+        while flag in args:
+            i = args.index(flag)
+            del args[i : i + 2]
+    args = [a for a in args if not a.startswith(("--out=", "--backends="))]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        command = [sys.executable, "-m", "speculative.bench", *args, "--backends", backend, "--out", str(out)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["backends"][backend]
+
+
+def _plain_engine(args: argparse.Namespace, verifier_path: str) -> SpeculativeEngine:
+    verifier, _, tokenizer = load_pair(verifier_path, None, device=args.device)
+    return SpeculativeEngine(verifier, tokenizer, None)
 
 
 if __name__ == "__main__":
