@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import openai
@@ -53,9 +54,10 @@ SERVER_START_S = 90  # torch, transformers and the verifier load in a fresh inte
 
 # the pair, loaded once; the engines as load_default_engines builds them -------------------------
 class DemoPair:
-    def __init__(self) -> None:
-        # the verifier load_default_engines picks on this machine (llama.cpp's GGUF on a CPU)
-        self.verifier, self.draft, self.tokenizer = load_pair(default_verifier_path(), DEMO_DRAFT_GGUF)
+    def __init__(self, verifier_path: Path | None = None) -> None:
+        # by default the verifier load_default_engines picks on this machine (llama.cpp's GGUF on a CPU)
+        self.verifier_path = verifier_path
+        self.verifier, self.draft, self.tokenizer = load_pair(verifier_path or default_verifier_path(), DEMO_DRAFT_GGUF)
         self.plain = SpeculativeEngine(self.verifier, self.tokenizer, None)  # the verifier decoding alone
         self.edge = EdgeEngine(self.draft, self.tokenizer, self.tokenizer.eos_token_id)  # the draft alone
 
@@ -63,7 +65,9 @@ class DemoPair:
         """``load_default_engines`` (cloud tier and all), with this already loaded pair in place of a second load."""
         with (
             pytest.MonkeyPatch.context() as patch,
-            override_settings(TANDEM_VERIFIER="", TANDEM_DRAFT="", TANDEM_VERIFIER_URLS=verifier_urls or []),
+            override_settings(
+                TANDEM_VERIFIER=str(self.verifier_path or ""), TANDEM_DRAFT="", TANDEM_VERIFIER_URLS=verifier_urls or []
+            ),
         ):
             patch.setattr(
                 "speculative.pair.load_pair", lambda *args, **kwargs: (self.verifier, self.draft, self.tokenizer)

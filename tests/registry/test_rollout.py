@@ -21,7 +21,7 @@ from registry import services
 from registry.demo_rollout import shuffled_draft
 from registry.models import ModelVersion, Rollout
 from registry.serving import draft_plans
-from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF
+from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER
 from tenants.models import AuditEvent, UsageRecord
 from tests.conftest import TEST_MODELS, TEST_RATES, TIERS
 from tests.inference.test_demo_pair_platform import MODEL, DemoPair
@@ -35,7 +35,11 @@ SAMPLES = 2  # completions of each version before the canary decides
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[DemoPair]:
-    demo = DemoPair()
+    # The torch checkpoint, where drafting pays: a canary is judged on its draft's acceptance, and on
+    # llama.cpp (the CPU default) the controllers soon stop drafting this pair at all, because there
+    # a drafting round costs more than the tokens it saves; two 12-token samples then carry one
+    # drafted round's evidence, and the canary's verdict was a coin toss (one run in four).
+    demo = DemoPair(DEMO_VERIFIER)
     yield demo
     demo.plain.close()
 
