@@ -11,7 +11,7 @@ model pair shipped in ``speculative/assets/demo``. Scale-out by environment only
     TANDEM_VERIFIER      verifier path or hub id (default: the demo verifier)
     TANDEM_DRAFT         draft GGUF path (default: the demo draft)
     TANDEM_VERIFIER_URLS comma-separated verifier servers (python -m speculative.serve); empty: in-process
-    TANDEM_VERIFIER_THREADS llama.cpp threads of a GGUF verifier (default 0: every core)
+    TANDEM_VERIFIER_THREADS llama.cpp threads of a GGUF verifier (default 0: half the cores, see verifier_llama)
     TANDEM_ENGINES       dotted path of the engine factory (default: inference.engines.load_default_engines)
     TANDEM_HTTPS         the site is served over HTTPS: Secure cookies, http->https redirect, HSTS
                          (default: off here, for ``make run`` on plain http; on in production).
@@ -252,7 +252,7 @@ TANDEM_ENGINES = get_env("TANDEM_ENGINES", "inference.engines.load_default_engin
 TANDEM_VERIFIER = get_env("TANDEM_VERIFIER", "")  # "" = the shipped demo verifier
 TANDEM_DRAFT = get_env("TANDEM_DRAFT", "")  # "" = the shipped demo draft
 TANDEM_VERIFIER_URLS = get_env("TANDEM_VERIFIER_URLS", [], as_list)
-# llama.cpp threads of a GGUF verifier; 0 = every core (llama.cpp's default)
+# llama.cpp threads of a GGUF verifier; 0 = half the cores (speculative.verifier_llama.default_threads)
 TANDEM_VERIFIER_THREADS = get_env("TANDEM_VERIFIER_THREADS", 0, int)
 # the cloud tier: every served model may also run on the CloudUpstream rows registered for it
 TANDEM_CLOUD = get_env("TANDEM_CLOUD", True, as_bool)
