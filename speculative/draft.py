@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -80,6 +81,60 @@ class DraftModel(Protocol):
     def new_context(self) -> DraftContext: ...
 
 
+@dataclass(frozen=True)
+class _DraftPlan:
+    """One session's drafting round, ready to run: evaluate ``tokens``, then draft ``k`` with ``choose``."""
+
+    ctx: DraftContext
+    tokens: list[int]
+    k: int
+    choose: Callable[[np.ndarray], int]
+    finish: Callable[[Sequence[int], float], Proposal]
+
+
+def propose_together(orders: Sequence[tuple[DraftSession, int]]) -> list[Proposal | BaseException]:
+    """Each session's ``propose(k)``, as one lockstep round where the backend runs many at once (llama.cpp).
+
+    The verify scheduler's thread drafts every session of a round here: one ``llama_decode``
+    a step for all of them, as the lockstep drafter does for sessions on threads of their own.
+    Each result is the session's proposal or what its drafting raised.
+    """
+    started = time.perf_counter()
+    results: list[Proposal | BaseException | None] = [None] * len(orders)
+    plans: list[tuple[int, _DraftPlan]] = []
+    for i, (session, k) in enumerate(orders):
+        try:
+            plan = session._plan(k, None)
+        except Exception as exc:  # noqa: BLE001 - this session's round fails alone
+            results[i] = exc
+            continue
+        if plan is None:
+            results[i] = Proposal(tokens=(), q=None, draft_ms=0.0)
+        else:
+            plans.append((i, plan))
+    groups: dict[object, list[tuple[int, _DraftPlan]]] = {}  # by backend model: each runs its own lockstep round
+    for i, plan in plans:
+        groups.setdefault(getattr(plan.ctx, "model", id(plan.ctx)), []).append((i, plan))
+    drafted: dict[int, list[int] | BaseException] = {}
+    for group in groups.values():
+        together = getattr(group[0][1].ctx, "draft_together", None)
+        if together is not None and len(group) > 1:
+            outcomes = together([(p.ctx, p.tokens, p.k, p.choose) for _, p in group])
+            drafted.update((i, outcome) for (i, _), outcome in zip(group, outcomes, strict=True))
+            continue
+        for i, p in group:
+            try:
+                drafted[i] = p.ctx.draft(p.tokens, p.k, p.choose)
+            except Exception as exc:  # noqa: BLE001 - this session's round fails alone
+                drafted[i] = exc
+    draft_ms = (time.perf_counter() - started) * 1e3  # the round's time: what each session waited
+    for i, plan in plans:
+        tokens = drafted[i]
+        results[i] = tokens if isinstance(tokens, BaseException) else plan.finish(tokens, draft_ms)
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
 class DraftSession:
     """The draft's view of one completion: committed tokens plus a cache of some prefix."""
 
@@ -100,19 +155,21 @@ class DraftSession:
         ``logprobs`` (None, or the top N wanted) also reads each token's log-probability off
         the draft's own logits: the edge tier serves the draft's tokens, so they are its to report.
         """
+        started = time.perf_counter()
+        plan = self._plan(k, logprobs)
+        if plan is None:
+            return Proposal(tokens=(), q=None, draft_ms=0.0, logprobs=None if logprobs is None else ())
+        drafted = self._ctx.draft(plan.tokens, plan.k, plan.choose)
+        return plan.finish(drafted, (time.perf_counter() - started) * 1e3)
+
+    def _plan(self, k: int, logprobs: int | None) -> _DraftPlan | None:
+        """What this round drafts (None: nothing, near the context's end); ``finish`` makes the proposal of it."""
         if k < 0:
             raise InvalidRequestError(f"draft length k must be >= 0, got {k}")
         check_logprobs(logprobs)
-        started = time.perf_counter()
         k = min(k, self._ctx.n_ctx - len(self.committed) - 1)
         if k <= 0:
-            return Proposal(tokens=(), q=None, draft_ms=0.0, logprobs=None if logprobs is None else ())
-        tokens, q, lps = self._draft(k, logprobs)
-        return Proposal(tokens=tokens, q=q, draft_ms=(time.perf_counter() - started) * 1e3, logprobs=lps)
-
-    def _draft(
-        self, k: int, logprobs: int | None
-    ) -> tuple[tuple[int, ...], np.ndarray | None, tuple[TokenLogprob, ...] | None]:
+            return None
         if len(self.committed) >= self._ctx.n_ctx:
             raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {self._ctx.n_ctx}")
         if self._n_cached >= len(self.committed):
@@ -136,10 +193,14 @@ class DraftSession:
             lp_rows.extend(token_logprobs(scores, torch.tensor([token]), logprobs or 0))
             return token
 
-        tokens = self._ctx.draft(self.committed[self._n_cached :], k, pick if logprobs is None else pick_with_logprob)
-        self._n_cached = len(self.committed)  # accept() counts the draft tokens that were cached
-        q = torch.stack(q_rows).numpy() if q_rows else None
-        return tuple(tokens), q, (None if logprobs is None else tuple(lp_rows))
+        def finish(drafted: Sequence[int], draft_ms: float) -> Proposal:
+            self._n_cached = len(self.committed)  # accept() counts the draft tokens that were cached
+            q = torch.stack(q_rows).numpy() if q_rows else None
+            lps = None if logprobs is None else tuple(lp_rows)
+            return Proposal(tokens=tuple(drafted), q=q, draft_ms=draft_ms, logprobs=lps)
+
+        choose = pick if logprobs is None else pick_with_logprob
+        return _DraftPlan(self._ctx, self.committed[self._n_cached :], k, choose, finish)
 
     def accept(self, proposal: Proposal, verdict: Verdict) -> None:
         """Keep the accepted draft tokens and the verifier's token; drop the rejected tail."""

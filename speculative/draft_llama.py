@@ -85,6 +85,22 @@ class LlamaCppContext:
     def draft(self, tokens: Sequence[int], k: int, choose: Callable[[np.ndarray], int]) -> list[int]:
         return self._run(_Round(self._seq, list(tokens), self._n_past, k, choose)).drafted
 
+    @property
+    def model(self) -> LlamaCppDraft:
+        return self._owner
+
+    def draft_together(
+        self, items: Sequence[tuple[LlamaCppContext, Sequence[int], int, Callable[[np.ndarray], int]]]
+    ) -> list[list[int] | BaseException]:
+        """``draft`` for several sessions of this model at once, as one lockstep round (from one thread)."""
+        works = [_Round(ctx._seq, list(tokens), ctx._n_past, k, choose) for ctx, tokens, k, choose in items]
+        self._owner._run_together(works)
+        outcomes: list[list[int] | BaseException] = []
+        for (ctx, *_), work in zip(items, works, strict=True):
+            ctx._n_past += work.evaluated
+            outcomes.append(work.error if work.error is not None else work.drafted)
+        return outcomes
+
     def _run(self, work: _Round) -> _Round:
         try:
             self._owner._gather(work)
@@ -206,6 +222,26 @@ class LlamaCppDraft:
         finally:
             with self._cond:
                 for w in batch:
+                    w.done = True
+                self._running = False
+                self._cond.notify_all()
+
+    def _run_together(self, rounds: list[_Round]) -> None:
+        """Run ``rounds`` now as one lockstep round (after any round in progress); errors stay on each round."""
+        with self._cond:
+            while self._running:
+                self._cond.wait()
+            self._running = True
+        try:
+            self._run_rounds(rounds)
+        except BaseException as exc:  # every session of the round must hear of it
+            for w in rounds:
+                w.error = w.error or exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._cond:
+                for w in rounds:
                     w.done = True
                 self._running = False
                 self._cond.notify_all()

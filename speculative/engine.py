@@ -29,18 +29,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from speculative.completion import CompletionRequest, Tokenizer, TokenStream, build_request
 from speculative.controller import ControllerPrior, DraftLengthController
 from speculative.draft import DraftModel, DraftSession
 from speculative.errors import SpeculativeError
-from speculative.scheduler import RoundResult, VerifyScheduler
+from speculative.scheduler import DraftOrder, OpenOrder, RoundResult, VerifyScheduler
 from speculative.types import (
     MAX_DRAFT_TOKENS,
     Proposal,
-    SamplingParams,
     TokenEvent,
 )
 from speculative.verifier import Verifier, VerifyRequest
@@ -244,29 +242,6 @@ class SpeculativeEngine:
 CLOSE_WAIT_S = 30.0  # close() waits this long at most for the round in flight
 
 
-@dataclass(frozen=True)
-class OpenOrder:
-    """A completion's first step: open its verifier session (answered with its prefill ms).
-
-    The scheduler's thread opens every session that starts at the same moment with one
-    batched prefill: every call into the verifier's model comes from that one thread (on a
-    CPU, llama.cpp's OpenMP workers of a second calling thread take the cores from the
-    first's: a 0.7 ms verify step measured 3.5 ms once another thread had prefilled).
-    """
-
-    session_id: str
-    prompt_ids: Sequence[int]
-    params: SamplingParams
-
-
-@dataclass(frozen=True)
-class DraftOrder:
-    """A step of a completion: draft ``k`` tokens with ``draft`` (answered with its :class:`Proposal`)."""
-
-    draft: DraftSession
-    k: int
-
-
 Step = TokenEvent | OpenOrder | DraftOrder | VerifyRequest  # what a completion's steps yield
 Answer = float | Proposal | RoundResult | None  # and what each is answered with
 
@@ -290,7 +265,9 @@ class DrivenRounds:
     def cancel(self) -> None:
         self._cancelled = True
 
-    def step(self, result: Any = None, error: BaseException | None = None) -> VerifyRequest | OpenOrder | None:
+    def step(
+        self, result: Any = None, error: BaseException | None = None
+    ) -> VerifyRequest | OpenOrder | DraftOrder | None:
         """Answer the pending step (or fail it); return the next one for the scheduler, or None once it ended."""
         value: Answer = result
         while True:
@@ -309,14 +286,8 @@ class DrivenRounds:
                 self._end(exc)
                 return None
             error, value = None, None
-            if isinstance(item, VerifyRequest | OpenOrder):
-                return item
-            if isinstance(item, DraftOrder):
-                try:
-                    value = item.draft.propose(item.k)
-                except BaseException as exc:  # noqa: BLE001 - thrown into the completion, which ends
-                    error = exc
-                continue
+            if isinstance(item, VerifyRequest | OpenOrder | DraftOrder):
+                return item  # the scheduler answers it (drafts of a round's sessions run together)
             self._sink(item)
 
     def wait(self, timeout: float) -> bool:
