@@ -212,19 +212,7 @@ class LlamaCppDraft:
                     batch, self._pending, self._running = self._pending, [], True
                     break
                 self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()) or GATHER_WAIT_S)
-        try:
-            self._run_rounds(batch)
-        except BaseException as exc:  # every waiting session must hear of it
-            for w in batch:
-                w.error = w.error or exc
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            with self._cond:
-                for w in batch:
-                    w.done = True
-                self._running = False
-                self._cond.notify_all()
+        self._run_claimed(batch)
 
     def _run_together(self, rounds: list[_Round]) -> None:
         """Run ``rounds`` now as one lockstep round (after any round in progress); errors stay on each round."""
@@ -232,9 +220,13 @@ class LlamaCppDraft:
             while self._running:
                 self._cond.wait()
             self._running = True
+        self._run_claimed(rounds)
+
+    def _run_claimed(self, rounds: list[_Round]) -> None:
+        """Run ``rounds`` (this thread set ``_running``); every session of the round hears of a failure."""
         try:
             self._run_rounds(rounds)
-        except BaseException as exc:  # every session of the round must hear of it
+        except BaseException as exc:
             for w in rounds:
                 w.error = w.error or exc
             if not isinstance(exc, Exception):
