@@ -37,8 +37,8 @@ def proof_engines():
     return EngineSet([trivial_entry("tandem-test", round_s=PACED_ROUND_S)])
 
 
-def _redis_up(url: str) -> str | None:
-    """None when Redis answers at ``url``, else why not."""
+def redis_unreachable(url: str) -> str | None:
+    """Why there is no Redis at ``url`` (None when it answers a ping): the proof's check, and the worker tests'."""
     try:
         import redis
 
@@ -141,7 +141,7 @@ def run(count: int, max_tokens: int, redis_url: str, kill_at: float, demo: bool)
     import openai
 
     var = Path(tempfile.mkdtemp(prefix="batch-proof-"))
-    why_not_redis = _redis_up(redis_url)
+    why_not_redis = redis_unreachable(redis_url)
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",

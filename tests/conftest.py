@@ -135,17 +135,6 @@ def celery_worker(env: dict[str, str]) -> Iterator[subprocess.Popen]:
         worker.wait(timeout=20)
 
 
-def redis_unreachable(url: str) -> str | None:
-    """Why there is no Redis at ``url`` (None when it answers a ping)."""
-    try:
-        import redis
-
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Redis here": say which
-        return f"no Redis at {url} ({type(exc).__name__})"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,8 +16,9 @@ import pytest
 from celery import Celery
 from django.db import connection
 
+from batches.proof import redis_unreachable
 from tests.batches.test_runs import make_batch
-from tests.conftest import celery_worker, redis_unreachable, worker_env
+from tests.conftest import celery_worker, worker_env
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TANDEM_TEST_BATCH_REDIS_URL", "redis://127.0.0.1:6379/11")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from batches.proof import redis_unreachable
 from inference.bench import prepare_database
-from tests.conftest import celery_worker, redis_unreachable, worker_env
+from tests.conftest import celery_worker, worker_env
 from tests.inference.conftest import worker_redis_url
 
 REPO = Path(__file__).resolve().parents[2]
