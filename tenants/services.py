@@ -686,12 +686,13 @@ class _ApiKeyCache:
         self._generation = 0
         self.clock = time.monotonic  # tests move it
 
-    def get(self, key_hash: str, ttl_s: float) -> tuple[ApiKey | None, int]:
+    def get(self, key_hash: str, ttl_s: float, *, shared: bool = False) -> tuple[ApiKey | None, int]:
+        """The cached row and the generation; a copy unless ``shared`` (the caller will not change it)."""
         with self._lock:
             entry = self._rows.get(key_hash)
             generation = self._generation
         if entry is not None and self.clock() - entry[0] < ttl_s:
-            return copy.copy(entry[1]), generation  # a copy: callers may change their instance
+            return (entry[1] if shared else copy.copy(entry[1])), generation
         return None, generation
 
     def put(self, key_hash: str, api_key: ApiKey, generation: int) -> None:
@@ -725,17 +726,20 @@ def api_key_cache_forget(*, api_key: ApiKey) -> None:
     transaction.on_commit(lambda: api_key_cache.forget(api_key.key_hash))
 
 
-def api_key_authenticate_cached(*, raw_key: str) -> ApiKey | None:
+def api_key_authenticate_cached(*, raw_key: str, shared: bool = False) -> ApiKey | None:
     """``api_key_authenticate`` without the database, when this process has the key at hand; else None.
 
     None is not a refusal: it means "ask ``api_key_authenticate``", which reads the row,
     writes ``last_used_at`` when it is due, and refuses what must be refused. So this
     never accepts a key that ``api_key_authenticate`` would refuse from the same row, and
     it is safe to call on an event loop (no query, no write).
+
+    ``shared``: the cache's own instance, not a copy, for a caller that only reads it (the
+    same instance until the cache reads the row again, so a caller may memoise on it).
     """
     if not isinstance(raw_key, str) or not _API_KEY_RE.fullmatch(raw_key):
         return None
-    api_key, _ = api_key_cache.get(_api_key_hash(raw_key), settings.TANDEM_API_KEY_CACHE_TTL_S)
+    api_key, _ = api_key_cache.get(_api_key_hash(raw_key), settings.TANDEM_API_KEY_CACHE_TTL_S, shared=shared)
     if api_key is None:
         return None
     now = timezone.now()

@@ -143,8 +143,8 @@ class DifficultyClassifier:
         ids = token_ids(self._tokenizer, reading.instruction)
         out = head.bias.astype(np.float64) + head.length_logits * length_feature(reading.instruction)
         for table, window in zip(head.token_logits, windows(ids), strict=True):
-            if len(window):
-                out += table[window].mean(axis=0)  # (labels,)
+            if len(window):  # the window's mean: sum / count is ndarray.mean's float32 result, without its wrapper
+                out += table[window].sum(axis=0) / len(window)  # (labels,)
         buckets, counts = ngram_buckets(reading.instruction + reading.markers)
         out += head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets])
         if reading.payload and head.payload_weight:

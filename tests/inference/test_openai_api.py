@@ -710,18 +710,18 @@ async def test_api_responses_carry_the_security_headers_with_no_thread_hop(accou
     assert hops == [True]  # called once, on the event loop's thread, not a sync worker's
 
 
-async def test_api_requests_send_djangos_request_signals_on_the_event_loop(account, http):
-    # Django's handler sends request_started / request_finished (and closes the response) through
-    # a hop to a thread and back each; /v1/ sends them inline: once per request, on the loop's thread
+async def test_api_requests_send_no_request_signals_and_the_console_still_does(account, http):
+    # Their receivers tidy the calling thread's connections and caches; /v1/ has none on the
+    # event loop (its ORM runs on inference.runtime.db), so it skips them (70 us a request)
     from django.core.signals import request_finished, request_started
 
-    seen: list[tuple[str, threading.Thread]] = []
+    seen: list[str] = []
 
     def started(**kwargs):
-        seen.append(("started", threading.current_thread()))
+        seen.append("started")
 
     def finished(**kwargs):
-        seen.append(("finished", threading.current_thread()))
+        seen.append("finished")
 
     request_started.connect(started)
     request_finished.connect(finished)
@@ -729,11 +729,13 @@ async def test_api_requests_send_djangos_request_signals_on_the_event_loop(accou
         for stream in (False, True, False):
             response = await post_chat(http, account.raw_key, max_tokens=3, stream=stream)
             assert response.status_code == 200
+        assert seen == []
+        response = await http.get("/signin/")  # the console: Django's own handler
+        assert response.status_code == 200
     finally:
         request_started.disconnect(started)
         request_finished.disconnect(finished)
-    assert [kind for kind, _ in seen] == ["started", "finished"] * 3
-    assert {thread for _, thread in seen} == {threading.current_thread()}  # the event loop's own thread
+    assert seen == ["started", "finished"]
 
 
 async def test_a_handover_mid_stream_carries_the_new_route_in_the_chunks_tandem_field(account, http):
