@@ -250,7 +250,11 @@ def backend_agreement(reference: SpeculativeEngine, others: dict[str, Speculativ
 def bench_backend(args: argparse.Namespace, verifier_path: str) -> tuple[dict, SpeculativeEngine]:
     """Every figure for one verifier backend; returns the report and its plain engine (left open)."""
     verifier, draft, tokenizer = load_pair(
-        verifier_path, args.draft, device=args.device, draft_threads=args.draft_threads
+        verifier_path,
+        args.draft,
+        device=args.device,
+        draft_threads=args.draft_threads,
+        verifier_threads=args.verifier_threads,
     )
     spec = SpeculativeEngine(verifier, tokenizer, draft)
     plain = SpeculativeEngine(verifier, tokenizer, None, scheduler=spec.scheduler)  # one thread calls the model
@@ -313,6 +317,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--draft-threads", type=int, default=1, help="llama.cpp threads for the draft")
+    parser.add_argument(
+        "--verifier-threads",
+        type=int,
+        default=None,
+        help="llama.cpp threads for a GGUF verifier (default: half the cores)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

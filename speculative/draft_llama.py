@@ -269,7 +269,7 @@ class LlamaCppDraft:
         outputs: list[tuple[_Step, int]] = []
         with self._decode_lock:
             b.n_tokens = 0
-            for step in steps:
+            for step in sorted(steps, key=lambda step: step.seq):  # one micro-batch: verifier_llama._by_sequence
                 for offset, token in enumerate(step.tokens):
                     if b.n_tokens == self._batch_tokens:
                         self._flush(outputs)

@@ -298,14 +298,15 @@ class LlamaCppVerifier:
     def _decode(self, rows: list[_Row]) -> np.ndarray:
         """Evaluate every row's tokens at its positions, in as few decodes as fit the batch.
 
-        returns  # (positions of the rows with ``logits=True``, vocab) float32, in row order;
-        sets each such row's ``first``. Rows without logits (prefill) add no output rows.
+        returns  # (positions of the rows with ``logits=True``, vocab) float32, in sequence id order;
+        sets each such row's ``first`` (where its positions start). Rows without logits (prefill) add no
+        output rows.
         """
         b = self._batch.batch
         chunks: list[np.ndarray] = []
         n_out = 0
         b.n_tokens = 0
-        for row in rows:
+        for row in sorted(rows, key=_by_sequence):  # one llama.cpp micro-batch, not one per gap (``_by_sequence``)
             if row.logits:
                 row.first = n_out
                 n_out += len(row.tokens)
@@ -344,3 +345,12 @@ class LlamaCppVerifier:
 
         self.decodes += 1
         return int(llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch))
+
+
+def _by_sequence(row: _Row) -> int:
+    """A batch's rows in increasing sequence ids: with a KV stream per sequence, llama.cpp splits a batch
+    into micro-batches of *consecutive* ids (``split_equal``, sequential), each a graph evaluation of its
+    own. Ids come from a low-first free list, so sorted rows are one run, where the order the sessions
+    joined the round made up to one micro-batch a session: measured on the demo verifier (Q8_0, two
+    threads, 16 sessions, plain decoding) 1,570-1,590 -> 3,230-3,350 tokens/s."""
+    return row.seq

@@ -81,6 +81,36 @@ def test_many_sessions_verified_in_one_decode_each_get_their_own_plain_decoding(
             verifier.close_session(f"b{i}")
 
 
+def test_a_rounds_rows_reach_llama_cpp_in_increasing_sequence_ids_whatever_order_sessions_join(llama, monkeypatch):
+    # With a KV stream per sequence, llama.cpp runs each run of consecutive ids as a micro-batch of its
+    # own: rows in join order (say 2, 0, 1) would be three graph evaluations instead of one
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected = [_plain(verifier, p, 3) for p in prompts]
+    for i, p in enumerate(prompts):
+        verifier.open_session(f"o{i}", p, GREEDY)
+    seen: list[list[int]] = []
+    real = verifier._decode_batch
+
+    def recording() -> int:
+        batch = verifier._batch.batch
+        seen.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return real()
+
+    monkeypatch.setattr(verifier, "_decode_batch", recording)
+    try:
+        order = [2, 0, 1]
+        drafts = {0: tuple(expected[0][:2]), 1: (), 2: tuple(expected[2][:1])}
+        result = verifier.verify([VerifyRequest(f"o{i}", drafts[i], None, 0) for i in order])
+    finally:
+        for i in range(3):
+            verifier.close_session(f"o{i}")
+    assert len(seen) == 1 and seen[0] == sorted(seen[0]) and len(set(seen[0])) == 3
+    # the verdicts still come back in the order asked, each its own session's
+    got = [v.emitted_tokens(drafts[i]) for v, i in zip(result.verdicts, order, strict=True)]
+    assert got == [tuple(expected[2][:2]), tuple(expected[0][:3]), tuple(expected[1][:1])]
+
+
 def test_sessions_opening_together_are_prefilled_in_one_decode(llama):
     verifier, tokenizer = llama
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
