@@ -68,3 +68,26 @@ def test_the_worker_survives_an_unexpected_error():
         scheduler.submit(VerifyRequest("a", ())).result(timeout=5)
     assert scheduler.submit(VerifyRequest("a", (), round=1)).result(timeout=5).verdict == Verdict(0, 1)
     scheduler.close()
+
+
+def test_the_batch_cost_line_from_running_sums_is_the_least_squares_line_of_its_window():
+    import random
+
+    from speculative.controller import cost_line
+    from speculative.scheduler import BatchCostModel
+
+    rng = random.Random(7)
+    model = BatchCostModel(window=16)
+    points: list[tuple[int, float]] = []
+    assert model.line() is None
+    for i in range(200):  # many times the window: points leave it, sizes come and go
+        tokens = rng.choice([1, 2, 5, 16, 17, 80]) if i > 3 else 4  # one size only at first: no line yet
+        verify_ms = 0.4 + 0.05 * tokens + rng.uniform(0, 0.3)
+        model.record(tokens, verify_ms)
+        points = [*points, (tokens, verify_ms)][-16:]
+        if len({x for x, _ in points}) < 2:
+            assert model.line() is None
+            continue
+        got, want = model.line(), cost_line(points)
+        assert got is not None
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
