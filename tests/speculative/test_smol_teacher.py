@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from speculative.errors import ModelLoadError
 from speculative.smol_teacher import UBATCH_TOKENS, AnswerStore, StoredAnswer
 
 
@@ -65,27 +63,17 @@ def test_store_refuses_a_shard_with_a_broken_line(tmp_path):
         AnswerStore(tmp_path, "train").read()
 
 
-@pytest.fixture(scope="module")
-def verifier() -> Path:
-    from speculative.pair import smollm2_gguf
-
-    try:
-        return smollm2_gguf()
-    except ModelLoadError as exc:
-        pytest.skip(f"the SmolLM2 verifier is not installed: {exc}")
-
-
-def test_scoring_pass_reproduces_the_top_k_the_decode_saw(verifier):
+def test_scoring_pass_reproduces_the_top_k_the_decode_saw(smollm2_verifier):
     """Teacher forcing, several sequences a decode and a prompt longer than a ubatch, gives the decode's top-k."""
     from speculative.smol_teacher import LlamaRunner, LlamaScorer
 
-    runner = LlamaRunner(verifier, batch=3, max_context=256)
+    runner = LlamaRunner(smollm2_verifier, batch=3, max_context=256)
     texts = ["What is 12 times 7?", "Write a haiku about the Moon.", "Translate into French: the cat sat on the mat.",
              "Summarise this: " + "The meeting is moved to Thursday because the room was double booked. " * 4]  # fmt: skip
     prompts = [(str(i), runner.chat_prompt_ids(t)) for i, t in enumerate(texts)]
     assert max(len(p) for _, p in prompts) > UBATCH_TOKENS
     decoded = sorted(runner.answer_stream(prompts, max_new=12, k=8), key=lambda a: a.id)
-    scorer = LlamaScorer(verifier, max_context=256, tokens=256, sequences=2)  # two packs of two
+    scorer = LlamaScorer(smollm2_verifier, max_context=256, tokens=256, sequences=2)  # two packs of two
     scored = list(scorer.score([(a.prompt_ids, a.answer_ids) for a in decoded], k=8))
     for a, (ids, logprobs) in zip(decoded, scored, strict=True):
         assert ids.shape == a.top_ids.shape == (len(a.answer_ids), 8)

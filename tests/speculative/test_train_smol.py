@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from speculative.errors import ModelLoadError
 from speculative.smol_teacher import StoredAnswer
 
 TINY = dict(
@@ -20,23 +18,13 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
-def verifier() -> Path:
-    from speculative.train_smol import verifier_gguf_path
-
-    try:
-        return verifier_gguf_path()
-    except ModelLoadError as exc:
-        pytest.skip(f"the SmolLM2 verifier is not installed: {exc}")
-
-
-@pytest.fixture(scope="module")
-def taught(tmp_path_factory, verifier):
+def taught(tmp_path_factory, smollm2_verifier):
     """A store and a work folder whose prompts and teacher stages are done."""
     from speculative.train_smol import Run, Settings
 
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("smol") / "work"
-    run = Run(work, work.parent / "out", work.parent / "store", Settings(**TINY), verifier)
+    run = Run(work, work.parent / "out", work.parent / "store", Settings(**TINY), smollm2_verifier)
     run.teacher()
     return run
 
@@ -102,13 +90,13 @@ def test_prompt_list_is_kept_from_the_first_run_when_the_sources_change(taught, 
     assert {a.id for a in taught.train_store.read()} <= {p.id for p in before[0]}
 
 
-def test_work_folder_and_store_refuse_other_settings(taught, verifier, tmp_path):
+def test_work_folder_and_store_refuse_other_settings(taught, smollm2_verifier, tmp_path):
     from speculative.train_smol import Run, Settings
 
     with pytest.raises(ValueError, match="other settings.*--work"):
-        Run(taught.work, taught.out, taught.store, Settings(**{**TINY, "top_k": 8}), verifier)
+        Run(taught.work, taught.out, taught.store, Settings(**{**TINY, "top_k": 8}), smollm2_verifier)
     with pytest.raises(ValueError, match="other settings.*--store"):  # its answers were cut at another length
-        Run(tmp_path / "work", taught.out, taught.store, Settings(**{**TINY, "max_new": 8}), verifier)
+        Run(tmp_path / "work", taught.out, taught.store, Settings(**{**TINY, "max_new": 8}), smollm2_verifier)
 
 
 def test_a_steps_rows_are_of_neighbouring_lengths_and_depend_on_the_step_alone():
