@@ -165,10 +165,9 @@ class VerifyScheduler:
         self.window_s = window_ms / 1e3
         self.max_batch = max_batch
         self._queue: queue.Queue[Item | None] = queue.Queue()
+        # the worker's own thread only: driven sessions' next rounds, and this round's draft orders (run together)
         self._next: deque[Round] = deque()
-        self._drafts: list[
-            tuple[DraftOrder, DrivenSession]
-        ] = []  # this round's draft orders, run together  # driven sessions' next rounds (the worker's own thread only)
+        self._drafts: list[tuple[DraftOrder, DrivenSession]] = []
         self._active = 0
         self._lock = threading.Lock()
         self._closed = False
