@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speculative.draft_llama import in_sequence_order
 from speculative.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -373,7 +374,7 @@ class LlamaRunner(LlamaGguf):
         out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
         pending: list[tuple[int, int]] = []  # (row, batch index) of the logits to read after a decode
         b.n_tokens = 0
-        for r, (seq, tokens, n_past) in enumerate(rows):
+        for r, (seq, tokens, n_past) in in_sequence_order(enumerate(rows), lambda row: row[1][0]):
             for offset, token in enumerate(tokens):
                 if b.n_tokens == BATCH_TOKENS:
                     self._flush(pending, out)

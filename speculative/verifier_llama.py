@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from speculative.acceptance import accept_greedy_ids, accept_sampling
+from speculative.draft_llama import in_sequence_order
 from speculative.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -306,7 +307,7 @@ class LlamaCppVerifier:
         chunks: list[np.ndarray] = []
         n_out = 0
         b.n_tokens = 0
-        for row in sorted(rows, key=_by_sequence):  # one llama.cpp micro-batch, not one per gap (``_by_sequence``)
+        for row in in_sequence_order(rows, lambda row: row.seq):
             if row.logits:
                 row.first = n_out
                 n_out += len(row.tokens)
@@ -345,12 +346,3 @@ class LlamaCppVerifier:
 
         self.decodes += 1
         return int(llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch))
-
-
-def _by_sequence(row: _Row) -> int:
-    """A batch's rows in increasing sequence ids: with a KV stream per sequence, llama.cpp splits a batch
-    into micro-batches of *consecutive* ids (``split_equal``, sequential), each a graph evaluation of its
-    own. Ids come from a low-first free list, so sorted rows are one run, where the order the sessions
-    joined the round made up to one micro-batch a session: measured on the demo verifier (Q8_0, two
-    threads, 16 sessions, plain decoding) 1,570-1,590 -> 3,230-3,350 tokens/s."""
-    return row.seq
