@@ -72,13 +72,34 @@ def _boolean(value: Any, default: bool) -> bool:
     return value
 
 
+def stop_sequences(value: Any) -> tuple[str, ...] | None:
+    """``stop`` as a tuple: a string, or a list of up to ``MAX_STOP`` non-empty strings; None if it is neither.
+
+    The one definition: the serializer's ``StopField`` refuses what this returns None for.
+    """
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        return None
+    return tuple(stops)
+
+
+def single_prompt(value: Any) -> str | None:
+    """``prompt`` of /v1/completions: a string, or a list holding exactly one; None if it is neither.
+
+    The one definition: the serializer's ``PromptField`` refuses what this returns None for.
+    """
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value if isinstance(value, str) else None
+
+
 def _stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
-    stops = [value] if type(value) is str else value
-    if type(stops) is not list or len(stops) > MAX_STOP or not all(type(s) is str and s for s in stops):
+    stops = stop_sequences(value)
+    if stops is None:
         raise _NotPlain
-    return tuple(stops)
+    return stops
 
 
 def _generation(body: dict) -> dict:
@@ -139,10 +160,8 @@ def completion(body: dict) -> dict | None:
     """``CompletionInputSerializer``'s result for a plain completion body; None: let the serializer validate it."""
     try:
         data = _generation(body)
-        prompt = body.get("prompt")
-        if type(prompt) is list and len(prompt) == 1:
-            prompt = prompt[0]
-        if type(prompt) is not str:
+        prompt = single_prompt(body.get("prompt"))
+        if prompt is None:
             raise _NotPlain
         data["prompt"] = prompt
         data["logprobs"] = _integer(body.get("logprobs"), None, low=0, high=MAX_LEGACY_LOGPROBS)

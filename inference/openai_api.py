@@ -122,10 +122,10 @@ class StopField(serializers.Field):
     default_error_messages = {"invalid": f"Must be a non-empty string or a list of at most {MAX_STOP} of them."}
 
     def to_internal_value(self, data):
-        stops = [data] if isinstance(data, str) else data
-        if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        stops = fast_bodies.stop_sequences(data)
+        if stops is None:
             self.fail("invalid")
-        return tuple(stops)
+        return stops
 
 
 class PromptField(serializers.Field):
@@ -134,11 +134,10 @@ class PromptField(serializers.Field):
     default_error_messages = {"invalid": "Must be a string or a list with exactly one string (one prompt per request)."}
 
     def to_internal_value(self, data):
-        if isinstance(data, list) and len(data) == 1:
-            data = data[0]
-        if not isinstance(data, str):
+        prompt = fast_bodies.single_prompt(data)
+        if prompt is None:
             self.fail("invalid")
-        return data
+        return prompt
 
 
 class StreamOptionsInputSerializer(serializers.Serializer):
