@@ -133,9 +133,7 @@ def _pin(path: Path, mine: dict, what: str) -> None:
                              f"use the same ones or another {what}")  # fmt: skip
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(mine, indent=2) + "\n")
-    os.replace(tmp, path)
+    _write_json(path, mine)
 
 
 def _write_json(path: Path, value: dict) -> None:
