@@ -1,4 +1,4 @@
-"""The cloud tier: a model's completions relayed from an OpenAI-compatible upstream over aiohttp, chunk by chunk.
+"""The cloud tier: a model's completions relayed from an OpenAI-compatible upstream, chunk by chunk.
 
 ``CloudEngine`` is the cloud engine of one public model. Its upstreams are the enabled
 ``CloudUpstream`` rows for that model, which ``UpstreamDirectory`` re-reads at most every
@@ -7,7 +7,7 @@ the upstreams a tenant may use in priority order until one answers (a failure be
 the first chunk moves on to the next), then relays that one's server-sent events: each
 chunk of text becomes one token event (``Provenance.CLOUD``), and the upstream's reported
 ``usage`` becomes the ledger's counts (or, when it sends none, the delivered text counted
-with the model's tokenizer).
+with the model's tokenizer). The HTTP client is :mod:`inference.upstream_http`.
 
 Nothing here knows what the upstream is: any server that speaks OpenAI's API works. A
 chat goes upstream as its messages, rendered by the upstream's own template.
@@ -21,18 +21,16 @@ import json
 import logging
 import os
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import aiohttp
 
 from inference.breakers import CircuitBreaker
 from inference.cloud_logprobs import named_logprobs
 from inference.completion import NamedLogprob
 from inference.errors import InvalidRequest, UpstreamFailed
 from inference.model_tokenizers import counts_with, gguf_tokenizer
+from inference.upstream_http import HttpError, Response, pool
 from speculative.errors import InvalidRequestError
 from speculative.types import FinishReason, Provenance, SamplingParams, TokenEvent, check_sampling
 
@@ -341,17 +339,14 @@ class CloudCompletion:
     async def _relay(self, upstream: Upstream) -> AsyncGenerator[TokenEvent, None]:
         chat, body = self._plan(upstream)
         url = upstream.base_url.rstrip("/") + ("/chat/completions" if chat else "/completions")
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=upstream.connect_timeout_s, sock_read=upstream.idle_timeout_s
-        )
         if not self.request.stream:
-            async for event in self._whole(upstream, url, body | {"stream": False}, chat, timeout):
+            async for event in self._whole(upstream, url, body | {"stream": False}, chat):
                 yield event
             return
         answered = False
         try:
             async with asyncio.timeout(upstream.first_token_timeout_s) as first_token:
-                async with _session().post(url, json=body, headers=upstream.headers(), timeout=timeout) as response:
+                async with await _post(upstream, url, body) as response:
                     if response.status != 200:
                         await _refuse(upstream, response)
                     async for event in self._events_of(response, chat):
@@ -359,18 +354,18 @@ class CloudCompletion:
                             answered = True
                             first_token.reschedule(None)  # from here on the idle timeout guards each chunk
                         yield event
-        except TimeoutError as exc:  # asyncio's (the first token) or aiohttp's (between chunks)
+        except TimeoutError as exc:  # asyncio's (the first token), the connect's, or the read's (between chunks)
             if not answered:
                 raise UpstreamFailed(
                     f"{upstream.name} sent no token within {upstream.first_token_timeout_s:g} s",
                     code="upstream_timeout",
                 ) from None
             raise UpstreamFailed(f"{upstream.name} timed out: {type(exc).__name__}", code="upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailed(f"{upstream.name} is unreachable: {type(exc).__name__}: {exc}") from None
+        except HttpError as exc:
+            raise UpstreamFailed(f"{upstream.name} is unreachable: {exc}") from None
 
     async def _whole(
-        self, upstream: Upstream, url: str, body: dict[str, Any], chat: bool, timeout: aiohttp.ClientTimeout
+        self, upstream: Upstream, url: str, body: dict[str, Any], chat: bool
     ) -> AsyncGenerator[TokenEvent, None]:
         """A non-streaming client's answer, asked for whole: one response and one parse instead of a chunk each.
 
@@ -381,7 +376,7 @@ class CloudCompletion:
         body.pop("stream_options", None)
         try:
             async with asyncio.timeout(upstream.first_token_timeout_s):
-                async with _session().post(url, json=body, headers=upstream.headers(), timeout=timeout) as response:
+                async with await _post(upstream, url, body) as response:
                     if response.status != 200:
                         await _refuse(upstream, response)
                     answer = json.loads(await response.read())
@@ -389,8 +384,8 @@ class CloudCompletion:
             raise UpstreamFailed(
                 f"{upstream.name} sent no answer within {upstream.first_token_timeout_s:g} s", code="upstream_timeout"
             ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailed(f"{upstream.name} is unreachable: {type(exc).__name__}: {exc}") from None
+        except HttpError as exc:
+            raise UpstreamFailed(f"{upstream.name} is unreachable: {exc}") from None
         except ValueError:
             raise UpstreamFailed(f"{upstream.name} answered with a body that is not JSON") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list) or not answer["choices"]:
@@ -467,7 +462,7 @@ class CloudCompletion:
         body["prompt"] = gguf_tokenizer(upstream.tokenizer).render_chat(messages, continue_final=True)
         return False, body
 
-    async def _events_of(self, response: aiohttp.ClientResponse, chat: bool) -> AsyncGenerator[TokenEvent, None]:
+    async def _events_of(self, response: Response, chat: bool) -> AsyncGenerator[TokenEvent, None]:
         """The upstream's server-sent events as token events; its usage and finish reason into ``stats``."""
         lines = _lines_of(response)
         async for line in lines:
@@ -493,9 +488,20 @@ class CloudCompletion:
                     yield self._event(text, choice, chat)
 
 
-async def _lines_of(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    async for raw in response.content:
-        yield raw.decode("utf-8", "replace").rstrip("\r\n")
+async def _post(upstream: Upstream, url: str, body: dict[str, Any]) -> Response:
+    """The upstream's response to ``body``, once its head is in; connect and between-chunk timeouts are the upstream's."""
+    return await pool().post(
+        url,
+        json.dumps(body, separators=(",", ":")).encode(),
+        upstream.headers(),
+        connect_timeout_s=upstream.connect_timeout_s,
+        read_timeout_s=upstream.idle_timeout_s,
+    )
+
+
+async def _lines_of(response: Response) -> AsyncIterator[str]:
+    async for raw in response.lines():
+        yield raw.decode("utf-8", "replace").rstrip("\r")
 
 
 async def _drain(lines: AsyncIterator[str]) -> None:
@@ -508,7 +514,7 @@ async def _drain(lines: AsyncIterator[str]) -> None:
         async with asyncio.timeout(DRAIN_AFTER_DONE_S):
             async for _ in lines:
                 pass
-    except (TimeoutError, aiohttp.ClientError) as exc:  # the answer is whole; only this connection is lost
+    except (TimeoutError, HttpError) as exc:  # the answer is whole; only this connection is lost
         log.info("an upstream's body did not end after [DONE] (%s): its connection is closed", type(exc).__name__)
 
 
@@ -542,7 +548,7 @@ def _message_of(body: Any) -> str:
     return str(error or body)[:MAX_ERROR_BODY]
 
 
-async def _refuse(upstream: Upstream, response: aiohttp.ClientResponse) -> None:
+async def _refuse(upstream: Upstream, response: Response) -> None:
     """An upstream's non-200 answer as our error: the request's fault (400) or the upstream's (502)."""
     raw = await response.read()
     try:
@@ -552,24 +558,3 @@ async def _refuse(upstream: Upstream, response: aiohttp.ClientResponse) -> None:
     if response.status in REQUEST_ERROR_STATUSES:
         raise InvalidRequest(f"the cloud upstream refused the request ({response.status}): {message}")
     raise UpstreamFailed(f"{upstream.name} answered {response.status}: {message}")
-
-
-# One connection pool per event loop: a client session belongs to the loop it was made on.
-_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
-
-
-def _session() -> aiohttp.ClientSession:
-    """This loop's session to the upstreams (aiohttp rather than httpx here: measured in the README)."""
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
-    if session is None or session.closed:
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, enable_cleanup_closed=True)
-        session = _sessions[loop] = aiohttp.ClientSession(connector=connector, auto_decompress=True)
-    return session
-
-
-async def close_session() -> None:
-    """Close this loop's session to the upstreams (a loop that ends: tests, a graceful shutdown)."""
-    session = _sessions.pop(asyncio.get_running_loop(), None)
-    if session is not None and not session.closed:
-        await session.close()

@@ -10,12 +10,12 @@ import pytest_asyncio
 from asgiref.sync import sync_to_async
 
 from inference import gateway
-from inference.cloud import close_session
 from inference.engines import get_engines
 from inference.errors import BudgetExceeded, InvalidRequest
 from inference.model_tokenizers import gguf_tokenizer
 from inference.services import cloud_upstream_register
 from inference.standin import MODEL_ALIAS, model_path
+from inference.upstream_http import close_pool
 from speculative.types import Provenance
 from tenants.models import UsageRecord
 from tenants.tiers import Tier
@@ -59,10 +59,10 @@ def upstream(standin, account):
 
 
 @pytest_asyncio.fixture(autouse=True)
-async def upstream_session_closed():
-    """Each test's event loop closes its session to the upstreams before the loop ends."""
+async def upstream_connections_closed():
+    """Each test's event loop closes its connections to the upstreams before the loop ends."""
     yield
-    await close_session()
+    close_pool()
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ import pytest_asyncio
 from asgiref.sync import sync_to_async
 
 from inference import gateway
-from inference.cloud import close_session
 from inference.errors import InvalidRequest
 from inference.services import routing_policy_publish
+from inference.upstream_http import close_pool
 from speculative.types import Provenance
 from tenants.models import UsageRecord
 from tenants.tiers import Tier
@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
 
 @pytest_asyncio.fixture(autouse=True)
-async def upstream_session_closed():
-    """Each test's event loop closes its session to the upstreams before the loop ends."""
+async def upstream_connections_closed():
+    """Each test's event loop closes its connections to the upstreams before the loop ends."""
     yield
-    await close_session()
+    close_pool()
 
 
 EMAIL = "maria.lopez.1987@gmail.com"
