@@ -1,7 +1,8 @@
 """``python -m config.serve``: the web server of the platform (console, ``/v1/``, websocket).
 
-uvicorn with its C HTTP parser (httptools), the uvloop event loop and the ``websockets``
-protocol, serving ``config.asgi:application``. Measured against daphne on the same
+uvicorn with its C HTTP parser (httptools, each response's head and body written together:
+:mod:`config.http_writes`), the uvloop event loop and the ``websockets`` protocol, serving
+``config.asgi:application``. Measured against daphne on the same
 machine and code (``python -m inference.bench --server daphne``): twisted's HTTP layer
 parses every request's Content-Type through the standard library's email package, a
 seventh of a streamed request's server time, and the pure-Python event loop and parser
@@ -19,6 +20,8 @@ import os
 import signal
 
 import uvicorn
+
+from config.http_writes import CoalescingHttpToolsProtocol
 
 APPLICATION = "config.asgi:application"
 
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,  # httptools, a response's head and body in one write
         ws="websockets",
         lifespan="off",  # Channels' router speaks http and websocket only
         log_level=args.log_level,
