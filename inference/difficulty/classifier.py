@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from inference.difficulty.embedding import WINDOWS, clip_prompt, length_feature, load_tokenizer, token_ids, windows
+from inference.difficulty.embedding import WINDOWS, WordPieceIds, clip_prompt, length_feature, load_tokenizer, windows
 from inference.difficulty.errors import ArtifactError, InvalidThresholds
 from inference.difficulty.labels import HARD_FRONTIER, HARD_OPEN, LABELS, ROUTINE, Label
 from inference.difficulty.ngrams import BUCKETS, ngram_buckets, tfidf_weights
@@ -122,6 +122,7 @@ class DifficultyClassifier:
         if head.token_logits.shape[1] < tokenizer.get_vocab_size():
             raise ArtifactError("token tables are smaller than the tokenizer's vocabulary")
         self._tokenizer = tokenizer
+        self._token_ids = WordPieceIds(tokenizer)
         self._head = head
         self.thresholds = thresholds
 
@@ -140,7 +141,7 @@ class DifficultyClassifier:
         """Unnormalised scores, shape (labels,): the same sum the unfolded head computes at training."""
         head = self._head
         reading = read_prompt(clip_prompt(prompt))
-        ids = token_ids(self._tokenizer, reading.instruction)
+        ids = self._token_ids(reading.instruction)
         out = head.bias.astype(np.float64) + head.length_logits * length_feature(reading.instruction)
         for table, window in zip(head.token_logits, windows(ids), strict=True):
             if len(window):  # the window's mean: sum / count is ndarray.mean's float32 result, without its wrapper

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inference.difficulty import classifier as classifier_module
 from inference.difficulty.classifier import Difficulty, DifficultyClassifier, Thresholds, default_classifier
@@ -296,3 +299,37 @@ def test_default_thresholds_keep_the_routers_limits_on_held_out_families():
     held_out = json.loads((ASSET_DIR / META_FILE).read_text())["family_holdout"]
     assert held_out["hard_to_edge"] <= MAX_HARD_TO_EDGE
     assert held_out["frontier_to_cloud"] >= MIN_FRONTIER_TO_CLOUD
+
+
+def _every_corpus_prompt() -> list[str]:
+    from inference.difficulty.corpus import ASSETS
+
+    return [row.prompt for path in sorted(ASSETS.glob("*.jsonl")) for row in read_jsonl(path)]
+
+
+@functools.cache
+def _serving_ids():
+    from inference.difficulty.embedding import WordPieceIds
+
+    return WordPieceIds(default_classifier()._tokenizer)
+
+
+def test_serving_token_ids_equal_the_tokenizers_on_every_corpus_prompt(model):
+    from inference.difficulty.embedding import token_ids
+
+    fast = _serving_ids()
+    prompts = _every_corpus_prompt()
+    plain = [p for p in prompts if p.isascii()]
+    assert len(plain) > 1000  # the fast path is exercised, not only the fallback
+    special = ["classify [MASK] as [CLS] or [SEP]", "x" * 2500 + " [PAD] " + "y" * 10, "a" * 150 + " b", "\x07bell"]
+    for prompt in prompts + special + [p * 9 for p in plain[:50]]:  # and beyond the tokenized clip
+        assert np.array_equal(fast(prompt), token_ids(model._tokenizer, prompt)), prompt[:80]
+    assert len(fast._words) > 1000  # the words the fast path split and remembered: it ran
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127) | st.sampled_from("éß中 "), max_size=120))
+def test_serving_token_ids_equal_the_tokenizers_on_generated_text(prompt):
+    from inference.difficulty.embedding import token_ids
+
+    assert np.array_equal(_serving_ids()(prompt), token_ids(default_classifier()._tokenizer, prompt))
