@@ -975,3 +975,26 @@ async def test_a_cloud_chunks_logprobs_are_served_as_its_upstream_named_its_toke
     else:
         assert (logprobs["tokens"], logprobs["token_logprobs"]) == ([" Par", "is"], [-0.25, -0.5])
         assert logprobs["top_logprobs"] == [{" Par": -0.25}, {"is": -0.5}]
+
+
+async def test_api_routes_without_parameters_resolve_once_and_the_rest_every_time(account, http, monkeypatch):
+    from django.urls.resolvers import URLResolver
+
+    resolved: list[str] = []
+    real = URLResolver.resolve
+
+    def counted(self, path):
+        match = real(self, path)
+        if self.pattern.regex.pattern == "^/":  # the root resolver: once per request it serves
+            resolved.append(path)
+        return match
+
+    monkeypatch.setattr(URLResolver, "resolve", counted)
+    for _ in range(3):
+        assert (await http.get("/v1/models", headers=bearer(account.raw_key))).status_code == 200
+        detail = await http.get(f"/v1/models/{MODEL}", headers=bearer(account.raw_key))
+        assert detail.status_code == 200 and detail.json()["id"] == MODEL
+        missing = await http.get("/v1/no-such-route", headers=bearer(account.raw_key))
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
+    assert resolved.count("/v1/models") <= 1  # remembered (once, or not at all if an earlier test resolved it)
+    assert resolved.count(f"/v1/models/{MODEL}") == 3 and resolved.count("/v1/no-such-route") == 3
