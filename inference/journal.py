@@ -133,14 +133,18 @@ class Journal:
                 os.ftruncate(fd, 0)  # O_APPEND: the next record goes at the new end
 
     def write(self, record: dict) -> None:
-        self._append(json.dumps(record, separators=(",", ":"), default=str) + "\n", record.get("id"))
+        self._append(_line(record), record.get("id"))
 
     # what the gateway writes ------------------------------------------------------------------
     def lease_opened(self, lease_id: object) -> None:
         self.write({"op": "lease", "lease": lease_id})
 
     def delivered(self, stream: GatewayStream) -> None:
-        """After a write to the client: the counts of what it has been sent (a leg's own record first)."""
+        """After a write to the client: the counts of what it has been sent (a leg's own record first).
+
+        The records of one call go in one ``write(2)``: the first delivery writes a leg's record
+        and its counts together.
+        """
         from inference.settlement import leg_usage, slo_sample
 
         legs = stream.legs()
@@ -149,6 +153,7 @@ class Journal:
             if not stream.hold.held:
                 return
             state = stream.journaled = JournalState()
+        lines: list[str] = []
         for index in range(state.legs, len(legs)):
             leg = legs[index]
             if leg.price is None:
@@ -164,23 +169,15 @@ class Journal:
                 "usage": usage_as_dict(usage),
                 "slo": slo_sample(stream, now, "error"),
             }
-            self.write(record)
+            lines.append(_line(record))
             if index < len(legs) - 1:  # a leg that ended: its final counts
-                self._counts(stream.request_id, index, leg.tally, leg.prompt_tokens)
+                lines.append(_counts(stream.request_id, index, leg.tally, leg.prompt_tokens))
             state.legs = index + 1
         current = len(legs) - 1
         if state.legs > current:
-            self._counts(stream.request_id, current, legs[current].tally, legs[current].prompt_tokens)
-
-    def _counts(self, request_id: str, leg: int, tally: Any, prompt_tokens: int) -> None:
-        first = tally.first_token_at
-        ttft = "null" if first is None else f"{(first - tally.started) * 1e3:.3f}"
-        elapsed = (time.perf_counter() - tally.started) * 1e3
-        self._append(
-            f'{{"op":"n","id":{json.dumps(request_id)},"leg":{leg},"p":{prompt_tokens},"n":{tally.delivered},'
-            f'"g":"{tally.gpu_ms:.3f}","d":"{tally.drafted:.3f}","a":{tally.accepted},"t":{ttft},"e":{elapsed:.3f}}}\n',
-            request_id,
-        )
+            lines.append(_counts(stream.request_id, current, legs[current].tally, legs[current].prompt_tokens))
+        if lines:
+            self._append("".join(lines), stream.request_id)
 
     def settling(self, stream: GatewayStream, charges: list[LeaseCharge], slo: dict) -> None:
         """The exact charge of a request that ended (price, usage and what it held, per leg) and its SLO sample."""
@@ -203,6 +200,21 @@ class Journal:
                 self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"), default=str) + "\n"
+
+
+def _counts(request_id: str, leg: int, tally: Any, prompt_tokens: int) -> str:
+    """A leg's "n" record: the counts of what its client has been sent so far."""
+    first = tally.first_token_at
+    ttft = "null" if first is None else f"{(first - tally.started) * 1e3:.3f}"
+    elapsed = (time.perf_counter() - tally.started) * 1e3
+    return (
+        f'{{"op":"n","id":{json.dumps(request_id)},"leg":{leg},"p":{prompt_tokens},"n":{tally.delivered},'
+        f'"g":"{tally.gpu_ms:.3f}","d":"{tally.drafted:.3f}","a":{tally.accepted},"t":{ttft},"e":{elapsed:.3f}}}\n'
+    )
 
 
 @dataclass

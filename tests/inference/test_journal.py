@@ -177,3 +177,26 @@ async def test_a_finished_request_leaves_nothing_owed_in_the_journal(account, jo
     journal.close()
     assert not journal.path.exists()  # a clean exit deletes a file that owes nothing
     await ws.disconnect()
+
+
+async def test_a_legs_first_record_and_its_counts_go_to_the_file_in_one_write(account, journal, monkeypatch):
+    import os
+
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def counted(fd: int, data: bytes) -> int:
+        if fd == journal._fd:
+            writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counted)
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=5))
+    started, _, done = await run_to_end(ws, "s1")
+    await gateway.ledger_writes_flush()
+    mine = [w for w in writes if started["request_id"].encode() in w]
+    first = [json.loads(line)["op"] for line in mine[0].decode().splitlines()]
+    assert first == ["leg", "n"]  # one write(2): a crash cannot leave the leg without its counts
+    assert all(w.endswith(b"\n") for w in mine)
+    await ws.disconnect()
