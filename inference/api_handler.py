@@ -27,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from asgiref.sync import markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.middleware.security import SecurityMiddleware
 from django.urls import ResolverMatch, get_resolver, set_script_prefix
 
-API_MIDDLEWARE = ["inference.api_handler.InlineSecurityMiddleware"]
+API_MIDDLEWARE = ["inference.api_handler.InlineSecurityMiddleware", "inference.api_handler.ContentLengthMiddleware"]
 API_PREFIX = "/v1/"
 MAX_STATIC_MATCHES = 64  # a bound, should a URL conf ever hold many routes without parameters
 
@@ -50,6 +51,28 @@ class InlineSecurityMiddleware(SecurityMiddleware):
         response = self.process_request(request)
         response = response or await self.get_response(request)
         return self.process_response(request, response)
+
+
+class ContentLengthMiddleware:
+    """A whole (not streamed) response's ``Content-Length``, as the console's ``CommonMiddleware`` sets it.
+
+    Without it uvicorn sends the API's JSON answers chunked: framing to write, and to parse in
+    every client (a pure-Python parser in httpx and the official OpenAI client). Async-only:
+    it runs on the event loop.
+    """
+
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        markcoroutinefunction(self)  # so Django awaits it without a thread hop
+
+    async def __call__(self, request):
+        response = await self.get_response(request)
+        if not response.streaming and not response.has_header("Content-Length"):
+            response.headers["Content-Length"] = str(len(response.content))
+        return response
 
 
 class ApiASGIHandler(ASGIHandler):

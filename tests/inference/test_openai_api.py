@@ -998,3 +998,14 @@ async def test_api_routes_without_parameters_resolve_once_and_the_rest_every_tim
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
     assert resolved.count("/v1/models") <= 1  # remembered (once, or not at all if an earlier test resolved it)
     assert resolved.count(f"/v1/models/{MODEL}") == 3 and resolved.count("/v1/no-such-route") == 3
+
+
+async def test_whole_api_answers_carry_their_length_and_streams_are_chunked(account, http):
+    response = await post_chat(http, account.raw_key, max_tokens=3)
+    assert response.status_code == 200
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert "transfer-encoding" not in response.headers
+    error = await http.post("/v1/chat/completions", content=b"{", headers=bearer(account.raw_key))
+    assert error.status_code == 400 and int(error.headers["content-length"]) == len(error.content)
+    streamed = await post_chat(http, account.raw_key, max_tokens=3, stream=True)
+    assert streamed.status_code == 200 and "content-length" not in streamed.headers
