@@ -19,7 +19,8 @@ byte of the 32-chunk answer), reported as added to ``direct``'s median; then req
 and latency with ``--clients`` clients at once (non-streaming) for ``--seconds``. The
 paths take turns within a round, in an order that rotates from round to round, and the
 summary gives each figure's range over the rounds. Client, relays and upstream share this
-machine's cores.
+machine's cores; the client is aiohttp's (``--client httpx`` for the earlier runs' client:
+``CLIENTS`` says why it changed).
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ UPSTREAM_NAME = "bench-upstream"
 LITELLM_MODEL = "bench-upstream"
 READY_TIMEOUT_S = 180.0  # LiteLLM's proxy takes a while to import
 LEDGER_TIMEOUT_S = 20.0  # rows are written behind the reply, in batches
+# The load generator must not be what is measured. Up to 2026-12-02 it was httpx, whose client
+# costs 1.3 ms of CPU a request one at a time and 3-5 ms at 32 at once on this machine, against
+# aiohttp's 0.15-0.35: with httpx every path topped out near 300 requests/s, the upstream alone
+# included (aiohttp's client gets 6,000 from it), and the client took the cores from the relays.
+CLIENTS = {
+    "aiohttp": "the default since 2026-12-02: the client's own cost is a fraction of each path's",
+    "httpx": "the runs before 2026-12-02 (compare with them); its own cost caps every path near 300 requests/s",
+}
 
 
 # --- the upstream: an instant OpenAI-compatible server ---------------------------------------------------
@@ -362,10 +371,60 @@ class Target:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
         return body | self.extra
 
-    def client(self, connections: int = 1) -> httpx.AsyncClient:
+    def client(self, kind: str, connections: int = 1) -> BenchClient:
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        return (AiohttpClient if kind == "aiohttp" else HttpxClient)(self.base, headers, connections)
+
+
+class BenchClient:
+    """The load generator's client: ``post(path, body) -> (status, body)``; one per path and phase."""
+
+    async def post(self, path: str, body: dict) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> BenchClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class HttpxClient(BenchClient):
+    """httpx, the client of the runs up to 2026-12-02: its own cost caps every path (see ``CLIENTS``)."""
+
+    def __init__(self, base: str, headers: dict[str, str], connections: int) -> None:
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        return httpx.AsyncClient(base_url=self.base, headers=headers, timeout=30, limits=limits)
+        self._client = httpx.AsyncClient(base_url=base, headers=headers, timeout=30, limits=limits)
+
+    async def post(self, path: str, body: dict) -> tuple[int, bytes]:
+        response = await self._client.post(path, json=body)
+        return response.status_code, response.content
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class AiohttpClient(BenchClient):
+    """aiohttp's client (a dev dependency): a fifth of httpx's CPU a request, so the paths are what is measured."""
+
+    def __init__(self, base: str, headers: dict[str, str], connections: int) -> None:
+        import aiohttp  # the dev extras' (make install); --client httpx runs without it
+
+        self._base = base
+        self._headers = headers | {"Content-Type": "application/json"}
+        connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
+
+    async def post(self, path: str, body: dict) -> tuple[int, bytes]:
+        data = json.dumps(body).encode()
+        async with self._session.post(self._base + path, data=data, headers=self._headers) as response:
+            return response.status, await response.read()
+
+    async def aclose(self) -> None:
+        await self._session.close()
 
 
 def streamed_text(raw: str) -> str:
@@ -377,41 +436,42 @@ def streamed_text(raw: str) -> str:
     return "".join(pieces)
 
 
-async def one_at_a_time(target: Target, requests: int, stream: bool) -> list[float]:
+async def one_at_a_time(target: Target, kind: str, requests: int, stream: bool) -> list[float]:
     """Requests one after another; each one's time to its last byte, ms. The first answer's text is checked."""
     body, times = target.body(stream), []
-    async with target.client() as client:
+    async with target.client(kind) as client:
         for i in range(requests):
             started = time.perf_counter()
-            response = await client.post("/chat/completions", json=body)
+            status, raw = await client.post("/chat/completions", body)
             times.append((time.perf_counter() - started) * 1e3)
             target.sent += 1
-            if response.status_code != 200:
-                raise RuntimeError(f"{target.name} answered {response.status_code}: {response.text[:500]}")
+            if status != 200:
+                raise RuntimeError(f"{target.name} answered {status}: {raw[:500].decode(errors='replace')}")
             if i == 0:
-                text = streamed_text(response.text) if stream else response.json()["choices"][0]["message"]["content"]
+                answer = raw.decode()
+                text = streamed_text(answer) if stream else json.loads(answer)["choices"][0]["message"]["content"]
                 if text != "".join(ANSWER):
                     raise RuntimeError(f"{target.name} relayed {text!r}, not the upstream's answer")
     return times
 
 
-async def under_load(target: Target, clients: int, seconds: float) -> dict:
+async def under_load(target: Target, kind: str, clients: int, seconds: float) -> dict:
     """``clients`` clients posting non-streaming requests back to back for ``seconds``."""
     body, latencies, errors = target.body(False), [], 0
     deadline = time.perf_counter() + seconds
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: BenchClient) -> None:
         nonlocal errors
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            response = await client.post("/chat/completions", json=body)
+            status, _ = await client.post("/chat/completions", body)
             target.sent += 1
-            if response.status_code == 200:
+            if status == 200:
                 latencies.append((time.perf_counter() - started) * 1e3)
             else:
                 errors += 1
 
-    async with target.client(clients) as client:
+    async with target.client(kind, clients) as client:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         elapsed = time.perf_counter() - started
@@ -427,9 +487,9 @@ async def measure_round(targets: list[Target], args: argparse.Namespace) -> dict
     times: dict[str, dict] = {}
     for target in targets:
         times[target.name] = {
-            "non_streaming": await one_at_a_time(target, args.requests, stream=False),
-            "stream": await one_at_a_time(target, args.stream_requests, stream=True),
-            "load": await under_load(target, args.clients, args.seconds),
+            "non_streaming": await one_at_a_time(target, args.client, args.requests, stream=False),
+            "stream": await one_at_a_time(target, args.client, args.stream_requests, stream=True),
+            "load": await under_load(target, args.client, args.clients, args.seconds),
         }
     floor = {kind: median(times["direct"][kind]) for kind in ("non_streaming", "stream")}
     report: dict[str, Any] = {"order": [t.name for t in targets]}
@@ -519,8 +579,8 @@ def wait_for_ledger(env: dict[str, str], expected: int) -> dict:
 
 async def run_rounds(targets: list[Target], args: argparse.Namespace) -> list[dict]:
     for target in targets:  # warm up: connections, the ORM, caches, LiteLLM's router
-        await one_at_a_time(target, args.warmup, stream=False)
-        await one_at_a_time(target, args.warmup, stream=True)
+        await one_at_a_time(target, args.client, args.warmup, stream=False)
+        await one_at_a_time(target, args.client, args.warmup, stream=True)
     rounds = []
     for i in range(args.rounds):
         shift = i % len(targets)
@@ -567,6 +627,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             "rounds": args.rounds,
             "requests_one_at_a_time": {"non_streaming": args.requests, "stream": args.stream_requests},
             "clients": args.clients,
+            "client": {"library": args.client, "why": CLIENTS[args.client]},
             "seconds": args.seconds,
             "summary": summarize(rounds, names, args.clients),
             "aims": aims(rounds, args.clients, ledger["matched"]),
@@ -586,6 +647,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--warmup", type=int, default=20, help="requests of each kind per path before the rounds")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument(
+        "--client", choices=sorted(CLIENTS), default="aiohttp", help="the load generator's HTTP client (see CLIENTS)"
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="of the concurrent load, per path and round")
     parser.add_argument("--litellm-python", default="", help="the python of a virtualenv with litellm[proxy]")
     parser.add_argument("--out", type=Path, default=None)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from inference import bench_relay
 
 
-def test_the_relay_benchmark_compares_tandem_with_the_upstream_and_its_ledger_matches(tmp_path, capsys):
+@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+def test_the_relay_benchmark_compares_tandem_with_the_upstream_and_its_ledger_matches(tmp_path, capsys, client):
     out = tmp_path / "relay.json"
     argv = ["--rounds", "2", "--requests", "3", "--stream-requests", "2", "--warmup", "1", "--clients", "2"]
-    bench_relay.main([*argv, "--seconds", "0.2", "--out", str(out)])
+    bench_relay.main([*argv, "--seconds", "0.2", "--client", client, "--out", str(out)])
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
+    assert report["client"]["library"] == client
     assert "skipped" in report["litellm"] and len(report["per_round"]) == 2
     assert [r["order"] for r in report["per_round"]] == [["direct", "tandem"], ["tandem", "direct"]]
     for name in ("direct", "tandem"):
