@@ -118,7 +118,7 @@ class WordPieceIds:
 
 
 def windows(ids: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The token ids of each window in ``WINDOWS`` order."""
+    """The token ids (or any per-token rows) of each window in ``WINDOWS`` order."""
     return ids, ids[:WINDOW_TOKENS], ids[-WINDOW_TOKENS:]
 
 

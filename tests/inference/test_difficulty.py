@@ -333,3 +333,74 @@ def test_serving_token_ids_equal_the_tokenizers_on_generated_text(prompt):
     from inference.difficulty.embedding import token_ids
 
     assert np.array_equal(_serving_ids()(prompt), token_ids(default_classifier()._tokenizer, prompt))
+
+
+def _reference_ngram_buckets(prompt: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The n-gram hash written out as defined (each n-gram's polynomial from its own codes), np.unique's counts."""
+    from inference.difficulty.ngrams import _BASE, _MIX, BUCKET_BITS, NGRAM_MAX, NGRAM_MIN, normalise, word_hashes
+
+    if not prompt:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    text = normalise(prompt)
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    hashes = word_hashes(text, seed)
+    for n in range(NGRAM_MIN, NGRAM_MAX + 1):
+        count = len(codes) - n + 1
+        if count <= 0:
+            continue
+        h = np.full(count, n + seed, dtype=np.uint64)
+        for k in range(n):
+            h = h * _BASE + codes[k : k + count]
+        hashes.append(h)
+    buckets = ((np.concatenate(hashes) * _MIX) >> np.uint64(64 - BUCKET_BITS)).astype(np.intp)
+    return np.unique(buckets, return_counts=True)
+
+
+def test_ngram_buckets_equal_the_hash_as_defined_on_every_corpus_prompt():
+    from inference.difficulty.ngrams import ngram_buckets
+    from inference.difficulty.payload import PAYLOAD_SEED
+
+    for prompt in [*_every_corpus_prompt()[::3], "a", "ab", "x" * 40_000]:
+        for seed in (0, PAYLOAD_SEED):
+            ids, counts = ngram_buckets(prompt, seed=seed)
+            expected_ids, expected_counts = _reference_ngram_buckets(prompt, seed)
+            assert np.array_equal(ids, expected_ids) and np.array_equal(counts, expected_counts), prompt[:80]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_ngram_buckets_equal_the_hash_as_defined_on_generated_text(prompt):
+    from inference.difficulty.ngrams import ngram_buckets
+
+    ids, counts = ngram_buckets(prompt)
+    expected_ids, expected_counts = _reference_ngram_buckets(prompt)
+    assert np.array_equal(ids, expected_ids) and np.array_equal(counts, expected_counts)
+
+
+def _reference_logits(model: DifficultyClassifier, prompt: str) -> np.ndarray:
+    """The folded head's sum as written at training: a gather per window from its own table."""
+    from inference.difficulty.embedding import clip_prompt, length_feature, token_ids, windows
+    from inference.difficulty.ngrams import ngram_buckets, tfidf_weights
+    from inference.difficulty.payload import PAYLOAD_SEED, read_prompt
+
+    head = model._head
+    reading = read_prompt(clip_prompt(prompt))
+    ids = token_ids(model._tokenizer, reading.instruction)
+    out = head.bias.astype(np.float64) + head.length_logits * length_feature(reading.instruction)
+    for table, window in zip(head.token_logits, windows(ids), strict=True):
+        if len(window):
+            out += table[window].mean(axis=0)
+    buckets, counts = ngram_buckets(reading.instruction + reading.markers)
+    out += head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets])
+    if reading.payload and head.payload_weight:
+        buckets, counts = ngram_buckets(reading.payload, seed=PAYLOAD_SEED)
+        out += head.payload_weight * (head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets]))
+    return out
+
+
+def test_serving_scores_equal_the_heads_sum_as_written_bit_for_bit(model):
+    for prompt in _every_corpus_prompt()[::2]:
+        logits = model.logits(prompt)
+        assert np.array_equal(logits, _reference_logits(model, prompt)), prompt[:80]
+        verdict = model.classify(prompt)  # and classify's probabilities are probabilities'
+        assert [verdict.probs[label] for label in LABELS] == model.probabilities([prompt])[0].tolist()
