@@ -1009,3 +1009,52 @@ async def test_whole_api_answers_carry_their_length_and_streams_are_chunked(acco
     assert error.status_code == 400 and int(error.headers["content-length"]) == len(error.content)
     streamed = await post_chat(http, account.raw_key, max_tokens=3, stream=True)
     assert streamed.status_code == 200 and "content-length" not in streamed.headers
+
+
+async def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_view_and_pays_nothing(account, gated):
+    """Non-streaming: the view waits for the whole answer; the client leaves; the view is stopped, not left running."""
+    hang_up = asyncio.Event()
+    sent: list[dict] = []
+    first = True
+
+    async def receive() -> dict:
+        nonlocal first
+        if first:
+            first = False
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 50}
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {account.raw_key}".encode()),
+            (b"x-request-id", b"whole-answer-hang-up-1"),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+    serving = asyncio.ensure_future(application(scope, receive, send))
+    assert await asyncio.to_thread(gated.blocked.wait, 10)  # 3 tokens made, the engine waits at its gate
+    hang_up.set()
+    await asyncio.wait_for(serving, timeout=10)  # the view was stopped: it does not wait for the gate
+    assert sent == []  # nobody to answer
+    await gateway.ledger_writes_flush()
+    # it was sent nothing, so it owes nothing: its hold goes back whole and no row is written
+    reservation = await Reservation.objects.aget(request_id="whole-answer-hang-up-1")
+    assert reservation.status == "released"
+    assert not await UsageRecord.objects.filter(request_id="whole-answer-hang-up-1").aexists()
