@@ -108,6 +108,29 @@ def gated() -> Iterator[GatedEngine]:
 
 
 # raw ASGI: the body as it is sent, and a client that can hang up ----------------------------------
+def api_scope(path: str, raw_key: str, *headers: tuple[bytes, bytes]) -> dict:
+    """An ASGI scope of a JSON POST to ``path`` with ``raw_key`` as its bearer (and ``headers``)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {raw_key}".encode()),
+            *headers,
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+
+
 async def asgi_post(
     path: str, body: dict, raw_key: str, on_body: Callable[[str], bool | None] = lambda text: None
 ) -> tuple[int, dict[str, str], str]:
@@ -136,25 +159,7 @@ async def asgi_post(
             elif on_body("".join(received)):
                 hang_up.set()
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", b"application/json"),
-            (b"authorization", f"Bearer {raw_key}".encode()),
-        ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-    }
-    await asyncio.wait_for(application(scope, receive, send), timeout=10)
+    await asyncio.wait_for(application(api_scope(path, raw_key), receive, send), timeout=10)
     return status, headers, "".join(received)
 
 
@@ -1029,25 +1034,7 @@ async def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_view_and_pays_
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", b"application/json"),
-            (b"authorization", f"Bearer {account.raw_key}".encode()),
-            (b"x-request-id", b"whole-answer-hang-up-1"),
-        ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-    }
+    scope = api_scope("/v1/chat/completions", account.raw_key, (b"x-request-id", b"whole-answer-hang-up-1"))
     serving = asyncio.ensure_future(application(scope, receive, send))
     assert await asyncio.to_thread(gated.blocked.wait, 10)  # 3 tokens made, the engine waits at its gate
     hang_up.set()

@@ -125,13 +125,19 @@ async def test_a_chunked_event_stream_is_read_line_by_line_across_chunk_and_pack
     pool.close()
 
 
-async def test_a_body_that_ends_with_the_connection_is_whole_and_the_connection_not_kept(serve):
+def then_close(raw: bytes) -> Answer:
+    """An answer of these bytes, after which the server closes the connection."""
+
     async def answer(writer: asyncio.StreamWriter, request: dict) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 5000)
+        writer.write(raw)
         await writer.drain()
         writer.close()
 
-    server, url = await serve(answer)
+    return answer
+
+
+async def test_a_body_that_ends_with_the_connection_is_whole_and_the_connection_not_kept(serve):
+    server, url = await serve(then_close(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 5000))
     pool = Pool()
     for _ in range(2):
         async with await pool.post(url, BODY, {}) as response:
@@ -160,12 +166,7 @@ async def test_a_server_that_never_answers_is_a_timeout_and_its_connection_is_dr
 
 
 async def test_a_body_cut_off_is_an_http_error(serve):
-    async def answer(writer: asyncio.StreamWriter, request: dict) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"y" * 10)
-        await writer.drain()
-        writer.close()
-
-    _, url = await serve(answer)
+    _, url = await serve(then_close(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"y" * 10))
     async with await Pool().post(url, BODY, {}) as response:
         with pytest.raises(HttpError, match="closed before the answer ended"):
             await response.read()
