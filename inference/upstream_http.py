@@ -207,13 +207,14 @@ class Response:
                 await self._wait()
 
     async def read(self) -> bytes:
-        """The whole body."""
-        while not self._complete:
+        """The whole body (taken as it comes: a body past the read-ahead limit must not pause its own socket)."""
+        parts: list[bytes] = []
+        while True:
+            while self._chunks:
+                parts.append(self._take())
+            if self._complete:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             await self._wait()
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return data
 
     async def lines(self) -> AsyncIterator[bytes]:
         """The body split at ``\\n`` (without it): a server-sent event stream's lines."""

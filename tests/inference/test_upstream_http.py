@@ -297,6 +297,15 @@ async def test_a_large_body_comes_whole_through_the_read_ahead_limit(serve):
     pool.close()
 
 
+async def test_a_large_body_read_whole_is_not_stalled_by_the_read_ahead_limit(serve):
+    big = b"z" * (3 << 20)  # twelve times the read-ahead: a whole read must keep the socket reading
+    _, url = await serve(whole(big))
+    pool = Pool()
+    async with await pool.post(url, BODY, {}, read_timeout_s=5) as response:
+        assert await response.read() == big
+    pool.close()
+
+
 async def test_https_with_the_pools_trust(serve):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
