@@ -404,6 +404,9 @@ class Pool:
         try:
             connection.send(response, head + body)
             await response._until_head()
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("identity", ""):  # asked for none: a body this client cannot read
+                raise HttpError(f"the upstream encoded its answer ({encoding}) though asked for identity")
         except BaseException:
             response.release()
             raise

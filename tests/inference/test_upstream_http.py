@@ -200,6 +200,12 @@ async def test_an_error_status_is_an_answer_with_its_body(serve):
         assert json.loads(await response.read())["error"]["message"] == "no such model"
 
 
+async def test_a_compressed_answer_though_identity_was_asked_is_an_http_error(serve):
+    _, url = await serve(whole(b"\x1f\x8b compressed", extra=b"Content-Encoding: gzip\r\n"))
+    with pytest.raises(HttpError, match="encoded its answer"):
+        await Pool().post(url, BODY, {})
+
+
 async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(serve):
     server, url = await serve(whole(b"{}"))
     with pytest.raises(HttpError, match="line break"):
