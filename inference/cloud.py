@@ -7,7 +7,7 @@ the upstreams a tenant may use in priority order until one answers (a failure be
 the first chunk moves on to the next), then relays that one's server-sent events: each
 chunk of text becomes one token event (``Provenance.CLOUD``), and the upstream's reported
 ``usage`` becomes the ledger's counts (or, when it sends none, the delivered text counted
-with the model's tokenizer). The HTTP client is :mod:`inference.upstream_http`.
+with the model's tokenizer). The HTTP client is :mod:`inference.upstream_pool` (and :mod:`inference.upstream_http`).
 
 Nothing here knows what the upstream is: any server that speaks OpenAI's API works. A
 chat goes upstream as its messages, rendered by the upstream's own template.
@@ -30,7 +30,8 @@ from inference.cloud_logprobs import named_logprobs
 from inference.completion import NamedLogprob
 from inference.errors import InvalidRequest, UpstreamFailed
 from inference.model_tokenizers import counts_with, gguf_tokenizer
-from inference.upstream_http import HttpError, Response, pool
+from inference.upstream_http import HttpError, Response
+from inference.upstream_pool import pool
 from speculative.errors import InvalidRequestError
 from speculative.types import FinishReason, Provenance, SamplingParams, TokenEvent, check_sampling
 

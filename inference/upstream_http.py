@@ -1,6 +1,7 @@
-"""The cloud tier's HTTP client: HTTP/1.1 on asyncio protocols, httptools' parser, connections kept per origin.
+"""The cloud tier's HTTP client: HTTP/1.1 on asyncio protocols and httptools' parser; here a request and its answer.
 
-``post(url, body, headers, ...)`` sends one JSON request and answers with a :class:`Response`
+:mod:`inference.upstream_pool` keeps the connections per origin; its ``post(url, body,
+headers, ...)`` sends one JSON request and answers with a :class:`Response`
 as soon as its status line and headers are in; its body is read whole (``read``) or as it
 arrives (``lines``, for server-sent events), and leaving ``async with response`` hands the
 connection back for the next request, or closes it when the answer was not read to its end.
@@ -24,18 +25,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import ssl
-import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, urlsplit
 
 import httptools
 
-MAX_CONNECTIONS_PER_ORIGIN = 64  # beyond it, requests wait for a connection to come back
-KEEPALIVE_S = 15.0  # an idle connection is closed after this long
+if TYPE_CHECKING:
+    from inference.upstream_pool import Pool
+
 MAX_BUFFERED = 1 << 18  # bytes read ahead of the consumer before the socket is paused
 MAX_LINE = 1 << 20  # a server-sent event line longer than this is not an answer
 
@@ -48,7 +48,7 @@ class HttpError(Exception):
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     """Where a URL points: the pool's key for its origin, how to connect, and the request line's parts."""
 
     origin: tuple[str, str, int]
@@ -60,7 +60,7 @@ class _Target:
 
 
 @functools.lru_cache(maxsize=256)  # a handful of upstream URLs, parsed once each
-def _target(url: str) -> _Target:
+def target_of(url: str) -> Target:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HttpError(f"not an http(s) URL: {url!r}")
@@ -72,7 +72,7 @@ def _target(url: str) -> _Target:
     except ValueError as exc:  # a port that is not a number, or out of range
         raise HttpError(f"bad port in {url!r}: {exc}") from None
     path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_URL_SAFE)
-    return _Target(
+    return Target(
         origin=(parts.scheme, parts.hostname, port),
         host=parts.hostname,
         port=port,
@@ -89,7 +89,7 @@ def _host_header(hostname: str, port: int | None, netloc: str) -> bytes:
     return hostname.encode("idna") + (b":%d" % port if port else b"")
 
 
-def _head(target: _Target, body_length: int, headers: Mapping[str, str]) -> bytes:
+def request_head(target: Target, body_length: int, headers: Mapping[str, str]) -> bytes:
     """The request line and headers. A header with a line break in it is refused, never sent (header injection)."""
     lines = [
         b"POST " + target.path + b" HTTP/1.1",
@@ -111,7 +111,7 @@ def _head(target: _Target, body_length: int, headers: Mapping[str, str]) -> byte
 class Response:
     """One answer: ``status`` and ``headers`` (lower-case names) once ``post`` returns, the body as it arrives."""
 
-    def __init__(self, connection: _Connection, read_timeout_s: float | None) -> None:
+    def __init__(self, connection: Connection, read_timeout_s: float | None) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self._connection = connection
@@ -185,7 +185,7 @@ class Response:
         if not waiter.done():
             waiter.set_exception(TimeoutError(f"no data from the upstream within {self._read_timeout_s:g} s"))
 
-    async def _until_head(self) -> None:
+    async def _untilrequest_head(self) -> None:
         while not self._head_done:
             await self._wait()
 
@@ -247,7 +247,7 @@ class Response:
         self.release()
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One keep-alive connection: the protocol asyncio drives, and httptools' parser's callbacks."""
 
     def __init__(self, pool: Pool, origin: tuple[str, str, int]) -> None:
@@ -350,180 +350,3 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is not None and response._head_done:
             response._finish()
-
-
-class _Origin:
-    """One origin's connections: the idle ones (the last returned on top), how many are open, who waits for one."""
-
-    def __init__(self) -> None:
-        self.idle: list[_Connection] = []
-        self.open = 0
-        self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
-
-    def wake(self, connection: _Connection | None) -> bool:
-        """Hand ``connection`` (or, with None, a free place to connect) to the first waiter; False when none waits."""
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(connection)
-                return True
-        return False
-
-
-class Pool:
-    """The connections of one event loop, idle ones kept per origin, at most ``max_per_origin`` open per origin."""
-
-    def __init__(
-        self,
-        max_per_origin: int = MAX_CONNECTIONS_PER_ORIGIN,
-        keepalive_s: float = KEEPALIVE_S,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self._max_per_origin = max_per_origin
-        self._keepalive_s = keepalive_s
-        self._origins: dict[tuple[str, str, int], _Origin] = {}
-        self._tls = tls  # None: the system's trust store, on the first https request
-        self.closed = False
-
-    async def post(
-        self,
-        url: str,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        connect_timeout_s: float | None = None,
-        read_timeout_s: float | None = None,
-    ) -> Response:
-        """POST ``body`` (JSON) to ``url``; the response once its head is in (use it with ``async with``)."""
-        if self.closed:
-            raise HttpError("the connection pool is closed")
-        target = _target(url)
-        head = _head(target, len(body), headers)
-        connection = await self._connection(target, connect_timeout_s)
-        response = Response(connection, read_timeout_s)
-        try:
-            connection.send(response, head + body)
-            await response._until_head()
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("identity", ""):  # asked for none: a body this client cannot read
-                raise HttpError(f"the upstream encoded its answer ({encoding}) though asked for identity")
-        except BaseException:
-            response.release()
-            raise
-        return response
-
-    async def _connection(self, target: _Target, connect_timeout_s: float | None) -> _Connection:
-        """An idle connection to the target's origin, a new one while fewer than the limit are open, else the next one back."""
-        origin = self._origins.get(target.origin)
-        if origin is None:
-            origin = self._origins[target.origin] = _Origin()
-        while True:
-            while origin.idle:
-                connection = origin.idle.pop()
-                connection.stop_expiry()
-                if connection.usable():
-                    return connection
-                connection.counted = False  # closing while idle, its close not yet seen: its place is free now
-                origin.open -= 1
-            if origin.open < self._max_per_origin:
-                origin.open += 1
-                try:
-                    connection = await self._connect(target, connect_timeout_s)
-                except BaseException:
-                    self.closed_one(target.origin)
-                    raise
-                connection.counted = True
-                return connection
-            waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
-            origin.waiters.append(waiter)
-            try:
-                handed = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():  # handed over as this caller left: pass it on
-                    given = waiter.result()
-                    if given is None:
-                        origin.wake(None)
-                    else:
-                        self.put(given)
-                raise
-            if handed is not None:
-                return handed
-
-    async def _connect(self, target: _Target, connect_timeout_s: float | None) -> _Connection:
-        loop = asyncio.get_running_loop()
-        tls = self._tls_context() if target.tls else None
-        try:
-            async with asyncio.timeout(connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, target.origin),
-                    target.host,
-                    target.port,
-                    ssl=tls,
-                    server_hostname=target.host if tls else None,
-                )
-        except TimeoutError:
-            raise TimeoutError(f"no connection to {target.host}:{target.port} within {connect_timeout_s:g} s") from None
-        except OSError as exc:  # refused, unreachable, a name that does not resolve, a TLS failure
-            raise HttpError(f"cannot connect to {target.host}:{target.port}: {exc}") from None
-        return connection
-
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._tls is None:
-            self._tls = ssl.create_default_context()
-        return self._tls
-
-    def put(self, connection: _Connection) -> None:
-        """A connection free for the next request: to whoever waits for one, else idle for ``keepalive_s``."""
-        origin = self._origins[connection.origin]
-        if self.closed:
-            connection.close()
-            return
-        if origin.wake(connection):
-            return
-        origin.idle.append(connection)
-        connection.expiry = asyncio.get_running_loop().call_later(self._keepalive_s, connection.close)
-
-    def closed_one(self, key: tuple[str, str, int]) -> None:
-        """A connection of ``key``'s origin is gone (or never came): its place goes to a waiter."""
-        origin = self._origins[key]
-        origin.open -= 1
-        origin.wake(None)
-
-    def lost(self, connection: _Connection) -> None:
-        """A connection closed: if it was idle it leaves the idle list; either way its place is free."""
-        origin = self._origins[connection.origin]
-        if connection in origin.idle:
-            origin.idle.remove(connection)
-            connection.stop_expiry()
-        if connection.counted:  # once per connection, and never for one whose connect was abandoned
-            connection.counted = False
-            self.closed_one(connection.origin)
-
-    def close(self) -> None:
-        """Close every idle connection; connections in use close when their response is released."""
-        self.closed = True
-        for origin in self._origins.values():
-            for connection in origin.idle:
-                connection.stop_expiry()
-                connection.close()
-            origin.idle.clear()
-
-
-# One pool per event loop: a connection belongs to the loop it was made on.
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
-
-
-def pool() -> Pool:
-    """This event loop's pool, made on its first use."""
-    loop = asyncio.get_running_loop()
-    found = _pools.get(loop)
-    if found is None or found.closed:
-        found = _pools[loop] = Pool()
-    return found
-
-
-def close_pool() -> None:
-    """Close this loop's pool (a loop that ends: tests, a graceful shutdown)."""
-    found = _pools.pop(asyncio.get_running_loop(), None)
-    if found is not None:
-        found.close()

@@ -15,7 +15,7 @@ from inference.errors import BudgetExceeded, InvalidRequest
 from inference.model_tokenizers import gguf_tokenizer
 from inference.services import cloud_upstream_register
 from inference.standin import MODEL_ALIAS, model_path
-from inference.upstream_http import close_pool
+from inference.upstream_pool import close_pool
 from speculative.types import Provenance
 from tenants.models import UsageRecord
 from tenants.tiers import Tier

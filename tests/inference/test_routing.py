@@ -9,7 +9,7 @@ from asgiref.sync import sync_to_async
 from inference import gateway
 from inference.errors import InvalidRequest
 from inference.services import routing_policy_publish
-from inference.upstream_http import close_pool
+from inference.upstream_pool import close_pool
 from speculative.types import Provenance
 from tenants.models import UsageRecord
 from tenants.tiers import Tier

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 import pytest_asyncio
 
-from inference.upstream_http import HttpError, Pool, _target
+from inference.upstream_http import HttpError, target_of
+from inference.upstream_pool import Pool
 
 pytestmark = pytest.mark.asyncio
 
@@ -330,14 +331,14 @@ async def test_https_with_the_pools_trust(serve):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestWarning")  # the module's asyncio mark on a plain test
 def test_urls_are_parsed_once_into_what_the_request_needs():
-    target = _target("https://bücher.example/v1/a b?x=1")
+    target = target_of("https://bücher.example/v1/a b?x=1")
     assert (target.host, target.port, target.tls) == ("bücher.example", 443, True)
     assert target.host_header == b"xn--bcher-kva.example"
     assert target.path == b"/v1/a%20b?x=1"
     with pytest.raises(HttpError, match="credentials"):
-        _target("http://user:secret@host/v1")
+        target_of("http://user:secret@host/v1")
     with pytest.raises(HttpError, match="not an http"):
-        _target("ftp://host/v1")
+        target_of("ftp://host/v1")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestWarning")  # the module's asyncio mark on a plain test
