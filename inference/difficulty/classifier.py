@@ -151,12 +151,15 @@ class DifficultyClassifier:
         for w, window in enumerate(windows(rows)):
             if len(window):  # the window's mean: sum / count is ndarray.mean's float32 result, without its wrapper
                 out += window[:, w * k : (w + 1) * k].sum(axis=0) / len(window)  # (labels,)
-        buckets, counts = ngram_buckets(reading.instruction + reading.markers)
-        out += head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets])
+        out += self.ngram_scores(reading.instruction + reading.markers)
         if reading.payload and head.payload_weight:
-            buckets, counts = ngram_buckets(reading.payload, seed=PAYLOAD_SEED)
-            out += head.payload_weight * (head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets]))
+            out += head.payload_weight * self.ngram_scores(reading.payload, seed=PAYLOAD_SEED)
         return out
+
+    def ngram_scores(self, text: str, seed: int = 0) -> np.ndarray:
+        """The head's scores of ``text``'s n-gram vector (TF-IDF over its buckets), shape (labels,)."""
+        buckets, counts = ngram_buckets(text, seed=seed)
+        return self._head.ngram_weights[:, buckets] @ tfidf_weights(counts, self._head.idf[buckets])
 
     def probabilities(self, prompts: Sequence[str]) -> np.ndarray:
         """Class probabilities, shape (len(prompts), len(LABELS)), columns in ``LABELS`` order."""

@@ -378,9 +378,11 @@ def test_ngram_buckets_equal_the_hash_as_defined_on_generated_text(prompt):
 
 
 def _reference_logits(model: DifficultyClassifier, prompt: str) -> np.ndarray:
-    """The folded head's sum as written at training: a gather per window from its own table."""
+    """The folded head's sum as written at training: the tokenizer's ids, a gather per window from its own table.
+
+    The n-gram scores are the classifier's own (their buckets have a reference test of their own above).
+    """
     from inference.difficulty.embedding import clip_prompt, length_feature, token_ids, windows
-    from inference.difficulty.ngrams import ngram_buckets, tfidf_weights
     from inference.difficulty.payload import PAYLOAD_SEED, read_prompt
 
     head = model._head
@@ -390,11 +392,9 @@ def _reference_logits(model: DifficultyClassifier, prompt: str) -> np.ndarray:
     for table, window in zip(head.token_logits, windows(ids), strict=True):
         if len(window):
             out += table[window].mean(axis=0)
-    buckets, counts = ngram_buckets(reading.instruction + reading.markers)
-    out += head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets])
+    out += model.ngram_scores(reading.instruction + reading.markers)
     if reading.payload and head.payload_weight:
-        buckets, counts = ngram_buckets(reading.payload, seed=PAYLOAD_SEED)
-        out += head.payload_weight * (head.ngram_weights[:, buckets] @ tfidf_weights(counts, head.idf[buckets]))
+        out += head.payload_weight * model.ngram_scores(reading.payload, seed=PAYLOAD_SEED)
     return out
 
 
