@@ -185,7 +185,8 @@ class Response:
         if not waiter.done():
             waiter.set_exception(TimeoutError(f"no data from the upstream within {self._read_timeout_s:g} s"))
 
-    async def _untilrequest_head(self) -> None:
+    async def until_head(self) -> None:
+        """Until the status line and headers are in (the pool's ``post`` returns then)."""
         while not self._head_done:
             await self._wait()
 

@@ -70,7 +70,7 @@ class Pool:
         response = Response(connection, read_timeout_s)
         try:
             connection.send(response, head + body)
-            await response._untilrequest_head()
+            await response.until_head()
             encoding = response.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("identity", ""):  # asked for none: a body this client cannot read
                 raise HttpError(f"the upstream encoded its answer ({encoding}) though asked for identity")
