@@ -213,7 +213,8 @@ def _counts(request_id: str, leg: int, tally: Any, prompt_tokens: int) -> str:
     elapsed = (time.perf_counter() - tally.started) * 1e3
     return (
         f'{{"op":"n","id":{json.dumps(request_id)},"leg":{leg},"p":{prompt_tokens},"n":{tally.delivered},'
-        f'"g":"{tally.gpu_ms:.3f}","d":"{tally.drafted:.3f}","a":{tally.accepted},"t":{ttft},"e":{elapsed:.3f}}}\n'
+        f'"g":"{tally.gpu_ms:.3f}","d":"{tally.drafted:.3f}","a":{tally.accepted},"r":{tally.rejections},'
+        f'"t":{ttft},"e":{elapsed:.3f}}}\n'
     )
 
 
@@ -277,6 +278,7 @@ def _interrupted_legs(entry: _Entry) -> list[tuple[int, Usage]]:
             gpu_ms=Decimal(counts["g"]),
             drafted_tokens=Decimal(counts["d"]),
             accepted_tokens=counts["a"],
+            draft_rejections=counts.get("r", 0),  # a journal written before the count
             ttft_ms=counts["t"],
             duration_ms=counts["e"],
             replayed_cost=None,  # what a replay saved is not known for part of one

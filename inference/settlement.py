@@ -143,6 +143,7 @@ def leg_usage(stream: GatewayStream, leg: Leg, index: int, outcome: str, error: 
         completion_tokens=completion_tokens,
         drafted_tokens=Decimal(str(round(tally.drafted, 3))),
         accepted_tokens=tally.accepted,
+        draft_rejections=tally.rejections,
         gpu_ms=Decimal(str(round(tally.gpu_ms, 3))),
         outcome=outcome,
         finish_reason=finish.value if outcome == "completed" and finish is not None else "",

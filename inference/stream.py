@@ -67,6 +67,7 @@ class Tally:
     first_token_at: float | None = None
     delivered: int = 0
     accepted: int = 0
+    rejections: int = 0  # rounds whose draft the verifier cut short (its token carries the rejected drafts)
     gpu_ms: float = 0.0
     drafted: float = 0.0
     texts: list[str] = field(default_factory=list)  # each delivered token's text (a cloud tier counts them)
@@ -79,6 +80,8 @@ class Tally:
         self.texts.append(event.text)
         if event.provenance is Provenance.DRAFTED:
             self.accepted += 1
+        elif event.drafted and event.provenance is Provenance.VERIFIER:
+            self.rejections += 1
 
 
 @dataclass

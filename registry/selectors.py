@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 from django.db.models import Avg, Count, Q, QuerySet, Sum
 
@@ -80,7 +79,10 @@ class ServingFigures:
 
     version: str
     completions: int
-    acceptance: float | None  # accepted / drafted tokens
+    # per-token acceptance: accepted / (accepted + rejections), each round's draft counting its
+    # accepted tokens and, where the verifier cut it short, one rejection. Unlike accepted / drafted,
+    # it does not fall when the controller drafts longer (its lengths follow the machine's timings)
+    acceptance: float | None
     error_rate: float | None
     ttft_ms: float | None  # mean
     tokens: int
@@ -110,17 +112,18 @@ def serving_figures(*, model: str, version: str, since=None, before=None, last: 
     agg = rows.aggregate(
         n=Count("id"),
         errors=Count("id", filter=Q(outcome="error")),
-        drafted=Sum("drafted_tokens"),
         accepted=Sum("accepted_tokens"),
+        rejections=Sum("draft_rejections"),
         ttft=Avg("ttft_ms"),
         tokens=Sum("completion_tokens"),
     )
     n = agg["n"] or 0
-    drafted = Decimal(agg["drafted"] or 0)
+    accepted = agg["accepted"] or 0
+    trials = accepted + (agg["rejections"] or 0)
     return ServingFigures(
         version=version,
         completions=n,
-        acceptance=float(Decimal(agg["accepted"] or 0) / drafted) if drafted else None,
+        acceptance=accepted / trials if trials else None,
         error_rate=(agg["errors"] / n) if n else None,
         ttft_ms=agg["ttft"],
         tokens=agg["tokens"] or 0,

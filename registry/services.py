@@ -73,7 +73,8 @@ EVAL_K = 4
 CANARY_MAX_ERROR_RISE = 0.02  # its error rate exceeds the current's by more than this,
 CANARY_MAX_TTFT_RATIO = 1.5  # or its mean time to first token exceeds the current's by this factor
 CANARY_TTFT_SLACK_MS = 25.0  # plus this (a CPU's jitter on tiny figures),
-# or its acceptance falls below the current's by more than the rollout's max_canary_drop (a fraction).
+# or its per-token acceptance (registry.selectors.ServingFigures) falls below the current's by more than the
+# rollout's max_canary_drop (a fraction).
 
 
 def artifacts_dir() -> Path:

@@ -426,6 +426,9 @@ class UsageRecord(models.Model):
     # The engine attributes a round's drafts to the tokens it emits: a cut-off stream has fractions.
     drafted_tokens = models.DecimalField(max_digits=20, decimal_places=3, default=0)
     accepted_tokens = models.PositiveIntegerField(default=0)
+    # Rounds whose draft the verifier cut short: accepted / (accepted + draft_rejections) is the
+    # draft's per-token acceptance, whatever lengths the controller chose (registry's canary).
+    draft_rejections = models.PositiveIntegerField(default=0)
     # The verifier GPU time measured; the charge uses it capped at max_gpu_ms_per_token per token.
     gpu_ms = models.DecimalField(max_digits=20, decimal_places=3, default=0)
     cost_edge = _money()

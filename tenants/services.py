@@ -111,6 +111,7 @@ class Usage:
     accepted_tokens: int
     gpu_ms: Decimal
     outcome: str
+    draft_rejections: int = 0  # rounds whose draft the verifier cut short
     finish_reason: str = ""
     error: str = ""
     ttft_ms: float | None = None
@@ -1648,6 +1649,7 @@ def _usage_fields(usage: Usage, price: Price, cost: CostBreakdown) -> dict[str, 
         completion_tokens=usage.completion_tokens,
         drafted_tokens=Decimal(usage.drafted_tokens).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
         accepted_tokens=usage.accepted_tokens,
+        draft_rejections=usage.draft_rejections,
         gpu_ms=Decimal(usage.gpu_ms).quantize(COUNT_QUANTUM, ROUND_HALF_UP),
         cost_edge=cost.edge,
         cost_verifier=cost.verifier,

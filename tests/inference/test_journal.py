@@ -200,3 +200,19 @@ async def test_a_legs_first_record_and_its_counts_go_to_the_file_in_one_write(ac
     assert first == ["leg", "n"]  # one write(2): a crash cannot leave the leg without its counts
     assert all(w.endswith(b"\n") for w in mine)
     await ws.disconnect()
+
+
+async def test_the_counts_a_recovery_charges_include_the_rounds_the_verifier_cut_short():
+    from inference.journal import _counts, _Entry, _interrupted_legs, usage_as_dict
+    from inference.stream import Tally
+    from tests.tenants.factories import usage_for
+
+    tally = Tally(delivered=9, accepted=5, rejections=2, drafted=8.0, gpu_ms=3.5)
+    entry = _Entry("req")
+    entry.legs[0] = {"price": 1, "usage": usage_as_dict(usage_for())}
+    entry.counts[0] = json.loads(_counts("req", 0, tally, prompt_tokens=4))
+    [(price, usage)] = _interrupted_legs(entry)
+    assert (usage.completion_tokens, usage.accepted_tokens, usage.draft_rejections) == (9, 5, 2)
+    assert usage.drafted_tokens == Decimal("8.000") and price == 1
+    del entry.counts[0]["r"]  # a journal written before the count: none
+    assert _interrupted_legs(entry)[0][1].draft_rejections == 0

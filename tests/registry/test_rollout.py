@@ -17,10 +17,12 @@ from asgiref.sync import sync_to_async
 
 from inference import gateway
 from inference.engines import EngineSet, file_version, set_engines
+from inference.stream import Tally
 from registry import services
 from registry.demo_rollout import shuffled_draft
 from registry.models import ModelVersion, Rollout
 from registry.serving import draft_plans
+from speculative.engine import SpeculativeEngine
 from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER
 from tenants.models import AuditEvent, UsageRecord
 from tests.conftest import TEST_MODELS, TEST_RATES, TIERS
@@ -101,6 +103,23 @@ def steps_of(rollout: Rollout) -> list[tuple[str, str]]:
     return [(s.name, s.status) for s in rollout.steps.order_by("id")]
 
 
+async def test_the_ledgers_counts_are_the_engines_accepted_drafts_and_rounds_cut_short(pair):
+    # the canary's per-token acceptance reads these two counts from the ledger, which a gateway's
+    # Tally takes from the tokens alone: a verifier token that carries rejected drafts ends a cut round
+    engine = SpeculativeEngine(pair.verifier, pair.tokenizer, pair.draft)
+    try:
+        rejections = 0
+        for prompt in PROMPTS:
+            completion, tally = engine.stream(prompt, max_tokens=64), Tally()
+            for event in completion:
+                tally.count(event)
+            assert (tally.accepted, tally.rejections) == (completion.stats.accepted, completion.stats.rejections)
+            rejections += tally.rejections
+        assert rejections > 0  # the prompts do exercise the count
+    finally:
+        engine.close()
+
+
 async def test_a_good_draft_goes_convert_validate_evaluate_canary_promote(account, pair, serving):
     await sync_to_async(services.registry_sync)()
     principal = await gateway.authenticate_api_key(account.raw_key)
@@ -118,8 +137,9 @@ async def test_a_good_draft_goes_convert_validate_evaluate_canary_promote(accoun
     assert rollout.status == "canary" and rollout.candidate.quantisation == "f16"
     candidate = rollout.candidate.version
     assert await served(principal, pair, PROMPTS[:SAMPLES]) == [candidate] * SAMPLES  # the same prompts
-    assert await sync_to_async(services.rollout_canary_check)(rollout_id=rollout.pk) == "promoted"
+    status = await sync_to_async(services.rollout_canary_check)(rollout_id=rollout.pk)
     rollout = await Rollout.objects.aget(pk=rollout.pk)
+    assert status == "promoted", rollout.decision  # the canary's reasons, where it judged the draft worse
     assert await sync_to_async(steps_of)(rollout) == [
         ("convert", "passed"),
         ("validate", "passed"),
