@@ -37,14 +37,25 @@ from typing import Any
 
 from speculative.types import MAX_DRAFT_TOKENS
 
-EWMA_DECAY = 0.8  # weight of the past in every running estimate
+EWMA_DECAY = 0.8  # weight of the past in the running estimates of costs
+# and in the acceptance rate's counts, per round: a round tries a few tokens, and at 0.8 one early
+# rejection swung the estimate enough to stop drafting for dozens of rounds (the demo pair on
+# llama.cpp: 0.9 per token measured, estimates between 0.68 and 0.99 within one completion)
+ACCEPTANCE_DECAY = 0.95
 PRIOR_ACCEPTANCE = 0.6
 PRIOR_WEIGHT = 2.0  # pseudo-counts behind the prior acceptance rate
-PRIOR_SEED_WEIGHT = 4.0  # pseudo-counts behind what earlier sessions measured (ControllerPrior)
+PRIOR_SEED_WEIGHT = 16.0  # pseudo-counts behind what earlier sessions measured (ControllerPrior): at 4, one
+# rejection in a first round took the demo pair on llama.cpp from 0.90 to 0.71 and to plain decoding
 PROBE_EVERY = 16  # rounds at k = 0 before the first probing round; the gap doubles after each probe that
 PROBE_EVERY_MAX = 256  # changed nothing, up to this (a probe costs a drafting round where drafting does not pay)
 PROBE_K = 2
 MIN_ROUND_MS = 1e-3  # the least a round is taken to cost when every measured cost rounds to zero
+# A drafting round first evaluates the committed tokens its draft has not seen: one or two after a
+# drafting round (the verifier's token, and the last accepted draft token), the whole prompt in a
+# session's first round, every token since in a round after plain decoding. Only rounds with at most
+# this many price drafting: the others' catch-up is a one-off (on the demo pair on llama.cpp a first
+# round priced the prompt at 1 ms a drafted token, against 0.17, and the session never drafted again).
+STEADY_CATCH_UP = 2
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -101,6 +112,7 @@ class DraftLengthController:
     tried: float = PRIOR_WEIGHT
     t_draft: float | None = None  # per drafted token
     rtt: float | None = None
+    overhead: float | None = None  # a round's cost besides drafting, verifying and the network
     verify_by_k: dict[int, float] = field(default_factory=dict)
     draft_by_k: dict[int, float] = field(default_factory=dict)  # a drafting round's ms, by its k
     _rounds_at_zero: int = 0
@@ -113,7 +125,7 @@ class DraftLengthController:
         if prior is not None and prior.tried > 0:
             scale = min(1.0, PRIOR_SEED_WEIGHT / prior.tried)  # their acceptance, as a few pseudo-counts
             controller.accepted, controller.tried = prior.accepted * scale, prior.tried * scale
-            controller.t_draft, controller.rtt = prior.t_draft, prior.rtt
+            controller.t_draft, controller.rtt, controller.overhead = prior.t_draft, prior.rtt, prior.overhead
             controller.verify_by_k = dict(prior.verify_by_k)
             controller.draft_by_k = dict(prior.draft_by_k)
             controller._probe_every = prior.probe_every  # probes that kept failing before stay rare
@@ -136,7 +148,9 @@ class DraftLengthController:
         else:
             intercept, slope = self._verify_line()
         t_round, t_draft = self._draft_line()
-        k = best_k(self.acceptance, t_draft, self.rtt or 0.0, intercept, slope, self.k_max, t_round)
+        # a round's fixed costs, whatever its k: the network's round trip and the round's own bookkeeping
+        fixed = (self.rtt or 0.0) + (self.overhead or 0.0)
+        k = best_k(self.acceptance, t_draft, fixed, intercept, slope, self.k_max, t_round)
         if k == 0:
             self._rounds_at_zero += 1
             if self._rounds_at_zero >= self._probe_every:
@@ -147,14 +161,31 @@ class DraftLengthController:
             self._rounds_at_zero, self._probe_every = 0, PROBE_EVERY
         return k
 
-    def record(self, *, k: int, n_matches: int, draft_ms: float, verify_ms: float, network_ms: float) -> None:
-        """Fold one round's outcome into the estimates."""
+    def record(
+        self,
+        *,
+        k: int,
+        n_matches: int,
+        draft_ms: float,
+        verify_ms: float,
+        network_ms: float,
+        caught_up: int = 1,
+        overhead_ms: float | None = None,
+    ) -> None:
+        """Fold one round's outcome into the estimates.
+
+        ``caught_up``: tokens the draft evaluated before drafting; ``overhead_ms``: the rest of the
+        round's time (delivering its tokens, the scheduler's turn), where it was measured.
+        """
         if k:
             # n_matches accepted; a rejection (if any) was one more tried token
-            self.accepted = EWMA_DECAY * self.accepted + n_matches
-            self.tried = EWMA_DECAY * self.tried + n_matches + (1 if n_matches < k else 0)
-            self.t_draft = _ewma(self.t_draft, draft_ms / k)
-            self.draft_by_k[k] = _ewma(self.draft_by_k.get(k), draft_ms)
+            self.accepted = ACCEPTANCE_DECAY * self.accepted + n_matches
+            self.tried = ACCEPTANCE_DECAY * self.tried + n_matches + (1 if n_matches < k else 0)
+            if caught_up <= STEADY_CATCH_UP:
+                self.t_draft = _ewma(self.t_draft, draft_ms / k)
+                self.draft_by_k[k] = _ewma(self.draft_by_k.get(k), draft_ms)
+        if overhead_ms is not None:
+            self.overhead = _ewma(self.overhead, overhead_ms)
         self.rtt = _ewma(self.rtt, network_ms)
         self.verify_by_k[k] = _ewma(self.verify_by_k.get(k), verify_ms)
 
@@ -185,6 +216,7 @@ class ControllerPrior:
         self.tried = 0.0
         self.t_draft: float | None = None
         self.rtt: float | None = None
+        self.overhead: float | None = None
         self.verify_by_k: dict[int, float] = {}
         self.draft_by_k: dict[int, float] = {}
         self.probe_every = PROBE_EVERY
@@ -199,6 +231,8 @@ class ControllerPrior:
             self.t_draft = _ewma(self.t_draft, controller.t_draft)
             if controller.rtt is not None:
                 self.rtt = _ewma(self.rtt, controller.rtt)
+            if controller.overhead is not None:
+                self.overhead = _ewma(self.overhead, controller.overhead)
             self.probe_every = controller._probe_every
             for mine, theirs in ((self.verify_by_k, controller.verify_by_k), (self.draft_by_k, controller.draft_by_k)):
                 for k, ms in theirs.items():

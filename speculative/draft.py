@@ -193,14 +193,16 @@ class DraftSession:
             lp_rows.extend(token_logprobs(scores, torch.tensor([token]), logprobs or 0))
             return token
 
+        uncached = self.committed[self._n_cached :]
+
         def finish(drafted: Sequence[int], draft_ms: float) -> Proposal:
             self._n_cached = len(self.committed)  # accept() counts the draft tokens that were cached
             q = torch.stack(q_rows).numpy() if q_rows else None
             lps = None if logprobs is None else tuple(lp_rows)
-            return Proposal(tokens=tuple(drafted), q=q, draft_ms=draft_ms, logprobs=lps)
+            return Proposal(tokens=tuple(drafted), q=q, draft_ms=draft_ms, logprobs=lps, caught_up=len(uncached))
 
         choose = pick if logprobs is None else pick_with_logprob
-        return _DraftPlan(self._ctx, self.committed[self._n_cached :], k, choose, finish)
+        return _DraftPlan(self._ctx, uncached, k, choose, finish)
 
     def accept(self, proposal: Proposal, verdict: Verdict) -> None:
         """Keep the accepted draft tokens and the verifier's token; drop the rejected tail."""

@@ -125,6 +125,7 @@ class Completion(TokenStream):
         engine.scheduler.join()
         try:
             batch_size = 1
+            last_round_at: float | None = None  # when the previous round's verdict was in
             for round_no in itertools.count():
                 k = self._next_k(controller, batch_size) if draft is not None else 0
                 proposal: Proposal | None = None
@@ -143,12 +144,22 @@ class Completion(TokenStream):
                         draft.extend([result.verdict.verifier_token])
                 draft_ms = proposal.draft_ms if proposal is not None else 0.0
                 verdict, batch_size = result.verdict, result.batch_size
+                now = time.perf_counter()
+                # what a round costs besides its draft, verify and network time (its tokens' delivery, the
+                # scheduler's turn): a lone session's only, as in a batch it would include waiting for others
+                overhead_ms = None
+                if last_round_at is not None and batch_size == 1:
+                    cycle_ms = (now - last_round_at) * 1e3
+                    overhead_ms = max(0.0, cycle_ms - draft_ms - result.verify_ms - result.network_ms)
+                last_round_at = now
                 controller.record(
                     k=len(tokens),
                     n_matches=verdict.n_matches,
                     draft_ms=draft_ms,
                     verify_ms=result.verify_ms,
                     network_ms=result.network_ms,
+                    caught_up=proposal.caught_up if proposal is not None else 0,
+                    overhead_ms=overhead_ms,
                 )
                 gpu_ms = self._count_round(tokens, result, draft_ms)
                 yield from self._emit(

@@ -272,6 +272,12 @@ class VerifyScheduler:
         return results
 
     def _run(self) -> None:
+        warm_up = getattr(self.verifier, "warm_up", None)  # on this thread: its OpenMP team is the one that serves
+        if warm_up is not None:
+            try:
+                warm_up()
+            except Exception:  # noqa: BLE001 - a model that cannot decode says so on its first round
+                log.exception("the verifier's warm-up failed")
         while True:
             first = self._next.popleft() if self._next else self._queue.get()
             if first is None:

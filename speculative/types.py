@@ -78,6 +78,10 @@ class Proposal:
     q: np.ndarray | None
     draft_ms: float
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # committed tokens the draft evaluated before drafting (``draft_ms`` includes them): one or two
+    # in a run of drafting rounds, the prompt in a session's first, every token since in a round
+    # after plain decoding. What drafting costs from here on is what a round with few of them costs.
+    caught_up: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ from speculative.controller import (
     EPOCH_BATCHES,
     EPOCH_MIN_BATCHES,
     GOVERNOR_CAPS,
+    PRIOR_SEED_WEIGHT,
     PROBE_EVERY,
+    STEADY_CATCH_UP,
     ControllerPrior,
     DraftLengthController,
     SpeculationGovernor,
@@ -56,6 +58,48 @@ def test_the_draft_cost_line_separates_a_rounds_fixed_cost_from_its_tokens():
     assert t_round == pytest.approx(1.8, abs=0.05) and t_token == pytest.approx(0.25, abs=0.02)
 
 
+def test_a_round_that_first_caught_up_on_many_tokens_does_not_price_drafting():
+    # a session's first round evaluates its prompt in the draft, a round after plain decoding every
+    # token since: a one-off, not what each drafted token costs from then on
+    controller = DraftLengthController()
+    controller.record(k=4, n_matches=4, draft_ms=4.0, verify_ms=1.5, network_ms=0.0, caught_up=40)
+    assert controller.t_draft is None and not controller.draft_by_k  # not priced
+    assert controller.acceptance > 0.6  # but its agreement counts
+    assert controller.next_k() == 4  # still nothing measured: the first guess again
+    controller.record(k=4, n_matches=3, draft_ms=0.8, verify_ms=1.5, network_ms=0.0, caught_up=STEADY_CATCH_UP)
+    assert controller.t_draft == pytest.approx(0.2) and controller.draft_by_k == {4: 0.8}
+
+
+def test_a_rounds_own_overhead_makes_fewer_longer_rounds_pay():
+    # the demo pair on llama.cpp as measured: verify 0.43 + 0.2 ms a position, drafting 0.13 + 0.16
+    # ms a token, 0.9 agreement; and 0.13 ms a round of delivering tokens and scheduling
+    def settled(overhead_ms: float | None) -> int:
+        controller = DraftLengthController(accepted=9.0, tried=10.0)
+        for k in (2, 4):
+            controller.record(
+                k=k,
+                n_matches=k,
+                draft_ms=0.13 + 0.16 * k,
+                verify_ms=0.63 + 0.2 * k,
+                network_ms=0.0,
+                overhead_ms=overhead_ms,
+            )
+        controller.accepted, controller.tried = 9.0, 10.0
+        return controller.next_k((0.43, 0.2))
+
+    assert settled(None) < settled(2.0)
+    assert settled(0.13) > 0  # with this pair, drafting pays
+
+
+def test_one_rejection_does_not_stop_a_session_drafting():
+    # at an agreement of 0.9 a first-position rejection comes every few rounds; the estimate holds
+    controller = DraftLengthController(accepted=0.9 * PRIOR_SEED_WEIGHT, tried=PRIOR_SEED_WEIGHT)
+    controller.record(k=4, n_matches=2, draft_ms=0.77, verify_ms=1.43, network_ms=0.0)
+    controller.record(k=4, n_matches=0, draft_ms=0.77, verify_ms=1.43, network_ms=0.0, overhead_ms=0.13)
+    assert controller.acceptance > 0.75
+    assert controller.next_k((0.43, 0.2)) > 0
+
+
 def test_a_new_session_starts_from_what_the_engines_finished_sessions_measured():
     prior = ControllerPrior()
     assert DraftLengthController.starting_from(prior).next_k() == 4  # nothing measured anywhere: the first guess
@@ -65,7 +109,8 @@ def test_a_new_session_starts_from_what_the_engines_finished_sessions_measured()
     prior.fold(finished)
     fresh = DraftLengthController.starting_from(prior)
     assert fresh.next_k() == 0  # its first round already knows drafting does not pay here
-    assert fresh.tried <= 4.0 + 1e-9  # but it holds that lightly: a few rounds of its own outweigh it
+    # but it holds that as PRIOR_SEED_WEIGHT pseudo-counts: a few rounds of its own outweigh it
+    assert fresh.tried <= PRIOR_SEED_WEIGHT + 1e-9
     finished._probe_every = 4 * PROBE_EVERY  # its probes kept failing
     prior.fold(finished)
     assert DraftLengthController.starting_from(prior)._probe_every == 4 * PROBE_EVERY  # so the next one probes rarely

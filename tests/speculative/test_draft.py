@@ -94,6 +94,38 @@ def test_draft_session_cache_stays_consistent_through_accepts_and_rejects(tiny_c
     session.close()
 
 
+def test_a_proposal_says_how_many_committed_tokens_its_draft_caught_up_on(tiny_checkpoint):
+    # the controllers price drafting only on rounds that caught up on a token or two
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf")
+    session = DraftSession(draft, [5, 17, 42, 99, 7], SamplingParams())
+    first = session.propose(3)
+    assert first.caught_up == 5  # the prompt
+    session.accept(first, Verdict(n_matches=1, verifier_token=8))  # cut short: one kept, the verifier's token
+    cut = session.propose(3)
+    assert cut.caught_up == 1  # only the verifier's token: the kept draft token was cached
+    session.accept(cut, Verdict(n_matches=3, verifier_token=9))  # all kept: the last draft token was never evaluated
+    whole = session.propose(2)
+    assert whole.caught_up == 2
+    session.accept(whole, Verdict(n_matches=0, verifier_token=10))
+    session.extend([11, 12, 13])  # plain decoding meanwhile
+    assert session.propose(2).caught_up == 4
+    session.close()
+
+
+def test_the_drafts_warm_up_at_load_leaves_every_sequence_free_and_empty(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=2)
+    assert draft.decodes == 0  # the warm-up's decodes are not counted
+    contexts = [draft.new_context(), draft.new_context()]  # both sequences, the warm-up's included
+    ids = [5, 17, 42]
+    fresh = LlamaCppDraft(out / "tiny.gguf", max_sessions=2).new_context().evaluate(ids)
+    for ctx in contexts:  # nothing of the warm-up is left in either
+        assert np.abs(ctx.evaluate(ids) - fresh).max() < 1e-4
+    with pytest.raises(DraftBusyError):
+        draft.new_context()
+
+
 def test_a_draft_with_another_vocabulary_is_refused_at_load_time(tiny_checkpoint):
     out, _, _ = tiny_checkpoint
     with pytest.raises(VocabularyMismatchError, match="share one tokenizer"):

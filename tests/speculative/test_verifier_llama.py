@@ -164,6 +164,42 @@ def test_a_closed_sessions_sequence_is_reused_clean_and_a_full_verifier_refuses_
     assert verifier.open_sessions == 2
 
 
+def test_the_warm_up_leaves_every_sequence_free_and_plain_decoding_unchanged():
+    verifier = LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=2, n_threads=1)
+    prompt = [5, 6, 7, 8]
+    expected = _plain(verifier, prompt, 4)
+    decodes = verifier.decodes
+    verifier.warm_up()
+    assert verifier.decodes > decodes and verifier.open_sessions == 0
+    verifier.open_session("a", prompt, GREEDY)  # both sequences, the warm-up's among them, hold nothing of it
+    verifier.open_session("b", prompt, GREEDY)
+    for sid in ("a", "b"):
+        assert [verifier.verify([VerifyRequest(sid, (), None, r)]).verdicts[0].verifier_token for r in range(4)] == (
+            expected
+        )
+
+
+def test_the_scheduler_warms_its_verifier_up_on_its_own_thread_before_any_round():
+    from speculative.scheduler import VerifyScheduler
+
+    class Recording:
+        def __init__(self):
+            self.calls: list[str] = []
+            self.warmed = threading.Event()
+
+        def warm_up(self):
+            self.calls.append(threading.current_thread().name)
+            self.warmed.set()
+
+    verifier = Recording()
+    scheduler = VerifyScheduler(verifier)  # type: ignore[arg-type]
+    try:
+        assert verifier.warmed.wait(5)
+        assert verifier.calls == ["verify-scheduler"]  # the thread whose OpenMP team serves every round
+    finally:
+        scheduler.close()
+
+
 def test_a_retried_round_gets_the_same_verdict_and_a_stale_one_is_refused(llama):
     verifier, tokenizer = llama
     verifier.open_session("retry", tokenizer.encode(PROMPTS[2], add_special_tokens=False), GREEDY)
