@@ -201,7 +201,7 @@ def registry_sync(*, model: str = DEMO_MODEL) -> list[ModelVersion]:
     The versions are exactly the ledger's (``file_version`` of the same paths), so the
     ledger's rows and the registry's name the same weights.
     """
-    from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_HF, DEMO_VERIFIER
+    from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_GGUF_TYPE, DEMO_DRAFT_HF, DEMO_VERIFIER
 
     verifier_source = _verifier_source(model)
     draft_source = settings.TANDEM_DRAFT or str(DEMO_DRAFT_GGUF)
@@ -226,7 +226,13 @@ def registry_sync(*, model: str = DEMO_MODEL) -> list[ModelVersion]:
         parent = model_version_register(
             model=model, role=ModelRole.DRAFT, source=DEMO_DRAFT_HF, training_data=DEMO_TRAINING_DATA
         )
-        conversion = {"tool": "speculative.gguf_export", "dtype": "f32", "distilled_from": verifier.version}
+        conversion = {
+            "tool": "speculative.gguf_export",
+            "dtype": "f32",
+            "quantised_with": "llama_model_quantize",
+            "quantisation": DEMO_DRAFT_GGUF_TYPE,
+            "distilled_from": verifier.version,
+        }
     draft = model_version_register(
         model=model,
         role=ModelRole.DRAFT,
@@ -234,6 +240,7 @@ def registry_sync(*, model: str = DEMO_MODEL) -> list[ModelVersion]:
         parent=parent,
         conversion=conversion,
         training_data=DEMO_TRAINING_DATA if demo else "",
+        **({"quantisation": DEMO_DRAFT_GGUF_TYPE} if demo else {}),
     )
     for row in (verifier, draft):
         with transaction.atomic():

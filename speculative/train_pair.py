@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from speculative.corpus import Corpus, load_corpus
-from speculative.gguf_export import export_gguf
-from speculative.pair import DEMO_DIR
+from speculative.gguf_export import export_gguf_as
+from speculative.pair import DEMO_DIR, DEMO_DRAFT_GGUF_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def build_pair(out_dir: Path, cache_dir: Path, seed: int, scale: float = 1.0, dr
         verifier.float()
     draft.to(torch.bfloat16).save_pretrained(draft_dir)
     draft.float()
-    export_gguf(draft_dir, out_dir / "draft.gguf")
+    export_gguf_as(draft_dir, out_dir / "draft.gguf", DEMO_DRAFT_GGUF_TYPE)
     (out_dir / "CORPUS_LICENSE").write_text(
         "The demo pair was trained on the documentation of Django "
         f"(https://www.djangoproject.com/), whose licence follows.\n\n{corpus.licence}"
