@@ -72,7 +72,10 @@ EVAL_K = 4
 # canary: the candidate is worse when, over at least min_samples completions of each version,
 CANARY_MAX_ERROR_RISE = 0.02  # its error rate exceeds the current's by more than this,
 CANARY_MAX_TTFT_RATIO = 1.5  # or its mean time to first token exceeds the current's by this factor
-CANARY_TTFT_SLACK_MS = 25.0  # plus this (a CPU's jitter on tiny figures),
+CANARY_TTFT_SLACK_MS = 25.0  # plus this (a CPU's jitter on tiny figures), judged only over at least
+# this many completions of each: a mean of a few first-token times is the machine's noise (two samples under
+# CI's load read 99.0 ms for a good draft against the current's 34.4, and rolled it back)
+CANARY_TTFT_MIN_SAMPLES = 20
 # or its per-token acceptance (registry.selectors.ServingFigures) falls below the current's by more than the
 # rollout's max_canary_drop (a fraction).
 
@@ -705,7 +708,8 @@ def canary_verdict(rollout: Rollout, candidate: ServingFigures, current: Serving
         )
     if (candidate.error_rate or 0.0) > (current.error_rate or 0.0) + CANARY_MAX_ERROR_RISE:
         reasons.append(f"error rate {candidate.error_rate:.3f} > current {current.error_rate or 0.0:.3f}")
-    if candidate.ttft_ms is not None and current.ttft_ms is not None:
+    timed = min(candidate.completions, current.completions) >= CANARY_TTFT_MIN_SAMPLES
+    if timed and candidate.ttft_ms is not None and current.ttft_ms is not None:
         if candidate.ttft_ms > current.ttft_ms * CANARY_MAX_TTFT_RATIO + CANARY_TTFT_SLACK_MS:
             reasons.append(f"mean TTFT {candidate.ttft_ms:.1f} ms > current {current.ttft_ms:.1f} ms")
     return reasons

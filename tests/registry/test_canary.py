@@ -8,6 +8,7 @@ acceptance instead: accepted / (accepted + rounds cut short).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from decimal import Decimal
 
@@ -16,7 +17,13 @@ from django.utils import timezone
 
 from registry.models import Rollout
 from registry.selectors import ServingFigures, serving_figures
-from registry.services import CANARY_MAX_ERROR_RISE, CANARY_MAX_TTFT_RATIO, CANARY_TTFT_SLACK_MS, canary_verdict
+from registry.services import (
+    CANARY_MAX_ERROR_RISE,
+    CANARY_MAX_TTFT_RATIO,
+    CANARY_TTFT_MIN_SAMPLES,
+    CANARY_TTFT_SLACK_MS,
+    canary_verdict,
+)
 from tests.dashboards.ledger import insert, make_row
 
 pytestmark = pytest.mark.django_db
@@ -99,3 +106,14 @@ def test_each_rule_of_the_canary_verdict(candidate, worse):
         assert reasons == []
     else:
         assert len(reasons) == 1 and reasons[0].startswith(worse), reasons
+
+
+def test_first_token_times_are_judged_only_over_enough_completions():
+    slow = figures(ttft_ms=99.0)
+    few = CANARY_TTFT_MIN_SAMPLES - 1
+    rollout = Rollout(max_canary_drop=Decimal("0.1"))
+    assert canary_verdict(rollout, dataclasses.replace(slow, completions=few), figures(ttft_ms=34.4)) == []
+    enough = dataclasses.replace(slow, completions=CANARY_TTFT_MIN_SAMPLES)
+    assert canary_verdict(rollout, enough, figures(ttft_ms=34.4, completions=few)) == []  # both sides need them
+    [reason] = canary_verdict(rollout, enough, figures(ttft_ms=34.4, completions=CANARY_TTFT_MIN_SAMPLES))
+    assert reason.startswith("mean TTFT")
