@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from speculative.controller import DraftLengthController
+from speculative.controller import PROBE_EVERY, DraftLengthController
 from speculative.draft_hf import TransformersDraft
 from speculative.engine import SpeculativeEngine
 from speculative.errors import ContextOverflowError, InvalidRequestError
@@ -91,6 +91,19 @@ def test_under_a_governor_cap_every_session_that_drafts_drafts_the_cap(engines, 
     monkeypatch.setattr(spec.scheduler.governor, "cap", MAX_DRAFT_TOKENS)
     assert picks() == [0, 1, 6]  # uncapped: each session's own choice
     completion.close()
+
+
+def test_under_a_cap_of_zero_the_controller_is_not_asked_and_backs_off_no_probe(engines, monkeypatch):
+    spec, _ = engines
+    completion = spec.stream("The Django ORM", max_tokens=64)  # not started: no session is open
+    controller = DraftLengthController(t_draft=0.2, verify_by_k={0: 1.0}, accepted=0.0, tried=10.0)
+    monkeypatch.setattr(spec.scheduler.governor, "cap", 0)
+    assert [completion._next_k(controller, 16) for _ in range(4 * PROBE_EVERY)] == [0] * (4 * PROBE_EVERY)
+    assert controller._probe_every == PROBE_EVERY  # its probes were never cancelled: none counted as failed
+    pinned = spec.stream("The Django ORM", max_tokens=64, k=3)
+    assert pinned._next_k(DraftLengthController(fixed_k=3), 16) == 3  # a pinned k is the caller's, cap or not
+    completion.close()
+    pinned.close()
 
 
 def test_stats_and_provenance_add_up(engines):
