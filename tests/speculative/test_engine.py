@@ -379,3 +379,27 @@ def test_edge_engine_respects_stop_strings_and_max_tokens(demo_pair):
     cut = edge.generate(PROMPTS[1], max_tokens=30, stop=[stop])
     assert cut.text == full.text[: full.text.find(stop)]
     assert cut.stats.finish_reason is FinishReason.STOP
+
+
+def test_the_text_decoder_is_the_tokenizers_decode_whatever_the_ids(demo_pair, demo_pair_llama):
+    # where it skips transformers' wrapper, it must return the same string, special tokens and
+    # partial UTF-8 sequences included; any other tokenizer goes through its own decode
+    import copy
+    import random
+
+    from speculative.completion import text_decoder
+
+    rng = random.Random(7)
+    for _, _, tokenizer in (demo_pair, demo_pair_llama):
+        decode = text_decoder(tokenizer)
+        assert decode.__code__.co_names == ()  # the Rust tokenizer's call, not tokenizer.decode
+        special = list(tokenizer.all_special_ids)
+        for _ in range(500):
+            ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 70))]
+            ids[rng.randrange(len(ids))] = rng.choice(special)
+            assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    cleaning = copy.copy(demo_pair[2])
+    cleaning.clean_up_tokenization_spaces = True  # transformers would edit the Rust text: its decode decides
+    assert "decode" in text_decoder(cleaning).__code__.co_names
+    byte = ByteTokenizer(64)
+    assert text_decoder(byte)([40, 41]) == byte.decode([40, 41], skip_special_tokens=True) == "OP"
