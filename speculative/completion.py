@@ -10,6 +10,7 @@ that serves no model starts seconds sooner.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -88,18 +89,18 @@ def text_decoder(tokenizer: Tokenizer) -> Callable[[list[int]], str]:
     the Python around it (at 16 sessions the per-token decode was 3.8% of the scheduler's
     thread, two thirds of it that wrapper). Anything else decodes through ``decode`` itself.
     """
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # transformers elsewhere: its own decode
-        TokenizersBackend = PreTrainedTokenizerBase = None  # type: ignore[assignment,misc]
+    # never imported here: a transformers tokenizer has loaded these modules already, and a process that
+    # serves no model (its tokenizers are the platform's own) must not pay for importing transformers
+    base = sys.modules.get("transformers.tokenization_utils_base")
+    fast = sys.modules.get("transformers.tokenization_utils_tokenizers")
     cls = type(tokenizer)
     backend = getattr(tokenizer, "_tokenizer", None)
     if (
-        TokenizersBackend is not None
-        and isinstance(tokenizer, TokenizersBackend)
-        and cls.decode is PreTrainedTokenizerBase.decode
-        and cls._decode is TokenizersBackend._decode
+        base is not None
+        and fast is not None
+        and isinstance(tokenizer, fast.TokenizersBackend)
+        and cls.decode is base.PreTrainedTokenizerBase.decode
+        and getattr(cls, "_decode", None) is fast.TokenizersBackend._decode
         and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
         and backend is not None
     ):

@@ -182,9 +182,8 @@ class LlamaCppDraft:
         self._pending: list[_Round] = []
         self._drafting = 0
         self._running = False
-        self.decodes = 0
-        self._warm_up()
         self.decodes = 0  # llama_decode calls so far (how well drafting batches), the warm-up's not counted
+        self._warm_up()
 
     def _warm_up(self) -> None:
         """Decode a few catch-up and drafting steps on a spare sequence, at load.
@@ -200,6 +199,7 @@ class LlamaCppDraft:
                 self._ctx.kv_cache_seq_rm(seq, 0, -1)
         finally:
             self._ctx.kv_cache_seq_rm(seq, 0, -1)
+            self.decodes = 0
 
     def tokens(self) -> list[str]:
         """The draft's vocabulary, by id, as llama.cpp read it from the GGUF."""

@@ -403,3 +403,23 @@ def test_the_text_decoder_is_the_tokenizers_decode_whatever_the_ids(demo_pair, d
     assert "decode" in text_decoder(cleaning).__code__.co_names
     byte = ByteTokenizer(64)
     assert text_decoder(byte)([40, 41]) == byte.decode([40, 41], skip_special_tokens=True) == "OP"
+
+
+def test_the_text_decoder_does_not_import_transformers_for_a_tokenizer_of_its_own():
+    # a process that serves no model (the platform's own tokenizers) must not pay for importing transformers
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys\n"
+        "from speculative.completion import text_decoder\n"
+        "class Chars:\n"
+        "    def decode(self, ids, skip_special_tokens=True):\n"
+        "        return ''.join(map(chr, ids))\n"
+        "assert text_decoder(Chars())([72, 105]) == 'Hi'\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    assert out.stdout.strip() == "False"
