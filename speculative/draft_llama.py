@@ -38,6 +38,12 @@ GATHER_WAIT_S = 0.004  # the longest a drafting thread waits for others to join 
 R = TypeVar("R")
 
 
+def one_run(seqs: Iterable[int]) -> bool:
+    """Whether the sequence ids are consecutive (llama.cpp then evaluates them in one micro-batch)."""
+    ids = sorted(seqs)
+    return not ids or ids[-1] - ids[0] + 1 == len(ids)
+
+
 def in_sequence_order(rows: Iterable[R], seq: Callable[[R], int]) -> list[R]:
     """``rows`` for one ``llama_batch``, in increasing sequence ids (a sequence's own rows keep their order).
 
@@ -49,6 +55,60 @@ def in_sequence_order(rows: Iterable[R], seq: Callable[[R], int]) -> list[R]:
     verifier, this draft and the SmolLM2 teacher's runner all build their batches through here.
     """
     return sorted(rows, key=seq)
+
+
+# What a micro-batch costs llama.cpp beyond its positions, in positions' cost: measured on the demo verifier
+# (Q8_0, two threads, 2026-12-02) a pass cost about 0.6 ms, each sequence it reads 0.22 ms (its KV stream's
+# attention) and each position 0.28 ms; the draft's ratios are alike.
+PASS_COST = 2.0
+STREAM_COST = 0.8
+
+
+def micro_batches(rows: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(sequences, positions) of each micro-batch llama.cpp evaluates ``rows`` of (sequence id, positions) in.
+
+    With a KV stream per sequence llama.cpp splits a batch ``split_equal`` and sequential: from
+    the lowest sequence with positions left, the run of consecutive ids after it, each taking
+    as many positions as the run's shortest has left. So sequences 0-15 of one position each
+    are one pass, and one row shorter than the others, or a free id between two sessions,
+    makes two: measured on the demo verifier at 16 sessions of 3 positions, 16.3 ms in one
+    pass against 20.3 ms with one row of 2.
+    """
+    left = {seq: n for seq, n in rows if n > 0}
+    passes = []
+    while left:
+        order = sorted(left)
+        run = [order[0]]
+        for seq in order[1:]:
+            if seq != run[-1] + 1:
+                break
+            run.append(seq)
+        take = min(left[seq] for seq in run)
+        passes.append((len(run), take * len(run)))
+        for seq in run:
+            left[seq] -= take
+            if not left[seq]:
+                del left[seq]
+    return passes
+
+
+def _passes_cost(passes: list[tuple[int, int]]) -> float:
+    return sum(PASS_COST + STREAM_COST * streams + positions for streams, positions in passes)
+
+
+def padded_width(rows: Sequence[tuple[int, int]]) -> int:
+    """The length to pad every row of (sequence id, positions) to, or 0 to evaluate them as they are.
+
+    Padding a shorter row with positions nobody reads (rolled back after the decode) keeps a
+    batch in one micro-batch where its rows' lengths differ; it pays where the positions it
+    adds cost less than the passes it saves (``micro_batches``): one short row among 16, not
+    one long row among 16 short ones.
+    """
+    width = max((n for _, n in rows), default=0)
+    if all(n == width for _, n in rows):
+        return 0
+    padded = _passes_cost(micro_batches((seq, width) for seq, _ in rows))
+    return width if padded < _passes_cost(micro_batches(rows)) else 0
 
 
 @dataclass
@@ -75,6 +135,7 @@ class _Round:
     drafted: list[int] = field(default_factory=list)
     error: BaseException | None = None
     done: bool = False
+    ctx: LlamaCppContext | None = None  # whose sequence: its id is read again when the round runs (``_compact``)
 
 
 class LlamaCppContext:
@@ -93,12 +154,12 @@ class LlamaCppContext:
         self._owner._drafting_changed(-1)
 
     def evaluate(self, tokens: Sequence[int]) -> np.ndarray:
-        work = self._run(_Round(self._seq, list(tokens), self._n_past))
+        work = self._run(_Round(self._seq, list(tokens), self._n_past, ctx=self))
         assert work.logits is not None
         return work.logits
 
     def draft(self, tokens: Sequence[int], k: int, choose: Callable[[np.ndarray], int]) -> list[int]:
-        return self._run(_Round(self._seq, list(tokens), self._n_past, k, choose)).drafted
+        return self._run(_Round(self._seq, list(tokens), self._n_past, k, choose, ctx=self)).drafted
 
     @property
     def model(self) -> LlamaCppDraft:
@@ -108,7 +169,7 @@ class LlamaCppContext:
         self, items: Sequence[tuple[LlamaCppContext, Sequence[int], int, Callable[[np.ndarray], int]]]
     ) -> list[list[int] | BaseException]:
         """``draft`` for several sessions of this model at once, as one lockstep round (from one thread)."""
-        works = [_Round(ctx._seq, list(tokens), ctx._n_past, k, choose) for ctx, tokens, k, choose in items]
+        works = [_Round(ctx._seq, list(tokens), ctx._n_past, k, choose, ctx=ctx) for ctx, tokens, k, choose in items]
         self._owner._run_together(works)
         outcomes: list[list[int] | BaseException] = []
         for (ctx, *_), work in zip(items, works, strict=True):
@@ -127,11 +188,11 @@ class LlamaCppContext:
 
     def truncate(self, n_keep: int) -> None:
         if n_keep < self._n_past:
-            self._owner._remove(self._seq, n_keep)
+            self._owner._remove(self, n_keep)
             self._n_past = n_keep
 
     def close(self) -> None:
-        self._owner._release(self._seq)
+        self._owner._release(self)
 
 
 class LlamaCppDraft:
@@ -177,6 +238,8 @@ class LlamaCppDraft:
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
         self._batch_tokens = batch_tokens
         self._free = list(range(max_sessions - 1, -1, -1))
+        self._live: dict[int, LlamaCppContext] = {}  # sequence id -> the session's context
+        self.compactions = 0  # sessions moved to a lower sequence id (``_compact``)
         self._cond = threading.Condition()
         self._decode_lock = threading.Lock()  # llama.cpp contexts are not thread-safe
         self._pending: list[_Round] = []
@@ -213,17 +276,44 @@ class LlamaCppDraft:
             if not self._free:
                 raise DraftBusyError(f"all {self._ctx.n_ctx() // self.context_length} draft sequences are in use")
             seq = self._free.pop()
-        return LlamaCppContext(self, seq)
+            ctx = LlamaCppContext(self, seq)
+            self._live[seq] = ctx
+        return ctx
 
     # shared-context plumbing ------------------------------------------------------------
-    def _release(self, seq: int) -> None:
-        self._remove(seq, 0)
-        with self._cond:
-            self._free.append(seq)
+    def _release(self, ctx: LlamaCppContext) -> None:
+        with self._decode_lock, self._cond:
+            self._ctx.kv_cache_seq_rm(ctx._seq, 0, -1)
+            if self._live.get(ctx._seq) is ctx:
+                del self._live[ctx._seq]
+                self._free.append(ctx._seq)
+                self._free.sort(reverse=True)  # reuse low ids first
 
-    def _remove(self, seq: int, n_keep: int) -> None:
-        with self._decode_lock:
-            self._ctx.kv_cache_seq_rm(seq, n_keep, -1)
+    def _remove(self, ctx: LlamaCppContext, n_keep: int) -> None:
+        with self._decode_lock:  # its sequence id changes only under this lock (``_compact``)
+            self._ctx.kv_cache_seq_rm(ctx._seq, n_keep, -1)
+
+    def _compact(self) -> None:
+        """Move the sessions on the highest sequence ids into the free ids below (under ``_decode_lock``).
+
+        As the verifier's (``LlamaCppVerifier._compact``): a free id between sessions splits
+        each of their lockstep steps into two passes. The copy is the whole KV stream, cell for
+        cell, done at the next decode.
+        """
+        with self._cond:
+            n = len(self._live)
+            holes = sorted(seq for seq in self._free if seq < n)
+            movers = sorted((seq for seq in self._live if seq >= n), reverse=True)
+            for hole, seq in zip(holes, movers, strict=True):
+                self._ctx.kv_cache_seq_cp(seq, hole, -1, -1)
+                self._ctx.kv_cache_seq_rm(seq, 0, -1)
+                ctx = self._live.pop(seq)
+                ctx._seq = hole
+                self._live[hole] = ctx
+                self._free.remove(hole)
+                self._free.append(seq)
+            self._free.sort(reverse=True)
+            self.compactions += len(movers)
 
     def _drafting_changed(self, delta: int) -> None:
         with self._cond:
@@ -272,6 +362,12 @@ class LlamaCppDraft:
 
     def _run_rounds(self, rounds: list[_Round]) -> None:
         """Every round's tokens in one decode, then their draft steps in lockstep, one decode a step."""
+        with self._decode_lock:
+            if not one_run(w.ctx._seq for w in rounds if w.ctx is not None):
+                self._compact()
+            for w in rounds:
+                if w.ctx is not None:
+                    w.seq = w.ctx._seq
         steps = [_Step(w.seq, w.tokens, w.n_past) for w in rounds]
         self._decode(steps)
         for w, step in zip(rounds, steps, strict=True):
@@ -296,13 +392,16 @@ class LlamaCppDraft:
             drafting = evaluate
 
     def _decode(self, steps: list[_Step]) -> None:
-        """Evaluate every step's tokens at its positions, in as few decodes as fit."""
+        """Evaluate every step's tokens at its positions, in as few decodes as fit (shorter ones padded: ``padded_width``)."""
         b = self._batch.batch
         outputs: list[tuple[_Step, int]] = []
+        width = padded_width([(step.seq, len(step.tokens)) for step in steps])
         with self._decode_lock:
             b.n_tokens = 0
             for step in in_sequence_order(steps, lambda step: step.seq):
-                for offset, token in enumerate(step.tokens):
+                real = len(step.tokens)
+                pad = width - real if width else 0
+                for offset, token in enumerate(step.tokens + step.tokens[-1:] * pad):
                     if b.n_tokens == self._batch_tokens:
                         self._flush(outputs)
                     i = b.n_tokens
@@ -310,12 +409,16 @@ class LlamaCppDraft:
                     b.pos[i] = step.n_past + offset
                     b.n_seq_id[i] = 1
                     b.seq_id[i][0] = step.seq
-                    last = offset == len(step.tokens) - 1
+                    last = offset == real - 1
                     b.logits[i] = last
                     if last:
                         outputs.append((step, i))
                     b.n_tokens += 1
             self._flush(outputs)
+            if width:  # the padding positions go again: the next step evaluates from the real ones
+                for step in steps:
+                    if len(step.tokens) < width:
+                        self._ctx.kv_cache_seq_rm(step.seq, step.n_past + len(step.tokens), -1)
 
     def _flush(self, outputs: list[tuple[_Step, int]]) -> None:
         b = self._batch.batch

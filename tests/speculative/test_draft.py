@@ -10,7 +10,7 @@ import torch
 
 from speculative.draft import DraftSession
 from speculative.draft_hf import TransformersDraft
-from speculative.draft_llama import LlamaCppDraft
+from speculative.draft_llama import LlamaCppDraft, micro_batches, padded_width
 from speculative.errors import DraftBusyError, InvalidRequestError, ModelLoadError, VocabularyMismatchError
 from speculative.gguf_export import export_gguf
 from speculative.pair import DEMO_DRAFT_GGUF_TYPE, DEMO_VERIFIER, check_vocabularies, load_pair
@@ -196,3 +196,99 @@ def test_sessions_drafting_together_share_a_decode_per_step_and_draft_what_each_
         assert proposal.tokens == alone[i].tokens and len(proposal.tokens) == ks[i]
         if not sampling.greedy:
             assert np.abs(proposal.q - alone[i].q).max() < 1e-4  # llama.cpp sums in batch order
+
+
+@pytest.mark.parametrize(
+    "rows, passes",
+    [
+        ([(s, 1) for s in range(16)], [(16, 16)]),  # one run of one position each: one pass
+        ([(3, 1), (0, 1), (1, 1)], [(2, 2), (1, 1)]),  # a free id (2) between sessions: two
+        ([(0, 2)] + [(s, 3) for s in range(1, 16)], [(16, 32), (15, 15)]),  # one row shorter than the others
+        ([(0, 1), (1, 5), (2, 1), (3, 5)], [(4, 4), (1, 4), (1, 4)]),  # the long rows are not consecutive
+        ([(0, 0), (1, 2)], [(1, 2)]),  # a row without positions takes no part
+    ],
+)
+def test_micro_batches_follow_llama_cpps_sequential_split_of_a_batch(rows, passes):
+    assert micro_batches(rows) == passes
+
+
+@pytest.mark.parametrize(
+    "rows, width",
+    [
+        ([(s, 3) for s in range(16)], 0),  # equal already
+        ([(0, 2)] + [(s, 3) for s in range(1, 16)], 3),  # one short row among 16: one padded position saves a pass
+        ([(0, 9)] + [(s, 1) for s in range(1, 16)], 0),  # one long row among 16: padding would add 120 positions
+        ([(0, 1), (1, 5), (2, 1), (3, 5)], 0),  # 8 padded positions against two passes of one stream
+        ([(0, 3), (1, 4), (2, 2)], 4),  # three passes into one for 3 positions
+    ],
+)
+def test_rows_are_padded_to_one_pass_only_where_the_positions_cost_less_than_the_passes(rows, width):
+    assert padded_width(rows) == width
+
+
+def _argmax(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def test_a_session_closing_between_others_leaves_no_free_id_in_their_lockstep_drafts(tiny_checkpoint, monkeypatch):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf")
+    prompts = [[1, 2, 3], [40, 41, 42, 43], [7, 8]]
+
+    def alone(prompt: list[int], k: int) -> list[int]:
+        ctx = draft.new_context()
+        try:
+            return ctx.draft(prompt, k, _argmax)
+        finally:
+            ctx.close()
+
+    expected = {i: alone([*prompts[i], 5], 3) for i in (0, 2)}
+    contexts = [draft.new_context() for _ in prompts]  # sequences 0, 1, 2
+    for ctx, prompt in zip(contexts, prompts, strict=True):
+        ctx.evaluate(prompt)  # in their caches before one of them moves
+    contexts[1].close()
+    seen: list[list[int]] = []
+    real = draft._ctx.decode
+
+    def recording(batch) -> None:
+        seen.append([batch.batch.seq_id[i][0] for i in range(batch.batch.n_tokens)])
+        real(batch)
+
+    monkeypatch.setattr(draft._ctx, "decode", recording)
+    try:
+        got = contexts[0].draft_together([(contexts[i], [5], 3, _argmax) for i in (0, 2)])
+        assert got == [expected[0], expected[2]]
+        assert draft.compactions == 1
+        assert all(sorted(set(seqs)) == [0, 1] for seqs in seen)  # the third session moved into the free id
+        # the moved session's cache came along: it continues as one that never moved
+        follow = contexts[2].draft([expected[2][-1]], 2, _argmax)
+    finally:
+        contexts[0].close()
+        contexts[2].close()
+    assert follow == alone([*prompts[2], 5, *expected[2]], 2)
+
+
+def test_catch_up_rows_of_different_lengths_are_padded_into_one_decode_and_the_padding_rolled_back(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf")
+    prompts = [[1, 2, 3], [40, 41, 42, 43], [7, 8]]  # 3, 4 and 2 positions: three passes, or one padded to 4
+
+    def alone(prompt: list[int], k: int) -> list[int]:
+        ctx = draft.new_context()
+        try:
+            return ctx.draft(prompt, k, _argmax)
+        finally:
+            ctx.close()
+
+    expected = [alone(p, 3) for p in prompts]
+    contexts = [draft.new_context() for _ in prompts]
+    try:
+        before = draft.decodes
+        got = contexts[0].draft_together([(ctx, p, 3, _argmax) for ctx, p in zip(contexts, prompts, strict=True)])
+        assert got == expected
+        assert draft.decodes - before == 3  # the padded catch-up, then two lockstep steps
+        follow = contexts[2].draft([expected[2][-1]], 2, _argmax)  # its padding is gone from its sequence
+    finally:
+        for ctx in contexts:
+            ctx.close()
+    assert follow == alone([*prompts[2], *expected[2]], 2)

@@ -308,3 +308,81 @@ def test_a_sessions_verdicts_do_not_depend_on_the_drafts_batched_beside_it(llama
         for i in range(len(prompts)):
             verifier.close_session(f"inv{i}")
     assert [g[:n] for g in got] == alone
+
+
+def _record_batches(verifier: LlamaCppVerifier, monkeypatch) -> list[list[tuple[int, bool]]]:
+    """Each decode's (sequence id, logits wanted) per token, as llama.cpp receives them."""
+    seen: list[list[tuple[int, bool]]] = []
+    real = verifier._decode_batch
+
+    def recording() -> int:
+        b = verifier._batch.batch
+        seen.append([(b.seq_id[i][0], bool(b.logits[i])) for i in range(b.n_tokens)])
+        return real()
+
+    monkeypatch.setattr(verifier, "_decode_batch", recording)
+    return seen
+
+
+def test_a_session_closing_between_others_leaves_no_free_id_in_their_next_steps(llama, monkeypatch):
+    # a free id between sessions would split each of their steps into two passes over the weights
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in [*PROMPTS, "Class-based views"]]
+    expected = [_plain(verifier, p, 8) for p in prompts]
+    for i, p in enumerate(prompts):
+        verifier.open_session(f"h{i}", p, GREEDY)  # sequences 0-3
+    live = [0, 2, 3]
+    try:
+        first = verifier.verify([VerifyRequest(f"h{i}", (), None, 0) for i in range(4)]).verdicts
+        verifier.close_session("h1")
+        before = verifier.compactions
+        seen = _record_batches(verifier, monkeypatch)
+        drafts = {0: tuple(expected[0][1:4]), 2: (), 3: tuple(expected[3][1:3])}  # accepted whole, plain
+        second = verifier.verify([VerifyRequest(f"h{i}", drafts[i], None, 1) for i in live]).verdicts
+        third = verifier.verify([VerifyRequest(f"h{i}", (), None, 2) for i in live]).verdicts
+    finally:
+        for i in live:
+            verifier.close_session(f"h{i}")
+    assert [v.verifier_token for v in first] == [e[0] for e in expected]
+    assert verifier.compactions == before + 1
+    assert all(sorted({seq for seq, _ in batch}) == [0, 1, 2] for batch in seen)
+    # the moved session (sequence 3 -> 1) continues as if it had not moved
+    emitted = [v.emitted_tokens(drafts[i]) for v, i in zip(second, live, strict=True)]
+    assert emitted == [tuple(expected[0][1:5]), (expected[2][1],), tuple(expected[3][1:4])]
+    assert [v.verifier_token for v in third] == [expected[0][5], expected[2][2], expected[3][4]]
+
+
+def test_rows_of_different_lengths_share_one_pass_where_padding_costs_less_and_the_padding_is_rolled_back(
+    llama, monkeypatch
+):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected = [_plain(verifier, p, 16) for p in prompts]
+    for i, p in enumerate(prompts):
+        verifier.open_session(f"p{i}", p, GREEDY)
+    seen = _record_batches(verifier, monkeypatch)
+    try:
+        # rows of 5, 5 and 4 positions: one padded position keeps them in one pass
+        drafts = [tuple(expected[0][:4]), tuple(expected[1][:4]), tuple(expected[2][:3])]
+        padded = verifier.verify([VerifyRequest(f"p{i}", d, None, 0) for i, d in enumerate(drafts)]).verdicts
+        # rows of 9, 1 and 1: padding would add 16 positions to save one pass; they go as they are
+        drafts2 = [tuple(expected[0][5:13]), (), ()]
+        uneven = verifier.verify([VerifyRequest(f"p{i}", d, None, 1) for i, d in enumerate(drafts2)]).verdicts
+        after = verifier.verify([VerifyRequest(f"p{i}", (), None, 2) for i in range(3)]).verdicts
+    finally:
+        for i in range(3):
+            verifier.close_session(f"p{i}")
+    assert [len(batch) for batch in seen] == [15, 11, 3]
+    assert sum(wanted for _, wanted in seen[0]) == 14  # no logits for the padding
+    assert [v.emitted_tokens(d) for v, d in zip(padded, drafts, strict=True)] == [
+        tuple(expected[0][:5]),
+        tuple(expected[1][:5]),
+        tuple(expected[2][:4]),
+    ]
+    assert [v.emitted_tokens(d) for v, d in zip(uneven, drafts2, strict=True)] == [
+        tuple(expected[0][5:14]),
+        (expected[1][5],),
+        (expected[2][4],),
+    ]
+    # the third session's padded position is not in its sequence: it continues as plain decoding does
+    assert [v.verifier_token for v in after] == [expected[0][14], expected[1][6], expected[2][5]]
