@@ -16,6 +16,7 @@ from speculative.controller import (
     SpeculationGovernor,
     best_k,
     expected_tokens,
+    load_bucket,
 )
 
 
@@ -243,3 +244,29 @@ def test_sessions_leaving_keep_the_cap_until_the_lower_level_has_an_epoch():
     assert governor.cap == 2
     _batches(governor, [8] * (EPOCH_BATCHES + 1), now=now)
     assert (8, 2) in governor.rates and governor.cap == GOVERNOR_CAPS[0]  # now 8 sessions try their own caps
+
+
+@pytest.mark.parametrize("active, bucket", [(0, 1), (1, 1), (3, 4), (11, 8), (12, 16), (15, 16), (16, 16), (40, 32)])
+def test_a_load_is_measured_at_its_nearest_level_in_ratio(active, bucket):
+    # 16 sessions where one just ended are 16's load: with "the largest level at most active" they
+    # counted as 8's, and a closed loop of 16 flipped between the two levels at every completion
+    assert load_bucket(active) == bucket
+
+
+def test_a_short_lucky_epoch_weighs_what_its_seconds_do():
+    governor = SpeculationGovernor()
+
+    def epoch(tokens: int, seconds: float) -> None:
+        governor._start, governor._tokens, governor._bucket = 0.0, tokens, 16
+        governor._score(seconds)
+
+    epoch(800, 1.0)  # 800 tokens/s over a second
+    epoch(75, 0.025)  # then 25 ms at 3,000 tokens/s (an epoch cut short)
+    assert governor.rates[(16, governor.cap)] == pytest.approx((0.85 * 800 + 75) / (0.85 + 0.025))  # ~863, not 1,460
+
+
+def test_leaving_k_to_the_controllers_gets_no_preference_over_a_better_cap():
+    governor = SpeculationGovernor()
+    governor.rates = {(16, cap): 1000.0 if cap == 0 else 950.0 for cap in GOVERNOR_CAPS}
+    governor._epochs = 1  # not an exploring turn
+    assert governor._choose(16) == 0
