@@ -14,8 +14,10 @@
 4. runs the same client against each (greedy ``/v1/completions`` of ``--max-tokens``, at 1, 4
    and 16 concurrent requests), the servers taken in turn, the order rotated each run,
    ``--runs`` runs; reports medians of tokens/s (completion tokens over wall time) and of the
-   p50 request latency, and greedy agreement: how many prompts got the same text from
-   each server as from ``llama-server`` alone.
+   p50 request latency, greedy agreement (how many prompts got the same text from each
+   server as from ``llama-server`` alone), and Tandem over the better peer both as a ratio
+   of medians and paired: each run's own ratio (its servers measured within seconds of each
+   other), whose median a shared machine's slow swings in speed do not move.
 
 Not a test: it builds a C++ project (minutes) and the figures depend on the machine. The
 client runs on the same machine as the servers, so its own work is in every figure alike.
@@ -353,6 +355,16 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
         n: max(table["llama-server"][n]["tokens_per_s"], table["llama-server -md"][n]["tokens_per_s"])
         for n in table["tandem"]
     }
+    # each run's own ratio: the servers of one run are measured within seconds of each other, so a run's
+    # ratio cancels this shared machine's slow swings (its speed moved by 1.5x between minutes on
+    # 2026-12-02), which the ratio of medians over runs does not
+    paired: dict[str, list[float]] = {}
+    for level, by_run in figures["tandem"].items():
+        peers = zip(figures["llama-server"][level], figures["llama-server -md"][level], strict=True)
+        paired[str(level)] = sorted(
+            t["tokens_per_s"] / max(p["tokens_per_s"], m["tokens_per_s"])
+            for t, (p, m) in zip(by_run, peers, strict=True)
+        )
     return {
         "machine": {
             "cpu": host_platform.processor() or host_platform.machine(),
@@ -367,6 +379,10 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
         "runs": args.runs,
         "servers": table,
         "tandem_over_best_peer": {n: round(table["tandem"][n]["tokens_per_s"] / best_peer[n], 3) for n in best_peer},
+        "tandem_over_best_peer_paired": {
+            n: {"median": round(median(ratios), 3), "runs": [round(r, 3) for r in ratios]}
+            for n, ratios in paired.items()
+        },
     }
 
 
@@ -376,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="verifier GGUF")
     parser.add_argument("--sessions", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
         "--threads", type=int, default=None, help="the verifier's llama.cpp threads, both servers (default: every core)"
     )

@@ -30,6 +30,7 @@ prompt within a few rounds instead of guessing k = 4 and learning from scratch.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -259,6 +260,7 @@ CLEAR_LOSER = 1.3  # an arm the best beats by this factor is re-measured 4x less
 RATE_DECAY = 0.85
 
 
+@functools.lru_cache(maxsize=256)
 def load_bucket(active: int) -> int:
     """The concurrency level ``active`` sessions are measured at: the nearest of ``LOAD_BUCKETS`` in ratio.
 

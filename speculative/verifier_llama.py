@@ -297,7 +297,8 @@ class LlamaCppVerifier:
             span = slice(row.first, row.first + len(row.tokens))
             verdict = self._judge(s, req, logits[span], argmax[span])
             s.length += 1 + verdict.n_matches  # the pending token and the accepted draft stay
-            self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail goes
+            if len(row.tokens) + row.pad > 1 + verdict.n_matches:
+                self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail (and any padding) goes
             s.pending = verdict.verifier_token
             s.round, s.last = req.round, verdict
             verdicts.append(verdict)

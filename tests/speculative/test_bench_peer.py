@@ -1,0 +1,28 @@
+"""The peer benchmark's report: its ratios, without servers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from speculative.bench_peer import _report
+
+
+def _run(tokens_per_s: float) -> dict:
+    return {"tokens_per_s": tokens_per_s, "p50_latency_ms": 10.0, "texts": {"p": "same"}}
+
+
+def test_each_runs_own_ratio_is_reported_beside_the_ratio_of_medians():
+    # the machine ran at half speed in the second run: every server slowed alike
+    figures = {
+        "tandem": {1: [_run(900), _run(450), _run(1000)]},
+        "llama-server": {1: [_run(1000), _run(500), _run(1200)]},
+        "llama-server -md": {1: [_run(800), _run(520), _run(1100)]},
+    }
+    args = argparse.Namespace(type="q8_0", max_tokens=64, runs=3)
+    report = _report(args, Path("llama-server"), Path("v.gguf"), Path("d.gguf"), figures)
+    assert report["tandem_over_best_peer"] == {"1": round(900 / 1000, 3)}  # medians: 900 over max(1000, 800)
+    paired = report["tandem_over_best_peer_paired"]["1"]
+    assert paired["runs"] == [round(r, 3) for r in sorted([900 / 1000, 450 / 520, 1000 / 1200])]
+    assert paired["median"] == round(450 / 520, 3)
+    assert report["servers"]["tandem"]["1"]["greedy_agreement_with_llama_server"] == {"same_text": 1, "prompts": 1}
