@@ -230,19 +230,21 @@ def _argmax(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
+def _alone(draft: LlamaCppDraft, prompt: list[int], k: int) -> list[int]:
+    """What a session drafts by itself, on a fresh sequence."""
+    ctx = draft.new_context()
+    try:
+        return ctx.draft(prompt, k, _argmax)
+    finally:
+        ctx.close()
+
+
 def test_a_session_closing_between_others_leaves_no_free_id_in_their_lockstep_drafts(tiny_checkpoint, monkeypatch):
     out, _, _ = tiny_checkpoint
     draft = LlamaCppDraft(out / "tiny.gguf")
     prompts = [[1, 2, 3], [40, 41, 42, 43], [7, 8]]
 
-    def alone(prompt: list[int], k: int) -> list[int]:
-        ctx = draft.new_context()
-        try:
-            return ctx.draft(prompt, k, _argmax)
-        finally:
-            ctx.close()
-
-    expected = {i: alone([*prompts[i], 5], 3) for i in (0, 2)}
+    expected = {i: _alone(draft, [*prompts[i], 5], 3) for i in (0, 2)}
     contexts = [draft.new_context() for _ in prompts]  # sequences 0, 1, 2
     for ctx, prompt in zip(contexts, prompts, strict=True):
         ctx.evaluate(prompt)  # in their caches before one of them moves
@@ -265,7 +267,7 @@ def test_a_session_closing_between_others_leaves_no_free_id_in_their_lockstep_dr
     finally:
         contexts[0].close()
         contexts[2].close()
-    assert follow == alone([*prompts[2], 5, *expected[2]], 2)
+    assert follow == _alone(draft, [*prompts[2], 5, *expected[2]], 2)
 
 
 def test_catch_up_rows_of_different_lengths_are_padded_into_one_decode_and_the_padding_rolled_back(tiny_checkpoint):
@@ -273,14 +275,7 @@ def test_catch_up_rows_of_different_lengths_are_padded_into_one_decode_and_the_p
     draft = LlamaCppDraft(out / "tiny.gguf")
     prompts = [[1, 2, 3], [40, 41, 42, 43], [7, 8]]  # 3, 4 and 2 positions: three passes, or one padded to 4
 
-    def alone(prompt: list[int], k: int) -> list[int]:
-        ctx = draft.new_context()
-        try:
-            return ctx.draft(prompt, k, _argmax)
-        finally:
-            ctx.close()
-
-    expected = [alone(p, 3) for p in prompts]
+    expected = [_alone(draft, p, 3) for p in prompts]
     contexts = [draft.new_context() for _ in prompts]
     try:
         before = draft.decodes
@@ -291,4 +286,4 @@ def test_catch_up_rows_of_different_lengths_are_padded_into_one_decode_and_the_p
     finally:
         for ctx in contexts:
             ctx.close()
-    assert follow == alone([*prompts[2], *expected[2]], 2)
+    assert follow == _alone(draft, [*prompts[2], *expected[2]], 2)
