@@ -109,22 +109,50 @@ def text_decoder(tokenizer: Tokenizer) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def decodes_piecewise(tokenizer: Tokenizer) -> bool:
+    """Whether ``text_decoder(tokenizer)`` of a list is the decode of a prefix plus the decode of the rest.
+
+    True for a transformers fast tokenizer that ``text_decoder`` decodes through the Rust call
+    and whose decoder is byte-level (GPT-2's, the demo pair's and SmolLM2's): the text is the
+    UTF-8 of the tokens' bytes one after another, so wherever a prefix's text ends in whole
+    characters (no U+FFFD), the rest's text follows it. Anything else (a decoder that strips a
+    word's leading space, a clean-up pass over the text) decodes the whole list each time.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or text_decoder(tokenizer).__code__.co_names:  # not the Rust call alone
+        return False
+    return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
+
 class _TextTracker:
-    """Turns emitted token ids into text deltas, holding back what might start a stop string."""
+    """Turns emitted token ids into text deltas, holding back what might start a stop string.
+
+    Where the tokenizer decodes piecewise (``decodes_piecewise``) only the ids since the text
+    last ended in whole characters are decoded again for each token: decoding the whole list
+    each time cost 12 us a token at 64 tokens and 59 us at 1,024, quadratic in the length.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
         self._decode = text_decoder(tokenizer)
+        self._piecewise = decodes_piecewise(tokenizer)
         self._stop = stop
         self.ids: list[int] = []
         self.text = ""  # the completion text so far (cut at a stop string when one is found)
         self._flushed = 0
+        self._settled = 0  # piecewise: ids[:settled] decode to settled_text, which ends in whole characters
+        self._settled_text = ""
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text safe to emit now, whether a stop string was hit)."""
         self.ids.append(token_id)
-        text = self._decode(self.ids)
+        if self._piecewise:
+            text = self._settled_text + self._decode(self.ids[self._settled :])
+        else:
+            text = self._decode(self.ids)
         if text.endswith("\ufffd"):
             return "", False  # an incomplete UTF-8 sequence: wait for the next byte token
+        if self._piecewise:
+            self._settled, self._settled_text = len(self.ids), text
         self.text = text
         for stop in self._stop:
             idx = text.find(stop, max(0, self._flushed - len(stop)))

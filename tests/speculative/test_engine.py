@@ -423,3 +423,38 @@ def test_the_text_decoder_does_not_import_transformers_for_a_tokenizer_of_its_ow
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "False"
+
+
+def test_the_text_tracker_decodes_only_the_unsettled_ids_and_gives_the_whole_lists_text(demo_pair, demo_pair_llama):
+    # byte-level tokenizers decode piecewise: a token's text is decoded once, not again for every later token
+    # (whole-list decoding was quadratic); the text, its deltas and the held-back UTF-8 stay what they were
+    import copy
+    import random
+
+    from speculative.completion import _TextTracker, decodes_piecewise
+
+    rng = random.Random(11)
+    for _, _, tokenizer in (demo_pair, demo_pair_llama):
+        assert decodes_piecewise(tokenizer)
+        special = list(tokenizer.all_special_ids)
+        for _ in range(200):
+            tracker = _TextTracker(tokenizer, ())
+            decoded: list[int] = []
+            real = tracker._decode
+            tracker._decode = lambda ids, real=real, seen=decoded: seen.append(len(ids)) or real(ids)
+            ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 120))]
+            ids[rng.randrange(len(ids))] = rng.choice(special)
+            emitted = ""
+            for i, token in enumerate(ids):
+                delta, stopped = tracker.push(token)
+                emitted += delta
+                whole = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+                assert not stopped
+                if not whole.endswith("\ufffd"):
+                    assert tracker.text == whole
+            assert emitted + tracker.finish() == tracker.text
+            assert sum(decoded) < 4 * len(ids)  # not len(ids) ** 2 / 2
+    cleaning = copy.copy(demo_pair[2])
+    cleaning.clean_up_tokenization_spaces = True  # its text is edited as a whole: decoded whole
+    assert not decodes_piecewise(cleaning)
+    assert not decodes_piecewise(ByteTokenizer(64))
