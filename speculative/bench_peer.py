@@ -356,8 +356,8 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
         for n in table["tandem"]
     }
     # each run's own ratio: the servers of one run are measured within seconds of each other, so a run's
-    # ratio cancels this shared machine's slow swings (its speed moved by 1.5x between minutes on
-    # 2026-12-02), which the ratio of medians over runs does not
+    # ratio cancels this shared machine's slow swings (llama-server alone at 4 sessions measured 1,095 to
+    # 3,573 tokens/s within an hour on 2026-12-02), which the ratio of medians over runs does not
     paired: dict[str, list[float]] = {}
     for level, by_run in figures["tandem"].items():
         peers = zip(figures["llama-server"][level], figures["llama-server -md"][level], strict=True)
