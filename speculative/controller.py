@@ -23,9 +23,10 @@ holds about n * (k + 1) tokens, so t_verify(k) = intercept + slope * n * (k + 1)
 that line exists it falls back to a line in k over this session's own rounds. At k = 0
 it still probes a short draft now and then, so it notices when agreement comes back.
 
-A session starts from what the engine's finished sessions measured (``ControllerPrior``:
-their acceptance, draft and verify costs), with little weight, so it adapts to its own
-prompt within a few rounds instead of guessing k = 4 and learning from scratch.
+A session starts from what the engine's finished sessions measured at its concurrency
+level (``ControllerPriors``: their acceptance, draft and verify costs), with little weight,
+so it adapts to its own prompt within a few rounds instead of guessing k = 4 and learning
+from scratch.
 """
 
 from __future__ import annotations
@@ -127,11 +128,21 @@ class DraftLengthController:
         if prior is not None and prior.tried > 0:
             scale = min(1.0, PRIOR_SEED_WEIGHT / prior.tried)  # their acceptance, as a few pseudo-counts
             controller.accepted, controller.tried = prior.accepted * scale, prior.tried * scale
-            controller.t_draft, controller.rtt, controller.overhead = prior.t_draft, prior.rtt, prior.overhead
-            controller.verify_by_k = dict(prior.verify_by_k)
-            controller.draft_by_k = dict(prior.draft_by_k)
-            controller._probe_every = prior.probe_every  # probes that kept failing before stay rare
+            controller.rtt = prior.rtt
+            controller.rebase(prior)
         return controller
+
+    def rebase(self, prior: ControllerPrior) -> None:
+        """Take the costs sessions measured at another load (none there: measure them afresh); keep the rest.
+
+        What a round costs depends on how many sessions share it (a lockstep draft round of 16
+        sessions cost 0.8 ms a drafted token on the demo pair on llama.cpp, 0.2 alone); the
+        draft's agreement and the network do not. Called when the session's batches move to
+        another concurrency level, so its costs are never another level's.
+        """
+        self.t_draft, self.overhead = prior.t_draft, prior.overhead
+        self.verify_by_k, self.draft_by_k = dict(prior.verify_by_k), dict(prior.draft_by_k)
+        self._probe_every = prior.probe_every  # probes that kept failing there stay rare
 
     @property
     def acceptance(self) -> float:
@@ -270,6 +281,31 @@ def load_bucket(active: int) -> int:
     return min(LOAD_BUCKETS, key=lambda b: abs(math.log(active / b)))
 
 
+class ControllerPriors:
+    """A :class:`ControllerPrior` per concurrency level (``load_bucket``): what sessions measured there.
+
+    One prior for every load taught a lone session what drafting cost in a batch of 16 or
+    4 (0.66 ms a drafted token, where alone it is 0.2 on the demo pair on llama.cpp), so
+    after a burst a lone session started at k = 0, and stayed there. A session's costs
+    belong to the level its batches ran at: it rebases on that level's prior when its
+    batch size moves to another (``DraftLengthController.rebase``) and folds into the
+    level it ended at.
+    """
+
+    def __init__(self) -> None:
+        self._by_bucket: dict[int, ControllerPrior] = {}
+        self._lock = threading.Lock()
+
+    def at(self, active: int) -> ControllerPrior:
+        """The prior of ``active`` concurrent sessions' level (made empty on first use)."""
+        bucket = load_bucket(active)
+        prior = self._by_bucket.get(bucket)
+        if prior is None:
+            with self._lock:
+                prior = self._by_bucket.setdefault(bucket, ControllerPrior())
+        return prior
+
+
 class SpeculationGovernor:
     """A cap on every session's k, chosen from measured aggregate throughput.
 
@@ -311,7 +347,13 @@ class SpeculationGovernor:
                 self._score(self._last)  # up to the last batch of the old count
             # Sessions leaving keep the cap until an epoch at the lower level is scored: the
             # tail of a burst is too short to learn from, and should not go uncapped meanwhile.
-            if self._start is None or bucket > self._bucket or (scored and bucket == self._bucket):
+            # Unless the lower level's best is known (or it is a lone session, never capped).
+            if (
+                self._start is None
+                or bucket > self._bucket
+                or (scored and bucket == self._bucket)
+                or self._measured(bucket)
+            ):
                 self.cap = self._choose(bucket)
             self._start, self._tokens, self._batches, self._bucket, self._active = now, 0, 0, bucket, active
             return
@@ -322,6 +364,19 @@ class SpeculationGovernor:
             self._score(now)
             self._start, self._tokens, self._batches = now, 0, 0
             self.cap = self._choose(bucket)
+
+    def on_idle(self) -> None:
+        """Every session ended: the epoch so far is scored if long enough, and the next batch starts afresh.
+
+        Without this the idle time counted in the epoch, and its cap stayed on for whoever came
+        next: after a burst at 16 sessions (cap 0), the lone sessions that followed ran plain.
+        """
+        if self._start is not None and self._batches >= EPOCH_MIN_BATCHES:
+            self._score(self._last)
+        self._start = None
+
+    def _measured(self, bucket: int) -> bool:
+        return bucket == 1 or all((bucket, cap) in self.rates for cap in GOVERNOR_CAPS)
 
     def _score(self, now: float) -> None:
         """Fold the epoch so far (``self.cap`` at ``self._bucket``) into the measured rates."""

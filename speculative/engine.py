@@ -32,7 +32,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from speculative.completion import CompletionRequest, Tokenizer, TokenStream, build_request
-from speculative.controller import ControllerPrior, DraftLengthController
+from speculative.controller import ControllerPriors, DraftLengthController, load_bucket
 from speculative.draft import DraftModel, DraftSession
 from speculative.errors import SpeculativeError
 from speculative.scheduler import DraftOrder, OpenOrder, RoundResult, VerifyScheduler
@@ -119,12 +119,15 @@ class Completion(TokenStream):
             if draft is not None:
                 draft.close()
             raise
-        controller = DraftLengthController.starting_from(
-            engine.controller_prior, fixed_k=req.k if draft is not None else 0
-        )
         engine.scheduler.join()
+        # costs depend on how many sessions share a round: the controller starts from what sessions measured
+        # at this load (those opening with it included), moves with its batches' load, teaches the last one
+        level = load_bucket(engine.scheduler.load())
+        controller = DraftLengthController.starting_from(
+            engine.controller_priors.at(level), fixed_k=req.k if draft is not None else 0
+        )
+        batch_size = 1
         try:
-            batch_size = 1
             last_round_at: float | None = None  # when the previous round's verdict was in
             for round_no in itertools.count():
                 k = self._next_k(controller, batch_size) if draft is not None else 0
@@ -144,6 +147,9 @@ class Completion(TokenStream):
                         draft.extend([result.verdict.verifier_token])
                 draft_ms = proposal.draft_ms if proposal is not None else 0.0
                 verdict, batch_size = result.verdict, result.batch_size
+                if load_bucket(batch_size) != level:
+                    level = load_bucket(batch_size)
+                    controller.rebase(engine.controller_priors.at(level))
                 now = time.perf_counter()
                 # what a round costs besides its draft, verify and network time (its tokens' delivery, the
                 # scheduler's turn): a lone session's only, as in a batch it would include waiting for others
@@ -169,7 +175,7 @@ class Completion(TokenStream):
                     return
         finally:
             if draft is not None:
-                engine.controller_prior.fold(controller)
+                engine.controller_priors.at(level).fold(controller)
             engine.scheduler.leave()
             try:
                 engine.verifier.close_session(self.session_id)
@@ -226,7 +232,7 @@ class SpeculativeEngine:
         self.draft = draft
         self.tokenizer = tokenizer
         self.scheduler = scheduler or VerifyScheduler(verifier)
-        self.controller_prior = ControllerPrior()  # what its finished sessions measured, for the next ones
+        self.controller_priors = ControllerPriors()  # what its finished sessions measured, by load, for the next ones
         self.eos_token_id = verifier.eos_token_id
         self.context_length = min(verifier.context_length, draft.context_length if draft else verifier.context_length)
 

@@ -169,6 +169,7 @@ class VerifyScheduler:
         self._next: deque[Round] = deque()
         self._drafts: list[tuple[DraftOrder, DrivenSession]] = []
         self._active = 0
+        self._arriving = 0  # sessions opened by this batch that have not joined yet
         self._lock = threading.Lock()
         self._closed = False
         self.batches = 0
@@ -185,6 +186,10 @@ class VerifyScheduler:
     def leave(self) -> None:
         with self._lock:
             self._active -= 1
+
+    def load(self) -> int:
+        """Sessions running, counting those opened together with the caller that have yet to join."""
+        return self._active + self._arriving
 
     def submit(self, request: VerifyRequest) -> Future[RoundResult]:
         future: Future[RoundResult] = Future()
@@ -247,7 +252,9 @@ class VerifyScheduler:
             return rounds
         results = self._open_sessions([o for _, o in openings])
         waiting = len(self._next)
+        self._arriving = len(openings)
         for (session, _), result in zip(openings, results, strict=True):
+            self._arriving -= 1  # it joins now, or fails
             error = result if isinstance(result, BaseException) else None
             self._continue(session, None if error else result, error)  # its first draft or round
         self._draft_round()
@@ -279,7 +286,15 @@ class VerifyScheduler:
             except Exception:  # noqa: BLE001 - a model that cannot decode says so on its first round
                 log.exception("the verifier's warm-up failed")
         while True:
-            first = self._next.popleft() if self._next else self._queue.get()
+            first: Item | None
+            if self._next:
+                first = self._next.popleft()
+            else:
+                try:
+                    first = self._queue.get_nowait()
+                except queue.Empty:
+                    self.governor.on_idle()  # no session has a round to run: they all ended
+                    first = self._queue.get()
             if first is None:
                 break
             batch = self._gather(first)

@@ -12,6 +12,7 @@ from speculative.controller import (
     PROBE_EVERY,
     STEADY_CATCH_UP,
     ControllerPrior,
+    ControllerPriors,
     DraftLengthController,
     SpeculationGovernor,
     best_k,
@@ -119,6 +120,37 @@ def test_a_new_session_starts_from_what_the_engines_finished_sessions_measured()
     pinned.record(k=3, n_matches=3, draft_ms=0.1, verify_ms=1.0, network_ms=0.0)
     prior.fold(pinned)  # a pinned k's session teaches nothing
     assert DraftLengthController.starting_from(prior).next_k() == 0
+
+
+def _measured_prior(t_draft: float, accepted: float = 0.9) -> ControllerPrior:
+    finished = DraftLengthController(accepted=accepted * 10, tried=10.0)
+    for _ in range(4):
+        finished.record(k=4, n_matches=3, draft_ms=4 * t_draft, verify_ms=1.5, network_ms=0.0, overhead_ms=0.1)
+    prior = ControllerPrior()
+    prior.fold(finished)
+    return prior
+
+
+def test_priors_are_kept_per_concurrency_level():
+    priors = ControllerPriors()
+    assert priors.at(15) is priors.at(16) is priors.at(12)  # the governor's levels
+    assert priors.at(1) is not priors.at(16) and priors.at(0) is priors.at(1)
+
+
+def test_a_session_moving_to_another_load_takes_that_loads_costs_and_keeps_its_acceptance():
+    # in a batch of 16 a lockstep draft round cost 0.66 ms a drafted token on the demo pair, alone 0.2:
+    # a lone session that started from the batch's costs never drafted
+    busy = _measured_prior(t_draft=0.66)
+    controller = DraftLengthController.starting_from(busy)
+    controller.record(k=4, n_matches=4, draft_ms=2.6, verify_ms=1.5, network_ms=0.0)
+    acceptance = controller.acceptance
+    controller.rebase(ControllerPrior())  # a level nothing was measured at yet: its costs are measured afresh
+    assert controller.t_draft is None and controller.draft_by_k == {} and controller.verify_by_k == {}
+    assert controller.acceptance == acceptance  # the draft's agreement is no property of the load
+    assert controller.next_k() == 4  # the first guess, which measures this level's costs
+    alone = _measured_prior(t_draft=0.2)
+    controller.rebase(alone)
+    assert controller.t_draft == pytest.approx(alone.t_draft) and controller.draft_by_k == alone.draft_by_k
 
 
 def _feed(controller: DraftLengthController, accept_all: bool, rounds: int) -> list[int]:
@@ -244,6 +276,37 @@ def test_sessions_leaving_keep_the_cap_until_the_lower_level_has_an_epoch():
     assert governor.cap == 2
     _batches(governor, [8] * (EPOCH_BATCHES + 1), now=now)
     assert (8, 2) in governor.rates and governor.cap == GOVERNOR_CAPS[0]  # now 8 sessions try their own caps
+
+
+def test_the_idle_time_between_bursts_is_scored_for_no_cap():
+    governor = SpeculationGovernor()
+    cap = governor.cap
+    now = _batches(governor, [16] * (EPOCH_MIN_BATCHES + 2))  # a burst, all ending together
+    governor.on_idle()  # they ended: the epoch so far is scored
+    assert governor.rates[(16, cap)] == pytest.approx(40 / 0.05)
+    _batches(governor, [16] * (EPOCH_BATCHES + 2), now=now + 5.0)  # the next burst, seconds later
+    assert min(governor.rates.values()) == pytest.approx(40 / 0.05)  # not 12 batches over 5.6 s
+
+
+def test_a_lone_session_after_a_burst_is_uncapped():
+    """A burst at 16 left cap 0 on, and the lone sessions that came after it ran plain."""
+    governor = SpeculationGovernor()
+    governor.rates = {(16, cap): 1000.0 + (500 if cap == 0 else 0) for cap in GOVERNOR_CAPS}
+    governor._epochs = 1  # as if measured; not an exploring turn
+    now = _batches(governor, [16] * 3)
+    assert governor.cap == 0
+    _batches(governor, [1], now=now)  # its tail, or one after it: a lone session is never capped
+    assert governor.cap == GOVERNOR_CAPS[0]
+
+
+def test_sessions_leaving_to_a_measured_level_take_its_best_cap_at_once():
+    governor = SpeculationGovernor()
+    governor.rates = {(b, cap): 1000.0 + (500 if cap == b // 4 else 0) for cap in GOVERNOR_CAPS for b in (8, 16)}
+    governor._epochs = 1
+    now = _batches(governor, [16] * 3)
+    assert governor.cap == 4
+    _batches(governor, [8], now=now)
+    assert governor.cap == 2
 
 
 @pytest.mark.parametrize("active, bucket", [(0, 1), (1, 1), (3, 4), (11, 8), (12, 16), (15, 16), (16, 16), (40, 32)])

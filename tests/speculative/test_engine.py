@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -104,6 +105,20 @@ def test_under_a_cap_of_zero_the_controller_is_not_asked_and_backs_off_no_probe(
     assert pinned._next_k(DraftLengthController(fixed_k=3), 16) == 3  # a pinned k is the caller's, cap or not
     completion.close()
     pinned.close()
+
+
+def test_a_session_teaches_the_load_it_ran_at(engines):
+    spec, _ = engines
+    verifier, draft = spec.verifier, spec.draft
+    fresh = SpeculativeEngine(verifier, spec.tokenizer, draft, scheduler=spec.scheduler)  # nothing measured
+    completion = fresh.generate(PROMPTS[0], max_tokens=24)
+    assert completion.stats.proposed > 0  # a first guess drafts, and so measures
+    assert set(fresh.controller_priors._by_bucket) == {1}  # a lone session's costs are a lone session's
+    assert fresh.controller_priors.at(1).t_draft is not None
+    deadline = time.monotonic() + 10
+    while spec.scheduler.governor._start is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert spec.scheduler.governor._start is None  # the scheduler, with nothing left to run, told its governor
 
 
 def test_stats_and_provenance_add_up(engines):
