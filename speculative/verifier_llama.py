@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from speculative.acceptance import accept_greedy_ids, accept_sampling
-from speculative.draft_llama import in_sequence_order, one_run, padded_width
+from speculative.draft_llama import Compaction, in_sequence_order, padded_width
 from speculative.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -147,6 +147,7 @@ class LlamaCppVerifier:
         self._prefills: deque[PrefillTicket] = deque()
         self.decodes = 0  # llama_decode calls so far
         self.compactions = 0  # sessions moved to a lower sequence id (``_compact``)
+        self._compaction = Compaction()
 
     def tokens(self) -> list[str]:
         """The verifier's vocabulary, by id, as llama.cpp read it from the GGUF."""
@@ -211,7 +212,8 @@ class LlamaCppVerifier:
         1.0-1.6 ms on ids 0-3 against 2.1-3.1 ms on 0, 2, 4, 6; 16 sessions 4.4-6.7 against
         9.5-12.2 ms. A move copies the session's whole stream (``llama_memory_seq_cp`` across
         streams, done at the next decode), cell for cell, so the session's attention reads the
-        same cells in the same order as before: its output does not change.
+        same cells in the same order as before: its output does not change. The copy costs
+        several split steps at once, so it waits until a gap has lasted (``Compaction``).
         """
         n = len(self._sessions)
         holes = sorted(seq for seq in self._free if seq < n)
@@ -277,7 +279,7 @@ class LlamaCppVerifier:
 
     def _verify_rows(self, requests: list[VerifyRequest], sessions: list[_Session]) -> list[Verdict]:
         """One decode over every session's ``[pending, x1..xk]``, then each session judged and rolled back."""
-        if not one_run(s.seq for s in sessions):
+        if self._compaction.due(s.seq for s in sessions):
             self._compact()
         rows = [
             _Row(s.seq, [s.pending, *r.tokens], s.length, logits=True) for r, s in zip(requests, sessions, strict=True)

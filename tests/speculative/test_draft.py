@@ -10,7 +10,7 @@ import torch
 
 from speculative.draft import DraftSession
 from speculative.draft_hf import TransformersDraft
-from speculative.draft_llama import LlamaCppDraft, micro_batches, padded_width
+from speculative.draft_llama import COPY_PASSES, Compaction, LlamaCppDraft, micro_batches, padded_width
 from speculative.errors import DraftBusyError, InvalidRequestError, ModelLoadError, VocabularyMismatchError
 from speculative.gguf_export import export_gguf
 from speculative.pair import DEMO_DRAFT_GGUF_TYPE, DEMO_VERIFIER, check_vocabularies, load_pair
@@ -226,6 +226,21 @@ def test_rows_are_padded_to_one_pass_only_where_the_positions_cost_less_than_the
     assert padded_width(rows) == width
 
 
+def test_sessions_move_down_only_once_their_gaps_have_cost_what_the_moves_would():
+    compaction = Compaction()
+    assert not compaction.due([0, 1, 2, 3])
+    # a session ended at 1; the next request fills its id three steps later: nobody moved
+    assert [compaction.due([0, 2, 3]) for _ in range(3)] == [False] * 3
+    assert not compaction.due([0, 1, 2, 3]) and compaction.owed == 0
+    # a gap that lasts: after COPY_PASSES split steps (one pass each), the one session above it moves
+    assert [compaction.due([0, 2, 3]) for _ in range(COPY_PASSES + 1)] == [False] * COPY_PASSES + [True]
+    # two movers cost twice as much; two gaps cost two passes a step; a drafting round is several steps
+    assert [compaction.due([0, 3, 4]) for _ in range(2 * COPY_PASSES + 1)] == [False] * 2 * COPY_PASSES + [True]
+    assert [compaction.due([0, 2, 4]) for _ in range(4)] == [False, False, False, True]  # owed 0, 2, 4, then 6
+    assert compaction.due([0, 2, 3], steps=COPY_PASSES) is False and compaction.due([0, 2, 3])
+    assert not compaction.due([1, 2, 3])  # one run, wherever it starts, is one pass
+
+
 def _argmax(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
@@ -239,12 +254,13 @@ def _alone(draft: LlamaCppDraft, prompt: list[int], k: int) -> list[int]:
         ctx.close()
 
 
-def test_a_session_closing_between_others_leaves_no_free_id_in_their_lockstep_drafts(tiny_checkpoint, monkeypatch):
+def test_a_free_id_left_between_sessions_is_closed_once_it_lasts(tiny_checkpoint, monkeypatch):
     out, _, _ = tiny_checkpoint
     draft = LlamaCppDraft(out / "tiny.gguf")
     prompts = [[1, 2, 3], [40, 41, 42, 43], [7, 8]]
 
-    expected = {i: _alone(draft, [*prompts[i], 5], 3) for i in (0, 2)}
+    k = COPY_PASSES  # a round of k decodes: its split costs what a move does
+    expected = {i: _alone(draft, [*prompts[i], 5], k) for i in (0, 2)}
     contexts = [draft.new_context() for _ in prompts]  # sequences 0, 1, 2
     for ctx, prompt in zip(contexts, prompts, strict=True):
         ctx.evaluate(prompt)  # in their caches before one of them moves
@@ -258,16 +274,22 @@ def test_a_session_closing_between_others_leaves_no_free_id_in_their_lockstep_dr
 
     monkeypatch.setattr(draft._ctx, "decode", recording)
     try:
-        got = contexts[0].draft_together([(contexts[i], [5], 3, _argmax) for i in (0, 2)])
+        # a first round runs split (each decode one more pass): a move would have cost as much as the round's gap
+        got = contexts[0].draft_together([(contexts[i], [5], k, _argmax) for i in (0, 2)])
         assert got == [expected[0], expected[2]]
+        assert draft.compactions == 0 and all(sorted(set(seqs)) == [0, 2] for seqs in seen)
+        # a gap that lasts is closed: before the next round, the third session moves into the free id
+        seen.clear()
+        follow = contexts[0].draft_together([(contexts[i], [expected[i][-1]], k, _argmax) for i in (0, 2)])
         assert draft.compactions == 1
-        assert all(sorted(set(seqs)) == [0, 1] for seqs in seen)  # the third session moved into the free id
-        # the moved session's cache came along: it continues as one that never moved
-        follow = contexts[2].draft([expected[2][-1]], 2, _argmax)
+        assert all(sorted(set(seqs)) == [0, 1] for seqs in seen)
+        # and the moved session's cache came along: it continues as one that never moved
+        after = contexts[2].draft([follow[1][-1]], 2, _argmax)
     finally:
         contexts[0].close()
         contexts[2].close()
-    assert follow == _alone(draft, [*prompts[2], 5, *expected[2]], 2)
+    assert follow == [_alone(draft, [*prompts[i], 5, *expected[i]], k) for i in (0, 2)]
+    assert after == _alone(draft, [*prompts[2], 5, *expected[2], *follow[1]], 2)
 
 
 def test_catch_up_rows_of_different_lengths_are_padded_into_one_decode_and_the_padding_rolled_back(tiny_checkpoint):

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from speculative.draft_llama import COPY_PASSES
 from speculative.errors import InvalidRequestError, ModelLoadError, SessionNotFoundError, VerifierBusyError
 from speculative.pair import DEMO_VERIFIER_GGUF
 from speculative.types import SamplingParams
@@ -324,11 +325,12 @@ def _record_batches(verifier: LlamaCppVerifier, monkeypatch) -> list[list[tuple[
     return seen
 
 
-def test_a_session_closing_between_others_leaves_no_free_id_in_their_next_steps(llama, monkeypatch):
-    # a free id between sessions would split each of their steps into two passes over the weights
+def test_a_free_id_left_between_sessions_is_closed_once_it_lasts(llama, monkeypatch):
+    # a free id between sessions splits each of their steps into two passes over the weights; moving a session
+    # down copies its whole KV stream, so it waits until the split steps have cost as much (``Compaction``)
     verifier, tokenizer = llama
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in [*PROMPTS, "Class-based views"]]
-    expected = [_plain(verifier, p, 8) for p in prompts]
+    expected = [_plain(verifier, p, 12) for p in prompts]
     for i, p in enumerate(prompts):
         verifier.open_session(f"h{i}", p, GREEDY)  # sequences 0-3
     live = [0, 2, 3]
@@ -339,17 +341,20 @@ def test_a_session_closing_between_others_leaves_no_free_id_in_their_next_steps(
         seen = _record_batches(verifier, monkeypatch)
         drafts = {0: tuple(expected[0][1:4]), 2: (), 3: tuple(expected[3][1:3])}  # accepted whole, plain
         second = verifier.verify([VerifyRequest(f"h{i}", drafts[i], None, 1) for i in live]).verdicts
-        third = verifier.verify([VerifyRequest(f"h{i}", (), None, 2) for i in live]).verdicts
+        later = [verifier.verify([VerifyRequest(f"h{i}", (), None, r) for i in live]).verdicts for r in range(2, 8)]
     finally:
         for i in live:
             verifier.close_session(f"h{i}")
     assert [v.verifier_token for v in first] == [e[0] for e in expected]
     assert verifier.compactions == before + 1
-    assert all(sorted({seq for seq, _ in batch}) == [0, 1, 2] for batch in seen)
-    # the moved session (sequence 3 -> 1) continues as if it had not moved
+    ids = [sorted({seq for seq, _ in batch}) for batch in seen]
+    assert ids == [[0, 2, 3]] * COPY_PASSES + [[0, 1, 2]] * (len(seen) - COPY_PASSES)
+    # split, and then moved (sequence 3 -> 1), every session continues as if nothing had happened
     emitted = [v.emitted_tokens(drafts[i]) for v, i in zip(second, live, strict=True)]
     assert emitted == [tuple(expected[0][1:5]), (expected[2][1],), tuple(expected[3][1:4])]
-    assert [v.verifier_token for v in third] == [expected[0][5], expected[2][2], expected[3][4]]
+    offsets = {0: 5, 2: 2, 3: 4}  # the next token of each, after the second round
+    for r, verdicts in enumerate(later):
+        assert [v.verifier_token for v in verdicts] == [expected[i][offsets[i] + r] for i in live]
 
 
 def test_rows_of_different_lengths_share_one_pass_where_padding_costs_less_and_the_padding_is_rolled_back(
