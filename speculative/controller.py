@@ -262,8 +262,13 @@ EPOCH_MIN_S = 0.1
 # good draft finishes a completion in few rounds, and sessions that start together end
 # together, so a concurrency level may never see EPOCH_BATCHES in a row at one count.
 EPOCH_MIN_BATCHES = 4
-EXPLORE_EVERY = 10  # every 10th epoch re-measures another cap (load and agreement drift)
-CLEAR_LOSER = 1.3  # an arm the best beats by this factor is re-measured 4x less often
+# every 20th epoch re-measures another cap (load and agreement drift); an arm the best beats by 10% is
+# re-measured 4x less often. A re-measured cap costs more than its epoch's rate shows: at 16 sessions on
+# a CPU, a drafting cap first catches every draft up on the tokens since it last drafted. At every 10th
+# and 1.3 the platform ran 3-5% below plain decoding at 4 and 16 sessions where plain was the best cap
+# (demo pair, llama.cpp, 2026-12-03); at 20 and 1.1, 1-3% below.
+EXPLORE_EVERY = 20
+CLEAR_LOSER = 1.1
 # An arm's rate is its tokens over its seconds, each epoch's share of both decayed by this once the
 # arm is measured again: a short epoch (cut by a session ending) weighs what its seconds do. At 0.7
 # per epoch, as a plain ratio of rates, one lucky 25 ms epoch at 16 sessions (a session ends every
