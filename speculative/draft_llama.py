@@ -393,7 +393,7 @@ class LlamaCppDraft:
     def _run_rounds(self, rounds: list[_Round]) -> None:
         """Every round's tokens in one decode, then their draft steps in lockstep, one decode a step."""
         with self._decode_lock:
-            decodes = max(1, *(w.k for w in rounds))  # the catch-up decode, then one a drafted token but the last
+            decodes = max([1, *(w.k for w in rounds)])  # the catch-up decode, then one a drafted token but the last
             if self._compaction.due((w.ctx._seq for w in rounds if w.ctx is not None), decodes):
                 self._compact()
             for w in rounds:
