@@ -262,13 +262,13 @@ EPOCH_MIN_S = 0.1
 # good draft finishes a completion in few rounds, and sessions that start together end
 # together, so a concurrency level may never see EPOCH_BATCHES in a row at one count.
 EPOCH_MIN_BATCHES = 4
-# every 20th epoch re-measures another cap (load and agreement drift); an arm the best beats by 10% is
-# re-measured 4x less often. A re-measured cap costs more than its epoch's rate shows: at 16 sessions on
-# a CPU, a drafting cap first catches every draft up on the tokens since it last drafted. At every 10th
-# and 1.3 the platform ran 3-5% below plain decoding at 4 and 16 sessions where plain was the best cap
-# (demo pair, llama.cpp, 2026-12-03); at 20 and 1.1, 1-3% below.
-EXPLORE_EVERY = 20
-CLEAR_LOSER = 1.1
+EXPLORE_EVERY = 10  # every 10th epoch re-measures another cap (load and agreement drift)
+CLEAR_LOSER = 1.3  # an arm the best beats by this factor is re-measured 4x less often
+# Re-measuring less (every 20th epoch, an arm 10% behind 4x less often) bought the platform on llama.cpp 1-3%
+# at 4 and 16 sessions, where plain decoding is the best cap, but cost the torch backend's `make bench` far
+# more: an early noisy pick held, 1.96-1.98x at 4 sessions against 2.53-2.60x, 1.26-1.61x at 16 against
+# 1.68-1.91x (2026-12-03, runs alternating). What a re-measured drafting cap costs on a CPU (every draft
+# catching up on the tokens since it last drafted) is better cut where it is paid.
 # An arm's rate is its tokens over its seconds, each epoch's share of both decayed by this once the
 # arm is measured again: a short epoch (cut by a session ending) weighs what its seconds do. At 0.7
 # per epoch, as a plain ratio of rates, one lucky 25 ms epoch at 16 sessions (a session ends every

@@ -7,7 +7,6 @@ import pytest
 from speculative.controller import (
     EPOCH_BATCHES,
     EPOCH_MIN_BATCHES,
-    EXPLORE_EVERY,
     GOVERNOR_CAPS,
     PRIOR_SEED_WEIGHT,
     PROBE_EVERY,
@@ -207,8 +206,7 @@ def _drive_governor(governor: SpeculationGovernor, rate_of_cap, epochs: int, act
 
 def test_governor_falls_back_to_plain_decoding_when_speculation_is_slower():
     governor = SpeculationGovernor()
-    # clear losers are re-measured in the first turns of each cycle of 4 x 3 exploring turns: two cycles
-    caps = _drive_governor(governor, lambda cap: 1000 if cap == 0 else 600, epochs=16 * EXPLORE_EVERY)
+    caps = _drive_governor(governor, lambda cap: 1000 if cap == 0 else 600, epochs=200)
     late = caps[len(caps) // 2 :]
     assert late.count(0) / len(late) > 0.8
     assert set(late) != {0}  # it keeps re-measuring the others
