@@ -147,8 +147,8 @@ class Completion(TokenStream):
                         draft.extend([result.verdict.verifier_token])
                 draft_ms = proposal.draft_ms if proposal is not None else 0.0
                 verdict, batch_size = result.verdict, result.batch_size
-                if load_bucket(batch_size) != level:
-                    level = load_bucket(batch_size)
+                if (now_at := load_bucket(batch_size)) != level:
+                    level = now_at
                     controller.rebase(engine.controller_priors.at(level))
                 now = time.perf_counter()
                 # what a round costs besides its draft, verify and network time (its tokens' delivery, the
