@@ -78,7 +78,9 @@ class DraftModel(Protocol):
     vocab_size: int
     context_length: int
 
-    def new_context(self) -> DraftContext: ...
+    def new_context(self, prefix: Sequence[int] = ()) -> DraftContext:
+        """A context for one session; one that already holds ``prefix``'s first ``reused`` tokens where it can."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,11 @@ class DraftSession:
     def __init__(self, model: DraftModel, prompt_ids: Sequence[int], params: SamplingParams):
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")
-        self._ctx = model.new_context()
+        self._ctx = model.new_context(prompt_ids)
         self._params = params
         self._generator = torch.Generator().manual_seed(params.seed ^ _DRAFT_SEED_SALT)
         self.committed: list[int] = list(prompt_ids)
-        self._n_cached = 0  # committed tokens already in the draft's KV cache
+        self._n_cached = getattr(self._ctx, "reused", 0)  # committed tokens already in the draft's KV cache
         self._in_round = False
         self._round_lock = threading.Lock()
 

@@ -66,5 +66,5 @@ class TransformersDraft:
         self.vocab_size: int = self.model.config.vocab_size
         self.context_length: int = self.model.config.max_position_embeddings
 
-    def new_context(self) -> TransformersContext:
-        return TransformersContext(self)
+    def new_context(self, prefix: Sequence[int] = ()) -> TransformersContext:
+        return TransformersContext(self)  # a cache of its own: nothing is kept between sessions

@@ -65,12 +65,119 @@ class Compaction:
         if not ids or ids[-1] - ids[0] + 1 == len(ids):
             self.owed = 0
             return False
-        movers = sum(1 for seq in ids if seq >= len(ids))
+        movers = sum(1 for seq in ids if seq >= ids[0] + len(ids))  # the lowest stays; those past its run move
         if self.owed >= COPY_PASSES * movers:
             self.owed = 0
             return True
         self.owed += steps * sum(1 for a, b in zip(ids, ids[1:], strict=False) if b != a + 1)  # a pass a gap
         return False
+
+
+# A kept prefix this much longer than what an id beside the others keeps takes a session apart from them: a prefill
+# of the demo verifier costs about 0.2 ms a position, a free id between sessions 0.4 ms a step until it closes
+# (a new session fills it, or a move: ``Compaction``).
+PREFIX_OVER_GAP = 32
+
+
+class SequenceIds:
+    """The sequence ids of a shared llama.cpp context: which are free, and what each free one's KV stream still holds.
+
+    A closed session's stream keeps its tokens (``release(seq, kept)``), and a new session
+    takes the free id whose kept tokens share the longest prefix with what it will hold
+    (``take``): those positions need no evaluation. As llama.cpp's own server reuses a slot's
+    cache, so a chat's next turn, or a prompt behind a shared system prompt, evaluates only
+    what is new. The kept positions hold what a fresh evaluation would compute: the same
+    tokens at the same positions of a stream that holds nothing else, and a stream's values
+    do not depend on what is batched beside it (each sequence has a KV stream of its own);
+    the verifier's tests check its plain decoding after reuse against a fresh one.
+
+    Where nothing is kept, ids go low-first. llama.cpp evaluates a step in one pass per run
+    of consecutive ids (``micro_batches``), so a session takes one of the ids that add fewest
+    runs (a free id between open ones, or beside them), the one that keeps the longest prefix
+    (then the lowest), and goes apart from the open ones only for a prefix ``PREFIX_OVER_GAP``
+    tokens longer. With no prefix to reuse it takes an id that keeps nothing, or else the one
+    whose tokens were kept longest ago, so that many prompts stay kept at once (one each, a
+    client cycling through 8 prompts on 32 ids). ``remove(seq, from_position)`` drops a
+    stream's positions from ``from_position`` on.
+    """
+
+    def __init__(self, n: int, remove: Callable[[int, int], None], *, reuse: bool = True):
+        self.n = n
+        self.free = list(range(n - 1, -1, -1))  # low ids last: ``free[-1]`` is the lowest
+        self.reuse = reuse
+        self.reused = 0  # positions found kept, not evaluated again
+        self._kept: dict[int, list[int]] = {}  # free id -> the tokens its stream holds at positions 0..
+        self._order: dict[int, int] = {}  # free id -> when its tokens were kept (the oldest goes first)
+        self._released = 0
+        self._remove = remove
+
+    def take(self, want: Sequence[int] = ()) -> tuple[int, int]:
+        """A free id for a session whose first positions will hold ``want``; how many of them it holds already."""
+        seq, reused = self._choose(list(want)) if self._kept and want else (self.free[-1], 0)
+        self.free.remove(seq)
+        kept = self._kept.pop(seq, None)
+        self._order.pop(seq, None)
+        if kept is not None and len(kept) > reused:
+            self._remove(seq, reused)
+        self.reused += reused
+        return seq, reused
+
+    def release(self, seq: int, kept: Sequence[int] = ()) -> None:
+        """Free ``seq``; its stream keeps ``kept`` (the tokens at its positions 0..), or nothing."""
+        if self.reuse and kept:
+            self._kept[seq] = list(kept)
+            self._order[seq] = self._released = self._released + 1
+        else:
+            self._remove(seq, 0)
+        self.free.append(seq)
+        self.free.sort(reverse=True)
+
+    def moved(self, hole: int, seq: int) -> None:
+        """A session moved from ``seq`` into the free id ``hole`` (its stream copied over, ``seq``'s emptied)."""
+        self.free.remove(hole)
+        self._kept.pop(hole, None)
+        self._order.pop(hole, None)
+        self.free.append(seq)
+        self.free.sort(reverse=True)
+
+    def _choose(self, want: list[int]) -> tuple[int, int]:
+        free = set(self.free)
+
+        def runs_added(seq: int) -> int:  # the passes a step over the open ids and ``seq`` takes, less theirs
+            return 1 - sum(1 for x in (seq - 1, seq + 1) if 0 <= x < self.n and x not in free)
+
+        added = {seq: runs_added(seq) for seq in self.free}
+        fewest = min(added.values())
+        # the best of the ids that add fewest runs, by kept prefix, then the lowest; and the best of the others
+        beside = [seq for seq in self.free if added[seq] == fewest]
+        near = max(
+            ((common_prefix(self._kept[seq], want), -seq) for seq in beside if seq in self._kept), default=(0, 0)
+        )
+        if near[0] == 0:  # nothing to reuse: an id that keeps nothing, else the one kept longest, is the one to lose
+            empty = [seq for seq in beside if seq not in self._kept]
+            near = (0, -(min(empty) if empty else min(beside, key=lambda seq: self._order[seq])))
+        far = max(
+            ((common_prefix(kept, want), -seq) for seq, kept in self._kept.items() if added[seq] > fewest),
+            default=(0, 0),
+        )
+        best = far if far[0] >= near[0] + PREFIX_OVER_GAP else near
+        return -best[1], best[0]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (slice comparisons, a logarithmic number of them)."""
+    a, b = (x if isinstance(x, list) else list(x) for x in (a, b))
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def in_sequence_order(rows: Iterable[R], seq: Callable[[R], int]) -> list[R]:
@@ -170,10 +277,14 @@ class _Round:
 class LlamaCppContext:
     """One session's sequence in the shared llama.cpp context."""
 
-    def __init__(self, owner: LlamaCppDraft, seq: int):
+    def __init__(self, owner: LlamaCppDraft, seq: int, kept: Sequence[int] = ()):
         self._owner = owner
         self._seq = seq
-        self._n_past = 0
+        self._tokens = list(
+            kept
+        )  # what its sequence holds, from position 0 (left to the next session: ``SequenceIds``)
+        self._n_past = len(self._tokens)
+        self.reused = self._n_past  # leading tokens a closed session left here, which this session's start with
         self.n_ctx: int = owner.context_length
 
     def begin_round(self) -> None:
@@ -202,7 +313,7 @@ class LlamaCppContext:
         self._owner._run_together(works)
         outcomes: list[list[int] | BaseException] = []
         for (ctx, *_), work in zip(items, works, strict=True):
-            ctx._n_past += work.evaluated
+            ctx._evaluated(work)
             outcomes.append(work.error if work.error is not None else work.drafted)
         return outcomes
 
@@ -210,15 +321,21 @@ class LlamaCppContext:
         try:
             self._owner._gather(work)
         finally:
-            self._n_past += work.evaluated
+            self._evaluated(work)
         if work.error is not None:
             raise work.error
         return work
+
+    def _evaluated(self, work: _Round) -> None:
+        """Count the positions ``work`` added: its tokens, then its drafted ones but the last."""
+        self._tokens += (work.tokens + work.drafted)[: work.evaluated]
+        self._n_past += work.evaluated
 
     def truncate(self, n_keep: int) -> None:
         if n_keep < self._n_past:
             self._owner._remove(self, n_keep)
             self._n_past = n_keep
+            del self._tokens[n_keep:]
 
     def close(self) -> None:
         self._owner._release(self)
@@ -266,7 +383,7 @@ class LlamaCppDraft:
         self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
         self._batch_tokens = batch_tokens
-        self._free = list(range(max_sessions - 1, -1, -1))
+        self._ids = SequenceIds(max_sessions, self._remove_from)
         self._live: dict[int, LlamaCppContext] = {}  # sequence id -> the session's context
         self.compactions = 0  # sessions moved to a lower sequence id (``_compact``)
         self._compaction = Compaction()
@@ -285,7 +402,7 @@ class LlamaCppDraft:
         demo draft a session's first rounds measured 1.2-1.3 ms against 0.5-0.9 warm, and those
         rounds priced drafting for the controllers of every later session, which then never drafted.
         """
-        seq = self._free[-1]
+        seq = self._ids.free[-1]
         try:
             for size in (4, 1, 2, 3, 1, 1, 2):
                 self._decode([_Step(seq, [0] * size, 0)])
@@ -301,23 +418,26 @@ class LlamaCppDraft:
     def tokenize(self, text: str) -> list[int]:
         return list(self._model.tokenize(text.encode(), add_bos=False, special=False))
 
-    def new_context(self) -> LlamaCppContext:
-        with self._cond:
-            if not self._free:
+    def new_context(self, prefix: Sequence[int] = ()) -> LlamaCppContext:
+        """A session's sequence; where a closed session left ``prefix``'s first tokens in one, that one (``reused``)."""
+        with self._decode_lock, self._cond:
+            if not self._ids.free:
                 raise DraftBusyError(f"all {self._ctx.n_ctx() // self.context_length} draft sequences are in use")
-            seq = self._free.pop()
-            ctx = LlamaCppContext(self, seq)
+            seq, kept = self._ids.take(prefix)
+            ctx = LlamaCppContext(self, seq, prefix[:kept])
             self._live[seq] = ctx
         return ctx
 
     # shared-context plumbing ------------------------------------------------------------
+    def _remove_from(self, seq: int, start: int) -> None:
+        self._ctx.kv_cache_seq_rm(seq, start, -1)
+
     def _release(self, ctx: LlamaCppContext) -> None:
         with self._decode_lock, self._cond:
-            self._ctx.kv_cache_seq_rm(ctx._seq, 0, -1)
             if self._live.get(ctx._seq) is ctx:
                 del self._live[ctx._seq]
-                self._free.append(ctx._seq)
-                self._free.sort(reverse=True)  # reuse low ids first
+                assert len(ctx._tokens) == ctx._n_past
+                self._ids.release(ctx._seq, ctx._tokens)  # kept for a session whose tokens start with them
 
     def _remove(self, ctx: LlamaCppContext, n_keep: int) -> None:
         with self._decode_lock:  # its sequence id changes only under this lock (``_compact``)
@@ -331,18 +451,17 @@ class LlamaCppDraft:
         cell, done at the next decode; it waits until a gap has lasted (``Compaction``).
         """
         with self._cond:
-            n = len(self._live)
-            holes = sorted(seq for seq in self._free if seq < n)
-            movers = sorted((seq for seq in self._live if seq >= n), reverse=True)
+            low = min(self._live, default=0)
+            end = low + len(self._live)  # the sessions go to ids low .. end-1
+            holes = sorted(seq for seq in self._ids.free if low <= seq < end)
+            movers = sorted((seq for seq in self._live if seq >= end), reverse=True)
             for hole, seq in zip(holes, movers, strict=True):
                 self._ctx.kv_cache_seq_cp(seq, hole, -1, -1)
                 self._ctx.kv_cache_seq_rm(seq, 0, -1)
                 ctx = self._live.pop(seq)
                 ctx._seq = hole
                 self._live[hole] = ctx
-                self._free.remove(hole)
-                self._free.append(seq)
-            self._free.sort(reverse=True)
+                self._ids.moved(hole, seq)
             self.compactions += len(movers)
 
     def _drafting_changed(self, delta: int) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from speculative.acceptance import accept_greedy_ids, accept_sampling
-from speculative.draft_llama import Compaction, in_sequence_order, padded_width
+from speculative.draft_llama import Compaction, SequenceIds, in_sequence_order, padded_width
 from speculative.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -72,6 +72,9 @@ class _Session:
     pending: int  # the last committed token, not yet in the cache
     params: SamplingParams
     generator: torch.Generator
+    tokens: list[
+        int
+    ]  # the tokens at positions 0 .. length-1: what a closed session leaves for the next (``SequenceIds``)
     round: int = -1
     last: Verdict | None = None
 
@@ -98,6 +101,7 @@ class LlamaCppVerifier:
         n_threads: int | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        reuse_prefixes: bool = True,
     ):
         import llama_cpp
         from llama_cpp import _internals as internals
@@ -141,7 +145,8 @@ class LlamaCppVerifier:
         self._batch_tokens = batch_tokens
         self._llama_get_logits = llama_cpp.llama_get_logits
         self._sessions: dict[str, _Session] = {}
-        self._free = list(range(max_sessions - 1, -1, -1))  # low ids first
+        # a closed session's stream keeps its tokens for the next prompt that starts with them
+        self._ids = SequenceIds(max_sessions, self._remove_from, reuse=reuse_prefixes)
         self._lock = threading.Lock()  # one decode at a time: llama.cpp contexts are not thread-safe
         self._prefill_lock = threading.Lock()  # guards the queue of sessions waiting to open
         self._prefills: deque[PrefillTicket] = deque()
@@ -173,37 +178,47 @@ class LlamaCppVerifier:
 
     def _new_session(self, ticket: PrefillTicket) -> _Session:
         generator = torch.Generator().manual_seed(ticket.params.seed)
-        return _Session(self._free.pop(), 0, ticket.prompt[-1], ticket.params, generator)
+        cached = ticket.prompt[:-1]  # the pending token (the prompt's last) is evaluated by the first round
+        seq, kept = self._ids.take(cached)
+        return _Session(seq, kept, ticket.prompt[-1], ticket.params, generator, list(cached[:kept]))
 
     def _prefill(self, opened: list[tuple[PrefillTicket, _Session]]) -> None:
         """Every prompt but its last token (the session's pending token) into the cache, no logits.
 
-        Each session is billed its positions' share of the decodes' time.
+        A session evaluates only what its sequence does not hold already (``SequenceIds``). Each
+        session is billed its evaluated positions' share of the decodes' time.
         """
-        rows = [_Row(s.seq, t.prompt[:-1], 0, logits=False) for t, s in opened if len(t.prompt) > 1]
-        if not rows:
-            return
+        rows = [
+            _Row(s.seq, t.prompt[s.length : -1], s.length, logits=False)
+            for t, s in opened
+            if len(t.prompt) - 1 > s.length
+        ]
         started = time.perf_counter()
-        self._decode(rows)
+        if rows:
+            self._decode(rows)
         decode_ms = (time.perf_counter() - started) * 1e3
-        positions = sum(len(r.tokens) for r in rows)
+        positions = max(1, sum(len(r.tokens) for r in rows))
         for ticket, session in opened:
-            session.length = len(ticket.prompt) - 1
-            ticket.prefill_ms = decode_ms * session.length / positions
+            evaluated = len(ticket.prompt) - 1 - session.length
+            session.length, session.tokens = len(ticket.prompt) - 1, list(ticket.prompt[:-1])
+            ticket.prefill_ms = decode_ms * evaluated / positions
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
             session = self._sessions.pop(session_id, None)
             if session is not None:
-                self._release(session.seq)
+                assert len(session.tokens) == session.length
+                self._ids.release(session.seq, session.tokens)  # kept for a prompt that starts with them
+
+    def _remove_from(self, seq: int, start: int) -> None:
+        self._ctx.kv_cache_seq_rm(seq, start, -1)
 
     def _release(self, seq: int) -> None:
-        self._ctx.kv_cache_seq_rm(seq, 0, -1)
-        self._free.append(seq)
-        self._free.sort(reverse=True)  # reuse low ids first
+        """Free ``seq`` with nothing kept (a session that failed to open, the warm-up's)."""
+        self._ids.release(seq)
 
     def _compact(self) -> None:
-        """Move the sessions on the highest sequence ids into the free ids below, so the open ones are ``0..n-1``.
+        """Move the sessions past the lowest one's run into the free ids within it, so the open ones are one run.
 
         llama.cpp evaluates a batch over per-sequence KV streams in micro-batches of consecutive
         sequence ids (``in_sequence_order``), each a whole pass over the weights: a session that
@@ -215,16 +230,15 @@ class LlamaCppVerifier:
         same cells in the same order as before: its output does not change. The copy costs
         several split steps at once, so it waits until a gap has lasted (``Compaction``).
         """
-        n = len(self._sessions)
-        holes = sorted(seq for seq in self._free if seq < n)
-        movers = sorted((s for s in self._sessions.values() if s.seq >= n), key=lambda s: s.seq, reverse=True)
+        low = min((s.seq for s in self._sessions.values()), default=0)
+        end = low + len(self._sessions)  # the sessions go to ids low .. end-1
+        holes = sorted(seq for seq in self._ids.free if low <= seq < end)
+        movers = sorted((s for s in self._sessions.values() if s.seq >= end), key=lambda s: s.seq, reverse=True)
         for hole, s in zip(holes, movers, strict=True):
             self._ctx.kv_cache_seq_cp(s.seq, hole, -1, -1)
             self._ctx.kv_cache_seq_rm(s.seq, 0, -1)
-            self._free.remove(hole)
-            self._free.append(s.seq)
+            self._ids.moved(hole, s.seq)
             s.seq = hole
-        self._free.sort(reverse=True)
         self.compactions += len(movers)
 
     @property
@@ -240,9 +254,9 @@ class LlamaCppVerifier:
         draft-length controllers read, and priced each drafted token at twice its cost.
         """
         with self._lock:
-            if not self._free:
+            if not self._ids.free:
                 return
-            seq = self._free.pop()
+            seq, _ = self._ids.take()
             try:
                 self._decode([_Row(seq, [0, 0], 0, logits=False)])
                 for size in range(1, MAX_DRAFT_TOKENS + 2):
@@ -299,6 +313,8 @@ class LlamaCppVerifier:
             span = slice(row.first, row.first + len(row.tokens))
             verdict = self._judge(s, req, logits[span], argmax[span])
             s.length += 1 + verdict.n_matches  # the pending token and the accepted draft stay
+            s.tokens.append(s.pending)
+            s.tokens += req.tokens[: verdict.n_matches]
             if len(row.tokens) + row.pad > 1 + verdict.n_matches:
                 self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail (and any padding) goes
             s.pending = verdict.verifier_token

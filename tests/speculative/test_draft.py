@@ -10,7 +10,16 @@ import torch
 
 from speculative.draft import DraftSession
 from speculative.draft_hf import TransformersDraft
-from speculative.draft_llama import COPY_PASSES, Compaction, LlamaCppDraft, micro_batches, padded_width
+from speculative.draft_llama import (
+    COPY_PASSES,
+    PREFIX_OVER_GAP,
+    Compaction,
+    LlamaCppDraft,
+    SequenceIds,
+    common_prefix,
+    micro_batches,
+    padded_width,
+)
 from speculative.errors import DraftBusyError, InvalidRequestError, ModelLoadError, VocabularyMismatchError
 from speculative.gguf_export import export_gguf
 from speculative.pair import DEMO_DRAFT_GGUF_TYPE, DEMO_VERIFIER, check_vocabularies, load_pair
@@ -309,3 +318,84 @@ def test_catch_up_rows_of_different_lengths_are_padded_into_one_decode_and_the_p
         for ctx in contexts:
             ctx.close()
     assert follow == _alone(draft, [*prompts[2], *expected[2]], 2)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "n"),
+    [([], [1], 0), ([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2), ([1, 2, 3], [1, 9, 3], 1), ((4,), [5], 0)],
+)
+def test_common_prefix_counts_the_leading_tokens_two_lists_share(a, b, n):
+    assert common_prefix(a, b) == n == common_prefix(b, a)
+    long = list(range(1000))
+    assert common_prefix(long, long[:777] + [-1] + long[778:]) == 777
+
+
+def _ids(n: int = 16) -> tuple[SequenceIds, list[tuple[int, int]]]:
+    removed: list[tuple[int, int]] = []
+    return SequenceIds(n, lambda seq, start: removed.append((seq, start))), removed
+
+
+def test_sequence_ids_go_low_first_where_nothing_is_kept_and_a_release_without_tokens_empties_the_stream():
+    ids, removed = _ids()
+    assert [ids.take([1, 2])[0] for _ in range(3)] == [0, 1, 2]
+    ids.release(1)
+    assert removed == [(1, 0)]
+    assert ids.take([1, 2]) == (1, 0)  # the free id between the others
+
+
+def test_a_lone_session_takes_the_id_that_kept_the_longest_prefix_and_only_what_follows_it_goes():
+    ids, removed = _ids(3)
+    for prompt in ([7, 8, 9], [1, 2, 3, 4, 5], [6, 6]):
+        seq, _ = ids.take(prompt)
+        ids.release(seq, prompt)  # each session ends alone, on a free id that keeps nothing: 0, 1, 2
+    assert ids.take([1, 2, 3, 4, 9, 9]) == (1, 4)
+    assert removed == [(1, 4)]  # what followed the shared prefix
+    ids.release(1, [1, 2, 3, 4, 9, 9])
+    assert ids.take([5]) == (0, 0)  # nothing shared anywhere: the id whose tokens were kept longest ago
+    assert removed[-1] == (0, 0) and ids.reused == 4
+
+
+def test_beside_open_sessions_a_kept_prefix_elsewhere_wins_only_when_much_longer():
+    ids, _ = _ids()
+    taken = [ids.take()[0] for _ in range(8)]
+    assert taken == list(range(8))
+    short, long = list(range(100, 110)), list(range(200, 200 + PREFIX_OVER_GAP + 5))
+    ids.release(0, long)
+    ids.release(1, short)
+    for seq in (2, 3, 4):
+        ids.release(seq)  # sessions 5-7 stay open
+    # ten kept tokens do not pay for an id apart from 5-7 (a second pass every step): an id beside them
+    assert ids.take(short) == (4, 0)
+    assert ids.take(long) == (0, len(long))  # a prefix PREFIX_OVER_GAP tokens longer does
+    ids.moved(1, 7)  # a session moved from 7 into 1: 1's kept tokens are overwritten
+    assert ids.take(short) == (2, 0)  # the lowest of the ids beside the open ones; nothing keeps ``short`` now
+
+
+def test_a_draft_context_reuses_what_a_closed_one_left_and_evaluates_on_as_a_fresh_one(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=2)
+    ids = [5, 17, 42, 99, 7, 250, 3, 8]
+    first = draft.new_context()
+    first.evaluate(ids)
+    first.close()  # its sequence keeps the eight tokens
+    again = draft.new_context(ids[:5] + [11, 12])
+    assert again.reused == 5
+    reused = again.evaluate([11, 12])
+    fresh = LlamaCppDraft(out / "tiny.gguf", max_sessions=2).new_context().evaluate(ids[:5] + [11, 12])
+    assert np.array_equal(reused, fresh)
+
+
+def test_a_draft_session_on_a_kept_prompt_catches_up_on_one_token_and_drafts_as_a_fresh_one(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=2)
+    prompt = [5, 17, 42, 99, 7, 250]
+    first = DraftSession(draft, prompt, SamplingParams())
+    drafted = first.propose(4)
+    first.accept(drafted, Verdict(n_matches=2, verifier_token=3))  # two kept, the rest rolled back
+    first.close()
+    again = DraftSession(draft, prompt + list(drafted.tokens[:2]) + [3], SamplingParams())
+    proposal = again.propose(4)
+    fresh = DraftSession(LlamaCppDraft(out / "tiny.gguf", max_sessions=2), again.committed, SamplingParams())
+    assert proposal.caught_up == 1  # only the verifier's token: the prompt and the accepted drafts were kept
+    assert proposal.tokens == fresh.propose(4).tokens
+    again.close()

@@ -114,8 +114,9 @@ def test_a_rounds_rows_reach_llama_cpp_in_increasing_sequence_ids_whatever_order
 
 def test_sessions_opening_together_are_prefilled_in_one_decode(llama):
     verifier, tokenizer = llama
-    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    expected = [_plain(verifier, p, 3) for p in prompts]
+    # prompts no other test opens: a sequence that kept one (``SequenceIds``) would need no prefill at all
+    texts = ["Template tags are", "QuerySets are lazy because", "class Meta: ordering ="]
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in texts]
     start = threading.Barrier(len(prompts))
     decodes_before = verifier.decodes
     errors: list[BaseException] = []
@@ -143,10 +144,10 @@ def test_sessions_opening_together_are_prefilled_in_one_decode(llama):
         assert not errors
         assert verifier.decodes == decodes_before + 1
         tokens = verifier.verify([VerifyRequest(f"p{i}", (), None, 0) for i in range(3)]).verdicts
-        assert [v.verifier_token for v in tokens] == [e[0] for e in expected]
     finally:
         for i in range(3):
             verifier.close_session(f"p{i}")
+    assert [v.verifier_token for v in tokens] == [_plain(verifier, p, 3)[0] for p in prompts]
 
 
 def test_a_closed_sessions_sequence_is_reused_clean_and_a_full_verifier_refuses_more():
@@ -328,7 +329,8 @@ def _record_batches(verifier: LlamaCppVerifier, monkeypatch) -> list[list[tuple[
 def test_a_free_id_left_between_sessions_is_closed_once_it_lasts(llama, monkeypatch):
     # a free id between sessions splits each of their steps into two passes over the weights; moving a session
     # down copies its whole KV stream, so it waits until the split steps have cost as much (``Compaction``)
-    verifier, tokenizer = llama
+    _, tokenizer = llama
+    verifier = LlamaCppVerifier(DEMO_VERIFIER_GGUF, n_threads=1, reuse_prefixes=False)  # ids low-first, as named
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in [*PROMPTS, "Class-based views"]]
     expected = [_plain(verifier, p, 12) for p in prompts]
     for i, p in enumerate(prompts):
@@ -391,3 +393,72 @@ def test_rows_of_different_lengths_share_one_pass_where_padding_costs_less_and_t
     ]
     # the third session's padded position is not in its sequence: it continues as plain decoding does
     assert [v.verifier_token for v in after] == [expected[0][14], expected[1][6], expected[2][5]]
+
+
+def _fresh(max_sessions: int = 4, reuse: bool = True) -> LlamaCppVerifier:
+    return LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=max_sessions, n_threads=1, reuse_prefixes=reuse)
+
+
+def _prefilled_positions(verifier: LlamaCppVerifier, monkeypatch) -> list[int]:
+    """Positions each decode without logits evaluates (a prefill's), as llama.cpp receives them."""
+    seen: list[int] = []
+    real = verifier._decode_batch
+
+    def recording() -> int:
+        b = verifier._batch.batch
+        if not any(b.logits[i] for i in range(b.n_tokens)):
+            seen.append(b.n_tokens)
+        return real()
+
+    monkeypatch.setattr(verifier, "_decode_batch", recording)
+    return seen
+
+
+def test_a_prompt_a_closed_session_left_is_not_evaluated_again_and_decodes_as_a_fresh_one(llama, monkeypatch):
+    _, tokenizer = llama
+    prompt = tokenizer.encode("Middleware is a framework of hooks into", add_special_tokens=False)
+    expected = _plain(_fresh(reuse=False), prompt, 24)
+    verifier = _fresh()
+    assert _plain(verifier, prompt, 24) == expected  # its stream keeps the prompt and the 23 tokens after it
+    prefills = _prefilled_positions(verifier, monkeypatch)
+    assert _plain(verifier, prompt, 24) == expected  # the same prompt again: nothing to evaluate before its first round
+    assert prefills == [] and verifier._ids.reused == len(prompt) - 1
+    # a chat's next turn: the prompt, the answer so far, and more; only what follows the kept tokens is evaluated
+    turn = prompt + expected[:12] + tokenizer.encode(" The next", add_special_tokens=False)
+    assert _plain(verifier, turn, 16) == _plain(_fresh(reuse=False), turn, 16)
+    assert prefills == [len(turn) - 1 - (len(prompt) + 12)]
+
+
+def test_a_prompt_sharing_only_a_prefix_reuses_that_prefix_and_drafts_still_verify_as_fresh(llama, monkeypatch):
+    _, tokenizer = llama
+    first = tokenizer.encode("The QuerySet API lets you filter", add_special_tokens=False)
+    second = tokenizer.encode("The QuerySet API is lazy: nothing", add_special_tokens=False)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared >= 2
+    plain = _plain(_fresh(reuse=False), second, 12)
+    verifier = _fresh()
+    _plain(verifier, first, 8)
+    prefills = _prefilled_positions(verifier, monkeypatch)
+    verifier.open_session("s", second, GREEDY)
+    try:
+        assert prefills == [len(second) - 1 - shared]
+        # a draft of plain decoding's tokens, whole then wrong at its third, is judged as on a fresh sequence
+        whole = verifier.verify([VerifyRequest("s", tuple(plain[:4]), None, 0)]).verdicts[0]
+        wrong = (plain[5], plain[6], (plain[7] + 1) % verifier.vocab_size)
+        partial = verifier.verify([VerifyRequest("s", wrong, None, 1)]).verdicts[0]
+        rest = [verifier.verify([VerifyRequest("s", (), None, r)]).verdicts[0].verifier_token for r in range(2, 5)]
+    finally:
+        verifier.close_session("s")
+    assert whole.emitted_tokens(tuple(plain[:4])) == tuple(plain[:5])
+    assert partial.emitted_tokens(wrong) == tuple(plain[5:8])
+    assert rest == plain[8:11]
+
+
+def test_without_reuse_a_closed_sessions_stream_is_emptied(llama, monkeypatch):
+    _, tokenizer = llama
+    prompt = tokenizer.encode("A form field", add_special_tokens=False)
+    verifier = _fresh(reuse=False)
+    _plain(verifier, prompt, 4)
+    prefills = _prefilled_positions(verifier, monkeypatch)
+    _plain(verifier, prompt, 4)
+    assert prefills == [len(prompt) - 1] and verifier._ids.reused == 0
