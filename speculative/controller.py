@@ -322,8 +322,11 @@ class SpeculationGovernor:
     over all sessions, in short epochs under each cap (k <= cap; cap 0 is plain
     decoding), separately per concurrency level, and keeps the cap that did best while
     re-measuring another now and then. So speculation falls back to plain decoding
-    exactly where it does not pay, as measured, not as modelled. A lone session is never
-    capped: there is no one else for its drafts to slow down. Under a cap below
+    exactly where it does not pay, as measured, not as modelled. A lone session too: its
+    controller's model of its own costs is not the whole story (on an AMD EPYC host, the
+    demo pair on llama.cpp in process, one session: a verify position cost 0.5 ms beside a
+    0.66 ms one-token step, plain decoding made 1,048 tokens/s and the uncapped controller,
+    still drafting, 879). Under a cap below
     ``MAX_DRAFT_TOKENS`` every session that drafts at all drafts the cap (the engine's
     ``_next_k``): in lockstep a shorter draft saves the batch almost nothing.
     """
@@ -352,7 +355,7 @@ class SpeculationGovernor:
                 self._score(self._last)  # up to the last batch of the old count
             # Sessions leaving keep the cap until an epoch at the lower level is scored: the
             # tail of a burst is too short to learn from, and should not go uncapped meanwhile.
-            # Unless the lower level's best is known (or it is a lone session, never capped).
+            # Unless the lower level's best is known.
             if (
                 self._start is None
                 or bucket > self._bucket
@@ -381,7 +384,7 @@ class SpeculationGovernor:
         self._start = None
 
     def _measured(self, bucket: int) -> bool:
-        return bucket == 1 or all((bucket, cap) in self.rates for cap in GOVERNOR_CAPS)
+        return all((bucket, cap) in self.rates for cap in GOVERNOR_CAPS)
 
     def _score(self, now: float) -> None:
         """Fold the epoch so far (``self.cap`` at ``self._bucket``) into the measured rates."""
@@ -397,10 +400,6 @@ class SpeculationGovernor:
         self._epochs += 1
 
     def _choose(self, bucket: int) -> int:
-        if bucket == 1:
-            # a lone session pays for its own drafts and sees every cost it causes: its
-            # controller's model is the whole story, and capping it only adds noise
-            return GOVERNOR_CAPS[0]
         untried = [c for c in GOVERNOR_CAPS if (bucket, c) not in self.rates]
         if untried:
             return untried[0]

@@ -230,10 +230,17 @@ def test_governor_measures_each_concurrency_level_apart():
     assert best == {16: 0, 2: max(c for (_, c) in governor.rates)}
 
 
-def test_a_lone_session_is_never_capped():
+def test_a_lone_session_is_capped_as_measured_too():
+    # its controller's model of its own costs is not the whole story: on an AMD EPYC host one session of the
+    # demo pair on llama.cpp decoded plainly at 1,048 tokens/s and drafted, uncapped, at 879
     governor = SpeculationGovernor()
-    caps = _drive_governor(governor, lambda cap: 1000 if cap == 0 else 600, epochs=20, active=1)
-    assert set(caps) == {max(caps)} and max(caps) > 0
+    caps = _drive_governor(governor, lambda cap: 1000 if cap == 0 else 600, epochs=200, active=1)
+    late = caps[len(caps) // 2 :]
+    assert late.count(0) / len(late) > 0.8
+    governor = SpeculationGovernor()
+    caps = _drive_governor(governor, lambda cap: 300 + 50 * cap, epochs=80, active=1)
+    late = caps[len(caps) // 2 :]
+    assert late.count(max(caps)) / len(late) > 0.8
 
 
 def _batches(governor: SpeculationGovernor, actives: list[int], emitted: int = 40, now: float = 0.0) -> float:
@@ -288,15 +295,20 @@ def test_the_idle_time_between_bursts_is_scored_for_no_cap():
     assert min(governor.rates.values()) == pytest.approx(40 / 0.05)  # not 12 batches over 5.6 s
 
 
-def test_a_lone_session_after_a_burst_is_uncapped():
+def test_a_lone_session_after_a_burst_takes_its_own_levels_cap():
     """A burst at 16 left cap 0 on, and the lone sessions that came after it ran plain."""
     governor = SpeculationGovernor()
     governor.rates = {(16, cap): 1000.0 + (500 if cap == 0 else 0) for cap in GOVERNOR_CAPS}
+    governor.rates |= {(1, cap): 1000.0 + (500 if cap == 4 else 0) for cap in GOVERNOR_CAPS}
     governor._epochs = 1  # as if measured; not an exploring turn
     now = _batches(governor, [16] * 3)
     assert governor.cap == 0
-    _batches(governor, [1], now=now)  # its tail, or one after it: a lone session is never capped
-    assert governor.cap == GOVERNOR_CAPS[0]
+    now = _batches(governor, [1], now=now)  # the burst's tail: one session left, its level measured
+    assert governor.cap == 4
+    governor.on_idle()
+    del governor.rates[(1, 2)]
+    _batches(governor, [1], now=now + 5.0)  # one after it, where its level has a cap untried: that one
+    assert governor.cap == 2
 
 
 def test_sessions_leaving_to_a_measured_level_take_its_best_cap_at_once():
