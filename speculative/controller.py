@@ -343,8 +343,8 @@ class SpeculationGovernor:
         self._bucket = LOAD_BUCKETS[0]
         self._active = 0
 
-    def on_batch(self, *, emitted: int, active: int, now: float) -> None:
-        """Count a verified batch; at the end of an epoch, score the cap and pick the next."""
+    def on_batch(self, *, emitted: int, active: int, now: float, batches: int = 1) -> None:
+        """Count a verified batch (``batches``: a lone session's plain run of several steps); score epochs as they end."""
         bucket = load_bucket(active)
         if self._start is None or active != self._active:
             # A session started: its prefill ran beside the last batches, which is no
@@ -366,7 +366,7 @@ class SpeculationGovernor:
             self._start, self._tokens, self._batches, self._bucket, self._active = now, 0, 0, bucket, active
             return
         self._tokens += emitted
-        self._batches += 1
+        self._batches += batches
         self._last = now
         if self._batches >= EPOCH_BATCHES and now - self._start >= EPOCH_MIN_S:
             self._score(now)

@@ -23,7 +23,6 @@ called the model).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -35,7 +34,7 @@ from speculative.completion import CompletionRequest, Tokenizer, TokenStream, bu
 from speculative.controller import ControllerPriors, DraftLengthController, load_bucket
 from speculative.draft import DraftModel, DraftSession
 from speculative.errors import SpeculativeError
-from speculative.scheduler import DraftOrder, OpenOrder, RoundResult, VerifyScheduler
+from speculative.scheduler import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, VerifyScheduler
 from speculative.types import (
     MAX_DRAFT_TOKENS,
     Proposal,
@@ -127,19 +126,41 @@ class Completion(TokenStream):
             engine.controller_priors.at(level), fixed_k=req.k if draft is not None else 0
         )
         batch_size = 1
+        plain_runs = req.sampling.greedy and req.logprobs is None and hasattr(engine.verifier, "decode_greedy")
+        round_no = 0
         try:
             last_round_at: float | None = None  # when the previous round's verdict was in
-            for round_no in itertools.count():
+            while True:
                 k = self._next_k(controller, batch_size) if draft is not None else 0
-                proposal: Proposal | None = None
-                if draft is not None and k > 0:
-                    drafted = yield DraftOrder(draft, k)
-                    assert isinstance(drafted, Proposal)
-                    proposal = drafted
-                tokens = proposal.tokens if proposal is not None else ()
-                q = proposal.q if proposal is not None else None
-                result = yield VerifyRequest(self.session_id, tokens, q, round_no, self.request.logprobs)
-                assert isinstance(result, RoundResult)
+                if k == 0 and plain_runs and engine.scheduler.load() == 1:
+                    # alone and plain: several steps in one call, without a round's Python around each
+                    steps = min(PLAIN_RUN_STEPS, req.max_tokens - self.stats.completion_tokens)
+                    ran = yield PlainRun(VerifyRequest(self.session_id, (), None, round_no), steps)
+                    if isinstance(ran, PlainResult):
+                        round_no += len(ran.tokens)
+                        if draft is not None:
+                            draft.extend(ran.tokens)
+                        last_round_at = None
+                        yield from self._emit_plain(ran)
+                        if self.stats.finish_reason is not None:
+                            return
+                        continue
+                    assert isinstance(ran, RoundResult)  # run as one round of a batch: as any plain round
+                    result = ran
+                    proposal = None
+                    tokens: tuple[int, ...] = ()
+                else:
+                    proposal = None
+                    if draft is not None and k > 0:
+                        drafted = yield DraftOrder(draft, k)
+                        assert isinstance(drafted, Proposal)
+                        proposal = drafted
+                    tokens = proposal.tokens if proposal is not None else ()
+                    q = proposal.q if proposal is not None else None
+                    verified = yield VerifyRequest(self.session_id, tokens, q, round_no, self.request.logprobs)
+                    assert isinstance(verified, RoundResult)
+                    result = verified
+                round_no += 1
                 if draft is not None:
                     if proposal is not None:
                         draft.accept(proposal, result.verdict)
@@ -182,6 +203,15 @@ class Completion(TokenStream):
             finally:
                 if draft is not None:
                     draft.close()
+
+    def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent, None, None]:
+        """A plain run's tokens: each its own round of the verifier's, sharing the run's time evenly."""
+        stats, n = self.stats, len(ran.tokens)
+        stats.rounds += n
+        stats.verify_ms += ran.verify_ms
+        stats.gpu_ms += ran.verify_ms
+        stats.draft_lengths.extend([0] * n)
+        yield from self._emit(tuple(ran.tokens), 0, ran.verify_ms)
 
     def _next_k(self, controller: DraftLengthController, batch_size: int) -> int:
         scheduler, req = self._engine.scheduler, self.request
@@ -261,10 +291,11 @@ class SpeculativeEngine:
 
 
 CLOSE_WAIT_S = 30.0  # close() waits this long at most for the round in flight
+PLAIN_RUN_STEPS = 16  # a lone plain session's steps a call at most: a cancel or a cap change waits no longer
 
 
-Step = TokenEvent | OpenOrder | DraftOrder | VerifyRequest  # what a completion's steps yield
-Answer = float | Proposal | RoundResult | None  # and what each is answered with
+Step = TokenEvent | OpenOrder | DraftOrder | VerifyRequest | PlainRun  # what a completion's steps yield
+Answer = float | Proposal | RoundResult | PlainResult | None  # and what each is answered with
 
 
 class DrivenRounds:
@@ -288,7 +319,7 @@ class DrivenRounds:
 
     def step(
         self, result: Any = None, error: BaseException | None = None
-    ) -> VerifyRequest | OpenOrder | DraftOrder | None:
+    ) -> VerifyRequest | PlainRun | OpenOrder | DraftOrder | None:
         """Answer the pending step (or fail it); return the next one for the scheduler, or None once it ended."""
         value: Answer = result
         while True:
@@ -307,7 +338,7 @@ class DrivenRounds:
                 self._end(exc)
                 return None
             error, value = None, None
-            if isinstance(item, VerifyRequest | OpenOrder | DraftOrder):
+            if isinstance(item, VerifyRequest | PlainRun | OpenOrder | DraftOrder):
                 return item  # the scheduler answers it (drafts of a round's sessions run together)
             self._sink(item)
 

@@ -137,6 +137,26 @@ class OpenOrder:
 
 
 @dataclass(frozen=True)
+class PlainRun:
+    """A lone greedy session's plain decoding, several steps at once (answered with a :class:`PlainResult`).
+
+    Where the verifier has ``decode_greedy`` and the run is alone in its batch, the
+    verifier decodes up to ``max_steps`` tokens without a round's Python around each, and
+    stops early once another session waits to join. In a batch with others it is the one
+    plain round ``request`` (answered with a :class:`RoundResult`).
+    """
+
+    request: VerifyRequest
+    max_steps: int
+
+
+@dataclass(frozen=True)
+class PlainResult:
+    tokens: list[int]  # the verifier's greedy tokens, one a step
+    verify_ms: float
+
+
+@dataclass(frozen=True)
 class DraftOrder:
     """A step of a completion: draft ``k`` tokens with ``draft`` (answered with its :class:`Proposal`)."""
 
@@ -149,14 +169,14 @@ class DrivenSession(Protocol):
 
     def step(
         self, result: Any = None, error: BaseException | None = None
-    ) -> VerifyRequest | OpenOrder | DraftOrder | None:
+    ) -> VerifyRequest | PlainRun | OpenOrder | DraftOrder | None:
         """Take the answer to its last step (or its failure); return its next step, or None once it ended."""
         ...
 
 
 Answer = Future[RoundResult] | DrivenSession
-Item = tuple[VerifyRequest | None, Answer]  # None: a driven session to start
-Round = tuple[VerifyRequest, Answer]
+Item = tuple[VerifyRequest | PlainRun | None, Answer]  # None: a driven session to start
+Round = tuple[VerifyRequest | PlainRun, Answer]
 
 
 class VerifyScheduler:
@@ -320,33 +340,54 @@ class VerifyScheduler:
                 _answer(item[1], error=closed)
 
     def _verify(self, batch: list[Round]) -> None:
+        if len(batch) == 1 and isinstance(batch[0][0], PlainRun) and hasattr(self.verifier, "decode_greedy"):
+            self._run_plain(batch[0][0], batch[0][1])
+            return
+        rounds = [(req.request if isinstance(req, PlainRun) else req, answer) for req, answer in batch]
         try:
-            result = self.verifier.verify([req for req, _ in batch])
+            result = self.verifier.verify([req for req, _ in rounds])
         except Exception as exc:  # noqa: BLE001 - every waiting session must hear of it
-            if len(batch) > 1:
-                for item in batch:
+            if len(rounds) > 1:
+                for item in rounds:
                     self._verify([item])
                 return
-            self._continue(batch[0][1], error=exc)
+            self._continue(rounds[0][1], error=exc)
             return
-        batch_tokens = sum(1 + len(req.tokens) for req, _ in batch)
+        batch_tokens = sum(1 + len(req.tokens) for req, _ in rounds)
         results = [
-            RoundResult(verdict, result.verify_ms, result.network_ms, len(batch), batch_tokens)
+            RoundResult(verdict, result.verify_ms, result.network_ms, len(rounds), batch_tokens)
             for verdict in result.verdicts
         ]
         # sessions waiting on a future first: the bookkeeping and driven sessions below must not keep them
-        for (_, answer), round_result in zip(batch, results, strict=True):
+        for (_, answer), round_result in zip(rounds, results, strict=True):
             if isinstance(answer, Future):
                 answer.set_result(round_result)
         self.batches += 1
-        self.rounds += len(batch)
+        self.rounds += len(rounds)
         self.cost.record(batch_tokens, result.verify_ms)  # before the driven sessions pick their next k
         self.governor.on_batch(
             emitted=sum(1 + v.n_matches for v in result.verdicts), active=self._active, now=time.perf_counter()
         )
-        for (_, answer), round_result in zip(batch, results, strict=True):
+        for (_, answer), round_result in zip(rounds, results, strict=True):
             if not isinstance(answer, Future):
                 self._continue(answer, round_result)
+        self._draft_round()
+
+    def _run_plain(self, run: PlainRun, answer: Answer) -> None:
+        """A lone session's plain steps in one call; it stops early once a session waits to join."""
+        req = run.request
+        try:
+            tokens, verify_ms = self.verifier.decode_greedy(  # type: ignore[attr-defined]
+                req.session_id, req.round, run.max_steps, stop=lambda: not self._queue.empty()
+            )
+        except Exception as exc:  # noqa: BLE001 - its session hears of it
+            self._continue(answer, error=exc)
+            return
+        self.batches += len(tokens)
+        self.rounds += len(tokens)
+        self.cost.record(1, verify_ms / len(tokens))
+        self.governor.on_batch(emitted=len(tokens), active=self._active, now=time.perf_counter(), batches=len(tokens))
+        self._continue(answer, PlainResult(tokens, verify_ms))
         self._draft_round()
 
     def _continue(self, answer: Answer, result: Any = None, error: BaseException | None = None) -> None:
@@ -355,7 +396,7 @@ class VerifyScheduler:
         if following is None:
             return
         assert not isinstance(answer, Future)
-        if isinstance(following, VerifyRequest):
+        if isinstance(following, VerifyRequest | PlainRun):
             self._next.append((following, answer))
         elif isinstance(following, DraftOrder):
             self._drafts.append((following, answer))
@@ -381,7 +422,7 @@ class VerifyScheduler:
 
 def _answer(
     answer: Answer, result: Any = None, error: BaseException | None = None
-) -> VerifyRequest | OpenOrder | DraftOrder | None:
+) -> VerifyRequest | PlainRun | OpenOrder | DraftOrder | None:
     if isinstance(answer, Future):
         if error is not None:
             answer.set_exception(error)

@@ -474,3 +474,54 @@ def test_the_text_tracker_decodes_only_the_unsettled_ids_and_gives_the_whole_lis
     cleaning.clean_up_tokenization_spaces = True  # its text is edited as a whole: decoded whole
     assert not decodes_piecewise(cleaning)
     assert not decodes_piecewise(ByteTokenizer(64))
+
+
+def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes_no_output(
+    demo_pair_llama, monkeypatch
+):
+    from speculative.engine import PLAIN_RUN_STEPS
+    from speculative.verifier import VerifyRequest
+
+    verifier, _, tokenizer = demo_pair_llama
+
+    def rounds(prompt: str, n: int) -> list[int]:  # plain decoding, one verify round a token
+        verifier.open_session("reference", tokenizer.encode(prompt, add_special_tokens=False), SamplingParams())
+        try:
+            return [
+                verifier.verify([VerifyRequest("reference", (), None, r)]).verdicts[0].verifier_token for r in range(n)
+            ]
+        finally:
+            verifier.close_session("reference")
+
+    first, second = "To run the tests, use", "The settings file holds"
+    expected = [rounds(first, 40), rounds(second, 20)]
+    runs: list[int] = []
+    real = verifier.decode_greedy
+
+    def counted(*args, **kwargs):
+        tokens, ms = real(*args, **kwargs)
+        runs.append(len(tokens))
+        return tokens, ms
+
+    monkeypatch.setattr(verifier, "decode_greedy", counted)
+    engine = SpeculativeEngine(verifier, tokenizer, None)
+    try:
+        alone = engine.generate(first, max_tokens=40)
+        assert alone.token_ids == expected[0]
+        assert runs == [PLAIN_RUN_STEPS, PLAIN_RUN_STEPS, 40 - 2 * PLAIN_RUN_STEPS]
+        assert alone.stats.rounds == 40 and engine.scheduler.batches == 40  # counted as the rounds they replace
+        # a second session arrives while the first runs: the run stops for it, and they share the next steps
+        runs.clear()
+        stream = engine.stream(first, max_tokens=40)
+        got: list[int] = []
+        joined = engine.stream(second, max_tokens=20)
+        thread = threading.Thread(target=lambda: list(joined))
+        for event in stream:
+            got.append(event.token_id)
+            if len(got) == 3:
+                thread.start()
+        thread.join(timeout=60)
+        assert got == expected[0] and joined.token_ids == expected[1]
+        assert sum(runs) < 40 + 20  # some steps were shared: rounds of two sessions in one decode
+    finally:
+        engine.close()

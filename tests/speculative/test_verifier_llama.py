@@ -462,3 +462,26 @@ def test_without_reuse_a_closed_sessions_stream_is_emptied(llama, monkeypatch):
     prefills = _prefilled_positions(verifier, monkeypatch)
     _plain(verifier, prompt, 4)
     assert prefills == [len(prompt) - 1] and verifier._ids.reused == 0
+
+
+def test_a_greedy_run_decodes_what_plain_rounds_do_and_stops_when_asked(llama):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode("Signals allow certain senders", add_special_tokens=False)
+    expected = _plain(verifier, prompt, 16)
+    verifier.open_session("run", prompt, GREEDY)
+    try:
+        first, _ = verifier.decode_greedy("run", 0, 8)
+        asked: list[int] = []
+        second, _ = verifier.decode_greedy("run", 8, 8, stop=lambda: asked.append(1) or len(asked) >= 3)
+        after = [verifier.verify([VerifyRequest("run", (), None, r)]).verdicts[0].verifier_token for r in (11, 12)]
+        with pytest.raises(InvalidRequestError, match="stale"):  # the run's steps were its rounds 0-10
+            verifier.verify([VerifyRequest("run", (), None, 10)])
+    finally:
+        verifier.close_session("run")
+    assert first == expected[:8] and second == expected[8:11] and after == expected[11:13]
+    verifier.open_session("sampled", prompt, SamplingParams(temperature=0.8, seed=1))
+    try:
+        with pytest.raises(InvalidRequestError, match="greedy"):
+            verifier.decode_greedy("sampled", 0, 4)
+    finally:
+        verifier.close_session("sampled")
