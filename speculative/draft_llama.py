@@ -280,12 +280,13 @@ class LlamaCppContext:
     def __init__(self, owner: LlamaCppDraft, seq: int, kept: Sequence[int] = ()):
         self._owner = owner
         self._seq = seq
-        self._tokens = list(
-            kept
-        )  # what its sequence holds, from position 0 (left to the next session: ``SequenceIds``)
-        self._n_past = len(self._tokens)
-        self.reused = self._n_past  # leading tokens a closed session left here, which this session's start with
+        self._tokens = list(kept)  # what its sequence holds from position 0 (left to the next: ``SequenceIds``)
+        self.reused = len(self._tokens)  # leading tokens a closed session left here, which this session's start with
         self.n_ctx: int = owner.context_length
+
+    @property
+    def _n_past(self) -> int:
+        return len(self._tokens)
 
     def begin_round(self) -> None:
         self._owner._drafting_changed(+1)
@@ -329,12 +330,10 @@ class LlamaCppContext:
     def _evaluated(self, work: _Round) -> None:
         """Count the positions ``work`` added: its tokens, then its drafted ones but the last."""
         self._tokens += (work.tokens + work.drafted)[: work.evaluated]
-        self._n_past += work.evaluated
 
     def truncate(self, n_keep: int) -> None:
         if n_keep < self._n_past:
             self._owner._remove(self, n_keep)
-            self._n_past = n_keep
             del self._tokens[n_keep:]
 
     def close(self) -> None:
@@ -436,7 +435,6 @@ class LlamaCppDraft:
         with self._decode_lock, self._cond:
             if self._live.get(ctx._seq) is ctx:
                 del self._live[ctx._seq]
-                assert len(ctx._tokens) == ctx._n_past
                 self._ids.release(ctx._seq, ctx._tokens)  # kept for a session whose tokens start with them
 
     def _remove(self, ctx: LlamaCppContext, n_keep: int) -> None:

@@ -70,15 +70,17 @@ def default_threads() -> int:
 @dataclass
 class _Session:
     seq: int  # its sequence id in the shared context
-    length: int  # positions 0 .. length-1 of the sequence hold committed tokens
+    # the committed tokens at positions 0 .. length-1 of the sequence: what a closed session leaves for the next
+    tokens: list[int]
     pending: int  # the last committed token, not yet in the cache
     params: SamplingParams
     generator: torch.Generator
-    tokens: list[
-        int
-    ]  # the tokens at positions 0 .. length-1: what a closed session leaves for the next (``SequenceIds``)
     round: int = -1
     last: Verdict | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
@@ -182,7 +184,7 @@ class LlamaCppVerifier:
         generator = torch.Generator().manual_seed(ticket.params.seed)
         cached = ticket.prompt[:-1]  # the pending token (the prompt's last) is evaluated by the first round
         seq, kept = self._ids.take(cached)
-        return _Session(seq, kept, ticket.prompt[-1], ticket.params, generator, list(cached[:kept]))
+        return _Session(seq, list(cached[:kept]), ticket.prompt[-1], ticket.params, generator)
 
     def _prefill(self, opened: list[tuple[PrefillTicket, _Session]]) -> None:
         """Every prompt but its last token (the session's pending token) into the cache, no logits.
@@ -202,14 +204,13 @@ class LlamaCppVerifier:
         positions = max(1, sum(len(r.tokens) for r in rows))
         for ticket, session in opened:
             evaluated = len(ticket.prompt) - 1 - session.length
-            session.length, session.tokens = len(ticket.prompt) - 1, list(ticket.prompt[:-1])
+            session.tokens = list(ticket.prompt[:-1])
             ticket.prefill_ms = decode_ms * evaluated / positions
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
             session = self._sessions.pop(session_id, None)
             if session is not None:
-                assert len(session.tokens) == session.length
                 self._ids.release(session.seq, session.tokens)  # kept for a prompt that starts with them
 
     def _remove_from(self, seq: int, start: int) -> None:
@@ -314,8 +315,7 @@ class LlamaCppVerifier:
         for row, req, s in zip(rows, requests, sessions, strict=True):
             span = slice(row.first, row.first + len(row.tokens))
             verdict = self._judge(s, req, logits[span], argmax[span])
-            s.length += 1 + verdict.n_matches  # the pending token and the accepted draft stay
-            s.tokens.append(s.pending)
+            s.tokens.append(s.pending)  # the pending token and the accepted draft stay
             s.tokens += req.tokens[: verdict.n_matches]
             if len(row.tokens) + row.pad > 1 + verdict.n_matches:
                 self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail (and any padding) goes
@@ -360,7 +360,6 @@ class LlamaCppVerifier:
                     raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
                 token = int(np.ctypeslib.as_array(get_logits(ctx), shape=(self.vocab_size,)).argmax())
                 s.tokens.append(s.pending)
-                s.length += 1
                 s.pending = token
                 s.round, s.last = first_round + len(tokens), Verdict(0, token)
                 tokens.append(token)
