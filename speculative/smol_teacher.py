@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from speculative.draft_llama import in_sequence_order
 from speculative.errors import ModelLoadError
+from speculative.llama_sequences import in_sequence_order
 
 log = logging.getLogger(__name__)
 

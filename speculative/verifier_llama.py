@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from speculative.acceptance import accept_greedy_ids, accept_sampling
-from speculative.draft_llama import Compaction, SequenceIds, in_sequence_order, padded_width
 from speculative.errors import (
     ContextOverflowError,
     InvalidRequestError,
@@ -41,6 +40,7 @@ from speculative.errors import (
     SessionNotFoundError,
     SpeculativeError,
 )
+from speculative.llama_sequences import Compaction, SequenceIds, in_sequence_order, padded_width
 from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
 from speculative.sampling import warp

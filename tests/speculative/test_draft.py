@@ -10,18 +10,18 @@ import torch
 
 from speculative.draft import DraftSession
 from speculative.draft_hf import TransformersDraft
-from speculative.draft_llama import (
+from speculative.draft_llama import LlamaCppDraft
+from speculative.errors import DraftBusyError, InvalidRequestError, ModelLoadError, VocabularyMismatchError
+from speculative.gguf_export import export_gguf
+from speculative.llama_sequences import (
     COPY_PASSES,
     PREFIX_OVER_GAP,
     Compaction,
-    LlamaCppDraft,
     SequenceIds,
     common_prefix,
     micro_batches,
     padded_width,
 )
-from speculative.errors import DraftBusyError, InvalidRequestError, ModelLoadError, VocabularyMismatchError
-from speculative.gguf_export import export_gguf
 from speculative.pair import DEMO_DRAFT_GGUF_TYPE, DEMO_VERIFIER, check_vocabularies, load_pair
 from speculative.types import SamplingParams, Verdict
 from speculative.verifier import TransformersVerifier

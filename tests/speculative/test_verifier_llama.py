@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from speculative.draft_llama import COPY_PASSES
 from speculative.errors import InvalidRequestError, ModelLoadError, SessionNotFoundError, VerifierBusyError
+from speculative.llama_sequences import COPY_PASSES
 from speculative.pair import DEMO_VERIFIER_GGUF
 from speculative.types import SamplingParams
 from speculative.verifier import VerifyRequest
@@ -476,6 +476,8 @@ def test_a_greedy_run_decodes_what_plain_rounds_do_and_stops_when_asked(llama):
         after = [verifier.verify([VerifyRequest("run", (), None, r)]).verdicts[0].verifier_token for r in (11, 12)]
         with pytest.raises(InvalidRequestError, match="stale"):  # the run's steps were its rounds 0-10
             verifier.verify([VerifyRequest("run", (), None, 10)])
+        with pytest.raises(InvalidRequestError, match="max_steps"):
+            verifier.decode_greedy("run", 13, 0)
     finally:
         verifier.close_session("run")
     assert first == expected[:8] and second == expected[8:11] and after == expected[11:13]

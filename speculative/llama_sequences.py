@@ -1,0 +1,226 @@
+"""Sequence ids of a shared llama.cpp context with a KV stream per sequence: both llama.cpp backends' plumbing.
+
+With a KV stream per sequence (what keeps the verifier batch-invariant), llama.cpp
+evaluates a batch in one pass per run of consecutive sequence ids: which ids sessions
+take (``SequenceIds``, which also keeps a closed session's tokens for the next prompt
+that starts with them), when they move down to close a gap (``Compaction``), the order
+rows go into a batch (``in_sequence_order``) and when padding a row keeps a step in one
+pass (``padded_width``). The verifier (``verifier_llama``), the draft (``draft_llama``)
+and the SmolLM2 teacher's runner build on these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+R = TypeVar("R")
+
+
+# A move into a free id below copies the session's whole KV stream: measured on the demo verifier (Q8_0, two
+# threads, 2026-12-03) the decode after a move took 2.0-2.1 ms longer, once, where a free id between sessions
+# cost each step 0.4 ms more (one more pass), at 4 and at 16 sessions alike. The draft's ratio is alike.
+COPY_PASSES = 5  # a move's cost, in the extra passes of a split step
+
+
+class Compaction:
+    """When to move sessions into the free ids below them: once their split has cost what the moves would.
+
+    A session that ends leaves a free id among the others, and every lockstep step then runs
+    one more pass over the weights for each gap, until a new session fills the lowest free id
+    (a served client's next request, a few steps later) or the sessions above move down. The
+    moves cost several passes at once, so they wait until the gaps have cost as much (ski
+    rental: never more than twice the better choice in hindsight): in the platform at 4 and
+    16 sessions, moving at once spent 12-18% of the verifier's decode time on copies for gaps
+    that the next request would have filled.
+    """
+
+    def __init__(self) -> None:
+        self.owed = 0  # extra passes the current gaps have cost so far
+
+    def due(self, seqs: Iterable[int], steps: int = 1) -> bool:
+        """Whether to move sessions now, before ``steps`` lockstep steps over ``seqs`` (counting their split if not)."""
+        ids = sorted(seqs)
+        if not ids or ids[-1] - ids[0] + 1 == len(ids):
+            self.owed = 0
+            return False
+        movers = sum(1 for seq in ids if seq >= ids[0] + len(ids))  # the lowest stays; those past its run move
+        if self.owed >= COPY_PASSES * movers:
+            self.owed = 0
+            return True
+        self.owed += steps * sum(1 for a, b in zip(ids, ids[1:], strict=False) if b != a + 1)  # a pass a gap
+        return False
+
+
+# A kept prefix this much longer than what an id beside the others keeps takes a session apart from them: a prefill
+# of the demo verifier costs about 0.2 ms a position, a free id between sessions 0.4 ms a step until it closes
+# (a new session fills it, or a move: ``Compaction``).
+PREFIX_OVER_GAP = 32
+
+
+class SequenceIds:
+    """The sequence ids of a shared llama.cpp context: which are free, and what each free one's KV stream still holds.
+
+    A closed session's stream keeps its tokens (``release(seq, kept)``), and a new session
+    takes the free id whose kept tokens share the longest prefix with what it will hold
+    (``take``): those positions need no evaluation. As llama.cpp's own server reuses a slot's
+    cache, so a chat's next turn, or a prompt behind a shared system prompt, evaluates only
+    what is new. The kept positions hold what a fresh evaluation would compute: the same
+    tokens at the same positions of a stream that holds nothing else, and a stream's values
+    do not depend on what is batched beside it (each sequence has a KV stream of its own);
+    the verifier's tests check its plain decoding after reuse against a fresh one.
+
+    Where nothing is kept, ids go low-first. llama.cpp evaluates a step in one pass per run
+    of consecutive ids (``micro_batches``), so a session takes one of the ids that add fewest
+    runs (a free id between open ones, or beside them), the one that keeps the longest prefix
+    (then the lowest), and goes apart from the open ones only for a prefix ``PREFIX_OVER_GAP``
+    tokens longer. With no prefix to reuse it takes an id that keeps nothing, or else the one
+    whose tokens were kept longest ago, so that many prompts stay kept at once (one each, a
+    client cycling through 8 prompts on 32 ids). ``remove(seq, from_position)`` drops a
+    stream's positions from ``from_position`` on.
+    """
+
+    def __init__(self, n: int, remove: Callable[[int, int], None], *, reuse: bool = True):
+        self.n = n
+        self.free = list(range(n - 1, -1, -1))  # low ids last: ``free[-1]`` is the lowest
+        self.reuse = reuse
+        self.reused = 0  # positions found kept, not evaluated again
+        self._kept: dict[int, list[int]] = {}  # free id -> the tokens its stream holds at positions 0..
+        self._order: dict[int, int] = {}  # free id -> when its tokens were kept (the oldest goes first)
+        self._released = 0
+        self._remove = remove
+
+    def take(self, want: Sequence[int] = ()) -> tuple[int, int]:
+        """A free id for a session whose first positions will hold ``want``; how many of them it holds already."""
+        seq, reused = self._choose(list(want)) if self._kept and want else (self.free[-1], 0)
+        self.free.remove(seq)
+        kept = self._kept.pop(seq, None)
+        self._order.pop(seq, None)
+        if kept is not None and len(kept) > reused:
+            self._remove(seq, reused)
+        self.reused += reused
+        return seq, reused
+
+    def release(self, seq: int, kept: Sequence[int] = ()) -> None:
+        """Free ``seq``; its stream keeps ``kept`` (the tokens at its positions 0..), or nothing."""
+        if self.reuse and kept:
+            self._kept[seq] = list(kept)
+            self._order[seq] = self._released = self._released + 1
+        else:
+            self._remove(seq, 0)
+        self.free.append(seq)
+        self.free.sort(reverse=True)
+
+    def moved(self, hole: int, seq: int) -> None:
+        """A session moved from ``seq`` into the free id ``hole`` (its stream copied over, ``seq``'s emptied)."""
+        self.free.remove(hole)
+        self._kept.pop(hole, None)
+        self._order.pop(hole, None)
+        self.free.append(seq)
+        self.free.sort(reverse=True)
+
+    def _choose(self, want: list[int]) -> tuple[int, int]:
+        free = set(self.free)
+
+        def runs_added(seq: int) -> int:  # the passes a step over the open ids and ``seq`` takes, less theirs
+            return 1 - sum(1 for x in (seq - 1, seq + 1) if 0 <= x < self.n and x not in free)
+
+        added = {seq: runs_added(seq) for seq in self.free}
+        fewest = min(added.values())
+        # the best of the ids that add fewest runs, by kept prefix, then the lowest; and the best of the others
+        beside = [seq for seq in self.free if added[seq] == fewest]
+        near = max(
+            ((common_prefix(self._kept[seq], want), -seq) for seq in beside if seq in self._kept), default=(0, 0)
+        )
+        if near[0] == 0:  # nothing to reuse: an id that keeps nothing, else the one kept longest, is the one to lose
+            empty = [seq for seq in beside if seq not in self._kept]
+            near = (0, -(min(empty) if empty else min(beside, key=lambda seq: self._order[seq])))
+        far = max(
+            ((common_prefix(kept, want), -seq) for seq, kept in self._kept.items() if added[seq] > fewest),
+            default=(0, 0),
+        )
+        best = far if far[0] >= near[0] + PREFIX_OVER_GAP else near
+        return -best[1], best[0]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (slice comparisons, a logarithmic number of them)."""
+    a, b = (x if isinstance(x, list) else list(x) for x in (a, b))
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def in_sequence_order(rows: Iterable[R], seq: Callable[[R], int]) -> list[R]:
+    """``rows`` for one ``llama_batch``, in increasing sequence ids (a sequence's own rows keep their order).
+
+    With a KV stream per sequence, llama.cpp splits a batch into micro-batches of
+    *consecutive* ids (``split_equal``, sequential), each a graph evaluation of its own. Ids
+    come from low-first free lists, so sorted rows are one run, where the order sessions
+    joined a round made up to one micro-batch a session: measured on the demo verifier (Q8_0,
+    two threads, 16 sessions, plain decoding) 1,570-1,590 -> 3,230-3,350 tokens/s. The
+    verifier, the draft and the SmolLM2 teacher's runner all build their batches through here.
+    """
+    return sorted(rows, key=seq)
+
+
+# What a micro-batch costs llama.cpp beyond its positions, in positions' cost: measured on the demo verifier
+# (Q8_0, two threads, 2026-12-02) a pass cost about 0.6 ms, each sequence it reads 0.22 ms (its KV stream's
+# attention) and each position 0.28 ms; the draft's ratios are alike.
+PASS_COST = 2.0
+STREAM_COST = 0.8
+
+
+def micro_batches(rows: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(sequences, positions) of each micro-batch llama.cpp evaluates ``rows`` of (sequence id, positions) in.
+
+    With a KV stream per sequence llama.cpp splits a batch ``split_equal`` and sequential: from
+    the lowest sequence with positions left, the run of consecutive ids after it, each taking
+    as many positions as the run's shortest has left. So sequences 0-15 of one position each
+    are one pass, and one row shorter than the others, or a free id between two sessions,
+    makes two: measured on the demo verifier at 16 sessions of 3 positions, 16.3 ms in one
+    pass against 20.3 ms with one row of 2.
+    """
+    left = {seq: n for seq, n in rows if n > 0}
+    passes = []
+    while left:
+        order = sorted(left)
+        run = [order[0]]
+        for seq in order[1:]:
+            if seq != run[-1] + 1:
+                break
+            run.append(seq)
+        take = min(left[seq] for seq in run)
+        passes.append((len(run), take * len(run)))
+        for seq in run:
+            left[seq] -= take
+            if not left[seq]:
+                del left[seq]
+    return passes
+
+
+def _passes_cost(passes: list[tuple[int, int]]) -> float:
+    return sum(PASS_COST + STREAM_COST * streams + positions for streams, positions in passes)
+
+
+def padded_width(rows: Sequence[tuple[int, int]]) -> int:
+    """The length to pad every row of (sequence id, positions) to, or 0 to evaluate them as they are.
+
+    Padding a shorter row with positions nobody reads (rolled back after the decode) keeps a
+    batch in one micro-batch where its rows' lengths differ; it pays where the positions it
+    adds cost less than the passes it saves (``micro_batches``): one short row among 16, not
+    one long row among 16 short ones.
+    """
+    width = max((n for _, n in rows), default=0)
+    if all(n == width for _, n in rows):
+        return 0
+    padded = _passes_cost(micro_batches((seq, width) for seq, _ in rows))
+    return width if padded < _passes_cost(micro_batches(rows)) else 0
