@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from speculative.controller import PROBE_EVERY, DraftLengthController
+from speculative.controller import PROBE_EVERY, DraftLengthController, SpeculationGovernor
 from speculative.draft_hf import TransformersDraft
 from speculative.engine import SpeculativeEngine
 from speculative.errors import ContextOverflowError, InvalidRequestError
@@ -107,10 +107,12 @@ def test_under_a_cap_of_zero_the_controller_is_not_asked_and_backs_off_no_probe(
     pinned.close()
 
 
-def test_a_session_teaches_the_load_it_ran_at(engines):
+def test_a_session_teaches_the_load_it_ran_at(engines, monkeypatch):
     spec, _ = engines
     verifier, draft = spec.verifier, spec.draft
     fresh = SpeculativeEngine(verifier, spec.tokenizer, draft, scheduler=spec.scheduler)  # nothing measured
+    # nor by the shared scheduler's governor, which caps a lone session too: earlier tests may have taught it cap 0
+    monkeypatch.setattr(spec.scheduler, "governor", SpeculationGovernor())
     completion = fresh.generate(PROMPTS[0], max_tokens=24)
     assert completion.stats.proposed > 0  # a first guess drafts, and so measures
     assert set(fresh.controller_priors._by_bucket) == {1}  # a lone session's costs are a lone session's
