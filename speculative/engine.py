@@ -132,8 +132,9 @@ class Completion(TokenStream):
             last_round_at: float | None = None  # when the previous round's verdict was in
             while True:
                 k = self._next_k(controller, batch_size) if draft is not None else 0
-                if k == 0 and plain_runs and engine.scheduler.load() == 1:
-                    # alone and plain: several steps in one call, without a round's Python around each
+                if k == 0 and plain_runs:
+                    # plain: several steps in one call (with the batch's other plain sessions), without a round's
+                    # Python around each
                     steps = min(PLAIN_RUN_STEPS, req.max_tokens - self.stats.completion_tokens)
                     ran = yield PlainRun(VerifyRequest(self.session_id, (), None, round_no), steps)
                     if isinstance(ran, PlainResult):
@@ -141,6 +142,10 @@ class Completion(TokenStream):
                         if draft is not None:
                             draft.extend(ran.tokens)
                         last_round_at = None
+                        batch_size = ran.batch_size
+                        if (now_at := load_bucket(batch_size)) != level:
+                            level = now_at
+                            controller.rebase(engine.controller_priors.at(level))
                         yield from self._emit_plain(ran)
                         if self.stats.finish_reason is not None:
                             return
@@ -205,13 +210,14 @@ class Completion(TokenStream):
                     draft.close()
 
     def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent, None, None]:
-        """A plain run's tokens: each its own round of the verifier's, sharing the run's time evenly."""
+        """A plain run's tokens: each its own round of the verifier's; its share of the run's time is a session's."""
         stats, n = self.stats, len(ran.tokens)
+        gpu_ms = ran.verify_ms / ran.batch_size  # a position a session a step: the run's time shared evenly
         stats.rounds += n
         stats.verify_ms += ran.verify_ms
-        stats.gpu_ms += ran.verify_ms
+        stats.gpu_ms += gpu_ms
         stats.draft_lengths.extend([0] * n)
-        yield from self._emit(tuple(ran.tokens), 0, ran.verify_ms)
+        yield from self._emit(tuple(ran.tokens), 0, gpu_ms)
 
     def _next_k(self, controller: DraftLengthController, batch_size: int) -> int:
         scheduler, req = self._engine.scheduler, self.request
@@ -291,7 +297,7 @@ class SpeculativeEngine:
 
 
 CLOSE_WAIT_S = 30.0  # close() waits this long at most for the round in flight
-PLAIN_RUN_STEPS = 16  # a lone plain session's steps a call at most: a cancel or a cap change waits no longer
+PLAIN_RUN_STEPS = 16  # a plain session's steps a call at most: a cancel or a cap change waits no longer
 
 
 Step = TokenEvent | OpenOrder | DraftOrder | VerifyRequest | PlainRun  # what a completion's steps yield

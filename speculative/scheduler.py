@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW_MS = 8.0
 DEFAULT_MAX_BATCH = 64
 COST_WINDOW = 128  # recent batches behind the batch cost line
+# The longest a plain run goes on before its sessions see their tokens: the delay a streaming client's tokens may
+# take (a run's steps are delivered together), and a session waiting to open waits no longer (it stops the run).
+PLAIN_RUN_MS = 25.0
 
 
 @dataclass(frozen=True)
@@ -138,12 +141,13 @@ class OpenOrder:
 
 @dataclass(frozen=True)
 class PlainRun:
-    """A lone greedy session's plain decoding, several steps at once (answered with a :class:`PlainResult`).
+    """A greedy session's plain decoding, several steps at once (answered with a :class:`PlainResult`).
 
-    Where the verifier has ``decode_greedy`` and the run is alone in its batch, the
-    verifier decodes up to ``max_steps`` tokens without a round's Python around each, and
-    stops early once another session waits to join. In a batch with others it is the one
-    plain round ``request`` (answered with a :class:`RoundResult`).
+    Where the verifier has ``decode_greedy`` and every round of a batch is a plain run, the
+    verifier decodes them in lockstep for up to the fewest ``max_steps`` of any, without a
+    round's Python around each step, and stops early once a session waits to join or the
+    run has lasted ``PLAIN_RUN_MS``. In a batch with drafting sessions it is the one plain
+    round ``request`` (answered with a :class:`RoundResult`).
     """
 
     request: VerifyRequest
@@ -153,7 +157,8 @@ class PlainRun:
 @dataclass(frozen=True)
 class PlainResult:
     tokens: list[int]  # the verifier's greedy tokens, one a step
-    verify_ms: float
+    verify_ms: float  # the whole run's
+    batch_size: int  # sessions in the run
 
 
 @dataclass(frozen=True)
@@ -340,8 +345,8 @@ class VerifyScheduler:
                 _answer(item[1], error=closed)
 
     def _verify(self, batch: list[Round]) -> None:
-        if len(batch) == 1 and isinstance(batch[0][0], PlainRun) and hasattr(self.verifier, "decode_greedy"):
-            self._run_plain(batch[0][0], batch[0][1])
+        if all(isinstance(req, PlainRun) for req, _ in batch) and hasattr(self.verifier, "decode_greedy"):
+            self._run_plain(batch)
             return
         rounds = [(req.request if isinstance(req, PlainRun) else req, answer) for req, answer in batch]
         try:
@@ -373,21 +378,30 @@ class VerifyScheduler:
                 self._continue(answer, round_result)
         self._draft_round()
 
-    def _run_plain(self, run: PlainRun, answer: Answer) -> None:
-        """A lone session's plain steps in one call; it stops early once a session waits to join."""
-        req = run.request
+    def _run_plain(self, batch: list[Round]) -> None:
+        """Plain runs' steps in lockstep in one call; it stops early once a session waits to join."""
+        runs = [
+            (run.request.session_id, run.request.round, run.max_steps) for run, _ in batch if isinstance(run, PlainRun)
+        ]
+        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
         try:
             tokens, verify_ms = self.verifier.decode_greedy(  # type: ignore[attr-defined]
-                req.session_id, req.round, run.max_steps, stop=lambda: not self._queue.empty()
+                runs, stop=lambda: not self._queue.empty() or time.perf_counter() > deadline
             )
-        except Exception as exc:  # noqa: BLE001 - its session hears of it
-            self._continue(answer, error=exc)
+        except Exception as exc:  # noqa: BLE001 - a failed run changed nothing: each session runs alone
+            if len(batch) > 1:
+                for item in batch:
+                    self._run_plain([item])
+                return
+            self._continue(batch[0][1], error=exc)
             return
-        self.batches += len(tokens)
-        self.rounds += len(tokens)
-        self.cost.record(1, verify_ms / len(tokens))
-        self.governor.on_batch(emitted=len(tokens), active=self._active, now=time.perf_counter(), batches=len(tokens))
-        self._continue(answer, PlainResult(tokens, verify_ms))
+        steps = len(tokens[0])
+        self.batches += steps
+        self.rounds += steps * len(batch)
+        self.cost.record(len(batch), verify_ms / steps)
+        self.governor.on_batch(emitted=steps * len(batch), active=self._active, now=time.perf_counter(), batches=steps)
+        for (_, answer), run_tokens in zip(batch, tokens, strict=True):
+            self._continue(answer, PlainResult(run_tokens, verify_ms, len(batch)))
         self._draft_round()
 
     def _continue(self, answer: Answer, result: Any = None, error: BaseException | None = None) -> None:

@@ -502,10 +502,11 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
 
     def counted(*args, **kwargs):
         tokens, ms = real(*args, **kwargs)
-        runs.append(len(tokens))
+        runs.append(len(tokens[0]))
         return tokens, ms
 
     monkeypatch.setattr(verifier, "decode_greedy", counted)
+    monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 60_000.0)  # runs of whole PLAIN_RUN_STEPS, however slow
     engine = SpeculativeEngine(verifier, tokenizer, None)
     try:
         alone = engine.generate(first, max_tokens=40)
@@ -527,3 +528,56 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
         assert sum(runs) < 40 + 20  # some steps were shared: rounds of two sessions in one decode
     finally:
         engine.close()
+
+
+def _plain_rounds(verifier, tokenizer, prompt: str, n: int) -> list[int]:
+    """n tokens of the verifier's plain decoding, one verify round a token."""
+    from speculative.verifier import VerifyRequest
+
+    verifier.open_session("reference", tokenizer.encode(prompt, add_special_tokens=False), SamplingParams())
+    try:
+        return [verifier.verify([VerifyRequest("reference", (), None, r)]).verdicts[0].verifier_token for r in range(n)]
+    finally:
+        verifier.close_session("reference")
+
+
+@pytest.mark.parametrize("run_for", [60_000.0, 0.0])
+def test_plain_sessions_decode_in_lockstep_runs_with_each_ones_output_unchanged(demo_pair_llama, monkeypatch, run_for):
+    verifier, _, tokenizer = demo_pair_llama
+    prompts = ["To run the tests, use", "The settings file holds", "A model is", "Forms validate"]
+    lengths = [30, 12, 21, 26]  # the run takes the fewest steps any has left: a short one ends runs early
+    expected = [_plain_rounds(verifier, tokenizer, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    calls: list[tuple[int, int]] = []  # (sessions, steps) a decode_greedy call
+    run_ms: list[float] = []
+    real = verifier.decode_greedy
+
+    def counted(runs, **kwargs):
+        tokens, ms = real(runs, **kwargs)
+        calls.append((len(runs), len(tokens[0])))
+        run_ms.append(ms)
+        return tokens, ms
+
+    monkeypatch.setattr(verifier, "decode_greedy", counted)
+    monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", run_for)
+    engine = SpeculativeEngine(verifier, tokenizer, None)
+    try:
+        completions = [engine.stream(p, max_tokens=n) for p, n in zip(prompts, lengths, strict=True)]
+        threads = [threading.Thread(target=lambda c=c: list(c)) for c in completions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        engine.close()
+    assert [c.token_ids for c in completions] == expected
+    assert all(
+        c.stats.rounds == n and c.stats.completion_tokens == n for c, n in zip(completions, lengths, strict=True)
+    )
+    assert max(sessions for sessions, _ in calls) > 1  # sessions ran together
+    if run_for == 0.0:  # a run past its time ends after its step: every call one step
+        assert {steps for _, steps in calls} == {1}
+    else:
+        assert max(steps for _, steps in calls) > 1
+    # each session's share of a run's verifier time is a position a step: shares add up to the runs' time
+    shares = sum(c.stats.gpu_ms - c.stats.prefill_ms for c in completions)
+    assert shares == pytest.approx(sum(run_ms))

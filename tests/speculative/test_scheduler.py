@@ -61,6 +61,41 @@ def test_a_bad_round_fails_alone():
     scheduler.close()
 
 
+class FakeRunner(FakeVerifier):
+    """A verifier that also decodes plain runs: each session's token is its name's length, a step."""
+
+    def decode_greedy(self, runs, stop=lambda: False):
+        self.calls.append([session_id for session_id, _, _ in runs])
+        if any(session_id == self.fail_on for session_id, _, _ in runs):
+            raise InvalidRequestError("bad run")
+        steps = min(max_steps for _, _, max_steps in runs)
+        return [[len(session_id)] * steps for session_id, _, _ in runs], 2.0
+
+
+def test_plain_runs_of_a_batch_run_together_and_a_bad_one_fails_alone():
+    from speculative.scheduler import PlainResult, PlainRun
+
+    verifier = FakeRunner(fail_on="bad")
+    scheduler = VerifyScheduler(verifier, window_ms=500)
+    for _ in range(3):
+        scheduler.join()
+    runs = {name: PlainRun(VerifyRequest(name, ()), steps) for name, steps in (("good", 5), ("ok", 3), ("bad", 4))}
+    futures = {name: scheduler.submit(run) for name, run in runs.items()}  # type: ignore[arg-type]
+    good, ok = futures["good"].result(timeout=5), futures["ok"].result(timeout=5)
+    with pytest.raises(InvalidRequestError, match="bad run"):
+        futures["bad"].result(timeout=5)
+    assert sorted(map(sorted, verifier.calls)) == [["bad"], ["bad", "good", "ok"], ["good"], ["ok"]]
+    assert isinstance(good, PlainResult) and good.tokens == [4] * 5 and good.batch_size == 1
+    assert ok.tokens == [2] * 3 and ok.verify_ms == 2.0
+    # together, the run takes the fewest steps any may: three
+    for name, steps in (("a", 5), ("bb", 3)):
+        futures[name] = scheduler.submit(PlainRun(VerifyRequest(name, ()), steps))  # type: ignore[arg-type]
+    together = [futures[name].result(timeout=5) for name in ("a", "bb")]
+    scheduler.close()
+    assert [r.tokens for r in together] == [[1] * 3, [2] * 3] and {r.batch_size for r in together} == {2}
+    assert scheduler.batches == 5 + 3 + 3 and scheduler.rounds == 5 + 3 + 2 * 3
+
+
 def test_the_worker_survives_an_unexpected_error():
     scheduler = VerifyScheduler(FakeVerifier(crash=True))
     scheduler.join()

@@ -7,7 +7,14 @@ import uuid
 
 import pytest
 
-from speculative.errors import InvalidRequestError, ModelLoadError, SessionNotFoundError, VerifierBusyError
+from speculative.errors import (
+    ContextOverflowError,
+    InvalidRequestError,
+    ModelLoadError,
+    SessionNotFoundError,
+    SpeculativeError,
+    VerifierBusyError,
+)
 from speculative.llama_sequences import COPY_PASSES
 from speculative.pair import DEMO_VERIFIER_GGUF
 from speculative.types import SamplingParams
@@ -470,20 +477,98 @@ def test_a_greedy_run_decodes_what_plain_rounds_do_and_stops_when_asked(llama):
     expected = _plain(verifier, prompt, 16)
     verifier.open_session("run", prompt, GREEDY)
     try:
-        first, _ = verifier.decode_greedy("run", 0, 8)
+        [first], _ = verifier.decode_greedy([("run", 0, 8)])
         asked: list[int] = []
-        second, _ = verifier.decode_greedy("run", 8, 8, stop=lambda: asked.append(1) or len(asked) >= 3)
+        [second], _ = verifier.decode_greedy([("run", 8, 8)], stop=lambda: asked.append(1) or len(asked) >= 3)
         after = [verifier.verify([VerifyRequest("run", (), None, r)]).verdicts[0].verifier_token for r in (11, 12)]
         with pytest.raises(InvalidRequestError, match="stale"):  # the run's steps were its rounds 0-10
             verifier.verify([VerifyRequest("run", (), None, 10)])
         with pytest.raises(InvalidRequestError, match="max_steps"):
-            verifier.decode_greedy("run", 13, 0)
+            verifier.decode_greedy([("run", 13, 0)])
+        with pytest.raises(InvalidRequestError, match="once"):
+            verifier.decode_greedy([("run", 13, 2), ("run", 13, 2)])
+        with pytest.raises(InvalidRequestError, match="1 to"):
+            verifier.decode_greedy([])
     finally:
         verifier.close_session("run")
     assert first == expected[:8] and second == expected[8:11] and after == expected[11:13]
     verifier.open_session("sampled", prompt, SamplingParams(temperature=0.8, seed=1))
     try:
         with pytest.raises(InvalidRequestError, match="greedy"):
-            verifier.decode_greedy("sampled", 0, 4)
+            verifier.decode_greedy([("sampled", 0, 4)])
     finally:
         verifier.close_session("sampled")
+
+
+def test_sessions_run_in_lockstep_each_decode_their_own_tokens_for_the_fewest_steps_any_may_take(llama, monkeypatch):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:3]]
+    expected = [_plain(verifier, p, 12) for p in prompts]
+    batches = _record_batches(verifier, monkeypatch)
+    for i, prompt in enumerate(prompts):
+        verifier.open_session(f"s{i}", prompt, GREEDY)
+    try:
+        batches.clear()
+        # the sessions' rounds need not match; the run takes the fewest steps (5), answered in the runs' order
+        runs = [("s2", 0, 9), ("s0", 0, 5), ("s1", 0, 7)]
+        tokens, _ = verifier.decode_greedy(runs)
+        assert len(batches) == 5 and all(len(batch) == 3 for batch in batches)  # one decode a step, 3 rows each
+        assert tokens == [expected[2][:5], expected[0][:5], expected[1][:5]]
+        # each goes on from its own round: a run, then a verify round of all three
+        tokens, _ = verifier.decode_greedy([("s0", 5, 6), ("s1", 5, 6), ("s2", 5, 6)])
+        rounds = verifier.verify([VerifyRequest(f"s{i}", (), None, 11) for i in range(3)]).verdicts
+    finally:
+        for i in range(3):
+            verifier.close_session(f"s{i}")
+    assert tokens == [e[5:11] for e in expected]
+    assert [v.verifier_token for v in rounds] == [e[11] for e in expected]
+
+
+def test_a_run_ends_for_everyone_at_a_sessions_end_of_sequence(llama, monkeypatch):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
+    expected = [_plain(verifier, p, 12) for p in prompts]
+    # a token of the first session's (its fourth or later, one neither decodes before) plays the end of sequence
+    step = next(i for i in range(3, 12) if expected[0][i] not in expected[0][:i] + expected[1][:i])
+    monkeypatch.setattr(verifier, "eos_token_id", expected[0][step])
+    verifier.open_session("ends", prompts[0], GREEDY)
+    verifier.open_session("goes-on", prompts[1], GREEDY)
+    try:
+        tokens, _ = verifier.decode_greedy([("ends", 0, 12), ("goes-on", 0, 12)])
+    finally:
+        verifier.close_session("ends")
+        verifier.close_session("goes-on")
+    assert tokens == [expected[0][: step + 1], expected[1][: step + 1]]
+
+
+def test_a_failed_run_changes_nothing_and_a_session_without_room_is_named(llama, monkeypatch):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
+    expected = [_plain(verifier, p, 6) for p in prompts]
+    verifier.open_session("a", prompts[0], GREEDY)
+    verifier.open_session("b", prompts[1], GREEDY)
+    try:
+        verifier.decode_greedy([("a", 0, 2), ("b", 0, 2)])
+        calls = [0]
+        real = verifier._decode_batch
+
+        def fails_third() -> int:  # the run's third step fails
+            calls[0] += 1
+            return -1 if calls[0] == 3 else real()
+
+        monkeypatch.setattr(verifier, "_decode_batch", fails_third)
+        with pytest.raises(SpeculativeError, match="llama_decode failed"):
+            verifier.decode_greedy([("a", 2, 4), ("b", 2, 4)])
+        monkeypatch.setattr(verifier, "_decode_batch", real)
+        tokens, _ = verifier.decode_greedy([("a", 2, 4), ("b", 2, 4)])  # the same rounds again, as if never run
+        b_tokens = verifier._sessions["b"].tokens
+        verifier._sessions["b"].tokens = [0] * (verifier.context_length - 1)  # b's context is full
+        try:
+            with pytest.raises(ContextOverflowError, match="'b'"):
+                verifier.decode_greedy([("a", 6, 4), ("b", 6, 4)])
+        finally:
+            verifier._sessions["b"].tokens = b_tokens
+    finally:
+        verifier.close_session("a")
+        verifier.close_session("b")
+    assert tokens == [expected[0][2:6], expected[1][2:6]]
