@@ -581,3 +581,42 @@ def test_plain_sessions_decode_in_lockstep_runs_with_each_ones_output_unchanged(
     # each session's share of a run's verifier time is a position a step: shares add up to the runs' time
     shares = sum(c.stats.gpu_ms - c.stats.prefill_ms for c in completions)
     assert shares == pytest.approx(sum(run_ms))
+
+
+def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both_outputs_stay_plain(
+    demo_pair_llama, monkeypatch
+):
+    verifier, draft, tokenizer = demo_pair_llama
+    prompts, n = ["The settings file holds", "To run the tests, use"], 30
+    expected = [_plain_rounds(verifier, tokenizer, p, n) for p in prompts]
+    verified: list[dict[str, int]] = []  # each verify call's sessions and their draft lengths
+    ran: list[set[str]] = []  # each plain run's sessions
+    real_verify, real_run = verifier.verify, verifier.decode_greedy
+
+    def verify(requests):
+        verified.append({r.session_id: len(r.tokens) for r in requests})
+        return real_verify(requests)
+
+    def run(runs, **kwargs):
+        ran.append({session_id for session_id, _, _ in runs})
+        return real_run(runs, **kwargs)
+
+    monkeypatch.setattr(verifier, "verify", verify)
+    monkeypatch.setattr(verifier, "decode_greedy", run)
+    engine = SpeculativeEngine(verifier, tokenizer, draft)
+    try:
+        plain = engine.stream(prompts[0], max_tokens=n, k=0)  # pinned: never drafts, asks for plain runs
+        drafting = engine.stream(prompts[1], max_tokens=n, k=3)  # pinned: drafts 3 a round
+        threads = [threading.Thread(target=lambda c=c: list(c)) for c in (plain, drafting)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        engine.close()
+    assert plain.token_ids == expected[0] and drafting.token_ids == expected[1]
+    # beside a drafting round, the plain session's run was one plain round of the same verify call
+    mixed = [call for call in verified if call.get(plain.session_id) == 0 and call.get(drafting.session_id, 0) > 0]
+    assert mixed
+    assert all(drafting.session_id not in sessions for sessions in ran)  # a drafting session never runs plainly
+    assert plain.stats.rounds == n and plain.stats.proposed == 0 and drafting.stats.proposed > 0
