@@ -530,6 +530,15 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
         engine.close()
 
 
+def _consume_together(completions) -> None:
+    """Iterate the completions on threads of their own, at once, and wait for them all."""
+    threads = [threading.Thread(target=lambda c=c: list(c)) for c in completions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+
 def _plain_rounds(verifier, tokenizer, prompt: str, n: int) -> list[int]:
     """n tokens of the verifier's plain decoding, one verify round a token."""
     from speculative.verifier import VerifyRequest
@@ -562,11 +571,7 @@ def test_plain_sessions_decode_in_lockstep_runs_with_each_ones_output_unchanged(
     engine = SpeculativeEngine(verifier, tokenizer, None)
     try:
         completions = [engine.stream(p, max_tokens=n) for p, n in zip(prompts, lengths, strict=True)]
-        threads = [threading.Thread(target=lambda c=c: list(c)) for c in completions]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        _consume_together(completions)
     finally:
         engine.close()
     assert [c.token_ids for c in completions] == expected
@@ -607,11 +612,7 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
     try:
         plain = engine.stream(prompts[0], max_tokens=n, k=0)  # pinned: never drafts, asks for plain runs
         drafting = engine.stream(prompts[1], max_tokens=n, k=3)  # pinned: drafts 3 a round
-        threads = [threading.Thread(target=lambda c=c: list(c)) for c in (plain, drafting)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        _consume_together([plain, drafting])
     finally:
         engine.close()
     assert plain.token_ids == expected[0] and drafting.token_ids == expected[1]
