@@ -572,3 +572,22 @@ def test_a_failed_run_changes_nothing_and_a_session_without_room_is_named(llama,
         verifier.close_session("a")
         verifier.close_session("b")
     assert tokens == [expected[0][2:6], expected[1][2:6]]
+
+
+def test_reading_the_logits_leaves_nothing_for_the_cyclic_collector(llama):
+    # np.ctypeslib.as_array on llama_get_logits' pointer cast it, leaving a reference cycle at every decode
+    import gc
+
+    verifier, tokenizer = llama
+    verifier.open_session("clean", tokenizer.encode(PROMPTS[1], add_special_tokens=False), GREEDY)
+    try:
+        gc.collect()
+        gc.disable()  # nothing else collects the cycles meanwhile
+        try:
+            verifier.decode_greedy([("clean", 0, 8)])
+            verifier.verify([VerifyRequest("clean", (1, 2), None, 8)])
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
+    finally:
+        verifier.close_session("clean")
