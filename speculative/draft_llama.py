@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from speculative.errors import DraftBusyError, ModelLoadError
-from speculative.llama_sequences import Compaction, SequenceIds, in_sequence_order, padded_width
+from speculative.llama_sequences import Compaction, LogitsReader, SequenceIds, in_sequence_order, padded_width
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class LlamaCppDraft:
         params.n_threads = params.n_threads_batch = n_threads
         self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
+        self._logits = LogitsReader(self._ctx.ctx, self.vocab_size)
         self._batch_tokens = batch_tokens
         self._ids = SequenceIds(max_sessions, self._remove_from)
         self._live: dict[int, LlamaCppContext] = {}  # sequence id -> the session's context
@@ -363,7 +364,6 @@ class LlamaCppDraft:
             self._ctx.decode(self._batch)
             self.decodes += 1
             for step, i in outputs:
-                ptr = self._ctx.get_logits_ith(i)
-                step.logits = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
+                step.logits = self._logits.row(i).copy()
         outputs.clear()
         b.n_tokens = 0

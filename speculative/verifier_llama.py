@@ -19,7 +19,6 @@ backend and the quantisation are part of the model version.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
@@ -41,7 +40,7 @@ from speculative.errors import (
     SessionNotFoundError,
     SpeculativeError,
 )
-from speculative.llama_sequences import Compaction, SequenceIds, in_sequence_order, padded_width
+from speculative.llama_sequences import Compaction, LogitsReader, SequenceIds, in_sequence_order, padded_width
 from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
 from speculative.sampling import warp
@@ -148,12 +147,7 @@ class LlamaCppVerifier:
             raise ModelLoadError(f"llama.cpp cannot make a context for {self.model_path!r}: {exc}") from exc
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
         self._batch_tokens = batch_tokens
-        # llama_get_logits as an address (a function object of its own: ``_lib[...]`` makes a new one, so
-        # llama-cpp-python's keeps its pointer result type), read through a ctypes array of the outputs' size
-        # (``_logits``)
-        self._logits_address = llama_cpp.llama_cpp._lib["llama_get_logits"]
-        self._logits_address.argtypes, self._logits_address.restype = [ctypes.c_void_p], ctypes.c_void_p
-        self._logits_types: dict[int, type[ctypes.Array[ctypes.c_float]]] = {}
+        self._logits = LogitsReader(self._ctx.ctx, self.vocab_size).first
         self._sessions: dict[str, _Session] = {}
         # a closed session's stream keeps its tokens for the next prompt that starts with them
         self._ids = SequenceIds(max_sessions, self._remove_from, reuse=reuse_prefixes)
@@ -486,21 +480,6 @@ class LlamaCppVerifier:
         if not n_out:
             return np.empty((0, self.vocab_size), dtype=np.float32)
         return self._logits(n_out).copy()
-
-    def _logits(self, n_out: int) -> np.ndarray:
-        """The last decode's logits, a view valid until the next decode. returns  # (n_out, vocab) float32
-
-        llama_get_logits holds the outputs contiguously, in the order their tokens sat in the batch.
-        Read through a ctypes array at its address, not ``np.ctypeslib.as_array`` on its pointer:
-        that casts the pointer, which left a reference cycle for the collector at every decode
-        (measured: 6.6 us a read and a cycle, against 2.2 us and none).
-        """
-        size = n_out * self.vocab_size
-        floats = self._logits_types.get(size)
-        if floats is None:
-            floats = self._logits_types[size] = ctypes.c_float * size
-        address = self._logits_address(self._ctx.ctx)
-        return np.frombuffer(memoryview(floats.from_address(address)), dtype=np.float32).reshape(n_out, self.vocab_size)
 
     def _decode_batch(self) -> int:
         import llama_cpp

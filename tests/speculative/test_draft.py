@@ -109,6 +109,26 @@ def test_draft_session_cache_stays_consistent_through_accepts_and_rejects(tiny_c
     session.close()
 
 
+def test_drafting_on_llama_cpp_leaves_nothing_for_the_cyclic_collector(tiny_checkpoint):
+    # np.ctypeslib.as_array on llama_get_logits_ith's pointer cast it, leaving a reference cycle a drafted token
+    import gc
+
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf")
+    session = DraftSession(draft, [5, 17, 42, 99, 7], SamplingParams())
+    session.propose(2)  # the first proposal's one-off objects (caches, the context's) made outside the check
+    gc.collect()
+    gc.disable()  # nothing else collects the cycles meanwhile
+    try:
+        proposal = session.propose(4)
+        session.accept(proposal, Verdict(n_matches=2, verifier_token=8))
+        session.propose(3)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+        session.close()
+
+
 def test_a_proposal_says_how_many_committed_tokens_its_draft_caught_up_on(tiny_checkpoint):
     # the controllers price drafting only on rounds that caught up on a token or two
     out, _, _ = tiny_checkpoint
