@@ -1045,3 +1045,25 @@ async def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_view_and_pays_
     reservation = await Reservation.objects.aget(request_id="whole-answer-hang-up-1")
     assert reservation.status == "released"
     assert not await UsageRecord.objects.filter(request_id="whole-answer-hang-up-1").aexists()
+
+
+async def test_a_served_request_leaves_no_cycle_for_the_collector_to_free_it(account):
+    # Django's disconnect listener ends with RequestAborted once the response is sent; raised in the
+    # handler, its traceback held the handler's frame, which held the task that held it: every request's
+    # objects (request, response, completion) waited for the cyclic collector
+    import gc
+
+    from django.core.handlers.asgi import ASGIRequest
+
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 3}
+    await asgi_post("/v1/chat/completions", body, account.raw_key)  # one-off objects made outside the check
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage, to look at
+    try:
+        status, _, _ = await asgi_post("/v1/chat/completions", body, account.raw_key)
+        gc.collect()
+        held = [o for o in gc.garbage if isinstance(o, ASGIRequest)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert status == 200 and not held
