@@ -621,3 +621,33 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
     assert mixed
     assert all(drafting.session_id not in sessions for sessions in ran)  # a drafting session never runs plainly
     assert plain.stats.rounds == n and plain.stats.proposed == 0 and drafting.stats.proposed > 0
+
+
+def test_a_driven_completion_whose_sink_holds_it_is_freed_by_reference_counts_as_it_ends(demo_pair_llama):
+    # the platform's sink holds its completion (to cancel it): a cycle through the rounds' sink, which left
+    # every request's objects for the cyclic collector until the rounds let go of the sink at their end
+    import gc
+    import weakref
+
+    verifier, _, tokenizer = demo_pair_llama
+    engine = SpeculativeEngine(verifier, tokenizer, None)
+    gc.disable()  # only reference counts free anything meanwhile
+    try:
+        done = threading.Event()
+        completion = engine.stream("The settings file holds", max_tokens=4)
+
+        def sink(item: object, held: object = completion) -> None:
+            if item is None or isinstance(item, BaseException):
+                done.set()
+
+        completion.drive(sink)
+        assert done.wait(timeout=30)
+        gone = weakref.ref(completion)
+        del completion, sink
+        deadline = time.monotonic() + 5
+        while gone() is not None and time.monotonic() < deadline:  # the scheduler's thread lets go of it
+            time.sleep(0.01)
+        assert gone() is None
+    finally:
+        gc.enable()
+        engine.close()
