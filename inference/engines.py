@@ -283,8 +283,9 @@ def freeze_what_loaded() -> None:
     config.serve``'s settings, 2026-12-03): a full collection took 246-291 ms, in which no
     thread runs Python (the scheduler's thread waits for it between two decodes, every stream
     stalls); frozen, under 1 ms. CPython runs one whenever the objects promoted since the last
-    reach a quarter of the old ones (here some 75,000 of a busy server's). Objects reached only by reference counts are freed as ever; an engine loaded
-    later (a rollout) is left to the collector.
+    reach a quarter of the old ones (here some 75,000 of a busy server's). Objects reached only
+    by reference counts are freed as ever; an engine loaded later (a rollout) is left to the
+    collector.
     """
     gc.collect()
     gc.freeze()
