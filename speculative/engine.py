@@ -134,8 +134,10 @@ class Completion(TokenStream):
                 k = self._next_k(controller, batch_size) if draft is not None else 0
                 if k == 0 and plain_runs:
                     # plain: several steps in one call (with the batch's other plain sessions), without a round's
-                    # Python around each
-                    steps = min(PLAIN_RUN_STEPS, req.max_tokens - self.stats.completion_tokens)
+                    # Python around each; but its first token alone, as soon as it is decoded (a run's tokens are
+                    # delivered together, and the time to the first one is what a streaming client waits on)
+                    run_steps = PLAIN_RUN_STEPS if self.stats.completion_tokens else 1
+                    steps = min(run_steps, req.max_tokens - self.stats.completion_tokens)
                     ran = yield PlainRun(VerifyRequest(self.session_id, (), None, round_no), steps)
                     if isinstance(ran, PlainResult):
                         round_no += len(ran.tokens)

@@ -511,7 +511,8 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
     try:
         alone = engine.generate(first, max_tokens=40)
         assert alone.token_ids == expected[0]
-        assert runs == [PLAIN_RUN_STEPS, PLAIN_RUN_STEPS, 40 - 2 * PLAIN_RUN_STEPS]
+        # the first token alone (the time to the first token), then whole runs
+        assert runs == [1, PLAIN_RUN_STEPS, PLAIN_RUN_STEPS, 40 - 1 - 2 * PLAIN_RUN_STEPS]
         assert alone.stats.rounds == 40 and engine.scheduler.batches == 40  # counted as the rounds they replace
         # a second session arrives while the first runs: the run stops for it, and they share the next steps
         runs.clear()
