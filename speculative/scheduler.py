@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -352,11 +352,7 @@ class VerifyScheduler:
         try:
             result = self.verifier.verify([req for req, _ in rounds])
         except Exception as exc:  # noqa: BLE001 - every waiting session must hear of it
-            if len(rounds) > 1:
-                for item in rounds:
-                    self._verify([item])
-                return
-            self._continue(rounds[0][1], error=exc)
+            self._one_at_a_time(rounds, exc, self._verify)
             return
         batch_tokens = sum(1 + len(req.tokens) for req, _ in rounds)
         results = [
@@ -389,11 +385,7 @@ class VerifyScheduler:
                 runs, stop=lambda: not self._queue.empty() or time.perf_counter() > deadline
             )
         except Exception as exc:  # noqa: BLE001 - a failed run changed nothing: each session runs alone
-            if len(batch) > 1:
-                for item in batch:
-                    self._run_plain([item])
-                return
-            self._continue(batch[0][1], error=exc)
+            self._one_at_a_time(batch, exc, self._run_plain)
             return
         steps = len(tokens[0])
         self.batches += steps
@@ -403,6 +395,16 @@ class VerifyScheduler:
         for (_, answer), run_tokens in zip(batch, tokens, strict=True):
             self._continue(answer, PlainResult(run_tokens, verify_ms, len(batch)))
         self._draft_round()
+
+    def _one_at_a_time(
+        self, batch: Sequence[Round], error: BaseException, again: Callable[[list[Round]], None]
+    ) -> None:
+        """A failed batch's rounds again, one at a time (a failure changes nothing), so that a bad one fails alone."""
+        if len(batch) > 1:
+            for item in batch:
+                again([item])
+        else:
+            self._continue(batch[0][1], error=error)
 
     def _continue(self, answer: Answer, result: Any = None, error: BaseException | None = None) -> None:
         """Answer a round; a driven session's next round goes straight into the next batch."""
