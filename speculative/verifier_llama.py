@@ -273,9 +273,7 @@ class LlamaCppVerifier:
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
         started = time.perf_counter()
         with self._lock:
-            sessions = [self._session(r.session_id) for r in requests]
-            if len({id(s) for s in sessions}) < len(sessions):
-                raise InvalidRequestError("a session may appear only once per verify call")
+            sessions = self._distinct_sessions([r.session_id for r in requests], "verify call")
             verdicts: list[Verdict | None] = [None] * len(requests)
             todo: list[int] = []
             for i, (req, s) in enumerate(zip(requests, sessions, strict=True)):
@@ -343,9 +341,7 @@ class LlamaCppVerifier:
         """
         started = time.perf_counter()
         with self._lock:
-            sessions = [self._session(session_id) for session_id, _, _ in runs]
-            if len({id(s) for s in sessions}) < len(sessions):
-                raise InvalidRequestError("a session may appear only once per run")
+            sessions = self._distinct_sessions([session_id for session_id, _, _ in runs], "run")
             if not sessions or len(sessions) > self._batch_tokens:
                 raise InvalidRequestError(f"a run takes 1 to {self._batch_tokens} sessions, got {len(sessions)}")
             steps = self.context_length
@@ -355,9 +351,10 @@ class LlamaCppVerifier:
                 if not s.params.greedy:
                     raise InvalidRequestError("decode_greedy serves greedy sessions only")
                 self._check_request(VerifyRequest(session_id, (), None, first_round), s)
-                if self.context_length - s.length - 1 < 1:
+                room = self.context_length - s.length - 1  # steps before its context is full
+                if room < 1:
                     raise ContextOverflowError(f"session {session_id!r} fills the context of {self.context_length}")
-                steps = min(steps, max_steps, self.context_length - s.length - 1)
+                steps = min(steps, max_steps, room)
             if self._compaction.due((s.seq for s in sessions), steps):
                 self._compact()
             order = in_sequence_order(range(len(sessions)), lambda i: sessions[i].seq)
@@ -394,6 +391,12 @@ class LlamaCppVerifier:
                 s.round, s.last = first_round + len(out) - 1, Verdict(0, out[-1])
                 by_run[i] = out
         return by_run, (time.perf_counter() - started) * 1e3
+
+    def _distinct_sessions(self, session_ids: list[str], call: str) -> list[_Session]:
+        sessions = [self._session(session_id) for session_id in session_ids]
+        if len({id(s) for s in sessions}) < len(sessions):
+            raise InvalidRequestError(f"a session may appear only once per {call}")
+        return sessions
 
     def _session(self, session_id: str) -> _Session:
         try:
