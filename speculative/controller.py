@@ -344,7 +344,7 @@ class SpeculationGovernor:
         self._active = 0
 
     def on_batch(self, *, emitted: int, active: int, now: float, batches: int = 1) -> None:
-        """Count a verified batch (``batches``: a lone session's plain run of several steps); score epochs as they end."""
+        """Count a verified batch (``batches``: a plain run's steps, each a batch); score epochs as they end."""
         bucket = load_bucket(active)
         if self._start is None or active != self._active:
             # A session started: its prefill ran beside the last batches, which is no

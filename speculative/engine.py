@@ -145,9 +145,7 @@ class Completion(TokenStream):
                             draft.extend(ran.tokens)
                         last_round_at = None
                         batch_size = ran.batch_size
-                        if (now_at := load_bucket(batch_size)) != level:
-                            level = now_at
-                            controller.rebase(engine.controller_priors.at(level))
+                        level = self._follow_load(controller, level, batch_size)
                         yield from self._emit_plain(ran)
                         if self.stats.finish_reason is not None:
                             return
@@ -175,9 +173,7 @@ class Completion(TokenStream):
                         draft.extend([result.verdict.verifier_token])
                 draft_ms = proposal.draft_ms if proposal is not None else 0.0
                 verdict, batch_size = result.verdict, result.batch_size
-                if (now_at := load_bucket(batch_size)) != level:
-                    level = now_at
-                    controller.rebase(engine.controller_priors.at(level))
+                level = self._follow_load(controller, level, batch_size)
                 now = time.perf_counter()
                 # what a round costs besides its draft, verify and network time (its tokens' delivery, the
                 # scheduler's turn): a lone session's only, as in a batch it would include waiting for others
@@ -210,6 +206,13 @@ class Completion(TokenStream):
             finally:
                 if draft is not None:
                     draft.close()
+
+    def _follow_load(self, controller: DraftLengthController, level: int, batch_size: int) -> int:
+        """The load level of a batch of ``batch_size``; the controller rebased on its prior if the level moved."""
+        now_at = load_bucket(batch_size)
+        if now_at != level:
+            controller.rebase(self._engine.controller_priors.at(now_at))
+        return now_at
 
     def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent, None, None]:
         """A plain run's tokens: each its own round of the verifier's; its share of the run's time is a session's."""
