@@ -50,7 +50,7 @@ from inference.principals import (
 from inference.queueing import Slot, scheduler
 from inference.redaction import serving_call
 from inference.router import Route, decide, spill
-from inference.runtime import db
+from inference.runtime import db_read_once
 from inference.selectors import routing_policy_cached, routing_policy_for
 from inference.semantic_cache import SemanticLookup, content_words, semantic_cache
 from inference.settlement import leases, ledger_writes_flush
@@ -99,13 +99,15 @@ async def start(
     engines = await aget_engines()
     entry = engines.get(call.model)
     if engines.upstreams is not None and engines.upstreams.stale():
-        await db(engines.upstreams.refresh)()
+        await db_read_once(("upstreams", id(engines.upstreams)), engines.upstreams.refresh)
     tenant_id = principal.tenant_id
     chooser = draft_chooser()
     if chooser is not None and chooser.stale():
-        await db(chooser.refresh)()
+        await db_read_once(("draft plans", id(chooser)), chooser.refresh)
     entry = serving_entry(entry, tenant_id)  # its draft version: current, a canary's candidate or the tenant's pin
-    policy = routing_policy_cached(tenant_id=tenant_id) or await db(routing_policy_for)(tenant_id=tenant_id)
+    policy = routing_policy_cached(tenant_id=tenant_id)
+    if policy is None:
+        policy = await db_read_once(("routing policy", tenant_id), routing_policy_for, tenant_id=tenant_id)
     signals = await assess(call, policy, entry.tokenizer, entry.serves(Tier.CLOUD, tenant_id))
     route = decide(entry, signals, policy, tenant_id)
     if policy.at_capacity == "spill" and _busy(entry, route.tier):

@@ -22,7 +22,7 @@ from django.conf import settings
 
 from inference.errors import BudgetExceeded, GatewayError, RequestIdConflict
 from inference.principals import Principal
-from inference.runtime import db
+from inference.runtime import db, db_read_once
 from tenants import errors as tenant_errors
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
@@ -110,7 +110,7 @@ async def price_for(*, model: str, tier: str) -> Price:
     if price is not None:
         return price
     try:
-        return await db(tenant_selectors.price_active)(model=model, tier=tier)
+        return await db_read_once(("price", model, tier), tenant_selectors.price_active, model=model, tier=tier)
     except tenant_errors.PriceNotFound as exc:
         raise GatewayError(f"{exc}: the operator must publish a price before this model can be served") from None
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from inference.errors import AuthenticationFailed, PermissionDenied
 from inference.limits import Limits, key_limits, tenant_limits
-from inference.runtime import db
+from inference.runtime import db, db_read_once
 from tenants import errors as tenant_errors
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
@@ -60,7 +60,7 @@ async def authenticate_api_key(raw_key: str) -> Principal:
             principal = _key_principal(key)
             setattr(key, CACHED_PRINCIPAL, principal)
         return principal
-    return await db(_authenticate_api_key)(raw_key)
+    return await db_read_once(("api key", raw_key), _authenticate_api_key, raw_key)
 
 
 CACHED_PRINCIPAL = "_tandem_principal"  # the attribute that holds it on the cache's row

@@ -383,3 +383,32 @@ async def test_a_model_without_a_published_price_is_a_clear_error_and_holds_noth
         set_engines(previous)
     assert "publish a price" in info.value.message
     assert not await Reservation.objects.aexists() and not await UsageRecord.objects.aexists()
+
+
+async def test_requests_that_miss_the_caches_together_read_each_row_once(account, monkeypatch):
+    # when a cache expires every request then in flight misses it at once: one read serves them all
+    from inference import selectors
+    from tenants import selectors as tenant_selectors
+    from tenants import services as tenant_services
+
+    reads: list[str] = []
+
+    def counted(name, read):
+        def wrapper(*args, **kwargs):
+            reads.append(name)
+            return read(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(tenant_services, "api_key_authenticate", counted("key", tenant_services.api_key_authenticate))
+    monkeypatch.setattr(gateway, "routing_policy_for", counted("policy", gateway.routing_policy_for))
+    monkeypatch.setattr(tenant_selectors, "price_active", counted("price", tenant_selectors.price_active))
+    tenant_services.api_key_cache.forget()
+    selectors.policy_cache.forget()
+    tenant_selectors.price_cache.forget()
+    principals = await asyncio.gather(*(gateway.authenticate_api_key(account.raw_key) for _ in range(4)))
+    assert reads == ["key"] and len({p.api_key_id for p in principals}) == 1
+    streams = await asyncio.gather(*(gateway.start(principals[0], call(max_tokens=3)) for _ in range(4)))
+    for stream in streams:
+        assert len([d async for d in stream]) == 3
+    assert sorted(reads) == ["key", "policy", "price"]
