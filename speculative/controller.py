@@ -320,9 +320,8 @@ class SpeculationGovernor:
     time whatever its own k, so each would keep drafting even when all of them drafting
     is slower than none. The governor measures what matters, emitted tokens per second
     over all sessions, in short epochs under each cap (k <= cap; cap 0 is plain
-    decoding), separately per concurrency level, and keeps the cap that did best (plain
-    decoding unless a drafting cap beat it by ``PLAIN_MARGIN``) while re-measuring another
-    now and then. So speculation falls back to plain decoding
+    decoding), separately per concurrency level, and keeps the cap that did best while
+    re-measuring another now and then. So speculation falls back to plain decoding
     exactly where it does not pay, as measured, not as modelled. A lone session too: its
     controller's model of its own costs is not the whole story (on an AMD EPYC host, the
     demo pair on llama.cpp in process, one session: a verify position cost 0.5 ms beside a
