@@ -255,7 +255,7 @@ class ControllerPrior:
 LOAD_BUCKETS = (1, 2, 4, 8, 16, 32)  # concurrency levels measured apart
 # few, well-separated arms: each epoch's measurement is noisy on a shared machine, and
 # every epoch spent on a losing arm costs throughput
-GOVERNOR_CAPS = (MAX_DRAFT_TOKENS, 0, 2, 4)  # tried in this order, then the best is kept
+GOVERNOR_CAPS = (MAX_DRAFT_TOKENS, 0, 1, 2, 4)  # tried in this order, then the best is kept
 EPOCH_BATCHES = 12
 EPOCH_MIN_S = 0.1
 # An epoch cut short by a session ending is still scored when it saw this many batches: a
@@ -327,8 +327,11 @@ class SpeculationGovernor:
     demo pair on llama.cpp in process, one session: a verify position cost 0.5 ms beside a
     0.66 ms one-token step, plain decoding made 1,048 tokens/s and the uncapped controller,
     still drafting, 879). Under a cap below
-    ``MAX_DRAFT_TOKENS`` every session that drafts at all drafts the cap (the engine's
-    ``_next_k``): in lockstep a shorter draft saves the batch almost nothing.
+    ``MAX_DRAFT_TOKENS`` every session that drafts at all drafts the cap, and a lone session
+    drafts it regardless (the engine's ``_next_k``): in lockstep a shorter draft saves the
+    batch almost nothing, and a lone session's run of rounds (cap 1: one-token drafts,
+    ``LlamaCppVerifier.speculate_greedy``) beat plain decoding where its controller priced it
+    below.
     """
 
     def __init__(self) -> None:

@@ -164,6 +164,28 @@ class DraftSession:
         drafted = self._ctx.draft(plan.tokens, plan.k, plan.choose)
         return plan.finish(drafted, (time.perf_counter() - started) * 1e3)
 
+    def propose_now(self, k: int, threads: int | None = None) -> Proposal:
+        """``propose(k)`` on this thread at once: not gathered with other sessions' drafting rounds.
+
+        A lone session's run of rounds (``LlamaCppVerifier.speculate_greedy``) drafts here, on the
+        scheduler's thread, between its verifier's decodes; a backend that gathers concurrent
+        drafters (llama.cpp) would otherwise wait for the edge tier's sessions. ``threads``: what a
+        llama.cpp draft may decode on (the verifier's, idle meanwhile).
+        """
+        started = time.perf_counter()
+        plan = self._plan(k, None)
+        if plan is None:
+            return Proposal(tokens=(), q=None, draft_ms=0.0)
+        together = getattr(plan.ctx, "draft_together", None)
+        if together is None:
+            drafted = plan.ctx.draft(plan.tokens, plan.k, plan.choose)
+        else:
+            [outcome] = together([(plan.ctx, plan.tokens, plan.k, plan.choose)], threads)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            drafted = outcome
+        return plan.finish(drafted, (time.perf_counter() - started) * 1e3)
+
     def _plan(self, k: int, logprobs: int | None) -> _DraftPlan | None:
         """What this round drafts (None: nothing, near the context's end); ``finish`` makes the proposal of it."""
         if k < 0:

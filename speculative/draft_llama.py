@@ -96,11 +96,17 @@ class LlamaCppContext:
         return self._owner
 
     def draft_together(
-        self, items: Sequence[tuple[LlamaCppContext, Sequence[int], int, Callable[[np.ndarray], int]]]
+        self,
+        items: Sequence[tuple[LlamaCppContext, Sequence[int], int, Callable[[np.ndarray], int]]],
+        threads: int | None = None,
     ) -> list[list[int] | BaseException]:
-        """``draft`` for several sessions of this model at once, as one lockstep round (from one thread)."""
+        """``draft`` for several sessions of this model at once, as one lockstep round (from one thread).
+
+        ``threads``: llama.cpp threads for this round's decodes (default: the model's own), for a
+        caller whose cores are otherwise idle meanwhile (the verifier's, between its decodes).
+        """
         works = [_Round(ctx._seq, list(tokens), ctx._n_past, k, choose, ctx=ctx) for ctx, tokens, k, choose in items]
-        self._owner._run_together(works)
+        self._owner._run_together(works, threads)
         outcomes: list[list[int] | BaseException] = []
         for (ctx, *_), work in zip(items, works, strict=True):
             ctx._evaluated(work)
@@ -168,6 +174,7 @@ class LlamaCppDraft:
         params.n_ctx = self.context_length * max_sessions
         params.n_batch = params.n_ubatch = batch_tokens
         params.n_threads = params.n_threads_batch = n_threads
+        self.n_threads = self._threads_now = n_threads
         self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size)
@@ -273,18 +280,18 @@ class LlamaCppDraft:
                 self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()) or GATHER_WAIT_S)
         self._run_claimed(batch)
 
-    def _run_together(self, rounds: list[_Round]) -> None:
+    def _run_together(self, rounds: list[_Round], threads: int | None = None) -> None:
         """Run ``rounds`` now as one lockstep round (after any round in progress); errors stay on each round."""
         with self._cond:
             while self._running:
                 self._cond.wait()
             self._running = True
-        self._run_claimed(rounds)
+        self._run_claimed(rounds, threads)
 
-    def _run_claimed(self, rounds: list[_Round]) -> None:
+    def _run_claimed(self, rounds: list[_Round], threads: int | None = None) -> None:
         """Run ``rounds`` (this thread set ``_running``); every session of the round hears of a failure."""
         try:
-            self._run_rounds(rounds)
+            self._run_rounds(rounds, threads)
         except BaseException as exc:
             for w in rounds:
                 w.error = w.error or exc
@@ -297,7 +304,7 @@ class LlamaCppDraft:
                 self._running = False
                 self._cond.notify_all()
 
-    def _run_rounds(self, rounds: list[_Round]) -> None:
+    def _run_rounds(self, rounds: list[_Round], threads: int | None = None) -> None:
         """Every round's tokens in one decode, then their draft steps in lockstep, one decode a step."""
         with self._decode_lock:
             decodes = max([1, *(w.k for w in rounds)])  # the catch-up decode, then one a drafted token but the last
@@ -307,7 +314,7 @@ class LlamaCppDraft:
                 if w.ctx is not None:
                     w.seq = w.ctx._seq
         steps = [_Step(w.seq, w.tokens, w.n_past) for w in rounds]
-        self._decode(steps)
+        self._decode(steps, threads)
         for w, step in zip(rounds, steps, strict=True):
             w.logits, w.evaluated = step.logits, len(w.tokens)
         drafting = [w for w in rounds if w.k > 0]
@@ -324,17 +331,20 @@ class LlamaCppDraft:
                     evaluate.append(w)
             steps = [_Step(w.seq, [w.drafted[-1]], w.n_past + w.evaluated) for w in evaluate]
             if steps:
-                self._decode(steps)
+                self._decode(steps, threads)
             for w, step in zip(evaluate, steps, strict=True):
                 w.logits, w.evaluated = step.logits, w.evaluated + 1
             drafting = evaluate
 
-    def _decode(self, steps: list[_Step]) -> None:
+    def _decode(self, steps: list[_Step], threads: int | None = None) -> None:
         """Evaluate every step's tokens at its positions, in as few decodes as fit (shorter ones padded: ``padded_width``)."""
         b = self._batch.batch
         outputs: list[tuple[_Step, int]] = []
         width = padded_width([(step.seq, len(step.tokens)) for step in steps])
         with self._decode_lock:
+            if (threads or self.n_threads) != self._threads_now:
+                self._threads_now = threads or self.n_threads
+                self._ctx.set_n_threads(self._threads_now, self._threads_now)
             b.n_tokens = 0
             for step in in_sequence_order(steps, lambda step: step.seq):
                 real = len(step.tokens)

@@ -34,7 +34,16 @@ from speculative.completion import CompletionRequest, Tokenizer, TokenStream, bu
 from speculative.controller import ControllerPriors, DraftLengthController, load_bucket
 from speculative.draft import DraftModel, DraftSession
 from speculative.errors import SpeculativeError
-from speculative.scheduler import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, VerifyScheduler
+from speculative.scheduler import (
+    DraftOrder,
+    OpenOrder,
+    PlainResult,
+    PlainRun,
+    RoundResult,
+    SpecResult,
+    SpecRun,
+    VerifyScheduler,
+)
 from speculative.types import (
     MAX_DRAFT_TOKENS,
     Proposal,
@@ -127,18 +136,38 @@ class Completion(TokenStream):
         )
         batch_size = 1
         plain_runs = req.sampling.greedy and req.logprobs is None and hasattr(engine.verifier, "decode_greedy")
+        spec_runs = plain_runs and hasattr(engine.verifier, "speculate_greedy")
         round_no = 0
         try:
             last_round_at: float | None = None  # when the previous round's verdict was in
             while True:
                 k = self._next_k(controller, batch_size) if draft is not None else 0
-                if k == 0 and plain_runs:
+                # a lone session drafting: its rounds in one call too (past its first token, which comes alone)
+                spec = (
+                    k > 0
+                    and spec_runs
+                    and draft is not None
+                    and self.stats.completion_tokens > 0
+                    and engine.scheduler.load() == 1
+                )
+                if (k == 0 and plain_runs) or spec:
                     # plain: several steps in one call (with the batch's other plain sessions), without a round's
                     # Python around each; but its first token alone, as soon as it is decoded (a run's tokens are
                     # delivered together, and the time to the first one is what a streaming client waits on)
+                    left = req.max_tokens - self.stats.completion_tokens
                     run_steps = PLAIN_RUN_STEPS if self.stats.completion_tokens else 1
-                    steps = min(run_steps, req.max_tokens - self.stats.completion_tokens)
-                    ran = yield PlainRun(VerifyRequest(self.session_id, (), None, round_no), steps)
+                    steps = min(run_steps, left)
+                    request = VerifyRequest(self.session_id, (), None, round_no)
+                    ran = yield SpecRun(request, steps, draft, k, left) if spec else PlainRun(request, steps)
+                    if isinstance(ran, SpecResult):
+                        round_no += len(ran.rounds)
+                        last_round_at = None
+                        batch_size = 1
+                        level = self._follow_load(controller, level, batch_size)
+                        yield from self._emit_rounds(controller, ran)
+                        if self.stats.finish_reason is not None:
+                            return
+                        continue
                     if isinstance(ran, PlainResult):
                         round_no += len(ran.tokens)
                         if draft is not None:
@@ -214,6 +243,24 @@ class Completion(TokenStream):
             controller.rebase(self._engine.controller_priors.at(now_at))
         return now_at
 
+    def _emit_rounds(self, controller: DraftLengthController, ran: SpecResult) -> Generator[TokenEvent, None, None]:
+        """A run of drafting rounds: each counted and emitted as the round it is (the draft has heard its verdict)."""
+        for r in ran.rounds:
+            tokens, verdict = r.proposal.tokens, r.verdict
+            controller.record(
+                k=len(tokens),
+                n_matches=verdict.n_matches,
+                draft_ms=r.proposal.draft_ms,
+                verify_ms=r.verify_ms,
+                network_ms=0.0,
+                caught_up=r.proposal.caught_up,
+            )
+            result = RoundResult(verdict, r.verify_ms, 0.0, 1, 1 + len(tokens))
+            gpu_ms = self._count_round(tokens, result, r.proposal.draft_ms)
+            yield from self._emit(verdict.emitted_tokens(tokens), verdict.n_matches, gpu_ms, len(tokens))
+            if self.stats.finish_reason is not None:
+                return
+
     def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent, None, None]:
         """A plain run's tokens: each its own round of the verifier's; its share of the run's time is a session's."""
         stats, n = self.stats, len(ran.tokens)
@@ -232,13 +279,15 @@ class Completion(TokenStream):
             # the scheduler's thread), nor does it count a probe the cap would cancel as one that failed
             return 0
         k = controller.next_k(scheduler.cost.line(), batch_size)
-        if req.k is None:  # a pinned k is the caller's choice; otherwise the governor's cap rules
-            if cap < MAX_DRAFT_TOKENS and k > 0:
-                # A capped batch drafts in lockstep: every session waits for the longest draft
-                # and the verify step, so a session drafting less than the cap saves the batch
-                # next to nothing and loses tokens. It drafts the cap, unless its own controller
-                # finds drafting does not pay for it at all (k = 0).
-                k = cap
+        if req.k is None and cap < MAX_DRAFT_TOKENS and (k > 0 or scheduler.load() == 1):
+            # A capped batch drafts in lockstep: every session waits for the longest draft and the
+            # verify step, so a session drafting less than the cap saves the batch next to nothing
+            # and loses tokens. It drafts the cap, unless its own controller finds drafting does not
+            # pay for it at all (k = 0) beside others. A lone session drafts the cap regardless: its
+            # rounds run as one call (``SpecRun``), a saving its controller's model of a round does
+            # not see (in process, demo pair: one-token drafts beat plain decoding by 11% where its
+            # controller priced them below it), and what the arm makes is measured by the governor.
+            k = cap
         # a round emits up to k + 1 tokens: never draft past max_tokens
         return min(k, req.max_tokens - self.stats.completion_tokens - 1, MAX_DRAFT_TOKENS)
 
@@ -306,7 +355,7 @@ PLAIN_RUN_STEPS = 16  # a plain session's steps a call at most: a cancel or a ca
 
 
 Step = TokenEvent | OpenOrder | DraftOrder | VerifyRequest | PlainRun  # what a completion's steps yield
-Answer = float | Proposal | RoundResult | PlainResult | None  # and what each is answered with
+Answer = float | Proposal | RoundResult | PlainResult | SpecResult | None  # and what each is answered with
 
 
 class DrivenRounds:

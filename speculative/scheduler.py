@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from speculative.controller import SpeculationGovernor
 from speculative.errors import SpeculativeError
-from speculative.types import SamplingParams, Verdict
+from speculative.types import GreedyDrafter, SamplingParams, SpeculatedRound, Verdict
 from speculative.verifier import Verifier, VerifyRequest
 
 if TYPE_CHECKING:
@@ -159,6 +159,27 @@ class PlainResult:
     tokens: list[int]  # the verifier's greedy tokens, one a step
     verify_ms: float  # the whole run's
     batch_size: int  # sessions in the run
+
+
+@dataclass(frozen=True)
+class SpecRun(PlainRun):
+    """A lone greedy session's drafting rounds, several at once (answered with a :class:`SpecResult`).
+
+    Where the verifier has ``speculate_greedy`` and the session is alone in its batch, the
+    verifier runs its rounds (drafts of ``k`` from ``draft``) one after another in one call,
+    up to ``max_tokens`` tokens, stopping early as a plain run does. In a batch with other
+    sessions it is what its plain run would be (``max_steps`` plain steps, or one plain round):
+    the others' rounds go on as they are.
+    """
+
+    draft: GreedyDrafter | None = None
+    k: int = 1
+    max_tokens: int = 1
+
+
+@dataclass(frozen=True)
+class SpecResult:
+    rounds: list[SpeculatedRound]
 
 
 @dataclass(frozen=True)
@@ -345,6 +366,9 @@ class VerifyScheduler:
                 _answer(item[1], error=closed)
 
     def _verify(self, batch: list[Round]) -> None:
+        if len(batch) == 1 and isinstance(batch[0][0], SpecRun) and hasattr(self.verifier, "speculate_greedy"):
+            self._run_spec(batch[0])
+            return
         if all(isinstance(req, PlainRun) for req, _ in batch) and hasattr(self.verifier, "decode_greedy"):
             self._run_plain(batch)
             return
@@ -394,6 +418,36 @@ class VerifyScheduler:
         self.governor.on_batch(emitted=steps * len(batch), active=self._active, now=time.perf_counter(), batches=steps)
         for (_, answer), run_tokens in zip(batch, tokens, strict=True):
             self._continue(answer, PlainResult(run_tokens, verify_ms, len(batch)))
+        self._draft_round()
+
+    def _run_spec(self, item: Round) -> None:
+        """A lone session's drafting rounds in one call; it stops early once a session waits to join."""
+        run, answer = item
+        assert isinstance(run, SpecRun) and run.draft is not None
+        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
+        try:
+            rounds: list[SpeculatedRound] = self.verifier.speculate_greedy(  # type: ignore[attr-defined]
+                run.request.session_id,
+                run.request.round,
+                run.max_tokens,
+                run.draft,
+                run.k,
+                stop=lambda: not self._queue.empty() or time.perf_counter() > deadline,
+            )
+        except Exception as exc:  # noqa: BLE001 - the session hears of it
+            self._continue(answer, error=exc)
+            return
+        self.batches += len(rounds)
+        self.rounds += len(rounds)
+        for r in rounds:
+            self.cost.record(1 + len(r.proposal.tokens), r.verify_ms)
+        self.governor.on_batch(
+            emitted=sum(1 + r.verdict.n_matches for r in rounds),
+            active=self._active,
+            now=time.perf_counter(),
+            batches=len(rounds),
+        )
+        self._continue(answer, SpecResult(rounds))
         self._draft_round()
 
     def _one_at_a_time(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -102,6 +103,23 @@ class Verdict:
     def emitted_tokens(self, draft_tokens: tuple[int, ...]) -> tuple[int, ...]:
         """The tokens this round adds: the accepted draft prefix, then the verifier's token."""
         return tuple(draft_tokens[: self.n_matches]) + (self.verifier_token,)
+
+
+@dataclass(frozen=True)
+class SpeculatedRound:
+    """One round of a lone session's run of rounds (``LlamaCppVerifier.speculate_greedy``): its draft and verdict."""
+
+    proposal: Proposal
+    verdict: Verdict
+    verify_ms: float  # this round's decode, judging and rollback
+
+
+class GreedyDrafter(Protocol):
+    """A session's draft, as a run of rounds calls it (``DraftSession``): propose now, then hear the verdict."""
+
+    def propose_now(self, k: int, threads: int | None = None) -> Proposal: ...
+
+    def accept(self, proposal: Proposal, verdict: Verdict) -> None: ...
 
 
 class Provenance(enum.StrEnum):

@@ -80,7 +80,7 @@ def test_concurrent_sessions_joining_mid_batch_stay_lossless(engines):
     assert spec.scheduler.rounds > spec.scheduler.batches  # some rounds really were batched
 
 
-def test_under_a_governor_cap_every_session_that_drafts_drafts_the_cap(engines, monkeypatch):
+def test_under_a_governor_cap_every_session_that_drafts_drafts_the_cap_and_a_lone_one_does(engines, monkeypatch):
     spec, _ = engines
     completion = spec.stream("The Django ORM", max_tokens=64)  # not started: no session is open
 
@@ -88,7 +88,10 @@ def test_under_a_governor_cap_every_session_that_drafts_drafts_the_cap(engines, 
         return [completion._next_k(DraftLengthController(fixed_k=k), 16) for k in (0, 1, 6)]
 
     monkeypatch.setattr(spec.scheduler.governor, "cap", 3)
-    assert picks() == [0, 3, 3]  # a session whose controller will not draft still does not
+    assert picks() == [0, 3, 3]  # a session whose controller will not draft still does not, beside others
+    monkeypatch.setattr(spec.scheduler, "load", lambda: 1)
+    assert picks() == [3, 3, 3]  # alone, it drafts the cap: the arm the governor measures is its run of rounds
+    monkeypatch.setattr(spec.scheduler, "load", lambda: 2)
     monkeypatch.setattr(spec.scheduler.governor, "cap", MAX_DRAFT_TOKENS)
     assert picks() == [0, 1, 6]  # uncapped: each session's own choice
     completion.close()
@@ -622,6 +625,69 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
     assert mixed
     assert all(drafting.session_id not in sessions for sessions in ran)  # a drafting session never runs plainly
     assert plain.stats.rounds == n and plain.stats.proposed == 0 and drafting.stats.proposed > 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_lone_drafting_session_runs_its_rounds_in_one_call_with_its_output_plain_and_each_round_counted(
+    demo_pair_llama, monkeypatch, k
+):
+    verifier, draft, tokenizer = demo_pair_llama
+    prompt, n = "Class-based views provide", 40
+    expected = _plain_rounds(verifier, tokenizer, prompt, n)
+    runs: list[list] = []  # each speculate_greedy call's rounds
+    real = verifier.speculate_greedy
+
+    def counted(*args, **kwargs):
+        rounds = real(*args, **kwargs)
+        runs.append(rounds)
+        return rounds
+
+    monkeypatch.setattr(verifier, "speculate_greedy", counted)
+    monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 60_000.0)  # whole runs, however slow the runner
+    engine = SpeculativeEngine(verifier, tokenizer, draft)
+    try:
+        completion = engine.generate(prompt, max_tokens=n, k=k)
+    finally:
+        engine.close()
+    assert completion.token_ids == expected
+    # the first round alone (its first token), then the rest of the completion in one run of rounds of k
+    rounds = [r for run in runs for r in run]
+    assert len(runs) == 1 and completion.stats.rounds == 1 + len(rounds)
+    assert all(len(r.proposal.tokens) <= k for r in rounds) and max(len(r.proposal.tokens) for r in rounds) == k
+    stats = completion.stats
+    assert 0 <= stats.accepted - sum(r.verdict.n_matches for r in rounds) <= stats.draft_lengths[0]  # and the first's
+    assert stats.proposed == stats.draft_lengths[0] + sum(len(r.proposal.tokens) for r in rounds)
+    assert stats.verify_ms >= sum(r.verify_ms for r in rounds)
+    assert stats.draft_ms >= sum(r.proposal.draft_ms for r in rounds)
+    assert stats.completion_tokens == n and sum(stats.draft_lengths) == stats.proposed
+
+
+def test_under_a_governor_cap_a_lone_session_drafts_it_in_runs_and_beside_another_it_decodes_plainly(
+    demo_pair_llama, monkeypatch
+):
+    verifier, draft, tokenizer = demo_pair_llama
+    prompts, n = ["The admin site", "A form field"], 30
+    expected = [_plain_rounds(verifier, tokenizer, p, n) for p in prompts]
+    asked: list[int] = []  # the k of each speculate_greedy call
+    real = verifier.speculate_greedy
+
+    def counted(session_id, first_round, max_tokens, drafter, k, **kwargs):
+        asked.append(k)
+        return real(session_id, first_round, max_tokens, drafter, k, **kwargs)
+
+    monkeypatch.setattr(verifier, "speculate_greedy", counted)
+    engine = SpeculativeEngine(verifier, tokenizer, draft)
+    monkeypatch.setattr(engine.scheduler.governor, "_choose", lambda bucket: 1)  # the governor keeps cap 1
+    monkeypatch.setattr(engine.scheduler.governor, "cap", 1)
+    try:
+        alone = engine.generate(prompts[0], max_tokens=n)
+        assert alone.token_ids == expected[0] and asked and set(asked) == {1}
+        together = [engine.stream(p, max_tokens=n) for p in prompts]
+        _consume_together(together)
+    finally:
+        engine.close()
+    assert [c.token_ids for c in together] == expected  # beside each other, their rounds batch: still plain output
+    assert all(c.stats.proposed > 0 for c in together)
 
 
 def test_a_driven_completion_whose_sink_holds_it_is_freed_by_reference_counts_as_it_ends(demo_pair_llama):

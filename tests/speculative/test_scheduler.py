@@ -126,3 +126,77 @@ def test_the_batch_cost_line_from_running_sums_is_the_least_squares_line_of_its_
         got, want = model.line(), cost_line(points)
         assert got is not None
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+class UnusedDrafter:
+    """A run's drafter that the fake verifiers never call."""
+
+    def propose_now(self, k, threads=None):
+        raise AssertionError("not called")
+
+    def accept(self, proposal, verdict):
+        raise AssertionError("not called")
+
+
+DRAFTER = UnusedDrafter()
+
+
+class FakeSpeculator(FakeRunner):
+    """A verifier that also runs a lone session's drafting rounds: each round accepts its whole draft of k."""
+
+    def __init__(self, fail_on: str | None = None):
+        super().__init__(fail_on)
+        self.spec_calls: list[tuple[str, int, int, int]] = []  # (session, first round, max tokens, k)
+
+    def speculate_greedy(self, session_id, first_round, max_tokens, drafter, k, stop=lambda: False):
+        from speculative.types import Proposal, SpeculatedRound
+
+        self.spec_calls.append((session_id, first_round, max_tokens, k))
+        if session_id == self.fail_on:
+            raise InvalidRequestError("bad run of rounds")
+        rounds, emitted = [], 0
+        while emitted < max_tokens:
+            want = min(k, max_tokens - emitted - 1)
+            proposal = Proposal(tokens=(3,) * want, q=None, draft_ms=0.5)
+            rounds.append(SpeculatedRound(proposal, Verdict(want, 4), verify_ms=1.5))
+            emitted += want + 1
+        return rounds
+
+
+def test_a_lone_run_of_drafting_rounds_is_one_call_and_beside_others_it_is_their_plain_decoding():
+    from speculative.scheduler import PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
+
+    verifier = FakeSpeculator(fail_on="bad")
+    scheduler = VerifyScheduler(verifier, window_ms=500)
+    scheduler.join()
+    alone = scheduler.submit(SpecRun(VerifyRequest("lone", (), round=5), 4, DRAFTER, 2, 10))  # type: ignore[arg-type]
+    result = alone.result(timeout=5)
+    assert isinstance(result, SpecResult) and verifier.spec_calls == [("lone", 5, 10, 2)]
+    assert [len(r.proposal.tokens) for r in result.rounds] == [2, 2, 2, 0]  # 3 + 3 + 3 + 1 tokens: 10
+    assert scheduler.batches == scheduler.rounds == 4  # each round counted as the round it is
+    with pytest.raises(InvalidRequestError, match="bad run of rounds"):  # its session hears of a failure
+        scheduler.submit(SpecRun(VerifyRequest("bad", ()), 4, DRAFTER, 2, 10)).result(timeout=5)  # type: ignore[arg-type]
+    # beside another plain run: both decode plainly together, the run of rounds as its plain run would
+    scheduler.join()
+    spec = scheduler.submit(SpecRun(VerifyRequest("spec", ()), 3, DRAFTER, 2, 10))  # type: ignore[arg-type]
+    plain = scheduler.submit(PlainRun(VerifyRequest("plain", ()), 5))  # type: ignore[arg-type]
+    both = spec.result(timeout=5), plain.result(timeout=5)
+    assert all(isinstance(r, PlainResult) and r.batch_size == 2 for r in both)
+    assert both[0].tokens == [4] * 3 and verifier.calls[-1] == ["spec", "plain"]
+    # beside a drafting round: one plain round of the same verify call
+    spec = scheduler.submit(SpecRun(VerifyRequest("spec", (), round=3), 3, DRAFTER, 2, 10))  # type: ignore[arg-type]
+    drafting = scheduler.submit(VerifyRequest("drafting", (1, 2)))
+    mixed = spec.result(timeout=5), drafting.result(timeout=5)
+    scheduler.close()
+    assert all(isinstance(r, RoundResult) and r.batch_size == 2 for r in mixed)
+    assert mixed[0].verdict == Verdict(0, 1) and len(verifier.spec_calls) == 2
+
+
+def test_a_run_of_drafting_rounds_on_a_verifier_without_them_is_its_plain_run():
+    from speculative.scheduler import PlainResult, SpecRun
+
+    scheduler = VerifyScheduler(FakeRunner(), window_ms=500)
+    scheduler.join()
+    result = scheduler.submit(SpecRun(VerifyRequest("lone", ()), 4, DRAFTER, 2, 10)).result(timeout=5)  # type: ignore[arg-type]
+    scheduler.close()
+    assert isinstance(result, PlainResult) and result.tokens == [4] * 4

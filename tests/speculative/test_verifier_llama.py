@@ -17,7 +17,7 @@ from speculative.errors import (
 )
 from speculative.llama_sequences import COPY_PASSES
 from speculative.pair import DEMO_VERIFIER_GGUF
-from speculative.types import SamplingParams
+from speculative.types import Proposal, SamplingParams, Verdict
 from speculative.verifier import VerifyRequest
 from speculative.verifier_llama import LlamaCppVerifier
 
@@ -591,3 +591,106 @@ def test_reading_the_logits_leaves_nothing_for_the_cyclic_collector(llama):
             gc.enable()
     finally:
         verifier.close_session("clean")
+
+
+class _ScriptedDrafter:
+    """Proposes the verifier's own next tokens, spoilt at a scripted offset in some rounds; hears each verdict."""
+
+    def __init__(self, expected: list[int], vocab_size: int, spoil: list[int | None]):
+        self.expected, self.vocab_size, self.spoil = expected, vocab_size, spoil
+        self.position = 0  # tokens committed so far
+        self.asked: list[tuple[int, int | None]] = []  # (k, threads) per round
+        self.verdicts: list[tuple[int, int]] = []
+
+    def propose_now(self, k: int, threads: int | None = None) -> Proposal:
+        self.asked.append((k, threads))
+        tokens = list(self.expected[self.position : self.position + k])
+        spoil = self.spoil[(len(self.asked) - 1) % len(self.spoil)]
+        if spoil is not None and spoil < len(tokens):
+            tokens[spoil] = (tokens[spoil] + 1) % self.vocab_size
+        return Proposal(tokens=tuple(tokens), q=None, draft_ms=0.1)
+
+    def accept(self, proposal: Proposal, verdict: Verdict) -> None:
+        self.verdicts.append((len(proposal.tokens), verdict.n_matches))
+        self.position += verdict.n_matches + 1
+
+
+def _emitted(rounds) -> list[int]:
+    return [t for r in rounds for t in r.verdict.emitted_tokens(r.proposal.tokens)]
+
+
+def test_a_run_of_drafting_rounds_emits_plain_decoding_whatever_the_drafts_and_leaves_the_cache_plain(llama):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode("Migrations are Django's way of", add_special_tokens=False)
+    expected = _plain(verifier, prompt, 30)
+    drafter = _ScriptedDrafter(expected, verifier.vocab_size, spoil=[None, 1, 0, 2])
+    verifier.open_session("spec", prompt, GREEDY)
+    try:
+        before = verifier.decodes
+        rounds = verifier.speculate_greedy("spec", 0, 20, drafter, 3)
+        decodes = verifier.decodes - before
+        after = verifier.verify([VerifyRequest("spec", (), None, len(rounds))]).verdicts[0]
+        again = verifier.verify([VerifyRequest("spec", (), None, len(rounds))]).verdicts[0]  # a retried round
+    finally:
+        verifier.close_session("spec")
+    assert _emitted(rounds) == expected[:20]  # the verifier's own greedy tokens, whatever was drafted
+    # whole drafts accepted, or cut at the spoilt token; rounds numbered on, one decode a round
+    assert [n for _, n in drafter.verdicts][:4] == [3, 1, 0, 2]
+    assert drafter.verdicts == [(len(r.proposal.tokens), r.verdict.n_matches) for r in rounds]
+    assert decodes == len(rounds) and all(r.verify_ms > 0 for r in rounds)
+    assert {threads for _, threads in drafter.asked} == {verifier.n_threads}  # the draft may take its threads
+    assert after.verifier_token == expected[20] and again == after  # the cache holds exactly what was committed
+
+
+def test_a_run_of_drafting_rounds_ends_at_max_tokens_at_the_end_of_sequence_and_when_asked(llama, monkeypatch):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode("A URLconf maps", add_special_tokens=False)
+    expected = _plain(verifier, prompt, 24)
+
+    def run(max_tokens: int, k: int, **kwargs) -> tuple[list[int], _ScriptedDrafter]:
+        drafter = _ScriptedDrafter(expected, verifier.vocab_size, spoil=[None])
+        verifier.open_session("ends", prompt, GREEDY)
+        try:
+            return _emitted(verifier.speculate_greedy("ends", 0, max_tokens, drafter, k, **kwargs)), drafter
+        finally:
+            verifier.close_session("ends")
+
+    tokens, drafter = run(5, 4)
+    assert tokens == expected[:5] and [k for k, _ in drafter.asked] == [4]  # one round: a draft of 4 and a bonus
+    tokens, drafter = run(8, 4)
+    assert tokens == expected[:8] and [k for k, _ in drafter.asked] == [4, 2]  # never a draft past max_tokens
+    tokens, drafter = run(20, 2, stop=lambda: True)
+    assert tokens == expected[:3]  # asked to stop: after its first round
+    step = next(i for i in range(4, 24) if expected[i] not in expected[:i])
+    monkeypatch.setattr(verifier, "eos_token_id", expected[step])  # a token it emits plays the end of sequence
+    tokens, _ = run(24, 3)
+    assert tokens == expected[: 4 * (step // 4 + 1)]  # rounds of 4 accepted tokens: the one holding it was the last
+
+
+def test_a_run_of_drafting_rounds_refuses_bad_input_and_a_failed_round_keeps_what_was_committed(llama, monkeypatch):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode("The template language", add_special_tokens=False)
+    expected = _plain(verifier, prompt, 12)
+    drafter = _ScriptedDrafter(expected, verifier.vocab_size, spoil=[None])
+    with pytest.raises(SessionNotFoundError):
+        verifier.speculate_greedy("nobody", 0, 4, drafter, 2)
+    verifier.open_session("sampled", prompt, SamplingParams(temperature=0.8, seed=1))
+    verifier.open_session("bad", prompt, GREEDY)
+    try:
+        with pytest.raises(InvalidRequestError, match="greedy"):
+            verifier.speculate_greedy("sampled", 0, 4, drafter, 2)
+        for max_tokens, k in ((0, 2), (4, 0), (4, 17)):
+            with pytest.raises(InvalidRequestError, match="max_tokens"):
+                verifier.speculate_greedy("bad", 0, max_tokens, drafter, k)
+        assert drafter.asked == []  # refused before any work
+        rounds = verifier.speculate_greedy("bad", 0, 3, drafter, 2)  # one whole round: 3 tokens
+        real = verifier._decode_batch
+        monkeypatch.setattr(verifier, "_decode_batch", lambda: -1)
+        with pytest.raises(SpeculativeError, match="llama_decode failed"):
+            verifier.speculate_greedy("bad", 1, 6, drafter, 2)
+        monkeypatch.setattr(verifier, "_decode_batch", real)
+        after = verifier.verify([VerifyRequest("bad", (), None, 1)]).verdicts[0]
+    finally:
+        verifier.close_session("sampled")
+        verifier.close_session("bad")
+    assert _emitted(rounds) == expected[:3] and after.verifier_token == expected[3]
