@@ -176,14 +176,11 @@ class DraftSession:
         plan = self._plan(k, None)
         if plan is None:
             return Proposal(tokens=(), q=None, draft_ms=0.0)
-        together = getattr(plan.ctx, "draft_together", None)
-        if together is None:
-            drafted = plan.ctx.draft(plan.tokens, plan.k, plan.choose)
+        now = getattr(plan.ctx, "draft_now", None)
+        if now is not None:
+            drafted = now(plan.tokens, plan.k, plan.choose, threads)
         else:
-            [outcome] = together([(plan.ctx, plan.tokens, plan.k, plan.choose)], threads)
-            if isinstance(outcome, BaseException):
-                raise outcome
-            drafted = outcome
+            drafted = plan.ctx.draft(plan.tokens, plan.k, plan.choose)
         return plan.finish(drafted, (time.perf_counter() - started) * 1e3)
 
     def _plan(self, k: int, logprobs: int | None) -> _DraftPlan | None:

@@ -96,22 +96,36 @@ class LlamaCppContext:
         return self._owner
 
     def draft_together(
-        self,
-        items: Sequence[tuple[LlamaCppContext, Sequence[int], int, Callable[[np.ndarray], int]]],
-        threads: int | None = None,
+        self, items: Sequence[tuple[LlamaCppContext, Sequence[int], int, Callable[[np.ndarray], int]]]
     ) -> list[list[int] | BaseException]:
-        """``draft`` for several sessions of this model at once, as one lockstep round (from one thread).
-
-        ``threads``: llama.cpp threads for this round's decodes (default: the model's own), for a
-        caller whose cores are otherwise idle meanwhile (the verifier's, between its decodes).
-        """
+        """``draft`` for several sessions of this model at once, as one lockstep round (from one thread)."""
         works = [_Round(ctx._seq, list(tokens), ctx._n_past, k, choose, ctx=ctx) for ctx, tokens, k, choose in items]
-        self._owner._run_together(works, threads)
+        self._owner._run_together(works)
         outcomes: list[list[int] | BaseException] = []
         for (ctx, *_), work in zip(items, works, strict=True):
             ctx._evaluated(work)
             outcomes.append(work.error if work.error is not None else work.drafted)
         return outcomes
+
+    def draft_now(
+        self, tokens: Sequence[int], k: int, choose: Callable[[np.ndarray], int], threads: int | None = None
+    ) -> list[int]:
+        """``draft`` at once on this thread, this sequence alone: its decodes without a lockstep round's plumbing.
+
+        For a lone session's run of rounds, where that plumbing (gathering, padding, ordering,
+        copying each step's logits) was a third of a one-token draft round's Python.
+        """
+        owner = self._owner
+        with owner._cond:
+            while owner._running:
+                owner._cond.wait()
+            owner._running = True
+        try:
+            return owner._draft_alone(self, list(tokens), k, choose, threads)
+        finally:
+            with owner._cond:
+                owner._running = False
+                owner._cond.notify_all()
 
     def _run(self, work: _Round) -> _Round:
         try:
@@ -280,18 +294,18 @@ class LlamaCppDraft:
                 self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()) or GATHER_WAIT_S)
         self._run_claimed(batch)
 
-    def _run_together(self, rounds: list[_Round], threads: int | None = None) -> None:
+    def _run_together(self, rounds: list[_Round]) -> None:
         """Run ``rounds`` now as one lockstep round (after any round in progress); errors stay on each round."""
         with self._cond:
             while self._running:
                 self._cond.wait()
             self._running = True
-        self._run_claimed(rounds, threads)
+        self._run_claimed(rounds)
 
-    def _run_claimed(self, rounds: list[_Round], threads: int | None = None) -> None:
+    def _run_claimed(self, rounds: list[_Round]) -> None:
         """Run ``rounds`` (this thread set ``_running``); every session of the round hears of a failure."""
         try:
-            self._run_rounds(rounds, threads)
+            self._run_rounds(rounds)
         except BaseException as exc:
             for w in rounds:
                 w.error = w.error or exc
@@ -304,7 +318,7 @@ class LlamaCppDraft:
                 self._running = False
                 self._cond.notify_all()
 
-    def _run_rounds(self, rounds: list[_Round], threads: int | None = None) -> None:
+    def _run_rounds(self, rounds: list[_Round]) -> None:
         """Every round's tokens in one decode, then their draft steps in lockstep, one decode a step."""
         with self._decode_lock:
             decodes = max([1, *(w.k for w in rounds)])  # the catch-up decode, then one a drafted token but the last
@@ -314,7 +328,7 @@ class LlamaCppDraft:
                 if w.ctx is not None:
                     w.seq = w.ctx._seq
         steps = [_Step(w.seq, w.tokens, w.n_past) for w in rounds]
-        self._decode(steps, threads)
+        self._decode(steps)
         for w, step in zip(rounds, steps, strict=True):
             w.logits, w.evaluated = step.logits, len(w.tokens)
         drafting = [w for w in rounds if w.k > 0]
@@ -331,10 +345,37 @@ class LlamaCppDraft:
                     evaluate.append(w)
             steps = [_Step(w.seq, [w.drafted[-1]], w.n_past + w.evaluated) for w in evaluate]
             if steps:
-                self._decode(steps, threads)
+                self._decode(steps)
             for w, step in zip(evaluate, steps, strict=True):
                 w.logits, w.evaluated = step.logits, w.evaluated + 1
             drafting = evaluate
+
+    def _draft_alone(
+        self, ctx: LlamaCppContext, tokens: list[int], k: int, choose: Callable[[np.ndarray], int], threads: int | None
+    ) -> list[int]:
+        """``ctx``'s tokens evaluated, then ``k`` drafted, one decode a token (this thread holds ``_running``)."""
+        if len(tokens) > self._batch_tokens:  # a long catch-up (after plain decoding): all but the batch's worth first
+            head, tokens = tokens[: -self._batch_tokens], tokens[-self._batch_tokens :]
+            self._decode([_Step(ctx._seq, head, ctx._n_past)], threads)
+            ctx._tokens += head
+        drafted: list[int] = []
+        b = self._batch.batch
+        with self._decode_lock:
+            self._use_threads(threads)
+            seq, feed = ctx._seq, tokens
+            while True:
+                n_past, last = ctx._n_past, len(feed) - 1
+                for i, token in enumerate(feed):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = token, n_past + i, 1, seq
+                    b.logits[i] = i == last
+                b.n_tokens = len(feed)
+                self._ctx.decode(self._batch)
+                self.decodes += 1
+                ctx._tokens += feed
+                drafted.append(choose(self._logits.row(last)))  # read before the next decode
+                if len(drafted) == k:
+                    return drafted
+                feed = drafted[-1:]
 
     def _decode(self, steps: list[_Step], threads: int | None = None) -> None:
         """Evaluate every step's tokens at its positions, in as few decodes as fit (shorter ones padded: ``padded_width``)."""
@@ -342,9 +383,7 @@ class LlamaCppDraft:
         outputs: list[tuple[_Step, int]] = []
         width = padded_width([(step.seq, len(step.tokens)) for step in steps])
         with self._decode_lock:
-            if (threads or self.n_threads) != self._threads_now:
-                self._threads_now = threads or self.n_threads
-                self._ctx.set_n_threads(self._threads_now, self._threads_now)
+            self._use_threads(threads)
             b.n_tokens = 0
             for step in in_sequence_order(steps, lambda step: step.seq):
                 real = len(step.tokens)
@@ -367,6 +406,12 @@ class LlamaCppDraft:
                 for step in steps:
                     if len(step.tokens) < width:
                         self._ctx.kv_cache_seq_rm(step.seq, step.n_past + len(step.tokens), -1)
+
+    def _use_threads(self, threads: int | None) -> None:
+        """Decode on ``threads`` (default: the model's own) from now on (under ``_decode_lock``)."""
+        if (threads or self.n_threads) != self._threads_now:
+            self._threads_now = threads or self.n_threads
+            self._ctx.set_n_threads(self._threads_now, self._threads_now)
 
     def _flush(self, outputs: list[tuple[_Step, int]]) -> None:
         b = self._batch.batch

@@ -419,3 +419,28 @@ def test_a_draft_session_on_a_kept_prompt_catches_up_on_one_token_and_drafts_as_
     assert proposal.caught_up == 1  # only the verifier's token: the prompt and the accepted drafts were kept
     assert proposal.tokens == fresh.propose(4).tokens
     again.close()
+
+
+@pytest.mark.parametrize("batch_tokens", [512, 32])  # 32: the prompt is longer than a decode takes
+def test_drafting_at_once_alone_drafts_and_caches_what_a_gathered_round_does_on_the_threads_asked(
+    tiny_checkpoint, monkeypatch, batch_tokens
+):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", batch_tokens=batch_tokens)
+    prompt = list(range(5, 45))
+    gathered, now = DraftSession(draft, prompt, SamplingParams()), DraftSession(draft, prompt, SamplingParams())
+    threads: list[int] = []
+    real = draft._ctx.set_n_threads
+    monkeypatch.setattr(draft._ctx, "set_n_threads", lambda n, n_batch: threads.append(n) or real(n, n_batch))
+    try:
+        for k, kept in ((3, 1), (2, 2), (4, 0)):  # rounds of k, the verifier keeping ``kept`` drafted tokens
+            expected, got = gathered.propose(k), now.propose_now(k, threads=2)
+            assert got.tokens == expected.tokens and got.caught_up == expected.caught_up
+            for session, proposal in ((gathered, expected), (now, got)):
+                session.accept(proposal, Verdict(kept, 99))
+        assert now._ctx._tokens == gathered._ctx._tokens  # each sequence holds the same evaluated tokens
+        assert gathered.propose(2).tokens == now.propose(2).tokens  # and drafts on alike
+    finally:
+        gathered.close()
+        now.close()
+    assert threads == [2, 1, 2, 1, 2, 1]  # its decodes on the threads asked, the gathered ones on the model's own
