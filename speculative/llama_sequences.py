@@ -229,6 +229,12 @@ def padded_width(rows: Sequence[tuple[int, int]]) -> int:
     return width if padded < _passes_cost(micro_batches(rows)) else 0
 
 
+MAX_LOGITS_VIEWS = 256  # views a LogitsReader keeps (row views of every batch position, outputs of every size)
+# ctypes array types by length, for every reader of the process: a type is a few reference cycles, which a
+# reader's own cache left for the collector whenever a reader (a model) was dropped
+_FLOAT_ARRAYS: dict[int, type[ctypes.Array[ctypes.c_float]]] = {}
+
+
 class LogitsReader:
     """A llama.cpp context's logits after a decode, as numpy views read at their addresses.
 
@@ -250,20 +256,32 @@ class LogitsReader:
         self._ith.argtypes, self._ith.restype = [ctypes.c_void_p, ctypes.c_int32], ctypes.c_void_p
         self._ctx = ctx
         self.vocab_size = vocab_size
-        self._types: dict[int, type[ctypes.Array[ctypes.c_float]]] = {}
+        # views by (address, rows): llama.cpp keeps its output buffer from decode to decode, so a step reads
+        # through the view it made last time (10 us less a step at one session, where a new view's few
+        # objects met caches a decode had just emptied: 28 us a read and an argmax against 18)
+        self._views: dict[tuple[int, int], np.ndarray] = {}
 
     def first(self, n_out: int) -> np.ndarray:
         """The decode's ``n_out`` outputs, in the order their tokens sat in the batch. returns  # (n_out, vocab)"""
-        return self._view(self._all(self._ctx), n_out * self.vocab_size).reshape(n_out, self.vocab_size)
+        return self._view(self._all(self._ctx), n_out)
 
     def row(self, i: int) -> np.ndarray:
         """The logits of the batch's token ``i`` (it asked for them). returns  # (vocab,)"""
-        return self._view(self._ith(self._ctx, i), self.vocab_size)
+        return self._view(self._ith(self._ctx, i), 0)
 
-    def _view(self, address: int | None, size: int) -> np.ndarray:
+    def _view(self, address: int | None, rows: int) -> np.ndarray:
+        """A view of ``rows`` rows of logits at ``address`` (0: one row, as a vector): llama.cpp's buffer, not a copy."""
         if not address:
             raise RuntimeError("llama.cpp holds no such logits (the batch did not ask for them)")
-        floats = self._types.get(size)
-        if floats is None:
-            floats = self._types[size] = ctypes.c_float * size
-        return np.frombuffer(memoryview(floats.from_address(address)), dtype=np.float32)
+        view = self._views.get((address, rows))
+        if view is None:
+            if len(self._views) >= MAX_LOGITS_VIEWS:  # the buffer moved (it grew) or rows vary a lot: start over
+                self._views.clear()
+            size = max(rows, 1) * self.vocab_size
+            floats = _FLOAT_ARRAYS.get(size)
+            if floats is None:
+                floats = _FLOAT_ARRAYS[size] = ctypes.c_float * size
+            view = np.frombuffer(memoryview(floats.from_address(address)), dtype=np.float32)
+            view = view.reshape(rows, self.vocab_size) if rows else view
+            self._views[(address, rows)] = view
+        return view

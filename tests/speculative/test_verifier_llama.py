@@ -593,6 +593,23 @@ def test_reading_the_logits_leaves_nothing_for_the_cyclic_collector(llama):
         verifier.close_session("clean")
 
 
+def test_a_decodes_logits_are_read_through_the_view_made_before_and_show_the_latest_decode(llama):
+    import numpy as np
+
+    verifier, tokenizer = llama
+    verifier.open_session("views", tokenizer.encode(PROMPTS[2], add_special_tokens=False), GREEDY)
+    try:
+        verifier.decode_greedy([("views", 0, 1)])
+        first = verifier._logits(1)
+        before = first.copy()
+        verifier.decode_greedy([("views", 1, 1)])
+        again = verifier._logits(1)
+    finally:
+        verifier.close_session("views")
+    assert again is first  # llama.cpp kept its buffer: no new view for the next step
+    assert not np.array_equal(again, before)  # and through it, the next step's logits
+
+
 class _ScriptedDrafter:
     """Proposes the verifier's own next tokens, spoilt at a scripted offset in some rounds; hears each verdict."""
 
