@@ -116,10 +116,7 @@ class LlamaCppContext:
         copying each step's logits) was a third of a one-token draft round's Python.
         """
         owner = self._owner
-        with owner._cond:
-            while owner._running:
-                owner._cond.wait()
-            owner._running = True
+        owner._claim()
         try:
             return owner._draft_alone(self, list(tokens), k, choose, threads)
         finally:
@@ -296,11 +293,15 @@ class LlamaCppDraft:
 
     def _run_together(self, rounds: list[_Round]) -> None:
         """Run ``rounds`` now as one lockstep round (after any round in progress); errors stay on each round."""
+        self._claim()
+        self._run_claimed(rounds)
+
+    def _claim(self) -> None:
+        """Take the turn to decode, once any round in progress has ended (its holder clears ``_running``)."""
         with self._cond:
             while self._running:
                 self._cond.wait()
             self._running = True
-        self._run_claimed(rounds)
 
     def _run_claimed(self, rounds: list[_Round]) -> None:
         """Run ``rounds`` (this thread set ``_running``); every session of the round hears of a failure."""

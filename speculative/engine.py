@@ -143,13 +143,7 @@ class Completion(TokenStream):
             while True:
                 k = self._next_k(controller, batch_size) if draft is not None else 0
                 # a lone session drafting: its rounds in one call too (past its first token, which comes alone)
-                spec = (
-                    k > 0
-                    and spec_runs
-                    and draft is not None
-                    and self.stats.completion_tokens > 0
-                    and engine.scheduler.load() == 1
-                )
+                spec = k > 0 and spec_runs and self.stats.completion_tokens > 0 and engine.scheduler.load() == 1
                 if (k == 0 and plain_runs) or spec:
                     # plain: several steps in one call (with the batch's other plain sessions), without a round's
                     # Python around each; but its first token alone, as soon as it is decoded (a run's tokens are
@@ -158,7 +152,11 @@ class Completion(TokenStream):
                     run_steps = PLAIN_RUN_STEPS if self.stats.completion_tokens else 1
                     steps = min(run_steps, left)
                     request = VerifyRequest(self.session_id, (), None, round_no)
-                    ran = yield SpecRun(request, steps, draft, k, left) if spec else PlainRun(request, steps)
+                    ran = yield (
+                        SpecRun(request, steps, draft, k, left)
+                        if spec and draft is not None
+                        else PlainRun(request, steps)
+                    )
                     if isinstance(ran, SpecResult):
                         round_no += len(ran.rounds)
                         last_round_at = None

@@ -172,9 +172,9 @@ class SpecRun(PlainRun):
     the others' rounds go on as they are.
     """
 
-    draft: GreedyDrafter | None = None
-    k: int = 1
-    max_tokens: int = 1
+    draft: GreedyDrafter
+    k: int
+    max_tokens: int
 
 
 @dataclass(frozen=True)
@@ -403,11 +403,8 @@ class VerifyScheduler:
         runs = [
             (run.request.session_id, run.request.round, run.max_steps) for run, _ in batch if isinstance(run, PlainRun)
         ]
-        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
         try:
-            tokens, verify_ms = self.verifier.decode_greedy(  # type: ignore[attr-defined]
-                runs, stop=lambda: not self._queue.empty() or time.perf_counter() > deadline
-            )
+            tokens, verify_ms = self.verifier.decode_greedy(runs, stop=self._run_ends())  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - a failed run changed nothing: each session runs alone
             self._one_at_a_time(batch, exc, self._run_plain)
             return
@@ -420,11 +417,15 @@ class VerifyScheduler:
             self._continue(answer, PlainResult(run_tokens, verify_ms, len(batch)))
         self._draft_round()
 
+    def _run_ends(self) -> Callable[[], bool]:
+        """When a run started now stops: once a session waits to join, or after ``PLAIN_RUN_MS``."""
+        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
+        return lambda: not self._queue.empty() or time.perf_counter() > deadline
+
     def _run_spec(self, item: Round) -> None:
         """A lone session's drafting rounds in one call; it stops early once a session waits to join."""
         run, answer = item
-        assert isinstance(run, SpecRun) and run.draft is not None
-        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
+        assert isinstance(run, SpecRun)
         try:
             rounds: list[SpeculatedRound] = self.verifier.speculate_greedy(  # type: ignore[attr-defined]
                 run.request.session_id,
@@ -432,7 +433,7 @@ class VerifyScheduler:
                 run.max_tokens,
                 run.draft,
                 run.k,
-                stop=lambda: not self._queue.empty() or time.perf_counter() > deadline,
+                stop=self._run_ends(),
             )
         except Exception as exc:  # noqa: BLE001 - the session hears of it
             self._continue(answer, error=exc)

@@ -314,17 +314,21 @@ class LlamaCppVerifier:
         for row, req, s in zip(rows, requests, sessions, strict=True):
             span = slice(row.first, row.first + len(row.tokens))
             verdict = self._judge(s, req, logits[span], argmax[span])
-            s.tokens.append(s.pending)  # the pending token and the accepted draft stay
-            s.tokens += req.tokens[: verdict.n_matches]
-            if len(row.tokens) + row.pad > 1 + verdict.n_matches:
-                self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail (and any padding) goes
-            s.pending = verdict.verifier_token
-            s.round, s.last = req.round, verdict
+            self._commit(s, req, verdict, len(row.tokens) + row.pad)
             verdicts.append(verdict)
         if any(r.logprobs is not None for r in requests):
             self._add_logprobs(logits, rows, requests, sessions)
             verdicts = [s.last for s in sessions]  # type: ignore[misc]
         return verdicts
+
+    def _commit(self, s: _Session, req: VerifyRequest, verdict: Verdict, evaluated: int) -> None:
+        """Keep the pending token and the accepted draft of a round that put ``evaluated`` positions in the cache."""
+        s.tokens.append(s.pending)
+        s.tokens += req.tokens[: verdict.n_matches]
+        if evaluated > 1 + verdict.n_matches:
+            self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail (and any padding) goes
+        s.pending = verdict.verifier_token
+        s.round, s.last = req.round, verdict
 
     def decode_greedy(
         self, runs: Sequence[tuple[str, int, int]], stop: Callable[[], bool] = lambda: False
@@ -447,17 +451,11 @@ class LlamaCppVerifier:
                     self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # whatever part ran: only what is committed stays
                     raise
                 verdict = accept_greedy_ids(drafted, chosen)
-                s.tokens += row[: 1 + verdict.n_matches]
-                if verdict.n_matches < len(drafted):
-                    self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # the rejected tail goes
-                s.pending = verdict.verifier_token
-                s.round, s.last = request.round, verdict
+                self._commit(s, request, verdict, len(row))
                 rounds.append(SpeculatedRound(proposal, verdict, (time.perf_counter() - started) * 1e3))
                 drafter.accept(proposal, verdict)
                 emitted += 1 + verdict.n_matches
-                if emitted >= max_tokens or eos in row[1 : 1 + verdict.n_matches] or verdict.verifier_token == eos:
-                    return rounds
-                if stop():
+                if emitted >= max_tokens or eos in verdict.emitted_tokens(drafted) or stop():
                     return rounds
 
     def _distinct_sessions(self, session_ids: list[str], call: str) -> list[_Session]:
