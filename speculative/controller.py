@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,6 +276,13 @@ CLEAR_LOSER = 1.3  # an arm the best beats by this factor is re-measured 4x less
 # per epoch, as a plain ratio of rates, one lucky 25 ms epoch at 16 sessions (a session ends every
 # ~4 batches there) made a losing cap the best for a while.
 RATE_DECAY = 0.85
+# Drafting is not tried at a load where a draft agreeing this often would gain less than this over plain decoding,
+# as measured steps price it (``SpeculationGovernor._hopeless``): on a CPU at 16 sessions (demo pair, llama.cpp,
+# two threads, 160 requests) the governor's epochs on drafting caps, noisy enough there to make one the best for
+# seconds, and the probes they let sessions make, held the platform at 2,030-2,130 tokens/s where plain decoding
+# pinned made 2,290-2,340 in the same runs (a cap of 2 pinned: 1,540-1,760).
+OPTIMISTIC_AGREEMENT = 0.95
+HOPELESS_GAIN = 1.05
 
 
 @functools.lru_cache(maxsize=256)
@@ -334,7 +343,8 @@ class SpeculationGovernor:
     below.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cost: BatchCostModel | None = None) -> None:
+        self._cost = cost  # the verifier's measured steps: where drafting cannot pay, it is not tried
         self.rates: dict[tuple[int, int], float] = {}  # (load bucket, cap) -> tokens/s
         self._sums: dict[tuple[int, int], tuple[float, float]] = {}  # (load bucket, cap) -> decayed tokens, seconds
         self.cap = GOVERNOR_CAPS[0]
@@ -387,7 +397,33 @@ class SpeculationGovernor:
         self._start = None
 
     def _measured(self, bucket: int) -> bool:
-        return all((bucket, cap) in self.rates for cap in GOVERNOR_CAPS)
+        return all((bucket, cap) in self.rates for cap in self._arms(bucket))
+
+    def _arms(self, bucket: int) -> tuple[int, ...]:
+        """The caps measured at ``bucket`` sessions: plain decoding alone where drafting is ``_hopeless``."""
+        return (0,) if self._hopeless(bucket) else GOVERNOR_CAPS
+
+    def _hopeless(self, bucket: int) -> bool:
+        """Whether no draft length can pay at ``bucket`` sessions, even for drafts agreeing ``OPTIMISTIC_AGREEMENT``.
+
+        A step of ``n`` sessions is priced from measured ones as ``c(n) = c(1) + b (n - 1)``
+        (``BatchCostModel.lone_ms``, ``step_ms``); a round drafting ``k`` for each then costs
+        ``c(n) + k b n`` for the ``(1 - a^(k+1)) / (1 - a)`` tokens a session expects. On a GPU
+        ``b`` is near zero and drafting is always measured; on a CPU a position costs about what a
+        step does once the batch is large (demo pair, two threads: 0.65 ms alone, 4.6 ms for 16).
+        """
+        if self._cost is None or bucket < 2:
+            return False
+        lone, full = self._cost.lone_ms(), self._cost.step_ms(bucket)
+        if lone is None or full is None or full <= lone:
+            return False
+        per_position = (full - lone) / (bucket - 1)
+        a = OPTIMISTIC_AGREEMENT
+        gains = (
+            (1 - a ** (k + 1)) / (1 - a) * full / (full + k * per_position * bucket)
+            for k in range(1, MAX_DRAFT_TOKENS + 1)
+        )
+        return max(gains) < HOPELESS_GAIN
 
     def _score(self, now: float) -> None:
         """Fold the epoch so far (``self.cap`` at ``self._bucket``) into the measured rates."""
@@ -403,18 +439,98 @@ class SpeculationGovernor:
         self._epochs += 1
 
     def _choose(self, bucket: int) -> int:
-        untried = [c for c in GOVERNOR_CAPS if (bucket, c) not in self.rates]
+        arms = self._arms(bucket)
+        untried = [c for c in arms if (bucket, c) not in self.rates]
         if untried:
             return untried[0]
         # the best measured, with no preference for leaving k to the controllers: on llama.cpp at 16
         # sessions that preference (kept while within 10% of the best) held them uncapped most of
         # the time at 1,599 tokens/s where plain decoding measured 1,846
-        best = max(GOVERNOR_CAPS, key=lambda c: self.rates[(bucket, c)])
-        if self._epochs % EXPLORE_EVERY == 0 and len(GOVERNOR_CAPS) > 1:
+        best = max(arms, key=lambda c: self.rates[(bucket, c)])
+        if self._epochs % EXPLORE_EVERY == 0 and len(arms) > 1:
             turn = self._epochs // EXPLORE_EVERY
-            others = [c for c in GOVERNOR_CAPS if c != best]
+            others = [c for c in arms if c != best]
             candidate = others[turn % len(others)]
             clear_loser = self.rates[(bucket, best)] > CLEAR_LOSER * self.rates[(bucket, candidate)]
             if not clear_loser or turn % (4 * len(others)) < len(others):
                 return candidate
         return best
+
+
+COST_WINDOW = 128  # recent batches behind the batch cost line
+LONE_POINTS = 32  # one-position batches behind ``BatchCostModel.lone_ms``
+MIN_POINTS = 4  # batches a measured step time needs
+
+
+class BatchCostModel:
+    """A least-squares line ``verify_ms = intercept + slope * tokens`` over recent batches.
+
+    ``tokens`` is what a batch feeds the verifier: each round's pending token plus its
+    draft. The draft-length controller reads the line to price a longer draft: on a GPU
+    the slope is near zero (a forward costs the same for 1 or 80 positions), on a CPU it
+    is not, and there speculation must stay modest when many sessions share a forward.
+
+    Refitted after every batch from running sums over the window, not from the window's
+    points: at one session that is every token, and the two-pass fit over 128 points (plus
+    counting their distinct sizes) was about 50 us of a round whose decode is 0.6 ms. The
+    sums are recomputed from the points once per window, so rounding cannot accumulate.
+    """
+
+    def __init__(self, window: int = COST_WINDOW):
+        self._points: deque[tuple[int, float]] = deque(maxlen=window)
+        self._lone: deque[float] = deque(maxlen=LONE_POINTS)  # one-position batches, kept beside the window
+        self._line: tuple[float, float] | None = None
+        self._sizes: dict[int, int] = {}  # points per distinct token count
+        self._sums = [0.0, 0.0, 0.0, 0.0]  # x, y, x*x, x*y
+        self._since_exact = 0
+
+    def record(self, tokens: int, verify_ms: float) -> None:
+        """Add a batch and refit, once per batch on the scheduler's thread (not per session read)."""
+        if len(self._points) == self._points.maxlen:
+            self._count(*self._points[0], sign=-1)  # the oldest leaves the window
+        self._points.append((tokens, verify_ms))
+        self._count(tokens, verify_ms, sign=1)
+        if tokens == 1:
+            self._lone.append(verify_ms)
+        self._since_exact += 1
+        if self._since_exact >= len(self._points):
+            self._since_exact = 0
+            sx, sy = sum(x for x, _ in self._points), sum(y for _, y in self._points)
+            self._sums = [sx, sy, sum(x * x for x, _ in self._points), sum(x * y for x, y in self._points)]
+        if len(self._sizes) >= 2:
+            self._line = self._fit()
+
+    def _count(self, x: int, y: float, sign: int) -> None:
+        left = self._sizes.get(x, 0) + sign
+        if left:
+            self._sizes[x] = left
+        else:
+            del self._sizes[x]
+        sums = self._sums
+        sums[0] += sign * x
+        sums[1] += sign * y
+        sums[2] += sign * x * x
+        sums[3] += sign * x * y
+
+    def _fit(self) -> tuple[float, float]:
+        """``controller.cost_line`` of the window's points, from the sums."""
+        n = len(self._points)
+        sx, sy, sxx, sxy = self._sums
+        mean_x, mean_y = sx / n, sy / n
+        var = sxx - sx * mean_x
+        slope = max(0.0, (sxy - sx * mean_y) / var) if var > 0 else 0.0
+        return max(0.0, mean_y - slope * mean_x), slope
+
+    def line(self) -> tuple[float, float] | None:
+        """(intercept_ms, slope_ms_per_token), or None until batches of two sizes were seen."""
+        return self._line
+
+    def lone_ms(self) -> float | None:
+        """The fastest of the recent one-position batches (a lone session's plain step), however long ago: noise
+        only slows a step, and the first after an idle spell took 1.0-1.3 ms where others took 0.65 (demo pair)."""
+        return min(self._lone) if len(self._lone) >= MIN_POINTS else None
+
+    def step_ms(self, tokens: int) -> float | None:
+        """The median of the window's batches within a quarter of ``tokens`` positions, if it holds a few."""
+        near = [ms for x, ms in self._points if 0.8 * tokens <= x <= 1.25 * tokens]
+        return statistics.median(near) if len(near) >= MIN_POINTS else None

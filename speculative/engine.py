@@ -34,16 +34,8 @@ from speculative.completion import CompletionRequest, Tokenizer, TokenStream, bu
 from speculative.controller import ControllerPriors, DraftLengthController, load_bucket
 from speculative.draft import DraftModel, DraftSession
 from speculative.errors import SpeculativeError
-from speculative.scheduler import (
-    DraftOrder,
-    OpenOrder,
-    PlainResult,
-    PlainRun,
-    RoundResult,
-    SpecResult,
-    SpecRun,
-    VerifyScheduler,
-)
+from speculative.scheduler import VerifyScheduler
+from speculative.steps import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
 from speculative.types import (
     MAX_DRAFT_TOKENS,
     Proposal,
@@ -135,7 +127,7 @@ class Completion(TokenStream):
             engine.controller_priors.at(level), fixed_k=req.k if draft is not None else 0
         )
         batch_size = 1
-        plain_runs = req.sampling.greedy and req.logprobs is None and hasattr(engine.verifier, "decode_greedy")
+        plain_runs = req.sampling.greedy and req.logprobs is None and hasattr(engine.verifier, "run_greedy")
         spec_runs = plain_runs and hasattr(engine.verifier, "speculate_greedy")
         round_no = 0
         try:
@@ -262,12 +254,11 @@ class Completion(TokenStream):
     def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent, None, None]:
         """A plain run's tokens: each its own round of the verifier's; its share of the run's time is a session's."""
         stats, n = self.stats, len(ran.tokens)
-        gpu_ms = ran.verify_ms / ran.batch_size  # a position a session a step: the run's time shared evenly
         stats.rounds += n
         stats.verify_ms += ran.verify_ms
-        stats.gpu_ms += gpu_ms
+        stats.gpu_ms += ran.gpu_ms
         stats.draft_lengths.extend([0] * n)
-        yield from self._emit(tuple(ran.tokens), 0, gpu_ms)
+        yield from self._emit(tuple(ran.tokens), 0, ran.gpu_ms)
 
     def _next_k(self, controller: DraftLengthController, batch_size: int) -> int:
         scheduler, req = self._engine.scheduler, self.request

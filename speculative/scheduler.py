@@ -3,7 +3,9 @@
 A worker thread takes the first waiting round, then gathers more for at most
 ``window_ms``, and stops waiting early as soon as every session that has joined is in
 the batch (so a lone session never waits). Sessions join and leave between steps:
-continuous batching. A batch that fails is retried one round at a time, so one bad
+continuous batching. Greedy sessions decoding plainly on a verifier with ``run_greedy`` stay
+in one lockstep call while others come and go: each leaves at its own run's end and
+newcomers join at the next step (``VerifyScheduler._run_plain``). A batch that fails is retried one round at a time, so one bad
 request fails alone; a retried round is safe because the verifier answers a repeated
 round number with the verdict it already gave.
 
@@ -19,23 +21,22 @@ forward. A plain ``submit`` returns a future (the remote verifier's server, test
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from speculative.controller import SpeculationGovernor
+from speculative.controller import BatchCostModel, SpeculationGovernor
 from speculative.errors import SpeculativeError
-from speculative.types import GreedyDrafter, SamplingParams, SpeculatedRound, Verdict
+from speculative.llama_runs import GreedyRun, RunEnd
+from speculative.steps import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
+from speculative.types import SpeculatedRound
 from speculative.verifier import Verifier, VerifyRequest
-
-if TYPE_CHECKING:
-    from speculative.draft import DraftSession
 
 log = logging.getLogger(__name__)
 
@@ -44,150 +45,9 @@ log = logging.getLogger(__name__)
 # keeps them in lockstep (one forward per round, not two half-empty ones).
 DEFAULT_WINDOW_MS = 8.0
 DEFAULT_MAX_BATCH = 64
-COST_WINDOW = 128  # recent batches behind the batch cost line
-# The longest a plain run goes on before its sessions see their tokens: the delay a streaming client's tokens may
-# take (a run's steps are delivered together), and a session waiting to open waits no longer (it stops the run).
+# The longest a plain run goes on before its session sees its tokens: the delay a streaming client's tokens may
+# take (a run's steps are delivered together). Sessions waiting to open join the lockstep at its next step.
 PLAIN_RUN_MS = 25.0
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    verdict: Verdict
-    verify_ms: float  # the whole batch's verifier time (what this round waited on)
-    network_ms: float
-    batch_size: int
-    batch_tokens: int  # positions the batch fed the verifier: each round's pending token + draft
-
-    def gpu_share_ms(self, k: int) -> float:
-        """This round's share of the batch's verifier time: its positions over the batch's."""
-        return self.verify_ms * (1 + k) / self.batch_tokens
-
-
-class BatchCostModel:
-    """A least-squares line ``verify_ms = intercept + slope * tokens`` over recent batches.
-
-    ``tokens`` is what a batch feeds the verifier: each round's pending token plus its
-    draft. The draft-length controller reads the line to price a longer draft: on a GPU
-    the slope is near zero (a forward costs the same for 1 or 80 positions), on a CPU it
-    is not, and there speculation must stay modest when many sessions share a forward.
-
-    Refitted after every batch from running sums over the window, not from the window's
-    points: at one session that is every token, and the two-pass fit over 128 points (plus
-    counting their distinct sizes) was about 50 us of a round whose decode is 0.6 ms. The
-    sums are recomputed from the points once per window, so rounding cannot accumulate.
-    """
-
-    def __init__(self, window: int = COST_WINDOW):
-        self._points: deque[tuple[int, float]] = deque(maxlen=window)
-        self._line: tuple[float, float] | None = None
-        self._sizes: dict[int, int] = {}  # points per distinct token count
-        self._sums = [0.0, 0.0, 0.0, 0.0]  # x, y, x*x, x*y
-        self._since_exact = 0
-
-    def record(self, tokens: int, verify_ms: float) -> None:
-        """Add a batch and refit, once per batch on the scheduler's thread (not per session read)."""
-        if len(self._points) == self._points.maxlen:
-            self._count(*self._points[0], sign=-1)  # the oldest leaves the window
-        self._points.append((tokens, verify_ms))
-        self._count(tokens, verify_ms, sign=1)
-        self._since_exact += 1
-        if self._since_exact >= len(self._points):
-            self._since_exact = 0
-            sx, sy = sum(x for x, _ in self._points), sum(y for _, y in self._points)
-            self._sums = [sx, sy, sum(x * x for x, _ in self._points), sum(x * y for x, y in self._points)]
-        if len(self._sizes) >= 2:
-            self._line = self._fit()
-
-    def _count(self, x: int, y: float, sign: int) -> None:
-        left = self._sizes.get(x, 0) + sign
-        if left:
-            self._sizes[x] = left
-        else:
-            del self._sizes[x]
-        sums = self._sums
-        sums[0] += sign * x
-        sums[1] += sign * y
-        sums[2] += sign * x * x
-        sums[3] += sign * x * y
-
-    def _fit(self) -> tuple[float, float]:
-        """``controller.cost_line`` of the window's points, from the sums."""
-        n = len(self._points)
-        sx, sy, sxx, sxy = self._sums
-        mean_x, mean_y = sx / n, sy / n
-        var = sxx - sx * mean_x
-        slope = max(0.0, (sxy - sx * mean_y) / var) if var > 0 else 0.0
-        return max(0.0, mean_y - slope * mean_x), slope
-
-    def line(self) -> tuple[float, float] | None:
-        """(intercept_ms, slope_ms_per_token), or None until batches of two sizes were seen."""
-        return self._line
-
-
-@dataclass(frozen=True)
-class OpenOrder:
-    """A completion's first step: open its verifier session (answered with its prefill ms).
-
-    The scheduler's thread opens every session that starts at the same moment with one
-    batched prefill: every call into the verifier's model comes from that one thread (on a
-    CPU, llama.cpp's OpenMP workers of a second calling thread take the cores from the
-    first's: a 0.7 ms verify step measured 3.5 ms once another thread had prefilled).
-    """
-
-    session_id: str
-    prompt_ids: Sequence[int]
-    params: SamplingParams
-
-
-@dataclass(frozen=True)
-class PlainRun:
-    """A greedy session's plain decoding, several steps at once (answered with a :class:`PlainResult`).
-
-    Where the verifier has ``decode_greedy`` and every round of a batch is a plain run, the
-    verifier decodes them in lockstep for up to the fewest ``max_steps`` of any, without a
-    round's Python around each step, and stops early once a session waits to join or the
-    run has lasted ``PLAIN_RUN_MS``. In a batch with drafting sessions it is the one plain
-    round ``request`` (answered with a :class:`RoundResult`).
-    """
-
-    request: VerifyRequest
-    max_steps: int
-
-
-@dataclass(frozen=True)
-class PlainResult:
-    tokens: list[int]  # the verifier's greedy tokens, one a step
-    verify_ms: float  # the whole run's
-    batch_size: int  # sessions in the run
-
-
-@dataclass(frozen=True)
-class SpecRun(PlainRun):
-    """A lone greedy session's drafting rounds, several at once (answered with a :class:`SpecResult`).
-
-    Where the verifier has ``speculate_greedy`` and the session is alone in its batch, the
-    verifier runs its rounds (drafts of ``k`` from ``draft``) one after another in one call,
-    up to ``max_tokens`` tokens, stopping early as a plain run does. In a batch with other
-    sessions it is what its plain run would be (``max_steps`` plain steps, or one plain round):
-    the others' rounds go on as they are.
-    """
-
-    draft: GreedyDrafter
-    k: int
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class SpecResult:
-    rounds: list[SpeculatedRound]
-
-
-@dataclass(frozen=True)
-class DraftOrder:
-    """A step of a completion: draft ``k`` tokens with ``draft`` (answered with its :class:`Proposal`)."""
-
-    draft: DraftSession
-    k: int
 
 
 class DrivenSession(Protocol):
@@ -221,7 +81,7 @@ class VerifyScheduler:
         self.batches = 0
         self.rounds = 0
         self.cost = BatchCostModel()
-        self.governor = SpeculationGovernor()
+        self.governor = SpeculationGovernor(self.cost)
         self._worker = threading.Thread(target=self._run, name="verify-scheduler", daemon=True)
         self._worker.start()
 
@@ -369,7 +229,7 @@ class VerifyScheduler:
         if len(batch) == 1 and isinstance(batch[0][0], SpecRun) and hasattr(self.verifier, "speculate_greedy"):
             self._run_spec(batch[0])
             return
-        if all(isinstance(req, PlainRun) for req, _ in batch) and hasattr(self.verifier, "decode_greedy"):
+        if all(isinstance(req, PlainRun) for req, _ in batch) and hasattr(self.verifier, "run_greedy"):
             self._run_plain(batch)
             return
         rounds = [(req.request if isinstance(req, PlainRun) else req, answer) for req, answer in batch]
@@ -399,22 +259,24 @@ class VerifyScheduler:
         self._draft_round()
 
     def _run_plain(self, batch: list[Round]) -> None:
-        """Plain runs' steps in lockstep in one call; it stops early once a session waits to join."""
-        runs = [
-            (run.request.session_id, run.request.round, run.max_steps) for run, _ in batch if isinstance(run, PlainRun)
-        ]
+        """Plain runs in one lockstep call of the verifier's (``run_greedy``): each session's run ends on its own.
+
+        A session whose run ended is answered between two steps, and its next plain run joins the
+        next step; sessions that start meanwhile are opened and join too. The call ends when no
+        session is left, or once a round that is not a plain run waits (a drafting round, a plain
+        ``submit``, a lone session's run of rounds), the sessions still in answered with their
+        tokens so far.
+        """
+        runs = _LockstepRuns(self)
         try:
-            tokens, verify_ms = self.verifier.decode_greedy(runs, stop=self._run_ends())  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001 - a failed run changed nothing: each session runs alone
-            self._one_at_a_time(batch, exc, self._run_plain)
+            last, _ = self.verifier.run_greedy([runs.add(item) for item in batch], runs.between)  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - a failed step changed nothing of the runs in it: each runs alone
+            runs.flush()
+            self._one_at_a_time(list(runs.live.values()), exc, self._run_plain)
             return
-        steps = len(tokens[0])
-        self.batches += steps
-        self.rounds += steps * len(batch)
-        self.cost.record(len(batch), verify_ms / steps)
-        self.governor.on_batch(emitted=steps * len(batch), active=self._active, now=time.perf_counter(), batches=steps)
-        for (_, answer), run_tokens in zip(batch, tokens, strict=True):
-            self._continue(answer, PlainResult(run_tokens, verify_ms, len(batch)))
+        runs.flush()
+        for end in last:
+            runs.answer(end, join=False)
         self._draft_round()
 
     def _run_ends(self) -> Callable[[], bool]:
@@ -458,14 +320,17 @@ class VerifyScheduler:
         if len(batch) > 1:
             for item in batch:
                 again([item])
-        else:
+        elif batch:
             self._continue(batch[0][1], error=error)
 
     def _continue(self, answer: Answer, result: Any = None, error: BaseException | None = None) -> None:
         """Answer a round; a driven session's next round goes straight into the next batch."""
         following = _answer(answer, result, error)
-        if following is None:
-            return
+        if following is not None:
+            self._follow(following, answer)
+
+    def _follow(self, following: VerifyRequest | PlainRun | OpenOrder | DraftOrder, answer: Answer) -> None:
+        """Queue a driven session's next step: its round in the next batch, its draft in this round's drafts."""
         assert not isinstance(answer, Future)
         if isinstance(following, VerifyRequest | PlainRun):
             self._next.append((following, answer))
@@ -473,6 +338,28 @@ class VerifyScheduler:
             self._drafts.append((following, answer))
         else:
             self._continue(answer, error=SpeculativeError("a completion asked to open its session twice"))
+
+    def _arrivals(self) -> tuple[list[Round], bool]:
+        """Sessions waiting to start, opened now: (their first rounds, whether anything else waits)."""
+        starting: list[DrivenSession] = []
+        others = False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # let the run loop see the close
+                others = True
+                break
+            request, answer = item
+            if request is None:
+                assert not isinstance(answer, Future)
+                starting.append(answer)
+            else:
+                self._next.append((request, answer))
+                others = True
+        return (self._open(starting) if starting else []), others
 
     def _draft_round(self) -> None:
         """Every draft order of this round as one lockstep round of each draft model; then their verify rounds."""
@@ -489,6 +376,77 @@ class VerifyScheduler:
                     self._continue(session, error=proposal)
                 else:
                     self._continue(session, proposal)
+
+
+class _LockstepRuns:
+    """The scheduler's side of one ``run_greedy`` call: which session each run is, and what ends and joins."""
+
+    def __init__(self, scheduler: VerifyScheduler):
+        self.scheduler = scheduler
+        self.live: dict[Hashable, Round] = {}  # runs in the call, by key
+        self._keys = itertools.count()
+        self._steps = self._positions = 0  # since the cost line and the governor last heard
+        self._ms = 0.0
+
+    def add(self, item: Round) -> GreedyRun:
+        run, answer = item
+        assert isinstance(run, PlainRun)
+        key = next(self._keys)
+        self.live[key] = item
+        request = run.request
+        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
+        return GreedyRun(key, request.session_id, request.round, run.max_steps, deadline)
+
+    def between(self, ends: list[RunEnd], n: int, step_ms: float) -> tuple[list[GreedyRun], bool]:
+        """After a step: answer the runs that ended; their next plain runs and sessions that opened join."""
+        sched = self.scheduler
+        self._steps += 1
+        self._positions += n
+        self._ms += step_ms
+        joining = [run for run in map(self.answer, ends) if run is not None]
+        if ends:
+            self.flush()
+        stop = False
+        if not sched._queue.empty():
+            rounds, stop = sched._arrivals()
+            for item in rounds:
+                if type(item[0]) is PlainRun:
+                    joining.append(self.add(item))
+                else:
+                    sched._next.append(item)
+        if stop or sched._next or sched._drafts:  # a round of another kind waits (or the close): the call ends
+            for run in joining:
+                sched._next.append(self.live.pop(run.key))
+            return [], True
+        return joining, False
+
+    def answer(self, end: RunEnd, join: bool = True) -> GreedyRun | None:
+        """Answer an ended run; the session's next run if it is a plain one to ``join`` (any other step is queued)."""
+        run, answer = self.live.pop(end.key)
+        if end.error is not None:
+            self.scheduler._continue(answer, error=end.error)
+            return None
+        following = _answer(answer, PlainResult(end.tokens, end.verify_ms, end.batch_size, end.gpu_ms))
+        if following is None:
+            return None
+        if join and type(following) is PlainRun:  # not a SpecRun: a lone session's rounds run in a call of their own
+            return self.add((following, answer))
+        self.scheduler._follow(following, answer)
+        return None
+
+    def flush(self) -> None:
+        """Tell the cost line and the governor of the steps since they last heard."""
+        if not self._steps:
+            return
+        sched = self.scheduler
+        sched.batches += self._steps
+        sched.rounds += self._positions
+        sched.cost.record(round(self._positions / self._steps), self._ms / self._steps)
+        sched.governor.on_batch(
+            emitted=self._positions, active=sched._active, now=time.perf_counter(), batches=self._steps
+        )
+        self._steps = self._positions = 0
+        self._ms = 0.0
 
 
 def _answer(

@@ -60,7 +60,8 @@ from speculative.errors import (
     VerifierUnavailableError,
 )
 from speculative.logprobs import check_logprobs
-from speculative.scheduler import DEFAULT_WINDOW_MS, RoundResult, VerifyScheduler
+from speculative.scheduler import DEFAULT_WINDOW_MS, VerifyScheduler
+from speculative.steps import RoundResult
 from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
 from speculative.verifier import Verifier, VerifyRequest
 

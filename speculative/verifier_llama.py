@@ -34,12 +34,12 @@ import torch
 
 from speculative.acceptance import accept_greedy_ids, accept_sampling
 from speculative.errors import (
-    ContextOverflowError,
     InvalidRequestError,
     ModelLoadError,
     SessionNotFoundError,
     SpeculativeError,
 )
+from speculative.llama_runs import Between, GreedyRun, RunEnd, run_greedy
 from speculative.llama_sequences import Compaction, LogitsReader, SequenceIds, in_sequence_order, padded_width
 from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
@@ -330,72 +330,16 @@ class LlamaCppVerifier:
         s.pending = verdict.verifier_token
         s.round, s.last = req.round, verdict
 
-    def decode_greedy(
-        self, runs: Sequence[tuple[str, int, int]], stop: Callable[[], bool] = lambda: False
-    ) -> tuple[list[list[int]], float]:
-        """Plain greedy decoding of sessions in lockstep, one ``llama_decode`` a step: (each one's tokens, ms).
+    def run_greedy(self, runs: Sequence[GreedyRun], between: Between) -> tuple[list[RunEnd], float]:
+        """Plain greedy decoding of sessions in lockstep, one ``llama_decode`` a step, each leaving at its run's end.
 
-        ``runs`` holds each session's (id, first round, most steps). The same decodes as that many
-        plain rounds of the sessions together (``verify`` with no drafts, rounds numbered from each
-        one's first), without a round's Python around each: for a lone session decoding plainly that
-        was a fifth of its time (in process, on an AMD EPYC host: a loop of decodes alone made
-        1,112-1,617 tokens/s where the engine's plain rounds made 949-1,099). Every session decodes
-        the same number of steps: the fewest any may take, ended early after a step where one of them
-        produced the end-of-sequence token or ``stop()`` is true (others are waiting). A run that fails
-        changes nothing: its sessions are as before it.
+        The same decodes as that many plain rounds of each session (``verify`` with no drafts,
+        rounds numbered from each run's first), without a round's Python around each: for a lone
+        session decoding plainly that was a fifth of its time (in process, on an AMD EPYC host: a
+        loop of decodes alone made 1,112-1,617 tokens/s where the engine's plain rounds made
+        949-1,099). Sessions join and leave between steps (``speculative.llama_runs``).
         """
-        started = time.perf_counter()
-        with self._lock:
-            sessions = self._distinct_sessions([session_id for session_id, _, _ in runs], "run")
-            if not sessions or len(sessions) > self._batch_tokens:
-                raise InvalidRequestError(f"a run takes 1 to {self._batch_tokens} sessions, got {len(sessions)}")
-            steps = self.context_length
-            for (session_id, first_round, max_steps), s in zip(runs, sessions, strict=True):
-                if max_steps < 1:
-                    raise InvalidRequestError(f"max_steps must be >= 1, got {max_steps}")
-                if not s.params.greedy:
-                    raise InvalidRequestError("decode_greedy serves greedy sessions only")
-                self._check_request(VerifyRequest(session_id, (), None, first_round), s)
-                room = self.context_length - s.length - 1  # steps before its context is full
-                if room < 1:
-                    raise ContextOverflowError(f"session {session_id!r} fills the context of {self.context_length}")
-                steps = min(steps, max_steps, room)
-            if self._compaction.due((s.seq for s in sessions), steps):
-                self._compact()
-            order = in_sequence_order(range(len(sessions)), lambda i: sessions[i].seq)
-            lockstep = [sessions[i] for i in order]
-            tokens: list[list[int]] = [[] for _ in order]  # in batch order
-            before = [(s.length, s.pending) for s in lockstep]
-            n, b, logits, eos = len(lockstep), self._batch.batch, self._logits, self.eos_token_id
-            for i, s in enumerate(lockstep):
-                b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = 1, s.seq, True
-            try:
-                for _ in range(steps):
-                    for i, s in enumerate(lockstep):
-                        b.token[i], b.pos[i] = s.pending, s.length
-                    b.n_tokens = n
-                    rc = self._decode_batch()
-                    if rc != 0:
-                        raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
-                    chosen = logits(n).argmax(-1).tolist()
-                    for s, token, out in zip(lockstep, chosen, tokens, strict=True):
-                        s.tokens.append(s.pending)
-                        s.pending = token
-                        out.append(token)
-                    if eos in chosen or stop():
-                        break
-            except BaseException:
-                for s, (length, pending) in zip(lockstep, before, strict=True):  # as before the run
-                    del s.tokens[length:]
-                    s.pending = pending
-                    self._ctx.kv_cache_seq_rm(s.seq, length, -1)
-                raise
-            by_run: list[list[int]] = [[] for _ in runs]
-            for i, out in zip(order, tokens, strict=True):
-                s, first_round = sessions[i], runs[i][1]
-                s.round, s.last = first_round + len(out) - 1, Verdict(0, out[-1])
-                by_run[i] = out
-        return by_run, (time.perf_counter() - started) * 1e3
+        return run_greedy(self, runs, between)
 
     def speculate_greedy(
         self,

@@ -11,6 +11,7 @@ from speculative.controller import (
     PRIOR_SEED_WEIGHT,
     PROBE_EVERY,
     STEADY_CATCH_UP,
+    BatchCostModel,
     ControllerPrior,
     ControllerPriors,
     DraftLengthController,
@@ -345,3 +346,41 @@ def test_leaving_k_to_the_controllers_gets_no_preference_over_a_better_cap():
     governor.rates = {(16, cap): 1000.0 if cap == 0 else 950.0 for cap in GOVERNOR_CAPS}
     governor._epochs = 1  # not an exploring turn
     assert governor._choose(16) == 0
+
+
+def _costs(lone_ms: float, *steps: tuple[int, float]) -> BatchCostModel:
+    """A cost model that saw a few lone steps of ``lone_ms`` (and a slow first one), then ``steps`` (size, ms)."""
+    cost = BatchCostModel(window=16)
+    for ms in (2.5 * lone_ms, lone_ms, lone_ms * 1.1, lone_ms, lone_ms * 1.2):  # the first after idle is slow
+        cost.record(1, ms)
+    for size, ms in steps:
+        for _ in range(5):
+            cost.record(size, ms)
+    return cost
+
+
+def test_the_cost_model_keeps_the_fastest_lone_step_and_the_median_step_near_a_size():
+    cost = _costs(0.65, (15, 4.4), (16, 4.6), (17, 9.0), (32, 10.6))
+    assert cost.lone_ms() == 0.65  # kept though the window (16 batches) moved past the lone ones
+    assert cost.step_ms(16) == 4.6  # batches of 13 to 20 positions: 15, 16 and 17
+    assert cost.step_ms(4) is None  # too few near it
+    assert BatchCostModel().lone_ms() is None
+
+
+def test_the_governor_measures_only_plain_decoding_where_no_draft_could_pay():
+    # the demo pair on llama.cpp, two threads: a lone step 0.65 ms, 16 sessions' 4.6 ms, 4 sessions' 1.3 ms
+    cpu = _costs(0.65, (4, 1.3), (16, 4.6))
+    governor = SpeculationGovernor(cpu)
+    caps = _drive_governor(governor, lambda cap: 1000, epochs=40, active=16)
+    assert set(caps[EPOCH_BATCHES:]) == {0}  # no epoch on a drafting cap, so no session probes there
+    assert {cap for (bucket, cap) in governor.rates if bucket == 16} == {0}
+    caps = _drive_governor(governor, lambda cap: 1000 if cap == 0 else 1200, epochs=40, active=4)
+    assert len(set(caps)) > 1  # at 4 sessions a draft might pay: measured
+    # a GPU: a step costs nearly the same for 1 position or 16, and drafting is measured at every load
+    gpu = SpeculationGovernor(_costs(20.0, (16, 21.0)))
+    caps = _drive_governor(gpu, lambda cap: 1000, epochs=40, active=16)
+    assert len(set(caps)) > 1
+    # without a lone step measured, nothing is ruled out
+    blind = SpeculationGovernor(_costs(0.65, (16, 4.6)))
+    blind._cost._lone.clear()  # type: ignore[union-attr]
+    assert len(set(_drive_governor(blind, lambda cap: 1000, epochs=40, active=16))) > 1

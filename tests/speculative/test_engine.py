@@ -481,6 +481,38 @@ def test_the_text_tracker_decodes_only_the_unsettled_ids_and_gives_the_whole_lis
     assert not decodes_piecewise(ByteTokenizer(64))
 
 
+@dataclasses.dataclass
+class _Runs:
+    """What the verifier's ``run_greedy`` calls did: each ended run (session, tokens), each step (sessions, ms)."""
+
+    ends: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    steps: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    sessions: set[str] = dataclasses.field(default_factory=set)  # every session that ran plainly
+
+
+def _watch_runs(verifier, monkeypatch) -> _Runs:
+    seen, real = _Runs(), verifier.run_greedy
+
+    def run(runs, between):
+        names = {r.key: r.session_id for r in runs}
+
+        def watched(ends, n, step_ms):
+            seen.ends.extend((names[e.key], len(e.tokens)) for e in ends)
+            seen.steps.append((n, step_ms))
+            adding, stop = between(ends, n, step_ms)
+            names.update((r.key, r.session_id) for r in adding)
+            seen.sessions.update(r.session_id for r in adding)
+            return adding, stop
+
+        seen.sessions.update(names.values())
+        last, ms = real(runs, watched)
+        seen.ends.extend((names[e.key], len(e.tokens)) for e in last)
+        return last, ms
+
+    monkeypatch.setattr(verifier, "run_greedy", run)
+    return seen
+
+
 def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes_no_output(
     demo_pair_llama, monkeypatch
 ):
@@ -500,25 +532,17 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
 
     first, second = "To run the tests, use", "The settings file holds"
     expected = [rounds(first, 40), rounds(second, 20)]
-    runs: list[int] = []
-    real = verifier.decode_greedy
-
-    def counted(*args, **kwargs):
-        tokens, ms = real(*args, **kwargs)
-        runs.append(len(tokens[0]))
-        return tokens, ms
-
-    monkeypatch.setattr(verifier, "decode_greedy", counted)
+    runs = _watch_runs(verifier, monkeypatch)
     monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 60_000.0)  # runs of whole PLAIN_RUN_STEPS, however slow
     engine = SpeculativeEngine(verifier, tokenizer, None)
     try:
         alone = engine.generate(first, max_tokens=40)
         assert alone.token_ids == expected[0]
         # the first token alone (the time to the first token), then whole runs
-        assert runs == [1, PLAIN_RUN_STEPS, PLAIN_RUN_STEPS, 40 - 1 - 2 * PLAIN_RUN_STEPS]
+        assert [n for _, n in runs.ends] == [1, PLAIN_RUN_STEPS, PLAIN_RUN_STEPS, 40 - 1 - 2 * PLAIN_RUN_STEPS]
         assert alone.stats.rounds == 40 and engine.scheduler.batches == 40  # counted as the rounds they replace
-        # a second session arrives while the first runs: the run stops for it, and they share the next steps
-        runs.clear()
+        # a second session arrives while the first runs: it joins the lockstep, and they share steps
+        runs.steps.clear()
         stream = engine.stream(first, max_tokens=40)
         got: list[int] = []
         joined = engine.stream(second, max_tokens=20)
@@ -529,7 +553,7 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
                 thread.start()
         thread.join(timeout=60)
         assert got == expected[0] and joined.token_ids == expected[1]
-        assert sum(runs) < 40 + 20  # some steps were shared: rounds of two sessions in one decode
+        assert any(n == 2 for n, _ in runs.steps)  # some steps were shared: rounds of two sessions in one decode
     finally:
         engine.close()
 
@@ -560,17 +584,7 @@ def test_plain_sessions_decode_in_lockstep_runs_with_each_ones_output_unchanged(
     prompts = ["To run the tests, use", "The settings file holds", "A model is", "Forms validate"]
     lengths = [30, 12, 21, 26]  # the run takes the fewest steps any has left: a short one ends runs early
     expected = [_plain_rounds(verifier, tokenizer, p, n) for p, n in zip(prompts, lengths, strict=True)]
-    calls: list[tuple[int, int]] = []  # (sessions, steps) a decode_greedy call
-    run_ms: list[float] = []
-    real = verifier.decode_greedy
-
-    def counted(runs, **kwargs):
-        tokens, ms = real(runs, **kwargs)
-        calls.append((len(runs), len(tokens[0])))
-        run_ms.append(ms)
-        return tokens, ms
-
-    monkeypatch.setattr(verifier, "decode_greedy", counted)
+    runs = _watch_runs(verifier, monkeypatch)
     monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", run_for)
     engine = SpeculativeEngine(verifier, tokenizer, None)
     try:
@@ -582,14 +596,14 @@ def test_plain_sessions_decode_in_lockstep_runs_with_each_ones_output_unchanged(
     assert all(
         c.stats.rounds == n and c.stats.completion_tokens == n for c, n in zip(completions, lengths, strict=True)
     )
-    assert max(sessions for sessions, _ in calls) > 1  # sessions ran together
-    if run_for == 0.0:  # a run past its time ends after its step: every call one step
-        assert {steps for _, steps in calls} == {1}
+    assert max(n for n, _ in runs.steps) > 1  # sessions ran together
+    if run_for == 0.0:  # a run past its time ends after its step: every run one step
+        assert {n for _, n in runs.ends} == {1}
     else:
-        assert max(steps for _, steps in calls) > 1
-    # each session's share of a run's verifier time is a position a step: shares add up to the runs' time
+        assert max(n for _, n in runs.ends) > 1
+    # each session's share of a step's time is a position of it: shares add up to the steps' time
     shares = sum(c.stats.gpu_ms - c.stats.prefill_ms for c in completions)
-    assert shares == pytest.approx(sum(run_ms))
+    assert shares == pytest.approx(sum(ms for _, ms in runs.steps))
 
 
 def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both_outputs_stay_plain(
@@ -599,19 +613,14 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
     prompts, n = ["The settings file holds", "To run the tests, use"], 30
     expected = [_plain_rounds(verifier, tokenizer, p, n) for p in prompts]
     verified: list[dict[str, int]] = []  # each verify call's sessions and their draft lengths
-    ran: list[set[str]] = []  # each plain run's sessions
-    real_verify, real_run = verifier.verify, verifier.decode_greedy
+    real_verify = verifier.verify
 
     def verify(requests):
         verified.append({r.session_id: len(r.tokens) for r in requests})
         return real_verify(requests)
 
-    def run(runs, **kwargs):
-        ran.append({session_id for session_id, _, _ in runs})
-        return real_run(runs, **kwargs)
-
     monkeypatch.setattr(verifier, "verify", verify)
-    monkeypatch.setattr(verifier, "decode_greedy", run)
+    ran = _watch_runs(verifier, monkeypatch)
     engine = SpeculativeEngine(verifier, tokenizer, draft)
     try:
         plain = engine.stream(prompts[0], max_tokens=n, k=0)  # pinned: never drafts, asks for plain runs
@@ -623,7 +632,7 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
     # beside a drafting round, the plain session's run was one plain round of the same verify call
     mixed = [call for call in verified if call.get(plain.session_id) == 0 and call.get(drafting.session_id, 0) > 0]
     assert mixed
-    assert all(drafting.session_id not in sessions for sessions in ran)  # a drafting session never runs plainly
+    assert drafting.session_id not in ran.sessions  # a drafting session never runs plainly
     assert plain.stats.rounds == n and plain.stats.proposed == 0 and drafting.stats.proposed > 0
 
 

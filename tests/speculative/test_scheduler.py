@@ -62,18 +62,33 @@ def test_a_bad_round_fails_alone():
 
 
 class FakeRunner(FakeVerifier):
-    """A verifier that also decodes plain runs: each session's token is its name's length, a step."""
+    """A verifier that also decodes plain runs: each session's token is its name's length, a step of 2 ms."""
 
-    def decode_greedy(self, runs, stop=lambda: False):
-        self.calls.append([session_id for session_id, _, _ in runs])
-        if any(session_id == self.fail_on for session_id, _, _ in runs):
+    def run_greedy(self, runs, between):
+        from speculative.llama_runs import RunEnd
+
+        self.calls.append([run.session_id for run in runs])
+        if any(run.session_id == self.fail_on for run in runs):
             raise InvalidRequestError("bad run")
-        steps = min(max_steps for _, _, max_steps in runs)
-        return [[len(session_id)] * steps for session_id, _, _ in runs], 2.0
+        members = {run.key: (run, RunEnd(run.key, [])) for run in runs}
+        while members:
+            n, ended = len(members), []
+            for key, (run, end) in list(members.items()):
+                end.tokens.append(len(run.session_id))
+                end.verify_ms += 2.0
+                end.gpu_ms += 2.0 / n
+                if len(end.tokens) >= run.max_steps:
+                    ended.append(end)
+                    del members[key]
+            adding, stop = between(ended, n, 2.0)
+            if stop:
+                return [end for _, end in members.values()], 0.0
+            members.update((run.key, (run, RunEnd(run.key, []))) for run in adding)
+        return [], 0.0
 
 
-def test_plain_runs_of_a_batch_run_together_and_a_bad_one_fails_alone():
-    from speculative.scheduler import PlainResult, PlainRun
+def test_plain_runs_of_a_batch_run_together_each_for_its_own_steps_and_a_bad_one_fails_alone():
+    from speculative.steps import PlainResult, PlainRun
 
     verifier = FakeRunner(fail_on="bad")
     scheduler = VerifyScheduler(verifier, window_ms=500)
@@ -86,14 +101,72 @@ def test_plain_runs_of_a_batch_run_together_and_a_bad_one_fails_alone():
         futures["bad"].result(timeout=5)
     assert sorted(map(sorted, verifier.calls)) == [["bad"], ["bad", "good", "ok"], ["good"], ["ok"]]
     assert isinstance(good, PlainResult) and good.tokens == [4] * 5 and good.batch_size == 1
-    assert ok.tokens == [2] * 3 and ok.verify_ms == 2.0
-    # together, the run takes the fewest steps any may: three
+    assert ok.tokens == [2] * 3 and ok.verify_ms == 6.0 and ok.gpu_ms == 6.0
+    # together, each run takes its own steps: the second alone for its last two, its share of those whole
     for name, steps in (("a", 5), ("bb", 3)):
         futures[name] = scheduler.submit(PlainRun(VerifyRequest(name, ()), steps))  # type: ignore[arg-type]
-    together = [futures[name].result(timeout=5) for name in ("a", "bb")]
+    a, bb = (futures[name].result(timeout=5) for name in ("a", "bb"))
     scheduler.close()
-    assert [r.tokens for r in together] == [[1] * 3, [2] * 3] and {r.batch_size for r in together} == {2}
-    assert scheduler.batches == 5 + 3 + 3 and scheduler.rounds == 5 + 3 + 2 * 3
+    assert a.tokens == [1] * 5 and bb.tokens == [2] * 3
+    assert (a.verify_ms, a.gpu_ms, bb.verify_ms, bb.gpu_ms) == (10.0, 3 * 1.0 + 2 * 2.0, 6.0, 3.0)
+    assert bb.batch_size == 2 and a.batch_size == 1  # 10 ms of steps, 7 of them its share
+    assert scheduler.batches == 5 + 3 + 5 and scheduler.rounds == 5 + 3 + 2 * 3 + 2
+
+
+class Scripted:
+    """A driven session: opens, then asks for plain runs of ``steps`` up to ``total`` tokens; one verify round instead
+    once it has ``round_at`` tokens."""
+
+    def __init__(self, scheduler: VerifyScheduler, name: str, total: int, steps: int, round_at: int | None = None):
+        self.scheduler, self.name, self.total, self.steps, self.round_at = scheduler, name, total, steps, round_at
+        self.runs: list[int] = []  # each answer's tokens
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def step(self, result=None, error=None):
+        from speculative.steps import OpenOrder, PlainResult, PlainRun, RoundResult
+        from speculative.types import SamplingParams
+
+        if error is not None or (result is None and self.runs):
+            self.error = error
+            self.done.set()
+            return None
+        if result is None:
+            return OpenOrder(self.name, [1, 2], SamplingParams())
+        if isinstance(result, float):
+            self.scheduler.join()
+        elif isinstance(result, PlainResult):
+            self.runs.append(len(result.tokens))
+        else:
+            assert isinstance(result, RoundResult)
+            self.runs.append(1)
+        have = sum(self.runs)
+        if have >= self.total:
+            self.scheduler.leave()
+            self.done.set()
+            return None
+        request = VerifyRequest(self.name, (), None, have)
+        if have == self.round_at:
+            return request
+        return PlainRun(request, min(self.steps, self.total - have))
+
+
+def test_a_session_still_running_when_another_asks_for_a_verify_round_goes_on_after_it():
+    class Opening(FakeRunner):
+        def open_session(self, session_id, prompt_ids, params):
+            return 0.5
+
+    verifier = Opening()
+    scheduler = VerifyScheduler(verifier, window_ms=500)
+    # a's runs take 3 steps, b's 4: when b asks for a verify round, a is a step into its second run
+    a, b = Scripted(scheduler, "a", 12, 3), Scripted(scheduler, "b", 12, 4, round_at=4)
+    for session in (a, b):
+        scheduler.start_driven(session)
+    finished = a.done.wait(timeout=5) and b.done.wait(timeout=5)
+    scheduler.close()
+    assert finished and a.error is None and b.error is None
+    assert a.runs[:2] == [3, 1] and sum(a.runs) == 12  # its run ended with the lot, and it went on
+    assert b.runs[:2] == [4, 1] and sum(b.runs) == 12
 
 
 def test_the_worker_survives_an_unexpected_error():
@@ -108,8 +181,7 @@ def test_the_worker_survives_an_unexpected_error():
 def test_the_batch_cost_line_from_running_sums_is_the_least_squares_line_of_its_window():
     import random
 
-    from speculative.controller import cost_line
-    from speculative.scheduler import BatchCostModel
+    from speculative.controller import BatchCostModel, cost_line
 
     rng = random.Random(7)
     model = BatchCostModel(window=16)
@@ -164,7 +236,7 @@ class FakeSpeculator(FakeRunner):
 
 
 def test_a_lone_run_of_drafting_rounds_is_one_call_and_beside_others_it_is_their_plain_decoding():
-    from speculative.scheduler import PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
+    from speculative.steps import PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
 
     verifier = FakeSpeculator(fail_on="bad")
     scheduler = VerifyScheduler(verifier, window_ms=500)
@@ -181,8 +253,9 @@ def test_a_lone_run_of_drafting_rounds_is_one_call_and_beside_others_it_is_their
     spec = scheduler.submit(SpecRun(VerifyRequest("spec", ()), 3, DRAFTER, 2, 10))  # type: ignore[arg-type]
     plain = scheduler.submit(PlainRun(VerifyRequest("plain", ()), 5))  # type: ignore[arg-type]
     both = spec.result(timeout=5), plain.result(timeout=5)
-    assert all(isinstance(r, PlainResult) and r.batch_size == 2 for r in both)
-    assert both[0].tokens == [4] * 3 and verifier.calls[-1] == ["spec", "plain"]
+    assert all(isinstance(r, PlainResult) for r in both)
+    assert both[0].tokens == [4] * 3 and both[0].batch_size == 2 and verifier.calls[-1] == ["spec", "plain"]
+    assert both[1].tokens == [5] * 5 and both[1].gpu_ms == 3 * 1.0 + 2 * 2.0  # its last two steps alone
     # beside a drafting round: one plain round of the same verify call
     spec = scheduler.submit(SpecRun(VerifyRequest("spec", (), round=3), 3, DRAFTER, 2, 10))  # type: ignore[arg-type]
     drafting = scheduler.submit(VerifyRequest("drafting", (1, 2)))
@@ -193,7 +266,7 @@ def test_a_lone_run_of_drafting_rounds_is_one_call_and_beside_others_it_is_their
 
 
 def test_a_run_of_drafting_rounds_on_a_verifier_without_them_is_its_plain_run():
-    from speculative.scheduler import PlainResult, SpecRun
+    from speculative.steps import PlainResult, SpecRun
 
     scheduler = VerifyScheduler(FakeRunner(), window_ms=500)
     scheduler.join()

@@ -15,6 +15,7 @@ from speculative.errors import (
     SpeculativeError,
     VerifierBusyError,
 )
+from speculative.llama_runs import GreedyRun
 from speculative.llama_sequences import COPY_PASSES
 from speculative.pair import DEMO_VERIFIER_GGUF
 from speculative.types import Proposal, SamplingParams, Verdict
@@ -471,31 +472,45 @@ def test_without_reuse_a_closed_sessions_stream_is_emptied(llama, monkeypatch):
     assert prefills == [len(prompt) - 1] and verifier._ids.reused == 0
 
 
+def lockstep(verifier, runs, stop=lambda: False):
+    """Sessions' runs in lockstep until the first ends (its steps, or the end of sequence) or ``stop()``: each one's
+    tokens, in the runs' order, and the call's ms (``run_greedy`` with a ``between`` that adds no run)."""
+    ended = {}
+
+    def between(ends, n, step_ms):
+        ended.update((e.key, e.tokens) for e in ends)
+        return (), bool(ends) or stop()
+
+    last, ms = verifier.run_greedy([GreedyRun(i, *run) for i, run in enumerate(runs)], between)
+    ended.update((e.key, e.tokens) for e in last)
+    return [ended[i] for i in range(len(runs))], ms
+
+
 def test_a_greedy_run_decodes_what_plain_rounds_do_and_stops_when_asked(llama):
     verifier, tokenizer = llama
     prompt = tokenizer.encode("Signals allow certain senders", add_special_tokens=False)
     expected = _plain(verifier, prompt, 16)
     verifier.open_session("run", prompt, GREEDY)
     try:
-        [first], _ = verifier.decode_greedy([("run", 0, 8)])
+        [first], _ = lockstep(verifier, [("run", 0, 8)])
         asked: list[int] = []
-        [second], _ = verifier.decode_greedy([("run", 8, 8)], stop=lambda: asked.append(1) or len(asked) >= 3)
+        [second], _ = lockstep(verifier, [("run", 8, 8)], stop=lambda: asked.append(1) or len(asked) >= 3)
         after = [verifier.verify([VerifyRequest("run", (), None, r)]).verdicts[0].verifier_token for r in (11, 12)]
         with pytest.raises(InvalidRequestError, match="stale"):  # the run's steps were its rounds 0-10
             verifier.verify([VerifyRequest("run", (), None, 10)])
         with pytest.raises(InvalidRequestError, match="max_steps"):
-            verifier.decode_greedy([("run", 13, 0)])
+            lockstep(verifier, [("run", 13, 0)])
         with pytest.raises(InvalidRequestError, match="once"):
-            verifier.decode_greedy([("run", 13, 2), ("run", 13, 2)])
+            lockstep(verifier, [("run", 13, 2), ("run", 13, 2)])
         with pytest.raises(InvalidRequestError, match="1 to"):
-            verifier.decode_greedy([])
+            lockstep(verifier, [])
     finally:
         verifier.close_session("run")
     assert first == expected[:8] and second == expected[8:11] and after == expected[11:13]
     verifier.open_session("sampled", prompt, SamplingParams(temperature=0.8, seed=1))
     try:
         with pytest.raises(InvalidRequestError, match="greedy"):
-            verifier.decode_greedy([("sampled", 0, 4)])
+            lockstep(verifier, [("sampled", 0, 4)])
     finally:
         verifier.close_session("sampled")
 
@@ -511,11 +526,11 @@ def test_sessions_run_in_lockstep_each_decode_their_own_tokens_for_the_fewest_st
         batches.clear()
         # the sessions' rounds need not match; the run takes the fewest steps (5), answered in the runs' order
         runs = [("s2", 0, 9), ("s0", 0, 5), ("s1", 0, 7)]
-        tokens, _ = verifier.decode_greedy(runs)
+        tokens, _ = lockstep(verifier, runs)
         assert len(batches) == 5 and all(len(batch) == 3 for batch in batches)  # one decode a step, 3 rows each
         assert tokens == [expected[2][:5], expected[0][:5], expected[1][:5]]
         # each goes on from its own round: a run, then a verify round of all three
-        tokens, _ = verifier.decode_greedy([("s0", 5, 6), ("s1", 5, 6), ("s2", 5, 6)])
+        tokens, _ = lockstep(verifier, [("s0", 5, 6), ("s1", 5, 6), ("s2", 5, 6)])
         rounds = verifier.verify([VerifyRequest(f"s{i}", (), None, 11) for i in range(3)]).verdicts
     finally:
         for i in range(3):
@@ -524,7 +539,7 @@ def test_sessions_run_in_lockstep_each_decode_their_own_tokens_for_the_fewest_st
     assert [v.verifier_token for v in rounds] == [e[11] for e in expected]
 
 
-def test_a_run_ends_for_everyone_at_a_sessions_end_of_sequence(llama, monkeypatch):
+def test_a_lockstep_that_ends_at_the_first_end_ends_for_everyone_at_a_sessions_end_of_sequence(llama, monkeypatch):
     verifier, tokenizer = llama
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
     expected = [_plain(verifier, p, 12) for p in prompts]
@@ -534,11 +549,103 @@ def test_a_run_ends_for_everyone_at_a_sessions_end_of_sequence(llama, monkeypatc
     verifier.open_session("ends", prompts[0], GREEDY)
     verifier.open_session("goes-on", prompts[1], GREEDY)
     try:
-        tokens, _ = verifier.decode_greedy([("ends", 0, 12), ("goes-on", 0, 12)])
+        tokens, _ = lockstep(verifier, [("ends", 0, 12), ("goes-on", 0, 12)])
     finally:
         verifier.close_session("ends")
         verifier.close_session("goes-on")
     assert tokens == [expected[0][: step + 1], expected[1][: step + 1]]
+
+
+def test_in_an_open_lockstep_each_run_ends_on_its_own_and_sessions_join_and_go_on_between_steps(llama, monkeypatch):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:3]]
+    expected = [_plain(verifier, p, 12) for p in prompts]
+    batches = _record_batches(verifier, monkeypatch)
+    for i in range(2):
+        verifier.open_session(f"s{i}", prompts[i], GREEDY)
+    heard: list[tuple[list, int]] = []  # each step's ended runs (key, tokens) and the sessions it held
+
+    def between(ends, n, step_ms):
+        heard.append(([(e.key, e.tokens) for e in ends], n))
+        assert all(e.error is None and e.verify_ms >= e.gpu_ms > 0 for e in ends)
+        joining = []
+        for e in ends:
+            if e.key == "s0-first":  # s0 goes on from its own round: a second run
+                joining.append(GreedyRun("s0-second", "s0", 3, 5))
+        if len(heard) == 2:  # a session opened meanwhile joins the next step
+            verifier.open_session("s2", prompts[2], GREEDY)
+            joining.append(GreedyRun("s2", "s2", 0, 4))
+        return joining, False
+
+    try:
+        batches.clear()
+        last, _ = verifier.run_greedy([GreedyRun("s0-first", "s0", 0, 3), GreedyRun("s1", "s1", 0, 10)], between)
+        s0_round = verifier._sessions["s0"].round
+    finally:
+        for i in range(3):
+            verifier.close_session(f"s{i}")
+    assert last == []  # every run ended on its own and was heard
+    ends = {key: tokens for step, _ in heard for key, tokens in step}
+    assert ends == {
+        "s0-first": expected[0][:3],
+        "s0-second": expected[0][3:8],
+        "s1": expected[1][:10],
+        "s2": expected[2][:4],
+    }
+    assert s0_round == 7  # its rounds were 0-7, as plain rounds
+    # one decode a step: s2 joined the third step, s0's second run went on without a step of its own
+    assert [n for _, n in heard] == [len(batch) for batch in batches] == [2, 2, 3, 3, 3, 3, 2, 2, 1, 1]
+
+
+def test_an_open_lockstep_ends_a_session_at_its_end_of_sequence_an_unfit_run_alone_and_all_when_stopped(
+    llama, monkeypatch
+):
+    verifier, tokenizer = llama
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
+    expected = [_plain(verifier, p, 12) for p in prompts]
+    step = next(i for i in range(3, 10) if expected[0][i] not in expected[0][:i] + expected[1][: i + 3])
+    monkeypatch.setattr(verifier, "eos_token_id", expected[0][step])  # the first session's token ends it
+    verifier.open_session("ends", prompts[0], GREEDY)
+    verifier.open_session("goes-on", prompts[1], GREEDY)
+    heard: dict = {}
+    calls = [0]
+
+    def between(ends, n, step_ms):
+        calls[0] += 1
+        heard.update((e.key, e.tokens if e.error is None else e.error) for e in ends)
+        if "ends" in heard and "unfit" not in heard:
+            return [GreedyRun("unfit", "nobody", 0, 4)], False  # no such session: it ends with its error
+        return (), calls[0] == step + 4  # three steps after the end of sequence, the lot stops
+
+    try:
+        runs = [GreedyRun("ends", "ends", 0, 12), GreedyRun("goes-on", "goes-on", 0, 12)]
+        last, _ = verifier.run_greedy(runs, between)
+        round_after = verifier._sessions["goes-on"].round
+    finally:
+        verifier.close_session("ends")
+        verifier.close_session("goes-on")
+    assert heard["ends"] == expected[0][: step + 1]
+    assert isinstance(heard["unfit"], SpeculativeError)
+    # the other went on alone, and ended with its tokens so far when stopped
+    assert [(e.key, e.tokens) for e in last] == [("goes-on", expected[1][: step + 4])]
+    assert round_after == step + 3
+
+
+def test_a_run_past_its_deadline_ends_after_a_step(llama):
+    verifier, tokenizer = llama
+    prompt = tokenizer.encode(PROMPTS[2], add_special_tokens=False)
+    verifier.open_session("late", prompt, GREEDY)
+    heard: list = []
+
+    def between(ends, n, step_ms):
+        heard.extend(ends)
+        return (), False
+
+    try:
+        verifier.run_greedy([GreedyRun("late", "late", 0, 8, deadline=0.0)], between)
+    finally:
+        verifier.close_session("late")
+    assert [len(e.tokens) for e in heard] == [1]
 
 
 def test_a_failed_run_changes_nothing_and_a_session_without_room_is_named(llama, monkeypatch):
@@ -548,7 +655,7 @@ def test_a_failed_run_changes_nothing_and_a_session_without_room_is_named(llama,
     verifier.open_session("a", prompts[0], GREEDY)
     verifier.open_session("b", prompts[1], GREEDY)
     try:
-        verifier.decode_greedy([("a", 0, 2), ("b", 0, 2)])
+        lockstep(verifier, [("a", 0, 2), ("b", 0, 2)])
         calls = [0]
         real = verifier._decode_batch
 
@@ -558,14 +665,14 @@ def test_a_failed_run_changes_nothing_and_a_session_without_room_is_named(llama,
 
         monkeypatch.setattr(verifier, "_decode_batch", fails_third)
         with pytest.raises(SpeculativeError, match="llama_decode failed"):
-            verifier.decode_greedy([("a", 2, 4), ("b", 2, 4)])
+            lockstep(verifier, [("a", 2, 4), ("b", 2, 4)])
         monkeypatch.setattr(verifier, "_decode_batch", real)
-        tokens, _ = verifier.decode_greedy([("a", 2, 4), ("b", 2, 4)])  # the same rounds again, as if never run
+        tokens, _ = lockstep(verifier, [("a", 2, 4), ("b", 2, 4)])  # the same rounds again, as if never run
         b_tokens = verifier._sessions["b"].tokens
         verifier._sessions["b"].tokens = [0] * (verifier.context_length - 1)  # b's context is full
         try:
             with pytest.raises(ContextOverflowError, match="'b'"):
-                verifier.decode_greedy([("a", 6, 4), ("b", 6, 4)])
+                lockstep(verifier, [("a", 6, 4), ("b", 6, 4)])
         finally:
             verifier._sessions["b"].tokens = b_tokens
     finally:
@@ -584,7 +691,7 @@ def test_reading_the_logits_leaves_nothing_for_the_cyclic_collector(llama):
         gc.collect()
         gc.disable()  # nothing else collects the cycles meanwhile
         try:
-            verifier.decode_greedy([("clean", 0, 8)])
+            lockstep(verifier, [("clean", 0, 8)])
             verifier.verify([VerifyRequest("clean", (1, 2), None, 8)])
             assert gc.collect() == 0
         finally:
@@ -599,10 +706,10 @@ def test_a_decodes_logits_are_read_through_the_view_made_before_and_show_the_lat
     verifier, tokenizer = llama
     verifier.open_session("views", tokenizer.encode(PROMPTS[2], add_special_tokens=False), GREEDY)
     try:
-        verifier.decode_greedy([("views", 0, 1)])
+        lockstep(verifier, [("views", 0, 1)])
         first = verifier._logits(1)
         before = first.copy()
-        verifier.decode_greedy([("views", 1, 1)])
+        lockstep(verifier, [("views", 1, 1)])
         again = verifier._logits(1)
     finally:
         verifier.close_session("views")
