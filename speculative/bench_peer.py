@@ -274,9 +274,14 @@ async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_token
     return data["choices"][0]["text"], int(data["usage"]["completion_tokens"]), elapsed
 
 
-async def measure(server: Server, concurrency: int, prompts: Sequence[str], max_tokens: int) -> dict:
-    """``concurrency`` clients take the prompts in turn; tokens/s over the wall time, p50 latency."""
-    n_requests = max(MIN_REQUESTS, 2 * concurrency)
+async def measure(server: Server, concurrency: int, prompts: Sequence[str], max_tokens: int, requests: int = 0) -> dict:
+    """``concurrency`` clients take the prompts in turn; tokens/s over the wall time, p50 latency.
+
+    ``requests`` in all (default: two for each client, at least ``MIN_REQUESTS``): at 16 clients
+    the default is two waves of requests that start and end almost together, a measurement
+    of bursts; more measure serving sustained traffic.
+    """
+    n_requests = requests or max(MIN_REQUESTS, 2 * concurrency)
     todo = [prompts[i % len(prompts)] for i in range(n_requests)]
     results: dict[str, str] = {}
     latencies: list[float] = []
@@ -327,12 +332,12 @@ def run(args: argparse.Namespace) -> dict:
         servers = [tandem, plain, md]
         for server in servers:  # warm-up: first requests load pages, JIT paths, thread pools
             for n in levels:
-                asyncio.run(measure(server, n, prompts, args.max_tokens))
+                asyncio.run(measure(server, n, prompts, args.max_tokens, args.requests))
         for run_no in range(args.runs):
             order = servers[run_no % 3 :] + servers[: run_no % 3]  # alternate who goes first
             for n in levels:
                 for server in order:
-                    result = asyncio.run(measure(server, n, prompts, args.max_tokens))
+                    result = asyncio.run(measure(server, n, prompts, args.max_tokens, args.requests))
                     figures.setdefault(server.name, {}).setdefault(n, []).append(result)
                     log.info("run %d: %s at %d: %.0f tok/s", run_no, server.name, n, result["tokens_per_s"])
     return _report(args, binary, verifier, draft, figures)
@@ -376,6 +381,7 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
         "verifier_gguf": f"{verifier.name} ({args.type})",
         "draft_gguf": draft.name,
         "max_tokens": args.max_tokens,
+        "requests_per_measurement": args.requests or "2 a client, at least 8",
         "runs": args.runs,
         "servers": table,
         "tandem_over_best_peer": {n: round(table["tandem"][n]["tokens_per_s"] / best_peer[n], 3) for n in best_peer},
@@ -395,6 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
         "--threads", type=int, default=None, help="the verifier's llama.cpp threads, both servers (default: every core)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per measurement (default: 2 a client, at least 8)"
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--port-base", type=int, default=0, help="serve on this port and the next two (default: any)")

@@ -19,8 +19,9 @@ def test_each_runs_own_ratio_is_reported_beside_the_ratio_of_medians():
         "llama-server": {1: [_run(1000), _run(500), _run(1200)]},
         "llama-server -md": {1: [_run(800), _run(520), _run(1100)]},
     }
-    args = argparse.Namespace(type="q8_0", max_tokens=64, runs=3)
+    args = argparse.Namespace(type="q8_0", max_tokens=64, runs=3, requests=96)
     report = _report(args, Path("llama-server"), Path("v.gguf"), Path("d.gguf"), figures)
+    assert report["requests_per_measurement"] == 96
     assert report["tandem_over_best_peer"] == {"1": round(900 / 1000, 3)}  # medians: 900 over max(1000, 800)
     paired = report["tandem_over_best_peer_paired"]["1"]
     assert paired["runs"] == [round(r, 3) for r in sorted([900 / 1000, 450 / 520, 1000 / 1200])]
