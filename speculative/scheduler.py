@@ -31,7 +31,8 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from speculative.controller import BatchCostModel, SpeculationGovernor
+from speculative.batch_cost import BatchCostModel
+from speculative.controller import SpeculationGovernor
 from speculative.errors import SpeculativeError
 from speculative.llama_runs import GreedyRun, RunEnd
 from speculative.steps import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, SpecResult, SpecRun

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from speculative.batch_cost import BatchCostModel
 from speculative.controller import (
     EPOCH_BATCHES,
     EPOCH_MIN_BATCHES,
@@ -11,7 +12,6 @@ from speculative.controller import (
     PRIOR_SEED_WEIGHT,
     PROBE_EVERY,
     STEADY_CATCH_UP,
-    BatchCostModel,
     ControllerPrior,
     ControllerPriors,
     DraftLengthController,

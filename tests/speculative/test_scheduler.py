@@ -181,7 +181,8 @@ def test_the_worker_survives_an_unexpected_error():
 def test_the_batch_cost_line_from_running_sums_is_the_least_squares_line_of_its_window():
     import random
 
-    from speculative.controller import BatchCostModel, cost_line
+    from speculative.batch_cost import BatchCostModel
+    from speculative.controller import cost_line
 
     rng = random.Random(7)
     model = BatchCostModel(window=16)
