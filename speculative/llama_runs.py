@@ -72,7 +72,7 @@ class _Member:
         self.end = RunEnd(self.run.key, [])
 
 
-def joined(verifier: LlamaCppVerifier, run: GreedyRun, members: Sequence[_Member]) -> _Member:
+def _joined(verifier: LlamaCppVerifier, run: GreedyRun, members: Sequence[_Member]) -> _Member:
     """``run`` as a member of the lockstep (under the verifier's lock); raises what makes it unfit."""
     if run.max_steps < 1:
         raise InvalidRequestError(f"max_steps must be >= 1, got {run.max_steps}")
@@ -102,7 +102,7 @@ def run_greedy(verifier: LlamaCppVerifier, runs: Sequence[GreedyRun], between: B
     with verifier._lock:
         members: list[_Member] = []
         for run in runs:
-            members.append(joined(verifier, run, members))
+            members.append(_joined(verifier, run, members))
         if not members or len(members) > verifier._batch_tokens:
             raise InvalidRequestError(f"a run takes 1 to {verifier._batch_tokens} sessions, got {len(members)}")
     adding: Sequence[GreedyRun] = ()
@@ -111,7 +111,7 @@ def run_greedy(verifier: LlamaCppVerifier, runs: Sequence[GreedyRun], between: B
         with verifier._lock:
             for run in adding:
                 try:
-                    members.append(joined(verifier, run, members))
+                    members.append(_joined(verifier, run, members))
                 except SpeculativeError as exc:
                     failed.append(RunEnd(run.key, [], error=exc))
             if not members:

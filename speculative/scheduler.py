@@ -5,9 +5,9 @@ A worker thread takes the first waiting round, then gathers more for at most
 the batch (so a lone session never waits). Sessions join and leave between steps:
 continuous batching. Greedy sessions decoding plainly on a verifier with ``run_greedy`` stay
 in one lockstep call while others come and go: each leaves at its own run's end and
-newcomers join at the next step (``VerifyScheduler._run_plain``). A batch that fails is retried one round at a time, so one bad
-request fails alone; a retried round is safe because the verifier answers a repeated
-round number with the verdict it already gave.
+newcomers join at the next step (``VerifyScheduler._run_plain``). A batch that fails is
+retried one round at a time, so one bad request fails alone; a retried round is safe
+because the verifier answers a repeated round number with the verdict it already gave.
 
 Two kinds of sessions submit rounds. A *driven* one (``submit_driven``: every
 completion of :class:`~speculative.engine.SpeculativeEngine`) is advanced by this
@@ -386,7 +386,7 @@ class _LockstepRuns:
         self.scheduler = scheduler
         self.live: dict[Hashable, Round] = {}  # runs in the call, by key
         self._keys = itertools.count()
-        self._steps = self._positions = 0  # since the cost line and the governor last heard
+        self._steps = self._size = 0  # steps of this many sessions since the cost line and the governor last heard
         self._ms = 0.0
 
     def add(self, item: Round) -> GreedyRun:
@@ -401,8 +401,10 @@ class _LockstepRuns:
     def between(self, ends: list[RunEnd], n: int, step_ms: float) -> tuple[list[GreedyRun], bool]:
         """After a step: answer the runs that ended; their next plain runs and sessions that opened join."""
         sched = self.scheduler
+        if n != self._size:
+            self.flush()  # a point of the cost line is one batch size
         self._steps += 1
-        self._positions += n
+        self._size = n
         self._ms += step_ms
         joining = [run for run in map(self.answer, ends) if run is not None]
         if ends:
@@ -441,12 +443,12 @@ class _LockstepRuns:
             return
         sched = self.scheduler
         sched.batches += self._steps
-        sched.rounds += self._positions
-        sched.cost.record(round(self._positions / self._steps), self._ms / self._steps)
+        sched.rounds += self._steps * self._size
+        sched.cost.record(self._size, self._ms / self._steps)
         sched.governor.on_batch(
-            emitted=self._positions, active=sched._active, now=time.perf_counter(), batches=self._steps
+            emitted=self._steps * self._size, active=sched._active, now=time.perf_counter(), batches=self._steps
         )
-        self._steps = self._positions = 0
+        self._steps = 0
         self._ms = 0.0
 
 

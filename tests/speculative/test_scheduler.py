@@ -274,3 +274,20 @@ def test_a_run_of_drafting_rounds_on_a_verifier_without_them_is_its_plain_run():
     result = scheduler.submit(SpecRun(VerifyRequest("lone", ()), 4, DRAFTER, 2, 10)).result(timeout=5)  # type: ignore[arg-type]
     scheduler.close()
     assert isinstance(result, PlainResult) and result.tokens == [4] * 4
+
+
+def test_a_lockstep_tells_the_cost_line_one_point_per_batch_size():
+    from speculative.scheduler import _LockstepRuns
+
+    scheduler = VerifyScheduler(FakeRunner())
+    try:
+        runs = _LockstepRuns(scheduler)
+        before = len(scheduler.cost._points)
+        for n, ms in ((2, 2.0), (2, 2.2), (3, 3.0), (3, 3.4)):  # a session joined between steps, none ended
+            assert runs.between([], n, ms) == ([], False)
+        runs.flush()
+        points = list(scheduler.cost._points)[before:]
+    finally:
+        scheduler.close()
+    assert [(n, round(ms, 3)) for n, ms in points] == [(2, 2.1), (3, 3.2)]
+    assert scheduler.batches == 4 and scheduler.rounds == 2 + 2 + 3 + 3
