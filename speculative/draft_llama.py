@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from speculative.errors import DraftBusyError, ModelLoadError
-from speculative.llama_sequences import Compaction, LogitsReader, SequenceIds, in_sequence_order, padded_width
+from speculative.llama_sequences import (
+    Compaction,
+    LogitsReader,
+    SequenceIds,
+    check_context_sizes,
+    in_sequence_order,
+    padded_width,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +171,7 @@ class LlamaCppDraft:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ModelLoadError(f"draft model {str(model_path)!r} does not exist (a .gguf file is needed)")
+        check_context_sizes(max_sessions, batch_tokens)
         llama_cpp.llama_backend_init()
         set_verbose(False)  # llama.cpp's info lines would go to stderr; keep errors only
         try:

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from speculative.errors import ModelLoadError
+
 R = TypeVar("R")
 
 
@@ -59,6 +61,20 @@ class Compaction:
 # of the demo verifier costs about 0.2 ms a position, a free id between sessions 0.4 ms a step until it closes
 # (a new session fills it, or a move: ``Compaction``).
 PREFIX_OVER_GAP = 32
+
+
+MAX_SEQUENCES = 256  # llama.cpp's limit on a context's sequences
+
+
+def check_context_sizes(max_sessions: int, batch_tokens: int) -> None:
+    """Refuse sizes llama.cpp cannot make a context of: it aborts the process (``GGML_ASSERT`` on its outputs)
+    when a batch holds fewer positions than the context has sequences, as it reserves an output for each."""
+    if not 1 <= max_sessions <= MAX_SEQUENCES:
+        raise ModelLoadError(
+            f"max_sessions must lie in [1, {MAX_SEQUENCES}] (llama.cpp's sequence limit), got {max_sessions}"
+        )
+    if batch_tokens < max_sessions:
+        raise ModelLoadError(f"batch_tokens ({batch_tokens}) must be at least max_sessions ({max_sessions})")
 
 
 class SequenceIds:

@@ -40,7 +40,14 @@ from speculative.errors import (
     SpeculativeError,
 )
 from speculative.llama_runs import Between, GreedyRun, RunEnd, run_greedy
-from speculative.llama_sequences import Compaction, LogitsReader, SequenceIds, in_sequence_order, padded_width
+from speculative.llama_sequences import (
+    Compaction,
+    LogitsReader,
+    SequenceIds,
+    check_context_sizes,
+    in_sequence_order,
+    padded_width,
+)
 from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
 from speculative.sampling import warp
@@ -115,8 +122,7 @@ class LlamaCppVerifier:
         self.model_path = str(model_path)
         if not Path(model_path).is_file() or not self.model_path.endswith(".gguf"):
             raise ModelLoadError(f"verifier model {self.model_path!r} is not a .gguf file")
-        if not 1 <= max_sessions <= 256:
-            raise ModelLoadError(f"max_sessions must lie in [1, 256] (llama.cpp's sequence limit), got {max_sessions}")
+        check_context_sizes(max_sessions, batch_tokens)
         llama_cpp.llama_backend_init()
         set_verbose(False)
         try:

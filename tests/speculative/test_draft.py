@@ -22,7 +22,7 @@ from speculative.llama_sequences import (
     micro_batches,
     padded_width,
 )
-from speculative.pair import DEMO_DRAFT_GGUF_TYPE, DEMO_VERIFIER, check_vocabularies, load_pair
+from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_GGUF_TYPE, DEMO_VERIFIER, check_vocabularies, load_pair
 from speculative.types import SamplingParams, Verdict
 from speculative.verifier import TransformersVerifier
 from tests.speculative.conftest import tiny_llama
@@ -181,6 +181,11 @@ def test_unknown_model_paths_are_clear_errors(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
     with pytest.raises(ModelLoadError):
         LlamaCppDraft(tmp_path / "junk.gguf")
+    # sizes llama.cpp would abort the process on (a batch smaller than the sequences) or cannot hold
+    with pytest.raises(ModelLoadError, match=r"batch_tokens \(16\) must be at least max_sessions \(32\)"):
+        LlamaCppDraft(DEMO_DRAFT_GGUF, max_sessions=32, batch_tokens=16)
+    with pytest.raises(ModelLoadError, match="max_sessions must lie in"):
+        LlamaCppDraft(DEMO_DRAFT_GGUF, max_sessions=0)
     with pytest.raises(ModelLoadError):
         TransformersVerifier(tmp_path / "nothing-here", device="cpu")
 

@@ -255,6 +255,12 @@ def test_unknown_sessions_and_files_are_clear_errors(llama, tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a model")
     with pytest.raises(ModelLoadError):
         LlamaCppVerifier(tmp_path / "junk.gguf")
+    # sizes llama.cpp would abort the process on (a batch smaller than the sequences) or cannot hold
+    with pytest.raises(ModelLoadError, match=r"batch_tokens \(2\) must be at least max_sessions \(3\)"):
+        LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=3, batch_tokens=2)
+    for sessions in (0, 257):
+        with pytest.raises(ModelLoadError, match="max_sessions must lie in"):
+            LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=sessions)
 
 
 def test_logprobs_of_a_verified_round_equal_those_of_plain_decoding_at_the_same_positions(llama):
