@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--port-base", type=int, default=0, help="serve on this port and the next two (default: any)")
     args = parser.parse_args(argv)
+    if args.requests < 0:
+        parser.error(f"--requests must be 0 (two a client) or more, got {args.requests}")
     if args.port_base:
         _PORTS[:] = [args.port_base, args.port_base + 1, args.port_base + 2]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -1,9 +1,11 @@
-"""The peer benchmark's report: its ratios, without servers."""
+"""The peer benchmark: its report's ratios, without servers; its arguments."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import pytest
 
 from speculative.bench_peer import _report
 
@@ -27,3 +29,11 @@ def test_each_runs_own_ratio_is_reported_beside_the_ratio_of_medians():
     assert paired["runs"] == [round(r, 3) for r in sorted([900 / 1000, 450 / 520, 1000 / 1200])]
     assert paired["median"] == round(450 / 520, 3)
     assert report["servers"]["tandem"]["1"]["greedy_agreement_with_llama_server"] == {"same_text": 1, "prompts": 1}
+
+
+def test_a_negative_request_count_is_refused_before_any_server_starts(capsys):
+    from speculative.bench_peer import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--requests", "-1"])
+    assert exited.value.code == 2 and "--requests must be 0 (two a client) or more, got -1" in capsys.readouterr().err
