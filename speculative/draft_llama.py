@@ -28,12 +28,14 @@ import numpy as np
 
 from speculative.errors import DraftBusyError, ModelLoadError
 from speculative.llama_sequences import (
+    DEFAULT_MAX_CONTEXT,
     Compaction,
     LogitsReader,
     SequenceIds,
     check_context_sizes,
     in_sequence_order,
     padded_width,
+    session_context,
 )
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,7 @@ class LlamaCppDraft:
         n_threads: int = 1,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_context: int | None = DEFAULT_MAX_CONTEXT,
     ):
         import llama_cpp
         from llama_cpp import _internals as internals
@@ -181,7 +184,7 @@ class LlamaCppDraft:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {str(self.model_path)!r}: {exc}") from exc
         self.vocab_size: int = self._model.n_vocab()
-        self.context_length: int = self._model.n_ctx_train()
+        self.context_length: int = session_context(self._model.n_ctx_train(), max_context)
         self.max_sessions = max_sessions  # sequences of the shared context: sessions at once
         params = llama_cpp.llama_context_default_params()
         params.n_seq_max = max_sessions

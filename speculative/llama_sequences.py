@@ -66,6 +66,22 @@ PREFIX_OVER_GAP = 32
 MAX_SEQUENCES = 256  # llama.cpp's limit on a context's sequences
 
 
+# Tokens one session may hold at most, by default (prompt and answer): every session's KV stream is
+# allocated whole when the model loads, so a model's own context is a cost paid for every session even
+# idle. SmolLM2-135M-Instruct's 8,192 for 32 sessions made the verifier's process 6.3 GB (2026-12-03);
+# 2,048 makes it about 1.6. The demo pair's own contexts are shorter, so it is unchanged.
+DEFAULT_MAX_CONTEXT = 2048
+
+
+def session_context(n_ctx_train: int, max_context: int | None) -> int:
+    """A session's context: the model's own (``n_ctx_train``) capped at ``max_context`` (None: no cap)."""
+    if max_context is None:
+        return n_ctx_train
+    if max_context < 1:
+        raise ModelLoadError(f"max_context must be at least 1 token (None: the model's own), got {max_context}")
+    return min(n_ctx_train, max_context)
+
+
 def check_context_sizes(max_sessions: int, batch_tokens: int) -> None:
     """Refuse sizes llama.cpp cannot make a context of: it aborts the process (``GGML_ASSERT`` on its outputs)
     when a batch holds fewer positions than the context has sequences, as it reserves an output for each."""

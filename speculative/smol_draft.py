@@ -58,7 +58,9 @@ class LlamaShape:
 def _reader(path: str, size: int, mtime_ns: int):
     import gguf
 
-    return gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(path)
+    reader.path = path  # type: ignore[attr-defined]  # GGUFReader keeps no name: the errors here name the file
+    return reader
 
 
 def open_gguf(path: Path):
@@ -74,7 +76,10 @@ def read_shape(reader) -> LlamaShape:  # reader: gguf.GGUFReader
             raise ModelLoadError(f"{reader.path}: no llama.{key} (only llama-architecture GGUFs are supported)")
         return field.contents()
 
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ModelLoadError(f"{reader.path}: no tokenizer.ggml.tokens (a model's GGUF carries its vocabulary)")
+    vocab = len(tokens.data)
     return LlamaShape(
         hidden=int(value("embedding_length")),
         intermediate=int(value("feed_forward_length")),

@@ -11,11 +11,14 @@ quantiser and the q/k rows permuted the way ``gguf_export`` permutes them.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from speculative.errors import ModelLoadError
 from speculative.gguf_export import LAYER_TENSORS, permute_rotary
 from speculative.smol_draft import open_gguf, read_shape
 
@@ -49,6 +52,10 @@ def _matrix(weight: np.ndarray, matrix_type: str):
     return quantize(weight.astype(np.float32), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
 
 
+BLOCKS_VERIFIER_KEY = "tandem.draft.verifier_sha256"  # the verifier file a blocks file was trained on
+BLOCKS_TYPE_KEY = "tandem.draft.matrix_type"
+
+
 def export_draft(
     verifier_gguf: Path, trained: dict[str, torch.Tensor], out_path: Path, matrix_type: str = "q8_0"
 ) -> Path:
@@ -56,39 +63,116 @@ def export_draft(
 
     trained: ``model.norm.weight`` and ``model.layers.{i}.*`` for each of the draft's layers.
     """
+    reader = open_gguf(verifier_gguf)
+    return _write_draft(reader, _trained_tensors(reader, trained, matrix_type), matrix_type, out_path)
+
+
+def export_blocks(
+    verifier_gguf: Path, trained: dict[str, torch.Tensor], out_path: Path, matrix_type: str = "q8_0"
+) -> Path:
+    """Write only what training made (final norm, blocks), as ``export_draft`` encodes it, to ``out_path``.
+
+    A few megabytes where the whole draft is tens (the verifier's embedding and vocabulary): the
+    file the repository keeps, turned into the draft by ``assemble_draft`` beside the verifier it
+    names (its file's SHA-256), which comes from its package.
+    """
     import gguf
 
-    if matrix_type not in MATRIX_TYPES:
-        raise ValueError(f"matrix_type must be one of {MATRIX_TYPES}, not {matrix_type!r}")
-    reader = open_gguf(verifier_gguf)
-    shape = read_shape(reader)
-    n_layers = len({name.split(".")[2] for name in trained if name.startswith("model.layers.")})
-    state = {name: t.detach().float().numpy() for name, t in trained.items()}
+    tensors = _trained_tensors(open_gguf(verifier_gguf), trained, matrix_type)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_path), "llama")
     writer.add_name(out_path.stem)
-    writer.add_block_count(n_layers)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if matrix_type == "q8_0" else gguf.LlamaFileType.ALL_F32)
-    _copy_metadata(reader, writer)
-    tensors = {t.name: t for t in reader.tensors}
-    for name in SHARED_TENSORS:
-        if name in tensors:
-            writer.add_tensor(name, tensors[name].data, raw_dtype=tensors[name].tensor_type)
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"].astype(np.float32))
+    writer.add_block_count(len({name.split(".")[1] for name, _, _ in tensors if name.startswith("blk.")}))
+    writer.add_string(BLOCKS_VERIFIER_KEY, file_sha256(verifier_gguf))
+    writer.add_string(BLOCKS_TYPE_KEY, matrix_type)
+    for name, data, raw_dtype in tensors:
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    _finish(writer)
+    return out_path
+
+
+def assemble_draft(verifier_gguf: Path, blocks_gguf: Path, out_path: Path) -> Path:
+    """The draft ``export_draft`` wrote, byte for byte, from the verifier's GGUF and ``export_blocks``' file.
+
+    Refuses (``ModelLoadError``) blocks trained on another verifier file: their layers would
+    read another embedding's space. Written to a temporary name, then moved into place.
+    """
+    import os
+
+    blocks = open_gguf(blocks_gguf)
+    wanted, matrix_type = (_text_field(blocks, key) for key in (BLOCKS_VERIFIER_KEY, BLOCKS_TYPE_KEY))
+    if wanted != file_sha256(verifier_gguf):
+        raise ModelLoadError(f"{blocks_gguf} was trained on a verifier with SHA-256 {wanted[:12]}..., "
+                             f"not {verifier_gguf}: rebuild the draft (python -m speculative.train_smol)")  # fmt: skip
+    tensors = [(t.name, t.data, t.tensor_type) for t in blocks.tensors]
+    tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
+    _write_draft(open_gguf(verifier_gguf), tensors, matrix_type, tmp, name=out_path.stem)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _text_field(reader, key: str) -> str:
+    field = reader.fields.get(key)
+    if field is None:
+        raise ModelLoadError(f"{reader.path} has no {key}: not a draft blocks file (speculative.smol_export)")
+    return str(field.contents())
+
+
+def _trained_tensors(reader, trained: dict[str, torch.Tensor], matrix_type: str) -> list[tuple[str, np.ndarray, Any]]:
+    """(GGUF name, data, raw dtype) of the trained final norm and blocks, as llama.cpp lays them out."""
+    if matrix_type not in MATRIX_TYPES:
+        raise ValueError(f"matrix_type must be one of {MATRIX_TYPES}, not {matrix_type!r}")
+    from gguf import GGMLQuantizationType
+
+    shape = read_shape(reader)
+    n_layers = len({name.split(".")[2] for name in trained if name.startswith("model.layers.")})
+    state = {name: t.detach().float().numpy() for name, t in trained.items()}
+    out = [("output_norm.weight", state["model.norm.weight"].astype(np.float32), GGMLQuantizationType.F32)]
     for layer in range(n_layers):
         for hf_name, gguf_name in LAYER_TENSORS.items():
             weight = state[f"model.layers.{layer}.{hf_name}"]
             if weight.ndim == 1:  # a norm: llama.cpp wants f32
-                writer.add_tensor(f"blk.{layer}.{gguf_name}", weight.astype(np.float32))
+                out.append((f"blk.{layer}.{gguf_name}", weight.astype(np.float32), GGMLQuantizationType.F32))
                 continue
             if hf_name == "self_attn.q_proj.weight":
                 weight = permute_rotary(weight, shape.heads)
             elif hf_name == "self_attn.k_proj.weight":
                 weight = permute_rotary(weight, shape.kv_heads)
-            data, raw_dtype = _matrix(np.ascontiguousarray(weight), matrix_type)
-            writer.add_tensor(f"blk.{layer}.{gguf_name}", data, raw_dtype=raw_dtype)
+            out.append((f"blk.{layer}.{gguf_name}", *_matrix(np.ascontiguousarray(weight), matrix_type)))
+    return out
+
+
+def _write_draft(reader, tensors: list[tuple[str, np.ndarray, Any]], matrix_type: str, out_path: Path,
+                 name: str | None = None) -> Path:  # fmt: skip
+    """The verifier's metadata and shared tensors (``reader``) with the draft's ``tensors``, to ``out_path``."""
+    import gguf
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out_path), "llama")
+    writer.add_name(name or out_path.stem)
+    writer.add_block_count(len({n.split(".")[1] for n, _, _ in tensors if n.startswith("blk.")}))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if matrix_type == "q8_0" else gguf.LlamaFileType.ALL_F32)
+    _copy_metadata(reader, writer)
+    shared = {t.name: t for t in reader.tensors}
+    for shared_name in SHARED_TENSORS:
+        if shared_name in shared:
+            writer.add_tensor(shared_name, shared[shared_name].data, raw_dtype=shared[shared_name].tensor_type)
+    for tensor_name, data, raw_dtype in tensors:
+        writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
+    _finish(writer)
+    return out_path
+
+
+def _finish(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out_path

@@ -264,16 +264,20 @@ class LlamaGguf:
 
     def chat_prompt_ids(self, user: str) -> list[int]:
         """``user`` as one user turn in the model's own chat template, ready for the assistant's answer."""
+        text = self.chat_prompt_text(user)
+        return list(self._model.tokenize(text.encode(), add_bos=self._model.add_bos_token(), special=True))
+
+    def chat_prompt_text(self, user: str) -> str:
+        """``chat_prompt_ids``' text: the template rendered, special tokens as text."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = self.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelLoadError("the teacher GGUF has no tokenizer.chat_template")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(template).render(
+        return env.from_string(template).render(
             messages=[{"role": "user", "content": user}], add_generation_prompt=True, bos_token="", eos_token=""
         )
-        return list(self._model.tokenize(text.encode(), add_bos=self._model.add_bos_token(), special=True))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._model.detokenize(list(ids), special=True).decode("utf-8", errors="replace")

@@ -20,8 +20,10 @@ its weights never enter the repository. The draft is distilled from it in five s
   machine; then a Llama with the verifier's frozen embedding and a few of its layers, distilled
   against that top-k, checkpointed every ``--checkpoint-every`` steps under ``--work/train``
   (``smol_draft``);
-- ``export``: ``--out/draft.gguf``, sharing the verifier's tokenizer and embedding bytes
-  (``smol_export``);
+- ``export``: ``--out/draft-blocks.gguf``, only what training made (final norm and blocks, 7.5 MB in
+  Q8_0: the file the repository keeps), and the whole draft ``--work/draft.gguf`` assembled from it
+  and the verifier's GGUF, sharing its tokenizer and embedding bytes (``smol_export``; the platform
+  assembles it the same way on first use, ``speculative.pair.smollm2_draft_gguf``);
 - ``report``: ``--out/report.json``: held-out acceptance, tokens a second, sizes, seconds.
 
 ``--stage all`` runs them in order; a stopped run is resumed by the same command. The store
@@ -72,7 +74,7 @@ from speculative.smol_teacher import (
 log = logging.getLogger(__name__)
 
 SMOL_DIR = Path(__file__).resolve().parent / "assets" / "smollm2"
-SMOL_DRAFT_GGUF = SMOL_DIR / "draft.gguf"
+BLOCKS_FILE = "draft-blocks.gguf"  # the trained blocks; speculative.pair.smollm2_draft_gguf assembles the draft
 TEACHER_STORE = SMOL_DIR / "teacher"  # the committed teacher answers
 VERIFIER_PACKAGE = SMOLLM2_PACKAGE
 STAGES = ("prompts", "teacher", "train", "export", "report")
@@ -334,7 +336,9 @@ class Run:
                            held=Rows.of(held[:16]) if held else None, stop_after=stop_after)  # fmt: skip
 
     def export(self) -> Path:
-        from speculative.smol_export import export_draft
+        """``--out/draft-blocks.gguf`` (what training made, the file the repository keeps) and the whole draft
+        assembled from it beside the verifier, ``--work/draft.gguf`` (what the report measures)."""
+        from speculative.smol_export import assemble_draft, export_blocks
 
         final = self.work / "train" / FINAL
         if not final.exists():
@@ -342,12 +346,14 @@ class Run:
         saved = torch.load(final, weights_only=False)
         if saved["identity"] != self.identity(self.answered()[0]):
             raise ValueError(f"{final} was trained by another run ({saved['identity']})")
-        return export_draft(self.verifier, saved["trainable"], self.out / "draft.gguf", self.settings.matrix_type)
+        blocks = export_blocks(self.verifier, saved["trainable"], self.out / BLOCKS_FILE, self.settings.matrix_type)
+        log.info("wrote %s", blocks)
+        return assemble_draft(self.verifier, blocks, self.work / "draft.gguf")
 
     def report(self) -> dict:
         from speculative.smol_report import measure
 
-        s, draft_path = self.settings, self.out / "draft.gguf"
+        s, draft_path, blocks = self.settings, self.work / "draft.gguf", self.out / BLOCKS_FILE
         verifier = LlamaRunner(self.verifier, batch=1, max_context=s.max_context, n_threads=self.threads)
         draft = LlamaRunner(draft_path, batch=1, max_context=s.max_context, n_threads=self.threads)
         held = self.held_answers(verifier)
@@ -357,7 +363,8 @@ class Run:
         report = {
             "seed": s.seed,
             "verifier": {"file": self.verifier.name, "bytes": self.verifier.stat().st_size, "package": VERIFIER_PACKAGE},
-            "draft": {"file": draft_path.name, "bytes": draft_path.stat().st_size, "layers": len(s.init_layers),
+            "draft": {"file": draft_path.name, "bytes": draft_path.stat().st_size, "blocks_file": blocks.name,
+                      "blocks_bytes": blocks.stat().st_size, "layers": len(s.init_layers),
                       "initialised_from_verifier_layers": list(s.init_layers), "matrix_type": s.matrix_type,
                       "shared_with_verifier": "tokenizer metadata and token_embd.weight bytes (frozen while training)"},
             "prompts": {"train": trained["identity"]["rows"], "held_out": len(held)},
@@ -383,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1].split("\n\nWhy not")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--out", type=Path, default=SMOL_DIR, help="where draft.gguf and report.json go")
+    parser.add_argument("--out", type=Path, default=SMOL_DIR, help="where draft-blocks.gguf and report.json go")
     parser.add_argument(
         "--store",
         type=Path,

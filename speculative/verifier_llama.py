@@ -41,12 +41,14 @@ from speculative.errors import (
 )
 from speculative.llama_runs import Between, GreedyRun, RunEnd, run_greedy
 from speculative.llama_sequences import (
+    DEFAULT_MAX_CONTEXT,
     Compaction,
     LogitsReader,
     SequenceIds,
     check_context_sizes,
     in_sequence_order,
     padded_width,
+    session_context,
 )
 from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
@@ -113,6 +115,7 @@ class LlamaCppVerifier:
         n_threads: int | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_context: int | None = DEFAULT_MAX_CONTEXT,
         reuse_prefixes: bool = True,
     ):
         import llama_cpp
@@ -132,7 +135,7 @@ class LlamaCppVerifier:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {self.model_path!r}: {exc}") from exc
         self.vocab_size: int = self._model.n_vocab()
-        self.context_length: int = self._model.n_ctx_train()
+        self.context_length: int = session_context(self._model.n_ctx_train(), max_context)
         eos = self._model.token_eos()
         self.eos_token_id: int | None = eos if eos >= 0 else None
         self.max_sessions = max_sessions

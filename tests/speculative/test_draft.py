@@ -186,6 +186,9 @@ def test_unknown_model_paths_are_clear_errors(tmp_path):
         LlamaCppDraft(DEMO_DRAFT_GGUF, max_sessions=32, batch_tokens=16)
     with pytest.raises(ModelLoadError, match="max_sessions must lie in"):
         LlamaCppDraft(DEMO_DRAFT_GGUF, max_sessions=0)
+    with pytest.raises(ModelLoadError, match="max_context must be at least 1 token"):
+        LlamaCppDraft(DEMO_DRAFT_GGUF, max_sessions=1, max_context=-1)
+    assert LlamaCppDraft(DEMO_DRAFT_GGUF, max_sessions=1, max_context=64).context_length == 64
     with pytest.raises(ModelLoadError):
         TransformersVerifier(tmp_path / "nothing-here", device="cpu")
 

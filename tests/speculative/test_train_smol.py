@@ -182,3 +182,44 @@ def test_export_writes_the_verifiers_layers_back_in_its_own_layout(taught, tmp_p
             assert np.array_equal(
                 dequantized(draft, f"blk.{mine}.{name}.weight"), dequantized(verifier, f"blk.{theirs}.{name}.weight")
             )
+
+
+def test_the_draft_assembled_from_its_trained_blocks_is_the_exported_draft_byte_for_byte(taught, tmp_path):
+    """The repository keeps only what training made; beside the package's verifier it is the whole draft again."""
+    from speculative.smol_draft import build_draft, open_gguf, trainable_state
+    from speculative.smol_export import assemble_draft, export_blocks, export_draft
+
+    trained = trainable_state(build_draft(taught.verifier, (0, 29)))
+    whole = export_draft(taught.verifier, trained, tmp_path / "whole" / "draft.gguf")
+    blocks = export_blocks(taught.verifier, trained, tmp_path / "draft-blocks.gguf")
+    assert blocks.stat().st_size < whole.stat().st_size / 4  # no embedding, no vocabulary
+    assert {t.name for t in open_gguf(blocks).tensors} == {t.name for t in open_gguf(whole).tensors} - {
+        "token_embd.weight"
+    }
+    again = assemble_draft(taught.verifier, blocks, tmp_path / "again" / "draft.gguf")
+    assert again.read_bytes() == whole.read_bytes()
+    assert not list(again.parent.glob("*.tmp"))
+
+
+def test_blocks_trained_on_another_verifier_or_not_blocks_at_all_are_refused(taught, tmp_path):
+    import gguf
+
+    from speculative.errors import ModelLoadError
+    from speculative.smol_draft import build_draft, trainable_state
+    from speculative.smol_export import BLOCKS_VERIFIER_KEY, assemble_draft, export_blocks
+
+    blocks = export_blocks(taught.verifier, trainable_state(build_draft(taught.verifier, (0,))), tmp_path / "b.gguf")
+    other = tmp_path / "other.gguf"
+    other.write_bytes(taught.verifier.read_bytes() + b"\0")  # the same weights in another file
+    with pytest.raises(ModelLoadError, match="was trained on a verifier with SHA-256"):
+        assemble_draft(other, blocks, tmp_path / "d.gguf")
+    plain = gguf.GGUFWriter(str(tmp_path / "plain.gguf"), "llama")
+    plain.write_header_to_file()
+    plain.write_kv_data_to_file()
+    plain.write_tensors_to_file()
+    plain.close()
+    with pytest.raises(ModelLoadError, match=f"has no {BLOCKS_VERIFIER_KEY}: not a draft blocks file"):
+        assemble_draft(taught.verifier, tmp_path / "plain.gguf", tmp_path / "d.gguf")
+    assert not (tmp_path / "d.gguf").exists()
+    with pytest.raises(ModelLoadError, match="plain.gguf: no tokenizer.ggml.tokens"):
+        build_draft(tmp_path / "plain.gguf", (0,))

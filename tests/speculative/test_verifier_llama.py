@@ -261,6 +261,20 @@ def test_unknown_sessions_and_files_are_clear_errors(llama, tmp_path):
     for sessions in (0, 257):
         with pytest.raises(ModelLoadError, match="max_sessions must lie in"):
             LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=sessions)
+    with pytest.raises(ModelLoadError, match="max_context must be at least 1 token"):
+        LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=1, max_context=0)
+
+
+def test_a_sessions_context_is_the_models_own_capped_at_max_context_and_a_longer_prompt_is_refused():
+    assert LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=1, n_threads=1, max_context=None).context_length == 1024
+    assert LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=1, n_threads=1).context_length == 1024  # under the cap
+    capped = LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=1, n_threads=1, max_context=40)
+    assert capped.context_length == 40
+    with pytest.raises(ContextOverflowError):
+        capped.open_session("long", list(range(5, 45)), GREEDY)
+    capped.open_session("fits", list(range(5, 38)), GREEDY)  # the prompt and room for the next tokens
+    verdict = capped.verify([VerifyRequest("fits", (), None, 0)]).verdicts[0]
+    assert verdict.verifier_token >= 0
 
 
 def test_logprobs_of_a_verified_round_equal_those_of_plain_decoding_at_the_same_positions(llama):
