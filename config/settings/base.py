@@ -252,7 +252,7 @@ LOGGING = {
 
 # Tandem ---------------------------------------------------------------------------------
 TANDEM_ENGINES = get_env("TANDEM_ENGINES", "inference.engines.load_default_engines")
-TANDEM_PAIR = get_env("TANDEM_PAIR", "demo")  # or "smollm2" (inference.engines.PAIRS)
+TANDEM_PAIR = get_env("TANDEM_PAIR", "demo")  # or "smollm2" (speculative.pair.PAIRS)
 TANDEM_VERIFIER = get_env("TANDEM_VERIFIER", "")  # "" = the pair's verifier
 TANDEM_DRAFT = get_env("TANDEM_DRAFT", "")  # "" = the pair's draft
 TANDEM_VERIFIER_URLS = get_env("TANDEM_VERIFIER_URLS", [], as_list)
