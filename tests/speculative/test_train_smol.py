@@ -135,6 +135,8 @@ def test_exported_draft_shares_the_verifiers_vocabulary_and_embedding_bytes_and_
     if not (taught.work / "train" / "draft-trained.pt").exists():
         taught.train()
     path = taught.export()
+    # the blocks go where the repository keeps them; the whole draft, assembled from them, stays in the work folder
+    assert path == taught.work / "draft.gguf" and (taught.out / "draft-blocks.gguf").is_file()
     draft, verifier = open_gguf(path), open_gguf(taught.verifier)
     mine, theirs = (next(t for t in r.tensors if t.name == "token_embd.weight") for r in (draft, verifier))
     assert mine.tensor_type == theirs.tensor_type and np.array_equal(mine.data, theirs.data)
@@ -146,6 +148,7 @@ def test_exported_draft_shares_the_verifiers_vocabulary_and_embedding_bytes_and_
     assert (taught.out / "report.json").exists()
     assert 0 <= report["held_out"]["greedy_acceptance"] <= 1 and report["held_out"]["prompts"] == 2
     assert report["tokens_per_second"]["draft"] > 0 and report["train"]["steps"] == 2
+    assert report["draft"]["blocks_bytes"] == (taught.out / "draft-blocks.gguf").stat().st_size
 
 
 def test_verifier_layers_read_into_torch_compute_what_llama_cpp_computes(taught):
