@@ -89,9 +89,12 @@ bench: $(STAMP)
 
 # Tandem's server against llama.cpp's llama-server (built once from the pinned llama-cpp-python's
 # vendored source, cached under the var dir): same pair, same client; see the README's performance section
+# (PAIR=smollm2: SmolLM2-135M-Instruct and its distilled draft)
+PAIR ?= demo
 .PHONY: bench-peer
 bench-peer: $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m speculative.bench_peer --out docs/bench/$$(date -u +%Y-%m-%d)-peer-cpu-2core.json
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m speculative.bench_peer --pair $(PAIR) \
+		--out docs/bench/$$(date -u +%Y-%m-%d)-peer-cpu-2core-$(PAIR).json
 
 bench-platform: $(STAMP)
 	$(PY) -m inference.bench
