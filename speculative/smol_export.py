@@ -7,6 +7,10 @@ and the name; the embedding (and an untied output matrix, if the verifier has on
 verifier's tensor copied as the same quantised bytes; the trained final norm and blocks are
 written from torch, the blocks' matrices re-encoded (``q8_0`` by default) by gguf's own
 quantiser and the q/k rows permuted the way ``gguf_export`` permutes them.
+
+The repository keeps only the trained part (``export_blocks``: final norm and blocks, with the
+verifier file's SHA-256); ``assemble_draft`` writes the whole draft again from it beside the
+verifier, byte for byte what ``export_draft`` writes.
 """
 
 from __future__ import annotations
@@ -106,8 +110,11 @@ def assemble_draft(verifier_gguf: Path, blocks_gguf: Path, out_path: Path) -> Pa
                              f"not {verifier_gguf}: rebuild the draft (python -m speculative.train_smol)")  # fmt: skip
     tensors = [(t.name, t.data, t.tensor_type) for t in blocks.tensors]
     tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
-    _write_draft(open_gguf(verifier_gguf), tensors, matrix_type, tmp, name=out_path.stem)
-    os.replace(tmp, out_path)
+    try:
+        _write_draft(open_gguf(verifier_gguf), tensors, matrix_type, tmp, name=out_path.stem)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no half file behind
     return out_path
 
 

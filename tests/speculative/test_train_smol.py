@@ -204,6 +204,23 @@ def test_the_draft_assembled_from_its_trained_blocks_is_the_exported_draft_byte_
     assert not list(again.parent.glob("*.tmp"))
 
 
+def test_a_failed_assembly_leaves_no_file_behind(taught, tmp_path, monkeypatch):
+    from speculative.smol_draft import build_draft, trainable_state
+    from speculative.smol_export import assemble_draft, export_blocks
+
+    blocks = export_blocks(taught.verifier, trainable_state(build_draft(taught.verifier, (0,))), tmp_path / "b.gguf")
+
+    def full_disk(reader, tensors, matrix_type, out_path, name=None):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_bytes(b"half a draft")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("speculative.smol_export._write_draft", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        assemble_draft(taught.verifier, blocks, tmp_path / "out" / "d.gguf")
+    assert not (tmp_path / "out" / "d.gguf").exists() and not list(tmp_path.glob("**/*.tmp"))
+
+
 def test_blocks_trained_on_another_verifier_or_not_blocks_at_all_are_refused(taught, tmp_path):
     import gguf
 
