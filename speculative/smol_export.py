@@ -15,6 +15,7 @@ verifier, byte for byte what ``export_draft`` writes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,16 @@ def assemble_draft(verifier_gguf: Path, blocks_gguf: Path, out_path: Path) -> Pa
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, computed once per process while its size and mtime stay (the verifier is 98 MB)."""
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 

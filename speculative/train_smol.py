@@ -41,9 +41,7 @@ answers, the loss is top-k, and every stage must survive a stop. They share ``lr
 from __future__ import annotations
 
 import argparse
-import functools
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +57,7 @@ import torch
 
 from speculative.pair import SMOLLM2_PACKAGE, smollm2_gguf
 from speculative.smol_draft import FINAL, Rows, TrainSettings, build_draft, train_draft
+from speculative.smol_export import file_sha256
 from speculative.smol_prompts import Prompt, chat_prompts, split
 from speculative.smol_teacher import (
     Answer,
@@ -81,19 +80,9 @@ STAGES = ("prompts", "teacher", "train", "export", "report")
 PROGRESS_EVERY = 16  # answers between progress lines (and stats writes)
 
 
-@functools.lru_cache(maxsize=4)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verifier_identity(path: Path) -> dict:
     """What pins a store's answers to one verifier: its file's name, size and SHA-256."""
-    stat = path.stat()
-    return {"file": path.name, "bytes": stat.st_size, "sha256": _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 @dataclass(frozen=True)
