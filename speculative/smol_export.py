@@ -87,7 +87,7 @@ def export_blocks(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_path), "llama")
     writer.add_name(out_path.stem)
-    writer.add_block_count(len({name.split(".")[1] for name, _, _ in tensors if name.startswith("blk.")}))
+    writer.add_block_count(_block_count(tensors))
     writer.add_string(BLOCKS_VERIFIER_KEY, file_sha256(verifier_gguf))
     writer.add_string(BLOCKS_TYPE_KEY, matrix_type)
     for name, data, raw_dtype in tensors:
@@ -173,7 +173,7 @@ def _write_draft(reader, tensors: list[tuple[str, np.ndarray, Any]], matrix_type
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_path), "llama")
     writer.add_name(name or out_path.stem)
-    writer.add_block_count(len({n.split(".")[1] for n, _, _ in tensors if n.startswith("blk.")}))
+    writer.add_block_count(_block_count(tensors))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if matrix_type == "q8_0" else gguf.LlamaFileType.ALL_F32)
     _copy_metadata(reader, writer)
     shared = {t.name: t for t in reader.tensors}
@@ -184,6 +184,10 @@ def _write_draft(reader, tensors: list[tuple[str, np.ndarray, Any]], matrix_type
         writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
     _finish(writer)
     return out_path
+
+
+def _block_count(tensors: list[tuple[str, np.ndarray, Any]]) -> int:
+    return len({name.split(".")[1] for name, _, _ in tensors if name.startswith("blk.")})
 
 
 def _finish(writer) -> None:

@@ -36,7 +36,7 @@ def var_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smol_engines(smollm2_verifier, var_dir) -> Iterator[EngineSet]:
     with override_settings(TANDEM_PAIR="smollm2", TANDEM_VERIFIER="", TANDEM_DRAFT="", VAR_DIR=var_dir,
-                           TANDEM_VERIFIER_THREADS=1, TANDEM_VERIFIER_URLS=[]):  # fmt: skip
+                           TANDEM_VERIFIER_THREADS=1, TANDEM_VERIFIER_URLS=[], TANDEM_MAX_CONTEXT=512):  # fmt: skip
         engine_set = load_default_engines()
     previous = set_engines(engine_set)
     yield engine_set
