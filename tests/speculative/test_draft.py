@@ -14,6 +14,7 @@ from speculative.draft_llama import LlamaCppDraft
 from speculative.errors import DraftBusyError, InvalidRequestError, ModelLoadError, VocabularyMismatchError
 from speculative.gguf_export import export_gguf
 from speculative.llama_sequences import (
+    COPY_OVER,
     COPY_PASSES,
     PREFIX_OVER_GAP,
     Compaction,
@@ -399,6 +400,58 @@ def test_beside_open_sessions_a_kept_prefix_elsewhere_wins_only_when_much_longer
     assert ids.take(short) == (2, 0)  # the lowest of the ids beside the open ones; nothing keeps ``short`` now
 
 
+def _copying_ids(n: int) -> tuple[SequenceIds, list[tuple[int, int]], list[tuple[int, int]]]:
+    removed: list[tuple[int, int]] = []
+    copied: list[tuple[int, int]] = []
+    ids = SequenceIds(n, lambda seq, start: removed.append((seq, start)), copy=lambda a, b: copied.append((a, b)))
+    return ids, removed, copied
+
+
+def test_beside_open_sessions_a_longer_prefix_kept_apart_is_copied_beside_them_and_stays_kept_there():
+    ids, removed, copied = _copying_ids(16)
+    assert [ids.take()[0] for _ in range(8)] == list(range(8))
+    kept = list(range(200, 200 + COPY_OVER + 6))
+    ids.release(0, kept)
+    for seq in (1, 2, 3, 4):
+        ids.release(seq)  # sessions 5-7 stay open
+    removed.clear()
+    want = kept[:-2] + [7, 7]  # shares all but kept's last two
+    # id 4 is the one beside 5-7 (it keeps nothing): 0's stream is copied there, and what follows the prefix goes
+    assert ids.take(want) == (4, len(kept) - 2)
+    assert copied == [(0, 4)] and removed == [(4, len(kept) - 2)] and ids.copies == 1
+    assert ids.take(kept) == (3, len(kept))  # 0 still keeps it, for the next prompt that starts with it
+    assert copied[-1] == (0, 3) and ids.reused == 2 * len(kept) - 2
+    # a prefix fewer than COPY_OVER tokens longer than the one beside them is not worth a copy
+    ids.release(3, kept[: COPY_OVER - 1] + [9])
+    assert ids.take(kept) == (3, COPY_OVER - 1) and len(copied) == 2
+
+
+def test_a_kept_prompt_a_new_session_overwrites_beside_the_open_ones_is_first_copied_apart():
+    ids, _, copied = _copying_ids(8)
+    assert [ids.take()[0] for _ in range(3)] == [0, 1, 2]
+    chat = list(range(100, 100 + COPY_OVER + 4))
+    ids.release(2, chat)  # a chat's turn ended; sessions 0 and 1 go on
+    assert ids.take([5, 6]) == (
+        2,
+        0,
+    )  # the only id beside them: its tokens go apart first, to the lowest empty id there
+    assert copied == [(2, 4)]
+    # the chat's next turn (its tokens and more) opens beside the others and takes them back by a copy
+    assert ids.take(chat + [1, 2]) == (3, len(chat)) and copied[-1] == (4, 3)
+    # a stream holding little beyond what the new session reuses is not copied apart
+    ids.release(3, chat + [1])
+    assert ids.take(chat + [1, 2]) == (3, len(chat) + 1) and len(copied) == 2
+
+
+def test_without_a_copy_nothing_is_copied_and_a_prefix_kept_apart_is_taken_where_it_is():
+    ids, _ = _ids(16)
+    assert [ids.take()[0] for _ in range(8)] == list(range(8))
+    kept = list(range(200, 200 + COPY_OVER + 6))
+    ids.release(0, kept)
+    ids.release(4)
+    assert ids.take(kept) == (4, 0) and ids.copies == 0  # beside 5-7, as before the copies
+
+
 def test_a_draft_context_reuses_what_a_closed_one_left_and_evaluates_on_as_a_fresh_one(tiny_checkpoint):
     out, _, _ = tiny_checkpoint
     draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=2)
@@ -411,6 +464,26 @@ def test_a_draft_context_reuses_what_a_closed_one_left_and_evaluates_on_as_a_fre
     reused = again.evaluate([11, 12])
     fresh = LlamaCppDraft(out / "tiny.gguf", max_sessions=2).new_context().evaluate(ids[:5] + [11, 12])
     assert np.array_equal(reused, fresh)
+
+
+def test_a_draft_context_copies_a_prefix_kept_apart_beside_the_open_ones_and_evaluates_on_as_a_fresh_one(
+    tiny_checkpoint,
+):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=4)
+    ids = [5, 17, 42, 99, 7, 250, 3, 8, 61, 33, 12, 90, 4, 77]
+    assert len(ids) > COPY_OVER + 2
+    open_one = draft.new_context()  # id 0, open throughout
+    first = draft.new_context()  # id 1
+    first.evaluate(ids)
+    first.close()
+    other = draft.new_context([9, 9])  # takes id 1: what it kept is copied apart (id 3) first
+    again = draft.new_context(ids[:10] + [11, 12])  # id 2, beside them: a copy of id 3
+    assert again.reused == 10 and draft._ids.copies == 2
+    fresh = LlamaCppDraft(out / "tiny.gguf", max_sessions=2).new_context().evaluate(ids[:10] + [11, 12])
+    assert np.array_equal(again.evaluate([11, 12]), fresh)
+    for ctx in (open_one, other, again):
+        ctx.close()
 
 
 def test_a_draft_session_on_a_kept_prompt_catches_up_on_one_token_and_drafts_as_a_fresh_one(tiny_checkpoint):

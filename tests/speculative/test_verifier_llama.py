@@ -16,7 +16,7 @@ from speculative.errors import (
     VerifierBusyError,
 )
 from speculative.llama_runs import GreedyRun
-from speculative.llama_sequences import COPY_PASSES
+from speculative.llama_sequences import COPY_OVER, COPY_PASSES
 from speculative.pair import DEMO_VERIFIER_GGUF
 from speculative.types import Proposal, SamplingParams, Verdict
 from speculative.verifier import VerifyRequest
@@ -480,6 +480,33 @@ def test_a_prompt_sharing_only_a_prefix_reuses_that_prefix_and_drafts_still_veri
     assert whole.emitted_tokens(tuple(plain[:4])) == tuple(plain[:5])
     assert partial.emitted_tokens(wrong) == tuple(plain[5:8])
     assert rest == plain[8:11]
+
+
+def test_a_prompt_kept_apart_is_copied_beside_the_open_sessions_and_every_copied_stream_decodes_as_a_fresh_one(
+    llama, monkeypatch
+):
+    _, tokenizer = llama
+    prompt = tokenizer.encode(
+        "Middleware is a framework of hooks into Django's request/response", add_special_tokens=False
+    )
+    other = tokenizer.encode("def get_queryset(self):", add_special_tokens=False)
+    assert len(prompt) > COPY_OVER + 1
+    expected, expected_other = _plain(_fresh(reuse=False), prompt, 16), _plain(_fresh(reuse=False), other, 8)
+    verifier = _fresh(max_sessions=6)
+    for sid, text in (("a", "The Django ORM"), ("b", "A form field")):
+        verifier.open_session(sid, tokenizer.encode(text, add_special_tokens=False), GREEDY)  # ids 0 and 1
+    try:
+        assert _plain(verifier, prompt, 16) == expected  # on id 2, beside them: its stream keeps prompt and answer
+        verifier.open_session("c", other, GREEDY)  # takes id 2, whose stream is first copied apart (to id 4)
+        assert verifier._ids.copies == 1
+        prefills = _prefilled_positions(verifier, monkeypatch)
+        assert _plain(verifier, prompt, 16) == expected  # copied back beside the others (id 3): nothing evaluated
+        assert prefills == [] and verifier._ids.copies == 2
+        rounds = [verifier.verify([VerifyRequest("c", (), None, r)]).verdicts[0].verifier_token for r in range(8)]
+        assert rounds == expected_other  # the stream copied apart held what it had until the copy was made
+    finally:
+        for sid in "abc":
+            verifier.close_session(sid)
 
 
 def test_without_reuse_a_closed_sessions_stream_is_emptied(llama, monkeypatch):
