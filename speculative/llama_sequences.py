@@ -116,15 +116,20 @@ class SequenceIds:
     (then the lowest). A prefix kept elsewhere ``COPY_OVER`` tokens longer is copied into one
     of those (``copy(source, destination)``: a whole stream, cell for cell, so the copy holds
     what the source does); without ``copy`` the session goes apart from the open ones for a
-    prefix ``PREFIX_OVER_GAP`` tokens longer. With no prefix to reuse it takes an id that keeps
-    nothing, or else the one whose tokens were kept longest ago, so that many prompts stay kept
-    at once (one each, a client cycling through 8 prompts on 32 ids). ``remove(seq,
-    from_position)`` drops a stream's positions from ``from_position`` on.
+    prefix ``PREFIX_OVER_GAP`` tokens longer. Where the id it takes keeps a prompt of at least
+    ``COPY_OVER`` tokens it would not reuse (a prompt may come again, or a chat's next turn
+    after it; an answer alone rarely does), those are first copied to a free id apart from the
+    open ones (``_preserve``), as ``llama-server``'s prompt cache keeps them. With no prefix to
+    reuse it takes an id that keeps nothing, or else the one whose tokens were kept longest ago,
+    so that many prompts stay kept at once (one each, a client cycling through 8 prompts on 32
+    ids). ``remove(seq, from_position)`` drops a stream's positions from ``from_position`` on.
 
     Measured on SmolLM2-135M-Instruct's chat prompts (16 sessions, 16 prompts each sent twice
     a wave, two threads, 2026-12-03): without copies a session opening beside the others found
     only the shared system prompt there and evaluated 1,591 of the wave's 2,250 prompt positions
-    (``llama-server``, whose slots keep their prompts, about 600).
+    (``llama-server``, whose slots keep their prompts, about 600); with them 82-349, and plain
+    decoding went from 98 to 133-159 tokens/s. The demo pair's prompts (about 5 tokens) are not
+    worth a copy: one copy in such a wave, where copying every answer apart took 46.
     """
 
     def __init__(
@@ -141,6 +146,8 @@ class SequenceIds:
         self.reused = 0  # positions found kept, not evaluated again
         self._kept: dict[int, list[int]] = {}  # free id -> the tokens its stream holds at positions 0..
         self._order: dict[int, int] = {}  # free id -> when its tokens were kept (the oldest goes first)
+        self._prompts: dict[int, int] = {}  # free id -> how many of its kept tokens were the prompt it was taken for
+        self._wanted: dict[int, int] = {}  # open id -> the length of the prompt it was taken for
         self._released = 0
         self._remove = remove
         self._copy = copy  # (source, destination): the destination's stream becomes a copy of the source's
@@ -151,9 +158,10 @@ class SequenceIds:
         seq, reused, source = self._choose(list(want)) if self._kept and want else (self.free[-1], 0, None)
         self.free.remove(seq)
         kept = self._kept.pop(seq, None)
-        order = self._order.pop(seq, 0)
-        if kept is not None and self._copy is not None and len(kept) - reused >= COPY_OVER:
-            self._preserve(seq, kept, order, source)
+        order, prompt = self._order.pop(seq, 0), self._prompts.pop(seq, 0)
+        # worth a copy: a prompt (which may come again, or with a chat's next turn after it), not just an answer
+        if kept is not None and self._copy is not None and min(prompt, len(kept)) - reused >= COPY_OVER:
+            self._preserve(seq, kept, order, prompt, source)
         if source is not None:  # the source stays free, keeping its tokens for another prompt that starts with them
             self._copy(source, seq)
             kept = self._kept[source]
@@ -161,13 +169,16 @@ class SequenceIds:
         if kept is not None and len(kept) > reused:
             self._remove(seq, reused)
         self.reused += reused
+        self._wanted[seq] = len(want)
         return seq, reused
 
     def release(self, seq: int, kept: Sequence[int] = ()) -> None:
         """Free ``seq``; its stream keeps ``kept`` (the tokens at its positions 0..), or nothing."""
+        wanted = self._wanted.pop(seq, 0)
         if self.reuse and kept:
             self._kept[seq] = list(kept)
             self._order[seq] = self._released = self._released + 1
+            self._prompts[seq] = wanted
         else:
             self._remove(seq, 0)
         self.free.append(seq)
@@ -178,6 +189,8 @@ class SequenceIds:
         self.free.remove(hole)
         self._kept.pop(hole, None)
         self._order.pop(hole, None)
+        self._prompts.pop(hole, None)
+        self._wanted[hole] = self._wanted.pop(seq, 0)
         self.free.append(seq)
         self.free.sort(reverse=True)
 
@@ -186,7 +199,7 @@ class SequenceIds:
         free = set(self.free)
         return {seq: 1 - sum(1 for x in (seq - 1, seq + 1) if 0 <= x < self.n and x not in free) for seq in self.free}
 
-    def _preserve(self, seq: int, kept: list[int], order: int, avoid: int | None) -> None:
+    def _preserve(self, seq: int, kept: list[int], order: int, prompt: int, avoid: int | None) -> None:
         """Copy what ``seq`` kept into a free id apart from the open ones (which a new session takes last): one
         that keeps nothing, else the one kept longest ago if older. So a prompt outlives the next session opening
         beside the others (a chat's next turn, a prompt sent again) as ``llama-server``'s prompt cache keeps it."""
@@ -198,7 +211,7 @@ class SequenceIds:
         if spare is None or (spare in self._kept and self._order[spare] > order):
             return
         self._copy(seq, spare)
-        self._kept[spare], self._order[spare] = kept, order
+        self._kept[spare], self._order[spare], self._prompts[spare] = kept, order, prompt
         self.copies += 1
 
     def _choose(self, want: list[int]) -> tuple[int, int, int | None]:

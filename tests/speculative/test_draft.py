@@ -428,19 +428,23 @@ def test_beside_open_sessions_a_longer_prefix_kept_apart_is_copied_beside_them_a
 
 def test_a_kept_prompt_a_new_session_overwrites_beside_the_open_ones_is_first_copied_apart():
     ids, _, copied = _copying_ids(8)
-    assert [ids.take()[0] for _ in range(3)] == [0, 1, 2]
-    chat = list(range(100, 100 + COPY_OVER + 4))
-    ids.release(2, chat)  # a chat's turn ended; sessions 0 and 1 go on
+    assert [ids.take()[0] for _ in range(2)] == [0, 1]
+    chat, answer = list(range(100, 100 + COPY_OVER + 4)), [7] * 20
+    assert ids.take(chat) == (2, 0)
+    ids.release(2, chat + answer)  # a chat's turn ended; sessions 0 and 1 go on
     assert ids.take([5, 6]) == (
         2,
         0,
     )  # the only id beside them: its tokens go apart first, to the lowest empty id there
     assert copied == [(2, 4)]
     # the chat's next turn (its tokens and more) opens beside the others and takes them back by a copy
-    assert ids.take(chat + [1, 2]) == (3, len(chat)) and copied[-1] == (4, 3)
-    # a stream holding little beyond what the new session reuses is not copied apart
-    ids.release(3, chat + [1])
-    assert ids.take(chat + [1, 2]) == (3, len(chat) + 1) and len(copied) == 2
+    turn = chat + answer + [1, 2]
+    assert ids.take(turn) == (3, len(chat + answer)) and copied[-1] == (4, 3)
+    # a short prompt's stream holds mostly its answer: overwritten without a copy apart
+    ids.release(3)
+    assert ids.take([9, 9]) == (3, 0)
+    ids.release(3, [9, 9, *answer])
+    assert ids.take([5]) == (3, 0) and len(copied) == 2
 
 
 def test_without_a_copy_nothing_is_copied_and_a_prefix_kept_apart_is_taken_where_it_is():
@@ -474,7 +478,7 @@ def test_a_draft_context_copies_a_prefix_kept_apart_beside_the_open_ones_and_eva
     ids = [5, 17, 42, 99, 7, 250, 3, 8, 61, 33, 12, 90, 4, 77]
     assert len(ids) > COPY_OVER + 2
     open_one = draft.new_context()  # id 0, open throughout
-    first = draft.new_context()  # id 1
+    first = draft.new_context(ids)  # id 1, for the prompt ``ids``
     first.evaluate(ids)
     first.close()
     other = draft.new_context([9, 9])  # takes id 1: what it kept is copied apart (id 3) first
