@@ -158,12 +158,12 @@ class SequenceIds:
         seq, reused, source = self._choose(list(want)) if self._kept and want else (self.free[-1], 0, None)
         self.free.remove(seq)
         kept = self._kept.pop(seq, None)
-        order, prompt = self._order.pop(seq, 0), self._prompts.pop(seq, 0)
+        order, prompt, copy = self._order.pop(seq, 0), self._prompts.pop(seq, 0), self._copy
         # worth a copy: a prompt (which may come again, or with a chat's next turn after it), not just an answer
-        if kept is not None and self._copy is not None and min(prompt, len(kept)) - reused >= COPY_OVER:
-            self._preserve(seq, kept, order, prompt, source)
-        if source is not None:  # the source stays free, keeping its tokens for another prompt that starts with them
-            self._copy(source, seq)
+        if kept is not None and copy is not None and min(prompt, len(kept)) - reused >= COPY_OVER:
+            self._preserve(copy, seq, kept, (order, prompt), source)
+        if source is not None and copy is not None:  # the source stays free, keeping its tokens for another prompt
+            copy(source, seq)
             kept = self._kept[source]
             self.copies += 1
         if kept is not None and len(kept) > reused:
@@ -199,10 +199,14 @@ class SequenceIds:
         free = set(self.free)
         return {seq: 1 - sum(1 for x in (seq - 1, seq + 1) if 0 <= x < self.n and x not in free) for seq in self.free}
 
-    def _preserve(self, seq: int, kept: list[int], order: int, prompt: int, avoid: int | None) -> None:
+    def _preserve(
+        self, copy: Callable[[int, int], None], seq: int, kept: list[int], stamp: tuple[int, int], avoid: int | None
+    ) -> None:
         """Copy what ``seq`` kept into a free id apart from the open ones (which a new session takes last): one
         that keeps nothing, else the one kept longest ago if older. So a prompt outlives the next session opening
-        beside the others (a chat's next turn, a prompt sent again) as ``llama-server``'s prompt cache keeps it."""
+        beside the others (a chat's next turn, a prompt sent again) as ``llama-server``'s prompt cache keeps it.
+        ``stamp``: when ``seq``'s tokens were kept, and how many of them were its prompt."""
+        order, prompt = stamp
         added = self._runs_added()
         fewest = min(added.values(), default=0)
         apart = [f for f in self.free if f != avoid and added[f] > fewest]
@@ -210,7 +214,7 @@ class SequenceIds:
         spare = min(empty) if empty else min(apart, key=lambda f: self._order[f], default=None)
         if spare is None or (spare in self._kept and self._order[spare] > order):
             return
-        self._copy(seq, spare)
+        copy(seq, spare)
         self._kept[spare], self._order[spare], self._prompts[spare] = kept, order, prompt
         self.copies += 1
 
