@@ -296,6 +296,31 @@ def test_the_idle_time_between_bursts_is_scored_for_no_cap():
     assert min(governor.rates.values()) == pytest.approx(40 / 0.05)  # not 12 batches over 5.6 s
 
 
+def test_a_lone_sessions_epoch_spans_its_requests_not_the_idle_time_between_them():
+    """A lone session's request is 35 ms on the demo pair: scored alone, each cap was measured on one prompt."""
+    governor = SpeculationGovernor()
+    first = governor.cap
+    now = 0.0
+    for _ in range(2):  # requests of five batches (their first, the first token, not counted), seconds apart
+        now = _batches(governor, [1] * 5, now=now)
+        governor.on_idle()
+        now += 5.0
+        assert governor.rates == {} and governor.cap == first
+    _batches(governor, [1] * 5, now=now)  # the third request's fourth counted batch is the epoch's twelfth
+    assert governor.rates == {(1, first): pytest.approx(40 / 0.05)}  # 12 batches over 0.6 s, not over 10.6
+    assert governor.cap != first  # the next untried cap's turn
+
+
+def test_a_lone_sessions_paused_epoch_is_scored_if_long_enough_when_a_burst_comes_instead():
+    governor = SpeculationGovernor()
+    first = governor.cap
+    now = _batches(governor, [1] * (EPOCH_MIN_BATCHES + 1))
+    governor.on_idle()
+    assert governor.rates == {}
+    _batches(governor, [16] * 2, now=now + 5.0)
+    assert governor.rates == {(1, first): pytest.approx(40 / 0.05)}
+
+
 def test_a_lone_session_after_a_burst_takes_its_own_levels_cap():
     """A burst at 16 left cap 0 on, and the lone sessions that came after it ran plain."""
     governor = SpeculationGovernor()
