@@ -408,9 +408,9 @@ class SpeculationGovernor:
 
         A lone session's request is its own epoch otherwise: 64 tokens of the demo pair are 35 ms,
         a third of ``EPOCH_MIN_S``, and each cap was scored on one prompt, its agreement that
-        prompt's: served, the governor chose a cap of 2 (1,356 tokens/s measured against plain
-        decoding's 1,246) where pinned runs made 1,003-1,213 and 1,436-1,922 (demo pair, one
-        session, in process, 2026-12-03). Resumed, an epoch spans requests (not the idle time
+        prompt's: the governor chose a cap of 2 (1,356 tokens/s measured against plain decoding's
+        1,246) where pinned runs made 1,003-1,213 and 1,436-1,922 (demo pair, one session, in
+        process, 2026-12-03). Resumed, an epoch spans requests (not the idle time
         between them) until it is long enough. Another load ends the pause as an idle did before.
         """
         paused, self._paused = self._paused, None
