@@ -201,7 +201,7 @@ class LlamaCppDraft:
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size)
         self._batch_tokens = batch_tokens
-        self._ids = SequenceIds(max_sessions, self._remove_from, copy=self._copy_stream)
+        self._ids = SequenceIds.of_context(self._ctx, max_sessions)
         self._live: dict[int, LlamaCppContext] = {}  # sequence id -> the session's context
         self.compactions = 0  # sessions moved to a lower sequence id (``_compact``)
         self._compaction = Compaction()
@@ -247,13 +247,6 @@ class LlamaCppDraft:
         return ctx
 
     # shared-context plumbing ------------------------------------------------------------
-    def _remove_from(self, seq: int, start: int) -> None:
-        self._ctx.kv_cache_seq_rm(seq, start, -1)
-
-    def _copy_stream(self, source: int, seq: int) -> None:
-        """``seq``'s KV stream made a copy of ``source``'s (at the next decode; ``SequenceIds``)."""
-        self._ctx.kv_cache_seq_cp(source, seq, -1, -1)
-
     def _release(self, ctx: LlamaCppContext) -> None:
         with self._decode_lock, self._cond:
             if self._live.get(ctx._seq) is ctx:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -98,6 +98,14 @@ def check_context_sizes(max_sessions: int, batch_tokens: int) -> None:
         raise ModelLoadError(f"batch_tokens ({batch_tokens}) must be at least max_sessions ({max_sessions})")
 
 
+class KvStreams(Protocol):
+    """What ``SequenceIds.of_context`` needs of a llama.cpp context (llama-cpp-python's ``LlamaContext``)."""
+
+    def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool: ...
+
+    def kv_cache_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int, p1: int) -> Any: ...
+
+
 class SequenceIds:
     """The sequence ids of a shared llama.cpp context: which are free, and what each free one's KV stream still holds.
 
@@ -135,10 +143,10 @@ class SequenceIds:
     def __init__(
         self,
         n: int,
-        remove: Callable[[int, int], None],
+        remove: Callable[[int, int], object],
         *,
         reuse: bool = True,
-        copy: Callable[[int, int], None] | None = None,
+        copy: Callable[[int, int], object] | None = None,
     ):
         self.n = n
         self.free = list(range(n - 1, -1, -1))  # low ids last: ``free[-1]`` is the lowest
@@ -152,6 +160,17 @@ class SequenceIds:
         self._remove = remove
         self._copy = copy  # (source, destination): the destination's stream becomes a copy of the source's
         self.copies = 0  # kept prefixes copied beside the open ids
+
+    @classmethod
+    def of_context(cls, ctx: KvStreams, n: int, *, reuse: bool = True) -> SequenceIds:
+        """The ids of ``ctx``'s ``n`` sequences: positions dropped with ``llama_memory_seq_rm``, streams copied
+        whole with ``llama_memory_seq_cp`` (done at the next decode), as both llama.cpp backends do."""
+        return cls(
+            n,
+            lambda seq, start: ctx.kv_cache_seq_rm(seq, start, -1),
+            reuse=reuse,
+            copy=lambda source, seq: ctx.kv_cache_seq_cp(source, seq, -1, -1),
+        )
 
     def take(self, want: Sequence[int] = ()) -> tuple[int, int]:
         """A free id for a session whose first positions will hold ``want``; how many of them it holds already."""
@@ -200,7 +219,7 @@ class SequenceIds:
         return {seq: 1 - sum(1 for x in (seq - 1, seq + 1) if 0 <= x < self.n and x not in free) for seq in self.free}
 
     def _preserve(
-        self, copy: Callable[[int, int], None], seq: int, kept: list[int], stamp: tuple[int, int], avoid: int | None
+        self, copy: Callable[[int, int], object], seq: int, kept: list[int], stamp: tuple[int, int], avoid: int | None
     ) -> None:
         """Copy what ``seq`` kept into a free id apart from the open ones (which a new session takes last): one
         that keeps nothing, else the one kept longest ago if older. So a prompt outlives the next session opening

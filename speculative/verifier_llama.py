@@ -160,7 +160,7 @@ class LlamaCppVerifier:
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size).first
         self._sessions: dict[str, _Session] = {}
         # a closed session's stream keeps its tokens for the next prompt that starts with them
-        self._ids = SequenceIds(max_sessions, self._remove_from, reuse=reuse_prefixes, copy=self._copy_stream)
+        self._ids = SequenceIds.of_context(self._ctx, max_sessions, reuse=reuse_prefixes)
         self._lock = threading.Lock()  # one decode at a time: llama.cpp contexts are not thread-safe
         self._prefill_lock = threading.Lock()  # guards the queue of sessions waiting to open
         self._prefills: deque[PrefillTicket] = deque()
@@ -222,13 +222,6 @@ class LlamaCppVerifier:
             session = self._sessions.pop(session_id, None)
             if session is not None:
                 self._ids.release(session.seq, session.tokens)  # kept for a prompt that starts with them
-
-    def _remove_from(self, seq: int, start: int) -> None:
-        self._ctx.kv_cache_seq_rm(seq, start, -1)
-
-    def _copy_stream(self, source: int, seq: int) -> None:
-        """``seq``'s KV stream made a copy of ``source``'s (at the next decode; ``SequenceIds``)."""
-        self._ctx.kv_cache_seq_cp(source, seq, -1, -1)
 
     def _release(self, seq: int) -> None:
         """Free ``seq`` with nothing kept (a session that failed to open, the warm-up's)."""
