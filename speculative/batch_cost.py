@@ -82,6 +82,10 @@ class BatchCostModel:
         only slows a step, and the first after an idle spell took 1.0-1.3 ms where others took 0.65 (demo pair)."""
         return min(self._lone) if len(self._lone) >= MIN_POINTS else None
 
+    def lone_typical_ms(self) -> float | None:
+        """The median of the recent one-position batches: a lone session's plain step as it runs, noise and all."""
+        return statistics.median(self._lone) if len(self._lone) >= MIN_POINTS else None
+
     def step_ms(self, tokens: int) -> float | None:
         """The median of the window's batches within a quarter of ``tokens`` positions, if it holds a few."""
         near = [ms for x, ms in self._points if 0.8 * tokens <= x <= 1.25 * tokens]

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -284,6 +286,10 @@ RATE_DECAY = 0.85
 # pinned made 2,290-2,340 in the same runs (a cap of 2 pinned: 1,540-1,760).
 OPTIMISTIC_AGREEMENT = 0.95
 HOPELESS_GAIN = 1.05
+# A lone session's drafting rounds behind the same test at one session (``SpeculationGovernor._lone_hopeless``):
+# there the draft runs between the verifier's steps on the same cores, so its time counts with the positions'.
+LONE_ROUNDS = 32  # the latest steady ones kept
+LONE_ROUNDS_MIN = 8  # before any is judged
 
 
 @functools.lru_cache(maxsize=256)
@@ -357,6 +363,11 @@ class SpeculationGovernor:
         self._bucket = LOAD_BUCKETS[0]
         self._active = 0
         self._paused: float | None = None  # a lone session's epoch between two requests: its seconds so far
+        self._lone_rounds: deque[tuple[int, float]] = deque(maxlen=LONE_ROUNDS)  # (k, draft + verify ms)
+
+    def on_lone_round(self, k: int, ms: float) -> None:
+        """A lone session's steady drafting round (``k`` drafted, its draft and verify ``ms``), for ``_lone_hopeless``."""
+        self._lone_rounds.append((k, ms))
 
     def on_batch(self, *, emitted: int, active: int, now: float, batches: int = 1) -> None:
         """Count a verified batch (``batches``: a plain run's steps, each a batch); score epochs as they end."""
@@ -440,8 +451,10 @@ class SpeculationGovernor:
         ``b`` is near zero and drafting is always measured; on a CPU a position costs about what a
         step does once the batch is large (demo pair, two threads: 0.65 ms alone, 4.6 ms for 16).
         """
-        if self._cost is None or bucket < 2:
+        if self._cost is None:
             return False
+        if bucket < 2:
+            return self._lone_hopeless()
         lone, full = self._cost.lone_ms(), self._cost.step_ms(bucket)
         if lone is None or full is None or full <= lone:
             return False
@@ -451,6 +464,31 @@ class SpeculationGovernor:
             (1 - a ** (k + 1)) / (1 - a) * full / (full + k * per_position * bucket)
             for k in range(1, MAX_DRAFT_TOKENS + 1)
         )
+        return max(gains) < HOPELESS_GAIN
+
+    def _lone_hopeless(self) -> bool:
+        """Whether no draft length can pay a lone session, even for drafts agreeing ``OPTIMISTIC_AGREEMENT``.
+
+        A lone session's round drafting ``k`` costs its plain step ``c`` plus ``k`` times ``d``: a
+        drafted token's verify position and its draft step, the median over its steady rounds
+        (``on_lone_round``) of ``(round ms - c) / k``. Drafting gains at most
+        ``(1 - a^(k+1)) / (1 - a) * c / (c + k d)``. On a 2-core CPU (llama.cpp, two threads) a
+        verify position costs nearly what a step does: the demo verifier's lone step 0.5 ms, 0.33-0.40
+        a position more, its draft 0.2 ms a token (in process); served, its one-token rounds took
+        2.1-3.2 ms against a 0.85 ms plain step, and a 64-token request 54.5 ms of decoding drafting
+        against ~45 plain (2026-12-04); SmolLM2's step 7.4 ms, 5.4 a position, 1.3 a draft token.
+        On a GPU ``d`` is a small fraction of ``c`` and drafting stays measured. The rounds are kept
+        while plain decoding runs, so a burst that comes and goes does not bring the drafting arms back.
+        """
+        assert self._cost is not None
+        lone = self._cost.lone_typical_ms()
+        if lone is None or len(self._lone_rounds) < LONE_ROUNDS_MIN:
+            return False
+        per_token = statistics.median((ms - lone) / k for k, ms in self._lone_rounds)
+        if per_token <= 0:
+            return False
+        a = OPTIMISTIC_AGREEMENT
+        gains = ((1 - a ** (k + 1)) / (1 - a) * lone / (lone + k * per_token) for k in range(1, MAX_DRAFT_TOKENS + 1))
         return max(gains) < HOPELESS_GAIN
 
     def _score(self, now: float) -> None:

@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from speculative.batch_cost import BatchCostModel
-from speculative.controller import SpeculationGovernor
+from speculative.controller import STEADY_CATCH_UP, SpeculationGovernor
 from speculative.errors import SpeculativeError
 from speculative.llama_runs import GreedyRun, RunEnd
 from speculative.steps import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
@@ -305,6 +305,8 @@ class VerifyScheduler:
         self.rounds += len(rounds)
         for r in rounds:
             self.cost.record(1 + len(r.proposal.tokens), r.verify_ms)
+            if r.proposal.tokens and r.proposal.caught_up <= STEADY_CATCH_UP:
+                self.governor.on_lone_round(len(r.proposal.tokens), r.proposal.draft_ms + r.verify_ms)
         self.governor.on_batch(
             emitted=sum(1 + r.verdict.n_matches for r in rounds),
             active=self._active,

@@ -409,3 +409,35 @@ def test_the_governor_measures_only_plain_decoding_where_no_draft_could_pay():
     blind = SpeculationGovernor(_costs(0.65, (16, 4.6)))
     blind._cost._lone.clear()  # type: ignore[union-attr]
     assert len(set(_drive_governor(blind, lambda cap: 1000, epochs=40, active=16))) > 1
+
+
+def test_a_lone_session_measures_only_plain_decoding_where_no_draft_could_pay():
+    # the demo pair on llama.cpp, two threads: a lone step 0.5 ms, a drafted token ~0.57 ms more (its verify
+    # position and its draft step), so even drafts agreeing 95% of the time gain nothing alone
+    cpu = SpeculationGovernor(_costs(0.5))
+    for k in (1, 2, 4) * 3:
+        cpu.on_lone_round(k, 0.5 + 0.57 * k)
+    caps = _drive_governor(cpu, lambda cap: 1000, epochs=40, active=1)
+    assert set(caps[EPOCH_BATCHES:]) == {0}
+    assert {cap for (bucket, cap) in cpu.rates if bucket == 1} == {0}
+    assert not cpu._hopeless(16)  # another load is judged on its own steps (none measured here)
+    # a GPU: a lone step 20 ms, a drafted token 1 ms more: drafting is measured
+    gpu = SpeculationGovernor(_costs(20.0))
+    for k in (1, 2, 4) * 3:
+        gpu.on_lone_round(k, 22.0 + 1.0 * k)
+    assert len(set(_drive_governor(gpu, lambda cap: 1000, epochs=40, active=1))) > 1
+    # too few rounds seen, or no lone step measured: nothing is ruled out
+    few = SpeculationGovernor(_costs(0.5))
+    for k in (1, 2, 4):
+        few.on_lone_round(k, 0.5 + 0.57 * k)
+    assert len(set(_drive_governor(few, lambda cap: 1000, epochs=40, active=1))) > 1
+    blind = SpeculationGovernor(BatchCostModel())
+    for k in (1, 2, 4) * 3:
+        blind.on_lone_round(k, 0.5 + 0.57 * k)
+    assert not blind._hopeless(1)
+
+
+def test_the_cost_model_tells_a_lone_step_as_it_typically_runs():
+    cost = _costs(0.65)  # 1.625, 0.65, 0.715, 0.65, 0.78
+    assert cost.lone_typical_ms() == pytest.approx(0.715) and cost.lone_ms() == 0.65
+    assert BatchCostModel().lone_typical_ms() is None
