@@ -350,8 +350,9 @@ class SpeculationGovernor:
     below.
     """
 
-    def __init__(self, cost: BatchCostModel | None = None) -> None:
+    def __init__(self, cost: BatchCostModel | None = None, draft_cost: BatchCostModel | None = None) -> None:
         self._cost = cost  # the verifier's measured steps: where drafting cannot pay, it is not tried
+        self._draft_cost = draft_cost  # the draft's lockstep steps, ms a drafted token by the sessions in them
         self.rates: dict[tuple[int, int], float] = {}  # (load bucket, cap) -> tokens/s
         self._sums: dict[tuple[int, int], tuple[float, float]] = {}  # (load bucket, cap) -> decayed tokens, seconds
         self.cap = GOVERNOR_CAPS[0]
@@ -446,25 +447,44 @@ class SpeculationGovernor:
         """Whether no draft length can pay at ``bucket`` sessions, even for drafts agreeing ``OPTIMISTIC_AGREEMENT``.
 
         A step of ``n`` sessions is priced from measured ones as ``c(n) = c(1) + b (n - 1)``
-        (``BatchCostModel.lone_ms``, ``step_ms``); a round drafting ``k`` for each then costs
-        ``c(n) + k b n`` for the ``(1 - a^(k+1)) / (1 - a)`` tokens a session expects. On a GPU
-        ``b`` is near zero and drafting is always measured; on a CPU a position costs about what a
-        step does once the batch is large (demo pair, two threads: 0.65 ms alone, 4.6 ms for 16).
+        (``BatchCostModel.lone_ms``, ``_step_ms``); a round drafting ``k`` for each then costs
+        ``c(n) + k (b n + d(n))`` for the ``(1 - a^(k+1)) / (1 - a)`` tokens a session expects, where
+        ``d(n)`` is a lockstep draft step of ``n`` sessions, once measured (0 before). On a GPU ``b``
+        is near zero and drafting is always measured; on a CPU a position costs about what a step
+        does once the batch is large (demo pair, two threads: 0.65 ms alone, 4.6 ms for 16), and the
+        draft steps are on the same cores (0.2 ms alone, 0.8 for 16). One session: ``_lone_hopeless``.
         """
         if self._cost is None:
             return False
         if bucket < 2:
             return self._lone_hopeless()
-        lone, full = self._cost.lone_ms(), self._cost.step_ms(bucket)
+        lone, full = self._cost.lone_ms(), self._step_ms(bucket)
         if lone is None or full is None or full <= lone:
             return False
         per_position = (full - lone) / (bucket - 1)
+        drafting = self._draft_cost.step_ms(bucket) if self._draft_cost is not None else None
+        per_round = per_position * bucket + (drafting or 0.0)  # a drafted token each: positions, and a draft step
         a = OPTIMISTIC_AGREEMENT
-        gains = (
-            (1 - a ** (k + 1)) / (1 - a) * full / (full + k * per_position * bucket)
-            for k in range(1, MAX_DRAFT_TOKENS + 1)
-        )
+        gains = ((1 - a ** (k + 1)) / (1 - a) * full / (full + k * per_round) for k in range(1, MAX_DRAFT_TOKENS + 1))
         return max(gains) < HOPELESS_GAIN
+
+    def _step_ms(self, bucket: int) -> float | None:
+        """A plain step of ``bucket`` sessions: measured, else priced a position as the nearest measured load's steps.
+
+        A load between others is passed through as sessions come and go (16 clients' waves end through
+        8, 4 and 2 sessions), seldom long enough for its own steps to be measured; its drafting caps
+        were tried there, and every session drafted in lockstep for their epochs, in every wave's tail.
+        """
+        assert self._cost is not None
+        measured = self._cost.step_ms(bucket)
+        lone = self._cost.lone_ms()
+        if measured is not None or lone is None:
+            return measured
+        others = [(b, ms) for b in LOAD_BUCKETS if b > 1 and (ms := self._cost.step_ms(b)) is not None]
+        if not others:
+            return None
+        near, ms = min(others, key=lambda other: abs(math.log(other[0] / bucket)))
+        return lone + (ms - lone) / (near - 1) * (bucket - 1)
 
     def _lone_hopeless(self) -> bool:
         """Whether no draft length can pay a lone session, even for drafts agreeing ``OPTIMISTIC_AGREEMENT``.

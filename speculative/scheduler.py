@@ -36,7 +36,7 @@ from speculative.controller import STEADY_CATCH_UP, SpeculationGovernor
 from speculative.errors import SpeculativeError
 from speculative.llama_runs import GreedyRun, RunEnd
 from speculative.steps import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
-from speculative.types import SpeculatedRound
+from speculative.types import Proposal, SpeculatedRound
 from speculative.verifier import Verifier, VerifyRequest
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ class VerifyScheduler:
         self.batches = 0
         self.rounds = 0
         self.cost = BatchCostModel()
-        self.governor = SpeculationGovernor(self.cost)
+        # what a draft step costs by the sessions drafting in it (ms a drafted token): the governor's too
+        self.draft_cost = BatchCostModel()
+        self.governor = SpeculationGovernor(self.cost, self.draft_cost)
         self._worker = threading.Thread(target=self._run, name="verify-scheduler", daemon=True)
         self._worker.start()
 
@@ -307,6 +309,7 @@ class VerifyScheduler:
             self.cost.record(1 + len(r.proposal.tokens), r.verify_ms)
             if r.proposal.tokens and r.proposal.caught_up <= STEADY_CATCH_UP:
                 self.governor.on_lone_round(len(r.proposal.tokens), r.proposal.draft_ms + r.verify_ms)
+                self.draft_cost.record(1, r.proposal.draft_ms / len(r.proposal.tokens))
         self.governor.on_batch(
             emitted=sum(1 + r.verdict.n_matches for r in rounds),
             active=self._active,
@@ -370,15 +373,23 @@ class VerifyScheduler:
 
         while self._drafts:
             orders, self._drafts = self._drafts, []
+            started = time.perf_counter()
             try:
                 proposals: list = propose_together([(order.draft, order.k) for order, _ in orders])
             except Exception as exc:  # noqa: BLE001 - every session of the round hears of it
                 proposals = [exc] * len(orders)
+            self._draft_step_cost(proposals, (time.perf_counter() - started) * 1e3)
             for (_, session), proposal in zip(orders, proposals, strict=True):
                 if isinstance(proposal, BaseException):
                     self._continue(session, error=proposal)
                 else:
                     self._continue(session, proposal)
+
+    def _draft_step_cost(self, proposals: list, ms: float) -> None:
+        """A lockstep draft round's ms a drafted token, by its sessions, where none of them caught up on many tokens."""
+        drafted = [p for p in proposals if isinstance(p, Proposal) and p.tokens]
+        if drafted and all(p.caught_up <= STEADY_CATCH_UP for p in drafted):
+            self.draft_cost.record(len(drafted), ms / max(len(p.tokens) for p in drafted))
 
 
 class _LockstepRuns:

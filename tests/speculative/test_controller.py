@@ -441,3 +441,22 @@ def test_the_cost_model_tells_a_lone_step_as_it_typically_runs():
     cost = _costs(0.65)  # 1.625, 0.65, 0.715, 0.65, 0.78
     assert cost.lone_typical_ms() == pytest.approx(0.715) and cost.lone_ms() == 0.65
     assert BatchCostModel().lone_typical_ms() is None
+
+
+def test_a_load_between_measured_ones_is_judged_on_their_steps_and_the_drafts():
+    # 16 clients: steps of 16 measured, the loads a wave's tail passes through (8, 4, 2) not
+    steps = _costs(0.65, (16, 4.6))
+    assert SpeculationGovernor(steps)._step_ms(8) == pytest.approx(0.65 + (4.6 - 0.65) / 15 * 7)
+    # priced on positions alone, a draft agreeing 95% of the time might pay at 8 sessions: measured
+    governor = SpeculationGovernor(steps, BatchCostModel())
+    assert governor._hopeless(16) and not governor._hopeless(8)
+    # with its lockstep draft steps measured (0.5 ms a drafted token for 8 sessions) it cannot
+    drafts = BatchCostModel()
+    for _ in range(5):
+        drafts.record(8, 0.5)
+    governor = SpeculationGovernor(steps, drafts)
+    assert governor._hopeless(8)
+    caps = _drive_governor(governor, lambda cap: 1000, epochs=40, active=8)
+    assert set(caps[EPOCH_BATCHES:]) == {0}
+    # nothing measured at any load but alone: nothing ruled out
+    assert not SpeculationGovernor(_costs(0.65), drafts)._hopeless(8)

@@ -248,6 +248,7 @@ def test_a_lone_run_of_drafting_rounds_is_one_call_and_beside_others_it_is_their
     assert [len(r.proposal.tokens) for r in result.rounds] == [2, 2, 2, 0]  # 3 + 3 + 3 + 1 tokens: 10
     assert scheduler.batches == scheduler.rounds == 4  # each round counted as the round it is
     assert list(scheduler.governor._lone_rounds) == [(2, 2.0)] * 3  # what its drafting rounds cost, for the governor
+    assert list(scheduler.draft_cost._points) == [(1, 0.25)] * 3  # and a drafted token alone (0.5 ms for 2)
     with pytest.raises(InvalidRequestError, match="bad run of rounds"):  # its session hears of a failure
         scheduler.submit(SpecRun(VerifyRequest("bad", ()), 4, DRAFTER, 2, 10)).result(timeout=5)  # type: ignore[arg-type]
     # beside another plain run: both decode plainly together, the run of rounds as its plain run would
@@ -292,3 +293,18 @@ def test_a_lockstep_tells_the_cost_line_one_point_per_batch_size():
         scheduler.close()
     assert [(n, round(ms, 3)) for n, ms in points] == [(2, 2.1), (3, 3.2)]
     assert scheduler.batches == 4 and scheduler.rounds == 2 + 2 + 3 + 3
+
+
+def test_a_lockstep_draft_round_tells_the_draft_cost_its_ms_a_drafted_token_by_sessions():
+    from speculative.types import Proposal
+
+    scheduler = VerifyScheduler(FakeRunner())
+    steady = [Proposal(tokens=(3, 3), q=None, draft_ms=0.9, caught_up=1), Proposal(tokens=(3,), q=None, draft_ms=0.9)]
+    scheduler._draft_step_cost([*steady, Proposal(tokens=(), q=None, draft_ms=0.0), ValueError("failed")], 1.2)
+    assert list(scheduler.draft_cost._points) == [(2, 0.6)]  # two sessions drafted, the longest two tokens
+    # a round where a session caught up on the tokens of a plain run prices no drafting
+    catching_up = Proposal(tokens=(3, 3), q=None, draft_ms=5.0, caught_up=40)
+    scheduler._draft_step_cost([*steady, catching_up], 6.0)
+    scheduler._draft_step_cost([ValueError("failed")], 0.1)
+    scheduler.close()
+    assert list(scheduler.draft_cost._points) == [(2, 0.6)]
