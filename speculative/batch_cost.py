@@ -1,7 +1,7 @@
 """The verifier's measured batch costs: what a step of so many positions takes (``BatchCostModel``).
 
 The draft-length controller prices a longer draft with its line, and the speculation
-governor rules drafting out where measured steps say it cannot pay (``speculative.controller``).
+governor rules drafting out where measured steps say it cannot pay (``speculative.controller``, ``speculative.governor``).
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ from statistics import median
 
 import torch
 
-from speculative.controller import GOVERNOR_CAPS
 from speculative.engine import SpeculativeEngine
+from speculative.governor import GOVERNOR_CAPS
 from speculative.pair import (
     DEMO_DRAFT_GGUF,
     DEMO_DRAFT_HF,

@@ -32,8 +32,9 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from speculative.batch_cost import BatchCostModel
-from speculative.controller import STEADY_CATCH_UP, SpeculationGovernor
+from speculative.controller import STEADY_CATCH_UP
 from speculative.errors import SpeculativeError
+from speculative.governor import SpeculationGovernor
 from speculative.llama_runs import GreedyRun, RunEnd
 from speculative.steps import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
 from speculative.types import Proposal, SpeculatedRound

@@ -152,7 +152,8 @@ async def test_official_client_chat_completion_is_the_verifiers_own_greedy_answe
 async def test_a_streamed_chat_completion_joins_to_the_verifiers_greedy_answer_and_is_charged_so(
     account, pair, serving
 ):
-    from speculative.controller import ControllerPriors, SpeculationGovernor
+    from speculative.controller import ControllerPriors
+    from speculative.governor import SpeculationGovernor
 
     # A fresh engine's first round drafts (k = 4): the module's earlier tests taught this engine (its
     # controllers and its governor) that on llama.cpp drafting this pair does not pay, and a stream that

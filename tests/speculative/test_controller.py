@@ -6,20 +6,17 @@ import pytest
 
 from speculative.batch_cost import BatchCostModel
 from speculative.controller import (
-    EPOCH_BATCHES,
-    EPOCH_MIN_BATCHES,
-    GOVERNOR_CAPS,
     PRIOR_SEED_WEIGHT,
     PROBE_EVERY,
     STEADY_CATCH_UP,
     ControllerPrior,
     ControllerPriors,
     DraftLengthController,
-    SpeculationGovernor,
     best_k,
     expected_tokens,
     load_bucket,
 )
+from speculative.governor import EPOCH_BATCHES, EPOCH_MIN_BATCHES, GOVERNOR_CAPS, SpeculationGovernor
 
 
 def test_expected_tokens_follows_the_geometric_formula():

@@ -11,10 +11,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from speculative.controller import PROBE_EVERY, DraftLengthController, SpeculationGovernor
+from speculative.controller import PROBE_EVERY, DraftLengthController
 from speculative.draft_hf import TransformersDraft
 from speculative.engine import SpeculativeEngine
 from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.governor import SpeculationGovernor
 from speculative.types import MAX_DRAFT_TOKENS, FinishReason, Provenance, SamplingParams
 from speculative.verifier import TransformersVerifier
 from tests.speculative.conftest import ByteTokenizer, tiny_llama
