@@ -50,6 +50,9 @@ HOPELESS_GAIN = 1.05
 # there the draft runs between the verifier's steps on the same cores, so its time counts with the positions'.
 LONE_ROUNDS = 32  # the latest steady ones kept
 LONE_ROUNDS_MIN = 8  # before any is judged
+# and for this long after the latest: then drafting is measured again at one session, and its rounds
+# priced afresh (a host loaded while they were measured made them dear; one request's rounds re-judge it)
+LONE_ROUNDS_TTL_S = 300.0
 
 
 class SpeculationGovernor:
@@ -90,10 +93,12 @@ class SpeculationGovernor:
         self._active = 0
         self._paused: float | None = None  # a lone session's epoch between two requests: its seconds so far
         self._lone_rounds: deque[tuple[int, float]] = deque(maxlen=LONE_ROUNDS)  # (k, draft + verify ms)
+        self._lone_rounds_at = 0.0  # when the latest was measured (``on_batch``'s clock)
 
-    def on_lone_round(self, k: int, ms: float) -> None:
+    def on_lone_round(self, k: int, ms: float, now: float) -> None:
         """A lone session's steady drafting round (``k`` drafted, its draft and verify ``ms``), for ``_lone_hopeless``."""
         self._lone_rounds.append((k, ms))
+        self._lone_rounds_at = now
 
     def on_batch(self, *, emitted: int, active: int, now: float, batches: int = 1) -> None:
         """Count a verified batch (``batches``: a plain run's steps, each a batch); score epochs as they end."""
@@ -223,9 +228,12 @@ class SpeculationGovernor:
         2.1-3.2 ms against a 0.85 ms plain step, and a 64-token request 54.5 ms of decoding drafting
         against ~45 plain (2026-12-04); SmolLM2's step 7.4 ms, 5.4 a position, 1.3 a draft token.
         On a GPU ``d`` is a small fraction of ``c`` and drafting stays measured. The rounds are kept
-        while plain decoding runs, so a burst that comes and goes does not bring the drafting arms back.
+        while plain decoding runs, so a burst that comes and goes does not bring the drafting arms back,
+        for ``LONE_ROUNDS_TTL_S``.
         """
         assert self._cost is not None
+        if self._last - self._lone_rounds_at > LONE_ROUNDS_TTL_S:
+            self._lone_rounds.clear()
         lone = self._cost.lone_typical_ms()
         if lone is None or len(self._lone_rounds) < LONE_ROUNDS_MIN:
             return False

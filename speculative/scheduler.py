@@ -306,16 +306,14 @@ class VerifyScheduler:
             return
         self.batches += len(rounds)
         self.rounds += len(rounds)
+        now = time.perf_counter()
         for r in rounds:
             self.cost.record(1 + len(r.proposal.tokens), r.verify_ms)
             if r.proposal.tokens and r.proposal.caught_up <= STEADY_CATCH_UP:
-                self.governor.on_lone_round(len(r.proposal.tokens), r.proposal.draft_ms + r.verify_ms)
+                self.governor.on_lone_round(len(r.proposal.tokens), r.proposal.draft_ms + r.verify_ms, now)
                 self.draft_cost.record(1, r.proposal.draft_ms / len(r.proposal.tokens))
         self.governor.on_batch(
-            emitted=sum(1 + r.verdict.n_matches for r in rounds),
-            active=self._active,
-            now=time.perf_counter(),
-            batches=len(rounds),
+            emitted=sum(1 + r.verdict.n_matches for r in rounds), active=self._active, now=now, batches=len(rounds)
         )
         self._continue(answer, SpecResult(rounds))
         self._draft_round()

@@ -16,7 +16,7 @@ from speculative.controller import (
     expected_tokens,
     load_bucket,
 )
-from speculative.governor import EPOCH_BATCHES, EPOCH_MIN_BATCHES, GOVERNOR_CAPS, SpeculationGovernor
+from speculative.governor import EPOCH_BATCHES, EPOCH_MIN_BATCHES, GOVERNOR_CAPS, LONE_ROUNDS_TTL_S, SpeculationGovernor
 
 
 def test_expected_tokens_follows_the_geometric_formula():
@@ -413,24 +413,30 @@ def test_a_lone_session_measures_only_plain_decoding_where_no_draft_could_pay():
     # position and its draft step), so even drafts agreeing 95% of the time gain nothing alone
     cpu = SpeculationGovernor(_costs(0.5))
     for k in (1, 2, 4) * 3:
-        cpu.on_lone_round(k, 0.5 + 0.57 * k)
+        cpu.on_lone_round(k, 0.5 + 0.57 * k, now=0.0)
     caps = _drive_governor(cpu, lambda cap: 1000, epochs=40, active=1)
     assert set(caps[EPOCH_BATCHES:]) == {0}
     assert {cap for (bucket, cap) in cpu.rates if bucket == 1} == {0}
     assert not cpu._hopeless(16)  # another load is judged on its own steps (none measured here)
+    # rounds that old are priced afresh: drafting is measured again until a request's rounds re-judge it
+    _drive_governor(cpu, lambda cap: 1000, epochs=int(LONE_ROUNDS_TTL_S / 0.12) + 2, active=1)
+    assert not cpu._hopeless(1) and not cpu._lone_rounds
+    for k in (1, 2, 4) * 3:
+        cpu.on_lone_round(k, 0.5 + 0.57 * k, now=cpu._last)
+    assert cpu._hopeless(1)
     # a GPU: a lone step 20 ms, a drafted token 1 ms more: drafting is measured
     gpu = SpeculationGovernor(_costs(20.0))
     for k in (1, 2, 4) * 3:
-        gpu.on_lone_round(k, 22.0 + 1.0 * k)
+        gpu.on_lone_round(k, 22.0 + 1.0 * k, now=0.0)
     assert len(set(_drive_governor(gpu, lambda cap: 1000, epochs=40, active=1))) > 1
     # too few rounds seen, or no lone step measured: nothing is ruled out
     few = SpeculationGovernor(_costs(0.5))
     for k in (1, 2, 4):
-        few.on_lone_round(k, 0.5 + 0.57 * k)
+        few.on_lone_round(k, 0.5 + 0.57 * k, now=0.0)
     assert len(set(_drive_governor(few, lambda cap: 1000, epochs=40, active=1))) > 1
     blind = SpeculationGovernor(BatchCostModel())
     for k in (1, 2, 4) * 3:
-        blind.on_lone_round(k, 0.5 + 0.57 * k)
+        blind.on_lone_round(k, 0.5 + 0.57 * k, now=0.0)
     assert not blind._hopeless(1)
 
 
