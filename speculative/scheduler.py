@@ -192,7 +192,8 @@ class VerifyScheduler:
         warm_up = getattr(self.verifier, "warm_up", None)  # on this thread: its OpenMP team is the one that serves
         if warm_up is not None:
             try:
-                warm_up()
+                for positions, ms in warm_up() or ():  # its warmed steps: the cost model's first points
+                    self.cost.record(positions, ms)
             except Exception:  # noqa: BLE001 - a model that cannot decode says so on its first round
                 log.exception("the verifier's warm-up failed")
         while True:

@@ -255,26 +255,32 @@ class LlamaCppVerifier:
     def open_sessions(self) -> int:
         return len(self._sessions)
 
-    def warm_up(self) -> None:
-        """Decode every round size once on a spare sequence (the scheduler's thread calls it before any session).
+    def warm_up(self) -> list[tuple[int, float]]:
+        """Decode every round size on a spare sequence (the scheduler's thread calls it before any session).
 
         llama.cpp's first decodes in a process run 2-4x slower than later ones of the same size
         (measured on the demo verifier: 3.0 ms for a first one-token step, then 0.6-0.7; 2.2
         then 1.5 ms for five tokens). Those first rounds fed the batch cost line, which the
-        draft-length controllers read, and priced each drafted token at twice its cost.
+        draft-length controllers read, and priced each drafted token at twice its cost. Returns the
+        warmed decodes' (positions, ms): the cost model's first points (``VerifyScheduler._run``).
         """
+        timed: list[tuple[int, float]] = []
         with self._lock:
             if not self._ids.free:
-                return
+                return timed
             seq, _ = self._ids.take()
             try:
                 self._decode([_Row(seq, [0, 0], 0, logits=False)])
                 for size in range(1, MAX_DRAFT_TOKENS + 2):
-                    for _ in range(2):
+                    for attempt in range(5 if size == 1 else 2):
+                        started = time.perf_counter()
                         self._decode([_Row(seq, [0] * size, 2, logits=True)])
+                        if attempt:
+                            timed.append((size, (time.perf_counter() - started) * 1e3))
                         self._ctx.kv_cache_seq_rm(seq, 2, -1)
             finally:
                 self._release(seq)
+        return timed
 
     # verification ---------------------------------------------------------------------
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:

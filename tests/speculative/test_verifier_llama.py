@@ -18,7 +18,7 @@ from speculative.errors import (
 from speculative.llama_runs import GreedyRun
 from speculative.llama_sequences import COPY_OVER, COPY_PASSES
 from speculative.pair import DEMO_VERIFIER_GGUF
-from speculative.types import Proposal, SamplingParams, Verdict
+from speculative.types import MAX_DRAFT_TOKENS, Proposal, SamplingParams, Verdict
 from speculative.verifier import VerifyRequest
 from speculative.verifier_llama import LlamaCppVerifier
 
@@ -179,8 +179,10 @@ def test_the_warm_up_leaves_every_sequence_free_and_plain_decoding_unchanged():
     prompt = [5, 6, 7, 8]
     expected = _plain(verifier, prompt, 4)
     decodes = verifier.decodes
-    verifier.warm_up()
+    timed = verifier.warm_up()
     assert verifier.decodes > decodes and verifier.open_sessions == 0
+    # its warmed decodes, timed: four one-position steps and one of every round size
+    assert [n for n, _ in timed] == [1, 1, 1, 1, *range(2, MAX_DRAFT_TOKENS + 2)] and all(ms > 0 for _, ms in timed)
     verifier.open_session("a", prompt, GREEDY)  # both sequences, the warm-up's among them, hold nothing of it
     verifier.open_session("b", prompt, GREEDY)
     for sid in ("a", "b"):
@@ -200,6 +202,7 @@ def test_the_scheduler_warms_its_verifier_up_on_its_own_thread_before_any_round(
         def warm_up(self):
             self.calls.append(threading.current_thread().name)
             self.warmed.set()
+            return [(1, 0.5)] * 4 + [(16, 5.0)]
 
     verifier = Recording()
     scheduler = VerifyScheduler(verifier)  # type: ignore[arg-type]
@@ -208,6 +211,8 @@ def test_the_scheduler_warms_its_verifier_up_on_its_own_thread_before_any_round(
         assert verifier.calls == ["verify-scheduler"]  # the thread whose OpenMP team serves every round
     finally:
         scheduler.close()
+    # its timed steps are the cost model's first points
+    assert scheduler.cost.lone_ms() == 0.5 and list(scheduler.cost._points)[-1] == (16, 5.0)
 
 
 def test_a_retried_round_gets_the_same_verdict_and_a_stale_one_is_refused(llama):
