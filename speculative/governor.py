@@ -12,7 +12,7 @@ import statistics
 from collections import deque
 from typing import TYPE_CHECKING
 
-from speculative.controller import LOAD_BUCKETS, load_bucket
+from speculative.controller import LOAD_BUCKETS, expected_tokens, load_bucket
 from speculative.types import MAX_DRAFT_TOKENS
 
 if TYPE_CHECKING:
@@ -194,9 +194,7 @@ class SpeculationGovernor:
         per_position = (full - lone) / (bucket - 1)
         drafting = self._draft_cost.step_ms(bucket) if self._draft_cost is not None else None
         per_round = per_position * bucket + (drafting or 0.0)  # a drafted token each: positions, and a draft step
-        a = OPTIMISTIC_AGREEMENT
-        gains = ((1 - a ** (k + 1)) / (1 - a) * full / (full + k * per_round) for k in range(1, MAX_DRAFT_TOKENS + 1))
-        return max(gains) < HOPELESS_GAIN
+        return not _may_gain(full, per_round)
 
     def _step_ms(self, bucket: int) -> float | None:
         """A plain step of ``bucket`` sessions: measured, else priced a position as the nearest measured load's steps.
@@ -240,9 +238,7 @@ class SpeculationGovernor:
         per_token = statistics.median((ms - lone) / k for k, ms in self._lone_rounds)
         if per_token <= 0:
             return False
-        a = OPTIMISTIC_AGREEMENT
-        gains = ((1 - a ** (k + 1)) / (1 - a) * lone / (lone + k * per_token) for k in range(1, MAX_DRAFT_TOKENS + 1))
-        return max(gains) < HOPELESS_GAIN
+        return not _may_gain(lone, per_token)
 
     def _score(self, now: float) -> None:
         """Fold the epoch so far (``self.cap`` at ``self._bucket``) into the measured rates."""
@@ -274,3 +270,13 @@ class SpeculationGovernor:
             if not clear_loser or turn % (4 * len(others)) < len(others):
                 return candidate
         return best
+
+
+def _may_gain(step_ms: float, per_drafted_ms: float) -> bool:
+    """Whether some draft length gains ``HOPELESS_GAIN`` over plain steps of ``step_ms`` for drafts agreeing
+    ``OPTIMISTIC_AGREEMENT``, a round drafting ``k`` costing ``step_ms + k * per_drafted_ms``."""
+    gains = (
+        expected_tokens(OPTIMISTIC_AGREEMENT, k) * step_ms / (step_ms + k * per_drafted_ms)
+        for k in range(1, MAX_DRAFT_TOKENS + 1)
+    )
+    return max(gains) >= HOPELESS_GAIN
