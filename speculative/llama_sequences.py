@@ -228,14 +228,17 @@ class SequenceIds:
         order, prompt = stamp
         added = self._runs_added()
         fewest = min(added.values(), default=0)
-        apart = [f for f in self.free if f != avoid and added[f] > fewest]
-        empty = [f for f in apart if f not in self._kept]
-        spare = min(empty) if empty else min(apart, key=lambda f: self._order[f], default=None)
+        spare = self._expendable([f for f in self.free if f != avoid and added[f] > fewest])
         if spare is None or (spare in self._kept and self._order[spare] > order):
             return
         copy(seq, spare)
         self._kept[spare], self._order[spare], self._prompts[spare] = kept, order, prompt
         self.copies += 1
+
+    def _expendable(self, ids: list[int]) -> int | None:
+        """Of ``ids``, the one whose stream to lose: the lowest that keeps nothing, else the one kept longest ago."""
+        empty = [seq for seq in ids if seq not in self._kept]
+        return min(empty) if empty else min(ids, key=lambda seq: self._order[seq], default=None)
 
     def _choose(self, want: list[int]) -> tuple[int, int, int | None]:
         """(the id to take, the positions of ``want`` it will hold, the id whose stream to copy there or None)."""
@@ -247,8 +250,8 @@ class SequenceIds:
             ((common_prefix(self._kept[seq], want), -seq) for seq in beside if seq in self._kept), default=(0, 0)
         )
         # nothing to reuse: an id that keeps nothing, else the one kept longest, is the one to lose
-        empty = [seq for seq in beside if seq not in self._kept]
-        expendable = min(empty) if empty else min(beside, key=lambda seq: self._order[seq])
+        expendable = self._expendable(beside)
+        assert expendable is not None  # ``beside`` holds the ids adding fewest runs: never none
         if near[0] == 0:
             near = (0, -expendable)
         far = max(
