@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
 from speculative.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from speculative.prompt_stash import PromptStash
 
 R = TypeVar("R")
 
@@ -147,6 +150,7 @@ class SequenceIds:
         *,
         reuse: bool = True,
         copy: Callable[[int, int], object] | None = None,
+        stash: PromptStash | None = None,
     ):
         self.n = n
         self.free = list(range(n - 1, -1, -1))  # low ids last: ``free[-1]`` is the lowest
@@ -160,9 +164,12 @@ class SequenceIds:
         self._remove = remove
         self._copy = copy  # (source, destination): the destination's stream becomes a copy of the source's
         self.copies = 0  # kept prefixes copied beside the open ids
+        self._stash = stash  # where a kept prompt goes that no free id apart can take (``PromptStash``)
+        # ids a copy reads or writes at the next decode (``applied``): their data is not what they are said to hold
+        self.pending: set[int] = set()
 
     @classmethod
-    def of_context(cls, ctx: KvStreams, n: int, *, reuse: bool = True) -> SequenceIds:
+    def of_context(cls, ctx: KvStreams, n: int, *, reuse: bool = True, stash: PromptStash | None = None) -> SequenceIds:
         """The ids of ``ctx``'s ``n`` sequences: positions dropped with ``llama_memory_seq_rm``, streams copied
         whole with ``llama_memory_seq_cp`` (done at the next decode), as both llama.cpp backends do."""
         return cls(
@@ -170,19 +177,34 @@ class SequenceIds:
             lambda seq, start: ctx.kv_cache_seq_rm(seq, start, -1),
             reuse=reuse,
             copy=lambda source, seq: ctx.kv_cache_seq_cp(source, seq, -1, -1),
+            stash=stash,
         )
+
+    def applied(self) -> None:
+        """A decode ran: the copies waiting for it are done."""
+        self.pending.clear()
 
     def take(self, want: Sequence[int] = ()) -> tuple[int, int]:
         """A free id for a session whose first positions will hold ``want``; how many of them it holds already."""
-        seq, reused, source = self._choose(list(want)) if self._kept and want else (self.free[-1], 0, None)
+        want = list(want)
+        seq, reused, source = self._choose(want) if self._kept and want else (self.free[-1], 0, None)
         self.free.remove(seq)
         kept = self._kept.pop(seq, None)
         order, prompt, copy = self._order.pop(seq, 0), self._prompts.pop(seq, 0), self._copy
+        stashed = self._stashed(seq, want, reused)  # a longer prefix kept in host memory, to write into ``seq``
+        own = reused if source is None and stashed is None else 0  # what ``seq`` keeps that the session reuses
         # worth a copy: a prompt (which may come again, or with a chat's next turn after it), not just an answer
-        if kept is not None and copy is not None and min(prompt, len(kept)) - reused >= COPY_OVER:
-            self._preserve(copy, seq, kept, (order, prompt), source)
+        if kept is not None and min(prompt, len(kept)) - own >= COPY_OVER:
+            if stashed is not None or copy is None or not self._preserve(copy, seq, kept, (order, prompt), source):
+                self._stash_away(seq, kept)  # at once: ``seq``'s stream is written over now, not at the next decode
+        if stashed is not None:
+            if self._unstash(seq, *stashed):  # no copy, nothing kept to trim
+                self.reused += stashed[0]
+                self._wanted[seq] = len(want)
+                return seq, stashed[0]
+            kept, reused = None, reused if source is not None else 0  # the stream is empty now
         if source is not None and copy is not None:  # the source stays free, keeping its tokens for another prompt
-            copy(source, seq)
+            self._copy_stream(copy, source, seq)
             kept = self._kept[source]
             self.copies += 1
         if kept is not None and len(kept) > reused:
@@ -205,6 +227,7 @@ class SequenceIds:
 
     def moved(self, hole: int, seq: int) -> None:
         """A session moved from ``seq`` into the free id ``hole`` (its stream copied over, ``seq``'s emptied)."""
+        self.pending.update((hole, seq))
         self.free.remove(hole)
         self._kept.pop(hole, None)
         self._order.pop(hole, None)
@@ -218,9 +241,37 @@ class SequenceIds:
         free = set(self.free)
         return {seq: 1 - sum(1 for x in (seq - 1, seq + 1) if 0 <= x < self.n and x not in free) for seq in self.free}
 
+    def _copy_stream(self, copy: Callable[[int, int], object], source: int, seq: int) -> None:
+        copy(source, seq)
+        self.pending.update((source, seq))
+
+    def _stash_away(self, seq: int, kept: list[int]) -> None:
+        """Put what ``seq`` keeps into host memory before it is overwritten (where its data is in place)."""
+        if self._stash is not None and seq not in self.pending:
+            self._stash.save(seq, kept)
+
+    def _stashed(self, seq: int, want: list[int], reused: int) -> tuple[int, tuple[int, ...]] | None:
+        """(positions of ``want``, tokens) of the stash holding ``COPY_OVER`` positions more than ``reused``, if any."""
+        if self._stash is None or not want or seq in self.pending:
+            return None
+        length, key = self._stash.longest(want)
+        return (length, key) if key is not None and length >= reused + COPY_OVER else None
+
+    def _unstash(self, seq: int, length: int, key: tuple[int, ...]) -> bool:
+        """Write the stash of ``key`` into ``seq``, keeping its first ``length`` positions."""
+        assert self._stash is not None
+        self._remove(seq, 0)
+        return self._stash.restore(key, seq, length)
+
+    def vacate(self, seq: int) -> None:
+        """A session moves into the free ``seq`` (``moved``): a prompt it keeps goes to host memory first."""
+        kept = self._kept.get(seq)
+        if kept is not None and min(self._prompts.get(seq, 0), len(kept)) >= COPY_OVER:
+            self._stash_away(seq, kept)
+
     def _preserve(
         self, copy: Callable[[int, int], object], seq: int, kept: list[int], stamp: tuple[int, int], avoid: int | None
-    ) -> None:
+    ) -> bool:
         """Copy what ``seq`` kept into a free id apart from the open ones (which a new session takes last): one
         that keeps nothing, else the one kept longest ago if older. So a prompt outlives the next session opening
         beside the others (a chat's next turn, a prompt sent again) as ``llama-server``'s prompt cache keeps it.
@@ -230,10 +281,13 @@ class SequenceIds:
         fewest = min(added.values(), default=0)
         spare = self._expendable([f for f in self.free if f != avoid and added[f] > fewest])
         if spare is None or (spare in self._kept and self._order[spare] > order):
-            return
-        copy(seq, spare)
+            return False
+        if spare in self._kept:
+            self._stash_away(spare, self._kept[spare])
+        self._copy_stream(copy, seq, spare)
         self._kept[spare], self._order[spare], self._prompts[spare] = kept, order, prompt
         self.copies += 1
+        return True
 
     def _expendable(self, ids: list[int]) -> int | None:
         """Of ``ids``, the one whose stream to lose: the lowest that keeps nothing, else the one kept longest ago."""

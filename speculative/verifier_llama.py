@@ -52,6 +52,7 @@ from speculative.llama_sequences import (
 )
 from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
+from speculative.prompt_stash import DEFAULT_STASH_BYTES, PromptStash
 from speculative.sampling import warp
 from speculative.types import MAX_DRAFT_TOKENS, GreedyDrafter, Proposal, SamplingParams, SpeculatedRound, Verdict
 from speculative.verifier import VerifyRequest, VerifyResult, checked_round
@@ -117,6 +118,7 @@ class LlamaCppVerifier:
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         max_context: int | None = DEFAULT_MAX_CONTEXT,
         reuse_prefixes: bool = True,
+        prompt_stash_bytes: int = DEFAULT_STASH_BYTES,
     ):
         import llama_cpp
         from llama_cpp import _internals as internals
@@ -160,7 +162,8 @@ class LlamaCppVerifier:
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size).first
         self._sessions: dict[str, _Session] = {}
         # a closed session's stream keeps its tokens for the next prompt that starts with them
-        self._ids = SequenceIds.of_context(self._ctx, max_sessions, reuse=reuse_prefixes)
+        stash = PromptStash(self._ctx, prompt_stash_bytes) if reuse_prefixes and prompt_stash_bytes else None
+        self._ids = SequenceIds.of_context(self._ctx, max_sessions, reuse=reuse_prefixes, stash=stash)
         self._lock = threading.Lock()  # one decode at a time: llama.cpp contexts are not thread-safe
         self._prefill_lock = threading.Lock()  # guards the queue of sessions waiting to open
         self._prefills: deque[PrefillTicket] = deque()
@@ -245,6 +248,7 @@ class LlamaCppVerifier:
         holes = sorted(seq for seq in self._ids.free if low <= seq < end)
         movers = sorted((s for s in self._sessions.values() if s.seq >= end), key=lambda s: s.seq, reverse=True)
         for hole, s in zip(holes, movers, strict=True):
+            self._ids.vacate(hole)  # before the copy: a prompt it keeps goes to host memory
             self._ctx.kv_cache_seq_cp(s.seq, hole, -1, -1)
             self._ctx.kv_cache_seq_rm(s.seq, 0, -1)
             self._ids.moved(hole, s.seq)
@@ -510,4 +514,7 @@ class LlamaCppVerifier:
         import llama_cpp
 
         self.decodes += 1
-        return int(llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch))
+        rc = int(llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch))
+        if self._ids.pending:
+            self._ids.applied()  # the copies waiting for a decode are done
+        return rc
