@@ -371,6 +371,7 @@ def load_default_engines() -> EngineSet:
         draft_path,
         verifier_threads=settings.TANDEM_VERIFIER_THREADS or None,
         max_context=settings.TANDEM_MAX_CONTEXT or None,
+        prompt_stash_bytes=max(0, settings.TANDEM_PROMPT_STASH_MB) * 1024 * 1024,
     )
     if settings.TANDEM_VERIFIER_URLS:
         from speculative.remote import RemoteVerifier

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from speculative.errors import ModelLoadError, VocabularyMismatchError
 from speculative.llama_sequences import DEFAULT_MAX_CONTEXT
+from speculative.prompt_stash import DEFAULT_STASH_BYTES
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 DEMO_VERIFIER = DEMO_DIR / "verifier"
@@ -190,12 +191,14 @@ def load_pair(
     tokenizer_path: str | Path | None = None,
     verifier_threads: int | None = None,
     max_context: int | None = DEFAULT_MAX_CONTEXT,
+    prompt_stash_bytes: int = DEFAULT_STASH_BYTES,
 ):
     """Load (verifier, draft or None, tokenizer), checking that the vocabularies agree.
 
     A path ending in ``.gguf`` loads llama.cpp (draft or verifier); a directory loads
     transformers. A GGUF verifier reads its text through ``gguf_verifier_tokenizer``.
-    ``max_context`` caps a session's tokens on the llama.cpp backends (None: the model's own).
+    ``max_context`` caps a session's tokens on the llama.cpp backends (None: the model's own);
+    ``prompt_stash_bytes`` is the host memory a llama.cpp verifier keeps prompts in (``PromptStash``; 0: none).
     """
     from speculative.draft_hf import TransformersDraft
     from speculative.draft_llama import LlamaCppDraft
@@ -204,7 +207,9 @@ def load_pair(
 
     verifier: TransformersVerifier | LlamaCppVerifier
     if is_gguf(verifier_path):
-        verifier = LlamaCppVerifier(verifier_path, n_threads=verifier_threads, max_context=max_context)
+        verifier = LlamaCppVerifier(
+            verifier_path, n_threads=verifier_threads, max_context=max_context, prompt_stash_bytes=prompt_stash_bytes
+        )
         tokenizer = gguf_verifier_tokenizer(verifier_path, verifier.tokens(), tokenizer_path)
     else:
         tokenizer = load_tokenizer(tokenizer_path or verifier_path)

@@ -15,6 +15,7 @@ model pair shipped in ``speculative/assets/demo``. Scale-out by environment only
     TANDEM_VERIFIER_URLS comma-separated verifier servers (python -m speculative.serve); empty: in-process
     TANDEM_VERIFIER_THREADS llama.cpp threads of a GGUF verifier (default 0: half the cores, see verifier_llama)
     TANDEM_MAX_CONTEXT   tokens a session may hold on llama.cpp, prompt and answer (default 2048; 0: the model's own)
+    TANDEM_PROMPT_STASH_MB host memory a llama.cpp verifier keeps overwritten prompts' KV in (default 256; 0: none)
     TANDEM_ENGINES       dotted path of the engine factory (default: inference.engines.load_default_engines)
     TANDEM_HTTPS         the site is served over HTTPS: Secure cookies, http->https redirect, HSTS
                          (default: off here, for ``make run`` on plain http; on in production).
@@ -261,6 +262,8 @@ TANDEM_VERIFIER_THREADS = get_env("TANDEM_VERIFIER_THREADS", 0, int)
 # a session's tokens at most on the llama.cpp backends: their KV is allocated whole, per session, at load
 # (speculative.llama_sequences.DEFAULT_MAX_CONTEXT); 0 = the model's own context
 TANDEM_MAX_CONTEXT = get_env("TANDEM_MAX_CONTEXT", 2048, int)
+# host memory for kept prompts' KV streams, as llama-server's --cache-ram (speculative.prompt_stash); 0 = none
+TANDEM_PROMPT_STASH_MB = get_env("TANDEM_PROMPT_STASH_MB", 256, int)
 # the cloud tier: every served model may also run on the CloudUpstream rows registered for it
 TANDEM_CLOUD = get_env("TANDEM_CLOUD", True, as_bool)
 TANDEM_UPSTREAMS_TTL_S = get_env("TANDEM_UPSTREAMS_TTL_S", 5.0, float)  # how stale this process's upstream list may be
