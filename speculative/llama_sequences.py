@@ -130,7 +130,8 @@ class SequenceIds:
     prefix ``PREFIX_OVER_GAP`` tokens longer. Where the id it takes keeps a prompt of at least
     ``COPY_OVER`` tokens it would not reuse (a prompt may come again, or a chat's next turn
     after it; an answer alone rarely does), those are first copied to a free id apart from the
-    open ones (``_preserve``), as ``llama-server``'s prompt cache keeps them. With no prefix to
+    open ones (``_preserve``), or with a ``stash`` put into host memory (``PromptStash``, the verifier's),
+    as ``llama-server``'s prompt cache keeps them. With no prefix to
     reuse it takes an id that keeps nothing, or else the one whose tokens were kept longest ago,
     so that many prompts stay kept at once (one each, a client cycling through 8 prompts on 32
     ids). ``remove(seq, from_position)`` drops a stream's positions from ``from_position`` on.
@@ -165,8 +166,9 @@ class SequenceIds:
         self._copy = copy  # (source, destination): the destination's stream becomes a copy of the source's
         self.copies = 0  # kept prefixes copied beside the open ids
         self._stash = stash  # where a kept prompt goes that no free id apart can take (``PromptStash``)
-        # ids a copy reads or writes at the next decode (``applied``): their data is not what they are said to hold
+        # ids a copy writes at the next decode (``applied``): their data is not yet what they are said to hold
         self.pending: set[int] = set()
+        self._sources: set[int] = set()  # and the ids it reads then: written over now, the copy would read that
 
     @classmethod
     def of_context(cls, ctx: KvStreams, n: int, *, reuse: bool = True, stash: PromptStash | None = None) -> SequenceIds:
@@ -183,20 +185,30 @@ class SequenceIds:
     def applied(self) -> None:
         """A decode ran: the copies waiting for it are done."""
         self.pending.clear()
+        self._sources.clear()
 
     def take(self, want: Sequence[int] = ()) -> tuple[int, int]:
         """A free id for a session whose first positions will hold ``want``; how many of them it holds already."""
         want = list(want)
         seq, reused, source = self._choose(want) if self._kept and want else (self.free[-1], 0, None)
+        stashed = self._stashed(want, reused)  # a longer prefix kept in host memory, to write into ``seq``
+        if stashed is not None and self._copying(seq):  # written over now, a copy at the next decode would miss it
+            seq, source = self._not_copying(), None
+            if seq is None:
+                seq, reused, source = self._choose(want) if self._kept and want else (self.free[-1], 0, None)
+                stashed = None
         self.free.remove(seq)
         kept = self._kept.pop(seq, None)
         order, prompt, copy = self._order.pop(seq, 0), self._prompts.pop(seq, 0), self._copy
-        stashed = self._stashed(seq, want, reused)  # a longer prefix kept in host memory, to write into ``seq``
         own = reused if source is None and stashed is None else 0  # what ``seq`` keeps that the session reuses
         # worth a copy: a prompt (which may come again, or with a chat's next turn after it), not just an answer
+        # (to host memory where there is a stash: 0.2-0.5 ms for SmolLM2's, where a copy apart was 5.7 at the next
+        # decode and was lost if another session took that id before it)
         if kept is not None and min(prompt, len(kept)) - own >= COPY_OVER:
-            if stashed is not None or copy is None or not self._preserve(copy, seq, kept, (order, prompt), source):
-                self._stash_away(seq, kept)  # at once: ``seq``'s stream is written over now, not at the next decode
+            if self._stash is not None:
+                self._stash_away(seq, kept)
+            elif copy is not None:
+                self._preserve(copy, seq, kept, (order, prompt), source)
         if stashed is not None:
             if self._unstash(seq, *stashed):  # no copy, nothing kept to trim
                 self.reused += stashed[0]
@@ -227,7 +239,8 @@ class SequenceIds:
 
     def moved(self, hole: int, seq: int) -> None:
         """A session moved from ``seq`` into the free id ``hole`` (its stream copied over, ``seq``'s emptied)."""
-        self.pending.update((hole, seq))
+        self.pending.add(hole)
+        self._sources.add(seq)
         self.free.remove(hole)
         self._kept.pop(hole, None)
         self._order.pop(hole, None)
@@ -243,19 +256,31 @@ class SequenceIds:
 
     def _copy_stream(self, copy: Callable[[int, int], object], source: int, seq: int) -> None:
         copy(source, seq)
-        self.pending.update((source, seq))
+        self.pending.add(seq)
+        self._sources.add(source)
 
     def _stash_away(self, seq: int, kept: list[int]) -> None:
         """Put what ``seq`` keeps into host memory before it is overwritten (where its data is in place)."""
         if self._stash is not None and seq not in self.pending:
             self._stash.save(seq, kept)
 
-    def _stashed(self, seq: int, want: list[int], reused: int) -> tuple[int, tuple[int, ...]] | None:
+    def _stashed(self, want: list[int], reused: int) -> tuple[int, tuple[int, ...]] | None:
         """(positions of ``want``, tokens) of the stash holding ``COPY_OVER`` positions more than ``reused``, if any."""
-        if self._stash is None or not want or seq in self.pending:
+        if self._stash is None or not want:
             return None
         length, key = self._stash.longest(want)
         return (length, key) if key is not None and length >= reused + COPY_OVER else None
+
+    def _copying(self, seq: int) -> bool:
+        """Whether a copy waiting for the next decode reads or writes ``seq``'s stream."""
+        return seq in self.pending or seq in self._sources
+
+    def _not_copying(self) -> int | None:
+        """Of the free ids no waiting copy touches, one adding fewest runs: empty, else kept longest ago."""
+        added = self._runs_added()
+        ids = [seq for seq in self.free if not self._copying(seq)]
+        fewest = min((added[seq] for seq in ids), default=0)
+        return self._expendable([seq for seq in ids if added[seq] == fewest])
 
     def _unstash(self, seq: int, length: int, key: tuple[int, ...]) -> bool:
         """Write the stash of ``key`` into ``seq``, keeping its first ``length`` positions."""
@@ -271,7 +296,7 @@ class SequenceIds:
 
     def _preserve(
         self, copy: Callable[[int, int], object], seq: int, kept: list[int], stamp: tuple[int, int], avoid: int | None
-    ) -> bool:
+    ) -> None:
         """Copy what ``seq`` kept into a free id apart from the open ones (which a new session takes last): one
         that keeps nothing, else the one kept longest ago if older. So a prompt outlives the next session opening
         beside the others (a chat's next turn, a prompt sent again) as ``llama-server``'s prompt cache keeps it.
@@ -281,13 +306,10 @@ class SequenceIds:
         fewest = min(added.values(), default=0)
         spare = self._expendable([f for f in self.free if f != avoid and added[f] > fewest])
         if spare is None or (spare in self._kept and self._order[spare] > order):
-            return False
-        if spare in self._kept:
-            self._stash_away(spare, self._kept[spare])
+            return
         self._copy_stream(copy, seq, spare)
         self._kept[spare], self._order[spare], self._prompts[spare] = kept, order, prompt
         self.copies += 1
-        return True
 
     def _expendable(self, ids: list[int]) -> int | None:
         """Of ``ids``, the one whose stream to lose: the lowest that keeps nothing, else the one kept longest ago."""

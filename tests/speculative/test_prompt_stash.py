@@ -80,36 +80,44 @@ def test_a_stash_is_written_back_only_for_copy_over_positions_more_than_an_id_ke
 
 
 def test_a_kept_prompt_a_copy_from_elsewhere_overwrites_goes_apart_first():
-    ids, _, copied = _ids(8, FakeStash())
-    assert [ids.take()[0] for _ in range(4)] == [0, 1, 2, 3]  # sessions that go on
-    other = list(range(300, 300 + COPY_OVER + 2))
-    assert ids.take(other) == (4, 0) and ids.take(PROMPT) == (5, 0)
-    ids.release(4, other + ANSWER)  # beside sessions 0-3
-    ids.release(5, PROMPT + ANSWER)  # apart from them
-    # the prompt again: 5's stream is copied beside the others, over 4's, whose prompt is first copied apart
-    assert ids.take(PROMPT) == (4, len(PROMPT))
-    assert len(copied) == 2 and copied[0][0] == 4 and copied[0][1] not in (4, 5) and copied[1] == (5, 4)
-    assert ids.pending == {4, 5, copied[0][1]}
+    for stash in (None, FakeStash()):
+        ids, _, copied = _ids(8, stash)  # type: ignore[arg-type]
+        assert [ids.take()[0] for _ in range(4)] == [0, 1, 2, 3]  # sessions that go on
+        other = list(range(300, 300 + COPY_OVER + 2))
+        assert ids.take(other) == (4, 0) and ids.take(PROMPT) == (5, 0)
+        ids.release(4, other + ANSWER)  # beside sessions 0-3
+        ids.release(5, PROMPT + ANSWER)  # apart from them
+        # the prompt again: 5's stream is copied beside the others, over 4's, whose prompt goes first: copied apart
+        # without a stash, to host memory with one
+        assert ids.take(PROMPT) == (4, len(PROMPT)) and copied[-1] == (5, 4)
+        if stash is None:
+            assert len(copied) == 2 and copied[0][0] == 4 and copied[0][1] not in (4, 5)
+        else:
+            assert len(copied) == 1 and stash.saved == [(4, tuple(other + ANSWER))]
 
 
 def test_streams_a_copy_reads_or_writes_at_the_next_decode_are_neither_stashed_nor_written_over():
     stash = FakeStash()
-    ids, _, _ = _ids(3, stash)
-    ids.take()
-    ids.take(PROMPT)
-    ids.release(1, PROMPT + ANSWER)
-    ids.moved(1, 5)  # a session moved into 1: its stream is what 5's was only after the next decode
-    assert stash.saved == []
-    assert ids.pending == {1, 5}
-    ids.release(1, PROMPT + ANSWER)
-    stash.save(8, PROMPT + ANSWER + [1])
-    assert ids.take([5] + PROMPT) == (1, 0)  # 1 is pending: what it keeps is not stashed
-    assert stash.saved == [(8, tuple(PROMPT + ANSWER + [1]))]
-    ids.release(1)
-    assert ids.take(PROMPT)[1] == 0 and stash.restored == []  # nor written over before the decode
-    ids.release(1)
-    ids.applied()  # the decode ran
-    assert ids.pending == set() and ids.take(PROMPT)[1] == len(PROMPT) and len(stash.restored) == 1
+    ids, _, copied = _ids(8, stash)
+    assert [ids.take()[0] for _ in range(4)] == [0, 1, 2, 3]  # sessions that go on
+    other, third = list(range(300, 300 + COPY_OVER + 2)), list(range(500, 500 + COPY_OVER + 3))
+    assert ids.take(other) == (4, 0) and ids.take(PROMPT) == (5, 0)
+    ids.release(4, other + ANSWER)
+    ids.release(5, PROMPT + ANSWER)
+    assert ids.take(PROMPT) == (4, len(PROMPT)) and copied == [(5, 4)]  # 5's stream is read at the next decode
+    assert ids.pending == {4}
+    stash.save(9, third + ANSWER)
+    # the third prompt's stash goes into a free id beside the others, but not 5, which that copy still reads
+    seq, held = ids.take(third)
+    assert held == len(third) and seq not in (4, 5) and stash.restored == [(tuple(third + ANSWER), seq, len(third))]
+    ids.applied()  # the decode ran: the copies are done
+    assert ids.pending == set() and not ids._copying(5)
+    # a free id a copy will write is not stashed from: its data is not yet what it is said to hold
+    ids.release(4, PROMPT + ANSWER)
+    ids.pending.add(4)
+    saved = len(stash.saved)
+    ids.vacate(4)
+    assert len(stash.saved) == saved
 
 
 def test_a_session_moving_into_a_free_id_sends_the_prompt_it_keeps_to_host_memory_first():

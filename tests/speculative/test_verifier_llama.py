@@ -428,8 +428,9 @@ def test_rows_of_different_lengths_share_one_pass_where_padding_costs_less_and_t
     assert [v.verifier_token for v in after] == [expected[0][14], expected[1][6], expected[2][5]]
 
 
-def _fresh(max_sessions: int = 4, reuse: bool = True) -> LlamaCppVerifier:
-    return LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=max_sessions, n_threads=1, reuse_prefixes=reuse)
+def _fresh(max_sessions: int = 4, reuse: bool = True, stash: bool = True) -> LlamaCppVerifier:
+    extra = {} if stash else {"prompt_stash_bytes": 0}
+    return LlamaCppVerifier(DEMO_VERIFIER_GGUF, max_sessions=max_sessions, n_threads=1, reuse_prefixes=reuse, **extra)
 
 
 def _prefilled_positions(verifier: LlamaCppVerifier, monkeypatch) -> list[int]:
@@ -497,7 +498,7 @@ def test_a_prompt_kept_apart_is_copied_beside_the_open_sessions_and_every_copied
     other = tokenizer.encode("def get_queryset(self):", add_special_tokens=False)
     assert len(prompt) > COPY_OVER + 1
     expected, expected_other = _plain(_fresh(reuse=False), prompt, 16), _plain(_fresh(reuse=False), other, 8)
-    verifier = _fresh(max_sessions=6)
+    verifier = _fresh(max_sessions=6, stash=False)  # with one, the prompt goes to host memory (test_prompt_stash)
     for sid, text in (("a", "The Django ORM"), ("b", "A form field")):
         verifier.open_session(sid, tokenizer.encode(text, add_special_tokens=False), GREEDY)  # ids 0 and 1
     try:
