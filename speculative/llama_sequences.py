@@ -193,10 +193,11 @@ class SequenceIds:
         seq, reused, source = self._choose(want) if self._kept and want else (self.free[-1], 0, None)
         stashed = self._stashed(want, reused)  # a longer prefix kept in host memory, to write into ``seq``
         if stashed is not None and self._copying(seq):  # written over now, a copy at the next decode would miss it
-            seq, source = self._not_copying(), None
-            if seq is None:
-                seq, reused, source = self._choose(want) if self._kept and want else (self.free[-1], 0, None)
-                stashed = None
+            other = self._not_copying()
+            if other is None:
+                stashed = None  # no id to write it into before the next decode: as if there were no stash
+            else:
+                seq, source = other, None
         self.free.remove(seq)
         kept = self._kept.pop(seq, None)
         order, prompt, copy = self._order.pop(seq, 0), self._prompts.pop(seq, 0), self._copy
