@@ -165,7 +165,7 @@ class SequenceIds:
         self._remove = remove
         self._copy = copy  # (source, destination): the destination's stream becomes a copy of the source's
         self.copies = 0  # kept prefixes copied beside the open ids
-        self._stash = stash  # where a kept prompt goes that no free id apart can take (``PromptStash``)
+        self._stash = stash  # host memory a kept prompt goes to before it is overwritten (else: copied apart)
         # ids a copy writes at the next decode (``applied``): their data is not yet what they are said to hold
         self.pending: set[int] = set()
         self._sources: set[int] = set()  # and the ids it reads then: written over now, the copy would read that

@@ -515,6 +515,6 @@ class LlamaCppVerifier:
 
         self.decodes += 1
         rc = int(llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch))
-        if self._ids.pending:  # (every copy has a destination)
+        if rc == 0 and self._ids.pending:  # (every copy has a destination)
             self._ids.applied()  # the copies waiting for a decode are done
         return rc

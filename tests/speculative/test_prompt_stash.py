@@ -11,6 +11,7 @@ from speculative.prompt_stash import PromptStash
 from speculative.types import SamplingParams
 from speculative.verifier import VerifyRequest
 from speculative.verifier_llama import LlamaCppVerifier
+from tests.speculative.test_verifier_llama import _prefilled_positions
 
 GREEDY = SamplingParams()
 
@@ -164,20 +165,6 @@ def _plain(verifier: LlamaCppVerifier, sid: str, prompt: list[int], n: int, clos
             verifier.close_session(sid)
 
 
-def _prefills(verifier: LlamaCppVerifier, monkeypatch) -> list[int]:
-    seen: list[int] = []
-    real = verifier._decode_batch
-
-    def recording() -> int:
-        b = verifier._batch.batch
-        if not any(b.logits[i] for i in range(b.n_tokens)):
-            seen.append(b.n_tokens)
-        return real()
-
-    monkeypatch.setattr(verifier, "_decode_batch", recording)
-    return seen
-
-
 def test_a_prompt_written_back_from_host_memory_is_not_evaluated_again_and_decodes_as_a_fresh_one(
     tokenizer, monkeypatch
 ):
@@ -192,7 +179,7 @@ def test_a_prompt_written_back_from_host_memory_is_not_evaluated_again_and_decod
     _plain(verifier, "o", other, 4)  # takes id 2: nowhere to copy the prompt apart, so it is stashed
     stash = verifier._ids._stash
     assert stash is not None and stash.saved == 1 and stash.bytes > 0
-    prefills = _prefills(verifier, monkeypatch)
+    prefills = _prefilled_positions(verifier, monkeypatch)
     assert _plain(verifier, "p", prompt, 16) == expected  # written back: nothing evaluated before its first round
     assert prefills == [] and stash.restored == 1
     for sid in "ab":
