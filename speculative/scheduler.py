@@ -311,8 +311,9 @@ class VerifyScheduler:
         for r in rounds:
             self.cost.record(1 + len(r.proposal.tokens), r.verify_ms)
             if r.proposal.tokens and r.proposal.caught_up <= STEADY_CATCH_UP:
+                # (not into ``draft_cost``: lockstep draft steps of 2 or more sessions, which one-session points
+                # would only push out of its window)
                 self.governor.on_lone_round(len(r.proposal.tokens), r.proposal.draft_ms + r.verify_ms, now)
-                self.draft_cost.record(1, r.proposal.draft_ms / len(r.proposal.tokens))
         self.governor.on_batch(
             emitted=sum(1 + r.verdict.n_matches for r in rounds), active=self._active, now=now, batches=len(rounds)
         )
