@@ -24,6 +24,8 @@ from typing import Any
 from speculative.llama_sequences import common_prefix
 
 DEFAULT_STASH_BYTES = 256 * 1024 * 1024  # host memory for stashed streams, the least recently used going first
+# and at most this many: a session's prompt is compared with each (4 us a stash, under the verifier's lock)
+MAX_STASHED = 64
 
 
 class PromptStash:
@@ -60,7 +62,7 @@ class PromptStash:
         self._entries[key] = state
         self.bytes += size
         self.saved += 1
-        while self.bytes > self.budget:
+        while self.bytes > self.budget or len(self._entries) > MAX_STASHED:
             self._drop(next(iter(self._entries)))
 
     def longest(self, want: Sequence[int]) -> tuple[int, tuple[int, ...] | None]:

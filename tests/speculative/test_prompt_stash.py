@@ -186,7 +186,9 @@ def test_a_prompt_written_back_from_host_memory_is_not_evaluated_again_and_decod
         verifier.close_session(sid)
 
 
-def test_the_stash_keeps_what_its_budget_holds_the_latest_used_and_a_longer_stash_of_the_same_tokens(tokenizer):
+def test_the_stash_keeps_what_its_budget_holds_the_latest_used_and_a_longer_stash_of_the_same_tokens(
+    tokenizer, monkeypatch
+):
     verifier = _fresh()
     texts = ["Middleware is a framework of hooks", "The QuerySet API lets you filter", "A form field is a class"]
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
@@ -207,6 +209,11 @@ def test_the_stash_keeps_what_its_budget_holds_the_latest_used_and_a_longer_stas
     first = next(iter(kept.values()))
     assert small.longest(first) == (0, None)  # the least recently used went first
     assert small.restore(tuple(first), 0, 3) is False
+    few = PromptStash(verifier._ctx, budget=1 << 30)
+    monkeypatch.setattr("speculative.prompt_stash.MAX_STASHED", 2)
+    for seq, tokens in kept.items():
+        few.save(seq, tokens)
+    assert len(few._entries) == 2 and few.longest(first) == (0, None)  # the count is bounded too
 
 
 def test_a_verifier_without_prefix_reuse_or_budget_stashes_nothing():
