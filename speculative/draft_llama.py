@@ -270,12 +270,12 @@ class LlamaCppDraft:
             holes = sorted(seq for seq in self._ids.free if low <= seq < end)
             movers = sorted((seq for seq in self._live if seq >= end), reverse=True)
             for hole, seq in zip(holes, movers, strict=True):
+                self._ids.moved(hole, seq)  # before the copy (``SequenceIds.moved``)
                 self._ctx.kv_cache_seq_cp(seq, hole, -1, -1)
                 self._ctx.kv_cache_seq_rm(seq, 0, -1)
                 ctx = self._live.pop(seq)
                 ctx._seq = hole
                 self._live[hole] = ctx
-                self._ids.moved(hole, seq)
             self.compactions += len(movers)
 
     def _drafting_changed(self, delta: int) -> None:

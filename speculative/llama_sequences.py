@@ -202,10 +202,9 @@ class SequenceIds:
         kept = self._kept.pop(seq, None)
         order, prompt, copy = self._order.pop(seq, 0), self._prompts.pop(seq, 0), self._copy
         own = reused if source is None and stashed is None else 0  # what ``seq`` keeps that the session reuses
-        # worth a copy: a prompt (which may come again, or with a chat's next turn after it), not just an answer
-        # (to host memory where there is a stash: 0.2-0.5 ms for SmolLM2's, where a copy apart was 5.7 at the next
-        # decode and was lost if another session took that id before it)
-        if kept is not None and min(prompt, len(kept)) - own >= COPY_OVER:
+        # a prompt it would lose goes to host memory where there is a stash (0.2-0.5 ms for SmolLM2's, where a copy
+        # apart was 5.7 at the next decode and was lost if another session took that id before it), else apart
+        if kept is not None and _a_prompt(kept, prompt, own):
             if self._stash is not None:
                 self._stash_away(seq, kept)
             elif copy is not None:
@@ -239,11 +238,14 @@ class SequenceIds:
         self.free.sort(reverse=True)
 
     def moved(self, hole: int, seq: int) -> None:
-        """A session moved from ``seq`` into the free id ``hole`` (its stream copied over, ``seq``'s emptied)."""
+        """A session moves from ``seq`` into the free id ``hole`` (its stream copied over, ``seq``'s emptied): told
+        before the copy is made, so that a prompt ``hole`` keeps goes to host memory first, where there is a stash."""
+        kept = self._kept.pop(hole, None)
+        if kept is not None and _a_prompt(kept, self._prompts.get(hole, 0)):
+            self._stash_away(hole, kept)
         self.pending.add(hole)
         self._sources.add(seq)
         self.free.remove(hole)
-        self._kept.pop(hole, None)
         self._order.pop(hole, None)
         self._prompts.pop(hole, None)
         self._wanted[hole] = self._wanted.pop(seq, 0)
@@ -289,12 +291,6 @@ class SequenceIds:
         self._remove(seq, 0)
         return self._stash.restore(key, seq, length)
 
-    def vacate(self, seq: int) -> None:
-        """A session moves into the free ``seq`` (``moved``): a prompt it keeps goes to host memory first."""
-        kept = self._kept.get(seq)
-        if kept is not None and min(self._prompts.get(seq, 0), len(kept)) >= COPY_OVER:
-            self._stash_away(seq, kept)
-
     def _preserve(
         self, copy: Callable[[int, int], object], seq: int, kept: list[int], stamp: tuple[int, int], avoid: int | None
     ) -> None:
@@ -339,6 +335,12 @@ class SequenceIds:
             return expendable, far[0], -far[1]
         best = far if far[0] >= near[0] + PREFIX_OVER_GAP else near
         return -best[1], best[0], None
+
+
+def _a_prompt(kept: list[int], prompt: int, reused: int = 0) -> bool:
+    """Whether ``kept`` (tokens a stream keeps, the first ``prompt`` of them a prompt) holds a prompt worth keeping
+    beyond its first ``reused``: a prompt may come again, or a chat's next turn after it; an answer alone rarely does."""
+    return min(prompt, len(kept)) - reused >= COPY_OVER
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

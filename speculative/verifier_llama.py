@@ -248,10 +248,9 @@ class LlamaCppVerifier:
         holes = sorted(seq for seq in self._ids.free if low <= seq < end)
         movers = sorted((s for s in self._sessions.values() if s.seq >= end), key=lambda s: s.seq, reverse=True)
         for hole, s in zip(holes, movers, strict=True):
-            self._ids.vacate(hole)  # before the copy: a prompt it keeps goes to host memory
+            self._ids.moved(hole, s.seq)  # before the copy: a prompt the hole keeps goes to host memory
             self._ctx.kv_cache_seq_cp(s.seq, hole, -1, -1)
             self._ctx.kv_cache_seq_rm(s.seq, 0, -1)
-            self._ids.moved(hole, s.seq)
             s.seq = hole
         self.compactions += len(movers)
 

@@ -117,22 +117,19 @@ def test_streams_a_copy_reads_or_writes_at_the_next_decode_are_neither_stashed_n
     ids.release(4, PROMPT + ANSWER)
     ids.pending.add(4)
     saved = len(stash.saved)
-    ids.vacate(4)
+    ids.moved(4, seq)
     assert len(stash.saved) == saved
 
 
 def test_a_session_moving_into_a_free_id_sends_the_prompt_it_keeps_to_host_memory_first():
     stash = FakeStash()
-    ids, _, _ = _ids(4, stash)
-    ids.take()
-    ids.take(PROMPT)
-    ids.take([3])
+    ids, _, _ = _ids(5, stash)
+    assert [ids.take(want)[0] for want in ([], PROMPT, [3], [4, 5], [9])] == [0, 1, 2, 3, 4]
     ids.release(1, PROMPT + ANSWER)
-    ids.vacate(1)
     ids.moved(1, 2)
     assert stash.saved == [(1, tuple(PROMPT + ANSWER))]
-    ids.release(2, [1, 2])
-    ids.vacate(2)  # a short prompt's stream, mostly answer: not stashed
+    ids.release(3, [4, 5] + ANSWER)
+    ids.moved(3, 4)  # a short prompt's stream, mostly answer: not stashed
     assert len(stash.saved) == 1
 
 
