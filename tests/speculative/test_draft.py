@@ -384,6 +384,29 @@ def test_a_lone_session_takes_the_id_that_kept_the_longest_prefix_and_only_what_
     assert removed[-1] == (0, 0) and ids.reused == 4
 
 
+def test_a_few_shared_positions_do_not_cut_a_short_kept_prompt_while_an_id_keeps_nothing():
+    ids, removed = _ids(3)
+    form, urlconf = [33, 519, 479], [33, 2556, 675, 953]  # "A form field", "A URLconf maps": one token shared
+    seq, _ = ids.take(form)
+    ids.release(seq, [*form, 7, 7])
+    assert ids.take(urlconf) == (1, 0)  # an empty id: 0 keeps ``form`` for its next request
+    ids.release(1, [*urlconf, 8])
+    assert ids.take(form) == (0, 3) and ids.take(urlconf) == (1, 4)
+    assert removed == [(0, 3), (1, 4)]  # only what followed each prompt
+    ids.release(0, [*form, 7])
+    ids.release(1, [*urlconf, 8])
+    other = [33, 9, 9, 9]
+    assert ids.take(other) == (2, 0)  # the last empty id
+    ids.release(2, other)
+    # no id keeps nothing: the shared token is reused from the best prefix, as before
+    assert ids.take([33, 2556, 5]) == (1, 2)
+    assert ids.take([33, 6, 6]) == (0, 1)
+    # a prompt wholly kept beyond the shared positions is no prompt cut: its own id (a chat's next turn)
+    ids, _ = _ids(3)
+    ids.release(ids.take(form)[0], [*form, 7])
+    assert ids.take([*form, 7, 5]) == (0, 4)
+
+
 def test_beside_open_sessions_a_kept_prefix_elsewhere_wins_only_when_much_longer():
     ids, _ = _ids()
     taken = [ids.take()[0] for _ in range(8)]
@@ -422,7 +445,7 @@ def test_beside_open_sessions_a_longer_prefix_kept_apart_is_copied_beside_them_a
     assert ids.take(kept) == (3, len(kept))  # 0 still keeps it, for the next prompt that starts with it
     assert copied[-1] == (0, 3) and ids.reused == 2 * len(kept) - 2
     # a prefix fewer than COPY_OVER tokens longer than the one beside them is not worth a copy
-    ids.release(3, kept[: COPY_OVER - 1] + [9])
+    ids.release(3, kept[: COPY_OVER - 1])
     assert ids.take(kept) == (3, COPY_OVER - 1) and len(copied) == 2
 
 

@@ -465,10 +465,11 @@ def test_a_prompt_a_closed_session_left_is_not_evaluated_again_and_decodes_as_a_
 
 def test_a_prompt_sharing_only_a_prefix_reuses_that_prefix_and_drafts_still_verify_as_fresh(llama, monkeypatch):
     _, tokenizer = llama
-    first = tokenizer.encode("The QuerySet API lets you filter", add_special_tokens=False)
-    second = tokenizer.encode("The QuerySet API is lazy: nothing", add_special_tokens=False)
+    first = tokenizer.encode("The QuerySet API of the database layer lets you filter", add_special_tokens=False)
+    second = tokenizer.encode("The QuerySet API of the database layer is lazy: nothing", add_special_tokens=False)
     shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
-    assert shared >= 2
+    # enough to be worth cutting the first prompt for: fewer would take an id that keeps nothing (``SequenceIds``)
+    assert shared >= COPY_OVER
     plain = _plain(_fresh(reuse=False), second, 12)
     verifier = _fresh()
     _plain(verifier, first, 8)
