@@ -12,13 +12,15 @@
    its draft's held-out chat prompts in the model's chat template;
 3. serves the pair three ways: Tandem's platform (``python -m config.serve``, its
    ``/v1/completions`` with an API key, the verifier on the llama.cpp backend), and
-   ``llama-server`` with the verifier alone and with ``-md`` (the draft), ``--parallel``
-   slots for the most concurrent requests;
+   ``llama-server`` with the verifier alone and with ``-md`` (the draft, speculating:
+   ``--spec-type draft-simple``, its own defaults otherwise), ``--parallel`` slots for the most
+   concurrent requests;
 4. runs the same client against each (greedy ``/v1/completions`` of ``--max-tokens``, at 1, 4
    and 16 concurrent requests), the servers taken in turn, the order rotated each run,
    ``--runs`` runs; reports medians of tokens/s (completion tokens over wall time) and of the
    p50 request latency, greedy agreement (how many prompts got the same text from each
-   server as from ``llama-server`` alone), and Tandem over the better peer both as a ratio
+   server as from ``llama-server`` alone), what ``-md`` drafted (its responses' ``timings``: a
+   measurement in which it drafted nothing stops the run), and Tandem over the better peer both as a ratio
    of medians and paired: each run's own ratio (its servers measured within seconds of each
    other), whose median a shared machine's slow swings in speed do not move.
 
@@ -232,7 +234,10 @@ def llama_server(
     args = [str(binary), "-m", str(verifier), "--host", "127.0.0.1", "--port", str(port)]
     args += ["--parallel", str(slots), "--ctx-size", str(1024 * slots), "--threads", str(threads), "--no-webui"]
     if draft is not None:
-        args += ["-md", str(draft), "--threads-draft", "1"]
+        # ``-md`` alone loads the draft and leaves it idle: the pinned llama.cpp speculates only with a
+        # ``--spec-type`` (or a draft GGUF holding MTP heads). Until 2026-12-04 this peer ran so, a second
+        # plain server; ``measure`` now checks that it drafts (``draft_n`` in its responses' timings).
+        args += ["-md", str(draft), "--spec-type", "draft-simple", "--threads-draft", "1"]
     log_path = work / f"{name.replace(' ', '_')}.log"
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
     try:
@@ -289,7 +294,8 @@ def tandem_server(work: Path, verifier: Path, draft: Path, threads: int, pair: s
 
 
 # the client -------------------------------------------------------------------------------
-async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> tuple[str, int, float, int, int]:
+    """(text, completion tokens, seconds, tokens drafted and accepted: ``llama-server``'s ``timings``, 0 elsewhere)."""
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     if server.name == "tandem":  # the verifier's own output, as the peers serve (not a routing decision)
         body["tier"] = "speculative"
@@ -300,7 +306,9 @@ async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_token
     if response.status_code != 200:
         raise SystemExit(f"{server.name}: HTTP {response.status_code}: {response.text[:500]}")
     data = response.json()
-    return data["choices"][0]["text"], int(data["usage"]["completion_tokens"]), elapsed
+    timings = data.get("timings", {})
+    drafted, accepted = int(timings.get("draft_n", 0)), int(timings.get("draft_n_accepted", 0))
+    return data["choices"][0]["text"], int(data["usage"]["completion_tokens"]), elapsed, drafted, accepted
 
 
 async def measure(server: Server, concurrency: int, prompts: Sequence[str], max_tokens: int, requests: int = 0) -> dict:
@@ -314,14 +322,15 @@ async def measure(server: Server, concurrency: int, prompts: Sequence[str], max_
     todo = [prompts[i % len(prompts)] for i in range(n_requests)]
     results: dict[str, str] = {}
     latencies: list[float] = []
-    tokens = 0
+    tokens = drafted = accepted = 0
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal tokens
+        nonlocal tokens, drafted, accepted
         while todo:
             prompt = todo.pop(0)
-            text, n, elapsed = await _one(client, server, prompt, max_tokens)
+            text, n, elapsed, draft_n, accepted_n = await _one(client, server, prompt, max_tokens)
             results[prompt], tokens = text, tokens + n
+            drafted, accepted = drafted + draft_n, accepted + accepted_n
             latencies.append(elapsed)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -329,7 +338,11 @@ async def measure(server: Server, concurrency: int, prompts: Sequence[str], max_
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
+    if server.name == "llama-server -md" and not drafted:
+        raise SystemExit(f"{server.name} drafted no token in {n_requests} requests: its speculation is off")
     return {
+        "drafted": drafted,
+        "accepted": accepted,
         "tokens_per_s": tokens / wall,
         "p50_latency_ms": median(latencies) * 1e3,
         "tokens": tokens,
@@ -382,6 +395,7 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
                 "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in runs],
                 "p50_latency_ms": round(median(r["p50_latency_ms"] for r in runs), 1),
                 "greedy_agreement_with_llama_server": agreement(runs[0]["texts"], reference[n]),
+                **(_drafting(runs) if name == "llama-server -md" else {}),
             }
             for n, runs in by_level.items()
         }
@@ -419,6 +433,16 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
             n: {"median": round(median(ratios), 3), "runs": [round(r, 3) for r in ratios]}
             for n, ratios in paired.items()
         },
+    }
+
+
+def _drafting(runs: list[dict]) -> dict:
+    """What ``llama-server -md`` drafted over a level's runs: tokens a completion token, and the share accepted."""
+    drafted = sum(r.get("drafted", 0) for r in runs)
+    tokens = sum(r.get("tokens", 0) for r in runs)
+    return {
+        "drafted_per_token": round(drafted / tokens, 3) if tokens else None,
+        "draft_acceptance": round(sum(r.get("accepted", 0) for r in runs) / drafted, 3) if drafted else None,
     }
 
 

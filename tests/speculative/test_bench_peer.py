@@ -10,8 +10,15 @@ import pytest
 from speculative.bench_peer import _report
 
 
-def _run(tokens_per_s: float) -> dict:
-    return {"tokens_per_s": tokens_per_s, "p50_latency_ms": 10.0, "texts": {"p": "same"}}
+def _run(tokens_per_s: float, drafted: int = 0, accepted: int = 0) -> dict:
+    return {
+        "tokens_per_s": tokens_per_s,
+        "p50_latency_ms": 10.0,
+        "texts": {"p": "same"},
+        "tokens": 64,
+        "drafted": drafted,
+        "accepted": accepted,
+    }
 
 
 def test_each_runs_own_ratio_is_reported_beside_the_ratio_of_medians():
@@ -19,7 +26,7 @@ def test_each_runs_own_ratio_is_reported_beside_the_ratio_of_medians():
     figures = {
         "tandem": {1: [_run(900), _run(450), _run(1000)]},
         "llama-server": {1: [_run(1000), _run(500), _run(1200)]},
-        "llama-server -md": {1: [_run(800), _run(520), _run(1100)]},
+        "llama-server -md": {1: [_run(800, 90, 60), _run(520, 100, 70), _run(1100, 98, 70)]},
     }
     args = argparse.Namespace(pair="demo", type="q8_0", max_tokens=64, runs=3, requests=96)
     report = _report(args, Path("llama-server"), Path("v.gguf"), Path("d.gguf"), figures)
@@ -30,6 +37,27 @@ def test_each_runs_own_ratio_is_reported_beside_the_ratio_of_medians():
     assert paired["runs"] == [round(r, 3) for r in sorted([900 / 1000, 450 / 520, 1000 / 1200])]
     assert paired["median"] == round(450 / 520, 3)
     assert report["servers"]["tandem"]["1"]["greedy_agreement_with_llama_server"] == {"same_text": 1, "prompts": 1}
+    # what the speculating peer drafted (its responses' timings): per completion token, and the share accepted
+    md = report["servers"]["llama-server -md"]["1"]
+    assert md["drafted_per_token"] == round(288 / 192, 3) and md["draft_acceptance"] == round(200 / 288, 3)
+    assert "drafted_per_token" not in report["servers"]["tandem"]["1"]
+
+
+def test_a_speculating_peer_that_drafts_nothing_stops_the_benchmark(monkeypatch):
+    # llama-server given ``-md`` alone loads the draft and never uses it: a second plain server, not the peer asked for
+    import asyncio
+
+    from speculative import bench_peer
+
+    async def one(client, server, prompt, max_tokens):
+        return "text", 64, 0.01, 0, 0
+
+    monkeypatch.setattr(bench_peer, "_one", one)
+    md = bench_peer.Server("llama-server -md", "http://127.0.0.1:1", "verifier")
+    with pytest.raises(SystemExit, match="llama-server -md drafted no token in 8 requests: its speculation is off"):
+        asyncio.run(bench_peer.measure(md, 1, ["p"], 64))
+    plain = bench_peer.Server("llama-server", "http://127.0.0.1:1", "verifier")
+    assert asyncio.run(bench_peer.measure(plain, 1, ["p"], 64))["tokens"] == 8 * 64
 
 
 def test_a_negative_request_count_is_refused_before_any_server_starts(capsys):
