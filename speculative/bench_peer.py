@@ -294,7 +294,9 @@ def tandem_server(work: Path, verifier: Path, draft: Path, threads: int, pair: s
 
 
 # the client -------------------------------------------------------------------------------
-async def _one(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> tuple[str, int, float, int, int]:
+async def _one(
+    client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int
+) -> tuple[str, int, float, int, int]:
     """(text, completion tokens, seconds, tokens drafted and accepted: ``llama-server``'s ``timings``, 0 elsewhere)."""
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     if server.name == "tandem":  # the verifier's own output, as the peers serve (not a routing decision)

@@ -337,7 +337,6 @@ class SequenceIds:
         best = far if far[0] >= near[0] + PREFIX_OVER_GAP else near
         return -best[1], best[0], None
 
-
     def _cuts_short_prompt(self, seq: int, shared: int, wanted: int) -> bool:
         """Whether a session reusing ``shared`` of ``wanted`` positions from ``seq`` saves too little to cut its prompt.
 
