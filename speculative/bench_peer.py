@@ -440,11 +440,11 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
 
 def _drafting(runs: list[dict]) -> dict:
     """What ``llama-server -md`` drafted over a level's runs: tokens a completion token, and the share accepted."""
-    drafted = sum(r.get("drafted", 0) for r in runs)
-    tokens = sum(r.get("tokens", 0) for r in runs)
+    drafted = sum(r["drafted"] for r in runs)
+    tokens = sum(r["tokens"] for r in runs)
     return {
         "drafted_per_token": round(drafted / tokens, 3) if tokens else None,
-        "draft_acceptance": round(sum(r.get("accepted", 0) for r in runs) / drafted, 3) if drafted else None,
+        "draft_acceptance": round(sum(r["accepted"] for r in runs) / drafted, 3) if drafted else None,
     }
 
 

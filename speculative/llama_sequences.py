@@ -240,14 +240,13 @@ class SequenceIds:
     def moved(self, hole: int, seq: int) -> None:
         """A session moves from ``seq`` into the free id ``hole`` (its stream copied over, ``seq``'s emptied): told
         before the copy is made, so that a prompt ``hole`` keeps goes to host memory first, where there is a stash."""
-        kept = self._kept.pop(hole, None)
-        if kept is not None and _a_prompt(kept, self._prompts.get(hole, 0)):
+        kept, prompt = self._kept.pop(hole, None), self._prompts.pop(hole, 0)
+        if kept is not None and _a_prompt(kept, prompt):
             self._stash_away(hole, kept)
         self.pending.add(hole)
         self._sources.add(seq)
         self.free.remove(hole)
         self._order.pop(hole, None)
-        self._prompts.pop(hole, None)
         self._wanted[hole] = self._wanted.pop(seq, 0)
         self.free.append(seq)
         self.free.sort(reverse=True)
@@ -341,8 +340,9 @@ class SequenceIds:
         """Whether a session reusing ``shared`` of ``wanted`` positions from ``seq`` saves too little to cut its prompt.
 
         Its prefill still takes a decode (it reuses less than it wants), which costs about what it would
-        without the few shared positions (fewer than ``COPY_OVER``), while the prompt ``seq`` keeps beyond them,
-        too short to be stashed or copied apart, would be evaluated again when it comes back. The demo pair's
+        without the few shared positions (fewer than ``COPY_OVER``), while the prompt ``seq`` keeps beyond them
+        would be evaluated again when it comes back where it is too short to be stashed or copied apart (and
+        stashed at a cost otherwise). The demo pair's
         prompts of 3-7 tokens, two pairs sharing their first word: a client cycling through them had a
         prefill decode on half its requests (0.5-0.9 ms of a 64-token request's ~35), none with empty ids taken.
         """
