@@ -424,8 +424,10 @@ async def _complete(
     try:
         text, deltas = await gateway.collect(stream, ledger_written=False)  # the row is written behind the reply
     finally:
-        # Normally a no-op (collect settled it); if this view is cancelled (the client left), this settles what was sent.
-        await asyncio.shield(stream.aclose())
+        if stream.usage is None:  # this view was cancelled (the client left): settle what was sent, shielded
+            await asyncio.shield(stream.aclose())
+        else:  # collect settled it: this only stops the stream, on this turn of the loop (a shield is a task's turn)
+            await stream.aclose()
     assert stream.usage is not None
     # JsonResponse's encoder class and content setter, without them: the same bytes, 20 us less a request
     body = json.dumps(chunks.whole(text, stream.usage, deltas), ensure_ascii=False).encode()

@@ -14,17 +14,19 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 
+from config.asgi import application
 from inference import gateway, settlement
 from inference.models import SloSample
 from tenants.models import Reservation, UsageRecord
 from tests.inference.conftest import GatedEngine, serving_gated
 from tests.inference.test_consumers import key_socket, receive, receive_tokens, run_to_end, start
-from tests.inference.test_openai_api import HELLO, MODEL, asgi_post, content_of, sse_data
+from tests.inference.test_openai_api import HELLO, MODEL, api_scope, asgi_post, content_of, sse_data
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -187,6 +189,56 @@ async def test_a_non_streaming_response_carries_the_cost_the_ledger_gets(account
     tandem = json.loads(body)["tandem"]
     row = await ledger_row(headers["x-request-id"])
     assert row.completion_tokens == 7 and row.cost_total == cost_of(tandem)
+
+
+async def test_whole_answers_ending_together_each_go_out_right_after_their_own_charge(account, gated, monkeypatch):
+    """A reply goes out on its charge's turn of the loop, not after the charges of every answer that ended with it.
+
+    Settled in a task (and closed through a shield: a task too), a view waited a turn of the loop behind
+    every other ready one: completions that started together, and so ended together, were all charged
+    before the first reply went out (demo pair, 16 sessions: the first reply 10 ms after the last step).
+    """
+    order: list[str] = []
+    charge = settlement.charge
+
+    def charging(*args, **kwargs):
+        order.append("charge")
+        return charge(*args, **kwargs)
+
+    monkeypatch.setattr(settlement, "charge", charging)
+    gated.free_tokens = 1
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2}).encode()
+
+    async def post() -> int:
+        status = 0
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # never hangs up
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                order.append("reply")
+                status = message["status"]
+
+        await application(api_scope("/v1/completions", account.raw_key), receive, send)
+        return status
+
+    n = 4
+    posts = [asyncio.ensure_future(post()) for _ in range(n)]
+    for _ in range(n):  # every completion has handed over its first token and waits at the gate for its last
+        assert await asyncio.to_thread(gated.waits.acquire, timeout=10)
+    assert order == []
+    gated.gate.release(n)
+    time.sleep(0.3)  # the loop held while the engine threads end: their ends are all at hand at its next turn
+    assert await asyncio.wait_for(asyncio.gather(*posts), 10) == [200] * n
+    assert order == ["charge", "reply"] * n
 
 
 async def test_a_bad_request_still_charges_nothing(account):
