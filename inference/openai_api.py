@@ -40,6 +40,7 @@ from rest_framework import serializers
 from rest_framework.settings import api_settings
 
 from inference import fast_bodies, gateway, metrics, prompts
+from inference.arrivals import counted_arrival
 from inference.completion import NamedLogprob
 from inference.engines import ModelEntry, aget_engines
 from inference.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied, unexpected
@@ -367,6 +368,7 @@ class NotFound(InvalidRequest):
 
 # completions --------------------------------------------------------------------------------
 @openai_endpoint("POST")
+@counted_arrival
 async def chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
     principal = await _principal(request)
     body = _json_body(request)
@@ -381,6 +383,7 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
 
 
 @openai_endpoint("POST")
+@counted_arrival
 async def completions(request: HttpRequest, request_id: str) -> HttpResponse:
     principal = await _principal(request)
     body = _json_body(request)

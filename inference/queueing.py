@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from inference.arrivals import arrived
 from inference.errors import Overloaded, RateLimited
 
 CLASS_RANK = {"interactive": 0, "batch": 1}
@@ -131,6 +132,7 @@ class Pool:
             waiter = self._enqueue(tenant_id, owners, latency_class, deadline_s, loop, on_position)
             # Slots may be free while every waiter's tenant is at its own limit: this one may go now.
             handed = self._hand_over()
+        arrived()  # no telling when it starts: no scheduler waits for it meanwhile
         started = time.monotonic()
         self._resolve_all(handed)
         try:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from inference import settlement
+from inference.arrivals import arrived
 from inference.breakers import BreakerState
 from inference.cache import CACHED_TIERS, CachedAnswer, exact_cache, in_flight
 from inference.cloud import CloudEngine, CloudRequest, CloudTokenEvent
@@ -253,6 +254,7 @@ class GatewayStream:
             completion = Restoring(cloud, self._redaction) if self._redaction is not None else cloud
             self._completion = completion
             self._pump = pump_on_loop(completion, self._queue, self._cancel)
+            arrived()
             return
         assert isinstance(request, CompletionRequest)
         kwargs = {
@@ -267,6 +269,7 @@ class GatewayStream:
         # (unless an escalation judges the answer as it comes: it reads the tokens, and may end the leg early)
         lazy = not self.call.stream and not self._may_escalate()
         pump_on_thread(local, self._queue, self._cancel, f"stream-{self.request_id}", lazy=lazy)
+        arrived()  # its session is queued to open: a burst's others may be waited for (``speculative.arrivals``)
 
     def _leave_tier(self) -> None:
         """This stream no longer runs on the tier it was counted on (queue depth, for routing)."""

@@ -31,6 +31,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from speculative.arrivals import ARRIVAL_WAIT_MS, ARRIVALS, Arrivals
 from speculative.batch_cost import BatchCostModel
 from speculative.controller import STEADY_CATCH_UP
 from speculative.errors import SpeculativeError
@@ -68,8 +69,16 @@ Round = tuple[VerifyRequest | PlainRun, Answer]
 
 
 class VerifyScheduler:
-    def __init__(self, verifier: Verifier, *, window_ms: float = DEFAULT_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(
+        self,
+        verifier: Verifier,
+        *,
+        window_ms: float = DEFAULT_WINDOW_MS,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        arrivals: Arrivals = ARRIVALS,
+    ):
         self.verifier = verifier
+        self.arrivals = arrivals  # requests on their way: an idle worker opens a burst's sessions together
         self.window_s = window_ms / 1e3
         self.max_batch = max_batch
         self._queue: queue.Queue[Item | None] = queue.Queue()
@@ -129,24 +138,31 @@ class VerifyScheduler:
         while len(batch) < self.max_batch:
             with self._lock:
                 everyone_in = len(batch) >= self._active
-            try:
-                item = (
-                    self._queue.get_nowait()
-                    if everyone_in
-                    else self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                )
-            except queue.Empty:
+            if not self._take_queued(batch, 0.0 if everyone_in else deadline - time.perf_counter()):
                 break
-            if item is None:
-                self._queue.put(None)  # let the run loop see the close
-                break
-            batch.append(item)
+        if self.arrivals.coming > 0 and self._active == 0 and any(request is None for request, _ in batch):
+            # nothing runs and sessions open: the rest of a burst on its way opens with them, in one prefill
+            self.arrivals.wait(ARRIVAL_WAIT_MS / 1e3)
+            while len(batch) < self.max_batch and self._take_queued(batch, 0.0):
+                pass
         starting = [answer for request, answer in batch if request is None]
         rounds: list[Round] = [(request, answer) for request, answer in batch if request is not None]
         if starting:
             assert all(not isinstance(s, Future) for s in starting)
             rounds += self._open([s for s in starting if not isinstance(s, Future)])
         return rounds
+
+    def _take_queued(self, batch: list[Item], wait_s: float) -> bool:
+        """Add the next queued item to ``batch``, waiting up to ``wait_s``; False if none came (or the close did)."""
+        try:
+            item = self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return False
+        if item is None:
+            self._queue.put(None)  # let the run loop see the close
+            return False
+        batch.append(item)
+        return True
 
     def _open(self, starting: list[DrivenSession]) -> list[Round]:
         """Open starting sessions with one batched prefill; their first rounds (a session that failed is told)."""

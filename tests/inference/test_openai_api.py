@@ -1067,3 +1067,34 @@ async def test_a_served_request_leaves_no_cycle_for_the_collector_to_free_it(acc
         gc.set_debug(0)
         gc.garbage.clear()
     assert status == 200 and not held
+
+
+# the schedulers' hint of requests on their way (speculative.arrivals) -------------------------------
+async def test_a_completion_is_counted_on_its_way_until_its_engine_starts_it_and_a_refused_one_until_refused(account):
+    from speculative.arrivals import ARRIVALS
+
+    seen: list[int] = []
+
+    class Watching(GatedEngine):
+        def stream(self, prompt, **kwargs):
+            seen.append(ARRIVALS.coming)  # the platform is starting it: still on its way
+            return super().stream(prompt, **kwargs)
+
+    before = ARRIVALS.coming
+    for path, body in (
+        ("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 2, "stream": True}),
+    ):
+        with serving_gated(Watching(free_tokens=1)) as engine:
+            post = asyncio.ensure_future(asgi_post(path, body, account.raw_key))
+            assert await asyncio.to_thread(engine.waits.acquire, timeout=10)  # its engine runs, the view waits on it
+            assert ARRIVALS.coming == before  # arrived
+            engine.gate.release()
+            status, _, _ = await post
+            assert status == 200 and ARRIVALS.coming == before
+    with serving_gated(Watching()):
+        status, _, _ = await asgi_post(
+            "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": -3}, account.raw_key
+        )
+        assert status == 400 and ARRIVALS.coming == before
+    assert seen == [before + 1, before + 1]

@@ -198,3 +198,25 @@ async def test_a_slot_given_back_on_another_thread_wakes_the_waiter_on_its_loop(
     slot = await asyncio.wait_for(waiter, 2)
     assert slot.tenant_id == 2 and slot.waited_s > 0
     slot.release()
+
+
+async def test_a_request_waiting_for_a_slot_is_no_longer_counted_on_its_way():
+    """Where it waits there is no telling when it starts: a scheduler opening sessions does not wait for it."""
+    from inference.arrivals import counted_arrival
+    from speculative.arrivals import ARRIVALS
+
+    pool = Pool("p", 1)
+    first = await pool.acquire(1, 10)
+    before = ARRIVALS.coming
+
+    @counted_arrival
+    async def view() -> Slot:
+        assert ARRIVALS.coming == before + 1  # on its way
+        return await pool.acquire(2, 10)
+
+    waiting = asyncio.ensure_future(view())
+    await settle()
+    assert pool.waiting() == 1 and ARRIVALS.coming == before
+    first.release()
+    (await asyncio.wait_for(waiting, 5)).release()
+    assert ARRIVALS.coming == before

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
+from speculative.arrivals import Arrivals
 from speculative.errors import InvalidRequestError
 from speculative.scheduler import VerifyScheduler
 from speculative.types import Verdict
@@ -308,3 +310,78 @@ def test_a_lockstep_draft_round_tells_the_draft_cost_its_ms_a_drafted_token_by_s
     scheduler._draft_step_cost([ValueError("failed")], 0.1)
     scheduler.close()
     assert list(scheduler.draft_cost._points) == [(2, 0.6)]
+
+
+class Opening(FakeRunner):
+    """A runner whose sessions open in ``open_many`` calls (recorded), steps taking ``step_s`` each."""
+
+    def __init__(self, step_s: float = 0.0):
+        super().__init__()
+        self.openings: list[list[str]] = []
+        self.step_s = step_s
+
+    def open_many(self, items):
+        self.openings.append(sorted(session_id for session_id, _, _ in items))
+        return [0.5] * len(items)
+
+    def run_greedy(self, runs, between):
+        def slow(ended, n, ms):
+            time.sleep(self.step_s)
+            return between(ended, n, ms)
+
+        return super().run_greedy(runs, slow)
+
+
+def test_an_idle_worker_opens_a_burst_on_its_way_in_one_prefill(monkeypatch):
+    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 10_000.0)  # only the arrivals end the wait here
+    arrivals = Arrivals()
+    verifier = Opening()
+    scheduler = VerifyScheduler(verifier, window_ms=1, arrivals=arrivals)
+    coming = [arrivals.arrival() for _ in range(3)]  # three requests being read, say
+    sessions = [Scripted(scheduler, name, 4, 2) for name in "abc"]
+    scheduler.start_driven(sessions[0])
+    coming[0].came()
+    time.sleep(0.05)  # the first would have opened alone by now
+    assert verifier.openings == []
+    for session, arrival in zip(sessions[1:], coming[1:], strict=True):
+        scheduler.start_driven(session)
+        arrival.came()
+        arrival.came()  # idempotent
+    assert all(s.done.wait(5) for s in sessions)
+    scheduler.close()
+    assert verifier.openings == [["a", "b", "c"]] and arrivals.coming == 0
+    assert all(s.error is None and sum(s.runs) == 4 for s in sessions)
+
+
+def test_an_idle_worker_waits_for_a_request_that_never_arrives_no_longer_than_the_cap(monkeypatch):
+    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 100.0)
+    arrivals = Arrivals()
+    arrivals.arrival()  # refused, say, without telling
+    scheduler = VerifyScheduler(Opening(), arrivals=arrivals)
+    session = Scripted(scheduler, "a", 2, 2)
+    started = time.perf_counter()
+    scheduler.start_driven(session)
+    assert session.done.wait(5) and session.error is None
+    scheduler.close()
+    assert 0.09 <= time.perf_counter() - started < 2
+
+
+def test_sessions_opening_beside_running_ones_never_wait_for_arrivals(monkeypatch):
+    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 10_000.0)
+    arrivals = Arrivals()
+    verifier = Opening(step_s=0.001)
+    scheduler = VerifyScheduler(verifier, arrivals=arrivals)
+    running = Scripted(scheduler, "long", 2_000, 16)
+    scheduler.start_driven(running)
+    deadline = time.perf_counter() + 5
+    while not running.runs and time.perf_counter() < deadline:  # it runs its steps
+        time.sleep(0.001)
+    arrivals.arrival()  # on its way, and never arriving
+    started = time.perf_counter()
+    joining = Scripted(scheduler, "short", 4, 2)
+    scheduler.start_driven(joining)
+    assert joining.done.wait(5) and joining.error is None
+    assert time.perf_counter() - started < 2 and not running.done.is_set()  # it joined the running steps
+    assert running.done.wait(10)
+    scheduler.close()
+    assert verifier.openings == [["long"], ["short"]]
