@@ -7,9 +7,10 @@ answers released together) reaches the scheduler one by one, as the platform's e
 each request's view (about 1.3 ms of Python each on the demo pair's host). Opened as they came, they
 started in three or four prefills between decode steps, which took both cores from the loop still
 working through the rest, and so ended as raggedly. Held until the loop had handed them all over,
-they open in one prefill, run every step together and end together (demo pair on llama.cpp, 2 cores,
-one server toggled between the two, 16 alternating runs each: 1.05-1.07x at 16 sessions, 1.00-1.04x at 4,
-level at 1, where nothing else is on its way).
+they open in one prefill, run every step together and end together. Demo pair on llama.cpp, 2 cores,
+one server toggled between holding and not, 16-20 alternating runs each (2026-12-04): with the host
+quiet 1.05-1.08x at 16 sessions and 1.00-1.04x at 4; with it loaded (the same build at 60% of its speed)
+0.97-0.99x at both; level at one session, where nothing else is on its way.
 
 Process-wide (``ARRIVALS``), not per engine: a view counts before it knows its model and tier, so a
 request for another model or tier can hold an opening for the time its view takes, never longer than
