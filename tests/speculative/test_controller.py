@@ -16,7 +16,14 @@ from speculative.controller import (
     expected_tokens,
     load_bucket,
 )
-from speculative.governor import EPOCH_BATCHES, EPOCH_MIN_BATCHES, GOVERNOR_CAPS, LONE_ROUNDS_TTL_S, SpeculationGovernor
+from speculative.governor import (
+    EPOCH_BATCHES,
+    EPOCH_MIN_BATCHES,
+    GOVERNOR_CAPS,
+    LONE_ROUNDS_MIN,
+    LONE_ROUNDS_TTL_S,
+    SpeculationGovernor,
+)
 
 
 def test_expected_tokens_follows_the_geometric_formula():
@@ -463,3 +470,29 @@ def test_a_load_between_measured_ones_is_judged_on_their_steps_and_the_drafts():
     assert set(caps[EPOCH_BATCHES:]) == {0}
     # nothing measured at any load but alone: nothing ruled out
     assert not SpeculationGovernor(_costs(0.65), drafts)._hopeless(8)
+
+
+def test_a_lone_sessions_hopeless_verdict_holds_for_its_rounds_while_the_step_it_was_priced_on_moves():
+    # SmolLM2 and its draft on 2 cores: one-token rounds 15.5 ms; beside a 7.3 ms step drafting is hopeless,
+    # beside a 9.1 ms one (the host loaded) drafts agreeing 95% would gain 14%
+    smol = SpeculationGovernor(_costs(7.3))
+    for _ in range(LONE_ROUNDS_MIN):
+        smol.on_lone_round(1, 15.5, now=0.0)
+    assert smol._hopeless(1)
+    for _ in range(16):  # the lone step as the cost model now typically sees it
+        smol._cost.record(1, 9.1)  # type: ignore[union-attr]
+    assert smol._hopeless(1)  # judged on these rounds: it holds
+    caps = _drive_governor(smol, lambda cap: 12_000 if cap == 0 else 5_000, epochs=100, active=1)
+    assert set(caps[EPOCH_BATCHES:]) == {0}
+    # the same rounds, never judged hopeless before the step moved: priced afresh, drafting is measured
+    fresh = SpeculationGovernor(_costs(9.1))
+    for _ in range(LONE_ROUNDS_MIN):
+        fresh.on_lone_round(1, 15.5, now=0.0)
+    assert not fresh._hopeless(1)
+    # past the rounds' time to live the verdict goes with them
+    _drive_governor(smol, lambda cap: 12_000, epochs=int(LONE_ROUNDS_TTL_S / 0.12) + 2, active=1)
+    assert not smol._hopeless(1) and not smol._lone_rounds
+    # new rounds are judged afresh
+    for _ in range(LONE_ROUNDS_MIN):
+        smol.on_lone_round(1, 15.5, now=smol._last)
+    assert not smol._hopeless(1)  # priced on the 9.1 ms step now
