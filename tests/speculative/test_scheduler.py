@@ -153,11 +153,27 @@ class Scripted:
         return PlainRun(request, min(self.steps, self.total - have))
 
 
-def test_a_session_still_running_when_another_asks_for_a_verify_round_goes_on_after_it():
-    class Opening(FakeRunner):
-        def open_session(self, session_id, prompt_ids, params):
-            return 0.5
+class Opening(FakeRunner):
+    """A runner whose sessions open in ``open_many`` calls (recorded), steps taking ``step_s`` each."""
 
+    def __init__(self, step_s: float = 0.0):
+        super().__init__()
+        self.openings: list[list[str]] = []
+        self.step_s = step_s
+
+    def open_many(self, items):
+        self.openings.append(sorted(session_id for session_id, _, _ in items))
+        return [0.5] * len(items)
+
+    def run_greedy(self, runs, between):
+        def slow(ended, n, ms):
+            time.sleep(self.step_s)
+            return between(ended, n, ms)
+
+        return super().run_greedy(runs, slow)
+
+
+def test_a_session_still_running_when_another_asks_for_a_verify_round_goes_on_after_it():
     verifier = Opening()
     scheduler = VerifyScheduler(verifier, window_ms=500)
     # a's runs take 3 steps, b's 4: when b asks for a verify round, a is a step into its second run
@@ -310,26 +326,6 @@ def test_a_lockstep_draft_round_tells_the_draft_cost_its_ms_a_drafted_token_by_s
     scheduler._draft_step_cost([ValueError("failed")], 0.1)
     scheduler.close()
     assert list(scheduler.draft_cost._points) == [(2, 0.6)]
-
-
-class Opening(FakeRunner):
-    """A runner whose sessions open in ``open_many`` calls (recorded), steps taking ``step_s`` each."""
-
-    def __init__(self, step_s: float = 0.0):
-        super().__init__()
-        self.openings: list[list[str]] = []
-        self.step_s = step_s
-
-    def open_many(self, items):
-        self.openings.append(sorted(session_id for session_id, _, _ in items))
-        return [0.5] * len(items)
-
-    def run_greedy(self, runs, between):
-        def slow(ended, n, ms):
-            time.sleep(self.step_s)
-            return between(ended, n, ms)
-
-        return super().run_greedy(runs, slow)
 
 
 def test_an_idle_worker_opens_a_burst_on_its_way_in_one_prefill(monkeypatch):
