@@ -75,7 +75,7 @@ def pump_on_thread(
     handoff = _Handoff(queue, asyncio.get_running_loop(), cancel, lazy)
     drive = getattr(completion, "drive", None)
     if drive is not None:
-        drive(_driven_sink(completion, handoff, cancel))
+        drive(_driven_sink(completion, handoff, cancel), whole=lazy)
         return
 
     def pump() -> None:

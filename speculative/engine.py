@@ -61,18 +61,22 @@ class Completion(TokenStream):
     def __init__(self, engine: SpeculativeEngine, request: CompletionRequest):
         self._engine = engine
         self._driven: DrivenRounds | None = None
+        self._whole = False
         super().__init__(engine.tokenizer, engine.eos_token_id, request)
 
-    def drive(self, sink: Callable[[object], None]) -> None:
+    def drive(self, sink: Callable[[object], None], *, whole: bool = False) -> None:
         """Leave the completion to the scheduler's thread: its prefill, drafts and rounds all run there.
 
         ``sink`` receives each :class:`TokenEvent`, then ``None`` (the end) or the exception
         that stopped the completion, on whichever thread runs the round (never concurrently).
         ``cancel()`` stops it at its next round. Iterating the completion instead drives it
-        the same way, with a queue as the sink.
+        the same way, with a queue as the sink. ``whole``: its consumer sends nothing before
+        the end, so its tokens may come in fewer, longer runs (no first token alone, runs of
+        up to ``WHOLE_RUN_MS``); a cancel then waits that long at most.
         """
         if self._driven is not None:
             raise SpeculativeError("a completion is driven once")
+        self._whole = whole
         self._events.close()  # the iterator is not used: drop it (it never started)
         self._driven = DrivenRounds(self._steps(), sink)
         self._engine.scheduler.start_driven(self._driven)
@@ -141,13 +145,15 @@ class Completion(TokenStream):
                     # Python around each; but its first token alone, as soon as it is decoded (a run's tokens are
                     # delivered together, and the time to the first one is what a streaming client waits on)
                     left = req.max_tokens - self.stats.completion_tokens
-                    run_steps = PLAIN_RUN_STEPS if self.stats.completion_tokens else 1
-                    steps = min(run_steps, left)
+                    if self._whole:  # (nothing is sent before the end: no first token alone, no step cap)
+                        steps = left
+                    else:
+                        steps = min(PLAIN_RUN_STEPS if self.stats.completion_tokens else 1, left)
                     request = VerifyRequest(self.session_id, (), None, round_no)
                     ran = yield (
-                        SpecRun(request, steps, draft, k, left)
+                        SpecRun(request, steps, draft, k, left, whole=self._whole)
                         if spec and draft is not None
-                        else PlainRun(request, steps)
+                        else PlainRun(request, steps, whole=self._whole)
                     )
                     if isinstance(ran, SpecResult):
                         round_no += len(ran.rounds)

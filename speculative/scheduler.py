@@ -51,6 +51,8 @@ DEFAULT_MAX_BATCH = 64
 # The longest a plain run goes on before its session sees its tokens: the delay a streaming client's tokens may
 # take (a run's steps are delivered together). Sessions waiting to open join the lockstep at its next step.
 PLAIN_RUN_MS = 25.0
+# The same where the client takes the answer whole (``PlainRun.whole``): only a cancel waits on its tokens.
+WHOLE_RUN_MS = 100.0
 
 
 class DrivenSession(Protocol):
@@ -425,7 +427,7 @@ class _LockstepRuns:
         key = next(self._keys)
         self.live[key] = item
         request = run.request
-        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
+        deadline = time.perf_counter() + (WHOLE_RUN_MS if run.whole else PLAIN_RUN_MS) / 1e3
         return GreedyRun(key, request.session_id, request.round, run.max_steps, deadline)
 
     def between(self, ends: list[RunEnd], n: int, step_ms: float) -> tuple[list[GreedyRun], bool]:

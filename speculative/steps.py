@@ -10,7 +10,7 @@ scheduler's thread answers each (``speculative.scheduler``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from speculative.types import GreedyDrafter, SamplingParams, SpeculatedRound, Verdict
@@ -54,13 +54,15 @@ class PlainRun:
 
     Where the verifier has ``run_greedy`` and every round of a batch is a plain run, the
     verifier decodes them in lockstep, without a round's Python around each step, each for up
-    to its ``max_steps`` or ``PLAIN_RUN_MS``, others joining and leaving the lockstep meanwhile
+    to its ``max_steps`` or ``PLAIN_RUN_MS`` (``WHOLE_RUN_MS`` where its consumer takes the
+    answer ``whole``), others joining and leaving the lockstep meanwhile
     (``VerifyScheduler._run_plain``). In a batch with drafting sessions it is the one plain
     round ``request`` (answered with a :class:`RoundResult`).
     """
 
     request: VerifyRequest
     max_steps: int
+    whole: bool = field(default=False, kw_only=True)  # nothing of the answer is sent before its end
 
 
 @dataclass(frozen=True)

@@ -559,6 +559,47 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
         engine.close()
 
 
+def _driven_whole(engine: SpeculativeEngine, prompt: str, max_tokens: int, cancel_at: int = 0) -> list[int]:
+    """Drive a completion whose consumer takes the answer whole; its tokens (cancelled after ``cancel_at``, if set)."""
+    got: list[int] = []
+    done = threading.Event()
+    completion = engine.stream(prompt, max_tokens=max_tokens)
+
+    def sink(item: object) -> None:
+        if isinstance(item, TokenEvent):
+            got.append(item.token_id)
+            if len(got) == cancel_at:
+                completion.cancel()
+        else:
+            done.set()
+
+    completion.drive(sink, whole=True)
+    assert done.wait(timeout=60)
+    return got
+
+
+def test_a_whole_answer_decodes_in_one_run_without_its_first_token_alone(demo_pair_llama, monkeypatch):
+    verifier, _, tokenizer = demo_pair_llama
+    prompt = "To run the tests, use"
+    expected = _plain_rounds(verifier, tokenizer, prompt, 40)
+    runs = _watch_runs(verifier, monkeypatch)
+    monkeypatch.setattr("speculative.scheduler.WHOLE_RUN_MS", 60_000.0)
+    engine = SpeculativeEngine(verifier, tokenizer, None)
+    try:
+        assert _driven_whole(engine, prompt, 40) == expected
+        assert [n for _, n in runs.ends] == [40]  # one run: no first token alone, no PLAIN_RUN_STEPS cap
+        # its runs end at WHOLE_RUN_MS, not PLAIN_RUN_MS: at 0, after every step
+        runs.ends.clear()
+        monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 60_000.0)
+        monkeypatch.setattr("speculative.scheduler.WHOLE_RUN_MS", 0.0)
+        assert _driven_whole(engine, prompt, 10) == expected[:10]
+        assert [n for _, n in runs.ends] == [1] * 10
+        # a cancel still stops it at its run's end
+        assert _driven_whole(engine, prompt, 40, cancel_at=3) == expected[:3]
+    finally:
+        engine.close()
+
+
 def _consume_together(completions) -> None:
     """Iterate the completions on threads of their own, at once, and wait for them all."""
     threads = [threading.Thread(target=lambda c=c: list(c)) for c in completions]
