@@ -13,19 +13,17 @@
 3. serves the pair three ways: Tandem's platform (``python -m config.serve``, its
    ``/v1/completions`` with an API key, the verifier on the llama.cpp backend), and
    ``llama-server`` with the verifier alone and with ``-md`` (the draft, speculating:
-   ``--spec-type draft-simple``, its own defaults otherwise), ``--parallel`` slots for the most
-   concurrent requests;
+   ``--spec-type draft-simple``, its own defaults otherwise, libgomp's own spin count:
+   ``peer_env``), ``--parallel`` slots for the most concurrent requests;
 4. runs the same client against each (greedy ``/v1/completions`` of ``--max-tokens``, at 1, 4
    and 16 concurrent requests), the servers taken in turn, the order rotated each run,
    ``--runs`` runs; reports medians of tokens/s (completion tokens over wall time) and of the
-   p50 request latency, greedy agreement (how many prompts got the same text from each
-   server as from ``llama-server`` alone), what ``-md`` drafted (its responses' ``timings``: a
-   measurement in which it drafted nothing stops the run), and Tandem over the better peer both as a ratio
-   of medians and paired: each run's own ratio (its servers measured within seconds of each
-   other), whose median a shared machine's slow swings in speed do not move.
+   p50 request latency, greedy agreement (how many prompts got the same text from each server
+   as from ``llama-server`` alone), what ``-md`` drafted (its responses' ``timings``: drafting
+   nothing stops the run), and Tandem over the better peer both as a ratio of medians and
+   paired: each run's own ratio, whose median a shared machine's slow swings do not move.
 
-Not a test: it builds a C++ project (minutes) and the figures depend on the machine. The
-client runs on the same machine as the servers, so its own work is in every figure alike.
+Not a test: it builds a C++ project (minutes); the figures depend on the machine (the client's too).
 """
 
 from __future__ import annotations
@@ -53,6 +51,7 @@ from statistics import median
 
 import httpx
 
+import speculative
 from speculative.bench import PROMPTS
 from speculative.pair import DEMO_DRAFT_GGUF, DEMO_VERIFIER
 
@@ -224,6 +223,14 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def peer_env() -> dict[str, str]:
+    """This process's environment less the OpenMP spin Tandem set for itself: the peers run with libgomp's own."""
+    env = dict(os.environ)
+    if speculative.SPINCOUNT_SET_HERE:
+        env.pop("GOMP_SPINCOUNT", None)
+    return env
+
+
 @contextmanager
 def llama_server(
     binary: Path, work: Path, verifier: Path, draft: Path | None, slots: int, threads: int
@@ -239,7 +246,7 @@ def llama_server(
         # plain server; ``measure`` now checks that it drafts (``draft_n`` in its responses' timings).
         args += ["-md", str(draft), "--spec-type", "draft-simple", "--threads-draft", "1"]
     log_path = work / f"{name.replace(' ', '_')}.log"
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"), env=peer_env())
     try:
         _wait_ready(f"http://127.0.0.1:{port}/health", process, log_path)
         yield Server(name, f"http://127.0.0.1:{port}", "verifier")
@@ -422,6 +429,7 @@ def _report(args: argparse.Namespace, binary: Path, verifier: Path, draft: Path,
             "python": host_platform.python_version(),
             "llama_cpp_python": version(LLAMA_CPP_PACKAGE),
         },
+        "gomp_spincount": {"tandem": os.environ.get("GOMP_SPINCOUNT"), "peers": peer_env().get("GOMP_SPINCOUNT")},
         "llama_server": str(binary),
         "pair": args.pair,
         "verifier_gguf": f"{verifier.name} ({args.type or 'f32'})" if args.pair == "demo" else verifier.name,

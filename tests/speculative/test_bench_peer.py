@@ -88,3 +88,14 @@ def test_the_smollm2_pair_is_prompted_with_held_out_chat_turns_in_its_template(s
     for prompt, turn in zip(prompts, held, strict=False):
         assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
         assert f"<|im_start|>user\n{turn.text}<|im_end|>" in prompt
+
+
+def test_the_peers_run_with_libgomps_own_spin_unless_the_caller_set_one(monkeypatch):
+    import speculative
+    from speculative import bench_peer
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", speculative.GOMP_SPINCOUNT)
+    monkeypatch.setattr(speculative, "SPINCOUNT_SET_HERE", True)  # Tandem's own setting: not the peers'
+    assert "GOMP_SPINCOUNT" not in bench_peer.peer_env()
+    monkeypatch.setattr(speculative, "SPINCOUNT_SET_HERE", False)  # the caller's: every server runs with it
+    assert bench_peer.peer_env()["GOMP_SPINCOUNT"] == speculative.GOMP_SPINCOUNT
