@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable
 
 from django.conf import settings
@@ -252,7 +253,12 @@ async def collect(stream: GatewayStream, *, ledger_written: bool = True) -> tupl
     By default it returns once the ledger holds the charge (a batch job's process may end
     right after); the HTTP API, whose process lives on, passes ``ledger_written=False``.
     """
-    deltas = [delta async for delta in stream]
+    deltas: list[TokenDelta] = []
+    async for delta in stream:  # waits for the next item: a token, the end (settled) or a failure (raised)
+        deltas.append(delta)
+        # and takes the tokens already at hand with it: a whole answer's arrive together, and a coroutine
+        # step each (``__anext__``) was 64 of them a demo request on the event loop (~0.2 ms)
+        deltas += stream.take_at_hand(limit=sys.maxsize)
     if ledger_written:
         await stream.settled()
     return "".join(d.text for d in deltas), deltas

@@ -104,6 +104,25 @@ async def test_tokens_handed_over_while_the_loop_is_busy_cost_it_one_wake_up(acc
         await stream.aclose()
 
 
+async def test_collect_takes_a_whole_answers_tokens_together_and_charges_each(account, monkeypatch):
+    steps = 0
+    next_item = gateway.GatewayStream.__anext__
+
+    async def counted(self):
+        nonlocal steps
+        steps += 1
+        return await next_item(self)
+
+    monkeypatch.setattr(gateway.GatewayStream, "__anext__", counted)
+    stream = await gateway.start(await key_principal(account), call(max_tokens=30))
+    text, deltas = await gateway.collect(stream)
+    # the answer is handed to the loop whole (a client that takes it whole): its first token, then the end
+    assert steps == 2
+    assert [d.index for d in deltas] == list(range(30)) and text == "".join(d.text for d in deltas)
+    row = await UsageRecord.objects.aget(request_id=stream.request_id)
+    assert row.completion_tokens == 30 and row.outcome == "completed"
+
+
 async def test_take_at_hand_leaves_the_end_of_the_stream_to_anext_which_settles(account):
     stream = await gateway.start(await key_principal(account), call(max_tokens=3))
     taken: list[gateway.TokenDelta] = []
