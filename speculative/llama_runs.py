@@ -18,9 +18,7 @@ import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from speculative.errors import ContextOverflowError, InvalidRequestError, SpeculativeError
 from speculative.llama_sequences import in_sequence_order
@@ -72,35 +70,6 @@ class _Member:
 
     def __post_init__(self) -> None:
         self.end = RunEnd(self.run.key, [])
-
-
-class BatchViews:
-    """A ``llama_batch``'s per-token arrays as numpy views, and each slot's sequence id cell, for whole-step writes.
-
-    A lockstep step writes five fields for each session; through the ctypes structure each
-    write makes a pointer object first, and at 16 sessions those writes were most of the
-    step's Python (in process, demo pair: 137 us between two 5.6 ms decodes, ~100 of them
-    the writes). A slot's sequence ids are an array of their own (``llama_batch_init``), so
-    each slot's cell is kept as its pointer.
-    """
-
-    def __init__(self, batch: object, n_tokens: int):
-        b: Any = batch
-        self.token = np.ctypeslib.as_array(b.token, shape=(n_tokens,))
-        self.pos = np.ctypeslib.as_array(b.pos, shape=(n_tokens,))
-        self.n_seq_id = np.ctypeslib.as_array(b.n_seq_id, shape=(n_tokens,))
-        self.logits = np.ctypeslib.as_array(b.logits, shape=(n_tokens,))
-        self.seq_cells = [b.seq_id[i] for i in range(n_tokens)]
-
-    def one_each(self, sessions: Sequence[_Session]) -> None:
-        """Slot i: session i's pending token at its next position, its logits wanted."""
-        n = len(sessions)
-        self.token[:n] = [s.pending for s in sessions]
-        self.pos[:n] = [len(s.tokens) for s in sessions]
-        self.n_seq_id[:n] = 1
-        self.logits[:n] = 1
-        for cell, s in zip(self.seq_cells, sessions, strict=False):  # (fewer sessions than cells)
-            cell[0] = s.seq
 
 
 def _joined(verifier: LlamaCppVerifier, run: GreedyRun, members: Sequence[_Member]) -> _Member:
@@ -159,13 +128,14 @@ def run_greedy(verifier: LlamaCppVerifier, runs: Sequence[GreedyRun], between: B
 
 def _step(verifier: LlamaCppVerifier, members: list[_Member]) -> tuple[int, float, list[RunEnd]]:
     """One decode of every member's pending token (under the lock); the runs it ended leave ``members``."""
-    lockstep = in_sequence_order(members, _seq_of)
-    if verifier._compaction.due([m.session.seq for m in lockstep]):
+    if verifier._compaction.due(m.session.seq for m in members):
         verifier._compact()
-        lockstep = in_sequence_order(members, _seq_of)
-    n = len(lockstep)
-    verifier._views.one_each([m.session for m in lockstep])
-    verifier._batch.batch.n_tokens = n
+    lockstep = in_sequence_order(members, lambda m: m.session.seq)
+    b, n = verifier._batch.batch, len(lockstep)
+    for i, m in enumerate(lockstep):
+        s = m.session
+        b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = s.pending, s.length, 1, s.seq, True
+    b.n_tokens = n
     t0 = time.perf_counter()
     try:
         rc = verifier._decode_batch()
@@ -194,10 +164,6 @@ def _step(verifier: LlamaCppVerifier, members: list[_Member]) -> tuple[int, floa
     for m in ended:
         members.remove(m)
     return n, step_ms, [_ended(m) for m in ended]
-
-
-def _seq_of(m: _Member) -> int:
-    return m.session.seq
 
 
 def _ended(m: _Member) -> RunEnd:

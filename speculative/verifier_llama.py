@@ -39,7 +39,7 @@ from speculative.errors import (
     SessionNotFoundError,
     SpeculativeError,
 )
-from speculative.llama_runs import BatchViews, Between, GreedyRun, RunEnd, run_greedy
+from speculative.llama_runs import Between, GreedyRun, RunEnd, run_greedy
 from speculative.llama_sequences import (
     DEFAULT_MAX_CONTEXT,
     Compaction,
@@ -159,7 +159,6 @@ class LlamaCppVerifier:
             raise ModelLoadError(f"llama.cpp cannot make a context for {self.model_path!r}: {exc}") from exc
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
         self._batch_tokens = batch_tokens
-        self._views = BatchViews(self._batch.batch, batch_tokens)
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size).first
         self._sessions: dict[str, _Session] = {}
         # a closed session's stream keeps its tokens for the next prompt that starts with them
