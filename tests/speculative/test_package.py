@@ -23,3 +23,16 @@ def test_importing_speculative_sets_libgomps_spin_count_unless_one_is_set(env, e
     base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "TANDEM_GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", PRINT], env={**base, **env}, capture_output=True, text=True, check=True)
     assert out.stdout.split() == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1e5"])
+def test_a_spin_count_that_is_not_a_whole_number_is_refused_by_name(value):
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "TANDEM_GOMP_SPINCOUNT")}
+    out = subprocess.run(
+        [sys.executable, "-c", "import speculative"],
+        env={**base, "TANDEM_GOMP_SPINCOUNT": value},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0
+    assert f"TANDEM_GOMP_SPINCOUNT={value!r} is not valid: expected a whole number of spins" in out.stderr
