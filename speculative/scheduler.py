@@ -303,7 +303,8 @@ class VerifyScheduler:
         self._draft_round()
 
     def _run_ends(self) -> Callable[[], bool]:
-        """When a run started now stops: once a session waits to join, or after ``PLAIN_RUN_MS``."""
+        """A lone session's drafting run stops once a session waits to join or after ``PLAIN_RUN_MS``, even for a
+        whole answer (``PlainRun.whole`` lengthens plain runs only): the governor hears of its rounds at its end."""
         deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
         return lambda: not self._queue.empty() or time.perf_counter() > deadline
 
