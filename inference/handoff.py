@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 from inference.runtime import stream_threads
+from speculative.types import TokenRun
 
 END = object()  # the engine finished normally
 
@@ -39,6 +40,7 @@ class _Handoff:
     ):
         self._queue, self._loop, self._cancel = queue, loop, cancel
         self._items: list[object] = []
+        self._tokens = 0  # in ``_items`` (a run of tokens counts its tokens)
         self._lock = threading.Lock()
         self._lazy = lazy
         self._waking = False  # a hand-over is on its way to the loop: it takes what is appended meanwhile
@@ -47,9 +49,10 @@ class _Handoff:
         """From the engine thread."""
         with self._lock:
             self._items.append(item)
+            self._tokens += len(item.token_ids) if type(item) is TokenRun else 1
             if self._waking:
                 return
-            if self._lazy and len(self._items) < LAZY_BATCH and item is not END and not isinstance(item, BaseException):
+            if self._lazy and self._tokens < LAZY_BATCH and item is not END and not isinstance(item, BaseException):
                 return
             self._waking = True
         try:
@@ -60,7 +63,7 @@ class _Handoff:
     def _take_handoff(self) -> None:
         """On the event loop: move what the engine thread handed over onto the queue."""
         with self._lock:
-            items, self._items, self._waking = self._items, [], False
+            items, self._items, self._tokens, self._waking = self._items, [], 0, False
         for item in items:
             self._queue.put_nowait(item)
 

@@ -44,7 +44,7 @@ from inference.runtime import db
 from inference.semantic_cache import SemanticLookup, semantic_cache
 from speculative import errors as core_errors
 from speculative.completion import CompletionRequest
-from speculative.types import CompletionStats, Provenance, TokenEvent
+from speculative.types import CompletionStats, Provenance, TokenEvent, TokenRun
 from tenants.tiers import Tier
 
 if TYPE_CHECKING:
@@ -83,6 +83,13 @@ class Tally:
             self.accepted += 1
         elif event.drafted and event.provenance is Provenance.VERIFIER:
             self.rejections += 1
+
+    def count_run(self, run: TokenRun) -> None:
+        """A run's tokens handed over, each counted as ``count`` counts its event (the verifier's, nothing drafted)."""
+        self.delivered += len(run.token_ids)
+        for share in run.gpu_shares():  # one by one, in order: the same sum as the events' to the last bit
+            self.gpu_ms += share
+        self.texts += run.texts()
 
 
 @dataclass
@@ -156,6 +163,7 @@ class GatewayStream:
         # items taken from the queue early (by first(), ready(), or held back while an edge answer's
         # confidence was judged), read before the queue
         self._ahead: collections.deque[object] = collections.deque()
+        self._ready: collections.deque[TokenDelta] = collections.deque()  # a run's tokens, delivered, not yet taken
         self._completion: object | None = None  # the engine's stream (its stats, once it ends)
         self._pump: asyncio.Task | None = None  # an async engine's pump
         self._settlement: asyncio.Future | None = None
@@ -292,7 +300,7 @@ class GatewayStream:
             first = await self._queue.get()
         if isinstance(first, BaseException):
             raise await self._fail(first)
-        if isinstance(first, TokenEvent):
+        if isinstance(first, TokenEvent | TokenRun):
             self._record(None)
         self._ahead.append(first)
         if isinstance(first, TokenEvent) and self._may_escalate():
@@ -453,6 +461,8 @@ class GatewayStream:
         while True:
             if self.usage is not None:
                 raise StopAsyncIteration
+            if self._ready:
+                return self._ready.popleft()
             if self._ahead:
                 item = self._ahead.popleft()
             else:
@@ -470,6 +480,9 @@ class GatewayStream:
                     except GatewayError as refusal:  # the budget cannot hold the next tier: end here
                         raise await self._fail(refusal) from item
                 raise await self._fail(item)
+            if type(item) is TokenRun:
+                self._ready += self._deliver_run(item)
+                continue
             assert isinstance(item, TokenEvent)
             return self._deliver(item)
 
@@ -501,6 +514,32 @@ class GatewayStream:
             event.top_logprobs,
             event.named if isinstance(event, CloudTokenEvent) else (),
         )
+
+    def _deliver_run(self, run: TokenRun) -> list[TokenDelta]:
+        """A run's tokens go to the client now, each counted as ``_deliver`` counts its event: from here on charged.
+
+        Only a client that takes the answer whole gets runs (``Completion.drive(whole=True)``), so
+        nothing is sent before the end and the tokens are handed over together.
+        """
+        now = time.perf_counter()
+        if self.tally.first_token_at is None:
+            self.tally.first_token_at = now
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.tally.count_run(run)
+        start, ids, texts = self.delivered, run.token_ids, run.texts()
+        self.delivered += len(ids)
+        verifier = Provenance.VERIFIER
+        if self._recorded is not None:
+            self._recorded += [(token_id, verifier.value) for token_id in ids]
+        deltas = [
+            TokenDelta(start + i, text, token_id, verifier)
+            for i, (token_id, text) in enumerate(zip(ids, texts, strict=True))
+        ]
+        if self._announce_route:
+            self._announce_route = False
+            deltas[0] = dataclasses.replace(deltas[0], route=self.route)
+        return deltas
 
     def delivered_text(self) -> str:
         """Every token's text the client has been handed, over every leg."""
@@ -559,7 +598,7 @@ class GatewayStream:
         tokens arrive faster than they are sent; taking an item at hand cannot suspend
         before the token is handed over, so the charging rule of ``ready`` still holds.
         """
-        return bool(self._ahead) or self.usage is not None or not self._queue.empty()
+        return bool(self._ready or self._ahead) or self.usage is not None or not self._queue.empty()
 
     def take_at_hand(self, limit: int = MAX_DELTAS_AT_ONCE) -> list[TokenDelta]:
         """Every token already at hand (up to ``limit``), taken without waiting; ``[]`` if none is.
@@ -574,12 +613,19 @@ class GatewayStream:
         if self.usage is not None or self._closed:
             return taken
         while len(taken) < limit:
+            if self._ready:
+                room = limit - len(taken)
+                taken += [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+                continue
             if self._ahead:
                 item = self._ahead.popleft()
             elif not self._queue.empty():
                 item = self._queue.get_nowait()
             else:
                 break
+            if type(item) is TokenRun:
+                self._ready += self._deliver_run(item)
+                continue
             if not isinstance(item, TokenEvent):  # the end, or the engine's error
                 self._ahead.appendleft(item)
                 break
@@ -593,7 +639,7 @@ class GatewayStream:
         ``__anext__``, which then hands a token over without suspending: a client that goes
         away while the adapter waits is never charged for a token it was not sent.
         """
-        if not self._ahead and self.usage is None:
+        if not self._ready and not self._ahead and self.usage is None:
             self._ahead.append(await self._queue.get())
 
     # the end ------------------------------------------------------------------------------

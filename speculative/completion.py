@@ -25,6 +25,7 @@ from speculative.types import (
     SamplingParams,
     TokenEvent,
     TokenLogprob,
+    TokenRun,
     check_logprobs,
     check_sampling,
 )
@@ -162,6 +163,27 @@ class _TextTracker:
         hold = max((_overlap(text, s) for s in self._stop), default=0)
         return self._flush(len(text) - hold), False
 
+    def push_run(self, token_ids: Sequence[int]) -> str | None:
+        """Add several tokens at once, decoded together: the text they release, as pushing each would.
+
+        None, and nothing added, where that could differ: a stop string to look for at each
+        token, or a text that ends inside a character (one by one, each token releases the text
+        up to the last whole character, which one decode of them all does not tell).
+        """
+        if self._stop or not token_ids:
+            return None
+        if self._piecewise:
+            text = self._settled_text + self._decode([*self.ids[self._settled :], *token_ids])
+        else:
+            text = self._decode([*self.ids, *token_ids])
+        if text.endswith("\ufffd"):
+            return None
+        self.ids.extend(token_ids)
+        if self._piecewise:
+            self._settled, self._settled_text = len(self.ids), text
+        self.text = text
+        return self._flush(len(text))
+
     def _flush(self, upto: int) -> str:
         """Release text up to ``upto`` (never backwards, never past the text)."""
         upto = min(max(upto, self._flushed), len(self.text))
@@ -266,3 +288,34 @@ class TokenStream:
             yield TokenEvent(token, delta, source, token_gpu_ms, token_drafted, logprob, top)
             if stats.finish_reason is not None:
                 return
+
+    def _emit_run(self, emitted: tuple[int, ...], gpu_ms: float) -> Generator[TokenEvent | TokenRun, None, None]:
+        """A plain run's tokens for a consumer that takes the answer whole: one :class:`TokenRun` (then EOS's event).
+
+        The same tokens, text, counts and shares as ``_emit`` yields one by one, which it falls
+        back to where they could differ (logprobs, stop strings, a text ending inside a character).
+        """
+        stats, req = self.stats, self.request
+        room = min(len(emitted), req.max_tokens - stats.completion_tokens)
+        eos = self._eos_token_id
+        cut = emitted.index(eos, 0, room) if eos is not None and eos in emitted[:room] else room
+        run = emitted[:cut]
+        text = self._tracker.push_run(run) if req.logprobs is None else None
+        if text is None:
+            yield from self._emit(emitted, 0, gpu_ms)
+            return
+        gpu_each = gpu_ms / len(emitted)  # as ``_emit`` shares a round's time: over every token it emitted
+        first_gpu_ms, self._unbilled_gpu_ms = gpu_each + self._unbilled_gpu_ms, 0.0
+        stats.completion_tokens += len(run)
+        stats.provenance.extend([Provenance.VERIFIER] * len(run))
+        if cut < room:  # EOS ends the text: its own event, as ``_emit`` yields it
+            yield TokenRun(run, text, first_gpu_ms, gpu_each + 0.0)
+            stats.completion_tokens += 1
+            stats.provenance.append(Provenance.VERIFIER)
+            stats.finish_reason = FinishReason.STOP
+            yield TokenEvent(emitted[cut], self._tracker.finish(), Provenance.VERIFIER, gpu_each + 0.0, 0.0)
+            return
+        if stats.completion_tokens >= req.max_tokens:
+            stats.finish_reason = FinishReason.LENGTH
+            text += self._tracker.finish()
+        yield TokenRun(run, text, first_gpu_ms, gpu_each + 0.0)

@@ -40,6 +40,7 @@ from speculative.types import (
     MAX_DRAFT_TOKENS,
     Proposal,
     TokenEvent,
+    TokenRun,
 )
 from speculative.verifier import Verifier, VerifyRequest
 
@@ -72,7 +73,8 @@ class Completion(TokenStream):
         ``cancel()`` stops it at its next round. Iterating the completion instead drives it
         the same way, with a queue as the sink. ``whole``: its consumer sends nothing before
         the end, so its tokens may come in fewer, longer runs (no first token alone, runs of
-        up to ``WHOLE_RUN_MS``); a cancel then waits that long at most.
+        up to ``WHOLE_RUN_MS``), each plain run's as one :class:`TokenRun` where its text
+        allows; a cancel then waits that long at most.
         """
         if self._driven is not None:
             raise SpeculativeError("a completion is driven once")
@@ -261,14 +263,17 @@ class Completion(TokenStream):
             if self.stats.finish_reason is not None:
                 return
 
-    def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent, None, None]:
+    def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent | TokenRun, None, None]:
         """A plain run's tokens: each its own round of the verifier's; its share of the run's time is a session's."""
         stats, n = self.stats, len(ran.tokens)
         stats.rounds += n
         stats.verify_ms += ran.verify_ms
         stats.gpu_ms += ran.gpu_ms
         stats.draft_lengths.extend([0] * n)
-        yield from self._emit(tuple(ran.tokens), 0, ran.gpu_ms)
+        if self._whole:  # its consumer sends nothing before the end: the run's tokens as one item, text decoded once
+            yield from self._emit_run(tuple(ran.tokens), ran.gpu_ms)
+        else:
+            yield from self._emit(tuple(ran.tokens), 0, ran.gpu_ms)
 
     def _next_k(self, controller: DraftLengthController, batch_size: int) -> int:
         scheduler, req = self._engine.scheduler, self.request
@@ -353,7 +358,7 @@ CLOSE_WAIT_S = 30.0  # close() waits this long at most for the round in flight
 PLAIN_RUN_STEPS = 16  # a plain session's steps a call at most: a cancel or a cap change waits no longer
 
 
-Step = TokenEvent | OpenOrder | DraftOrder | VerifyRequest | PlainRun  # what a completion's steps yield
+Step = TokenEvent | TokenRun | OpenOrder | DraftOrder | VerifyRequest | PlainRun  # what a completion's steps yield
 Answer = float | Proposal | RoundResult | PlainResult | SpecResult | None  # and what each is answered with
 
 

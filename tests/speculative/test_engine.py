@@ -16,7 +16,7 @@ from speculative.draft_hf import TransformersDraft
 from speculative.engine import SpeculativeEngine
 from speculative.errors import ContextOverflowError, InvalidRequestError
 from speculative.governor import SpeculationGovernor
-from speculative.types import MAX_DRAFT_TOKENS, FinishReason, Provenance, SamplingParams, TokenEvent
+from speculative.types import MAX_DRAFT_TOKENS, FinishReason, Provenance, SamplingParams, TokenEvent, TokenRun
 from speculative.verifier import TransformersVerifier
 from tests.speculative.conftest import ByteTokenizer, tiny_llama
 
@@ -559,16 +559,24 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
         engine.close()
 
 
-def _driven_whole(engine: SpeculativeEngine, prompt: str, max_tokens: int, cancel_at: int = 0) -> list[int]:
-    """Drive a completion whose consumer takes the answer whole; its tokens (cancelled after ``cancel_at``, if set)."""
+def _driven_whole(
+    engine: SpeculativeEngine, prompt: str, max_tokens: int, cancel_at: int = 0, items: list | None = None
+) -> list[int]:
+    """Drive a completion whose consumer takes the answer whole; its tokens (cancelled after ``cancel_at``, if set).
+
+    ``items`` gets what the sink received (events and runs), the end aside.
+    """
     got: list[int] = []
     done = threading.Event()
     completion = engine.stream(prompt, max_tokens=max_tokens)
 
     def sink(item: object) -> None:
-        if isinstance(item, TokenEvent):
-            got.append(item.token_id)
-            if len(got) == cancel_at:
+        if isinstance(item, TokenEvent | TokenRun):
+            if items is not None:
+                items.append(item)
+            before = len(got)
+            got.extend(item.token_ids if isinstance(item, TokenRun) else [item.token_id])
+            if before < cancel_at <= len(got):
                 completion.cancel()
         else:
             done.set()
@@ -586,8 +594,12 @@ def test_a_whole_answer_decodes_in_one_run_without_its_first_token_alone(demo_pa
     monkeypatch.setattr("speculative.scheduler.WHOLE_RUN_MS", 60_000.0)
     engine = SpeculativeEngine(verifier, tokenizer, None)
     try:
-        assert _driven_whole(engine, prompt, 40) == expected
+        items: list = []
+        assert _driven_whole(engine, prompt, 40, items=items) == expected
         assert [n for _, n in runs.ends] == [40]  # one run: no first token alone, no PLAIN_RUN_STEPS cap
+        # handed over as one item, its text decoded once: the verifier's text, as one by one
+        assert [type(item) for item in items] == [TokenRun]
+        assert items[0].text == tokenizer.decode(expected, skip_special_tokens=True)
         # its runs end at WHOLE_RUN_MS, not PLAIN_RUN_MS: at 0, after every step
         runs.ends.clear()
         monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 60_000.0)
