@@ -324,7 +324,8 @@ TANDEM_LEASE_HEADROOM_SHARE = get_env("TANDEM_LEASE_HEADROOM_SHARE", 0.25, float
 TANDEM_LEASE_TTL_S = get_env("TANDEM_LEASE_TTL_S", 30.0, float)  # then it takes no new requests and is returned
 TANDEM_LEASE_IDLE_S = get_env("TANDEM_LEASE_IDLE_S", 10.0, float)  # returned after this long without a request
 TANDEM_LEASE_BATCH = get_env("TANDEM_LEASE_BATCH", 64, int)  # ledger rows written per batch, at most
-TANDEM_LEASE_FLUSH_S = get_env("TANDEM_LEASE_FLUSH_S", 0.25, float)  # a settled request's row waits at most this
+# a settled request's row waits about this (at most twice); each batch's write takes a core from the decodes in flight
+TANDEM_LEASE_FLUSH_S = get_env("TANDEM_LEASE_FLUSH_S", 1.0, float)
 # /metrics (inference.metrics): staff sessions, or a scraper sending "Authorization: Bearer <this>"; empty = no token access
 TANDEM_METRICS_TOKEN = get_env("TANDEM_METRICS_TOKEN", "")
 # SLOs: a 5-minute bucket is rolled up once this long has passed after its end (see slo.services)
