@@ -34,6 +34,8 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.middleware.security import SecurityMiddleware
 from django.urls import ResolverMatch, get_resolver, set_script_prefix
 
+from inference.arrivals import counted_request
+
 API_MIDDLEWARE = ["inference.api_handler.InlineSecurityMiddleware", "inference.api_handler.ContentLengthMiddleware"]
 API_PREFIX = "/v1/"
 MAX_STATIC_MATCHES = 64  # a bound, should a URL conf ever hold many routes without parameters
@@ -89,8 +91,17 @@ class ApiASGIHandler(ASGIHandler):
     async def handle(self, scope, receive, send):
         """Django's ``ASGIHandler.handle`` for the API: the same steps, without its thread hops or signals.
 
-        See the module docstring for why the request signals have nothing to do here.
+        See the module docstring for why the request signals have nothing to do here. A completion
+        request counts as on its way to an engine from here (``inference.arrivals``).
         """
+        arrival = counted_request(scope)
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            if arrival is not None:
+                arrival.came()
+
+    async def _handle(self, scope, receive, send):
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:

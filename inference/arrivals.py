@@ -1,8 +1,13 @@
 """The completion views' part in the verify schedulers' hint of requests on their way (``speculative.arrivals``).
 
-A completion view counts from its start until its request starts on an engine (``arrived()`` from
-``GatewayStream.launch``), waits in a queue for a slot (``inference.queueing``: no telling when it
-starts) or the view ends (refused, answered from a cache, failed).
+A completion request counts from the moment the API's handler takes it (``counted_request``, before
+its body is read) until it starts on an engine (``arrived()`` from ``GatewayStream.launch``), waits in
+a queue for a slot (``inference.queueing``: no telling when it starts) or ends (refused, answered from
+a cache, failed). Counted only from its view's start, a burst's requests counted one at a time: the
+event loop runs each handler up to its view, then each view up to its launch, and a view that never
+waits (everything cached) launched before the next one counted, so a scheduler saw none on its way
+and opened the burst in several prefills (demo pair, 16 clients: 7, 3, ... tokens, each beside the
+loop's next admissions).
 """
 
 from __future__ import annotations
@@ -20,12 +25,30 @@ R = TypeVar("R")
 _current: ContextVar[Arrival | None] = ContextVar("tandem_arrival", default=None)
 
 
+COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def counted_request(scope: dict) -> Arrival | None:
+    """A completion request (POST to ``COUNTED_PATHS``) is on its way from here: its arrival, set for its view.
+
+    The caller ends it (``came()``) when the request is done, whatever happened to it.
+    """
+    if scope.get("method") != "POST" or scope.get("path") not in COUNTED_PATHS:
+        return None
+    arrival = ARRIVALS.arrival()
+    _current.set(arrival)  # in the handler's task: the view's task copies its context
+    return arrival
+
+
 def counted_arrival(view: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """An async view whose request is on its way to an engine from its start until it arrives or the view ends."""
+    """An async view whose request is on its way to an engine until it arrives or the view ends.
+
+    Counted since its handler took it (``counted_request``), or else from the view's start.
+    """
 
     @functools.wraps(view)
     async def counted(*args: P.args, **kwargs: P.kwargs) -> R:
-        arrival = ARRIVALS.arrival()
+        arrival = _current.get() or ARRIVALS.arrival()
         token = _current.set(arrival)
         try:
             return await view(*args, **kwargs)

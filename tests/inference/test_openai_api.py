@@ -1070,6 +1070,60 @@ async def test_a_served_request_leaves_no_cycle_for_the_collector_to_free_it(acc
 
 
 # the schedulers' hint of requests on their way (speculative.arrivals) -------------------------------
+async def test_a_burst_of_completions_is_counted_on_its_way_before_any_view_runs(account, monkeypatch):
+    # the loop runs each request's handler up to its view, then each view up to its launch: counted from the
+    # view's start, a view that never waits launched before the next counted, and a scheduler saw none coming
+    from speculative.arrivals import ARRIVALS
+
+    before = ARRIVALS.coming
+    bodies: list[asyncio.Future] = []
+    views_started = 0
+    real_view = openai_api._complete
+
+    async def view(*args, **kwargs):
+        nonlocal views_started
+        views_started += 1
+        return await real_view(*args, **kwargs)
+
+    async def post(path: str, body: dict) -> int:
+        got_body = asyncio.get_running_loop().create_future()
+        bodies.append(got_body)
+        status = 0
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if not sent:
+                await got_body  # the body is still on its way
+                sent = True
+                return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+            await asyncio.sleep(30)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await asyncio.wait_for(application(api_scope(path, account.raw_key), receive, send), timeout=10)
+        return status
+
+    monkeypatch.setattr(openai_api, "_complete", view)
+    with serving_gated(GatedEngine(free_tokens=100)):
+        posts = [
+            asyncio.ensure_future(post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2})),
+            asyncio.ensure_future(post("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 2})),
+            asyncio.ensure_future(post("/v1/models", {})),  # not a completion: never counted
+        ]
+        await asyncio.sleep(0.05)
+        assert ARRIVALS.coming == before + 2 and views_started == 0  # counted before their bodies, let alone views
+        for got_body in bodies:
+            got_body.set_result(None)
+        statuses = await asyncio.gather(*posts)
+    assert statuses[:2] == [200, 200] and views_started == 2
+    assert ARRIVALS.coming == before  # each counted once, and no longer once it started
+
+
 async def test_a_completion_is_counted_on_its_way_until_its_engine_starts_it_and_a_refused_one_until_refused(account):
     from speculative.arrivals import ARRIVALS
 
