@@ -13,6 +13,12 @@ sends it with one ``write`` at the end of that turn (``call_soon``). A head and 
 back to back leave as one segment; a streamed answer's chunks, each sent on its own turn,
 still leave one by one, as early as before. Closing sends what is kept first. Everything
 else a transport does is the wrapped transport's.
+
+A response that is complete leaves at once (:meth:`CoalescingHttpToolsProtocol.on_response_complete`),
+not at the end of the turn: where many answers end together (sessions that started together
+finish on one decode step), every view of the turn ran before the first reply left, and each
+client waited for all of them (demo pair, 16 sessions: 16 replies written together ~8 ms after
+the last step, each view's own work done by 1.8-8 ms).
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ class CoalescingTransport:
         for data in lines:
             self.write(data)
 
-    def _flush(self) -> None:
-        self._scheduled = False
+    def flush(self) -> None:
+        """Send what this turn has written so far now (the turn's scheduled flush then finds less, or nothing)."""
         pending = self._pending
         if not pending:
             return
@@ -56,15 +62,19 @@ class CoalescingTransport:
         if not self._transport.is_closing():  # the peer left: what was kept has nowhere to go
             self._transport.write(data)
 
+    def _flush(self) -> None:
+        self._scheduled = False
+        self.flush()
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
 
     def write_eof(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.write_eof()
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def abort(self) -> None:
@@ -80,3 +90,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def on_response_complete(self) -> None:
+        """The response's last bytes are written: they leave now, with whatever of it the turn kept."""
+        flush = getattr(self.transport, "flush", None)  # (a test may wrap the transport further)
+        if flush is not None:
+            flush()
+        super().on_response_complete()

@@ -86,6 +86,10 @@ async def app(scope, receive, send):
     await receive()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
     await send({"type": "http.response.body", "body": b"hello"})
+    SENT_BY_THEN.append(len(WRITES))  # still in the view's turn of the loop: what had reached the socket
+
+
+SENT_BY_THEN: list[int] = []
 
 
 WRITES: list[bytes] = []  # what reached the socket's transport, write by write
@@ -108,7 +112,7 @@ class CountedProtocol(CoalescingHttpToolsProtocol):
         super().connection_made(CountingTransport(transport))  # type: ignore[arg-type]
 
 
-def test_through_uvicorn_a_response_head_and_body_leave_in_one_write():
+def test_through_uvicorn_a_response_head_and_body_leave_in_one_write_as_soon_as_it_is_complete():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -136,3 +140,5 @@ def test_through_uvicorn_a_response_head_and_body_leave_in_one_write():
         server.should_exit = True
         thread.join(timeout=10)
     assert len(WRITES) == 2 and all(w.startswith(b"HTTP/1.1 200 OK") and w.endswith(b"hello") for w in WRITES)
+    # a complete response leaves at once, not after every other ready view of the loop's turn has run
+    assert SENT_BY_THEN == [1, 2]
