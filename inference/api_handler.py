@@ -94,12 +94,8 @@ class ApiASGIHandler(ASGIHandler):
         See the module docstring for why the request signals have nothing to do here. A completion
         request counts as on its way to an engine from here (``inference.arrivals``).
         """
-        arrival = counted_request(scope)
-        try:
+        with counted_request(scope):
             await self._handle(scope, receive, send)
-        finally:
-            if arrival is not None:
-                arrival.came()
 
     async def _handle(self, scope, receive, send):
         try:

@@ -12,8 +12,9 @@ loop's next admissions).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
@@ -28,16 +29,22 @@ _current: ContextVar[Arrival | None] = ContextVar("tandem_arrival", default=None
 COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
-def counted_request(scope: dict) -> Arrival | None:
-    """A completion request (POST to ``COUNTED_PATHS``) is on its way from here: its arrival, set for its view.
+@contextlib.contextmanager
+def counted_request(scope: dict) -> Iterator[None]:
+    """A completion request (POST to ``COUNTED_PATHS``) is on its way while this block runs, or until it arrives.
 
-    The caller ends it (``came()``) when the request is done, whatever happened to it.
+    Its arrival is set for the view (whose task copies the block's context).
     """
     if scope.get("method") != "POST" or scope.get("path") not in COUNTED_PATHS:
-        return None
+        yield
+        return
     arrival = ARRIVALS.arrival()
-    _current.set(arrival)  # in the handler's task: the view's task copies its context
-    return arrival
+    token = _current.set(arrival)
+    try:
+        yield
+    finally:
+        arrival.came()
+        _current.reset(token)
 
 
 def counted_arrival(view: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -48,7 +55,8 @@ def counted_arrival(view: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]
 
     @functools.wraps(view)
     async def counted(*args: P.args, **kwargs: P.kwargs) -> R:
-        arrival = _current.get() or ARRIVALS.arrival()
+        handed = _current.get()  # the handler's (an arrival that came already belongs to a request before it)
+        arrival = handed if handed is not None and handed.on_its_way else ARRIVALS.arrival()
         token = _current.set(arrival)
         try:
             return await view(*args, **kwargs)

@@ -35,6 +35,10 @@ class Arrival:
         self._came = False
         arrivals._add(1)
 
+    @property
+    def on_its_way(self) -> bool:
+        return not self._came
+
     def came(self) -> None:
         if not self._came:
             self._came = True

@@ -1124,6 +1124,28 @@ async def test_a_burst_of_completions_is_counted_on_its_way_before_any_view_runs
     assert ARRIVALS.coming == before  # each counted once, and no longer once it started
 
 
+async def test_a_view_counts_itself_where_its_context_holds_an_arrival_that_came_already():
+    # (a context that ran a request before, as a test's may): that request's arrival is not this one's
+    from inference.arrivals import _current, counted_arrival
+    from speculative.arrivals import ARRIVALS
+
+    stale = ARRIVALS.arrival()
+    stale.came()
+    before = ARRIVALS.coming
+    seen: list[int] = []
+
+    @counted_arrival
+    async def view() -> None:
+        seen.append(ARRIVALS.coming)
+
+    token = _current.set(stale)
+    try:
+        await view()
+    finally:
+        _current.reset(token)
+    assert seen == [before + 1] and ARRIVALS.coming == before
+
+
 async def test_a_completion_is_counted_on_its_way_until_its_engine_starts_it_and_a_refused_one_until_refused(account):
     from speculative.arrivals import ARRIVALS
 
