@@ -93,7 +93,6 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """The response's last bytes are written: they leave now, with whatever of it the turn kept."""
-        flush = getattr(self.transport, "flush", None)  # (a test may wrap the transport further)
-        if flush is not None:
-            flush()
+        transport: CoalescingTransport = self.transport  # type: ignore[assignment]  # (``connection_made``'s)
+        transport.flush()
         super().on_response_complete()

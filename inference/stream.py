@@ -486,22 +486,26 @@ class GatewayStream:
             assert isinstance(item, TokenEvent)
             return self._deliver(item)
 
-    def _deliver(self, event: TokenEvent) -> TokenDelta:
-        """The token goes to the client now: from here on it is charged."""
-        tally = self.tally
+    def _handing_over(self, n: int) -> Route | None:
+        """``n`` tokens go to the client now (the caller counts them in the tally): the first token's times, the
+        count, and the route to announce with the first of them (a leg that took over mid-stream), else None."""
         now = time.perf_counter()
-        if tally.first_token_at is None:
-            tally.first_token_at = now
+        if self.tally.first_token_at is None:
+            self.tally.first_token_at = now
         if self.first_token_at is None:
             self.first_token_at = now
-        tally.count(event)
-        self.delivered += 1
+        self.delivered += n
+        if not self._announce_route:
+            return None
+        self._announce_route = False
+        return self.route
+
+    def _deliver(self, event: TokenEvent) -> TokenDelta:
+        """The token goes to the client now: from here on it is charged."""
+        route = self._handing_over(1)
+        self.tally.count(event)
         if self._recorded is not None:
             self._recorded.append((event.token_id, event.provenance.value))
-        route = None
-        if self._announce_route:
-            self._announce_route = False
-            route = self.route
         if self.call.logprobs is None:  # asked for by the gateway itself (an escalation's judge): not the client's
             return TokenDelta(self.delivered - 1, event.text, event.token_id, event.provenance, route)
         return TokenDelta(
@@ -521,25 +525,16 @@ class GatewayStream:
         Only a client that takes the answer whole gets runs (``Completion.drive(whole=True)``), so
         nothing is sent before the end and the tokens are handed over together.
         """
-        now = time.perf_counter()
-        if self.tally.first_token_at is None:
-            self.tally.first_token_at = now
-        if self.first_token_at is None:
-            self.first_token_at = now
+        start, ids = self.delivered, run.token_ids
+        route = self._handing_over(len(ids))
         self.tally.count_run(run)
-        start, ids, texts = self.delivered, run.token_ids, run.texts()
-        self.delivered += len(ids)
         verifier = Provenance.VERIFIER
         if self._recorded is not None:
             self._recorded += [(token_id, verifier.value) for token_id in ids]
-        deltas = [
-            TokenDelta(start + i, text, token_id, verifier)
-            for i, (token_id, text) in enumerate(zip(ids, texts, strict=True))
+        return [
+            TokenDelta(start + i, text, token_id, verifier, route if i == 0 else None)
+            for i, (token_id, text) in enumerate(zip(ids, run.texts(), strict=True))
         ]
-        if self._announce_route:
-            self._announce_route = False
-            deltas[0] = dataclasses.replace(deltas[0], route=self.route)
-        return deltas
 
     def delivered_text(self) -> str:
         """Every token's text the client has been handed, over every leg."""

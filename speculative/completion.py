@@ -143,18 +143,25 @@ class _TextTracker:
         self._settled = 0  # piecewise: ids[:settled] decode to settled_text, which ends in whole characters
         self._settled_text = ""
 
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; return (text safe to emit now, whether a stop string was hit)."""
-        self.ids.append(token_id)
+    def _text_with(self, more: Sequence[int]) -> str:
+        """The text of the ids so far followed by ``more`` (piecewise: only the ids since it last settled decoded)."""
         if self._piecewise:
-            text = self._settled_text + self._decode(self.ids[self._settled :])
-        else:
-            text = self._decode(self.ids)
-        if text.endswith("\ufffd"):
-            return "", False  # an incomplete UTF-8 sequence: wait for the next byte token
+            return self._settled_text + self._decode([*self.ids[self._settled :], *more])
+        return self._decode([*self.ids, *more] if more else self.ids)
+
+    def _settle(self, text: str) -> None:
+        """``text`` (of every id, ending in whole characters) is the completion's text so far."""
         if self._piecewise:
             self._settled, self._settled_text = len(self.ids), text
         self.text = text
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text safe to emit now, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        text = self._text_with(())
+        if text.endswith("\ufffd"):
+            return "", False  # an incomplete UTF-8 sequence: wait for the next byte token
+        self._settle(text)
         for stop in self._stop:
             idx = text.find(stop, max(0, self._flushed - len(stop)))
             if idx != -1:
@@ -172,16 +179,11 @@ class _TextTracker:
         """
         if self._stop or not token_ids:
             return None
-        if self._piecewise:
-            text = self._settled_text + self._decode([*self.ids[self._settled :], *token_ids])
-        else:
-            text = self._decode([*self.ids, *token_ids])
+        text = self._text_with(token_ids)
         if text.endswith("\ufffd"):
             return None
         self.ids.extend(token_ids)
-        if self._piecewise:
-            self._settled, self._settled_text = len(self.ids), text
-        self.text = text
+        self._settle(text)
         return self._flush(len(text))
 
     def _flush(self, upto: int) -> str:
