@@ -158,6 +158,7 @@ class LlamaCppVerifier:
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"llama.cpp cannot make a context for {self.model_path!r}: {exc}") from exc
         self._batch = internals.LlamaBatch(n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False)
+        self._llama_decode = llama_cpp.llama_decode  # (looked up once: every decode goes through ``_decode_batch``)
         self._batch_tokens = batch_tokens
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size).first
         self._sessions: dict[str, _Session] = {}
@@ -510,10 +511,8 @@ class LlamaCppVerifier:
         return self._logits(n_out).copy()
 
     def _decode_batch(self) -> int:
-        import llama_cpp
-
         self.decodes += 1
-        rc = int(llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch))
+        rc = int(self._llama_decode(self._ctx.ctx, self._batch.batch))
         if rc == 0 and self._ids.pending:  # (every copy has a destination)
             self._ids.applied()  # the copies waiting for a decode are done
         return rc
