@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from speculative.errors import ContextOverflowError, InvalidRequestError
+from speculative.errors import ContextOverflowError, DraftBusyError, InvalidRequestError
 from speculative.logprobs import check_logprobs, token_logprobs
 from speculative.sampling import sample, warp
 from speculative.types import Proposal, SamplingParams, TokenLogprob, Verdict
@@ -140,16 +140,44 @@ def propose_together(orders: Sequence[tuple[DraftSession, int]]) -> list[Proposa
 class DraftSession:
     """The draft's view of one completion: committed tokens plus a cache of some prefix."""
 
-    def __init__(self, model: DraftModel, prompt_ids: Sequence[int], params: SamplingParams):
+    def __init__(self, model: DraftModel, prompt_ids: Sequence[int], params: SamplingParams, *, lazy: bool = False):
+        """``lazy``: the draft's context is opened at the first round that drafts, not now.
+
+        A verifier's session takes one lazily: where the governor has it decode plainly (a CPU, one
+        session) it never drafts, and opening and closing a draft sequence, and seeding its sampler,
+        cost 0.14 ms of every request on the scheduler's thread, 0.1 of it before its first token
+        (demo pair, served, 2026-12-04). A lazy session whose draft has no free sequence when it
+        first drafts proposes nothing (its round decodes plainly) and tries again the next round.
+        """
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")
-        self._ctx = model.new_context(prompt_ids)
+        self._model = model
         self._params = params
-        self._generator = torch.Generator().manual_seed(params.seed ^ _DRAFT_SEED_SALT)
+        self._opened: DraftContext | None = None
+        self._sampler: torch.Generator | None = None
         self.committed: list[int] = list(prompt_ids)
-        self._n_cached = getattr(self._ctx, "reused", 0)  # committed tokens already in the draft's KV cache
+        self._n_cached = 0  # committed tokens already in the draft's KV cache
         self._in_round = False
         self._round_lock = threading.Lock()
+        if not lazy:
+            self._open()
+
+    def _open(self) -> DraftContext:
+        """The draft's context of this session (opened now if it is not yet): its prefix the draft still holds reused."""
+        if self._opened is None:
+            self._opened = self._model.new_context(self.committed)
+            self._n_cached = getattr(self._opened, "reused", 0)
+        return self._opened
+
+    @property
+    def _ctx(self) -> DraftContext:
+        return self._open()
+
+    @property
+    def _generator(self) -> torch.Generator:
+        if self._sampler is None:  # seeded at its first draw: the same draws as seeded when the session opened
+            self._sampler = torch.Generator().manual_seed(self._params.seed ^ _DRAFT_SEED_SALT)
+        return self._sampler
 
     def propose(self, k: int, logprobs: int | None = None) -> Proposal:
         """Draft up to ``k`` tokens after the committed sequence (fewer near the context end).
@@ -188,16 +216,22 @@ class DraftSession:
         if k < 0:
             raise InvalidRequestError(f"draft length k must be >= 0, got {k}")
         check_logprobs(logprobs)
-        k = min(k, self._ctx.n_ctx - len(self.committed) - 1)
+        if k == 0:
+            return None
+        try:
+            ctx = self._open()
+        except DraftBusyError:
+            return None  # (a lazy session: an eager one opened when it was made) no draft this round
+        k = min(k, ctx.n_ctx - len(self.committed) - 1)
         if k <= 0:
             return None
-        if len(self.committed) >= self._ctx.n_ctx:
-            raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {self._ctx.n_ctx}")
+        if len(self.committed) >= ctx.n_ctx:
+            raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {ctx.n_ctx}")
         if self._n_cached >= len(self.committed):
             # everything is cached (only before any verdict): evaluate the last token again
             # for the logits after it, rather than keep a copy of them around
             self._n_cached = len(self.committed) - 1
-            self._ctx.truncate(self._n_cached)
+            ctx.truncate(self._n_cached)
         q_rows: list[torch.Tensor] = []
         lp_rows: list[TokenLogprob] = []
 
@@ -223,7 +257,7 @@ class DraftSession:
             return Proposal(tokens=tuple(drafted), q=q, draft_ms=draft_ms, logprobs=lps, caught_up=len(uncached))
 
         choose = pick if logprobs is None else pick_with_logprob
-        return _DraftPlan(self._ctx, uncached, k, choose, finish)
+        return _DraftPlan(ctx, uncached, k, choose, finish)
 
     def accept(self, proposal: Proposal, verdict: Verdict) -> None:
         """Keep the accepted draft tokens and the verifier's token; drop the rejected tail."""
@@ -260,4 +294,5 @@ class DraftSession:
 
     def close(self) -> None:
         self.finish_round()
-        self._ctx.close()
+        if self._opened is not None:
+            self._opened.close()

@@ -114,7 +114,9 @@ class Completion(TokenStream):
     def _steps(self) -> Generator[Step, Answer, None]:
         """The completion as steps: tokens to deliver; the opening, drafts and verify rounds to be answered."""
         engine, req = self._engine, self.request
-        draft = DraftSession(engine.draft, req.prompt_ids, req.sampling) if engine.draft is not None else None
+        draft = (
+            DraftSession(engine.draft, req.prompt_ids, req.sampling, lazy=True) if engine.draft is not None else None
+        )
         try:
             prefill_ms = yield OpenOrder(self.session_id, req.prompt_ids, req.sampling)
             assert isinstance(prefill_ms, float)

@@ -529,6 +529,51 @@ def test_a_draft_session_on_a_kept_prompt_catches_up_on_one_token_and_drafts_as_
     again.close()
 
 
+def test_a_lazy_draft_session_takes_a_sequence_only_when_it_drafts_and_drafts_as_an_eager_one(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=1)
+    prompt = [5, 17, 42, 99, 7, 250]
+    plain = DraftSession(draft, prompt, SamplingParams(), lazy=True)
+    plain.extend([3, 8])  # decoded plainly: the draft is never asked
+    assert plain.propose(0).tokens == ()
+    plain.close()
+    lazy = DraftSession(draft, prompt, SamplingParams(), lazy=True)  # the one sequence is still free for it
+    draft.new_context().close()  # the one sequence is free (else DraftBusyError): the lazy session holds none yet
+    lazy.extend([3, 8])
+    proposal = lazy.propose(4)
+    eager = DraftSession(LlamaCppDraft(out / "tiny.gguf", max_sessions=1), [*prompt, 3, 8], SamplingParams())
+    assert proposal.tokens == eager.propose(4).tokens and len(proposal.tokens) == 4
+    with pytest.raises(DraftBusyError):  # now it holds the sequence
+        draft.new_context()
+    lazy.close()
+    eager.close()
+
+
+def test_a_lazy_draft_session_whose_draft_is_full_proposes_nothing_until_a_sequence_frees(tiny_checkpoint):
+    out, _, _ = tiny_checkpoint
+    draft = LlamaCppDraft(out / "tiny.gguf", max_sessions=1)
+    holder = draft.new_context()
+    lazy = DraftSession(draft, [5, 17, 42], SamplingParams(), lazy=True)
+    assert lazy.propose(3).tokens == ()  # its round decodes plainly, the session goes on
+    lazy.accept(lazy.propose(3), Verdict(0, 11))
+    holder.close()
+    assert len(lazy.propose(3).tokens) == 3  # drafts once a sequence is free
+    with pytest.raises(DraftBusyError):  # an eager session is refused at once, as before
+        DraftSession(draft, [5, 17, 42], SamplingParams())
+    lazy.close()
+
+
+def test_a_lazy_sampling_draft_session_draws_what_an_eager_one_draws():
+    draft = LlamaCppDraft(DEMO_DRAFT_GGUF, max_sessions=2)
+    params = SamplingParams(temperature=0.9, seed=7)
+    lazy = DraftSession(draft, [5, 17, 42, 99], params, lazy=True)
+    lazy.extend([3])
+    eager = DraftSession(draft, [5, 17, 42, 99, 3], params)
+    assert lazy.propose(4).tokens == eager.propose(4).tokens
+    lazy.close()
+    eager.close()
+
+
 @pytest.mark.parametrize("batch_tokens", [512, 32])  # 32: the prompt is longer than a decode takes
 def test_drafting_at_once_alone_drafts_and_caches_what_a_gathered_round_does_on_the_threads_asked(
     tiny_checkpoint, monkeypatch, batch_tokens

@@ -675,6 +675,9 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
 
     monkeypatch.setattr(verifier, "verify", verify)
     ran = _watch_runs(verifier, monkeypatch)
+    opened: list[list[int]] = []  # the draft sequences taken, by the prompt tokens they were opened with
+    real_open = draft.new_context
+    monkeypatch.setattr(draft, "new_context", lambda prefix=(): opened.append(list(prefix)) or real_open(prefix))
     engine = SpeculativeEngine(verifier, tokenizer, draft)
     try:
         plain = engine.stream(prompts[0], max_tokens=n, k=0)  # pinned: never drafts, asks for plain runs
@@ -688,6 +691,8 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
     assert mixed
     assert drafting.session_id not in ran.sessions  # a drafting session never runs plainly
     assert plain.stats.rounds == n and plain.stats.proposed == 0 and drafting.stats.proposed > 0
+    # the session that never drafted never took a draft sequence (its draft session is lazy)
+    assert len(opened) == 1 and opened[0][: len(drafting.request.prompt_ids)] == list(drafting.request.prompt_ids)
 
 
 @pytest.mark.parametrize("k", [1, 3])
