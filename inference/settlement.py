@@ -99,7 +99,7 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
             write = _with_failure_sample(write, slo_sample(stream, now, outcome))
     else:
         slo = slo_sample(stream, now, outcome)
-        metrics.observe_settled(slo, summary)  # never raises: a failing metric does not fail the request
+        _observe_soon(slo, summary)
         charges, left = [], hold.amount
         for (price, usage), cost in zip(priced, costs, strict=True):
             charges.append(tenant_services.LeaseCharge(usage=usage, price=price, held=left))
@@ -112,6 +112,21 @@ def charge(stream: GatewayStream, outcome: str, error: str) -> Charge:
         total = sum((cost.total for cost in costs), Decimal(0))
         write = functools.partial(_settle_write, hold.reservation, [(u, p) for p, u in priced], total, slo)
     return Charge(summary, write)
+
+
+def _observe_soon(slo: dict, summary: UsageSummary) -> None:
+    """The request's metrics, on the event loop's next turn: after its reply, which the caller sends on this one.
+
+    Its SLO figures are fixed already (``now`` was taken at its end); only counting them waits, which took
+    0.06 ms of every request's way to its reply (demo pair, one session, timed in the server). Off the loop
+    (nothing to wait for), now. ``metrics.observe_settled`` never raises: a failing metric fails no request.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        metrics.observe_settled(slo, summary)
+        return
+    loop.call_soon(metrics.observe_settled, slo, summary)
 
 
 def leg_costs(stream: GatewayStream, legs: list[Leg]) -> list[tenant_services.CostBreakdown]:
