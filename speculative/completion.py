@@ -63,7 +63,7 @@ def build_request(
     """Validate and tokenise a completion request (raises InvalidRequestError early)."""
     sampling = sampling or SamplingParams()
     check_sampling(sampling)
-    ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+    ids = encode_text(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise InvalidRequestError("the prompt is empty")
     if max_tokens < 1:
@@ -79,6 +79,52 @@ def build_request(
             f"context of {context_length} tokens"
         )
     return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k, logprobs)
+
+
+def text_encoder(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
+    """``tokenizer.encode(text, add_special_tokens=False)``, as a callable: the Rust tokenizer's own where that is the same.
+
+    A transformers fast tokenizer's ``encode`` checks its arguments, sets the backend's
+    truncation, padding and special-token splitting to its own (none, none, off) and calls the
+    Rust ``encode``: where neither method is overridden and the backend is set so already, the
+    Rust call alone returns the same ids, in a third of the time (23 against 70 us for a short
+    prompt; every request's prompt is encoded). Anything else encodes through ``encode`` itself.
+    """
+    base = sys.modules.get("transformers.tokenization_utils_base")  # (not imported here: see ``text_decoder``)
+    fast = sys.modules.get("transformers.tokenization_utils_tokenizers")
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (
+        base is not None
+        and fast is not None
+        and isinstance(tokenizer, fast.TokenizersBackend)
+        and cls.encode is base.PreTrainedTokenizerBase.encode
+        and getattr(cls, "_encode_plus", None) is fast.TokenizersBackend._encode_plus
+        and backend is not None
+        and not getattr(tokenizer, "split_special_tokens", False)
+        and not backend.encode_special_tokens
+        and backend.truncation is None
+        and backend.padding is None
+    ):
+        rust_encode = backend.encode
+        return lambda text: rust_encode(text, add_special_tokens=False).ids
+    return lambda text: tokenizer.encode(text, add_special_tokens=False)
+
+
+# The last text encoded and its ids: the platform counts a prompt's tokens for its routing rules, then builds its
+# request from the same prompt moments later on the same thread (``encode_text``).
+_last_encoded: tuple[object, str, tuple[int, ...]] | None = None
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text_encoder(tokenizer)(text)``, the last text's ids reused when it is encoded again (the same tokenizer)."""
+    global _last_encoded
+    last = _last_encoded
+    if last is not None and last[0] is tokenizer and last[1] == text:
+        return list(last[2])
+    ids = text_encoder(tokenizer)(text)
+    _last_encoded = (tokenizer, text, tuple(ids))
+    return ids
 
 
 def text_decoder(tokenizer: Tokenizer) -> Callable[[list[int]], str]:

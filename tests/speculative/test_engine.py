@@ -427,6 +427,43 @@ def test_the_text_decoder_is_the_tokenizers_decode_whatever_the_ids(demo_pair, d
     assert text_decoder(byte)([40, 41]) == byte.decode([40, 41], skip_special_tokens=True) == "OP"
 
 
+def test_the_text_encoder_is_the_tokenizers_encode_whatever_the_text(demo_pair, monkeypatch):
+    # where it skips transformers' wrapper it must give the same ids, special tokens' text included;
+    # a tokenizer set otherwise (splitting special tokens) or of its own goes through its own encode
+    import copy
+    import random
+
+    from speculative import completion
+    from speculative.completion import encode_text, text_encoder
+
+    tokenizer = demo_pair[2]
+    encode = text_encoder(tokenizer)
+    assert "encode" not in encode.__code__.co_names  # the Rust tokenizer's call
+    rng = random.Random(5)
+    pieces = ["the", " view", "s", " ", "\n", "  ", "é", "日本", "🙂", ".", "Django", *tokenizer.all_special_tokens]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40)))
+        assert encode(text) == tokenizer.encode(text, add_special_tokens=False)
+    splitting = copy.copy(tokenizer)
+    splitting.split_special_tokens = True
+    assert "encode" in text_encoder(splitting).__code__.co_names
+    special = f"ask {tokenizer.all_special_tokens[0]} now"
+    assert text_encoder(splitting)(special) == splitting.encode(special, add_special_tokens=False)
+    byte = ByteTokenizer(64)
+    assert text_encoder(byte)("OP") == byte.encode("OP", add_special_tokens=False)
+    # a prompt counted for routing and then built into a request is encoded once
+    calls: list[str] = []
+    real = completion.text_encoder
+    monkeypatch.setattr(completion, "text_encoder", lambda t: lambda text: calls.append(text) or real(t)(text))
+    first, again = encode_text(tokenizer, "How do I add a view?"), encode_text(tokenizer, "How do I add a view?")
+    assert first == again == tokenizer.encode("How do I add a view?", add_special_tokens=False)
+    assert calls == ["How do I add a view?"]
+    again.append(0)  # each caller's own list: the kept ids stay as they were
+    assert encode_text(tokenizer, "How do I add a view?") == first and len(calls) == 1
+    assert encode_text(byte, "How do I add a view?") == byte.encode("How do I add a view?")  # another tokenizer's
+    assert len(calls) == 2
+
+
 def test_the_text_decoder_does_not_import_transformers_for_a_tokenizer_of_its_own():
     # a process that serves no model (the platform's own tokenizers) must not pay for importing transformers
     import subprocess
