@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from speculative.errors import DraftBusyError, ModelLoadError
+from speculative.llama_logits import LogitsReader
 from speculative.llama_sequences import (
     DEFAULT_MAX_CONTEXT,
     Compaction,
-    LogitsReader,
     SequenceIds,
     check_context_sizes,
     in_sequence_order,

@@ -39,11 +39,11 @@ from speculative.errors import (
     SessionNotFoundError,
     SpeculativeError,
 )
+from speculative.llama_logits import LogitsReader
 from speculative.llama_runs import Between, GreedyRun, RunEnd, run_greedy
 from speculative.llama_sequences import (
     DEFAULT_MAX_CONTEXT,
     Compaction,
-    LogitsReader,
     SequenceIds,
     check_context_sizes,
     in_sequence_order,
