@@ -184,10 +184,54 @@ class SequenceIds:
         self.pending.clear()
         self._sources.clear()
 
-    def take(self, want: Sequence[int] = ()) -> tuple[int, int]:
-        """A free id for a session whose first positions will hold ``want``; how many of them it holds already."""
+    def plan(self, wants: Sequence[Sequence[int]]) -> list[int | None]:
+        """Ids for sessions opening together (``take(want, prefer=...)`` each, in order), by what their ids keep.
+
+        ``take`` chooses for one session at a time: beside the open ones first, by kept prefix
+        second, unless another id keeps ``PREFIX_OVER_GAP`` tokens more. A wave of sessions opening
+        where an earlier wave ended then put the first beside nothing, the others beside it, each
+        on whatever that id kept: demo pair, 16 sessions of 8 prompts (3-7 tokens) sent twice a
+        wave, 45-67 of a wave's ~115 prompt positions evaluated again, a prefill of 12-26 ms
+        split in passes (2026-12-04), where the previous wave's 16 ids kept every prompt. Here the
+        longest kept prefixes are matched first, one id each, where the ids matched (with the open
+        ones) form no more runs of consecutive ids than the open ones alone (or one run, where
+        none is open); else, and for a session matching none, ``None``: ``take`` chooses as before.
+        """
+        plan: list[int | None] = [None] * len(wants)
+        if len(wants) < 2 or not self._kept:
+            return plan
+        matches = sorted(
+            (
+                (shared, -seq, i)
+                for i, want in enumerate(wants)
+                for seq, kept in self._kept.items()
+                if (shared := common_prefix(kept, want)) > 0
+            ),
+            reverse=True,
+        )
+        taken: set[int] = set()
+        for _, neg_seq, i in matches:
+            if plan[i] is None and -neg_seq not in taken:
+                plan[i] = -neg_seq
+                taken.add(-neg_seq)
+        free = set(self.free)
+        open_ids = {seq for seq in range(self.n) if seq not in free}
+        if _runs(open_ids | taken) > max(1, _runs(open_ids)):
+            return [None] * len(wants)
+        return plan
+
+    def take(self, want: Sequence[int] = (), prefer: int | None = None) -> tuple[int, int]:
+        """A free id for a session whose first positions will hold ``want``; how many of them it holds already.
+
+        ``prefer``: the id ``plan`` chose for it (taken if it is still free, with what it keeps).
+        """
         want = list(want)
-        seq, reused, source = self._choose(want) if self._kept and want else (self.free[-1], 0, None)
+        if prefer is not None and prefer in self._kept:
+            seq, reused, source = prefer, common_prefix(self._kept[prefer], want), None
+        elif self._kept and want:
+            seq, reused, source = self._choose(want)
+        else:
+            seq, reused, source = self.free[-1], 0, None
         stashed = self._stashed(want, reused)  # a longer prefix kept in host memory, to write into ``seq``
         if stashed is not None and self._copying(seq):  # written over now, a copy at the next decode would miss it
             other = self._not_copying()
@@ -348,6 +392,11 @@ class SequenceIds:
         """
         kept_prompt = min(self._prompts.get(seq, 0), len(self._kept[seq]))
         return shared < min(COPY_OVER, wanted) and kept_prompt > shared
+
+
+def _runs(ids: set[int]) -> int:
+    """How many runs of consecutive ids ``ids`` make (llama.cpp's passes over one position of each)."""
+    return sum(1 for seq in ids if seq - 1 not in ids)
 
 
 def _a_prompt(kept: list[int], prompt: int, reused: int = 0) -> bool:

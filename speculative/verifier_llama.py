@@ -190,14 +190,21 @@ class LlamaCppVerifier:
         """Open every queued session and prefill their prompts together (under ``self._lock``; ``open_batch``)."""
         with self._prefill_lock:
             batch, self._prefills = list(self._prefills), deque()
+        # the pending token (the prompt's last) is evaluated by the first round
+        ids = dict(zip(map(id, batch), self._ids.plan([t.prompt[:-1] for t in batch]), strict=True))
         open_batch(
-            batch, self._sessions, self.max_sessions, self._new_session, lambda s: self._release(s.seq), self._prefill
+            batch,
+            self._sessions,
+            self.max_sessions,
+            lambda ticket: self._new_session(ticket, ids[id(ticket)]),
+            lambda s: self._release(s.seq),
+            self._prefill,
         )
 
-    def _new_session(self, ticket: PrefillTicket) -> _Session:
+    def _new_session(self, ticket: PrefillTicket, planned: int | None = None) -> _Session:
         generator = torch.Generator().manual_seed(ticket.params.seed)
         cached = ticket.prompt[:-1]  # the pending token (the prompt's last) is evaluated by the first round
-        seq, kept = self._ids.take(cached)
+        seq, kept = self._ids.take(cached, planned)
         return _Session(seq, list(cached[:kept]), ticket.prompt[-1], ticket.params, generator)
 
     def _prefill(self, opened: list[tuple[PrefillTicket, _Session]]) -> None:

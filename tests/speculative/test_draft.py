@@ -407,6 +407,49 @@ def test_a_few_shared_positions_do_not_cut_a_short_kept_prompt_while_an_id_keeps
     assert ids.take([*form, 7, 5]) == (0, 4)
 
 
+def _demo_wave(ids: SequenceIds, prompts: list[list[int]], planned: list[int | None] | None = None) -> list[int]:
+    """Sessions opening together on ``prompts`` (as the verifier opens a batch), then ending: their ids."""
+    taken = [ids.take(p, None if planned is None else planned[i])[0] for i, p in enumerate(prompts)]
+    for seq, prompt in zip(taken, prompts, strict=True):
+        ids.release(seq, [*prompt, 900 + seq, 901 + seq])  # each kept with its answer
+    return taken
+
+
+def test_sessions_opening_together_take_the_ids_that_kept_their_prompts_where_those_make_one_run():
+    # the peer benchmark's waves: 16 clients cycling through 8 short prompts, a wave opening where one ended
+    prompts = [[10 * p + 1, 10 * p + 2, 10 * p + 3, 10 * p + 4][: 2 + p % 3] for p in range(8)] * 2
+    wave_two = prompts[5:] + prompts[:5]  # the clients' next prompts, in another order
+    one_by_one, _ = _ids()
+    _demo_wave(one_by_one, prompts)
+    reused = one_by_one.reused
+    _demo_wave(one_by_one, wave_two)
+    assert one_by_one.reused - reused < sum(map(len, wave_two))  # each beside the last: prompts evaluated again
+    ids, _ = _ids()
+    _demo_wave(ids, prompts)
+    reused = ids.reused
+    plan = ids.plan(wave_two)
+    assert sorted(plan) == list(range(16))  # (every id: one run)
+    assert _demo_wave(ids, wave_two, plan) == plan
+    assert ids.reused - reused == sum(map(len, wave_two))  # every prompt wholly kept where it was
+
+
+def test_a_plan_that_would_split_the_open_sessions_ids_leaves_the_choice_to_take():
+    ids, _ = _ids(32)
+    assert [ids.take()[0] for _ in range(21)] == list(range(21))
+    first, second = [1, 2, 3], [4, 5, 6]
+    ids.release(10, first)
+    ids.release(20, second)
+    for seq in range(4, 20):
+        if seq != 10:
+            ids.release(seq)  # 0-3 stay open
+    assert ids.plan([first, second]) == [None, None]  # 10 and 20 would make three runs with 0-3
+    assert ids.plan([first]) == [None]  # a lone session: ``take`` chooses
+    assert ids.plan([first, [7, 7]]) == [None, None]  # 10 alone: two runs
+    for seq in range(4):
+        ids.release(seq)
+    assert ids.plan([first, [7, 7]]) == [10, None]  # nothing open: one run, the other session's choice is take's
+
+
 def test_beside_open_sessions_a_kept_prefix_elsewhere_wins_only_when_much_longer():
     ids, _ = _ids()
     taken = [ids.take()[0] for _ in range(8)]

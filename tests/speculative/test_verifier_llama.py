@@ -463,6 +463,34 @@ def test_a_prompt_a_closed_session_left_is_not_evaluated_again_and_decodes_as_a_
     assert prefills == [len(turn) - 1 - (len(prompt) + 12)]
 
 
+def test_sessions_opening_together_find_the_prompts_a_wave_left_and_decode_as_fresh_ones(llama, monkeypatch):
+    _, tokenizer = llama
+    texts = ["The Django ORM", "A form field", "Middleware is a framework of", "def get_queryset(self):"]
+    prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    expected = {i: _plain(_fresh(reuse=False), prompt, 6) for i, prompt in enumerate(prompts)}
+    verifier = _fresh(max_sessions=4)
+
+    def wave(order: list[int]) -> dict[int, list[int]]:
+        sids = [f"wave-{i}" for i in order]
+        opened = verifier.open_many([(sid, prompts[i], GREEDY) for sid, i in zip(sids, order, strict=True)])
+        assert not any(isinstance(result, BaseException) for result in opened)
+        out: dict[int, list[int]] = {i: [] for i in order}
+        for r in range(6):  # their plain rounds in one batch, as the scheduler runs them
+            verdicts = verifier.verify([VerifyRequest(sid, (), None, r) for sid in sids]).verdicts
+            for i, verdict in zip(order, verdicts, strict=True):
+                out[i].append(verdict.verifier_token)
+        for sid in sids:
+            verifier.close_session(sid)
+        return out
+
+    assert wave([0, 1, 2, 3]) == expected
+    prefills = _prefilled_positions(verifier, monkeypatch)
+    reused = verifier._ids.reused
+    assert wave([2, 0, 3, 1]) == expected  # the next wave, its prompts in another order
+    assert prefills == []  # each found where the first wave left it (``SequenceIds.plan``)
+    assert verifier._ids.reused - reused == sum(len(p) - 1 for p in prompts)
+
+
 def test_a_prompt_sharing_only_a_prefix_reuses_that_prefix_and_drafts_still_verify_as_fresh(llama, monkeypatch):
     _, tokenizer = llama
     first = tokenizer.encode("The QuerySet API of the database layer lets you filter", add_special_tokens=False)
