@@ -20,7 +20,9 @@ there nothing waits.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 
 ARRIVAL_WAIT_MS = 30.0  # the longest an idle scheduler waits for a burst's other requests (60: no better)
 
@@ -69,6 +71,41 @@ class Arrivals:
             self._coming += n
             if self._coming <= 0:
                 self._none.notify_all()
+
+
+class Returning:
+    """Sessions that ended since a scheduler last opened any: their clients' next requests may be on their way.
+
+    Closed-loop clients (a benchmark's, a batch job's workers) whose answers went out together
+    send their next requests together, but one by one as each reads its answer, and the
+    platform's loop hands them over one by one between the other replies: ``Arrivals`` often
+    counted none on its way between two of them, and the wave opened in two or three parts
+    (demo pair, 16 clients, 2026-12-04: 6 + 10, 7 + 9, 7 + 5 + 4), each part a prefill of its
+    own, its sessions ending apart from the others', and their prompts found where the last
+    wave left them only when they opened together (``SequenceIds.plan``). An idle scheduler
+    opening sessions waits for as many as ended, but only until ``ARRIVAL_WAIT_MS`` after the
+    last of them ended: clients that do not come back cost a request arriving at once that long.
+    """
+
+    def __init__(self) -> None:
+        self._ended = 0
+        self._last_end = -math.inf
+
+    def ended(self) -> None:
+        """A session ended (the scheduler's lock is held)."""
+        self._ended += 1
+        self._last_end = time.perf_counter()
+
+    def opened(self) -> None:
+        """Sessions opened: those that ended before are no longer waited for."""
+        self._ended = 0
+
+    def expected(self, wait_s: float) -> tuple[int, float]:
+        """(How many sessions to wait for, until when: ``time.perf_counter``), ``wait_s`` after the last ended at
+        most; (0, now) once that is over."""
+        until = self._last_end + wait_s
+        now = time.perf_counter()
+        return (self._ended, until) if now < until else (0, now)
 
 
 ARRIVALS = Arrivals()

@@ -29,15 +29,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any
 
-from speculative.arrivals import ARRIVAL_WAIT_MS, ARRIVALS, Arrivals
+from speculative.arrivals import ARRIVAL_WAIT_MS, ARRIVALS, Arrivals, Returning
 from speculative.batch_cost import BatchCostModel
 from speculative.controller import STEADY_CATCH_UP
 from speculative.errors import SpeculativeError
 from speculative.governor import SpeculationGovernor
 from speculative.llama_runs import GreedyRun, RunEnd
-from speculative.steps import DraftOrder, OpenOrder, PlainResult, PlainRun, RoundResult, SpecResult, SpecRun
+from speculative.steps import (
+    DraftOrder,
+    DrivenSession,
+    OpenOrder,
+    PlainResult,
+    PlainRun,
+    RoundResult,
+    SpecResult,
+    SpecRun,
+)
+from speculative.steps import (
+    answer_step as _answer,
+)
 from speculative.types import Proposal, SpeculatedRound
 from speculative.verifier import Verifier, VerifyRequest
 
@@ -53,16 +65,6 @@ DEFAULT_MAX_BATCH = 64
 PLAIN_RUN_MS = 25.0
 # The same where the client takes the answer whole (``PlainRun.whole``): only a cancel waits on its tokens.
 WHOLE_RUN_MS = 100.0
-
-
-class DrivenSession(Protocol):
-    """A session the worker advances itself (:class:`speculative.engine.DrivenRounds`)."""
-
-    def step(
-        self, result: Any = None, error: BaseException | None = None
-    ) -> VerifyRequest | PlainRun | OpenOrder | DraftOrder | None:
-        """Take the answer to its last step (or its failure); return its next step, or None once it ended."""
-        ...
 
 
 Answer = Future[RoundResult] | DrivenSession
@@ -88,6 +90,7 @@ class VerifyScheduler:
         self._next: deque[Round] = deque()
         self._drafts: list[tuple[DraftOrder, DrivenSession]] = []
         self._active = 0
+        self._returning = Returning()  # sessions that ended since the last opening: their clients may be back
         self._arriving = 0  # sessions opened by this batch that have not joined yet
         self._lock = threading.Lock()
         self._closed = False
@@ -107,6 +110,7 @@ class VerifyScheduler:
     def leave(self) -> None:
         with self._lock:
             self._active -= 1
+            self._returning.ended()
 
     def load(self) -> int:
         """Sessions running, counting those opened together with the caller that have yet to join."""
@@ -142,9 +146,14 @@ class VerifyScheduler:
                 everyone_in = len(batch) >= self._active
             if not self._take_queued(batch, 0.0 if everyone_in else deadline - time.perf_counter()):
                 break
-        if self.arrivals.coming > 0 and self._active == 0 and any(request is None for request, _ in batch):
+        if self._active == 0 and any(request is None for request, _ in batch):
             # nothing runs and sessions open: the rest of a burst on its way opens with them, in one prefill
-            self.arrivals.wait(ARRIVAL_WAIT_MS / 1e3)
+            expected, until = self._returning.expected(ARRIVAL_WAIT_MS / 1e3)  # (``Returning``)
+            while sum(request is None for request, _ in batch) < expected and len(batch) < self.max_batch:
+                if not self._take_queued(batch, until - time.perf_counter()):
+                    break
+            if self.arrivals.coming > 0:
+                self.arrivals.wait(ARRIVAL_WAIT_MS / 1e3)
             while len(batch) < self.max_batch and self._take_queued(batch, 0.0):
                 pass
         starting = [answer for request, answer in batch if request is None]
@@ -178,6 +187,7 @@ class VerifyScheduler:
                 _answer(session, error=SpeculativeError("a completion must open its session first"))
         if not openings:
             return rounds
+        self._returning.opened()
         results = self._open_sessions([o for _, o in openings])
         waiting = len(self._next)
         self._arriving = len(openings)
@@ -483,19 +493,3 @@ class _LockstepRuns:
         )
         self._steps = 0
         self._ms = 0.0
-
-
-def _answer(
-    answer: Answer, result: Any = None, error: BaseException | None = None
-) -> VerifyRequest | PlainRun | OpenOrder | DraftOrder | None:
-    if isinstance(answer, Future):
-        if error is not None:
-            answer.set_exception(error)
-        else:
-            answer.set_result(result)
-        return None
-    try:
-        return answer.step(result, error)
-    except BaseException:  # noqa: BLE001 - a session's bug must not stop the worker (step reports its own errors)
-        log.exception("a driven session failed outside its completion")
-        return None

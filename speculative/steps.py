@@ -9,15 +9,19 @@ scheduler's thread answers each (``speculative.scheduler``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from speculative.types import GreedyDrafter, SamplingParams, SpeculatedRound, Verdict
 from speculative.verifier import VerifyRequest
 
 if TYPE_CHECKING:
     from speculative.draft import DraftSession
+
+log = logging.getLogger("speculative.scheduler")  # (a driven session's failure is the worker's to report)
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,30 @@ class DraftOrder:
 
     draft: DraftSession
     k: int
+
+
+class DrivenSession(Protocol):
+    """A session the worker advances itself (:class:`speculative.engine.DrivenRounds`)."""
+
+    def step(
+        self, result: Any = None, error: BaseException | None = None
+    ) -> VerifyRequest | PlainRun | OpenOrder | DraftOrder | None:
+        """Take the answer to its last step (or its failure); return its next step, or None once it ended."""
+        ...
+
+
+def answer_step(
+    answer: Future[RoundResult] | DrivenSession, result: Any = None, error: BaseException | None = None
+) -> VerifyRequest | PlainRun | OpenOrder | DraftOrder | None:
+    """Answer a round: a waiting caller's future, or a driven session's step (its next step returned, if any)."""
+    if isinstance(answer, Future):
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+        return None
+    try:
+        return answer.step(result, error)
+    except BaseException:  # noqa: BLE001 - a session's bug must not stop the worker (step reports its own errors)
+        log.exception("a driven session failed outside its completion")
+        return None

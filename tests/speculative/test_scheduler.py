@@ -362,6 +362,42 @@ def test_an_idle_worker_waits_for_a_request_that_never_arrives_no_longer_than_th
     assert 0.09 <= time.perf_counter() - started < 2
 
 
+def test_an_idle_worker_waits_for_as_many_sessions_as_just_ended_and_opens_them_together(monkeypatch):
+    # closed-loop clients whose answers went out together: their next requests come one by one, uncounted
+    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 10_000.0)
+    verifier = Opening()
+    scheduler = VerifyScheduler(verifier, window_ms=1, arrivals=Arrivals())
+    first = [Scripted(scheduler, name, 4, 4) for name in "abc"]
+    for session in first:
+        scheduler.start_driven(session)
+    assert all(s.done.wait(5) for s in first)
+    verifier.openings.clear()
+    second = [Scripted(scheduler, name, 4, 4) for name in "def"]
+    for session in second:
+        scheduler.start_driven(session)
+        time.sleep(0.03)  # each client's next request a little after the last
+    assert all(s.done.wait(5) and s.error is None for s in second)
+    scheduler.close()
+    assert verifier.openings == [["d", "e", "f"]]
+
+
+def test_sessions_that_ended_longer_ago_than_the_cap_are_not_waited_for(monkeypatch):
+    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 100.0)
+    verifier = Opening()
+    scheduler = VerifyScheduler(verifier, window_ms=1, arrivals=Arrivals())
+    first = [Scripted(scheduler, name, 4, 4) for name in "abc"]
+    for session in first:
+        scheduler.start_driven(session)
+    assert all(s.done.wait(5) for s in first)
+    time.sleep(0.15)  # past the cap: the clients did not come back
+    started = time.perf_counter()
+    alone = Scripted(scheduler, "d", 4, 4)
+    scheduler.start_driven(alone)
+    assert alone.done.wait(5) and alone.error is None
+    assert time.perf_counter() - started < 0.09  # it opened at once, not a cap later
+    scheduler.close()
+
+
 def test_sessions_opening_beside_running_ones_never_wait_for_arrivals(monkeypatch):
     monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 10_000.0)
     arrivals = Arrivals()
