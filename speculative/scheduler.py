@@ -444,6 +444,11 @@ class _LockstepRuns:
     def between(self, ends: list[RunEnd], n: int, step_ms: float) -> tuple[list[GreedyRun], bool]:
         """After a step: answer the runs that ended; their next plain runs and sessions that opened join."""
         sched = self.scheduler
+        # most steps: nothing ended, waits or joins (the queue read without its lock: a put is seen a step later)
+        if not ends and n == self._size and not sched._queue.queue and not sched._next and not sched._drafts:
+            self._steps += 1
+            self._ms += step_ms
+            return [], False
         if n != self._size:
             self.flush()  # a point of the cost line is one batch size
         self._steps += 1
