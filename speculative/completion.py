@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from speculative.errors import ContextOverflowError, InvalidRequestError, SpeculativeError
 from speculative.types import (
@@ -81,6 +81,25 @@ def build_request(
     return CompletionRequest(tuple(ids), max_tokens, sampling, tuple(stop), k, logprobs)
 
 
+def _fast_backend(tokenizer: Tokenizer, method: str, step: str) -> Any:
+    """The Rust tokenizer of a transformers fast tokenizer whose ``method`` and the ``step`` it calls are
+    transformers' own (not overridden), else None.
+
+    transformers is never imported here: a transformers tokenizer has loaded these modules already, and a
+    process that serves no model (its tokenizers are the platform's own) must not pay for importing it.
+    """
+    base = sys.modules.get("transformers.tokenization_utils_base")
+    fast = sys.modules.get("transformers.tokenization_utils_tokenizers")
+    if base is None or fast is None or not isinstance(tokenizer, fast.TokenizersBackend):
+        return None
+    cls = type(tokenizer)
+    if getattr(cls, method) is not getattr(base.PreTrainedTokenizerBase, method):
+        return None
+    if getattr(cls, step, None) is not getattr(fast.TokenizersBackend, step):
+        return None
+    return getattr(tokenizer, "_tokenizer", None)
+
+
 def text_encoder(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
     """``tokenizer.encode(text, add_special_tokens=False)``, as a callable: the Rust tokenizer's own where that is the same.
 
@@ -90,17 +109,9 @@ def text_encoder(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
     Rust call alone returns the same ids, in a third of the time (23 against 70 us for a short
     prompt; every request's prompt is encoded). Anything else encodes through ``encode`` itself.
     """
-    base = sys.modules.get("transformers.tokenization_utils_base")  # (not imported here: see ``text_decoder``)
-    fast = sys.modules.get("transformers.tokenization_utils_tokenizers")
-    cls = type(tokenizer)
-    backend = getattr(tokenizer, "_tokenizer", None)
+    backend = _fast_backend(tokenizer, "encode", "_encode_plus")
     if (
-        base is not None
-        and fast is not None
-        and isinstance(tokenizer, fast.TokenizersBackend)
-        and cls.encode is base.PreTrainedTokenizerBase.encode
-        and getattr(cls, "_encode_plus", None) is fast.TokenizersBackend._encode_plus
-        and backend is not None
+        backend is not None
         and not getattr(tokenizer, "split_special_tokens", False)
         and not backend.encode_special_tokens
         and backend.truncation is None
@@ -136,21 +147,8 @@ def text_decoder(tokenizer: Tokenizer) -> Callable[[list[int]], str]:
     the Python around it (at 16 sessions the per-token decode was 3.8% of the scheduler's
     thread, two thirds of it that wrapper). Anything else decodes through ``decode`` itself.
     """
-    # never imported here: a transformers tokenizer has loaded these modules already, and a process that
-    # serves no model (its tokenizers are the platform's own) must not pay for importing transformers
-    base = sys.modules.get("transformers.tokenization_utils_base")
-    fast = sys.modules.get("transformers.tokenization_utils_tokenizers")
-    cls = type(tokenizer)
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if (
-        base is not None
-        and fast is not None
-        and isinstance(tokenizer, fast.TokenizersBackend)
-        and cls.decode is base.PreTrainedTokenizerBase.decode
-        and getattr(cls, "_decode", None) is fast.TokenizersBackend._decode
-        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
-        and backend is not None
-    ):
+    backend = _fast_backend(tokenizer, "decode", "_decode")
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
         rust_decode = backend.decode
         return lambda ids: rust_decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

@@ -362,15 +362,21 @@ def test_an_idle_worker_waits_for_a_request_that_never_arrives_no_longer_than_th
     assert 0.09 <= time.perf_counter() - started < 2
 
 
-def test_an_idle_worker_waits_for_as_many_sessions_as_just_ended_and_opens_them_together(monkeypatch):
-    # closed-loop clients whose answers went out together: their next requests come one by one, uncounted
-    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 10_000.0)
-    verifier = Opening()
+def _after_a_wave(verifier: Opening) -> VerifyScheduler:
+    """A scheduler (counting no arrivals) whose three sessions just ended together."""
     scheduler = VerifyScheduler(verifier, window_ms=1, arrivals=Arrivals())
     first = [Scripted(scheduler, name, 4, 4) for name in "abc"]
     for session in first:
         scheduler.start_driven(session)
     assert all(s.done.wait(5) for s in first)
+    return scheduler
+
+
+def test_an_idle_worker_waits_for_as_many_sessions_as_just_ended_and_opens_them_together(monkeypatch):
+    # closed-loop clients whose answers went out together: their next requests come one by one, uncounted
+    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 10_000.0)
+    verifier = Opening()
+    scheduler = _after_a_wave(verifier)
     verifier.openings.clear()
     second = [Scripted(scheduler, name, 4, 4) for name in "def"]
     for session in second:
@@ -383,12 +389,7 @@ def test_an_idle_worker_waits_for_as_many_sessions_as_just_ended_and_opens_them_
 
 def test_sessions_that_ended_longer_ago_than_the_cap_are_not_waited_for(monkeypatch):
     monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 100.0)
-    verifier = Opening()
-    scheduler = VerifyScheduler(verifier, window_ms=1, arrivals=Arrivals())
-    first = [Scripted(scheduler, name, 4, 4) for name in "abc"]
-    for session in first:
-        scheduler.start_driven(session)
-    assert all(s.done.wait(5) for s in first)
+    scheduler = _after_a_wave(Opening())
     time.sleep(0.15)  # past the cap: the clients did not come back
     started = time.perf_counter()
     alone = Scripted(scheduler, "d", 4, 4)
