@@ -83,18 +83,23 @@ class Returning:
     (demo pair, 16 clients, 2026-12-04: 6 + 10, 7 + 9, 7 + 5 + 4), each part a prefill of its
     own, its sessions ending apart from the others', and their prompts found where the last
     wave left them only when they opened together (``SequenceIds.plan``). An idle scheduler
-    opening sessions waits for as many as ended, but only until ``ARRIVAL_WAIT_MS`` after the
-    last of them ended: clients that do not come back cost a request arriving at once that long.
+    opening sessions waits for as many as ended within ``ARRIVAL_WAIT_MS`` of each other, but only
+    until ``ARRIVAL_WAIT_MS`` after the last of them ended: clients that do not come back cost a
+    request arriving at once that long.
     """
 
     def __init__(self) -> None:
         self._ended = 0
         self._last_end = -math.inf
 
-    def ended(self) -> None:
-        """A session ended (the scheduler's lock is held)."""
+    def ended(self, window_s: float) -> None:
+        """A session ended (the scheduler's lock is held); those that ended over ``window_s`` before it are not
+        counted: sessions ending one by one over seconds (long answers of a batch) are no wave coming back."""
+        now = time.perf_counter()
+        if now - self._last_end > window_s:
+            self._ended = 0
         self._ended += 1
-        self._last_end = time.perf_counter()
+        self._last_end = now
 
     def opened(self) -> None:
         """Sessions opened: those that ended before are no longer waited for."""

@@ -110,7 +110,7 @@ class VerifyScheduler:
     def leave(self) -> None:
         with self._lock:
             self._active -= 1
-            self._returning.ended()
+            self._returning.ended(ARRIVAL_WAIT_MS / 1e3)
 
     def load(self) -> int:
         """Sessions running, counting those opened together with the caller that have yet to join."""

@@ -362,6 +362,23 @@ def test_an_idle_worker_waits_for_a_request_that_never_arrives_no_longer_than_th
     assert 0.09 <= time.perf_counter() - started < 2
 
 
+def test_only_sessions_that_ended_together_are_waited_for():
+    from speculative.arrivals import Returning
+
+    returning = Returning()
+    for _ in range(3):  # a wave
+        returning.ended(0.05)
+    assert returning.expected(0.05)[0] == 3
+    time.sleep(0.06)
+    returning.ended(0.05)  # a session ending alone, a while later
+    expected, until = returning.expected(0.05)
+    assert expected == 1 and until > time.perf_counter()
+    returning.opened()
+    assert returning.expected(0.05)[0] == 0
+    time.sleep(0.06)
+    assert returning.expected(0.05)[0] == 0  # (past the window, whatever ended)
+
+
 def _after_a_wave(verifier: Opening) -> VerifyScheduler:
     """A scheduler (counting no arrivals) whose three sessions just ended together."""
     scheduler = VerifyScheduler(verifier, window_ms=1, arrivals=Arrivals())
