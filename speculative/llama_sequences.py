@@ -190,9 +190,9 @@ class SequenceIds:
         ``take`` chooses for one session at a time: beside the open ones first, by kept prefix
         second, unless another id keeps ``PREFIX_OVER_GAP`` tokens more. A wave of sessions opening
         where an earlier wave ended then put the first beside nothing, the others beside it, each
-        on whatever that id kept: demo pair, 16 sessions of 8 prompts (3-7 tokens) sent twice a
-        wave, 45-67 of a wave's ~115 prompt positions evaluated again, a prefill of 12-26 ms
-        split in passes (2026-12-04), where the previous wave's 16 ids kept every prompt. Here the
+        on whatever that id kept: demo pair, 16 clients cycling through 16 prompts of 3-9 tokens,
+        33-67 of a wave's 67 cached prompt positions evaluated again, prefills of 10-26 ms split in
+        passes (2026-12-04), where the previous wave's 16 ids kept every prompt. Here the
         longest kept prefixes are matched first, one id each, where the ids matched (with the open
         ones) form no more runs of consecutive ids than the open ones alone (or one run, where
         none is open); else, and for a session matching none, ``None``: ``take`` chooses as before.

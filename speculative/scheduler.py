@@ -46,9 +46,7 @@ from speculative.steps import (
     RoundResult,
     SpecResult,
     SpecRun,
-)
-from speculative.steps import (
-    answer_step as _answer,
+    answer_step,
 )
 from speculative.types import Proposal, SpeculatedRound
 from speculative.verifier import Verifier, VerifyRequest
@@ -127,7 +125,7 @@ class VerifyScheduler:
     def start_driven(self, session: DrivenSession) -> None:
         """Hand a driven session to this worker: it opens it (with others starting then), then runs its rounds."""
         if self._closed:
-            _answer(session, error=SpeculativeError("the verify scheduler is closed"))
+            answer_step(session, error=SpeculativeError("the verify scheduler is closed"))
         else:
             self._queue.put((None, session))
 
@@ -180,11 +178,11 @@ class VerifyScheduler:
         openings: list[tuple[DrivenSession, OpenOrder]] = []
         rounds: list[Round] = []
         for session in starting:
-            first = _answer(session)  # runs it up to its opening
+            first = answer_step(session)  # runs it up to its opening
             if isinstance(first, OpenOrder):
                 openings.append((session, first))
             elif first is not None:
-                _answer(session, error=SpeculativeError("a completion must open its session first"))
+                answer_step(session, error=SpeculativeError("a completion must open its session first"))
         if not openings:
             return rounds
         self._returning.opened()
@@ -249,14 +247,14 @@ class VerifyScheduler:
         # closed: every round still waiting hears so (a driven session's consumer would wait forever)
         closed = SpeculativeError("the verify scheduler is closed")
         while self._next:
-            _answer(self._next.popleft()[1], error=closed)
+            answer_step(self._next.popleft()[1], error=closed)
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
             if item is not None:
-                _answer(item[1], error=closed)
+                answer_step(item[1], error=closed)
 
     def _verify(self, batch: list[Round]) -> None:
         if len(batch) == 1 and isinstance(batch[0][0], SpecRun) and hasattr(self.verifier, "speculate_greedy"):
@@ -361,7 +359,7 @@ class VerifyScheduler:
 
     def _continue(self, answer: Answer, result: Any = None, error: BaseException | None = None) -> None:
         """Answer a round; a driven session's next round goes straight into the next batch."""
-        following = _answer(answer, result, error)
+        following = answer_step(answer, result, error)
         if following is not None:
             self._follow(following, answer)
 
@@ -477,7 +475,7 @@ class _LockstepRuns:
         if end.error is not None:
             self.scheduler._continue(answer, error=end.error)
             return None
-        following = _answer(answer, PlainResult(end.tokens, end.verify_ms, end.batch_size, end.gpu_ms))
+        following = answer_step(answer, PlainResult(end.tokens, end.verify_ms, end.batch_size, end.gpu_ms))
         if following is None:
             return None
         if join and type(following) is PlainRun:  # not a SpecRun: a lone session's rounds run in a call of their own
