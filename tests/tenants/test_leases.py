@@ -307,3 +307,44 @@ def test_after_a_refused_lease_the_next_requests_reserve_without_asking_again(te
     assert pool.open(tenant_id=tenant.pk, api_key_id=None, amount=amount) is None  # not asked again yet
     clock[0] += 5
     assert pool.open(tenant_id=tenant.pk, api_key_id=None, amount=amount) is not None
+
+
+def test_requests_that_meet_a_used_up_lease_together_share_the_one_lease_opened_for_them(tenant, price, pool):
+    services.budget_set(tenant=tenant, period="month", hard_limit=Decimal(1000), soft_limit=None)
+    held = services.cost_estimate_max(price=price, prompt_tokens=1000, max_tokens=200)
+    # a wave found no room (``admit`` said None to each), then each asks for a lease, one after another
+    holds = [pool.open(tenant_id=tenant.pk, api_key_id=None, amount=held) for _ in range(4)]
+    assert all(h is not None for h in holds) and len({id(h.lease) for h in holds}) == 1
+    assert BudgetLease.objects.count() == 1  # one lease opened, not one each (each retiring the last)
+    for i, hold in enumerate(holds):
+        pool.settle(hold, charge(price, f"r{i}", held))
+
+
+def test_a_request_waits_for_its_keys_lease_being_opened_and_is_admitted_against_it(tenant, pool, monkeypatch):
+    # no database here: two DB threads asking at once, the second while the first's lease is being opened
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    opened: list[float] = []
+
+    def slow_open(**kwargs):
+        opened.append(time.monotonic())
+        time.sleep(0.2)
+        return SimpleNamespace(pk=7, amount=kwargs["amount"])
+
+    monkeypatch.setattr(services, "budget_lease_open", slow_open)
+    monkeypatch.setattr(pool, "_start_keeper", lambda: None)
+    holds: list = []
+
+    def ask() -> None:
+        holds.append(pool.open(tenant_id=tenant.pk, api_key_id=None, amount=Decimal(1)))
+
+    first = threading.Thread(target=ask)
+    first.start()
+    while not opened:
+        time.sleep(0.005)
+    ask()  # while the first's lease is being opened
+    first.join()
+    assert len(opened) == 1 and len(holds) == 2 and all(h is not None for h in holds)
+    assert holds[0].lease is holds[1].lease and holds[0].lease.requests == 2
