@@ -228,12 +228,15 @@ class Completion(TokenStream):
                 if self.stats.finish_reason is not None:
                     return
         finally:
-            if self.stats.finish_reason is not None and self._driven is not None:
+            ended = self.stats.finish_reason is not None and self._driven is not None
+            if ended:
                 # its tokens are all out: the consumer hears of the end before the sessions are released
                 self._driven.end_now()
             if draft is not None:
                 engine.controller_priors.at(level).fold(controller)
             engine.scheduler.leave()
+            if ended and batch_size == 1:  # it decoded alone: its reply goes first (``VerifyScheduler.hand_over``)
+                engine.scheduler.hand_over()
             try:
                 engine.verifier.close_session(self.session_id)
             finally:

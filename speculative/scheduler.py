@@ -63,6 +63,7 @@ DEFAULT_MAX_BATCH = 64
 PLAIN_RUN_MS = 25.0
 # The same where the client takes the answer whole (``PlainRun.whole``): only a cancel waits on its tokens.
 WHOLE_RUN_MS = 100.0
+HAND_OVER_MS = 2.0  # a lone session's end: how long the scheduler's thread lets its consumer reply first
 
 
 Answer = Future[RoundResult] | DrivenSession
@@ -109,6 +110,23 @@ class VerifyScheduler:
         with self._lock:
             self._active -= 1
             self._returning.ended(ARRIVAL_WAIT_MS / 1e3)
+
+    def hand_over(self) -> None:
+        """A lone session's tokens and end were handed to its consumer and it left: wait until another session
+        comes, at most ``HAND_OVER_MS``, before this thread releases its sequences and does the step's bookkeeping.
+
+        The end wakes the consumer (the platform's loop, which replies), but the GIL stayed with this
+        thread through the session's release and the cost line's and governor's bookkeeping: 0.25 ms
+        that the reply waited for at one session (demo pair, timed in the server). A sleep of 0.3 ms
+        was too short: it ended inside the reply's work, whose journal write gave the GIL back to it.
+        Waiting on the queue, a session that comes meanwhile is taken at once.
+        """
+        if self.load() or self._next or self._drafts:  # (called once the session left: none is running)
+            return
+        waiting = self._queue
+        with waiting.not_empty:  # (the queue's own condition: a put wakes this wait)
+            if not waiting._qsize():
+                waiting.not_empty.wait(HAND_OVER_MS / 1e3)
 
     def load(self) -> int:
         """Sessions running, counting those opened together with the caller that have yet to join."""
@@ -447,14 +465,17 @@ class _LockstepRuns:
             self._steps += 1
             self._ms += step_ms
             return [], False
+        # the step's end, taken before its ended runs are answered: a lone session's end waits there for its reply
+        # (``hand_over``), which the governor must not count as decoding time
+        now = time.perf_counter()
         if n != self._size:
-            self.flush()  # a point of the cost line is one batch size
+            self.flush(now)  # a point of the cost line is one batch size
         self._steps += 1
         self._size = n
         self._ms += step_ms
         joining = [run for run in map(self.answer, ends) if run is not None]
         if ends:
-            self.flush()
+            self.flush(now)
         stop = False
         if not sched._queue.empty():
             rounds, stop = sched._arrivals()
@@ -483,16 +504,15 @@ class _LockstepRuns:
         self.scheduler._follow(following, answer)
         return None
 
-    def flush(self) -> None:
-        """Tell the cost line and the governor of the steps since they last heard."""
+    def flush(self, now: float | None = None) -> None:
+        """Tell the cost line and the governor of the steps since they last heard (``now``: when the last ended)."""
         if not self._steps:
             return
         sched = self.scheduler
         sched.batches += self._steps
         sched.rounds += self._steps * self._size
         sched.cost.record(self._size, self._ms / self._steps)
-        sched.governor.on_batch(
-            emitted=self._steps * self._size, active=sched._active, now=time.perf_counter(), batches=self._steps
-        )
+        now = time.perf_counter() if now is None else now
+        sched.governor.on_batch(emitted=self._steps * self._size, active=sched._active, now=now, batches=self._steps)
         self._steps = 0
         self._ms = 0.0

@@ -578,6 +578,9 @@ def test_a_lone_plain_session_decodes_in_runs_and_one_joining_it_mid_run_changes
         assert alone.token_ids == expected[0]
         # the first token alone (the time to the first token), then whole runs
         assert [n for _, n in runs.ends] == [1, PLAIN_RUN_STEPS, PLAIN_RUN_STEPS, 40 - 1 - 2 * PLAIN_RUN_STEPS]
+        deadline = time.perf_counter() + 5  # (the scheduler counts them once the reply had its turn: ``hand_over``)
+        while engine.scheduler.batches < 40 and time.perf_counter() < deadline:
+            time.sleep(0.001)
         assert alone.stats.rounds == 40 and engine.scheduler.batches == 40  # counted as the rounds they replace
         # a second session arrives while the first runs: it joins the lockstep, and they share steps
         runs.steps.clear()

@@ -435,3 +435,70 @@ def test_sessions_opening_beside_running_ones_never_wait_for_arrivals(monkeypatc
     assert running.done.wait(10)
     scheduler.close()
     assert verifier.openings == [["long"], ["short"]]
+
+
+class HandingOver(Scripted):
+    """A lone session that, as the engine's completion does, hands over to its consumer at its end (timed)."""
+
+    waited: list[float] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handed = threading.Event()  # its hand-over ended
+
+    def step(self, result=None, error=None):
+        from speculative.steps import PlainResult
+
+        following = super().step(result, error)
+        if isinstance(result, PlainResult) and following is None:  # it ended and left
+            started = time.perf_counter()
+            self.scheduler.hand_over()  # on the scheduler's thread
+            self.waited.append(time.perf_counter() - started)
+            self.handed.set()
+        return following
+
+
+def test_a_lone_sessions_end_lets_its_consumer_go_first_until_another_session_comes(monkeypatch):
+    monkeypatch.setattr("speculative.scheduler.HAND_OVER_MS", 200.0)
+    HandingOver.waited = []
+    scheduler = VerifyScheduler(Opening(), window_ms=1)
+    try:
+        alone = HandingOver(scheduler, "alone", 2, 2)
+        scheduler.start_driven(alone)
+        assert alone.handed.wait(5)
+        assert 0.15 < HandingOver.waited[-1] < 2  # nobody came: the whole wait
+        first, second = HandingOver(scheduler, "first", 2, 2), HandingOver(scheduler, "second", 2, 2)
+        scheduler.start_driven(first)
+        time.sleep(0.02)  # first is handing over now
+        scheduler.start_driven(second)  # a session comes: the wait ends
+        assert first.handed.wait(5) and second.done.wait(5)
+        assert HandingOver.waited[1] < 0.15
+    finally:
+        scheduler.close()
+
+
+def test_the_governor_hears_a_lockstep_steps_end_not_when_its_ended_sessions_were_answered(monkeypatch):
+    from speculative.scheduler import _LockstepRuns
+    from speculative.steps import PlainRun
+
+    scheduler = VerifyScheduler(FakeRunner())
+    heard: list[float] = []
+    real = scheduler.governor.on_batch
+    monkeypatch.setattr(scheduler.governor, "on_batch", lambda **kw: heard.append(kw["now"]) or real(**kw))
+
+    class SlowToAnswer:  # a lone session whose end waits for its reply (``hand_over``)
+        def step(self, result=None, error=None):
+            time.sleep(0.1)
+            return None
+
+    try:
+        runs = _LockstepRuns(scheduler)
+        run = runs.add((PlainRun(VerifyRequest("s", ()), 1), SlowToAnswer()))
+        from speculative.llama_runs import RunEnd
+
+        before = time.perf_counter()
+        runs.between([RunEnd(run.key, [3], 2.0, 2.0)], 1, 2.0)
+        after = time.perf_counter()
+    finally:
+        scheduler.close()
+    assert heard and before <= heard[-1] < before + 0.05 and after - before >= 0.1
