@@ -228,10 +228,11 @@ class Completion(TokenStream):
                 if self.stats.finish_reason is not None:
                     return
         finally:
-            ended = self.stats.finish_reason is not None and self._driven is not None
-            if ended:
+            driven = self._driven if self.stats.finish_reason is not None else None
+            ended = driven is not None
+            if driven is not None:
                 # its tokens are all out: the consumer hears of the end before the sessions are released
-                self._driven.end_now()
+                driven.end_now()
             if draft is not None:
                 engine.controller_priors.at(level).fold(controller)
             engine.scheduler.leave()
