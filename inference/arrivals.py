@@ -38,13 +38,8 @@ def counted_request(scope: dict) -> Iterator[None]:
     if scope.get("method") != "POST" or scope.get("path") not in COUNTED_PATHS:
         yield
         return
-    arrival = ARRIVALS.arrival()
-    token = _current.set(arrival)
-    try:
+    with _on_its_way(ARRIVALS.arrival()):
         yield
-    finally:
-        arrival.came()
-        _current.reset(token)
 
 
 def counted_arrival(view: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -56,15 +51,21 @@ def counted_arrival(view: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]
     @functools.wraps(view)
     async def counted(*args: P.args, **kwargs: P.kwargs) -> R:
         handed = _current.get()  # the handler's (an arrival that came already belongs to a request before it)
-        arrival = handed if handed is not None and handed.on_its_way else ARRIVALS.arrival()
-        token = _current.set(arrival)
-        try:
+        with _on_its_way(handed if handed is not None and handed.on_its_way else ARRIVALS.arrival()):
             return await view(*args, **kwargs)
-        finally:
-            arrival.came()
-            _current.reset(token)
 
     return counted
+
+
+@contextlib.contextmanager
+def _on_its_way(arrival: Arrival) -> Iterator[None]:
+    """``arrival`` is this context's request (``arrived()`` reads it) until the block ends: then it came."""
+    token = _current.set(arrival)
+    try:
+        yield
+    finally:
+        arrival.came()
+        _current.reset(token)
 
 
 def arrived() -> None:

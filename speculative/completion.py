@@ -355,13 +355,13 @@ class TokenStream:
         stats.completion_tokens += len(run)
         stats.provenance.extend([Provenance.VERIFIER] * len(run))
         if cut < room:  # EOS ends the text: its own event, as ``_emit`` yields it
-            yield TokenRun(run, text, first_gpu_ms, gpu_each + 0.0)
+            yield TokenRun(run, text, first_gpu_ms, gpu_each)
             stats.completion_tokens += 1
             stats.provenance.append(Provenance.VERIFIER)
             stats.finish_reason = FinishReason.STOP
-            yield TokenEvent(emitted[cut], self._tracker.finish(), Provenance.VERIFIER, gpu_each + 0.0, 0.0)
+            yield TokenEvent(emitted[cut], self._tracker.finish(), Provenance.VERIFIER, gpu_each, 0.0)
             return
         if stats.completion_tokens >= req.max_tokens:
             stats.finish_reason = FinishReason.LENGTH
             text += self._tracker.finish()
-        yield TokenRun(run, text, first_gpu_ms, gpu_each + 0.0)
+        yield TokenRun(run, text, first_gpu_ms, gpu_each)

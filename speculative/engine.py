@@ -228,15 +228,14 @@ class Completion(TokenStream):
                 if self.stats.finish_reason is not None:
                     return
         finally:
-            driven = self._driven if self.stats.finish_reason is not None else None
-            ended = driven is not None
+            driven = self._driven if self.stats.finish_reason is not None else None  # None: it did not end
             if driven is not None:
                 # its tokens are all out: the consumer hears of the end before the sessions are released
                 driven.end_now()
             if draft is not None:
                 engine.controller_priors.at(level).fold(controller)
             engine.scheduler.leave()
-            if ended and batch_size == 1:  # it decoded alone: its reply goes first (``VerifyScheduler.hand_over``)
+            if driven is not None and batch_size == 1:  # it decoded alone: its reply first (``hand_over``)
                 engine.scheduler.hand_over()
             try:
                 engine.verifier.close_session(self.session_id)

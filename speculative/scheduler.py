@@ -163,13 +163,17 @@ class VerifyScheduler:
             if not self._take_queued(batch, 0.0 if everyone_in else deadline - time.perf_counter()):
                 break
         if self._active == 0 and any(request is None for request, _ in batch):
-            # nothing runs and sessions open: the rest of a burst on its way opens with them, in one prefill
+            # nothing runs and sessions open: the rest of a burst on its way opens with them, in one prefill (the
+            # two waits together ARRIVAL_WAIT_MS at most)
+            cap = time.perf_counter() + ARRIVAL_WAIT_MS / 1e3
             expected, until = self._returning.expected(ARRIVAL_WAIT_MS / 1e3)  # (``Returning``)
-            while sum(request is None for request, _ in batch) < expected and len(batch) < self.max_batch:
-                if not self._take_queued(batch, until - time.perf_counter()):
+            opening = sum(request is None for request, _ in batch)
+            while opening < expected and len(batch) < self.max_batch:
+                if not self._take_queued(batch, min(until, cap) - time.perf_counter()):
                     break
+                opening += batch[-1][0] is None
             if self.arrivals.coming > 0:
-                self.arrivals.wait(ARRIVAL_WAIT_MS / 1e3)
+                self.arrivals.wait(max(0.0, cap - time.perf_counter()))
             while len(batch) < self.max_batch and self._take_queued(batch, 0.0):
                 pass
         starting = [answer for request, answer in batch if request is None]

@@ -416,6 +416,25 @@ def test_sessions_that_ended_longer_ago_than_the_cap_are_not_waited_for(monkeypa
     scheduler.close()
 
 
+def test_a_wave_that_does_not_come_back_and_a_request_that_never_arrives_hold_an_opening_one_cap_in_all(
+    monkeypatch,
+):
+    monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 150.0)
+    arrivals = Arrivals()
+    scheduler = VerifyScheduler(Opening(), window_ms=1, arrivals=arrivals)
+    first = [Scripted(scheduler, name, 4, 4) for name in "abc"]
+    for session in first:
+        scheduler.start_driven(session)
+    assert all(s.done.wait(5) for s in first)  # three ended together: the scheduler waits for three
+    arrivals.arrival()  # and one request is on its way, never arriving
+    started = time.perf_counter()
+    alone = Scripted(scheduler, "d", 4, 4)
+    scheduler.start_driven(alone)
+    assert alone.done.wait(5) and alone.error is None
+    scheduler.close()
+    assert time.perf_counter() - started < 0.25  # one cap (0.15 s), not one for each wait
+
+
 def test_sessions_opening_beside_running_ones_never_wait_for_arrivals(monkeypatch):
     monkeypatch.setattr("speculative.scheduler.ARRIVAL_WAIT_MS", 10_000.0)
     arrivals = Arrivals()
