@@ -85,10 +85,17 @@ class Tally:
             self.rejections += 1
 
     def count_run(self, run: TokenRun) -> None:
-        """A run's tokens handed over, each counted as ``count`` counts its event (the verifier's, nothing drafted)."""
+        """A run's tokens handed over, each counted as ``count`` counts its event."""
         self.delivered += len(run.token_ids)
         for share in run.gpu_shares():  # one by one, in order: the same sum as the events' to the last bit
             self.gpu_ms += share
+        if run.drafted is not None:  # a drafting run's (a plain run's tokens drafted nothing)
+            for drafted, provenance in zip(run.drafted, run.provenances(), strict=True):
+                self.drafted += drafted
+                if provenance is Provenance.DRAFTED:
+                    self.accepted += 1
+                elif drafted and provenance is Provenance.VERIFIER:
+                    self.rejections += 1
         self.texts += run.texts()
 
 
@@ -528,12 +535,12 @@ class GatewayStream:
         start, ids = self.delivered, run.token_ids
         route = self._handing_over(len(ids))
         self.tally.count_run(run)
-        verifier = Provenance.VERIFIER
+        provenances = run.provenances()
         if self._recorded is not None:
-            self._recorded += [(token_id, verifier.value) for token_id in ids]
+            self._recorded += [(token_id, p.value) for token_id, p in zip(ids, provenances, strict=True)]
         return [
-            TokenDelta(start + i, text, token_id, verifier, route if i == 0 else None)
-            for i, (token_id, text) in enumerate(zip(ids, run.texts(), strict=True))
+            TokenDelta(start + i, text, token_id, provenance, route if i == 0 else None)
+            for i, (token_id, text, provenance) in enumerate(zip(ids, run.texts(), provenances, strict=True))
         ]
 
     def delivered_text(self) -> str:

@@ -30,6 +30,10 @@ from speculative.types import (
     check_sampling,
 )
 
+# a drafting round as a run of them is emitted: its tokens, how many were the draft's, its share of verifier time,
+# and how many it drafted (``TokenStream._emit_drafted_run``)
+DraftedRound = tuple[tuple[int, ...], int, float, int]
+
 
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
@@ -335,6 +339,53 @@ class TokenStream:
             if stats.finish_reason is not None:
                 return
 
+    def _emit_drafted_run(self, rounds: Sequence[DraftedRound]) -> Generator[TokenEvent | TokenRun, None, None]:
+        """A lone session's drafting rounds for a consumer that takes the answer whole: one :class:`TokenRun` (then
+        EOS's event), each token's share, provenance and drafted count as ``_emit`` gives them round by round.
+
+        For rounds already counted, of a request without stop strings or logprobs, where nothing ends the
+        completion before the last round (``speculate_greedy`` stops at the round that emits EOS or reaches
+        max_tokens); where the text could differ (a text ending inside a character) ``_emit``, round by round.
+        """
+        stats, req = self.stats, self.request
+        ids: list[int] = []
+        shares: list[float] = []
+        sources: list[Provenance] = []
+        drafted: list[float] = []
+        unbilled = self._unbilled_gpu_ms
+        for emitted, n_matches, gpu_ms, k in rounds:
+            gpu_each = gpu_ms / len(emitted)
+            for i, token in enumerate(emitted):
+                ids.append(token)
+                shares.append(gpu_each + unbilled)
+                unbilled = 0.0
+                sources.append(Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER)
+                drafted.append(1.0 if i < n_matches else float(k - n_matches))
+        room = min(len(ids), req.max_tokens - stats.completion_tokens)
+        eos = self._eos_token_id
+        cut = ids.index(eos, 0, room) if eos is not None and eos in ids[:room] else room
+        text = self._tracker.push_run(ids[:cut])
+        if text is None:
+            for emitted, n_matches, gpu_ms, k in rounds:
+                yield from self._emit(emitted, n_matches, gpu_ms, k)
+                if stats.finish_reason is not None:
+                    return
+            return
+        self._unbilled_gpu_ms = 0.0
+        stats.completion_tokens += cut
+        stats.provenance.extend(sources[:cut])
+        if cut < room:  # EOS ends the text: its own event, as ``_emit`` yields it
+            yield _drafted_run(ids, text, shares, sources, drafted, cut)
+            stats.completion_tokens += 1
+            stats.provenance.append(sources[cut])
+            stats.finish_reason = FinishReason.STOP
+            yield TokenEvent(ids[cut], self._tracker.finish(), sources[cut], shares[cut], drafted[cut])
+            return
+        if stats.completion_tokens >= req.max_tokens:
+            stats.finish_reason = FinishReason.LENGTH
+            text += self._tracker.finish()
+        yield _drafted_run(ids, text, shares, sources, drafted, cut)
+
     def _emit_run(self, emitted: tuple[int, ...], gpu_ms: float) -> Generator[TokenEvent | TokenRun, None, None]:
         """A plain run's tokens for a consumer that takes the answer whole: one :class:`TokenRun` (then EOS's event).
 
@@ -365,3 +416,18 @@ class TokenStream:
             stats.finish_reason = FinishReason.LENGTH
             text += self._tracker.finish()
         yield TokenRun(run, text, first_gpu_ms, gpu_each)
+
+
+def _drafted_run(
+    ids: list[int], text: str, shares: list[float], sources: list[Provenance], drafted: list[float], n: int
+) -> TokenRun:
+    """The first ``n`` tokens of drafting rounds as one run, each with its own share, provenance and drafted count."""
+    return TokenRun(
+        tuple(ids[:n]),
+        text,
+        shares[0],
+        0.0,  # (each token's share is its own: ``shares``)
+        shares=tuple(shares[:n]),
+        provenance=tuple(sources[:n]),
+        drafted=tuple(drafted[:n]),
+    )

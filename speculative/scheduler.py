@@ -332,10 +332,10 @@ class VerifyScheduler:
             runs.answer(end, join=False)
         self._draft_round()
 
-    def _run_ends(self) -> Callable[[], bool]:
-        """A lone session's drafting run stops once a session waits to join or after ``PLAIN_RUN_MS``, even for a
-        whole answer (``PlainRun.whole`` lengthens plain runs only): the governor hears of its rounds at its end."""
-        deadline = time.perf_counter() + PLAIN_RUN_MS / 1e3
+    def _run_ends(self, whole: bool) -> Callable[[], bool]:
+        """A lone session's drafting run stops once a session waits to join or after ``PLAIN_RUN_MS`` (``WHOLE_RUN_MS``
+        for a ``whole`` answer, as a plain run): the governor hears of its rounds at its end."""
+        deadline = time.perf_counter() + (WHOLE_RUN_MS if whole else PLAIN_RUN_MS) / 1e3
         return lambda: not self._queue.empty() or time.perf_counter() > deadline
 
     def _run_spec(self, item: Round) -> None:
@@ -349,7 +349,7 @@ class VerifyScheduler:
                 run.max_tokens,
                 run.draft,
                 run.k,
-                stop=self._run_ends(),
+                stop=self._run_ends(run.whole),
             )
         except Exception as exc:  # noqa: BLE001 - the session hears of it
             self._continue(answer, error=exc)

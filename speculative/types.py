@@ -158,34 +158,49 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class TokenRun:
-    """A plain run's tokens emitted at once, to a consumer that takes the answer whole (``Completion.drive(whole=True)``).
+    """A run's tokens emitted at once, to a consumer that takes the answer whole (``Completion.drive(whole=True)``).
 
-    Each token is the verifier's (``Provenance.VERIFIER``, nothing drafted); the run's text,
-    decoded once, comes with its last token and the others carry none, as a token whose text
-    is held back for a stop string does. ``gpu_ms`` is each token's share as
+    A plain run's tokens are each the verifier's (``Provenance.VERIFIER``, nothing drafted);
+    the run's text, decoded once, comes with its last token and the others carry none, as a
+    token whose text is held back for a stop string does. ``gpu_ms`` is each token's share as
     :class:`TokenEvent` carries it: ``first_gpu_ms`` for the first (where a prefill or an
     earlier round's time not yet billed goes), ``gpu_ms`` for every other, so the consumer
     counts them one by one and charges exactly what the same tokens as events would.
     Measured on the demo pair (one session, 64 tokens): 64 events cost the scheduler's thread
     0.55 ms after the last decode, before the answer could go out.
+
+    A lone session's drafting rounds (``SpecResult``) make a run whose tokens differ: each
+    token's ``shares``, ``provenance`` and ``drafted`` then come with it, as its event's would.
     """
 
     token_ids: tuple[int, ...]
     text: str
     first_gpu_ms: float
     gpu_ms: float
+    shares: tuple[float, ...] | None = None  # each token's share of verifier time (None: as above)
+    provenance: tuple[Provenance, ...] | None = None  # each token's (None: the verifier's)
+    drafted: tuple[float, ...] | None = None  # each token's ``TokenEvent.drafted`` (None: 0 each)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError("a token run holds at least one token")
+        n = len(self.token_ids)
+        if any(each is not None and len(each) != n for each in (self.shares, self.provenance, self.drafted)):
+            raise ValueError("a token run's per-token figures must be one a token")
 
     def texts(self) -> list[str]:
         """Each token's text: the run's on the last, none on the others."""
         return [""] * (len(self.token_ids) - 1) + [self.text]
 
-    def gpu_shares(self) -> list[float]:
+    def gpu_shares(self) -> list[float] | tuple[float, ...]:
         """Each token's share of verifier time, in order."""
+        if self.shares is not None:
+            return self.shares
         return [self.first_gpu_ms] + [self.gpu_ms] * (len(self.token_ids) - 1)
+
+    def provenances(self) -> tuple[Provenance, ...]:
+        """Each token's provenance, in order."""
+        return self.provenance or (Provenance.VERIFIER,) * len(self.token_ids)
 
 
 class FinishReason(enum.StrEnum):

@@ -123,6 +123,26 @@ async def test_a_run_counts_in_a_tally_as_its_events_would_to_the_last_bit():
         TokenRun((), "", 0.0, 0.0)
 
 
+async def test_a_drafting_run_counts_in_a_tally_as_its_events_would():
+    drafted_, verifier = Provenance.DRAFTED, Provenance.VERIFIER
+    # rounds: two accepted of three drafted and the verifier's token; none of two drafted; one of one and a bonus
+    provenance = (drafted_, drafted_, verifier, verifier, drafted_, verifier)
+    drafted = (1.0, 1.0, 1.0, 2.0, 1.0, 0.0)
+    shares = (0.9 + 1 / 3, 1 / 3, 1 / 3, 0.7, 0.55, 0.55)
+    run = TokenRun((5, 6, 7, 8, 9, 10), "sixes!", shares[0], 0.0, shares=shares, provenance=provenance, drafted=drafted)
+    events = [
+        TokenEvent(t, x, p, g, d)
+        for t, x, p, g, d in zip(run.token_ids, run.texts(), provenance, shares, drafted, strict=True)
+    ]
+    one_by_one, together = Tally(), Tally()
+    for event in events:
+        one_by_one.count(event)
+    together.count_run(run)
+    together.started = one_by_one.started
+    assert together == one_by_one
+    assert (together.accepted, together.rejections, together.drafted) == (3, 2, 6.0)
+
+
 async def test_a_lazy_handoff_counts_a_runs_tokens_towards_its_batch():
     queue: asyncio.Queue = asyncio.Queue()
     wakes: list[object] = []

@@ -770,6 +770,41 @@ def test_a_lone_drafting_session_runs_its_rounds_in_one_call_with_its_output_pla
     assert stats.completion_tokens == n and sum(stats.draft_lengths) == stats.proposed
 
 
+def test_a_whole_answer_of_a_lone_drafting_session_is_one_run_of_rounds_first_round_included(
+    demo_pair_llama, monkeypatch
+):
+    verifier, draft, tokenizer = demo_pair_llama
+    prompt, n = "Class-based views provide", 40
+    expected = _plain_rounds(verifier, tokenizer, prompt, n)
+    runs: list[list] = []  # each speculate_greedy call's rounds
+    real = verifier.speculate_greedy
+
+    def counted(*args, **kwargs):
+        rounds = real(*args, **kwargs)
+        runs.append(rounds)
+        return rounds
+
+    monkeypatch.setattr(verifier, "speculate_greedy", counted)
+    monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 0.0)  # a whole answer's run ends at WHOLE_RUN_MS
+    monkeypatch.setattr("speculative.scheduler.WHOLE_RUN_MS", 60_000.0)
+    engine = SpeculativeEngine(verifier, tokenizer, draft)
+    monkeypatch.setattr(engine.scheduler.governor, "_choose", lambda bucket: 2)
+    monkeypatch.setattr(engine.scheduler.governor, "cap", 2)
+    try:
+        items: list = []
+        assert _driven_whole(engine, prompt, n, items=items) == expected
+    finally:
+        engine.close()
+    # no first round alone: every round in one call, handed over as one item with each token's provenance
+    assert len(runs) == 1 and [type(item) for item in items] == [TokenRun]
+    (run,) = items
+    rounds = runs[0]
+    assert run.text == tokenizer.decode(expected, skip_special_tokens=True)
+    provenance = [p for r in rounds for p in [Provenance.DRAFTED] * r.verdict.n_matches + [Provenance.VERIFIER]]
+    assert list(run.provenances()) == provenance[:n] and Provenance.DRAFTED in provenance
+    assert sum(run.drafted) == sum(len(r.proposal.tokens) for r in rounds)
+
+
 def test_under_a_governor_cap_a_lone_session_drafts_it_in_runs_and_beside_another_it_decodes_plainly(
     demo_pair_llama, monkeypatch
 ):

@@ -84,3 +84,63 @@ def test_a_run_that_ends_inside_a_character_or_needs_stop_strings_or_logprobs_go
     assert [len(item.token_ids) for item in items] == [2] and stream.stats.finish_reason is FinishReason.LENGTH
     with pytest.raises(SpeculativeError, match="logprobs were requested"):  # never a run that silently lacks them
         _fed(tokenizer, [hello], whole=True, eos=None, max_tokens=64, logprobs=0)
+
+
+def _drafted_rounds(rng: random.Random, vocab: int, eos: int, n: int) -> list[tuple[tuple[int, ...], int, float, int]]:
+    """``n`` random drafting rounds (emitted, accepted, gpu ms, drafted); EOS, if any, in the last."""
+    rounds = []
+    for i in range(n):
+        k = rng.randrange(0, 5)
+        n_matches = rng.randrange(0, k + 1)
+        emitted = tuple(rng.randrange(vocab) for _ in range(n_matches + 1))
+        if i == n - 1 and rng.random() < 0.3:
+            cut = rng.randrange(len(emitted))
+            emitted = (*emitted[:cut], eos, *emitted[cut + 1 :])
+        rounds.append((emitted, n_matches, rng.uniform(0.2, 2.0), k))
+    return rounds
+
+
+def _as_drafted_events(items) -> list[tuple[int, str, float, float, str]]:
+    """Each token's (id, text, gpu share, drafted, provenance), a run's spelled out."""
+    out = []
+    for item in items:
+        if isinstance(item, TokenRun):
+            parts = zip(item.token_ids, item.texts(), item.gpu_shares(), item.drafted, item.provenances(), strict=True)
+            out += [(t, x, g, d, p.value) for t, x, g, d, p in parts]
+        else:
+            out.append((item.token_id, item.text, item.gpu_ms, item.drafted, item.provenance.value))
+    return out
+
+
+def test_drafting_rounds_as_one_run_emit_what_their_rounds_one_by_one_would(tokenizer):
+    rng = random.Random(11)
+    eos = tokenizer.eos_token_id
+    kinds = set()
+    for _ in range(300):
+        rounds = _drafted_rounds(rng, len(tokenizer), eos, rng.randrange(1, 12))
+        max_tokens = rng.randrange(1, 40)
+        streams = []
+        for whole in (False, True):
+            stream = Stream(tokenizer, eos, CompletionRequest(prompt_ids=(1, 2), max_tokens=max_tokens))
+            stream._unbilled_gpu_ms = 0.9
+            items: list = []
+            if whole:
+                items += stream._emit_drafted_run(rounds)
+            else:
+                for emitted, n_matches, gpu_ms, k in rounds:
+                    items += stream._emit(emitted, n_matches, gpu_ms, k)
+                    if stream.stats.finish_reason is not None:
+                        break
+            streams.append((stream, items))
+        (one, by_one), (run, together) = streams
+        kinds |= {type(item) for item in together}
+        spelled, events = _as_drafted_events(together), _as_drafted_events(by_one)
+        assert [(t, g, d, p) for t, _, g, d, p in spelled] == [(t, g, d, p) for t, _, g, d, p in events]
+        assert "".join(x for _, x, *_ in spelled) == "".join(x for _, x, *_ in events) == one.text == run.text
+        assert run.stats == one.stats and run.token_ids == one.token_ids
+    assert kinds == {TokenRun, TokenEvent}
+
+
+def test_a_token_run_refuses_per_token_figures_of_another_length():
+    with pytest.raises(ValueError, match="one a token"):
+        TokenRun((1, 2), "ab", 0.1, 0.0, shares=(0.1,))
