@@ -19,7 +19,9 @@ from speculative.controller import (
 from speculative.governor import (
     EPOCH_BATCHES,
     EPOCH_MIN_BATCHES,
+    EPOCH_MIN_S,
     GOVERNOR_CAPS,
+    LONE_EPOCH_MIN_S,
     LONE_ROUNDS_MIN,
     LONE_ROUNDS_TTL_S,
     SpeculationGovernor,
@@ -313,6 +315,25 @@ def test_a_lone_sessions_epoch_spans_its_requests_not_the_idle_time_between_them
     _batches(governor, [1] * 5, now=now)  # the third request's fourth counted batch is the epoch's twelfth
     assert governor.rates == {(1, first): pytest.approx(40 / 0.05)}  # 12 batches over 0.6 s, not over 10.6
     assert governor.cap != first  # the next untried cap's turn
+
+
+@pytest.mark.parametrize("active", [1, 4])
+def test_a_lone_sessions_epoch_lasts_long_enough_to_span_several_prompts(active):
+    """How well the draft agrees moves with the prompt: a lone session's epoch of a few requests was one prompt mix."""
+    governor = SpeculationGovernor()
+    first, step = governor.cap, EPOCH_MIN_S / (EPOCH_BATCHES - 1)  # EPOCH_BATCHES batches: past EPOCH_MIN_S
+    now = 0.0
+    for _ in range(EPOCH_BATCHES + 1):  # the first opens the epoch
+        now += step
+        governor.on_batch(emitted=4, active=active, now=now)
+    if active > 1:
+        assert (active, first) in governor.rates  # scored at EPOCH_MIN_S
+        return
+    assert governor.rates == {} and LONE_EPOCH_MIN_S > EPOCH_MIN_S
+    while now < LONE_EPOCH_MIN_S + step:
+        now += step
+        governor.on_batch(emitted=4, active=1, now=now)
+    assert governor.rates == {(1, first): pytest.approx(4 / step)}
 
 
 def test_a_lone_sessions_paused_epoch_is_scored_if_long_enough_when_a_burst_comes_instead():
