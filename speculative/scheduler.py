@@ -471,15 +471,17 @@ class _LockstepRuns:
             return [], False
         # the step's end, taken before its ended runs are answered: a lone session's end waits there for its reply
         # (``hand_over``), which the governor must not count as decoding time
-        now = time.perf_counter()
+        # and the sessions the step ran at: an ended session that is answered leaves (a lone one's whole run, told
+        # as 0 sessions, was no batch at one session: the governor never scored plain decoding there)
+        now, active = time.perf_counter(), sched._active
         if n != self._size:
-            self.flush(now)  # a point of the cost line is one batch size
+            self.flush(now, active)  # a point of the cost line is one batch size
         self._steps += 1
         self._size = n
         self._ms += step_ms
         joining = [run for run in map(self.answer, ends) if run is not None]
         if ends:
-            self.flush(now)
+            self.flush(now, active)
         stop = False
         if not sched._queue.empty():
             rounds, stop = sched._arrivals()
@@ -508,8 +510,9 @@ class _LockstepRuns:
         self.scheduler._follow(following, answer)
         return None
 
-    def flush(self, now: float | None = None) -> None:
-        """Tell the cost line and the governor of the steps since they last heard (``now``: when the last ended)."""
+    def flush(self, now: float | None = None, active: int | None = None) -> None:
+        """Tell the cost line and the governor of the steps since they last heard (``now``: when the last ended;
+        ``active``: the sessions running then)."""
         if not self._steps:
             return
         sched = self.scheduler
@@ -517,6 +520,7 @@ class _LockstepRuns:
         sched.rounds += self._steps * self._size
         sched.cost.record(self._size, self._ms / self._steps)
         now = time.perf_counter() if now is None else now
-        sched.governor.on_batch(emitted=self._steps * self._size, active=sched._active, now=now, batches=self._steps)
+        active = sched._active if active is None else active
+        sched.governor.on_batch(emitted=self._steps * self._size, active=active, now=now, batches=self._steps)
         self._steps = 0
         self._ms = 0.0

@@ -88,12 +88,12 @@ def test_under_a_governor_cap_every_session_that_drafts_drafts_the_cap_and_a_lon
     def picks() -> list[int]:
         return [completion._next_k(DraftLengthController(fixed_k=k), 16) for k in (0, 1, 6)]
 
-    monkeypatch.setattr(spec.scheduler.governor, "cap", 3)
+    monkeypatch.setattr(spec.scheduler.governor, "cap_for", lambda active: 3)
     assert picks() == [0, 3, 3]  # a session whose controller will not draft still does not, beside others
     monkeypatch.setattr(spec.scheduler, "load", lambda: 1)
     assert picks() == [3, 3, 3]  # alone, it drafts the cap: the arm the governor measures is its run of rounds
     monkeypatch.setattr(spec.scheduler, "load", lambda: 2)
-    monkeypatch.setattr(spec.scheduler.governor, "cap", MAX_DRAFT_TOKENS)
+    monkeypatch.setattr(spec.scheduler.governor, "cap_for", lambda active: MAX_DRAFT_TOKENS)
     assert picks() == [0, 1, 6]  # uncapped: each session's own choice
     completion.close()
 
@@ -102,7 +102,7 @@ def test_under_a_cap_of_zero_the_controller_is_not_asked_and_backs_off_no_probe(
     spec, _ = engines
     completion = spec.stream("The Django ORM", max_tokens=64)  # not started: no session is open
     controller = DraftLengthController(t_draft=0.2, verify_by_k={0: 1.0}, accepted=0.0, tried=10.0)
-    monkeypatch.setattr(spec.scheduler.governor, "cap", 0)
+    monkeypatch.setattr(spec.scheduler.governor, "cap_for", lambda active: 0)
     assert [completion._next_k(controller, 16) for _ in range(4 * PROBE_EVERY)] == [0] * (4 * PROBE_EVERY)
     assert controller._probe_every == PROBE_EVERY  # its probes were never cancelled: none counted as failed
     pinned = spec.stream("The Django ORM", max_tokens=64, k=3)
@@ -650,6 +650,27 @@ def test_a_whole_answer_decodes_in_one_run_without_its_first_token_alone(demo_pa
         assert _driven_whole(engine, prompt, 40, cancel_at=3) == expected[:3]
     finally:
         engine.close()
+
+
+def test_a_lone_whole_answers_plain_run_counts_for_the_governor_at_one_session(demo_pair_llama, monkeypatch):
+    verifier, _, tokenizer = demo_pair_llama
+    monkeypatch.setattr("speculative.scheduler.WHOLE_RUN_MS", 60_000.0)
+    engine = SpeculativeEngine(verifier, tokenizer, None)
+    heard: list[tuple[int, int]] = []  # (active, emitted) of each on_batch
+    real = engine.scheduler.governor.on_batch
+
+    def on_batch(**kwargs):
+        heard.append((kwargs["active"], kwargs["emitted"]))
+        real(**kwargs)
+
+    monkeypatch.setattr(engine.scheduler.governor, "on_batch", on_batch)
+    try:
+        assert len(_driven_whole(engine, "To run the tests, use", 30)) == 30
+    finally:
+        engine.close()
+    # its one run's steps ran at one session: told as 0 (the session had left once answered), the governor
+    # took them for a load change and never scored plain decoding at one session
+    assert heard and all(active == 1 for active, _ in heard) and sum(n for _, n in heard) == 30
 
 
 def _consume_together(completions) -> None:
