@@ -298,7 +298,7 @@ class Completion(TokenStream):
 
     def _next_k(self, controller: DraftLengthController, batch_size: int) -> int:
         scheduler, req = self._engine.scheduler, self.request
-        cap = scheduler.governor.cap if req.k is None else MAX_DRAFT_TOKENS
+        cap = scheduler.governor.cap_for(scheduler.load()) if req.k is None else MAX_DRAFT_TOKENS
         if cap == 0:
             # plain decoding for everyone: the controller is not asked (at 16 sessions its estimate was 3% of
             # the scheduler's thread), nor does it count a probe the cap would cancel as one that failed

@@ -28,6 +28,8 @@ EPOCH_MIN_S = 0.1
 # tokens) one epoch of a cap of 4 on easy prompts outscored a cap of 1 for many epochs: in process, 400 requests
 # cycling 16 prompts, the governor kept a cap of 4 for 300 of them in one run and a cap of 1 for 285 in another
 # (pinned: 31.7-32.8 ms a request against 30.7-31.5); at 0.5 s a cap of 1 for 299 and 305 in two runs.
+# A cap's first epoch there is ``EPOCH_MIN_S`` still: five caps of 0.5 s each held a lone session on losing caps
+# for 2.5 s before any was kept (``bench_peer`` visits one session for 0.3 s at a time: five of its six visits).
 LONE_EPOCH_MIN_S = 0.5
 # An epoch cut short by a session ending is still scored when it saw this many batches: a
 # good draft finishes a completion in few rounds, and sessions that start together end
@@ -102,6 +104,20 @@ class SpeculationGovernor:
         self._lone_rounds_at = 0.0  # when the latest was measured (``on_batch``'s clock)
         self._lone_judged: float | None = None  # the ``_lone_rounds_at`` of rounds judged hopeless: held for them
 
+    def cap_for(self, active: int) -> int:
+        """The cap for a session choosing its draft length at ``active`` sessions (``load()``, those opening counted).
+
+        ``cap`` is the current epoch's (or a paused lone epoch's), and what sessions leaving to a lower load
+        keep. A session opening where no epoch runs, or at a higher load, takes the cap the next epoch there
+        will take (``_choose``, as ``on_batch`` does at that epoch's first batch): a whole answer's first
+        round is its only one, and a lone session's first after each burst had run its answer under the
+        burst's cap of 0, plainly (served, demo pair: 42-45 ms against 33-36 drafting).
+        """
+        bucket = load_bucket(active)
+        if (self._paused is not None and bucket == 1) or (self._start is not None and bucket <= self._bucket):
+            return self.cap
+        return self._choose(bucket)
+
     def on_lone_round(self, k: int, ms: float, now: float) -> None:
         """A lone session's steady drafting round (``k`` drafted, its draft and verify ``ms``), for ``_lone_hopeless``."""
         self._lone_rounds.append((k, ms))
@@ -134,10 +150,14 @@ class SpeculationGovernor:
         self._tokens += emitted
         self._batches += batches
         self._last = now
-        if self._batches >= EPOCH_BATCHES and now - self._start >= (LONE_EPOCH_MIN_S if bucket == 1 else EPOCH_MIN_S):
+        if self._batches >= EPOCH_BATCHES and now - self._start >= self._epoch_min_s(bucket):
             self._score(now)
             self._start, self._tokens, self._batches = now, 0, 0
             self.cap = self._choose(bucket)
+
+    def _epoch_min_s(self, bucket: int) -> float:
+        """An epoch's least length: ``LONE_EPOCH_MIN_S`` for a lone session's cap once it has a first measure."""
+        return LONE_EPOCH_MIN_S if bucket == 1 and (bucket, self.cap) in self.rates else EPOCH_MIN_S
 
     def on_idle(self) -> None:
         """Every session ended: the epoch so far is scored if long enough, and the next batch starts afresh.
@@ -243,6 +263,8 @@ class SpeculationGovernor:
         assert self._cost is not None
         if self._last - self._lone_rounds_at > LONE_ROUNDS_TTL_S:
             self._lone_rounds.clear()
+        if self._drafting_measured_faster(1):
+            return False
         if self._lone_rounds and self._lone_judged == self._lone_rounds_at:
             return True
         lone = self._cost.lone_typical_ms()
@@ -253,6 +275,20 @@ class SpeculationGovernor:
             return False
         self._lone_judged = self._lone_rounds_at
         return True
+
+    def _drafting_measured_faster(self, bucket: int) -> bool:
+        """Whether a drafting cap's measured rate at ``bucket`` beats plain decoding's by ``HOPELESS_GAIN``.
+
+        What the arms made, measured, overrules a model's verdict that no draft can pay. The lone rounds
+        that price that verdict ran where the host was cold for them (a lone session's first requests after
+        a burst of 16, or after another server on the same cores): the demo pair's one-token rounds were
+        judged hopeless there and the verdict held for ``LONE_ROUNDS_TTL_S``, so the lone sessions decoded
+        plainly at 34-36 ms a request where their drafting rounds had measured 28-31 (served, 2026-12-05).
+        """
+        plain = self.rates.get((bucket, 0))
+        if plain is None:
+            return False
+        return any(rate >= HOPELESS_GAIN * plain for (b, cap), rate in self.rates.items() if b == bucket and cap > 0)
 
     def _score(self, now: float) -> None:
         """Fold the epoch so far (``self.cap`` at ``self._bucket``) into the measured rates."""

@@ -329,11 +329,16 @@ def test_a_lone_sessions_epoch_lasts_long_enough_to_span_several_prompts(active)
     if active > 1:
         assert (active, first) in governor.rates  # scored at EPOCH_MIN_S
         return
-    assert governor.rates == {} and LONE_EPOCH_MIN_S > EPOCH_MIN_S
-    while now < LONE_EPOCH_MIN_S + step:
+    assert governor.rates == {(1, first): pytest.approx(4 / step)}  # a cap's first epoch: EPOCH_MIN_S
+    governor.cap = first  # (its next epoch under the same cap, measured before)
+    for _ in range(EPOCH_BATCHES):
         now += step
-        governor.on_batch(emitted=4, active=1, now=now)
-    assert governor.rates == {(1, first): pytest.approx(4 / step)}
+        governor.on_batch(emitted=8, active=1, now=now)
+    assert governor.rates == {(1, first): pytest.approx(4 / step)} and LONE_EPOCH_MIN_S > EPOCH_MIN_S
+    while now < 2 * EPOCH_MIN_S + LONE_EPOCH_MIN_S:
+        now += step
+        governor.on_batch(emitted=8, active=1, now=now)
+    assert governor.rates[(1, first)] > 4 / step  # scored past LONE_EPOCH_MIN_S
 
 
 def test_a_lone_sessions_paused_epoch_is_scored_if_long_enough_when_a_burst_comes_instead():
@@ -517,3 +522,38 @@ def test_a_lone_sessions_hopeless_verdict_holds_for_its_rounds_while_the_step_it
     for _ in range(LONE_ROUNDS_MIN):
         smol.on_lone_round(1, 15.5, now=smol._last)
     assert not smol._hopeless(1)  # priced on the 9.1 ms step now
+
+
+def test_a_lone_sessions_measured_drafting_rates_overrule_a_hopeless_verdict():
+    """Rounds measured cold (after a burst, or another server on the cores) judged drafting hopeless for good."""
+    governor = SpeculationGovernor(_costs(0.5))
+    for k in (1, 2, 4) * 3:
+        governor.on_lone_round(k, 0.5 + 0.57 * k, now=0.0)
+    assert governor._hopeless(1)
+    governor.rates = {(1, 0): 1500.0, (1, 1): 1500.0 * 1.04}  # within noise of plain decoding: the verdict holds
+    assert governor._hopeless(1)
+    governor.rates[(1, 1)] = 1500.0 * 1.2  # what a cap of 1 made, measured
+    assert not governor._hopeless(1) and governor._arms(1) == GOVERNOR_CAPS
+    governor.rates[(16, 2)] = 9000.0  # another load's rates say nothing of a lone session
+    governor.rates[(1, 1)] = 1500.0
+    assert governor._hopeless(1)
+
+
+def test_a_session_opening_takes_the_cap_its_load_will_take():
+    """A whole answer's first round is its only one: the cap left by another load ran it (a burst's 0, alone)."""
+    governor = SpeculationGovernor()
+    governor.rates = {(16, cap): 1000.0 + (500 if cap == 0 else 0) for cap in GOVERNOR_CAPS}
+    governor.rates |= {(1, cap): 1000.0 + (500 if cap == 1 else 0) for cap in GOVERNOR_CAPS}
+    governor._epochs = 1  # as if measured; not an exploring turn
+    now = _batches(governor, [16] * 3)
+    assert governor.cap == 0 and governor.cap_for(16) == 0
+    assert governor.cap_for(8) == 0  # sessions leaving keep the burst's cap
+    governor.on_idle()
+    assert governor.cap == 0 and governor.cap_for(1) == 1  # alone after the burst: the lone level's best
+    assert governor.cap_for(16) == 0
+    now = _batches(governor, [1] * (EPOCH_MIN_BATCHES + 1), now=now + 1.0)
+    assert governor.cap == 1
+    governor.cap = 4  # (an exploring epoch's cap) paused between two lone requests: the next goes on under it
+    governor.on_idle()
+    assert governor.cap_for(1) == 4
+    assert governor.cap_for(16) == 0  # a burst instead: its own level's
