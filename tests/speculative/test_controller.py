@@ -351,13 +351,18 @@ def test_a_lone_sessions_paused_epoch_is_scored_if_long_enough_when_a_burst_come
     assert governor.rates == {(1, first): pytest.approx(40 / 0.05)}
 
 
-def test_a_lone_session_after_a_burst_takes_its_own_levels_cap():
-    """A burst at 16 left cap 0 on, and the lone sessions that came after it ran plain."""
+def _after_a_burst(lone_best: int) -> tuple[SpeculationGovernor, float]:
+    """A governor that measured 16 sessions (cap 0 best) and one (``lone_best`` best), three batches into a burst."""
     governor = SpeculationGovernor()
     governor.rates = {(16, cap): 1000.0 + (500 if cap == 0 else 0) for cap in GOVERNOR_CAPS}
-    governor.rates |= {(1, cap): 1000.0 + (500 if cap == 4 else 0) for cap in GOVERNOR_CAPS}
+    governor.rates |= {(1, cap): 1000.0 + (500 if cap == lone_best else 0) for cap in GOVERNOR_CAPS}
     governor._epochs = 1  # as if measured; not an exploring turn
-    now = _batches(governor, [16] * 3)
+    return governor, _batches(governor, [16] * 3)
+
+
+def test_a_lone_session_after_a_burst_takes_its_own_levels_cap():
+    """A burst at 16 left cap 0 on, and the lone sessions that came after it ran plain."""
+    governor, now = _after_a_burst(lone_best=4)
     assert governor.cap == 0
     now = _batches(governor, [1], now=now)  # the burst's tail: one session left, its level measured
     assert governor.cap == 4
@@ -541,11 +546,7 @@ def test_a_lone_sessions_measured_drafting_rates_overrule_a_hopeless_verdict():
 
 def test_a_session_opening_takes_the_cap_its_load_will_take():
     """A whole answer's first round is its only one: the cap left by another load ran it (a burst's 0, alone)."""
-    governor = SpeculationGovernor()
-    governor.rates = {(16, cap): 1000.0 + (500 if cap == 0 else 0) for cap in GOVERNOR_CAPS}
-    governor.rates |= {(1, cap): 1000.0 + (500 if cap == 1 else 0) for cap in GOVERNOR_CAPS}
-    governor._epochs = 1  # as if measured; not an exploring turn
-    now = _batches(governor, [16] * 3)
+    governor, now = _after_a_burst(lone_best=1)
     assert governor.cap == 0 and governor.cap_for(16) == 0
     assert governor.cap_for(8) == 0  # sessions leaving keep the burst's cap
     governor.on_idle()

@@ -756,14 +756,9 @@ def test_a_plain_session_batched_with_a_drafting_one_takes_plain_rounds_and_both
     assert len(opened) == 1 and opened[0][: len(drafting.request.prompt_ids)] == list(drafting.request.prompt_ids)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_a_lone_drafting_session_runs_its_rounds_in_one_call_with_its_output_plain_and_each_round_counted(
-    demo_pair_llama, monkeypatch, k
-):
-    verifier, draft, tokenizer = demo_pair_llama
-    prompt, n = "Class-based views provide", 40
-    expected = _plain_rounds(verifier, tokenizer, prompt, n)
-    runs: list[list] = []  # each speculate_greedy call's rounds
+def _watch_spec_runs(verifier, monkeypatch) -> list[list]:
+    """Each ``speculate_greedy`` call's rounds, as the calls return."""
+    runs: list[list] = []
     real = verifier.speculate_greedy
 
     def counted(*args, **kwargs):
@@ -772,6 +767,17 @@ def test_a_lone_drafting_session_runs_its_rounds_in_one_call_with_its_output_pla
         return rounds
 
     monkeypatch.setattr(verifier, "speculate_greedy", counted)
+    return runs
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_lone_drafting_session_runs_its_rounds_in_one_call_with_its_output_plain_and_each_round_counted(
+    demo_pair_llama, monkeypatch, k
+):
+    verifier, draft, tokenizer = demo_pair_llama
+    prompt, n = "Class-based views provide", 40
+    expected = _plain_rounds(verifier, tokenizer, prompt, n)
+    runs = _watch_spec_runs(verifier, monkeypatch)
     monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 60_000.0)  # whole runs, however slow the runner
     engine = SpeculativeEngine(verifier, tokenizer, draft)
     try:
@@ -797,15 +803,7 @@ def test_a_whole_answer_of_a_lone_drafting_session_is_one_run_of_rounds_first_ro
     verifier, draft, tokenizer = demo_pair_llama
     prompt, n = "Class-based views provide", 40
     expected = _plain_rounds(verifier, tokenizer, prompt, n)
-    runs: list[list] = []  # each speculate_greedy call's rounds
-    real = verifier.speculate_greedy
-
-    def counted(*args, **kwargs):
-        rounds = real(*args, **kwargs)
-        runs.append(rounds)
-        return rounds
-
-    monkeypatch.setattr(verifier, "speculate_greedy", counted)
+    runs = _watch_spec_runs(verifier, monkeypatch)
     monkeypatch.setattr("speculative.scheduler.PLAIN_RUN_MS", 0.0)  # a whole answer's run ends at WHOLE_RUN_MS
     monkeypatch.setattr("speculative.scheduler.WHOLE_RUN_MS", 60_000.0)
     engine = SpeculativeEngine(verifier, tokenizer, draft)

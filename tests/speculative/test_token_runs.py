@@ -35,16 +35,17 @@ def _fed(tokenizer, runs, *, whole: bool, eos: int | None, **request) -> tuple[S
     return stream, items
 
 
-def _as_events(items) -> list[tuple[int, str, float, float]]:
-    """Each token's (id, text, gpu share, drafted), a run's spelled out."""
+def _as_events(items) -> list[tuple[int, str, float, float, str]]:
+    """Each token's (id, text, gpu share, drafted, provenance), a run's spelled out."""
     out = []
     for item in items:
         if isinstance(item, TokenRun):
-            parts = zip(item.token_ids, item.texts(), item.gpu_shares(), strict=True)
-            out += [(t, x, g, 0.0) for t, x, g in parts]
+            drafted = item.drafted or (0.0,) * len(item.token_ids)
+            parts = zip(item.token_ids, item.texts(), item.gpu_shares(), drafted, item.provenances(), strict=True)
+            out += [(t, x, g, d, p.value) for t, x, g, d, p in parts]
         else:
             assert isinstance(item, TokenEvent)
-            out.append((item.token_id, item.text, item.gpu_ms, item.drafted))
+            out.append((item.token_id, item.text, item.gpu_ms, item.drafted, item.provenance.value))
     return out
 
 
@@ -63,8 +64,8 @@ def test_runs_emit_what_their_tokens_one_by_one_would(tokenizer):
         kinds |= {type(item) for item in together}
         spelled, events = _as_events(together), _as_events(by_one)
         # texts may gather on a later token of the run; the tokens, their shares and the text are the same
-        assert [(t, g, d) for t, _, g, d in spelled] == [(t, g, d) for t, _, g, d in events]
-        assert "".join(x for _, x, _, _ in spelled) == "".join(x for _, x, _, _ in events) == one.text == run.text
+        assert [(t, g, d, p) for t, _, g, d, p in spelled] == [(t, g, d, p) for t, _, g, d, p in events]
+        assert "".join(x for _, x, *_ in spelled) == "".join(x for _, x, *_ in events) == one.text == run.text
         assert run.stats == one.stats and run.token_ids == one.token_ids
     assert kinds == {TokenRun, TokenEvent}  # both seen: runs, and EOS or a run ending inside a character
 
@@ -100,18 +101,6 @@ def _drafted_rounds(rng: random.Random, vocab: int, eos: int, n: int) -> list[tu
     return rounds
 
 
-def _as_drafted_events(items) -> list[tuple[int, str, float, float, str]]:
-    """Each token's (id, text, gpu share, drafted, provenance), a run's spelled out."""
-    out = []
-    for item in items:
-        if isinstance(item, TokenRun):
-            parts = zip(item.token_ids, item.texts(), item.gpu_shares(), item.drafted, item.provenances(), strict=True)
-            out += [(t, x, g, d, p.value) for t, x, g, d, p in parts]
-        else:
-            out.append((item.token_id, item.text, item.gpu_ms, item.drafted, item.provenance.value))
-    return out
-
-
 def test_drafting_rounds_as_one_run_emit_what_their_rounds_one_by_one_would(tokenizer):
     rng = random.Random(11)
     eos = tokenizer.eos_token_id
@@ -134,7 +123,7 @@ def test_drafting_rounds_as_one_run_emit_what_their_rounds_one_by_one_would(toke
             streams.append((stream, items))
         (one, by_one), (run, together) = streams
         kinds |= {type(item) for item in together}
-        spelled, events = _as_drafted_events(together), _as_drafted_events(by_one)
+        spelled, events = _as_events(together), _as_events(by_one)
         assert [(t, g, d, p) for t, _, g, d, p in spelled] == [(t, g, d, p) for t, _, g, d, p in events]
         assert "".join(x for _, x, *_ in spelled) == "".join(x for _, x, *_ in events) == one.text == run.text
         assert run.stats == one.stats and run.token_ids == one.token_ids
