@@ -31,7 +31,7 @@ from speculative.types import (
 )
 
 # a drafting round as a run of them is emitted: its tokens, how many were the draft's, its share of verifier time,
-# and how many it drafted (``TokenStream._emit_drafted_run``)
+# and how many it drafted (``TokenStream._emit_run``; a plain run is one round that drafted nothing)
 DraftedRound = tuple[tuple[int, ...], int, float, int]
 
 
@@ -315,11 +315,11 @@ class TokenStream:
                 f"for {len(emitted)} tokens"
             )
         gpu_each = gpu_ms / len(emitted)
+        sources, drafts = _round_accounts(len(emitted), n_matches, drafted)
         for i, token in enumerate(emitted):
-            source = provenance or (Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER)
+            source = provenance or sources[i]
             token_gpu_ms, self._unbilled_gpu_ms = gpu_each + self._unbilled_gpu_ms, 0.0
-            # an accepted draft token carries itself; the verifier's token the drafts it rejected
-            token_drafted = 1.0 if i < n_matches else float(drafted - n_matches)
+            token_drafted = drafts[i]
             stats.completion_tokens += 1
             stats.provenance.append(source)
             lp = logprobs[i] if logprobs is not None and req.logprobs is not None else None
@@ -339,43 +339,41 @@ class TokenStream:
             if stats.finish_reason is not None:
                 return
 
-    def _emit_drafted_run(self, rounds: Sequence[DraftedRound]) -> Generator[TokenEvent | TokenRun, None, None]:
-        """A lone session's drafting rounds for a consumer that takes the answer whole: one :class:`TokenRun` (then
-        EOS's event), each token's share, provenance and drafted count as ``_emit`` gives them round by round.
+    def _emit_run(self, rounds: Sequence[DraftedRound]) -> Generator[TokenEvent | TokenRun, None, None]:
+        """Rounds' tokens for a consumer that takes the answer whole: one :class:`TokenRun` (then EOS's event),
+        each token's text, share, provenance and drafted count as ``_emit`` yields them round by round.
 
-        For rounds already counted, of a request without stop strings or logprobs, where nothing ends the
-        completion before the last round (``speculate_greedy`` stops at the round that emits EOS or reaches
-        max_tokens); where the text could differ (a text ending inside a character) ``_emit``, round by round.
+        A plain run is one round that drafted nothing. A lone session's drafting rounds come counted, of a
+        request without stop strings, where nothing ends the completion before the last round
+        (``speculate_greedy`` stops at the round that emits EOS or reaches max_tokens). Where the text could
+        differ (logprobs, stop strings, a text ending inside a character): ``_emit``, round by round.
         """
         stats, req = self.stats, self.request
         ids: list[int] = []
         shares: list[float] = []
         sources: list[Provenance] = []
         drafted: list[float] = []
-        unbilled = self._unbilled_gpu_ms
         for emitted, n_matches, gpu_ms, k in rounds:
-            gpu_each = gpu_ms / len(emitted)
-            for i, token in enumerate(emitted):
-                ids.append(token)
-                shares.append(gpu_each + unbilled)
-                unbilled = 0.0
-                sources.append(Provenance.DRAFTED if i < n_matches else Provenance.VERIFIER)
-                drafted.append(1.0 if i < n_matches else float(k - n_matches))
+            ids += emitted
+            shares += [gpu_ms / len(emitted)] * len(emitted)  # as ``_emit`` shares a round's time
+            round_sources, round_drafted = _round_accounts(len(emitted), n_matches, k)
+            sources += round_sources
+            drafted += round_drafted
         room = min(len(ids), req.max_tokens - stats.completion_tokens)
         eos = self._eos_token_id
         cut = ids.index(eos, 0, room) if eos is not None and eos in ids[:room] else room
-        text = self._tracker.push_run(ids[:cut])
+        text = self._tracker.push_run(ids[:cut]) if req.logprobs is None else None
         if text is None:
             for emitted, n_matches, gpu_ms, k in rounds:
                 yield from self._emit(emitted, n_matches, gpu_ms, k)
                 if stats.finish_reason is not None:
                     return
             return
-        self._unbilled_gpu_ms = 0.0
+        shares[0], self._unbilled_gpu_ms = shares[0] + self._unbilled_gpu_ms, 0.0
         stats.completion_tokens += cut
         stats.provenance.extend(sources[:cut])
         if cut < room:  # EOS ends the text: its own event, as ``_emit`` yields it
-            yield _drafted_run(ids, text, shares, sources, drafted, cut)
+            yield _token_run(rounds, ids, text, shares, sources, drafted, cut)
             stats.completion_tokens += 1
             stats.provenance.append(sources[cut])
             stats.finish_reason = FinishReason.STOP
@@ -384,44 +382,33 @@ class TokenStream:
         if stats.completion_tokens >= req.max_tokens:
             stats.finish_reason = FinishReason.LENGTH
             text += self._tracker.finish()
-        yield _drafted_run(ids, text, shares, sources, drafted, cut)
-
-    def _emit_run(self, emitted: tuple[int, ...], gpu_ms: float) -> Generator[TokenEvent | TokenRun, None, None]:
-        """A plain run's tokens for a consumer that takes the answer whole: one :class:`TokenRun` (then EOS's event).
-
-        The same tokens, text, counts and shares as ``_emit`` yields one by one, which it falls
-        back to where they could differ (logprobs, stop strings, a text ending inside a character).
-        """
-        stats, req = self.stats, self.request
-        room = min(len(emitted), req.max_tokens - stats.completion_tokens)
-        eos = self._eos_token_id
-        cut = emitted.index(eos, 0, room) if eos is not None and eos in emitted[:room] else room
-        run = emitted[:cut]
-        text = self._tracker.push_run(run) if req.logprobs is None else None
-        if text is None:
-            yield from self._emit(emitted, 0, gpu_ms)
-            return
-        gpu_each = gpu_ms / len(emitted)  # as ``_emit`` shares a round's time: over every token it emitted
-        first_gpu_ms, self._unbilled_gpu_ms = gpu_each + self._unbilled_gpu_ms, 0.0
-        stats.completion_tokens += len(run)
-        stats.provenance.extend([Provenance.VERIFIER] * len(run))
-        if cut < room:  # EOS ends the text: its own event, as ``_emit`` yields it
-            yield TokenRun(run, text, first_gpu_ms, gpu_each)
-            stats.completion_tokens += 1
-            stats.provenance.append(Provenance.VERIFIER)
-            stats.finish_reason = FinishReason.STOP
-            yield TokenEvent(emitted[cut], self._tracker.finish(), Provenance.VERIFIER, gpu_each, 0.0)
-            return
-        if stats.completion_tokens >= req.max_tokens:
-            stats.finish_reason = FinishReason.LENGTH
-            text += self._tracker.finish()
-        yield TokenRun(run, text, first_gpu_ms, gpu_each)
+        yield _token_run(rounds, ids, text, shares, sources, drafted, cut)
 
 
-def _drafted_run(
-    ids: list[int], text: str, shares: list[float], sources: list[Provenance], drafted: list[float], n: int
+def _round_accounts(n: int, n_matches: int, drafted: int) -> tuple[list[Provenance], list[float]]:
+    """A round's ``n`` emitted tokens, ``n_matches`` of them accepted of ``drafted``: each one's provenance and the
+    drafts it accounts for (an accepted draft token carries itself; the verifier's token the drafts it rejected)."""
+    verifier = n - n_matches
+    return (
+        [Provenance.DRAFTED] * n_matches + [Provenance.VERIFIER] * verifier,
+        [1.0] * n_matches + [float(drafted - n_matches)] * verifier,
+    )
+
+
+def _token_run(
+    rounds: Sequence[DraftedRound],
+    ids: list[int],
+    text: str,
+    shares: list[float],
+    sources: list[Provenance],
+    drafted: list[float],
+    n: int,
 ) -> TokenRun:
-    """The first ``n`` tokens of drafting rounds as one run, each with its own share, provenance and drafted count."""
+    """The first ``n`` of the rounds' tokens as one run: a plain run's as its first share and the one of every
+    other token; drafting rounds' with each token's own share, provenance and drafted count."""
+    if len(rounds) == 1 and rounds[0][3] == 0:  # one round that drafted nothing: the verifier's tokens
+        emitted, _, gpu_ms, _ = rounds[0]
+        return TokenRun(tuple(ids[:n]), text, shares[0], gpu_ms / len(emitted))
     return TokenRun(
         tuple(ids[:n]),
         text,

@@ -257,7 +257,7 @@ class Completion(TokenStream):
     ) -> Generator[TokenEvent | TokenRun, None, None]:
         """A run of drafting rounds: each counted and emitted as the round it is (the draft has heard its verdict).
 
-        To a consumer that takes the answer whole, as one :class:`TokenRun` (``_emit_drafted_run``): 64 events
+        To a consumer that takes the answer whole, as one :class:`TokenRun` (``_emit_run``): 64 events
         of a lone session's drafting rounds took 0.4 ms of the scheduler's thread and the loop's after the last
         decode (demo pair, served). Not where a stop string may end the answer in a round before the last.
         """
@@ -282,7 +282,7 @@ class Completion(TokenStream):
             if self.stats.finish_reason is not None:
                 return
         if as_run:
-            yield from self._emit_drafted_run(as_run)
+            yield from self._emit_run(as_run)
 
     def _emit_plain(self, ran: PlainResult) -> Generator[TokenEvent | TokenRun, None, None]:
         """A plain run's tokens: each its own round of the verifier's; its share of the run's time is a session's."""
@@ -292,7 +292,7 @@ class Completion(TokenStream):
         stats.gpu_ms += ran.gpu_ms
         stats.draft_lengths.extend([0] * n)
         if self._whole:  # its consumer sends nothing before the end: the run's tokens as one item, text decoded once
-            yield from self._emit_run(tuple(ran.tokens), ran.gpu_ms)
+            yield from self._emit_run([(tuple(ran.tokens), 0, ran.gpu_ms, 0)])
         else:
             yield from self._emit(tuple(ran.tokens), 0, ran.gpu_ms)
 

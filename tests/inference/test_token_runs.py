@@ -34,7 +34,7 @@ class RunCompletion(TrivialCompletion):
                 ids = (*(ord(c) for c in TEXT), CharTokenizer.eos_token_id)  # EOS inside the last run
                 for start in range(0, len(ids), 16):  # runs of 16 tokens, as runs that ended at their deadline
                     run_ids = ids[start : start + 16]
-                    emit = self._emit_run(run_ids, RUN_MS) if whole else self._emit(run_ids, 0, RUN_MS)
+                    emit = self._emit_run([(run_ids, 0, RUN_MS, 0)]) if whole else self._emit(run_ids, 0, RUN_MS)
                     for item in emit:
                         sink(item)
                     if self.stats.finish_reason is not None:

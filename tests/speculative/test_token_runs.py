@@ -29,7 +29,7 @@ def _fed(tokenizer, runs, *, whole: bool, eos: int | None, **request) -> tuple[S
     stream._unbilled_gpu_ms = 0.9  # a prefill, billed to the first token
     items: list = []
     for run in runs:
-        items += stream._emit_run(run, 1.3) if whole else stream._emit(run, 0, 1.3)
+        items += stream._emit_run([(run, 0, 1.3, 0)]) if whole else stream._emit(run, 0, 1.3)
         if stream.stats.finish_reason is not None:
             break
     return stream, items
@@ -114,7 +114,7 @@ def test_drafting_rounds_as_one_run_emit_what_their_rounds_one_by_one_would(toke
             stream._unbilled_gpu_ms = 0.9
             items: list = []
             if whole:
-                items += stream._emit_drafted_run(rounds)
+                items += stream._emit_run(rounds)
             else:
                 for emitted, n_matches, gpu_ms, k in rounds:
                     items += stream._emit(emitted, n_matches, gpu_ms, k)
