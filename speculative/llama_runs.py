@@ -14,6 +14,7 @@ newcomer's one-step first run made the whole batch run one step.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from speculative.errors import ContextOverflowError, InvalidRequestError, SpeculativeError
 from speculative.llama_sequences import in_sequence_order
+from speculative.native_steps import CHUNK_TOKENS
 from speculative.types import Verdict
 from speculative.verifier import VerifyRequest
 
@@ -56,8 +58,9 @@ class RunEnd:
         return max(1, round(self.verify_ms / self.gpu_ms)) if self.gpu_ms > 0 else 1
 
 
-# after each step: the runs that ended at it, the sessions the step held, its ms -> (runs to join, stop)
-Between = Callable[[list[RunEnd], int, float], tuple[Sequence[GreedyRun], bool]]
+# after each step (or native steps, ``_step``): the runs that ended at its last, the sessions it held, its ms (all
+# of its steps'), its steps -> (runs to join, stop)
+Between = Callable[[list[RunEnd], int, float, int], tuple[Sequence[GreedyRun], bool]]
 
 
 @dataclass(eq=False)  # members are told apart by identity
@@ -88,7 +91,9 @@ def _joined(verifier: LlamaCppVerifier, run: GreedyRun, members: Sequence[_Membe
     return _Member(run, s, min(run.max_steps, room), (s.length, s.pending))
 
 
-def run_greedy(verifier: LlamaCppVerifier, runs: Sequence[GreedyRun], between: Between) -> tuple[list[RunEnd], float]:
+def run_greedy(
+    verifier: LlamaCppVerifier, runs: Sequence[GreedyRun], between: Between, interrupt: ctypes.c_int32 | None = None
+) -> tuple[list[RunEnd], float]:
     """Decode ``runs`` in lockstep, members joining and leaving between steps: (the last runs' ends, wall ms).
 
     ``runs`` are checked before any work (a bad one raises); a run added by ``between`` that is
@@ -97,6 +102,12 @@ def run_greedy(verifier: LlamaCppVerifier, runs: Sequence[GreedyRun], between: B
     tokens they have; it must add no run as it stops), and runs added that could not join once
     no member was left. A step that fails puts every member back where it joined and raises:
     runs already ended keep theirs.
+
+    With an ``interrupt`` (a flag another thread sets when ``between`` would have something to
+    do: a session waiting to join), steps in which no run ends run in C where the verifier has
+    the native loop (``speculative.native_steps``), and ``between`` hears of them together: the
+    steps up to the first in which a run ends, the deadline passes or the flag is set. The
+    caller clears the flag before it looks for what would set it.
     """
     started = time.perf_counter()
     with verifier._lock:
@@ -111,8 +122,8 @@ def run_greedy(verifier: LlamaCppVerifier, runs: Sequence[GreedyRun], between: B
             failed = _join(verifier, adding, members) if adding else None
             if not members:
                 return failed or [], (time.perf_counter() - started) * 1e3
-            n, step_ms, ended = _step(verifier, members)
-        adding, stop = between(failed + ended if failed else ended, n, step_ms)
+            n, step_ms, ended, steps = _step(verifier, members, interrupt)
+        adding, stop = between(failed + ended if failed else ended, n, step_ms, steps)
         if stop:
             if adding:
                 raise SpeculativeError("a run was added as the lot stopped")
@@ -132,8 +143,11 @@ def _join(verifier: LlamaCppVerifier, adding: Sequence[GreedyRun], members: list
     return failed
 
 
-def _step(verifier: LlamaCppVerifier, members: list[_Member]) -> tuple[int, float, list[RunEnd]]:
-    """One decode of every member's pending token (under the lock); the runs it ended leave ``members``.
+def _step(
+    verifier: LlamaCppVerifier, members: list[_Member], interrupt: ctypes.c_int32 | None = None
+) -> tuple[int, float, list[RunEnd], int]:
+    """One decode of every member's pending token (under the lock), or natively as many as run until one must
+    end: (sessions, ms of the steps, the runs that ended and left ``members``, steps).
 
     Lean: this runs between two decodes of every lone session's token, with the CPU's caches cold
     from the decode (demo pair, one session: 27 us of Python a step, about 5% of a 0.55 ms step).
@@ -151,12 +165,16 @@ def _step(verifier: LlamaCppVerifier, members: list[_Member]) -> tuple[int, floa
         s = m.session
         token[i], pos[i], n_seq_id[i], seq_id[i][0], logits[i] = s.pending, s.length, 1, s.seq, True
     b.n_tokens = n
+    steps = 1
     t0 = time.perf_counter()
     try:
-        rc = verifier._decode_batch()
-        if rc != 0:
-            raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
-        chosen = verifier._logits(n).argmax(-1).tolist()
+        if interrupt is not None and verifier._native is not None:
+            steps, chosen = _native_steps(verifier, lockstep, interrupt)
+        else:
+            rc = verifier._decode_batch()
+            if rc != 0:
+                raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
+            chosen = verifier._logits(n).argmax(-1).tolist()
     except BaseException:
         for m in members:  # as each was when it joined
             s = m.session
@@ -168,20 +186,46 @@ def _step(verifier: LlamaCppVerifier, members: list[_Member]) -> tuple[int, floa
     step_ms = (now - t0) * 1e3
     share, eos = step_ms / n, verifier.eos_token_id
     ended: list[_Member] = []
-    for m, token_id in zip(lockstep, chosen, strict=True):
+    for i, m in enumerate(lockstep):
         s, end = m.session, m.end
         s.tokens.append(s.pending)
+        if steps == 1:
+            token_id = chosen[i]
+            end.tokens.append(token_id)
+        else:  # the member's tokens of every step: the pending one of each step but the last went in
+            column = chosen[i::n]
+            s.tokens += column[:-1]
+            token_id = column[-1]
+            end.tokens += column
         s.pending = token_id
-        end.tokens.append(token_id)
         end.verify_ms += step_ms
         end.gpu_ms += share
         if token_id == eos or len(end.tokens) >= m.steps or now >= m.run.deadline:
             ended.append(m)
+    if steps > 1 and n > 1:
+        verifier._compaction.accrue([m.session.seq for m in members], steps - 1)  # the steps ``due`` did not see
     if not ended:
-        return n, step_ms, []
+        return n, step_ms, [], steps
     for m in ended:
         members.remove(m)
-    return n, step_ms, [_ended(m) for m in ended]
+    return n, step_ms, [_ended(m) for m in ended], steps
+
+
+def _native_steps(
+    verifier: LlamaCppVerifier, lockstep: list[_Member], interrupt: ctypes.c_int32
+) -> tuple[int, list[int]]:
+    """The batch's steps in C (``speculative.lockstep.c``) until a member's run must end or ``interrupt`` is set:
+    (steps, their tokens: step by step, each in batch order). A failed decode raises, as ``_decode_batch``'s."""
+    native, n = verifier._native, len(lockstep)
+    assert native is not None
+    most = min(min(m.steps - len(m.end.tokens) for m in lockstep), CHUNK_TOKENS // n)
+    steps = native.run(most, min(m.run.deadline for m in lockstep), interrupt)
+    verifier.decodes += steps + (native.rc.value != 0)
+    if steps and verifier._ids.pending:
+        verifier._ids.applied()  # the copies waiting for a decode are done
+    if native.rc.value != 0:
+        raise SpeculativeError(f"llama_decode failed with status {native.rc.value} (the KV cache may be full)")
+    return steps, native.tokens[: steps * n]
 
 
 def _seq_of(m: _Member) -> int:

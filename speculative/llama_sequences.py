@@ -53,8 +53,13 @@ class Compaction:
         if self.owed >= COPY_PASSES * movers:
             self.owed = 0
             return True
-        self.owed += steps * sum(1 for a, b in zip(ids, ids[1:], strict=False) if b != a + 1)  # a pass a gap
+        self.accrue(ids, steps)
         return False
+
+    def accrue(self, seqs: Iterable[int], steps: int) -> None:
+        """Count ``steps`` lockstep steps over ``seqs`` that ran without asking ``due`` (native steps run together)."""
+        ids = sorted(seqs)
+        self.owed += steps * sum(1 for a, b in zip(ids, ids[1:], strict=False) if b != a + 1)  # a pass a gap
 
 
 # A kept prefix this much longer than what an id beside the others keeps takes a session apart from them: a prefill

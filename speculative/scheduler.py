@@ -21,6 +21,7 @@ forward. A plain ``submit`` returns a future (the remote verifier's server, test
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import queue
@@ -85,6 +86,9 @@ class VerifyScheduler:
         self.window_s = window_ms / 1e3
         self.max_batch = max_batch
         self._queue: queue.Queue[Item | None] = queue.Queue()
+        # set after every put: ends the verifier's native plain steps (``run_greedy``) so that ``between`` sees the
+        # item; cleared by ``between`` before it looks at the queue
+        self._interrupt = ctypes.c_int32(0)
         # the worker's own thread only: driven sessions' next rounds, and this round's draft orders (run together)
         self._next: deque[Round] = deque()
         self._drafts: list[tuple[DraftOrder, DrivenSession]] = []
@@ -137,7 +141,7 @@ class VerifyScheduler:
         if self._closed:
             future.set_exception(SpeculativeError("the verify scheduler is closed"))
         else:
-            self._queue.put((request, future))
+            self._put((request, future))
         return future
 
     def start_driven(self, session: DrivenSession) -> None:
@@ -145,12 +149,16 @@ class VerifyScheduler:
         if self._closed:
             answer_step(session, error=SpeculativeError("the verify scheduler is closed"))
         else:
-            self._queue.put((None, session))
+            self._put((None, session))
 
     def close(self) -> None:
         self._closed = True
-        self._queue.put(None)
+        self._put(None)
         self._worker.join(timeout=5)
+
+    def _put(self, item: Item | None) -> None:
+        self._queue.put(item)
+        self._interrupt.value = 1  # (after the put: ``between`` clears it, then looks)
 
     def _gather(self, first: Item) -> list[Round]:
         batch: list[Item] = [first]
@@ -322,7 +330,9 @@ class VerifyScheduler:
         """
         runs = _LockstepRuns(self)
         try:
-            last, _ = self.verifier.run_greedy([runs.add(item) for item in batch], runs.between)  # type: ignore[attr-defined]
+            last, _ = self.verifier.run_greedy(  # type: ignore[attr-defined]
+                [runs.add(item) for item in batch], runs.between, interrupt=self._interrupt
+            )
         except Exception as exc:  # noqa: BLE001 - a failed step changed nothing of the runs in it: each runs alone
             runs.flush()
             self._one_at_a_time(list(runs.live.values()), exc, self._run_plain)
@@ -461,12 +471,14 @@ class _LockstepRuns:
         deadline = time.perf_counter() + (WHOLE_RUN_MS if run.whole else PLAIN_RUN_MS) / 1e3
         return GreedyRun(key, request.session_id, request.round, run.max_steps, deadline)
 
-    def between(self, ends: list[RunEnd], n: int, step_ms: float) -> tuple[list[GreedyRun], bool]:
-        """After a step: answer the runs that ended; their next plain runs and sessions that opened join."""
+    def between(self, ends: list[RunEnd], n: int, step_ms: float, steps: int = 1) -> tuple[list[GreedyRun], bool]:
+        """After a step (``steps`` steps of ``n`` sessions, ``step_ms`` in all): answer the runs that ended; their next
+        plain runs and sessions that opened join."""
         sched = self.scheduler
+        sched._interrupt.value = 0  # (before the queue is read: a put from now on ends the next native steps)
         # most steps: nothing ended, waits or joins (the queue read without its lock: a put is seen a step later)
         if not ends and n == self._size and not sched._queue.queue and not sched._next and not sched._drafts:
-            self._steps += 1
+            self._steps += steps
             self._ms += step_ms
             return [], False
         # the step's end, taken before its ended runs are answered: a lone session's end waits there for its reply
@@ -476,7 +488,7 @@ class _LockstepRuns:
         now, active = time.perf_counter(), sched._active
         if n != self._size:
             self.flush(now, active)  # a point of the cost line is one batch size
-        self._steps += 1
+        self._steps += steps
         self._size = n
         self._ms += step_ms
         joining = [run for run in map(self.answer, ends) if run is not None]

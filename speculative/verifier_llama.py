@@ -19,6 +19,7 @@ backend and the quantisation are part of the model version.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speculative import native_steps
 from speculative.acceptance import accept_greedy_ids, accept_sampling
 from speculative.errors import (
     InvalidRequestError,
@@ -161,6 +163,8 @@ class LlamaCppVerifier:
         self._llama_decode = llama_cpp.llama_decode  # (looked up once: every decode goes through ``_decode_batch``)
         self._batch_tokens = batch_tokens
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size).first
+        # plain greedy steps in C where it builds (``llama_runs``): None runs them in Python
+        self._native = native_steps.bind(self._ctx.ctx, self._batch.batch, self.vocab_size, self.eos_token_id)
         self._sessions: dict[str, _Session] = {}
         # a closed session's stream keeps its tokens for the next prompt that starts with them
         stash = PromptStash(self._ctx, prompt_stash_bytes) if reuse_prefixes and prompt_stash_bytes else None
@@ -353,16 +357,19 @@ class LlamaCppVerifier:
         s.pending = verdict.verifier_token
         s.round, s.last = req.round, verdict
 
-    def run_greedy(self, runs: Sequence[GreedyRun], between: Between) -> tuple[list[RunEnd], float]:
+    def run_greedy(
+        self, runs: Sequence[GreedyRun], between: Between, interrupt: ctypes.c_int32 | None = None
+    ) -> tuple[list[RunEnd], float]:
         """Plain greedy decoding of sessions in lockstep, one ``llama_decode`` a step, each leaving at its run's end.
 
         The same decodes as that many plain rounds of each session (``verify`` with no drafts,
         rounds numbered from each run's first), without a round's Python around each: for a lone
         session decoding plainly that was a fifth of its time (in process, on an AMD EPYC host: a
         loop of decodes alone made 1,112-1,617 tokens/s where the engine's plain rounds made
-        949-1,099). Sessions join and leave between steps (``speculative.llama_runs``).
+        949-1,099). Sessions join and leave between steps (``speculative.llama_runs``); with an
+        ``interrupt``, steps in which nothing ends run in C where the native loop built.
         """
-        return run_greedy(self, runs, between)
+        return run_greedy(self, runs, between, interrupt)
 
     def speculate_greedy(
         self,

@@ -521,7 +521,8 @@ def test_the_text_tracker_decodes_only_the_unsettled_ids_and_gives_the_whole_lis
 
 @dataclasses.dataclass
 class _Runs:
-    """What the verifier's ``run_greedy`` calls did: each ended run (session, tokens), each step (sessions, ms)."""
+    """What the verifier's ``run_greedy`` calls did: each ended run (session, tokens), each step (sessions, ms; native
+    steps that ran together count as one)."""
 
     ends: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     steps: list[tuple[int, float]] = dataclasses.field(default_factory=list)
@@ -531,19 +532,19 @@ class _Runs:
 def _watch_runs(verifier, monkeypatch) -> _Runs:
     seen, real = _Runs(), verifier.run_greedy
 
-    def run(runs, between):
+    def run(runs, between, interrupt=None):
         names = {r.key: r.session_id for r in runs}
 
-        def watched(ends, n, step_ms):
+        def watched(ends, n, step_ms, steps):
             seen.ends.extend((names[e.key], len(e.tokens)) for e in ends)
             seen.steps.append((n, step_ms))
-            adding, stop = between(ends, n, step_ms)
+            adding, stop = between(ends, n, step_ms, steps)
             names.update((r.key, r.session_id) for r in adding)
             seen.sessions.update(r.session_id for r in adding)
             return adding, stop
 
         seen.sessions.update(names.values())
-        last, ms = real(runs, watched)
+        last, ms = real(runs, watched, interrupt)
         seen.ends.extend((names[e.key], len(e.tokens)) for e in last)
         return last, ms
 

@@ -66,7 +66,7 @@ def test_a_bad_round_fails_alone():
 class FakeRunner(FakeVerifier):
     """A verifier that also decodes plain runs: each session's token is its name's length, a step of 2 ms."""
 
-    def run_greedy(self, runs, between):
+    def run_greedy(self, runs, between, interrupt=None):
         from speculative.llama_runs import RunEnd
 
         self.calls.append([run.session_id for run in runs])
@@ -82,7 +82,7 @@ class FakeRunner(FakeVerifier):
                 if len(end.tokens) >= run.max_steps:
                     ended.append(end)
                     del members[key]
-            adding, stop = between(ended, n, 2.0)
+            adding, stop = between(ended, n, 2.0, 1)
             if stop:
                 return [end for _, end in members.values()], 0.0
             members.update((run.key, (run, RunEnd(run.key, []))) for run in adding)
@@ -165,12 +165,12 @@ class Opening(FakeRunner):
         self.openings.append(sorted(session_id for session_id, _, _ in items))
         return [0.5] * len(items)
 
-    def run_greedy(self, runs, between):
-        def slow(ended, n, ms):
+    def run_greedy(self, runs, between, interrupt=None):
+        def slow(ended, n, ms, steps=1):
             time.sleep(self.step_s)
-            return between(ended, n, ms)
+            return between(ended, n, ms, steps)
 
-        return super().run_greedy(runs, slow)
+        return super().run_greedy(runs, slow, interrupt)
 
 
 def test_a_session_still_running_when_another_asks_for_a_verify_round_goes_on_after_it():

@@ -559,7 +559,7 @@ def lockstep(verifier, runs, stop=lambda: False):
     tokens, in the runs' order, and the call's ms (``run_greedy`` with a ``between`` that adds no run)."""
     ended = {}
 
-    def between(ends, n, step_ms):
+    def between(ends, n, step_ms, steps):
         ended.update((e.key, e.tokens) for e in ends)
         return (), bool(ends) or stop()
 
@@ -647,7 +647,7 @@ def test_in_an_open_lockstep_each_run_ends_on_its_own_and_sessions_join_and_go_o
         verifier.open_session(f"s{i}", prompts[i], GREEDY)
     heard: list[tuple[list, int]] = []  # each step's ended runs (key, tokens) and the sessions it held
 
-    def between(ends, n, step_ms):
+    def between(ends, n, step_ms, steps):
         heard.append(([(e.key, e.tokens) for e in ends], n))
         assert all(e.error is None and e.verify_ms >= e.gpu_ms > 0 for e in ends)
         joining = []
@@ -696,7 +696,7 @@ def test_an_open_lockstep_ends_a_session_at_its_end_of_sequence_an_unfit_run_alo
     heard: dict = {}
     calls = [0]
 
-    def between(ends, n, step_ms):
+    def between(ends, n, step_ms, steps):
         calls[0] += 1
         heard.update((e.key, e.tokens if e.error is None else e.error) for e in ends)
         if "ends" in heard and "unfit" not in heard:
@@ -723,7 +723,7 @@ def test_a_run_past_its_deadline_ends_after_a_step(llama):
     verifier.open_session("late", prompt, GREEDY)
     heard: list = []
 
-    def between(ends, n, step_ms):
+    def between(ends, n, step_ms, steps):
         heard.extend(ends)
         return (), False
 
