@@ -111,8 +111,8 @@ def build(directory: Path | None = None, compiler: str | None = None) -> Path:
 def _load(path: Path) -> Lockstep:
     import llama_cpp
 
-    fields = tuple(llama_cpp.llama_batch._fields_)
-    if [(name, ctypes.sizeof(kind)) for name, kind in fields] != [(n, ctypes.sizeof(k)) for n, k in BATCH_FIELDS]:
+    fields = tuple((field[0], field[1]) for field in llama_cpp.llama_batch._fields_)
+    if fields != BATCH_FIELDS:  # (ctypes keeps one POINTER type per type: they compare as themselves)
         raise RuntimeError(f"llama_batch is not the layout lockstep.c declares: {fields}")
     call = ctypes.CDLL(str(path)).tandem_lockstep  # a CDLL call releases the GIL
     call.restype = ctypes.c_int32
