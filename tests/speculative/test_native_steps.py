@@ -168,9 +168,7 @@ def test_the_c_argmax_is_numpys_first_largest_or_first_nan():
 
 
 @needs_cc
-def test_the_library_is_built_once_per_source_and_compiler_and_refused_for_another_batch_layout(
-    tmp_path, monkeypatch
-):
+def test_the_library_is_built_once_per_source_and_compiler_and_refused_for_another_batch_layout(tmp_path, monkeypatch):
     first = native_steps.build(tmp_path)
     made = first.stat().st_mtime_ns
     assert native_steps.build(tmp_path) == first and first.stat().st_mtime_ns == made
