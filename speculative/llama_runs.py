@@ -9,7 +9,8 @@ platform's sessions: measured in the served platform at 16 sessions (demo pair, 
 2026-12-03), ending every member's run together (when the first of them ended, when a session
 waited to open, or every 25 ms) left the decode threads idle 16-18% of the wall time, about a
 millisecond of Python each time for the 16 sessions' tokens and next runs at once, and a
-newcomer's one-step first run made the whole batch run one step.
+newcomer's one-step first run made the whole batch run one step. The steps between two
+things the caller must hear of run in C where it built (``lockstep.c``, ``native_steps``).
 """
 
 from __future__ import annotations
