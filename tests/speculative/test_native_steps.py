@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import shutil
-import uuid
 
 import numpy as np
 import pytest
@@ -16,9 +15,9 @@ from speculative.errors import SpeculativeError
 from speculative.llama_runs import GreedyRun
 from speculative.types import SamplingParams
 from speculative.verifier import VerifyRequest
+from tests.speculative.test_verifier_llama import PROMPTS, _plain  # plain rounds: what every native step must equal
 
 GREEDY = SamplingParams()
-PROMPTS = ["The Django ORM", "Middleware is a framework of hooks", "def get_queryset(self):"]
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) here: the Python steps serve")
 
 
@@ -28,15 +27,6 @@ def llama(demo_pair_llama):
     if shutil.which("cc") is not None:
         assert verifier._native is not None  # a machine with a compiler builds and uses it
     return verifier, tokenizer
-
-
-def _plain(verifier, prompt: list[int], n: int) -> list[int]:
-    sid = uuid.uuid4().hex
-    verifier.open_session(sid, prompt, GREEDY)
-    try:
-        return [verifier.verify([VerifyRequest(sid, (), None, r)]).verdicts[0].verifier_token for r in range(n)]
-    finally:
-        verifier.close_session(sid)
 
 
 def _run(verifier, runs, interrupt, stop_after=None):
