@@ -297,11 +297,11 @@ def test_a_run_of_drafting_rounds_on_a_verifier_without_them_is_its_plain_run():
 
 
 def test_a_lockstep_tells_the_cost_line_one_point_per_batch_size():
-    from speculative.scheduler import _LockstepRuns
+    from speculative.lockstep_runs import LockstepRuns
 
     scheduler = VerifyScheduler(FakeRunner())
     try:
-        runs = _LockstepRuns(scheduler)
+        runs = LockstepRuns(scheduler)
         before = len(scheduler.cost._points)
         for n, ms in ((2, 2.0), (2, 2.2), (3, 3.0), (3, 3.4)):  # a session joined between steps, none ended
             assert runs.between([], n, ms) == ([], False)
@@ -497,7 +497,7 @@ def test_a_lone_sessions_end_lets_its_consumer_go_first_until_another_session_co
 
 
 def test_the_governor_hears_a_lockstep_steps_end_not_when_its_ended_sessions_were_answered(monkeypatch):
-    from speculative.scheduler import _LockstepRuns
+    from speculative.lockstep_runs import LockstepRuns
     from speculative.steps import PlainRun
 
     scheduler = VerifyScheduler(FakeRunner())
@@ -511,7 +511,7 @@ def test_the_governor_hears_a_lockstep_steps_end_not_when_its_ended_sessions_wer
             return None
 
     try:
-        runs = _LockstepRuns(scheduler)
+        runs = LockstepRuns(scheduler)
         run = runs.add((PlainRun(VerifyRequest("s", ()), 1), SlowToAnswer()))
         from speculative.llama_runs import RunEnd
 
