@@ -1,6 +1,7 @@
 """How a llama.cpp decode's logits are read: numpy views of llama.cpp's own output buffer, no copy.
 
-Both llama.cpp backends (``verifier_llama``, ``draft_llama``) read their decodes' logits here.
+Both llama.cpp backends (``verifier_llama``, ``draft_llama``) read their decodes' logits here; the
+verifier's decodes (Python's and the native steps') are checked by ``check_decode``.
 """
 
 from __future__ import annotations
@@ -9,10 +10,18 @@ import ctypes
 
 import numpy as np
 
+from speculative.errors import SpeculativeError
+
 MAX_LOGITS_VIEWS = 256  # views a LogitsReader keeps (row views of every batch position, outputs of every size)
 # ctypes array types by length, for every reader of the process: a type is a few reference cycles, which a
 # reader's own cache left for the collector whenever a reader (a model) was dropped
 _FLOAT_ARRAYS: dict[int, type[ctypes.Array[ctypes.c_float]]] = {}
+
+
+def check_decode(rc: int) -> None:
+    """Raise for a ``llama_decode`` status that is not 0 (its logits and the batch's cache entries are not to be used)."""
+    if rc != 0:
+        raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
 
 
 class LogitsReader:

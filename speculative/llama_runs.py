@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from speculative.errors import ContextOverflowError, InvalidRequestError, SpeculativeError
+from speculative.llama_logits import check_decode
 from speculative.llama_sequences import in_sequence_order
 from speculative.native_steps import CHUNK_TOKENS
 from speculative.types import Verdict
@@ -172,9 +173,7 @@ def _step(
         if interrupt is not None and verifier._native is not None:
             steps, chosen = _native_steps(verifier, lockstep, interrupt)
         else:
-            rc = verifier._decode_batch()
-            if rc != 0:
-                raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
+            check_decode(verifier._decode_batch())
             chosen = verifier._logits(n).argmax(-1).tolist()
     except BaseException:
         for m in members:  # as each was when it joined
@@ -216,16 +215,13 @@ def _native_steps(
     verifier: LlamaCppVerifier, lockstep: list[_Member], interrupt: ctypes.c_int32
 ) -> tuple[int, list[int]]:
     """The batch's steps in C (``speculative.lockstep.c``) until a member's run must end or ``interrupt`` is set:
-    (steps, their tokens: step by step, each in batch order). A failed decode raises, as ``_decode_batch``'s."""
+    (steps, their tokens: step by step, each in batch order). A failed decode raises, as a Python step's."""
     native, n = verifier._native, len(lockstep)
     assert native is not None
     most = min(min(m.steps - len(m.end.tokens) for m in lockstep), CHUNK_TOKENS // n)
     steps = native.run(most, min(m.run.deadline for m in lockstep), interrupt)
-    verifier.decodes += steps + (native.rc.value != 0)
-    if steps and verifier._ids.pending:
-        verifier._ids.applied()  # the copies waiting for a decode are done
-    if native.rc.value != 0:
-        raise SpeculativeError(f"llama_decode failed with status {native.rc.value} (the KV cache may be full)")
+    verifier._count_decodes(steps, native.rc.value)
+    check_decode(native.rc.value)
     return steps, native.tokens[: steps * n]
 
 

@@ -53,13 +53,17 @@ class Compaction:
         if self.owed >= COPY_PASSES * movers:
             self.owed = 0
             return True
-        self.accrue(ids, steps)
+        self.owed += steps * _gaps(ids)
         return False
 
     def accrue(self, seqs: Iterable[int], steps: int) -> None:
         """Count ``steps`` lockstep steps over ``seqs`` that ran without asking ``due`` (native steps run together)."""
-        ids = sorted(seqs)
-        self.owed += steps * sum(1 for a, b in zip(ids, ids[1:], strict=False) if b != a + 1)  # a pass a gap
+        self.owed += steps * _gaps(sorted(seqs))
+
+
+def _gaps(ids: list[int]) -> int:
+    """The gaps between sorted sequence ids: a lockstep step's extra passes over the weights (one a gap)."""
+    return sum(1 for a, b in zip(ids, ids[1:], strict=False) if b != a + 1)
 
 
 # A kept prefix this much longer than what an id beside the others keeps takes a session apart from them: a prefill

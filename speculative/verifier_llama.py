@@ -39,9 +39,8 @@ from speculative.errors import (
     InvalidRequestError,
     ModelLoadError,
     SessionNotFoundError,
-    SpeculativeError,
 )
-from speculative.llama_logits import LogitsReader
+from speculative.llama_logits import LogitsReader, check_decode
 from speculative.llama_runs import Between, GreedyRun, RunEnd, run_greedy
 from speculative.llama_sequences import (
     DEFAULT_MAX_CONTEXT,
@@ -417,9 +416,7 @@ class LlamaCppVerifier:
                     b.logits[i] = True
                 b.n_tokens = len(row)
                 try:
-                    rc = self._decode_batch()
-                    if rc != 0:
-                        raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
+                    check_decode(self._decode_batch())
                     chosen = self._logits(len(row)).argmax(-1).tolist()
                 except BaseException:
                     self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # whatever part ran: only what is committed stays
@@ -516,17 +513,20 @@ class LlamaCppVerifier:
         b = self._batch.batch
         n_out = sum(1 for i in range(b.n_tokens) if b.logits[i])
         if b.n_tokens:
-            rc = self._decode_batch()
-            if rc != 0:
-                raise SpeculativeError(f"llama_decode failed with status {rc} (the KV cache may be full)")
+            check_decode(self._decode_batch())
         b.n_tokens = 0
         if not n_out:
             return np.empty((0, self.vocab_size), dtype=np.float32)
         return self._logits(n_out).copy()
 
     def _decode_batch(self) -> int:
-        self.decodes += 1
         rc = int(self._llama_decode(self._ctx.ctx, self._batch.batch))
-        if rc == 0 and self._ids.pending:  # (every copy has a destination)
-            self._ids.applied()  # the copies waiting for a decode are done
+        self._count_decodes(int(rc == 0), rc)
         return rc
+
+    def _count_decodes(self, done: int, rc: int) -> None:
+        """``done`` decodes that ran, and one more that failed where ``rc`` is not 0 (``_decode_batch``'s, the native
+        steps'): counted; the copies waiting for a decode are done once one has run (every copy has a destination)."""
+        self.decodes += done + (rc != 0)
+        if done and self._ids.pending:
+            self._ids.applied()
