@@ -170,6 +170,10 @@ class DraftSession:
         return self._opened
 
     @property
+    def model(self) -> DraftModel:
+        return self._model
+
+    @property
     def _ctx(self) -> DraftContext:
         return self._open()
 
@@ -227,11 +231,7 @@ class DraftSession:
             return None
         if len(self.committed) >= ctx.n_ctx:
             raise ContextOverflowError(f"{len(self.committed)} tokens exceed the draft context {ctx.n_ctx}")
-        if self._n_cached >= len(self.committed):
-            # everything is cached (only before any verdict): evaluate the last token again
-            # for the logits after it, rather than keep a copy of them around
-            self._n_cached = len(self.committed) - 1
-            ctx.truncate(self._n_cached)
+        self._leave_one_uncached(ctx)
         q_rows: list[torch.Tensor] = []
         lp_rows: list[TokenLogprob] = []
 
@@ -258,6 +258,31 @@ class DraftSession:
 
         choose = pick if logprobs is None else pick_with_logprob
         return _DraftPlan(ctx, uncached, k, choose, finish)
+
+    def _leave_one_uncached(self, ctx: DraftContext) -> None:
+        if self._n_cached >= len(self.committed):
+            # everything is cached (only before any verdict): evaluate the last token again
+            # for the logits after it, rather than keep a copy of them around
+            self._n_cached = len(self.committed) - 1
+            ctx.truncate(self._n_cached)
+
+    def native_feed(self) -> tuple[DraftContext, list[int]] | None:
+        """For a lone session's rounds run in C (``speculative.native_rounds``): (its draft context, the committed
+        tokens that context lacks: one at least), or None where no context could open now (greedy only)."""
+        if not self._params.greedy:
+            raise InvalidRequestError("rounds in C draft greedily only")
+        try:
+            ctx = self._open()
+        except DraftBusyError:
+            return None
+        self._leave_one_uncached(ctx)
+        return ctx, self.committed[self._n_cached :]
+
+    def ran_natively(self, emitted: Sequence[int], n_cached: int) -> None:
+        """Rounds in C emitted ``emitted`` (every round's accepted tokens and the verifier's); the draft's context
+        now holds the first ``n_cached`` committed tokens."""
+        self.committed.extend(emitted)
+        self._n_cached = n_cached
 
     def accept(self, proposal: Proposal, verdict: Verdict) -> None:
         """Keep the accepted draft tokens and the verifier's token; drop the rejected tail."""

@@ -17,10 +17,12 @@ exactly as a fresh evaluation of the kept prefix would.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +72,22 @@ class _Round:
     error: BaseException | None = None
     done: bool = False
     ctx: LlamaCppContext | None = None  # whose sequence: its id is read again when the round runs (``_compact``)
+
+
+@dataclass
+class NativeTurn:
+    """A draft sequence's decodes handed to C for a while (``LlamaCppContext.native_turn``): what they need."""
+
+    ctx: int  # llama_context *
+    memory: int  # its llama_memory_t
+    batch: ctypes.Structure  # llama_batch, room for ``batch_tokens``
+    batch_tokens: int
+    seq: int
+    n_past: int  # positions the sequence holds: the C side's to update
+    n_vocab: int
+    n_ctx: int
+    waiting: ctypes.c_int32  # set while another thread waits for its turn to decode on this model
+    decodes: int = 0  # the C side's to count
 
 
 class LlamaCppContext:
@@ -129,9 +147,41 @@ class LlamaCppContext:
         try:
             return owner._draft_alone(self, list(tokens), k, choose, threads)
         finally:
-            with owner._cond:
-                owner._running = False
-                owner._cond.notify_all()
+            owner._release_turn()
+
+    @contextmanager
+    def native_turn(self, threads: int | None = None) -> Iterator[NativeTurn]:
+        """This sequence's decodes made by C for a while (a lone session's rounds: ``speculative.native_rounds``).
+
+        The model's turn to decode is taken as ``draft_now`` takes it, on ``threads``; the caller
+        says what the sequence holds after (``now_holds``). Another thread that waits for the
+        model meanwhile sets ``waiting``, for the C side to end its rounds.
+        """
+        owner = self._owner
+        owner._claim()
+        try:
+            with owner._decode_lock:
+                owner._use_threads(threads)
+                owner._waiting.value = 0
+                turn = NativeTurn(
+                    owner._ctx.ctx,
+                    owner._ctx.memory,
+                    owner._batch.batch,
+                    owner._batch_tokens,
+                    self._seq,
+                    self._n_past,
+                    owner.vocab_size,
+                    self.n_ctx,
+                    owner._waiting,
+                )
+                yield turn
+                owner.decodes += turn.decodes
+        finally:
+            owner._release_turn()
+
+    def now_holds(self, tokens: Sequence[int]) -> None:
+        """What this sequence holds from position 0 after decodes made elsewhere (``native_turn``)."""
+        self._tokens = list(tokens)
 
     def _run(self, work: _Round) -> _Round:
         try:
@@ -210,6 +260,7 @@ class LlamaCppDraft:
         self._pending: list[_Round] = []
         self._drafting = 0
         self._running = False
+        self._waiting = ctypes.c_int32(0)  # set while a thread waits for ``_running`` (``native_turn`` reads it)
         self.decodes = 0  # llama_decode calls so far (how well drafting batches), the warm-up's not counted
         self._warm_up()
 
@@ -296,6 +347,7 @@ class LlamaCppDraft:
                 if not self._running and ready:
                     batch, self._pending, self._running = self._pending, [], True
                     break
+                self._waiting.value = self._running
                 self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()) or GATHER_WAIT_S)
         self._run_claimed(batch)
 
@@ -308,8 +360,14 @@ class LlamaCppDraft:
         """Take the turn to decode, once any round in progress has ended (its holder clears ``_running``)."""
         with self._cond:
             while self._running:
+                self._waiting.value = 1
                 self._cond.wait()
             self._running = True
+
+    def _release_turn(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
 
     def _run_claimed(self, rounds: list[_Round]) -> None:
         """Run ``rounds`` (this thread set ``_running``); every session of the round hears of a failure."""

@@ -47,11 +47,14 @@ BATCH_FIELDS = (
 
 @dataclass(frozen=True)
 class Lockstep:
-    """``tandem_lockstep`` bound to llama.cpp's ``llama_decode`` and ``llama_get_logits``."""
+    """``tandem_lockstep`` and ``tandem_speculate``, with llama.cpp's ``llama_decode``, ``llama_get_logits`` and
+    ``llama_memory_seq_rm`` to bind them to."""
 
     call: ctypes._CFuncPtr  # type: ignore[name-defined]
+    speculate: ctypes._CFuncPtr  # type: ignore[name-defined]
     decode: int  # the functions' addresses, passed to each call
     logits: int
+    seq_rm: int
 
 
 _loaded: Lockstep | None = None
@@ -114,19 +117,27 @@ def _load(path: Path) -> Lockstep:
     fields = tuple((field[0], field[1]) for field in llama_cpp.llama_batch._fields_)
     if fields != BATCH_FIELDS:  # (ctypes keeps one POINTER type per type: they compare as themselves)
         raise RuntimeError(f"llama_batch is not the layout lockstep.c declares: {fields}")
-    call = ctypes.CDLL(str(path)).tandem_lockstep  # a CDLL call releases the GIL
-    call.restype = ctypes.c_int32
-    pointer, i32 = ctypes.c_void_p, ctypes.c_int32
+    native = ctypes.CDLL(str(path))  # a CDLL call releases the GIL
+    pointer, i32, f64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_double
+    call = native.tandem_lockstep
+    call.restype = i32
     # decode, logits, ctx, batch, n_vocab, eos, max_steps, deadline, interrupt, tokens, rc
-    call.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i32, ctypes.c_double, pointer, pointer, pointer]
+    call.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i32, f64, pointer, pointer, pointer]
+    speculate = native.tandem_speculate
+    speculate.restype = i32
+    # decode, logits, seq_rm, verifier, draft, pending, feed, n_feed, feed_cap, k, max_tokens, eos, deadline,
+    # interrupt, interrupt_draft, rounds, max_rounds, rc
+    speculate.argtypes = [*[pointer] * 5, i32, pointer, *[i32] * 5, f64, pointer, pointer, pointer, i32, pointer]
     lib = llama_cpp.llama_cpp._lib
-    decode = ctypes.cast(lib.llama_decode, ctypes.c_void_p).value
-    logits = ctypes.cast(lib.llama_get_logits, ctypes.c_void_p).value
-    if not decode or not logits:
-        raise RuntimeError("llama.cpp's llama_decode or llama_get_logits has no address")
+    addresses = [
+        ctypes.cast(f, ctypes.c_void_p).value for f in (lib.llama_decode, lib.llama_get_logits, lib.llama_memory_seq_rm)
+    ]
+    if not all(addresses):
+        raise RuntimeError("llama.cpp's llama_decode, llama_get_logits or llama_memory_seq_rm has no address")
     if time.get_clock_info("perf_counter").implementation != "clock_gettime(CLOCK_MONOTONIC)":
         raise RuntimeError("time.perf_counter is not CLOCK_MONOTONIC, the clock of lockstep.c's deadlines")
-    return Lockstep(call, decode, logits)
+    decode, logits, seq_rm = (int(a or 0) for a in addresses)
+    return Lockstep(call, speculate, decode, logits, seq_rm)
 
 
 class NativeLockstep:

@@ -340,12 +340,6 @@ class VerifyScheduler:
             runs.answer(end, join=False)
         self._draft_round()
 
-    def _run_ends(self, whole: bool) -> Callable[[], bool]:
-        """A lone session's drafting run stops once a session waits to join or after ``PLAIN_RUN_MS`` (``WHOLE_RUN_MS``
-        for a ``whole`` answer, as a plain run): the governor hears of its rounds at its end."""
-        deadline = self._run_deadline(whole)
-        return lambda: not self._queue.empty() or time.perf_counter() > deadline
-
     def _run_deadline(self, whole: bool) -> float:
         """When a run starting now ends (``time.perf_counter``): ``WHOLE_RUN_MS`` for a ``whole`` answer, else ``PLAIN_RUN_MS``."""
         return time.perf_counter() + (WHOLE_RUN_MS if whole else PLAIN_RUN_MS) / 1e3
@@ -354,6 +348,7 @@ class VerifyScheduler:
         """A lone session's drafting rounds in one call; it stops early once a session waits to join."""
         run, answer = item
         assert isinstance(run, SpecRun)
+        deadline = self._run_deadline(run.whole)
         try:
             rounds: list[SpeculatedRound] = self.verifier.speculate_greedy(  # type: ignore[attr-defined]
                 run.request.session_id,
@@ -361,7 +356,9 @@ class VerifyScheduler:
                 run.max_tokens,
                 run.draft,
                 run.k,
-                stop=self._run_ends(run.whole),
+                stop=lambda: not self._queue.empty() or time.perf_counter() > deadline,
+                deadline=deadline,
+                interrupt=self._interrupt,  # (set by a put: the rounds in C end as ``stop()`` would)
             )
         except Exception as exc:  # noqa: BLE001 - the session hears of it
             self._continue(answer, error=exc)

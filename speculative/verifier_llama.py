@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speculative import native_steps
+from speculative import lone_rounds, native_steps
 from speculative.acceptance import accept_greedy_ids, accept_sampling
 from speculative.errors import (
     InvalidRequestError,
@@ -55,14 +56,13 @@ from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
 from speculative.prompt_stash import DEFAULT_STASH_BYTES, PromptStash
 from speculative.sampling import warp
-from speculative.types import MAX_DRAFT_TOKENS, GreedyDrafter, Proposal, SamplingParams, SpeculatedRound, Verdict
+from speculative.types import MAX_DRAFT_TOKENS, GreedyDrafter, SamplingParams, SpeculatedRound, Verdict
 from speculative.verifier import VerifyRequest, VerifyResult, checked_round
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SESSIONS = 32  # sequences of the shared context (llama.cpp allows up to 256)
 DEFAULT_BATCH_TOKENS = 512  # positions one llama_decode takes; larger steps run as several
-_NO_PROPOSAL = Proposal(tokens=(), q=None, draft_ms=0.0)  # a round with nothing to draft (the end is near)
 
 
 def default_threads() -> int:
@@ -164,6 +164,7 @@ class LlamaCppVerifier:
         self._logits = LogitsReader(self._ctx.ctx, self.vocab_size).first
         # plain greedy steps in C where it builds (``llama_runs``): None runs them in Python
         self._native = native_steps.bind(self._ctx.ctx, self._batch.batch, self.vocab_size, self.eos_token_id)
+        self._native_rounds = lone_rounds.bind(native_steps.lockstep(), self)  # a lone session's rounds in C
         self._sessions: dict[str, _Session] = {}
         # a closed session's stream keeps its tokens for the next prompt that starts with them
         stash = PromptStash(self._ctx, prompt_stash_bytes) if reuse_prefixes and prompt_stash_bytes else None
@@ -378,6 +379,8 @@ class LlamaCppVerifier:
         drafter: GreedyDrafter,
         k: int,
         stop: Callable[[], bool] = lambda: False,
+        deadline: float = math.inf,
+        interrupt: ctypes.c_int32 | None = None,
     ) -> list[SpeculatedRound]:
         """A lone greedy session's drafting rounds one after another in one call: ``verify`` without a round's Python.
 
@@ -387,47 +390,16 @@ class LlamaCppVerifier:
         (rounds numbered from ``first_round``). Through the scheduler and the engine, a round of a
         lone session cost about 0.35 ms of Python besides its two models (in process, demo pair,
         one drafted token a round: 33 rounds of 64 tokens took 51.9 ms, plain decoding 50.5);
-        here it costs what the draft's own plumbing does. The run ends after the round that
-        reaches ``max_tokens`` or emits the end-of-sequence token, or once ``stop()`` is true.
-        A round that fails raises: the sequence then holds what the rounds before it committed
-        (the session fails; its drafter is left as that round's proposal left it).
+        here it costs what the draft's own plumbing does, and nothing in C (``speculative.lone_rounds``:
+        with an ``interrupt`` that another thread sets as ``stop()`` becomes true, and ``stop()``'s
+        ``deadline``). The run ends after the round that reaches ``max_tokens`` or emits the
+        end-of-sequence token, or once ``stop()`` is true. A round that fails raises: the
+        sequence then holds what the rounds before it committed (the session fails; its drafter
+        is left as that round's proposal left it, or with C's rounds before it).
         """
-        with self._lock:
-            s = self._session(session_id)
-            if not s.params.greedy:
-                raise InvalidRequestError("speculate_greedy serves greedy sessions only")
-            if max_tokens < 1 or not 1 <= k <= MAX_DRAFT_TOKENS:
-                raise InvalidRequestError(f"max_tokens must be >= 1 and k in [1, {MAX_DRAFT_TOKENS}]")
-            self._check_request(VerifyRequest(session_id, (), None, first_round), s)
-            rounds: list[SpeculatedRound] = []
-            b, eos, emitted = self._batch.batch, self.eos_token_id, 0
-            while True:
-                # a round adds 1 + k positions: never past the context, nor a draft past max_tokens
-                want = min(k, max_tokens - emitted - 1, self.context_length - s.length - 1)
-                # the draft decodes on this verifier's threads: they are idle while it drafts
-                proposal = drafter.propose_now(want, self.n_threads) if want > 0 else _NO_PROPOSAL
-                drafted = proposal.tokens
-                started = time.perf_counter()
-                request = VerifyRequest(session_id, drafted, None, first_round + len(rounds))
-                self._check_request(request, s)
-                row = [s.pending, *drafted]
-                for i, token in enumerate(row):
-                    b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = token, s.length + i, 1, s.seq
-                    b.logits[i] = True
-                b.n_tokens = len(row)
-                try:
-                    check_decode(self._decode_batch())
-                    chosen = self._logits(len(row)).argmax(-1).tolist()
-                except BaseException:
-                    self._ctx.kv_cache_seq_rm(s.seq, s.length, -1)  # whatever part ran: only what is committed stays
-                    raise
-                verdict = accept_greedy_ids(drafted, chosen)
-                self._commit(s, request, verdict, len(row))
-                rounds.append(SpeculatedRound(proposal, verdict, (time.perf_counter() - started) * 1e3))
-                drafter.accept(proposal, verdict)
-                emitted += 1 + verdict.n_matches
-                if emitted >= max_tokens or eos in verdict.emitted_tokens(drafted) or stop():
-                    return rounds
+        return lone_rounds.speculate_greedy(
+            self, session_id, first_round, max_tokens, drafter, k, stop, deadline, interrupt
+        )
 
     def _distinct_sessions(self, session_ids: list[str], call: str) -> list[_Session]:
         sessions = [self._session(session_id) for session_id in session_ids]

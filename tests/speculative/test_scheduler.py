@@ -239,7 +239,9 @@ class FakeSpeculator(FakeRunner):
         super().__init__(fail_on)
         self.spec_calls: list[tuple[str, int, int, int]] = []  # (session, first round, max tokens, k)
 
-    def speculate_greedy(self, session_id, first_round, max_tokens, drafter, k, stop=lambda: False):
+    def speculate_greedy(
+        self, session_id, first_round, max_tokens, drafter, k, stop=lambda: False, deadline=None, interrupt=None
+    ):
         from speculative.types import Proposal, SpeculatedRound
 
         self.spec_calls.append((session_id, first_round, max_tokens, k))
