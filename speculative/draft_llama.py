@@ -162,7 +162,6 @@ class LlamaCppContext:
         try:
             with owner._decode_lock:
                 owner._use_threads(threads)
-                owner._waiting.value = 0
                 turn = NativeTurn(
                     owner._ctx.ctx,
                     owner._ctx.memory,
@@ -260,7 +259,8 @@ class LlamaCppDraft:
         self._pending: list[_Round] = []
         self._drafting = 0
         self._running = False
-        self._waiting = ctypes.c_int32(0)  # set while a thread waits for ``_running`` (``native_turn`` reads it)
+        # raised by a thread that waits for ``_running`` (``native_turn``'s C rounds end on it), lowered as one takes it
+        self._waiting = ctypes.c_int32(0)
         self.decodes = 0  # llama_decode calls so far (how well drafting batches), the warm-up's not counted
         self._warm_up()
 
@@ -346,6 +346,7 @@ class LlamaCppDraft:
                 ready = len(self._pending) >= max(1, self._drafting) or time.perf_counter() >= deadline
                 if not self._running and ready:
                     batch, self._pending, self._running = self._pending, [], True
+                    self._waiting.value = 0  # (a thread that waits from now on raises it again)
                     break
                 self._waiting.value = self._running
                 self._cond.wait(timeout=max(0.0, deadline - time.perf_counter()) or GATHER_WAIT_S)
@@ -363,6 +364,7 @@ class LlamaCppDraft:
                 self._waiting.value = 1
                 self._cond.wait()
             self._running = True
+            self._waiting.value = 0  # (a thread that waits from now on raises it again)
 
     def _release_turn(self) -> None:
         with self._cond:

@@ -129,7 +129,7 @@ def test_rounds_in_c_give_way_to_another_thread_waiting_for_the_draft(pair, monk
     verifier, draft, tokenizer = pair
     prompt = tokenizer.encode("The admin site", add_special_tokens=False)
     expected = _plain(verifier, prompt, 16)
-    # a thread waiting for the draft's turn raises its flag
+    # a thread waiting for the draft's turn raises its flag, and lowers it as it takes the turn
     draft._claim()
     waiter = threading.Thread(target=lambda: (draft._claim(), draft._release_turn()))
     waiter.start()
@@ -139,6 +139,7 @@ def test_rounds_in_c_give_way_to_another_thread_waiting_for_the_draft(pair, monk
     assert draft._waiting.value == 1
     draft._release_turn()
     waiter.join(timeout=10)
+    assert draft._waiting.value == 0  # lowered as the waiter took its turn
     # with the flag raised during every turn in C, each turn runs one round and Python's rounds go between them
     real = LlamaCppContext.native_turn
 
