@@ -267,7 +267,7 @@ class DraftSession:
             ctx.truncate(self._n_cached)
 
     def native_feed(self) -> tuple[DraftContext, list[int]] | None:
-        """For a lone session's rounds run in C (``speculative.native_rounds``): (its draft context, the committed
+        """For a lone session's rounds run in C (``speculative.lone_rounds``): (its draft context, the committed
         tokens that context lacks: one at least), or None where no context could open now (greedy only)."""
         if not self._params.greedy:
             raise InvalidRequestError("rounds in C draft greedily only")

@@ -151,7 +151,7 @@ class LlamaCppContext:
 
     @contextmanager
     def native_turn(self, threads: int | None = None) -> Iterator[NativeTurn]:
-        """This sequence's decodes made by C for a while (a lone session's rounds: ``speculative.native_rounds``).
+        """This sequence's decodes made by C for a while (a lone session's rounds: ``speculative.lone_rounds``).
 
         The model's turn to decode is taken as ``draft_now`` takes it, on ``threads``; the caller
         says what the sequence holds after (``now_holds``). Another thread that waits for the

@@ -6,8 +6,10 @@
    the Python between two decodes ran cold, 50-90 us a step for SmolLM2's 49,152 logits. It
    runs until a member's token is the end of sequence, ``max_steps`` steps, ``deadline``, or
    until another thread sets ``*interrupt`` (a session waiting to join): whichever comes first,
-   after the step in flight. Built and loaded by ``speculative.native_steps`` (ctypes releases
-   the GIL for the whole call). */
+   after the step in flight. ``tandem_speculate`` does the same for a lone session's drafting
+   rounds (``speculative.lone_rounds``): the draft's proposal, the verifier's decode, the greedy
+   verdict and both sequences' rollback. Built and loaded by ``speculative.native_steps``
+   (ctypes releases the GIL for the whole call). */
 
 #define _POSIX_C_SOURCE 199309L /* clock_gettime under -std=c11 */
 

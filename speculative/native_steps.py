@@ -1,7 +1,9 @@
-"""Greedy lockstep steps in C (``lockstep.c``): built with the machine's C compiler on first use, cached, optional.
+"""Greedy lockstep steps and a lone session's drafting rounds in C (``lockstep.c``): built with the machine's C
+compiler on first use, cached, optional.
 
 ``speculative.llama_runs`` decodes plain greedy steps through :func:`lockstep` where this
-module could build and load it, and in Python otherwise (same tokens: the tests run both).
+module could build and load it, and ``speculative.lone_rounds`` a lone greedy session's
+drafting rounds (``tandem_speculate``); both in Python otherwise (same tokens: the tests run both).
 Measured in process on SmolLM2-135M-Instruct (Q4_1, two threads, 2026-12-05): the Python
 between two 6.7 ms decodes took 60 us a step (the interpreter cold after a decode has
 streamed the weights through the caches), the C loop 1.5 us besides its argmax.
@@ -9,7 +11,7 @@ streamed the weights through the caches), the C loop 1.5 us besides its argmax.
 The library is built once per source and compiler into ``$TANDEM_NATIVE_DIR`` (default
 ``~/.cache/tandem/native``) with ``$CC`` (default ``cc``), ``-O3``, for the baseline of the
 compiler's target (no ``-march=native``: a cache shared by machines stays valid). Any failure
-(no compiler, no writable cache, another ``llama_batch`` layout) leaves the Python loop, said
+(no compiler, no writable cache, another ``llama_batch`` layout) leaves the Python loops, said
 once in the log. ``TANDEM_NATIVE_STEPS=0`` turns it off.
 """
 

@@ -345,7 +345,8 @@ class VerifyScheduler:
         return time.perf_counter() + (WHOLE_RUN_MS if whole else PLAIN_RUN_MS) / 1e3
 
     def _run_spec(self, item: Round) -> None:
-        """A lone session's drafting rounds in one call; it stops early once a session waits to join."""
+        """A lone session's drafting rounds in one call, until a session waits to join or ``PLAIN_RUN_MS`` (``WHOLE_RUN_MS``
+        for a ``whole`` answer, as a plain run): the governor hears of its rounds at its end."""
         run, answer = item
         assert isinstance(run, SpecRun)
         deadline = self._run_deadline(run.whole)
