@@ -79,8 +79,22 @@ def speculate_greedy(
     deadline: float = math.inf,
     interrupt: ctypes.c_int32 | None = None,
 ) -> list[SpeculatedRound]:
-    """``LlamaCppVerifier.speculate_greedy``: with an ``interrupt`` (set by another thread when ``stop()`` would become
-    true) and a ``deadline`` (``stop()``'s), rounds run in C where they can."""
+    """``LlamaCppVerifier.speculate_greedy``: a lone greedy session's drafting rounds one after another in one call,
+    ``verify`` without a round's Python.
+
+    Each round asks ``drafter`` for up to ``k`` tokens, decodes ``[pending, x1..xk]`` alone,
+    keeps the agreeing prefix and the verifier's token, rolls the rest back and tells the
+    drafter the verdict: the same decode, verdict and cache as a round through ``verify``
+    (rounds numbered from ``first_round``). Through the scheduler and the engine, a round of a
+    lone session cost about 0.35 ms of Python besides its two models (in process, demo pair,
+    one drafted token a round: 33 rounds of 64 tokens took 51.9 ms, plain decoding 50.5);
+    here it costs what the draft's own plumbing does, and nothing in C: given an ``interrupt`` (a
+    flag another thread sets as ``stop()`` becomes true) and ``stop()``'s ``deadline``, runs of
+    rounds go to C where they can. The run ends after the round that reaches ``max_tokens`` or emits the
+    end-of-sequence token, or once ``stop()`` is true. A round that fails raises: the
+    sequence then holds what the rounds before it committed (the session fails; its drafter
+    is left as that round's proposal left it, or with C's rounds before it).
+    """
     with verifier._lock:
         s = verifier._session(session_id)
         if not s.params.greedy:

@@ -22,12 +22,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +55,7 @@ from speculative.logprobs import token_logprobs, truncate_top
 from speculative.prefill import PrefillTicket, checked_prompt, open_batch, open_together, open_when_prefilled
 from speculative.prompt_stash import DEFAULT_STASH_BYTES, PromptStash
 from speculative.sampling import warp
-from speculative.types import MAX_DRAFT_TOKENS, GreedyDrafter, SamplingParams, SpeculatedRound, Verdict
+from speculative.types import MAX_DRAFT_TOKENS, SamplingParams, Verdict
 from speculative.verifier import VerifyRequest, VerifyResult, checked_round
 
 log = logging.getLogger(__name__)
@@ -371,35 +370,8 @@ class LlamaCppVerifier:
         """
         return run_greedy(self, runs, between, interrupt)
 
-    def speculate_greedy(
-        self,
-        session_id: str,
-        first_round: int,
-        max_tokens: int,
-        drafter: GreedyDrafter,
-        k: int,
-        stop: Callable[[], bool] = lambda: False,
-        deadline: float = math.inf,
-        interrupt: ctypes.c_int32 | None = None,
-    ) -> list[SpeculatedRound]:
-        """A lone greedy session's drafting rounds one after another in one call: ``verify`` without a round's Python.
-
-        Each round asks ``drafter`` for up to ``k`` tokens, decodes ``[pending, x1..xk]`` alone,
-        keeps the agreeing prefix and the verifier's token, rolls the rest back and tells the
-        drafter the verdict: the same decode, verdict and cache as a round through ``verify``
-        (rounds numbered from ``first_round``). Through the scheduler and the engine, a round of a
-        lone session cost about 0.35 ms of Python besides its two models (in process, demo pair,
-        one drafted token a round: 33 rounds of 64 tokens took 51.9 ms, plain decoding 50.5);
-        here it costs what the draft's own plumbing does, and nothing in C (``speculative.lone_rounds``:
-        with an ``interrupt`` that another thread sets as ``stop()`` becomes true, and ``stop()``'s
-        ``deadline``). The run ends after the round that reaches ``max_tokens`` or emits the
-        end-of-sequence token, or once ``stop()`` is true. A round that fails raises: the
-        sequence then holds what the rounds before it committed (the session fails; its drafter
-        is left as that round's proposal left it, or with C's rounds before it).
-        """
-        return lone_rounds.speculate_greedy(
-            self, session_id, first_round, max_tokens, drafter, k, stop, deadline, interrupt
-        )
+    # A lone greedy session's drafting rounds one after another in one call (``speculative.lone_rounds``)
+    speculate_greedy = lone_rounds.speculate_greedy
 
     def _distinct_sessions(self, session_ids: list[str], call: str) -> list[_Session]:
         sessions = [self._session(session_id) for session_id in session_ids]
