@@ -153,6 +153,12 @@ typedef struct {
     double verify_ms;
 } tandem_round;
 
+/* The two structs' sizes, for the caller's mirror of them (``speculative.lone_rounds`` checks its own). */
+void tandem_layout(int32_t *side, int32_t *round) {
+    *side = (int32_t)sizeof(tandem_side);
+    *round = (int32_t)sizeof(tandem_round);
+}
+
 static void tandem_fill(tandem_batch *b, int32_t at, int32_t token, int32_t pos, int32_t seq, int8_t logits) {
     b->token[at] = token;
     b->pos[at] = pos;

@@ -17,6 +17,7 @@ leaves to Python (nothing to draft with a long catch-up, a context's end).
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from speculative.verifier import VerifyRequest
 if TYPE_CHECKING:
     from speculative.draft_llama import NativeTurn
     from speculative.verifier_llama import LlamaCppVerifier, _Session
+
+log = logging.getLogger(__name__)
 
 _NO_PROPOSAL = Proposal(tokens=(), q=None, draft_ms=0.0)  # a round with nothing to draft (the end is near)
 MAX_ROUNDS = 512  # rounds one call may run
@@ -286,5 +289,13 @@ class NativeRounds:
 
 
 def bind(lib: Lockstep | None, verifier: LlamaCppVerifier) -> NativeRounds | None:
-    """The C rounds for ``verifier``'s context and batch, or None where the native library is unavailable."""
-    return None if lib is None else NativeRounds(lib, verifier)
+    """The C rounds for ``verifier``'s context and batch, or None where the native library is unavailable (or its
+    structs are not the ones mirrored here: said in the log)."""
+    if lib is None:
+        return None
+    if lib.layout != (ctypes.sizeof(Side), ctypes.sizeof(NativeRound)):
+        log.warning(
+            "lockstep.c's round structs are not lone_rounds' (%s): a lone session's rounds run in Python", lib.layout
+        )
+        return None
+    return NativeRounds(lib, verifier)

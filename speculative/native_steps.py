@@ -57,6 +57,7 @@ class Lockstep:
     decode: int  # the functions' addresses, passed to each call
     logits: int
     seq_rm: int
+    layout: tuple[int, int]  # sizeof tandem_side, sizeof tandem_round
 
 
 _loaded: Lockstep | None = None
@@ -139,7 +140,9 @@ def _load(path: Path) -> Lockstep:
     if time.get_clock_info("perf_counter").implementation != "clock_gettime(CLOCK_MONOTONIC)":
         raise RuntimeError("time.perf_counter is not CLOCK_MONOTONIC, the clock of lockstep.c's deadlines")
     decode, logits, seq_rm = (int(a or 0) for a in addresses)
-    return Lockstep(call, speculate, decode, logits, seq_rm)
+    side, round_ = ctypes.c_int32(), ctypes.c_int32()
+    native.tandem_layout(ctypes.byref(side), ctypes.byref(round_))
+    return Lockstep(call, speculate, decode, logits, seq_rm, (side.value, round_.value))
 
 
 class NativeLockstep:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import shutil
 import threading
 import time
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from speculative import lone_rounds
+from speculative import lone_rounds, native_steps
 from speculative.draft import DraftSession
 from speculative.draft_llama import LlamaCppContext
 from speculative.errors import SpeculativeError
@@ -204,3 +205,15 @@ def test_without_the_native_library_or_an_interrupt_rounds_run_in_python(pair, m
     monkeypatch.setattr(verifier, "_native_rounds", None)
     assert _speculate(pair, prompt, 10, 2, native=True)["emitted"] == expected and calls
     assert lone_rounds.bind(None, verifier) is None
+
+
+@needs_cc
+def test_c_structs_not_mirrored_leave_the_rounds_to_python(pair, caplog):
+    verifier = pair[0]
+    lib = native_steps.lockstep()
+    assert lib is not None and lib.layout == (ctypes.sizeof(lone_rounds.Side), ctypes.sizeof(lone_rounds.NativeRound))
+    assert lone_rounds.bind(lib, verifier) is not None
+    other = dataclasses.replace(lib, layout=(lib.layout[0], lib.layout[1] + 8))  # (a draft cap changed on one side)
+    with caplog.at_level(logging.WARNING, logger="speculative.lone_rounds"):
+        assert lone_rounds.bind(other, verifier) is None
+    assert "run in Python" in caplog.text
