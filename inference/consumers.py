@@ -286,9 +286,21 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
 
     # frames out ------------------------------------------------------------------------------
     async def _send_for(self, item: _Live, frame: dict) -> None:
-        """A frame of one stream; dropped once its client is gone (the stream is only being settled)."""
-        if not item.client_gone:
+        """A frame of one stream; dropped once its client is gone (the stream is only being settled).
+
+        A send can find the connection closed before this consumer has heard of the disconnect
+        (a browser tab closed mid-stream): uvicorn raises ``ClientDisconnected`` (an ``OSError``),
+        or a ``RuntimeError`` once it has seen the close itself. Either marks the client gone and
+        stops the stream, as the disconnect would: it settles, and the stream's task ends quietly.
+        """
+        if item.client_gone:
+            return
+        try:
             await self.send_json(frame)
+        except (OSError, RuntimeError) as exc:
+            item.client_gone = True
+            item.stop.set()
+            log.info("request %s: the client left mid-stream (%s)", item.call.request_id, exc or type(exc).__name__)
 
     async def _send_deltas(self, item: _Live, deltas: list[gateway.TokenDelta]) -> None:
         """Delta frames for consecutive tokens; a ``route`` frame first where another tier took over."""

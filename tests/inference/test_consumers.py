@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -10,10 +12,11 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import AsyncClient
+from uvicorn.protocols.utils import ClientDisconnected
 
 from config.asgi import application
 from inference import gateway, prompts
-from inference.consumers import MAX_STREAMS_PER_CONNECTION
+from inference.consumers import MAX_STREAMS_PER_CONNECTION, CompletionConsumer
 from inference.engines import aget_engines, trivial_entry
 from tenants.models import Reservation, UsageRecord
 from tenants.services import api_key_revoke, membership_create
@@ -276,6 +279,41 @@ async def test_a_disconnect_mid_stream_settles_exactly_the_delivered_deltas(acco
     row = await UsageRecord.objects.aget(request_id=started["request_id"])
     assert row.outcome == "cancelled" and row.completion_tokens == 4
     assert await Reservation.objects.filter(status="held").acount() == 0
+
+
+@pytest.mark.parametrize(
+    "closed",  # what uvicorn raises for a send on a connection the client closed: before, and after, it saw the close
+    [lambda: ClientDisconnected(), lambda: RuntimeError("Unexpected ASGI message 'websocket.send', after sending ...")],
+)
+async def test_a_send_that_finds_the_client_gone_stops_and_settles_the_stream_quietly(
+    account, gated, monkeypatch, caplog, closed
+):
+    ws = await key_socket(account)
+    await ws.send_json_to(start(max_tokens=200))
+    gated.gate.release(4)
+    started = await receive(ws)
+    await receive_tokens(ws, 4)
+
+    async def hung_up(self, content, close=False):  # the tab closed; its disconnect is not yet heard
+        raise closed()
+
+    monkeypatch.setattr(CompletionConsumer, "send_json", hung_up)
+    with caplog.at_level(logging.INFO, logger="inference.consumers"):
+        gated.gate.release(2)
+        for _ in range(200):
+            row = await UsageRecord.objects.filter(request_id=started["request_id"]).afirst()
+            if row is not None:
+                break
+            await asyncio.sleep(0.025)
+    monkeypatch.undo()
+    await ws.disconnect()
+    assert row is not None and row.outcome == "cancelled"
+    # the frame the closed connection refused was taken before its write, as a write into a socket the peer has
+    # closed is: charged with the four the client read
+    assert row.completion_tokens == 6
+    assert await Reservation.objects.filter(status="held").acount() == 0
+    assert "left mid-stream" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback, no task left failing
 
 
 async def test_keep_alive_pings_are_sent_while_a_stream_waits_for_tokens(account, gated, settings):
