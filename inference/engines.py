@@ -363,7 +363,7 @@ def load_default_engines() -> EngineSet:
     """The pair ``TANDEM_PAIR`` names (or TANDEM_VERIFIER / TANDEM_DRAFT / TANDEM_VERIFIER_URLS) as model ``tandem-demo``."""
     from speculative.edge import EdgeEngine
     from speculative.engine import SpeculativeEngine
-    from speculative.pair import PAIRS, load_pair
+    from speculative.pair import EDGE_PAIRS, PAIRS, load_pair
 
     verifier_path, draft_path = pair_paths(settings.TANDEM_PAIR)
     verifier, draft, tokenizer = load_pair(
@@ -381,14 +381,17 @@ def load_default_engines() -> EngineSet:
         remotes = [RemoteVerifier(url) for url in settings.TANDEM_VERIFIER_URLS]
         verifier = remotes[0] if len(remotes) == 1 else VerifierPool(remotes)
     speculative = SpeculativeEngine(verifier, tokenizer, draft)
-    edge = EdgeEngine(draft, tokenizer, tokenizer.eos_token_id)
+    # the draft alone as the edge tier, where it answers on its own (its routine requests go to the verifier else)
+    edge = EdgeEngine(draft, tokenizer, tokenizer.eos_token_id) if settings.TANDEM_PAIR in EDGE_PAIRS else None
     entry = ModelEntry(
         name="tandem-demo",
         speculative=speculative,
         edge=edge,
         verifier_version=file_version(verifier_path),
         draft_version=file_version(draft_path),
-        context_length=min(speculative.context_length, edge.context_length),
+        context_length=speculative.context_length
+        if edge is None
+        else min(speculative.context_length, edge.context_length),
         tokenizer=tokenizer,
         local_slots=getattr(draft, "max_sessions", DEFAULT_LOCAL_SLOTS),
         description=PAIRS[settings.TANDEM_PAIR],

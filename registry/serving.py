@@ -98,6 +98,7 @@ def load_draft(entry: ModelEntry, version: str, source: str) -> bool:
         log.exception("registry: draft %s (%s) cannot serve %s here", version, source, entry.name)
         return False
     engine = SpeculativeEngine(base.verifier, base.tokenizer, draft, scheduler=base.scheduler)
-    entry.add_draft(version, engine, EdgeEngine(draft, base.tokenizer, base.eos_token_id))
+    edge = EdgeEngine(draft, base.tokenizer, base.eos_token_id) if entry.edge is not None else None  # (none: none)
+    entry.add_draft(version, engine, edge)
     log.info("registry: %s now also serves draft %s", entry.name, version)
     return True

@@ -67,6 +67,12 @@ PAIRS = {
 }
 
 
+# the pairs whose draft also answers on its own, as the edge tier. SmolLM2's draft is two blocks distilled to propose
+# its verifier's next tokens; its own text is no answer ("What is the capital of France?" -> "The capital of France,
+# King King King ..."; the router sent such routine questions to the edge, 2026-12-05), so that pair has no edge tier.
+EDGE_PAIRS = frozenset({"demo"})
+
+
 def named_pair(pair: str, cache: Path, device: str | None = None) -> tuple[Path, Path]:
     """(verifier, draft) files of a pair in ``PAIRS``: the demo's for the machine (``default_verifier_path``), or
     SmolLM2-135M-Instruct's GGUF from its package and its draft, assembled under ``cache`` on first use."""
