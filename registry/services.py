@@ -198,16 +198,18 @@ def model_version_register(
 
 
 def registry_sync(*, model: str = DEMO_MODEL) -> list[ModelVersion]:
-    """Register the pair this platform serves (TANDEM_VERIFIER / TANDEM_DRAFT, else the demo pair) and make each
-    current where its role has none yet. Idempotent; ``make run`` calls it (``manage.py registry_sync``).
+    """Register the pair this platform serves (``TANDEM_PAIR``'s, or TANDEM_VERIFIER / TANDEM_DRAFT) and make each
+    current where its role has none yet, or only one of another vocabulary: another pair was served over this
+    database before (``TANDEM_PAIR=demo`` after SmolLM2's), and the registry follows what is served. Idempotent;
+    ``make run`` calls it (``manage.py registry_sync``).
 
     The versions are exactly the ledger's (``file_version`` of the same paths), so the
     ledger's rows and the registry's name the same weights.
     """
+    from inference.engines import pair_paths
     from speculative.pair import DEMO_DRAFT_GGUF, DEMO_DRAFT_GGUF_TYPE, DEMO_DRAFT_HF, DEMO_VERIFIER
 
-    verifier_source = _verifier_source(model)
-    draft_source = settings.TANDEM_DRAFT or str(DEMO_DRAFT_GGUF)
+    verifier_source, draft_source = pair_paths(settings.TANDEM_PAIR)  # (a version registered before is found by hash)
     demo = draft_source == str(DEMO_DRAFT_GGUF)
     demo_verifier = Path(verifier_source).parent == DEMO_VERIFIER.parent and verifier_source != str(DEMO_VERIFIER)
     verifier_parent = None
@@ -246,10 +248,7 @@ def registry_sync(*, model: str = DEMO_MODEL) -> list[ModelVersion]:
         **({"quantisation": DEMO_DRAFT_GGUF_TYPE} if demo else {}),
     )
     for row in (verifier, draft):
-        with transaction.atomic():
-            if current_version(model=model, role=row.role) is None:
-                row.status = VersionStatus.CURRENT
-                row.save(update_fields=["status"])
+        _current_if_none_fits(row, verifier.tokenizer_hash)
     _plans_changed()
     return [row for row in (verifier_parent, verifier, parent, draft) if row is not None]
 
@@ -532,6 +531,22 @@ def _verifier_source(model: str) -> str:
 
     verifier = current_version(model=model, role=ModelRole.VERIFIER)
     return verifier.source if verifier is not None else (settings.TANDEM_VERIFIER or str(default_verifier_path()))
+
+
+def _current_if_none_fits(row: ModelVersion, tokenizer_hash: str) -> None:
+    """``row`` becomes its role's current version where there is none, or the current one reads another vocabulary
+    than ``tokenizer_hash`` (another pair's: it steps down, retired)."""
+    with transaction.atomic():
+        current = current_version(model=row.model, role=row.role)
+        if current is not None and (current.pk == row.pk or current.tokenizer_hash == tokenizer_hash):
+            return
+        if current is not None:
+            log.info("registry: %s %s reads another vocabulary than the served pair: %s is current", row.model,
+                     current.version, row.version)  # fmt: skip
+            current.status = VersionStatus.RETIRED
+            current.save(update_fields=["status"])
+        row.status = VersionStatus.CURRENT
+        row.save(update_fields=["status"])
 
 
 def _validate(rollout: Rollout) -> dict:

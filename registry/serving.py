@@ -70,6 +70,7 @@ class DraftPlans:
 
 
 draft_plans = DraftPlans()
+_unfit: set[tuple[str, str]] = set()  # (model, draft version) that could not load here
 
 
 def load_draft(entry: ModelEntry, version: str, source: str) -> bool:
@@ -84,6 +85,8 @@ def load_draft(entry: ModelEntry, version: str, source: str) -> bool:
 
     if version == entry.draft_version or version in entry.drafts:
         return True
+    if (entry.name, version) in _unfit:
+        return False
     base = entry.speculative
     if not isinstance(base, SpeculativeEngine) or base.draft is None:
         return False
@@ -94,8 +97,9 @@ def load_draft(entry: ModelEntry, version: str, source: str) -> bool:
     try:
         draft = LlamaCppDraft(source, max_sessions=getattr(base.draft, "max_sessions", 8))
         check_vocabularies(tokenizer_tokens(base.tokenizer), draft.tokens(), draft_name=source)
-    except SpeculativeError:
-        log.exception("registry: draft %s (%s) cannot serve %s here", version, source, entry.name)
+    except SpeculativeError as exc:  # (another pair's draft, say): said once, not tried again in this process
+        _unfit.add((entry.name, version))
+        log.warning("registry: draft %s (%s) cannot serve %s here: %s", version, source, entry.name, exc)
         return False
     engine = SpeculativeEngine(base.verifier, base.tokenizer, draft, scheduler=base.scheduler)
     edge = EdgeEngine(draft, base.tokenizer, base.eos_token_id) if entry.edge is not None else None  # (none: none)

@@ -35,6 +35,32 @@ def test_registry_sync_registers_the_served_pair_under_the_versions_the_ledger_r
     )
 
 
+def test_registry_sync_follows_the_pair_served_over_the_same_database(smollm2_verifier, settings, tmp_path):
+    services.registry_sync()  # the demo pair, current
+    settings.TANDEM_PAIR, settings.VAR_DIR = "smollm2", tmp_path  # (its draft assembled under the var dir)
+    services.registry_sync()
+    current = {row.role: row for row in ModelVersion.objects.filter(model=MODEL, status="current")}
+    (draft_file,) = (tmp_path / "models").glob("smollm2-draft-*.gguf")
+    assert current["verifier"].version == file_version(smollm2_verifier)
+    assert current["draft"].version == file_version(draft_file)
+    assert current["draft"].tokenizer_hash == current["verifier"].tokenizer_hash
+    retired = set(ModelVersion.objects.filter(model=MODEL, status="retired").values_list("version", flat=True))
+    assert retired == {file_version(default_verifier_path()), file_version(DEMO_DRAFT_GGUF)}  # another vocabulary
+    settings.TANDEM_PAIR = "demo"
+    services.registry_sync()  # and back
+    current = {row.role: row.version for row in ModelVersion.objects.filter(model=MODEL, status="current")}
+    assert current == {"verifier": file_version(default_verifier_path()), "draft": file_version(DEMO_DRAFT_GGUF)}
+
+
+def test_registry_sync_keeps_a_promoted_draft_of_the_same_vocabulary_current():
+    services.registry_sync()
+    second = services.model_version_register(model=MODEL, role="draft", source=DEMO_DRAFT_HF)  # the same vocabulary
+    ModelVersion.objects.filter(model=MODEL, role="draft", status="current").update(status="retired")
+    ModelVersion.objects.filter(pk=second.pk).update(status="current")  # as a promotion leaves it
+    services.registry_sync()
+    assert ModelVersion.objects.get(model=MODEL, role="draft", status="current").pk == second.pk
+
+
 def test_registry_sync_twice_registers_nothing_more():
     registered = len(services.registry_sync())
     services.registry_sync()
@@ -114,3 +140,35 @@ def test_a_finished_rollout_cannot_be_promoted_or_paused():
             decide(rollout=rollout, by=None)
     assert Rollout.objects.get(pk=rollout.pk).status == "rolled_back"
     assert ModelVersion.objects.get(pk=rollout.candidate_id).status == "rejected"
+
+
+def test_a_draft_that_cannot_serve_the_model_here_is_said_once_and_not_tried_again(monkeypatch, caplog):
+    import logging
+    from unittest import mock
+
+    import speculative.draft_llama
+    from inference.engines import ModelEntry
+    from registry.serving import _unfit, load_draft
+    from speculative.engine import SpeculativeEngine
+    from speculative.errors import ModelLoadError
+
+    tried: list[str] = []
+
+    def unfit(source, **kwargs):  # another pair's draft, say
+        tried.append(source)
+        raise ModelLoadError("the draft's vocabulary differs from the verifier's")
+
+    monkeypatch.setattr(speculative.draft_llama, "LlamaCppDraft", unfit)
+    engine = mock.Mock(spec=SpeculativeEngine)  # a speculative engine with a llama.cpp draft, as far as load_draft asks
+    engine.draft = mock.Mock(max_sessions=4)
+    entry = ModelEntry(name=MODEL, speculative=engine, edge=None,
+                       verifier_version="v@1", draft_version="d@1", context_length=64, tokenizer=None)  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="registry.serving"):
+            assert load_draft(entry, "other@2", "/elsewhere/other.gguf") is False
+            assert load_draft(entry, "other@2", "/elsewhere/other.gguf") is False
+    finally:
+        _unfit.discard((MODEL, "other@2"))
+    assert tried == ["/elsewhere/other.gguf"] and "other@2" not in entry.drafts
+    (record,) = [r for r in caplog.records if "cannot serve" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.exc_info is None and "vocabulary differs" in record.getMessage()
