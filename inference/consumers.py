@@ -300,7 +300,9 @@ class CompletionConsumer(AsyncJsonWebsocketConsumer):
         except (OSError, RuntimeError) as exc:
             item.client_gone = True
             item.stop.set()
-            log.info("request %s: the client left mid-stream (%s)", item.call.request_id, exc or type(exc).__name__)
+            log.info(
+                "request %s: the client left mid-stream (%s)", item.call.request_id, str(exc) or type(exc).__name__
+            )
 
     async def _send_deltas(self, item: _Live, deltas: list[gateway.TokenDelta]) -> None:
         """Delta frames for consecutive tokens; a ``route`` frame first where another tier took over."""
