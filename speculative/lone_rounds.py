@@ -212,7 +212,7 @@ class NativeRounds:
         A failed decode raises once the rounds before it are told (that round undone in both models)."""
         first_round, max_tokens, k, deadline, interrupt = plan
         fed = drafter.native_feed()
-        if fed is None or len(fed[1]) > FEED_TOKENS or not hasattr(fed[0], "native_turn"):
+        if fed is None or len(fed[1]) > FEED_TOKENS:  # (a llama.cpp draft's context: ``usable``)
             return 0
         ctx, feed = fed
         with ctx.native_turn(verifier.n_threads) as turn:

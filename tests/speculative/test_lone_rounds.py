@@ -18,12 +18,9 @@ from speculative import lone_rounds, native_steps
 from speculative.draft import DraftSession
 from speculative.draft_llama import LlamaCppContext
 from speculative.errors import SpeculativeError
-from speculative.types import SamplingParams
 from speculative.verifier import VerifyRequest
-from tests.speculative.test_verifier_llama import _emitted, _plain
-
-GREEDY = SamplingParams()
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) here: rounds run in Python")
+from tests.speculative.test_native_steps import needs_cc
+from tests.speculative.test_verifier_llama import GREEDY, _emitted, _plain
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ import pytest
 from speculative import native_steps
 from speculative.errors import SpeculativeError
 from speculative.llama_runs import GreedyRun
-from speculative.types import SamplingParams
 from speculative.verifier import VerifyRequest
-from tests.speculative.test_verifier_llama import PROMPTS, _plain  # plain rounds: what every native step must equal
+from tests.speculative.test_verifier_llama import GREEDY, PROMPTS, _plain  # plain rounds: what native steps equal
 
-GREEDY = SamplingParams()
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) here: the Python steps serve")
+# (the lone session's rounds in C too: ``test_lone_rounds``)
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) here: Python's steps serve")
 
 
 @pytest.fixture(scope="module")
